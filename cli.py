@@ -15,6 +15,11 @@ app = typer.Typer(
 )
 
 
+@app.callback()
+def _root() -> None:
+    """Correctness and layer-bisect harness for DeepSeek-V4 inference kernels."""
+
+
 def _register() -> None:
     from parity.commands import register_all
 

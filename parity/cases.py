@@ -1,0 +1,157 @@
+"""Declarative parity cases (TOML): which model, which requests, which engine settings, which tolerances.
+
+    name = "tiny"
+    [model]
+    preset = "tiny"            # tiny | flash | pro
+    seed = 0                   # synthetic weights and prompt tokens
+    overrides = {}             # any ModelArgs field, e.g. { revision = "initial" }
+    [[requests]]
+    prompt_len = 150
+    decode_steps = 8
+    [engine]                   # settings of the optimized runtime
+    chunk_size = 64            # prefill chunk per request per step
+    token_budget = 256         # tokens per engine step
+    mtp_draft = 1              # MTP draft tokens per decode step (0 = off)
+    [tolerance]
+    min_cos = 0.999
+
+Built-in cases live in `parity/builtin_cases/`; `load_case(name_or_path)` accepts either.
+"""
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from parity.config import ModelArgs
+from parity.errors import ParityError
+
+BUILTIN_DIR = Path(__file__).parent / "builtin_cases"
+DEFAULT_CASE = "tiny"
+
+
+@dataclass(frozen=True)
+class RequestSpec:
+    prompt_len: int
+    decode_steps: int
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    chunk_size: int = 64
+    token_budget: int = 256
+    mtp_draft: int = 1
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    preset: str
+    seed: int
+    requests: tuple[RequestSpec, ...]
+    overrides: tuple[tuple[str, object], ...] = ()
+    engine: EngineSpec = field(default_factory=EngineSpec)
+    min_cos: float = 0.999
+    description: str = ""
+    source: str = "<builtin>"
+
+    def model_args(self) -> ModelArgs:
+        return ModelArgs.preset(self.preset, **dict(self.overrides))
+
+    def prompts(self, vocab_size: int) -> list[torch.Tensor]:
+        """Deterministic prompt token ids, one 1-D int64 tensor per request."""
+        g = torch.Generator().manual_seed(self.seed + 1)
+        return [torch.randint(0, vocab_size, (r.prompt_len,), generator=g) for r in self.requests]
+
+
+def _table(d: dict, key: str, source: str) -> dict:
+    value = d.get(key, {})
+    if not isinstance(value, dict):
+        raise ParityError(f"{source}: [{key}] must be a table")
+    return value
+
+
+def _check_keys(d: dict, allowed: set[str], where: str, source: str) -> None:
+    unknown = sorted(set(d) - allowed)
+    if unknown:
+        raise ParityError(f"{source}: unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
+
+
+def _int(d: dict, key: str, where: str, source: str, default=None, minimum: int = 0) -> int:
+    value = d.get(key, default)
+    if value is None:
+        raise ParityError(f"{source}: {where}.{key} is required")
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ParityError(f"{source}: {where}.{key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def parse_case(data: dict, source: str) -> Case:
+    _check_keys(data, {"name", "description", "model", "requests", "engine", "tolerance"}, "the case", source)
+    model = _table(data, "model", source)
+    _check_keys(model, {"preset", "seed", "overrides"}, "[model]", source)
+    overrides = model.get("overrides", {})
+    if not isinstance(overrides, dict):
+        raise ParityError(f"{source}: model.overrides must be a table of ModelArgs fields")
+    requests = data.get("requests")
+    if not isinstance(requests, list) or not requests:
+        raise ParityError(f"{source}: needs at least one [[requests]] entry")
+    specs = []
+    for i, r in enumerate(requests):
+        where = f"requests[{i}]"
+        if not isinstance(r, dict):
+            raise ParityError(f"{source}: {where} must be a table")
+        _check_keys(r, {"prompt_len", "decode_steps"}, where, source)
+        prompt_len = _int(r, "prompt_len", where, source, minimum=1)
+        specs.append(RequestSpec(prompt_len, _int(r, "decode_steps", where, source)))
+    engine = _table(data, "engine", source)
+    _check_keys(engine, {"chunk_size", "token_budget", "mtp_draft"}, "[engine]", source)
+    defaults = EngineSpec()
+    engine_spec = EngineSpec(
+        chunk_size=_int(engine, "chunk_size", "engine", source, defaults.chunk_size, minimum=1),
+        token_budget=_int(engine, "token_budget", "engine", source, defaults.token_budget, minimum=1),
+        mtp_draft=_int(engine, "mtp_draft", "engine", source, defaults.mtp_draft),
+    )
+    tolerance = _table(data, "tolerance", source)
+    _check_keys(tolerance, {"min_cos"}, "[tolerance]", source)
+    min_cos = tolerance.get("min_cos", 0.999)
+    if not isinstance(min_cos, int | float) or not -1 <= min_cos <= 1:
+        raise ParityError(f"{source}: tolerance.min_cos must be a number in [-1, 1], got {min_cos!r}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise ParityError(f"{source}: 'name' must be a non-empty string")
+    case = Case(
+        name=name,
+        preset=str(model.get("preset", "tiny")),
+        seed=_int(model, "seed", "model", source, 0),
+        requests=tuple(specs),
+        overrides=tuple(sorted(overrides.items())),
+        engine=engine_spec,
+        min_cos=float(min_cos),
+        description=str(data.get("description", "")),
+        source=source,
+    )
+    args = case.model_args()  # validates preset and overrides
+    too_long = [r for r in specs if r.prompt_len + r.decode_steps + engine_spec.mtp_draft + 1 > args.max_seq_len]
+    if too_long:
+        raise ParityError(f"{source}: a request needs more than max_seq_len={args.max_seq_len} positions")
+    return case
+
+
+def load_case(name_or_path: str | None = None) -> Case:
+    """A built-in case by name (default: "tiny") or a TOML file path."""
+    name_or_path = name_or_path or DEFAULT_CASE
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = BUILTIN_DIR / f"{name_or_path}.toml"
+        if not path.is_file():
+            available = sorted(p.stem for p in BUILTIN_DIR.glob("*.toml"))
+            raise ParityError(f"unknown case {name_or_path!r}; built-in cases: {available} (or give a .toml path)")
+    if not path.is_file():
+        raise ParityError(f"{path}: no such case file")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ParityError(f"{path}: invalid TOML ({e})") from None
+    return parse_case(data, str(path))

@@ -1,0 +1,198 @@
+"""Lazy reader for sharded V4 checkpoints: load only the tensors of the selected layers into the reference model.
+
+The model is built on the meta device; only the selected submodules (`layers.i`, `mtp`, embed/head) are
+materialized and filled, one parameter at a time, so peak memory is proportional to what is selected. Every
+tensor is checked against the layout derived from `ModelArgs` (name, shape, dtype) before it is used.
+"""
+
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from parity.checkpoint.convert import to_model_param
+from parity.checkpoint.layout import INDEX_FILE, DiskTensor, disk_tensors_for_param
+from parity.config import ModelArgs
+from parity.errors import ParityError
+
+# safetensors header dtype strings
+_ST_DTYPE = {
+    torch.float32: "F32",
+    torch.bfloat16: "BF16",
+    torch.float16: "F16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e8m0fnu: "F8_E8M0",
+    torch.int8: "I8",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.uint8: "U8",
+}
+
+
+class Checkpoint:
+    """A sharded checkpoint directory (index + shards + inference/config.json), opened lazily."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        index_path = self.path / INDEX_FILE
+        if not self.path.is_dir():
+            raise ParityError(f"{self.path}: checkpoint directory does not exist")
+        if not index_path.is_file():
+            raise ParityError(f"{index_path}: missing (not a sharded Hugging Face checkpoint)")
+        try:
+            index = json.loads(index_path.read_text())
+        except json.JSONDecodeError as e:
+            raise ParityError(f"{index_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ParityError(f"{index_path}: no 'weight_map' object of tensor name -> shard file")
+        self.weight_map: dict[str, str] = weight_map
+        self.args = ModelArgs.from_json(self.path / "inference" / "config.json")
+        self._handles: dict[str, object] = {}
+
+    def _shard(self, file: str):
+        if file not in self._handles:
+            shard = self.path / file
+            if not shard.is_file():
+                raise ParityError(f"{shard}: shard listed in {INDEX_FILE} is missing")
+            try:
+                self._handles[file] = safe_open(str(shard), framework="pt", device="cpu")
+            except (SafetensorError, OSError, ValueError) as e:
+                raise ParityError(f"{shard}: unreadable safetensors file ({_first_line(e)})") from None
+        return self._handles[file]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    def _locate(self, spec: DiskTensor):
+        file = self.weight_map.get(spec.name)
+        if file is None:
+            raise ParityError(
+                f"{self.path}: tensor {spec.name!r} is missing from {INDEX_FILE} "
+                f"(expected shape {list(spec.shape)} {_ST_DTYPE.get(spec.dtype, spec.dtype)})"
+            )
+        handle = self._shard(file)
+        if spec.name not in handle.keys():
+            raise ParityError(f"{self.path / file}: tensor {spec.name!r} is listed in {INDEX_FILE} but not stored")
+        return file, handle
+
+    def check(self, spec: DiskTensor) -> None:
+        """Compare a tensor's header (shape, dtype) with the layout, without reading its data."""
+        file, handle = self._locate(spec)
+        sl = handle.get_slice(spec.name)
+        shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
+        want = _ST_DTYPE.get(spec.dtype, str(spec.dtype))
+        if shape != spec.shape or dtype != want:
+            raise ParityError(
+                f"{self.path / file}: tensor {spec.name!r} is {list(shape)} {dtype}, expected {list(spec.shape)} {want}"
+            )
+
+    def read(self, spec: DiskTensor) -> torch.Tensor:
+        self.check(spec)
+        file, handle = self._locate(spec)
+        try:
+            return handle.get_tensor(spec.name)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ParityError(f"{self.path / file}: cannot read tensor {spec.name!r} ({_first_line(e)})") from None
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0] if text else type(e).__name__
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Which parts of the model to materialize and load. `layers=None` means all main layers."""
+
+    layers: Sequence[int] | None = None
+    mtp: bool = True
+    embed_head: bool = True
+
+    def prefixes(self, args: ModelArgs) -> list[str]:
+        layers = range(args.n_layers) if self.layers is None else self.layers
+        for i in layers:
+            if not 0 <= i < args.n_layers:
+                raise ParityError(f"layer {i} does not exist (the checkpoint has layers 0..{args.n_layers - 1})")
+        prefixes = [f"layers.{i}." for i in layers]
+        # the MTP blocks share the main embedding and head
+        if self.embed_head or self.mtp:
+            prefixes += ["embed.", "norm.", "head.", "hc_head_"]
+        if self.mtp:
+            prefixes.append("mtp.")
+        return prefixes
+
+
+def _selected(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name.startswith(p) for p in prefixes)
+
+
+def load_params(model: torch.nn.Module, ckpt: Checkpoint, prefixes: Sequence[str]) -> list[str]:
+    """Copy every selected parameter from the checkpoint into `model` (already materialized); returns the names."""
+    loaded = []
+    params = dict(model.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for name, param in params.items():
+            if not _selected(name, prefixes):
+                continue
+            disk_specs = disk_tensors_for_param(name, tuple(param.shape), param.dtype)
+            if not disk_specs:
+                continue  # mtp.N.embed/head: the shared modules, loaded under their own names
+            disk = {spec.name: ckpt.read(spec) for spec in disk_specs}
+            param.copy_(to_model_param(name, disk, param.dtype))
+            loaded.append(name)
+    return loaded
+
+
+def _materialize(model: torch.nn.Module, prefixes: Sequence[str], device) -> None:
+    """Allocate (uninitialized) storage on `device` for every selected meta parameter and buffer."""
+    for module_name, module in model.named_modules():
+        direct = list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False))
+        for leaf, tensor in direct:
+            full = f"{module_name}.{leaf}" if module_name else leaf
+            if tensor.is_meta and _selected(full, prefixes):
+                new = torch.empty_like(tensor, device=device)
+                if isinstance(tensor, torch.nn.Parameter):
+                    setattr(module, leaf, torch.nn.Parameter(new, requires_grad=tensor.requires_grad))
+                else:
+                    setattr(module, leaf, new)
+
+
+def build_model(
+    path: str | os.PathLike,
+    selection: Selection = Selection(),
+    device: str | torch.device = "cpu",
+    **arg_overrides,
+):
+    """Build the reference `Transformer` for a checkpoint and load only `selection` into it.
+
+    Unselected layers stay on the meta device (no memory); run selected layers directly (`model.layers[i]`).
+    `arg_overrides` replace ModelArgs fields (e.g. `revision`, `max_batch_size`, `reset_state_on_prefill`).
+    Returns `(model, args)`.
+    """
+    from parity.reference.model import Transformer
+
+    ckpt = Checkpoint(path)
+    try:
+        args = ckpt.args.with_(**arg_overrides) if arg_overrides else ckpt.args
+    except TypeError as e:
+        raise ParityError(f"build_model: {e}") from None
+    prefixes = selection.prefixes(args)
+    with torch.device("meta"):
+        model = Transformer(args)
+    _materialize(model, prefixes, device)
+    # the MTP blocks hold the shared embed/head as submodules: re-link after materializing
+    for block in model.mtp:
+        block.embed, block.head = model.embed, model.head
+    try:
+        load_params(model, ckpt, prefixes)
+    finally:
+        ckpt.close()
+    for name, module in model.named_modules():
+        if module is not model and hasattr(module, "reset_buffers") and _selected(name + ".", prefixes):
+            module.reset_buffers()
+    return model, args

@@ -1,0 +1,48 @@
+"""Write a synthetic checkpoint in the exact official Hugging Face layout.
+
+Output directory:
+    config.json                        HF-style root config
+    inference/config.json              the ModelArgs keys the official generate.py reads
+    model.safetensors.index.json       {"metadata": {"total_size": bytes}, "weight_map": {name: shard file}}
+    model-0000i-of-0000n.safetensors   shards: embed | layer 0 | ... | layer n-1 | norm/head/hc_head | mtp
+Shards are generated and written one at a time (memory ~ one shard), each atomically.
+"""
+
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from parity.checkpoint.layout import INDEX_FILE, hf_root_config, model_param_specs, n_shards, shard_file, shard_index
+from parity.checkpoint.synth import synth_param
+from parity.config import ModelArgs
+from parity.io import atomic_write, atomic_write_json
+
+
+def write_checkpoint(path: str | os.PathLike, args: ModelArgs, seed: int = 0) -> Path:
+    """Write a random checkpoint for `args` to `path` and return the path."""
+    path = Path(path)
+    total = n_shards(args)
+    by_shard: dict[int, list[tuple[str, tuple, torch.dtype]]] = defaultdict(list)
+    for name, (shape, dtype) in model_param_specs(args).items():
+        by_shard[shard_index(name, args)].append((name, shape, dtype))
+
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    for index in range(1, total + 1):
+        tensors: dict[str, torch.Tensor] = {}
+        for name, shape, dtype in by_shard.get(index, []):
+            tensors.update(synth_param(name, shape, dtype, args, seed))
+        file = shard_file(index, total)
+        for name, t in tensors.items():
+            weight_map[name] = file
+            total_size += t.numel() * t.element_size()
+        tensors = {k: v.contiguous() for k, v in tensors.items()}
+        atomic_write(path / file, lambda tmp, t=tensors: save_file(t, tmp, metadata={"format": "pt"}))
+
+    atomic_write_json(path / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
+    atomic_write_json(path / "config.json", hf_root_config(args))
+    atomic_write_json(path / "inference" / "config.json", args.official_dict())
+    return path

@@ -1,0 +1,259 @@
+"""Model configuration shared by the reference and the optimized implementation.
+
+`ModelArgs` has exactly the fields (names and defaults) of the official `inference/model.py` dataclass, so
+`ModelArgs(**json.load(open("inference/config.json")))` works and unknown keys are an error, as in the official
+`generate.py`. Two parity-only fields follow the official ones; both default to the official current behaviour.
+"""
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Literal
+
+import torch
+
+from parity.errors import ParityError
+
+REVISIONS = ("initial", "current")
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    max_batch_size: int = 4
+    max_seq_len: int = 4096
+    dtype: Literal["bf16", "fp8"] = "fp8"
+    scale_fmt: Literal[None, "ue8m0"] = "ue8m0"
+    expert_dtype: Literal[None, "fp4"] = None
+    scale_dtype: Literal["fp32", "fp8"] = "fp8"
+    vocab_size: int = 129280
+    dim: int = 4096
+    moe_inter_dim: int = 4096
+    n_layers: int = 7
+    n_hash_layers: int = 0
+    n_mtp_layers: int = 1
+    n_heads: int = 64
+    # moe
+    n_routed_experts: int = 8
+    n_shared_experts: int = 1
+    n_activated_experts: int = 2
+    score_func: Literal["softmax", "sigmoid", "sqrtsoftplus"] = "sqrtsoftplus"
+    route_scale: float = 1.0
+    swiglu_limit: float = 0.0
+    # attn
+    q_lora_rank: int = 1024
+    head_dim: int = 512
+    rope_head_dim: int = 64
+    norm_eps: float = 1e-6
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    window_size: int = 128
+    compress_ratios: tuple[int, ...] = (0, 0, 4, 128, 4, 128, 4, 0)
+    # yarn
+    compress_rope_theta: float = 40000.0
+    original_seq_len: int = 0
+    rope_theta: float = 10000.0
+    rope_factor: float = 40
+    beta_fast: int = 32
+    beta_slow: int = 1
+    # index
+    index_n_heads: int = 64
+    index_head_dim: int = 128
+    index_topk: int = 512
+    # hc
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    # parity-only: which official revision to reproduce. "current" simulates the KV FP8 fake-quant and clamps the
+    # shared expert's SwiGLU; "initial" has an identity KV fake-quant and an unclamped shared expert (spec §0.1).
+    revision: Literal["initial", "current"] = "current"
+    # parity-only: the official compressor state survives across sequences (spec §13.1). True resets it whenever a
+    # sequence starts (start_pos == 0), which is what a serving engine does. False reproduces the official code.
+    reset_state_on_prefill: bool = False
+
+    def __post_init__(self):
+        # the official JSON holds a list; keep a tuple so the dataclass stays hashable
+        object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
+        if self.revision not in REVISIONS:
+            raise ParityError(f"ModelArgs.revision: expected one of {REVISIONS}, got {self.revision!r}")
+        expected = self.n_layers + self.n_mtp_layers
+        if len(self.compress_ratios) < expected:
+            raise ParityError(
+                f"ModelArgs.compress_ratios: needs {expected} entries (n_layers + n_mtp_layers), "
+                f"got {len(self.compress_ratios)}"
+            )
+        if self.n_shared_experts != 1:
+            raise ParityError(f"ModelArgs.n_shared_experts: the official model asserts 1, got {self.n_shared_experts}")
+
+    # quantization policy, derived exactly as the official Transformer.__init__ sets its module globals
+    @property
+    def linear_dtype(self) -> torch.dtype:
+        """Weight dtype of every `Linear` that does not name its own."""
+        return torch.float8_e4m3fn if self.dtype == "fp8" else torch.bfloat16
+
+    @property
+    def act_scale_fmt(self) -> str | None:
+        return "ue8m0" if self.scale_dtype == "fp8" else self.scale_fmt
+
+    @property
+    def act_scale_dtype(self) -> torch.dtype:
+        return torch.float8_e8m0fnu if self.scale_dtype == "fp8" else torch.float32
+
+    @property
+    def routed_expert_dtype(self) -> torch.dtype | None:
+        return torch.float4_e2m1fn_x2 if self.expert_dtype == "fp4" else None
+
+    @property
+    def shared_expert_limit(self) -> float:
+        return self.swiglu_limit if self.revision == "current" else 0.0
+
+    @property
+    def kv_fp8_sim(self) -> bool:
+        """Whether the in-place KV fake-quant really rounds to FP8 (current) or is a bf16 identity (initial)."""
+        return self.revision == "current"
+
+    # serialization
+    def official_dict(self) -> dict:
+        """The fields an official `inference/config.json` may hold (parity-only fields dropped)."""
+        d = asdict(self)
+        d.pop("revision")
+        d.pop("reset_state_on_prefill")
+        d["compress_ratios"] = list(self.compress_ratios)
+        return d
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["compress_ratios"] = list(self.compress_ratios)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "config") -> "ModelArgs":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ParityError(f"{source}: unknown ModelArgs key(s) {unknown}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise ParityError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> "ModelArgs":
+        try:
+            with open(path) as f:
+                d = json.load(f)
+        except FileNotFoundError:
+            raise ParityError(f"{path}: no such config file") from None
+        except json.JSONDecodeError as e:
+            raise ParityError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(d, dict):
+            raise ParityError(f"{path}: expected a JSON object of ModelArgs keys")
+        return cls.from_dict(d, source=str(path))
+
+    def with_(self, **changes) -> "ModelArgs":
+        return replace(self, **changes)
+
+    # presets
+    @classmethod
+    def flash(cls, **overrides) -> "ModelArgs":
+        """DeepSeek-V4-Flash `inference/config.json` (spec §1.2); unlisted keys keep the dataclass defaults."""
+        return cls(**{**FLASH_CONFIG, **overrides})
+
+    @classmethod
+    def pro(cls, **overrides) -> "ModelArgs":
+        """DeepSeek-V4-Pro `inference/config.json` (spec §1.2)."""
+        return cls(**{**PRO_CONFIG, **overrides})
+
+    @classmethod
+    def tiny(cls, **overrides) -> "ModelArgs":
+        """A CPU-sized config that keeps every V4 feature: SWA, CSA (ratio 4 + indexer), HCA (ratio 128), hash and
+        score-routed layers, shared expert, FP8 linears, FP4 experts, MTP. Window and ratios keep their real values
+        (128, 4, 128) because the boundary logic is what parity runs must exercise; widths shrink to the smallest
+        multiples the FP8 (128) and FP4 (32) block sizes allow."""
+        return cls(**{**TINY_CONFIG, **overrides})
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelArgs":
+        presets = {"tiny": cls.tiny, "flash": cls.flash, "pro": cls.pro}
+        if name not in presets:
+            raise ParityError(f"unknown model preset {name!r}; available: {sorted(presets)}")
+        return presets[name](**overrides)
+
+
+_SHIPPED = dict(
+    vocab_size=129280,
+    n_hash_layers=3,
+    head_dim=512,
+    rope_head_dim=64,
+    window_size=128,
+    n_shared_experts=1,
+    n_activated_experts=6,
+    score_func="sqrtsoftplus",
+    swiglu_limit=10.0,
+    rope_theta=10000,
+    compress_rope_theta=160000,
+    original_seq_len=65536,
+    rope_factor=16,
+    beta_fast=32,
+    beta_slow=1,
+    index_n_heads=64,
+    index_head_dim=128,
+    hc_mult=4,
+    hc_sinkhorn_iters=20,
+    dtype="fp8",
+    scale_fmt="ue8m0",
+    expert_dtype="fp4",
+)
+
+FLASH_CONFIG = dict(
+    _SHIPPED,
+    dim=4096,
+    n_layers=43,
+    n_heads=64,
+    q_lora_rank=1024,
+    o_groups=8,
+    o_lora_rank=1024,
+    n_routed_experts=256,
+    moe_inter_dim=2048,
+    route_scale=1.5,
+    index_topk=512,
+    compress_ratios=(0, 0) + (4, 128) * 20 + (4, 0),
+)
+
+PRO_CONFIG = dict(
+    _SHIPPED,
+    dim=7168,
+    n_layers=61,
+    n_heads=128,
+    q_lora_rank=1536,
+    o_groups=16,
+    o_lora_rank=1024,
+    n_routed_experts=384,
+    moe_inter_dim=3072,
+    route_scale=2.5,
+    index_topk=1024,
+    compress_ratios=(128, 128) + (4, 128) * 29 + (4, 0),
+)
+
+TINY_CONFIG = dict(
+    _SHIPPED,
+    max_batch_size=4,
+    max_seq_len=512,
+    vocab_size=1024,
+    dim=256,
+    moe_inter_dim=128,
+    n_layers=4,
+    n_hash_layers=2,
+    n_mtp_layers=1,
+    n_heads=4,
+    n_routed_experts=8,
+    n_activated_experts=2,
+    route_scale=1.5,
+    q_lora_rank=128,
+    head_dim=128,
+    o_groups=2,
+    o_lora_rank=128,
+    index_n_heads=4,
+    index_topk=16,
+    # SWA, CSA, HCA, CSA, then the MTP layer (SWA)
+    compress_ratios=(0, 4, 128, 4, 0),
+)
