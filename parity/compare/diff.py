@@ -1,0 +1,187 @@
+"""`compare_dumps`: every aligned pair of two dumps, measured and judged. The result rows feed `compare`,
+`bisect` and the machine-readable reports.
+
+A pair fails with a reason instead of being skipped or truncated: missing on one side (unless `allow_missing`
+matches its name), shapes that no layout adapter lines up, rank shards that do not merge, or a threshold crossed.
+"""
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from parity.compare.align import Pair, Selection, align, fetch
+from parity.compare.gate import Thresholds, judge
+from parity.compare.layout import match_layouts, token_dims
+from parity.compare.loader import Dump
+from parity.compare.metrics import LogitMetrics, TensorMetrics, compare_logits, compare_stats, compare_tensors
+from parity.compare.namemap import NameMap
+from parity.compare.report import shape_str
+from parity.dump.format import Record
+from parity.dump.stats import tensor_stats
+from parity.errors import ParityError
+
+
+@dataclass(frozen=True, slots=True)
+class PairResult:
+    """One aligned tensor's verdict. `order` is its position in side a's execution order."""
+
+    order: int
+    record: Record
+    name: str
+    status: str
+    reasons: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+    missing: str | None = None
+    shape_a: tuple[int, ...] | None = None
+    shape_b: tuple[int, ...] | None = None
+    dtype_a: str | None = None
+    dtype_b: str | None = None
+    metrics: TensorMetrics | None = None
+    logits: LogitMetrics | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.status != "fail"
+
+    def to_row(self) -> dict:
+        r, m, lg = self.record, self.metrics, self.logits
+        return {
+            "order": self.order,
+            "status": self.status,
+            "kind": r.kind,
+            "phase": r.phase,
+            "step": r.step,
+            "layer": r.layer,
+            "block": r.block,
+            "module": r.module,
+            "name": self.name,
+            "call": r.call_in_step,
+            "rank": r.rank,
+            "shape_a": shape_str(self.shape_a),
+            "shape_b": shape_str(self.shape_b),
+            "dtype_a": self.dtype_a,
+            "dtype_b": self.dtype_b,
+            "bitwise": None if m is None else m.bitwise,
+            "cos": None if m is None else m.cos,
+            "max_abs": None if m is None else m.max_abs,
+            "max_rel": None if m is None else m.max_rel,
+            "rel_l2": None if m is None else m.rel_l2,
+            "rel_diff": None if m is None else m.rel_diff,
+            "norm_ratio": None if m is None else m.norm_ratio,
+            "mismatches": None if m is None else m.mismatches,
+            "nan_inf_a": None if m is None else f"{m.nan_a}/{m.inf_a}",
+            "nan_inf_b": None if m is None else f"{m.nan_b}/{m.inf_b}",
+            "worst_token": _slice(None if m is None else m.worst_token),
+            "worst_head": _slice(None if m is None else m.worst_head),
+            "worst_channel": _slice(None if m is None else m.worst_channel),
+            "top1": None if lg is None else lg.top1,
+            "topk_overlap": None if lg is None else lg.topk_overlap,
+            "kl": None if lg is None else lg.kl,
+            "reasons": "; ".join(self.reasons),
+            "notes": "; ".join(self.notes),
+        }
+
+
+def compare_dumps(
+    da: Dump,
+    db: Dump,
+    *,
+    name_map: NameMap | None = None,
+    thresholds: Thresholds | None = None,
+    select: Selection | None = None,
+    logits: str | None = None,
+    top_k: int = 5,
+    allow_missing: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[PairResult]:
+    """Measure and judge every aligned pair of `da` (reference) and `db` (candidate).
+
+    Args:
+        name_map (NameMap, Optional):
+            Renames, ignores and shard rules between the two dumps' names.
+        thresholds (Thresholds, Optional):
+            Pass/fail thresholds. Default: `Thresholds()` (cos >= 0.999, norm ratio within 1 %).
+        select (Selection, Optional):
+            Restrict to some phases, steps, layers or names.
+        logits (str, Optional):
+            Regex of the names that hold logits `[..., vocab]`; they also get top-1 / top-k / KL metrics.
+        allow_missing (str, Optional):
+            Regex of names that may be missing on one side (reported as `skip`). Default: none may be.
+    """
+    name_map, thresholds = name_map or NameMap(), thresholds or Thresholds()
+    pairs = align(da, db, name_map, select)
+    if not pairs:
+        raise ParityError(f"{da.root} vs {db.root}: no record to compare (the selection matched nothing)")
+    results = []
+    for i, pair in enumerate(pairs):
+        results.append(_compare_pair(i, pair, da, db, name_map, thresholds, logits, top_k, allow_missing))
+        if on_progress is not None:
+            on_progress(i + 1, len(pairs))
+    return results
+
+
+def _compare_pair(i, pair: Pair, da, db, name_map, t: Thresholds, logits, top_k, allow_missing) -> PairResult:
+    head, ra, rb = pair.head, pair.a, pair.b
+    base = dict(order=i, record=head, name=pair.name)
+    if pair.missing is not None:
+        allowed = allow_missing is not None and re.search(allow_missing, pair.name) is not None
+        reasons = () if allowed else (f"missing in {pair.missing}",)
+        return PairResult(**base, status="skip" if allowed else "fail", reasons=reasons, missing=pair.missing)
+    shard = name_map.shard(pair.name)
+    base.update(dtype_a=ra[0].dtype, dtype_b=rb[0].dtype)
+    notes = [f"dtype {ra[0].dtype} vs {rb[0].dtype}"] if ra[0].dtype != rb[0].dtype else []
+    if any(r.stats is not None for r in ra + rb):
+        return _compare_stats(base, ra, rb, da, db, shard, t, notes)
+    (ta, pa), (tb, pb) = fetch(da, ra, shard), fetch(db, rb, shard)
+    base.update(shape_a=tuple(ta.shape), shape_b=tuple(tb.shape))
+    if pa or pb:
+        return PairResult(**base, status="fail", reasons=tuple(f"a: {p}" for p in pa) + tuple(f"b: {p}" for p in pb))
+    matched = match_layouts(ta, ra[0], tb, rb[0])
+    if matched is None:
+        reason = f"shape {list(ta.shape)} vs {list(tb.shape)} (no seq layout lines them up)"
+        return PairResult(**base, status="fail", reasons=(reason,), notes=tuple(notes))
+    ta, tb, note = matched
+    notes += [note] if note else []
+    dims = 1 if note else token_dims(ra[0], tuple(ta.shape))
+    metrics = compare_tensors(ta, tb, atol=t.atol, rtol=t.rtol, token_dims=dims)
+    lg = None
+    if logits is not None and re.search(logits, pair.name) and ta.is_floating_point() and ta.ndim >= 1 and ta.numel():
+        lg = compare_logits(ta, tb, top_k)
+    reasons = tuple(judge(metrics, t, weight=head.kind == "weight", logits=lg))
+    status = "fail" if reasons else "pass"
+    return PairResult(**base, status=status, reasons=reasons, notes=tuple(notes), metrics=metrics, logits=lg)
+
+
+def _compare_stats(base, ra, rb, da, db, shard, t: Thresholds, notes) -> PairResult:
+    """Stats-mode records (either side) can only be compared on their summaries."""
+    (sa, pa), (sb, pb) = _stats(da, ra, shard), _stats(db, rb, shard)
+    base.update(shape_a=ra[0].shape, shape_b=rb[0].shape)
+    problems = [f"a: {p}" for p in pa] + [f"b: {p}" for p in pb]
+    if problems or sa is None or sb is None:
+        return PairResult(**base, status="fail", reasons=tuple(problems))
+    metrics = compare_stats(sa, sb)
+    reasons = tuple(judge(metrics, t, weight=base["record"].kind == "weight"))
+    notes = (*notes, "stats mode: norm ratio and NaN/Inf only")
+    return PairResult(**base, status="fail" if reasons else "pass", reasons=reasons, notes=notes, metrics=metrics)
+
+
+def _stats(dump: Dump, records: tuple[Record, ...], shard) -> tuple[dict | None, list[str]]:
+    if all(r.stats is None for r in records):
+        t, problems = fetch(dump, records, shard)
+        return tensor_stats(t), problems
+    if len(records) == 1 or shard is None:
+        return records[0].stats, []
+    if shard.reduce == "sum" or any(r.stats is None for r in records):
+        return None, ["stats-mode partial sums / mixed modes cannot be merged across ranks"]
+    stats = [r.stats for r in records]
+    merged = {k: sum(s[k] for s in stats) for k in ("numel", "nan", "inf")}
+    merged["l2"] = sum(s["l2"] ** 2 for s in stats) ** 0.5
+    return merged, []
+
+
+def _slice(worst) -> str | None:
+    if worst is None:
+        return None
+    index, cos = worst
+    index = ",".join(map(str, index)) if isinstance(index, tuple) else str(index)
+    return f"{index} (cos {cos:.6f})"

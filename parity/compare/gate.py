@@ -1,0 +1,86 @@
+"""Pass/fail thresholds and the judgement of one pair's metrics against them.
+
+Defaults suit bf16 activations: cos >= 0.999 catches direction errors, and the norm ratio within 1 % catches what
+cos is blind to (a dropped or doubled scale factor). `atol` is optional: absolute error depends on each tensor's
+range, so it is reported always and gated only on request. Weights are expected bitwise equal (both sides should
+have loaded the same checkpoint), NaN/Inf counts must agree, index tensors must hold the same sets.
+"""
+
+import math
+from dataclasses import dataclass
+
+from parity.compare.metrics import LogitMetrics, TensorMetrics
+
+
+@dataclass(frozen=True, slots=True)
+class Thresholds:
+    """A pair passes when every set threshold holds.
+
+    Args:
+        min_cos (float, Optional):
+            Lowest whole-tensor cosine. Default: `0.999`.
+        max_norm_dev (float, Optional):
+            Largest `|norm(b) / norm(a) - 1|`. Default: `0.01`.
+        max_rel_diff (float, Optional):
+            Largest DeepGEMM `1 - 2Σab / Σ(a² + b²)`. Default: `None` (not gated).
+        atol (float, Optional):
+            With `rtol`: no element may have `|a - b| > atol + rtol * |a|`. Default: `None` (not gated).
+        rtol (float):
+            Default: `0.0`.
+        min_token_cos (float, Optional):
+            Lowest per-token cosine, against defects diluted in a whole-tensor cosine. Default: `None`.
+        exact (bool):
+            Require bitwise equality for every record. Default: `False`.
+        exact_weights (bool):
+            Require bitwise equality for weight records. Default: `True`.
+        min_top1 (float, Optional):
+            Lowest argmax agreement for logit records. Default: `None`.
+        max_kl (float, Optional):
+            Largest mean KL(a || b) for logit records. Default: `None`.
+    """
+
+    min_cos: float | None = 0.999
+    max_norm_dev: float | None = 0.01
+    max_rel_diff: float | None = None
+    atol: float | None = None
+    rtol: float = 0.0
+    min_token_cos: float | None = None
+    exact: bool = False
+    exact_weights: bool = True
+    min_top1: float | None = None
+    max_kl: float | None = None
+
+
+def judge(m: TensorMetrics, t: Thresholds, *, weight: bool = False, logits: LogitMetrics | None = None) -> list[str]:
+    """The reasons the pair fails (empty: it passes)."""
+    if m.bitwise:
+        return []
+    if t.exact or (weight and t.exact_weights):
+        return ["not bitwise equal"]
+    reasons = []
+    if (m.nan_a, m.inf_a) != (m.nan_b, m.inf_b):
+        reasons.append(f"NaN/Inf {m.nan_b}/{m.inf_b} vs {m.nan_a}/{m.inf_a} in a")
+    if m.sets_equal is not None:
+        return reasons + ([] if m.sets_equal else ["index sets differ"])
+    if m.cos is None and m.norm_ratio is None:
+        return reasons + ["not bitwise equal (packed dtype)"]
+    norm_dev = None if m.norm_ratio is None else abs(m.norm_ratio - 1)
+    token_cos = None if m.worst_token is None else m.worst_token[1]
+    # (value, threshold, whether the threshold is a floor, message)
+    checks = [
+        (m.cos, t.min_cos, True, "cos {v:.6f} < {th}"),
+        (norm_dev, t.max_norm_dev, False, "norm ratio off by {v:.4g} > {th}"),
+        (m.rel_diff, t.max_rel_diff, False, "rel_diff {v:.3g} > {th}"),
+        (token_cos, t.min_token_cos, True, "token cos {v:.6f} < {th}"),
+    ]
+    if logits is not None:
+        checks += [
+            (logits.top1, t.min_top1, True, "top-1 agreement {v:.4f} < {th}"),
+            (logits.kl, t.max_kl, False, "KL {v:.3g} > {th}"),
+        ]
+    for v, th, floor, msg in checks:
+        if th is not None and v is not None and ((v < th if floor else v > th) or math.isnan(v)):
+            reasons.append(msg.format(v=v, th=th))
+    if t.atol is not None and m.mismatches:
+        reasons.append(f"{m.mismatches} elements beyond atol {t.atol} + rtol {t.rtol} * |a|")
+    return reasons

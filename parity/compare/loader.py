@@ -1,0 +1,156 @@
+"""Read a dump dir written by `parity.dump` (or anything that writes the same format) and check it fully.
+
+`load_dump` validates every manifest line and every tensor file header before any number is compared, so a bad
+dump fails with one `ParityError` that names the file, the manifest line and the field, never halfway through a
+report. A manifest whose last line was cut off by a killed run is rejected too (rather than silently dropping the
+record): the message says which line to delete to use the records before it.
+"""
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from parity.dump.format import MANIFEST, Record, dtype_name
+from parity.errors import ParityError
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class Dump:
+    """The records of one dump dir (all ranks), in manifest order, with lazy access to their tensors."""
+
+    root: Path
+    records: list[Record]
+    world_size: int
+    _where: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def where(self, record: Record) -> str:
+        """`DIR/manifest.jsonl line N`, for messages."""
+        return self._where.get(id(record), str(self.root))
+
+    def load(self, record: Record) -> torch.Tensor:
+        """The record's tensor, checked against its manifest line. Stats-mode records have none."""
+        if record.file is None:
+            raise ParityError(f"{self.where(record)}: {record.name} was dumped in stats mode and holds no tensor")
+        path = self.root / record.file
+        try:
+            with safe_open(path, "pt") as f:
+                t = f.get_tensor(record.key) if record.key in f.keys() else None
+        except (SafetensorError, OSError) as e:
+            msg = f"not a readable safetensors file: {_first_line(e)}"
+            raise ParityError(f"{path} ({self.where(record)}): {msg}") from None
+        if t is None:
+            raise ParityError(f"{path} ({self.where(record)}): has no tensor {record.key!r}")
+        if tuple(t.shape) != record.shape or dtype_name(t.dtype) != record.dtype:
+            raise ParityError(
+                f"{path} ({self.where(record)}): tensor {record.key!r} is {dtype_name(t.dtype)} {list(t.shape)} "
+                f"in the file but {record.dtype} {list(record.shape)} in the manifest"
+            )
+        return t
+
+
+def load_dump(path: str | Path, on_progress: Progress | None = None) -> Dump:
+    """Read `path/manifest.jsonl` (or `path/rank*/manifest.jsonl`) and check every tensor file's header."""
+    root = Path(path)
+    if not root.is_dir():
+        raise ParityError(f"{root}: no such dump dir" if not root.exists() else f"{root}: not a directory")
+    manifests = [root / MANIFEST] if (root / MANIFEST).exists() else sorted(root.glob(f"rank*/{MANIFEST}"))
+    if not manifests:
+        raise ParityError(f"{root}: no {MANIFEST} here (not a parity dump dir)")
+    records, where = [], {}
+    for manifest in manifests:
+        prefix = manifest.parent.relative_to(root)
+        for record, loc in _read_manifest(manifest):
+            if record.file is not None and prefix != Path("."):
+                record = replace(record, file=str(prefix / record.file))
+            records.append(record)
+            where[id(record)] = loc
+    if not records:
+        raise ParityError(f"{root}: {MANIFEST} holds no records")
+    dump = Dump(root, records, _world_size(records, where), where)
+    _check_unique(dump)
+    _check_files(dump, on_progress)
+    return dump
+
+
+def _read_manifest(manifest: Path):
+    try:
+        text = manifest.read_bytes().decode()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ParityError(f"{manifest}: cannot read ({_first_line(e)})") from None
+    lines = text.split("\n")
+    # a whole file ends with "\n", so the last piece is empty; anything else is the line a killed run was writing
+    tail = lines.pop()
+    if tail:
+        lines.append(tail)
+    for n, line in enumerate(lines, start=1):
+        where = f"{manifest} line {n}"
+        try:
+            obj = json.loads(line)
+        except ValueError:
+            cut = tail and n == len(lines)
+            msg = "cut off mid-line (a killed run?); delete it to use the records above" if cut else "not valid JSON"
+            raise ParityError(f"{where}: {msg}") from None
+        yield Record.from_json(obj, where), where
+
+
+def _world_size(records: list[Record], where: dict[int, str]) -> int:
+    sizes = {r.world_size for r in records}
+    if len(sizes) > 1:
+        odd = next(r for r in records if r.world_size != records[0].world_size)
+        raise ParityError(f"{where[id(odd)]}: world_size {odd.world_size} differs from {records[0].world_size} above")
+    size = sizes.pop()
+    bad = next((r for r in records if not 0 <= r.rank < size), None)
+    if bad is not None:
+        raise ParityError(f"{where[id(bad)]}: rank {bad.rank} is outside world_size {size}")
+    return size
+
+
+def _check_unique(dump: Dump) -> None:
+    seen: dict[tuple, Record] = {}
+    for r in dump.records:
+        key = (*r.ident, r.rank)
+        if key in seen:
+            raise ParityError(
+                f"{dump.where(r)}: {r.name} (phase {r.phase}, step {r.step}, call {r.call_in_step}) is already at "
+                f"{dump.where(seen[key])}; give each installed model its own prefix"
+            )
+        seen[key] = r
+
+
+def _check_files(dump: Dump, on_progress: Progress | None) -> None:
+    """Open every tensor file once: it must exist, be complete, and hold each key with the manifest's shape."""
+    by_file: dict[str, list[Record]] = {}
+    for r in dump.records:
+        if r.file is not None:
+            by_file.setdefault(r.file, []).append(r)
+    for i, (rel, recs) in enumerate(by_file.items()):
+        path = dump.root / rel
+        first = dump.where(recs[0])
+        if not path.is_file():
+            raise ParityError(f"{path} ({first}): missing")
+        try:
+            with safe_open(path, "pt") as f:
+                keys = set(f.keys())
+                shapes = {r.key: f.get_slice(r.key).get_shape() for r in recs if r.key in keys}
+        except (SafetensorError, OSError) as e:
+            raise ParityError(f"{path} ({first}): not a readable safetensors file: {_first_line(e)}") from None
+        for r in recs:
+            if r.key not in keys:
+                raise ParityError(f"{path} ({dump.where(r)}): has no tensor {r.key!r}")
+            if tuple(shapes[r.key]) != r.shape:
+                raise ParityError(
+                    f"{path} ({dump.where(r)}): tensor {r.key!r} has shape {list(shapes[r.key])} in the file "
+                    f"but {list(r.shape)} in the manifest"
+                )
+        if on_progress is not None:
+            on_progress(i + 1, len(by_file))
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
