@@ -1,0 +1,112 @@
+"""Terminal and machine output for the dump-reading commands: rich tables with coloured PASS/FAIL, a progress bar
+on stderr while large dumps load, JSON/CSV reports, the closing `PASSED | ...` line and the exit code."""
+
+import math
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+import typer
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from parity.commands._common import EXIT_FAIL, EXIT_OK, err, out
+from parity.compare import Dump, PairResult, compare_dumps, load_dump
+from parity.compare.report import to_csv, to_json
+from parity.errors import ParityError
+from parity.io import atomic_write_text
+
+STATUS = {
+    "pass": "[green]PASS[/green]",
+    "fail": "[red]FAIL[/red]",
+    "skip": "[yellow]SKIP[/yellow]",
+    "note": "[yellow]NOTE[/yellow]",
+}
+
+
+class Output:
+    """Where a command's results go: a rich table on stdout, or JSON/CSV on stdout or in `--out`."""
+
+    def __init__(self, command: str, json: bool, csv: bool, path: Path | None):
+        if json and csv:
+            raise ParityError("--json and --csv are exclusive: pick one")
+        if path is not None and not (json or csv):
+            if path.suffix not in (".json", ".csv"):
+                raise ParityError(f"--out {path}: add --json or --csv (or name the file .json / .csv)")
+            json, csv = path.suffix == ".json", path.suffix == ".csv"
+        self.command, self.fmt, self.path = command, "json" if json else "csv" if csv else None, path
+        self.start = time.perf_counter()
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the rich tables are printed (not when JSON/CSV goes to stdout)."""
+        return self.fmt is None or self.path is not None
+
+    def finish(self, passed: bool, summary: dict, table: pd.DataFrame, detail: str, **sections) -> None:
+        """Write the machine report if asked, print the closing line, and exit 0 (pass) or 1 (parity failure)."""
+        if self.fmt is not None:
+            text = to_json(self.command, passed, summary, table, **sections) if self.fmt == "json" else to_csv(table)
+            if self.path is None:
+                sys.stdout.write(text)
+            else:
+                atomic_write_text(self.path, text)
+                out.print(f"wrote {self.path}")
+        if self.terminal:
+            seconds = time.perf_counter() - self.start
+            status = "[green]PASSED[/green]" if passed else "[red]FAILED[/red]"
+            out.print(f"{status} | {detail} | {seconds:.1f}s | parity {self.command}", markup=True)
+        raise typer.Exit(EXIT_OK if passed else EXIT_FAIL)
+
+
+@contextmanager
+def progress(label: str) -> Iterator[Callable[[int, int], None]]:
+    """An `on_progress(done, total)` callback drawing a bar on stderr; silent when stderr is not a terminal."""
+    if not err.is_terminal:
+        yield lambda done, total: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def load(path: Path, label: str) -> Dump:
+    with progress(f"loading {label}") as on_progress:
+        return load_dump(path, on_progress)
+
+
+def load_and_compare(a: Path, b: Path, **kwargs) -> list[PairResult]:
+    """Load both dumps (checking every file) and judge every aligned pair, with progress bars."""
+    da, db = load(a, "a"), load(b, "b")
+    with progress("comparing") as on_progress:
+        return compare_dumps(da, db, on_progress=on_progress, **kwargs)
+
+
+def table(title: str, frame: pd.DataFrame, columns: dict[str, str], limit: int = 0) -> Table:
+    """A rich table of `frame`'s `columns` ({column: header}); with a limit, failing rows are kept first."""
+    shown = frame
+    if limit and len(frame) > limit and "status" in frame:
+        bad = frame[frame["status"] != "pass"]
+        shown = (bad if len(bad) else frame).head(limit)
+        hidden = len(frame) - len(shown)
+        title += f" ({hidden} more rows hidden: --limit 0 shows all)"
+    t = Table(title=title, title_justify="left")
+    for header in columns.values():
+        t.add_column(header, overflow="fold")
+    for _, row in shown.iterrows():
+        t.add_row(*(_cell(col, row.get(col)) for col in columns))
+    return t
+
+
+def _cell(col: str, value) -> str:
+    if col == "status":
+        return STATUS.get(value, str(value))
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.6f}" if col in ("cos", "min_cos") else f"{value:.4g}"
+    return escape(str(value))

@@ -1,0 +1,83 @@
+"""`parity bisect A B`: the first record where two dumps diverge, in execution order, and the per-layer curve."""
+
+import typer
+
+from parity.commands import _diff_options as opt
+from parity.commands._common import out
+from parity.commands._diff_render import Output, load_and_compare, table
+from parity.compare import PairResult, bisect
+from parity.compare.report import frame
+
+CURVE = {
+    "status": "",
+    "phase": "phase",
+    "step": "step",
+    "block": "layer block",
+    "records": "records",
+    "failed": "failed",
+    "min_cos": "min cos",
+    "max_rel_diff": "max rel diff",
+    "max_norm_dev": "max norm dev",
+    "first_failure": "first failing record",
+}
+
+
+def bisect_command(
+    a: opt.DumpA,
+    b: opt.DumpB,
+    map_file: opt.MapFile = None,
+    min_cos: opt.MinCos = None,
+    max_norm_dev: opt.MaxNormDev = None,
+    max_rel_diff: opt.MaxRelDiff = None,
+    atol: opt.Atol = None,
+    rtol: opt.Rtol = 0.0,
+    min_token_cos: opt.MinTokenCos = None,
+    exact: opt.Exact = False,
+    phase: opt.Phase = None,
+    steps: opt.Steps = None,
+    layers: opt.Layers = None,
+    name: opt.Name = None,
+    allow_missing: opt.AllowMissing = None,
+    json: opt.Json = False,
+    csv: opt.Csv = False,
+    out_file: opt.Out = None,
+    limit: opt.Limit = 0,
+) -> None:
+    """Name the first record (phase, step, layer, module) where B diverges from A; exit 1 if there is one.
+
+    Walks the aligned activation records in A's execution order (phase, step, layer, sub-module) and stops at the
+    first one that crosses the thresholds (default: cos < 0.999 or norm ratio off by more than 1 %).
+    """
+    output = Output("bisect", json, csv, out_file)
+    thresholds = opt.thresholds(min_cos, max_norm_dev, max_rel_diff, atol, rtol, min_token_cos, exact)
+    select, name_map = opt.selection(phase, steps, layers, name), opt.name_map(map_file)
+    results = load_and_compare(
+        a, b, name_map=name_map, thresholds=thresholds, select=select, allow_missing=allow_missing
+    )
+    report = bisect(results)
+    curve = frame(p.to_row() for p in report.curve)
+    first = None if report.first is None else report.first.to_row()
+    unmatched = [r.to_row() for r in report.unmatched if not r.passed]
+    if output.terminal:
+        out.print(table(f"parity bisect {a} {b}: per-layer curve", curve, CURVE, limit))
+        out.print(verdict(report.first), markup=True)
+        if unmatched:
+            out.print(f"[red]{len(unmatched)} record(s) missing on one side[/red], e.g. {unmatched[0]['name']}")
+    summary = {"a": str(a), "b": str(b), "records": sum(p.records for p in report.curve), "first": first}
+    detail = "no divergence" if report.first is None else _where(report.first)
+    output.finish(report.passed, summary, curve, detail, unmatched=unmatched)
+
+
+def verdict(first: PairResult | None) -> str:
+    if first is None:
+        return "[green]no divergence[/green]: every aligned record passes"
+    return f"[red]first divergence[/red]: {_where(first)}: {'; '.join(first.reasons)}"
+
+
+def _where(r: PairResult) -> str:
+    rec = r.record
+    return f"phase {rec.phase}, step {rec.step}, layer {rec.layer}, module {rec.module or '(root)'}, record {r.name}"
+
+
+def register(app: typer.Typer) -> None:
+    app.command("bisect")(bisect_command)

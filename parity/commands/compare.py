@@ -1,0 +1,85 @@
+"""`parity compare A B`: every aligned record of two dumps, measured in float64 and judged against thresholds."""
+
+import typer
+
+from parity.commands import _diff_options as opt
+from parity.commands._common import out
+from parity.commands._diff_render import Output, load_and_compare, table
+from parity.compare.report import frame
+
+COLUMNS = {
+    "status": "",
+    "phase": "phase",
+    "step": "step",
+    "layer": "layer",
+    "name": "record",
+    "shape_a": "shape",
+    "cos": "cos",
+    "max_abs": "max abs",
+    "rel_diff": "rel diff",
+    "norm_ratio": "norm ratio",
+    "worst_token": "worst token",
+    "reasons": "why",
+}
+
+
+def compare(
+    a: opt.DumpA,
+    b: opt.DumpB,
+    map_file: opt.MapFile = None,
+    min_cos: opt.MinCos = None,
+    max_norm_dev: opt.MaxNormDev = None,
+    max_rel_diff: opt.MaxRelDiff = None,
+    atol: opt.Atol = None,
+    rtol: opt.Rtol = 0.0,
+    min_token_cos: opt.MinTokenCos = None,
+    exact: opt.Exact = False,
+    logits: opt.Logits = None,
+    top_k: opt.TopK = 5,
+    min_top1: opt.MinTop1 = None,
+    max_kl: opt.MaxKl = None,
+    phase: opt.Phase = None,
+    steps: opt.Steps = None,
+    layers: opt.Layers = None,
+    name: opt.Name = None,
+    allow_missing: opt.AllowMissing = None,
+    json: opt.Json = False,
+    csv: opt.Csv = False,
+    out_file: opt.Out = None,
+    limit: opt.Limit = 100,
+) -> None:
+    """Compare two dumps record by record; exit 1 if any record fails its thresholds or is missing on one side."""
+    output = Output("compare", json, csv, out_file)
+    thresholds = opt.thresholds(
+        min_cos, max_norm_dev, max_rel_diff, atol, rtol, min_token_cos, exact, min_top1=min_top1, max_kl=max_kl
+    )
+    select, name_map = opt.selection(phase, steps, layers, name), opt.name_map(map_file)
+    results = load_and_compare(
+        a,
+        b,
+        name_map=name_map,
+        thresholds=thresholds,
+        select=select,
+        logits=logits,
+        top_k=top_k,
+        allow_missing=allow_missing,
+    )
+    rows = frame(r.to_row() for r in results)
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}
+    summary = {
+        "a": str(a),
+        "b": str(b),
+        "pairs": len(results),
+        **counts,
+        "missing_in_a": sum(r.missing == "a" for r in results),
+        "missing_in_b": sum(r.missing == "b" for r in results),
+    }
+    if output.terminal:
+        out.print(table(f"parity compare {a} {b}", rows, COLUMNS, limit))
+    passed = counts["fail"] == 0
+    detail = f"{counts['pass']} pass, {counts['fail']} fail, {counts['skip']} skip of {len(results)} records"
+    output.finish(passed, summary, rows, detail)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("compare")(compare)

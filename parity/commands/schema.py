@@ -1,0 +1,65 @@
+"""`parity schema A B`: do two dumps hold the same records (names, shapes, dtypes, tags)?"""
+
+import typer
+
+from parity.commands import _diff_options as opt
+from parity.commands._common import out
+from parity.commands._diff_render import Output, load, table
+from parity.compare import schema_diff
+from parity.compare.report import frame
+
+COLUMNS = {
+    "status": "",
+    "issue": "issue",
+    "name": "record",
+    "a": "a",
+    "b": "b",
+    "records": "records",
+    "phases": "phases:steps",
+}
+
+
+def schema(
+    a: opt.DumpA,
+    b: opt.DumpB,
+    map_file: opt.MapFile = None,
+    phase: opt.Phase = None,
+    steps: opt.Steps = None,
+    layers: opt.Layers = None,
+    name: opt.Name = None,
+    json: opt.Json = False,
+    csv: opt.Csv = False,
+    out_file: opt.Out = None,
+    limit: opt.Limit = 100,
+) -> None:
+    """Diff the record sets of two dumps before comparing numbers; exit 1 on any difference.
+
+    Reports records only in A or only in B, and aligned records whose shape, dtype or layer id differ. A shape
+    difference that the seq layouts reconcile ([b, s, ...] vs flat [T, ...]) is a note, not a failure.
+    """
+    output = Output("schema", json, csv, out_file)
+    select, name_map = opt.selection(phase, steps, layers, name), opt.name_map(map_file)
+    da, db = load(a, "a"), load(b, "b")
+    rows = schema_diff(da, db, name_map, select)
+    diffs = frame(r.to_row() for r in rows)
+    failing = sum(len(r.records) for r in rows if r.fails)
+    notes = sum(len(r.records) for r in rows if not r.fails)
+    if output.terminal:
+        if rows:
+            out.print(table(f"parity schema {a} {b}", diffs, COLUMNS, limit))
+        else:
+            out.print("[green]same records[/green] on both sides", markup=True)
+    summary = {
+        "a": str(a),
+        "b": str(b),
+        "records_a": len(da.records),
+        "records_b": len(db.records),
+        "differences": failing,
+        "notes": notes,
+    }
+    detail = f"{failing} record(s) differ, {notes} note(s); {len(da.records)} vs {len(db.records)} records"
+    output.finish(failing == 0, summary, diffs, detail)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("schema")(schema)
