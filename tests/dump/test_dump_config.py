@@ -1,8 +1,12 @@
 """DumpConfig: env parsing, validation that names the variable, and module/call selection."""
 
+import dataclasses
+from pathlib import Path
+
 import pytest
 
 from parity.dump import DumpConfig, Ranges
+from parity.dump.config import DEFAULT_LAYER_REGEX
 from parity.errors import ParityError
 
 
@@ -90,3 +94,12 @@ def test_wants_filters_calls_phases_steps(tmp_path):
     tagged_only = DumpConfig(dir=tmp_path, require_phase=True)
     assert tagged_only.wants(0, "prefill", 0) and not tagged_only.wants(0, None, None)
     assert DumpConfig(dir=tmp_path).wants(5, None, None)
+
+
+def test_every_variable_is_documented_in_envs_md():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "ENVS.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in doc.splitlines() if line.startswith("| `PARITY_")}
+    variables = {f.metadata["env"] for f in dataclasses.fields(DumpConfig)}
+    assert variables <= set(rows)
+    # the documented default layer regex is the real one (table cells escape `|`)
+    assert f"`{DEFAULT_LAYER_REGEX}`" in rows["PARITY_DUMP_LAYER_REGEX"].replace("\\|", "|")
