@@ -26,7 +26,6 @@ class Selection:
     steps: Ranges | None = None
     layers: Ranges | None = None
     name: str | None = None
-    kinds: frozenset[str] = frozenset({"activation", "weight"})
 
     def __post_init__(self):
         if self.name is not None:
@@ -37,8 +36,7 @@ class Selection:
 
     def __call__(self, r: Record, name: str) -> bool:
         return (
-            r.kind in self.kinds
-            and (self.phases is None or r.phase in self.phases)
+            (self.phases is None or r.phase in self.phases)
             and (self.steps is None or r.step in self.steps)
             and (self.layers is None or r.layer in self.layers)
             and (self.name is None or re.search(self.name, name) is not None)

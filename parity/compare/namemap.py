@@ -98,7 +98,7 @@ class NameMap:
 def _tables(data: dict, key: str, path: Path) -> list[dict]:
     tables = data.get(key, [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
-        raise ParityError(f"{path}: {key} must be an array of tables ([[{key}]])")
+        raise ParityError(f"{path}: {key} must be an array of tables (one `[[...]]` header per rule)")
     return tables
 
 

@@ -15,7 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from parity.dump.config import DumpConfig
 from parity.dump.flatten import flatten, flatten_call
-from parity.dump.tags import current_tags
+from parity.dump.tags import Tags, current_tags
 from parity.dump.writer import DumpWriter, Site
 from parity.errors import ParityError
 
@@ -119,27 +119,27 @@ class _Tap:
     def before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         if _capturing():
             return
-        numbers = self._number()
+        tags = current_tags()
+        numbers = self._number(tags)
         if self.config.what == "both":
             self.open.append(numbers)
-        self._write("input", numbers, lambda: flatten_call(args, kwargs))
+        self._write(tags, "input", numbers, lambda: flatten_call(args, kwargs))
 
     def after(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         if _capturing():
             return
-        numbers = self.open.pop() if self.config.what == "both" else self._number()
-        self._write("output", numbers, lambda: flatten(output, "out"))
-
-    def _number(self) -> tuple[int, int]:
         tags = current_tags()
+        numbers = self.open.pop() if self.config.what == "both" else self._number(tags)
+        self._write(tags, "output", numbers, lambda: flatten(output, "out"))
+
+    def _number(self, tags: Tags) -> tuple[int, int]:
         call, key = self.calls, (tags.phase, tags.step)
         in_step = self.calls_in_step[key]
         self.calls += 1
         self.calls_in_step[key] += 1
         return call, in_step
 
-    def _write(self, io: str, numbers: tuple[int, int], tensors) -> None:
-        tags = current_tags()
+    def _write(self, tags: Tags, io: str, numbers: tuple[int, int], tensors) -> None:
         call, in_step = numbers
         if self.config.wants(call, tags.phase, tags.step):
             self.writer.write_activation(self.site, tags, call, in_step, io, tensors())
