@@ -1,6 +1,7 @@
 """`parity bisect A B`: the first record where two dumps diverge, in execution order, and the per-layer curve."""
 
 import typer
+from rich.markup import escape
 
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
@@ -62,7 +63,8 @@ def bisect_command(
         out.print(table(f"parity bisect {a} {b}: per-layer curve", curve, CURVE, limit))
         out.print(verdict(report.first), markup=True)
         if unmatched:
-            out.print(f"[red]{len(unmatched)} record(s) missing on one side[/red], e.g. {unmatched[0]['name']}")
+            example = escape(unmatched[0]["name"])
+            out.print(f"[red]{len(unmatched)} record(s) missing on one side[/red], e.g. {example}")
     summary = {"a": str(a), "b": str(b), "records": sum(p.records for p in report.curve), "first": first}
     detail = "no divergence" if report.first is None else _where(report.first)
     output.finish(report.passed, summary, curve, detail, unmatched=unmatched)
@@ -71,7 +73,7 @@ def bisect_command(
 def verdict(first: PairResult | None) -> str:
     if first is None:
         return "[green]no divergence[/green]: every aligned record passes"
-    return f"[red]first divergence[/red]: {_where(first)}: {'; '.join(first.reasons)}"
+    return f"[red]first divergence[/red]: {escape(_where(first))}: {escape('; '.join(first.reasons))}"
 
 
 def _where(r: PairResult) -> str:

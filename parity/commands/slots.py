@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
@@ -62,11 +63,9 @@ def slot_invariance_command(
             out.print("[yellow]no request ids recorded: every slot is assumed to hold the same sequence[/yellow]")
         if first is not None:
             r = first.record
-            out.print(
-                f"[red]first slot divergence[/red]: phase {r.phase}, step {r.step}, layer {r.layer}, "
-                f"record {r.name}: slot {first.slot} vs {first.against}: {'; '.join(first.reasons)}",
-                markup=True,
-            )
+            where = f"phase {r.phase}, step {r.step}, layer {r.layer}, record {r.name}"
+            what = f"slot {first.slot} vs {first.against}: {'; '.join(first.reasons)}"
+            out.print(f"[red]first slot divergence[/red]: {escape(where)}: {escape(what)}", markup=True)
     failed = sum(not r.passed for r in report.rows)
     summary = {
         "dir": str(dump_dir),
