@@ -32,7 +32,7 @@ class Selection:
             try:
                 re.compile(self.name)
             except re.error as e:
-                raise ParityError(f"--name {self.name!r}: not a valid regex ({e})") from None
+                raise ParityError(f"name regex {self.name!r}: not a valid regex ({e})") from None
 
     def __call__(self, r: Record, name: str) -> bool:
         return (

@@ -109,6 +109,12 @@ def compare_dumps(
             Regex of names that may be missing on one side (reported as `skip`). Default: none may be.
     """
     name_map, thresholds = name_map or NameMap(), thresholds or Thresholds()
+    for option, pattern in (("logits", logits), ("allow_missing", allow_missing)):
+        if pattern is not None:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ParityError(f"{option} regex {pattern!r}: not a valid regex ({e})") from None
     pairs = align(da, db, name_map, select)
     if not pairs:
         raise ParityError(f"{da.root} vs {db.root}: no record to compare (the selection matched nothing)")

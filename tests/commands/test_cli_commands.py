@@ -124,6 +124,8 @@ def test_slot_invariance_without_layouts_is_bad_input(parity_cli, tmp_path, writ
         pytest.param(("compare", "{ref}", "{ref}", "--steps", "x"), "--steps='x'", id="bad-steps"),
         pytest.param(("compare", "{ref}", "{ref}", "--phase", "warmup"), "not a phase", id="bad-phase"),
         pytest.param(("compare", "{ref}", "{ref}", "--name", "("), "not a valid regex", id="bad-regex"),
+        pytest.param(("compare", "{ref}", "{ref}", "--logits", "("), "logits regex '(': not a valid", id="bad-logits"),
+        pytest.param(("compare", "{ref}", "{ref}", "--allow-missing", "("), "allow_missing regex '('", id="bad-allow"),
         pytest.param(("compare", "{ref}", "{ref}", "--phase", "mtp-draft"), "no record to compare", id="empty"),
         pytest.param(("bisect", "{ref}", "{ref}", "--map", "/nonexistent.toml"), "cannot read name map", id="map"),
         pytest.param(("dump-info", "/nonexistent/dump"), "no such dump dir", id="dump-info-missing"),
