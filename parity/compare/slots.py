@@ -162,14 +162,14 @@ def _index(dump: Dump) -> dict[tuple, list[Record]]:
 
 
 def _solo_slice(solo: Dump, index: dict, record: Record, request: str | None) -> torch.Tensor | None:
-    """The slice of `request` in the solo run's record with the same ident (and rank); a solo record without
-    request ids holding one sequence stands for any request."""
+    """The slice of `request` in the solo run's record with the same ident (and rank). Without request ids on
+    either side (every slot assumed to hold one sequence), a one-sequence solo record is that sequence."""
     for s in index.get(record.ident, ()):
         if s.rank != record.rank:
             continue
         if s.requests is not None and request in s.requests:
             slot = s.requests.index(request)
-        elif s.requests is None and s.num_slots in (None, 1):
+        elif s.requests is None and request is None and s.num_slots == 1:
             slot = 0
         else:
             continue

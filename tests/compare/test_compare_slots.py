@@ -97,3 +97,15 @@ def test_nothing_to_compare_is_bad_input(tmp_path):
         model(torch.zeros(2, 3, dtype=torch.long))  # no seq layout tagged
     with pytest.raises(ParityError, match="nothing to compare"):
         slot_invariance(load_dump(tmp_path))
+
+
+def test_solo_without_request_ids_only_stands_for_untagged_batches(tmp_path):
+    same_tokens, same_decode = _same_prompt_in_every_slot(3)
+    run(ToyLM(), same_tokens, same_decode, dump.DumpConfig(dir=tmp_path / "batch", **CONFIG))
+    run(ToyLM(), same_tokens[:1], same_decode[:, :1], dump.DumpConfig(dir=tmp_path / "solo", **CONFIG))
+    report = slot_invariance(load_dump(tmp_path / "batch"), [load_dump(tmp_path / "solo")])
+    assert report.passed and sum(r.against.startswith("solo") for r in report.rows) == 5 * 2 * 3 * 3
+    tokens, decode = prompts(batch=2, seq=6, decode_steps=2)
+    run(ToyLM(), tokens, decode, dump.DumpConfig(dir=tmp_path / "tagged", **CONFIG), requests=["a", "b"])
+    with pytest.raises(ParityError, match="nothing to compare"):
+        slot_invariance(load_dump(tmp_path / "tagged"), [load_dump(tmp_path / "solo")])
