@@ -57,6 +57,10 @@ class BisectReport:
     def passed(self) -> bool:
         return self.first is None and all(r.passed for r in self.unmatched)
 
+    def __bool__(self) -> bool:
+        """Truthy on pass, so `assert compare_result` reads as a check."""
+        return self.passed
+
 
 def bisect(results: Sequence[PairResult]) -> BisectReport:
     """The first diverging activation record and the per-layer curve, from judged pairs."""

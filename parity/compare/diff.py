@@ -43,6 +43,10 @@ class PairResult:
     def passed(self) -> bool:
         return self.status != "fail"
 
+    def __bool__(self) -> bool:
+        """Truthy on pass, so `assert compare_result` reads as a check."""
+        return self.passed
+
     def to_row(self) -> dict:
         r, m, lg = self.record, self.metrics, self.logits
         return {

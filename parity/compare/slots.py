@@ -78,6 +78,10 @@ class SlotReport:
     def passed(self) -> bool:
         return self.first is None
 
+    def __bool__(self) -> bool:
+        """Truthy on pass, so `assert compare_result` reads as a check."""
+        return self.passed
+
 
 def slot_invariance(
     dump: Dump,

@@ -131,3 +131,8 @@ def test_a_small_scale_fault_is_caught_by_the_norm_gate_not_by_cos(tmp_path, toy
     assert first.name == "layers.2:out.0" and first.metrics.cos > 0.99999 and "norm ratio" in first.reasons[0]
     loose = compare_dumps(load_dump(ref_dir), load_dump(bad_dir), thresholds=Thresholds(max_norm_dev=None))
     assert bisect(loose).passed
+
+
+def test_results_are_truthy_on_pass():
+    ok, bad = _row(0, "prefill", 0, 0), _row(1, "prefill", 0, 1, passed=False, cos=0.5)
+    assert ok and not bad and bisect([ok]) and not bisect([ok, bad])
