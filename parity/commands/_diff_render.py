@@ -54,7 +54,7 @@ class Output:
                 sys.stdout.write(text)
             else:
                 atomic_write_text(self.path, text)
-                out.print(f"wrote {self.path}")
+                out.print(f"wrote {escape(str(self.path))}")
         if self.terminal:
             seconds = time.perf_counter() - self.start
             status = "[green]PASSED[/green]" if passed else "[red]FAILED[/red]"

@@ -56,8 +56,6 @@ def install(model: nn.Module, config: DumpConfig | None = None, *, prefix: str =
     config = DumpConfig.from_env() if config is None else config
     if not config.enabled:
         return DumpHandle([], None, [])
-    rank, world_size = _rank()
-    writer = DumpWriter(config.dir, config.mode, rank, world_size)
     pattern = config.layer_pattern
     paths = [(".".join(p for p in (prefix, path) if p), m) for path, m in model.named_modules()]
     sites = [(Site(path, type(m).__name__, *layer_of(path, pattern)), m) for path, m in paths]
@@ -67,6 +65,7 @@ def install(model: nn.Module, config: DumpConfig | None = None, *, prefix: str =
             f"dump: no module of {type(model).__name__} matches PARITY_DUMP_MODULES={config.modules!r}, "
             f"PARITY_DUMP_CLASSES={','.join(sorted(config.classes))!r}, PARITY_DUMP_LAYERS={config.layers}"
         )
+    writer = DumpWriter(config.dir, config.mode, *_rank())
     hooks = []
     for site, module in sites:
         tap = _Tap(site, writer, config)
