@@ -32,9 +32,11 @@ def main() -> None:
     try:
         app()
     except ParityError as e:
+        from rich.markup import escape
+
         from parity.commands._common import err
 
-        err.print(f"[red]error:[/red] {e}", markup=True)
+        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True)
         sys.exit(e.exit_code)
 
 

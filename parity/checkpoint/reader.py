@@ -166,15 +166,18 @@ def build_model(
     path: str | os.PathLike,
     selection: Selection = Selection(),
     device: str | torch.device = "cpu",
+    factory=None,
     **arg_overrides,
 ):
-    """Build the reference `Transformer` for a checkpoint and load only `selection` into it.
+    """Build a model for a checkpoint and load only `selection` into it.
 
-    Unselected layers stay on the meta device (no memory); run selected layers directly (`model.layers[i]`).
-    `arg_overrides` replace ModelArgs fields (e.g. `revision`, `max_batch_size`, `reset_state_on_prefill`).
-    Returns `(model, args)`.
+    `factory(args)` builds the model (default: the reference `Transformer`; any model with the same parameter names
+    works, e.g. the optimized one). Unselected layers stay on the meta device (no memory); run selected layers
+    directly (`model.layers[i]`). `arg_overrides` replace ModelArgs fields (e.g. `revision`, `max_batch_size`,
+    `reset_state_on_prefill`). Returns `(model, args)`.
     """
-    from parity.reference.model import Transformer
+    if factory is None:
+        from parity.reference.model import Transformer as factory
 
     ckpt = Checkpoint(path)
     try:
@@ -183,7 +186,7 @@ def build_model(
         raise ParityError(f"build_model: {e}") from None
     prefixes = selection.prefixes(args)
     with torch.device("meta"):
-        model = Transformer(args)
+        model = factory(args)
     _materialize(model, prefixes, device)
     # the MTP blocks hold the shared embed/head as submodules: re-link after materializing
     for block in model.mtp:

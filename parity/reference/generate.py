@@ -32,32 +32,53 @@ class Generation:
         return min(len(self.mtp_drafts), len(self.tokens) - 1)
 
 
-def greedy_generate(model: Transformer, prompt: torch.Tensor, decode_steps: int, mtp: bool = True) -> Generation:
-    """Prefill `prompt` ([n] int64) and decode `decode_steps` tokens greedily (batch 1)."""
+def greedy_generate(
+    model: Transformer,
+    prompt: torch.Tensor,
+    decode_steps: int,
+    mtp: bool = True,
+    prefill_len: int | None = None,
+    forced: list[int] | None = None,
+) -> Generation:
+    """Prefill `prompt` ([n] int64) and decode `decode_steps` tokens greedily (batch 1).
+
+    `prefill_len` prefills only the first tokens and feeds the rest of the prompt one decode at a time (the
+    schedule of a chunked engine run); `forced` emits these tokens instead of the greedy ones (teacher forcing).
+    The logits of every emitted token are kept."""
     gen = Generation(prompt=prompt)
     device = model.embed.weight.device
-    ids = prompt.to(device)[None]
+    ids = prompt.to(device)
+    n = len(prompt) if prefill_len is None else prefill_len
     mtp_block = model.mtp[0] if mtp and len(model.mtp) else None
+    sequence = ids.tolist()
 
-    def step(input_ids, pos, shifted):
-        h = model.forward_streams(input_ids, pos)
-        logits = model.logits(h)[0]
-        token = int(logits.argmax())
+    def emit(logits) -> int:
+        token = int(logits.argmax()) if forced is None else forced[len(gen.tokens)]
         gen.tokens.append(token)
         gen.logits.append(logits)
-        if mtp_block is not None:
-            next_ids = torch.cat([shifted, torch.tensor([token], device=device)])[None]
-            gen.mtp_drafts.append(int(mtp_block(h, pos, next_ids)[0].argmax()))
+        sequence.append(token)
         return token
 
+    def step(input_ids, pos):
+        # input_ids: [1, s] at positions pos.. ; returns the main streams
+        h = model.forward_streams(input_ids, pos)
+        end = pos + input_ids.shape[1]
+        if end >= len(prompt):
+            emit(model.logits(h)[0])
+        if mtp_block is not None:
+            next_ids = torch.tensor(sequence[pos + 1 : end + 1], device=device)[None]
+            draft = int(mtp_block(h, pos, next_ids)[0].argmax())
+            if end >= len(prompt):
+                gen.mtp_drafts.append(draft)
+        return end
+
     t0 = time.perf_counter()
-    token = step(ids, 0, ids[0, 1:])
+    pos = step(ids[None, :n], 0)
+    while pos < len(prompt):
+        pos = step(ids[None, pos : pos + 1], pos)
     gen.prefill_s = time.perf_counter() - t0
-    pos = len(prompt)
-    empty = torch.empty(0, dtype=torch.long, device=device)
     for _ in range(decode_steps):
         t0 = time.perf_counter()
-        token = step(torch.tensor([[token]], device=device), pos, empty)
+        pos = step(torch.tensor([[sequence[pos]]], device=device), pos)
         gen.decode_s.append(time.perf_counter() - t0)
-        pos += 1
     return gen

@@ -1,0 +1,141 @@
+"""Engine-vs-reference parity: run requests through the optimized engine (one ragged batch) and through the
+reference one request at a time, and compare every traced layer at every position, the logits and the tokens.
+
+The reference runs each request twice, teacher-forced with the same tokens so every run stays aligned:
+- `full`: the whole prompt in one prefill, then one decode per token (what the official generate.py does);
+- `schedule`: the engine's first prompt chunk as a prefill, then every later token as one decode. This is the
+  reference computation that matches the engine's schedule: with `decode_exact_chunks` the engine must equal it
+  bit for bit; with the default batched ops it differs only by GEMM and vectorization shapes.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from parity.checkpoint import build_model
+from parity.compare.metrics import compare_tensors
+from parity.optimized.engine import Engine, EngineConfig, Request
+from parity.optimized.model import OptimizedTransformer
+from parity.optimized.ops import OpsConfig, resolve_ops
+from parity.reference.generate import Generation, greedy_generate
+from parity.trace import ModuleParity, Trace, compare_traces, trace_engine, trace_reference
+
+
+@dataclass
+class LogitsParity:
+    key: int
+    steps: int
+    bitwise: bool
+    min_cos: float
+    max_abs: float
+    tokens_equal: bool  # the engine's greedy choice at every step equals the reference's
+
+
+@dataclass
+class RunParity:
+    modules: list[ModuleParity]
+    logits: list[LogitsParity]
+    requests: dict[int, Request] = field(default_factory=dict)
+    reference: list[Generation] = field(default_factory=list)
+
+    @property
+    def bitwise(self) -> bool:
+        return all(m.metrics.bitwise for m in self.modules) and all(lg.bitwise for lg in self.logits)
+
+    def worst(self, n: int = 5) -> list[ModuleParity]:
+        return sorted(self.modules, key=lambda m: m.metrics.cos if m.metrics.cos is not None else -2.0)[:n]
+
+    def min_cos(self, pattern: str = "") -> float:
+        return min((m.metrics.cos for m in self.modules if pattern in m.module), default=1.0)
+
+
+def reference_generations(
+    ckpt, prompts, decode_steps, *, prefill_lens=None, forced=None, trace: Trace | None = None, **overrides
+) -> list[Generation]:
+    """Solo reference runs (a fresh model per request), traced under the request's index."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        model, _ = build_model(ckpt, **overrides)
+        run = dict(prefill_len=None if prefill_lens is None else prefill_lens[i])
+        run["forced"] = None if forced is None else forced[i]
+        if trace is None:
+            out.append(greedy_generate(model, prompt, decode_steps, **run))
+        else:
+            with trace_reference(model, i, trace):
+                out.append(greedy_generate(model, prompt, decode_steps, **run))
+    return out
+
+
+def engine_generations(
+    ckpt,
+    prompts,
+    decode_steps,
+    config: EngineConfig,
+    *,
+    forced=None,
+    draft_fn: Callable | None = None,
+    ops: OpsConfig | None = None,
+    trace: Trace | None = None,
+    order: list[int] | None = None,
+    **overrides,
+) -> dict[int, Request]:
+    """All requests through one engine; returns requests keyed by prompt index. `order` is the admission order
+    (prompt indices), to put the same request into other slots next to other batchmates."""
+    factory = lambda args: OptimizedTransformer(args, resolve_ops(ops))  # noqa: E731
+    model, _ = build_model(ckpt, factory=factory, **overrides)
+    engine = Engine(model, config, draft_fn=draft_fn)
+    order = list(range(len(prompts))) if order is None else order
+    ids = {i: engine.add_request(prompts[i], decode_steps + 1, None if forced is None else forced[i]) for i in order}
+    if trace is None:
+        finished = engine.run()
+    else:
+        with trace_engine(engine, trace):
+            finished = engine.run()
+    by_index = {i: finished[rid] for i, rid in ids.items()}
+    if trace is not None:
+        # re-key the engine's trace from request ids to prompt indices
+        index_of = {rid: i for i, rid in ids.items()}
+        trace.rows = {(index_of[k], m, p): v for (k, m, p), v in trace.rows.items()}
+    return by_index
+
+
+def compare_logits(reference: list[Generation], requests: dict[int, Request]) -> list[LogitsParity]:
+    out = []
+    for i, gen in enumerate(reference):
+        req = requests[i]
+        n = min(len(gen.logits), len(req.logits))
+        a, b = torch.stack(gen.logits[:n]), torch.stack(req.logits[:n])
+        m = compare_tensors(a, b)
+        cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).min().item() if n else 1.0
+        tokens_equal = bool((a.argmax(-1) == b.argmax(-1)).all())
+        out.append(LogitsParity(i, n, m.bitwise, 1.0 if m.bitwise else cos, m.max_abs or 0.0, tokens_equal))
+    return out
+
+
+def check_engine(
+    ckpt,
+    prompts,
+    decode_steps: int,
+    config: EngineConfig,
+    *,
+    against: str = "schedule",
+    draft_fn=None,
+    ops: OpsConfig | None = None,
+    **overrides,
+) -> RunParity:
+    """Run the engine teacher-forced with the reference's greedy tokens and compare with the reference run
+    `against` = "schedule" (same prefill/decode split) or "full" (whole-prompt prefill)."""
+    full = reference_generations(ckpt, prompts, decode_steps, **overrides)
+    forced = [g.tokens for g in full]
+    engine_trace = Trace()
+    requests = engine_generations(
+        ckpt, prompts, decode_steps, config, forced=forced, draft_fn=draft_fn, ops=ops, trace=engine_trace, **overrides
+    )
+    ref_trace = Trace()
+    prefill_lens = [requests[i].first_chunk for i in range(len(prompts))] if against == "schedule" else None
+    reference = reference_generations(
+        ckpt, prompts, decode_steps, prefill_lens=prefill_lens, forced=forced, trace=ref_trace, **overrides
+    )
+    modules = compare_traces(ref_trace, engine_trace, list(range(len(prompts))))
+    return RunParity(modules, compare_logits(reference, requests), requests, reference)

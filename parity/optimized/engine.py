@@ -1,0 +1,285 @@
+"""A small serving engine over the optimized model: mixed batches of chunked prefills and decodes, paged KV
+allocation, greedy generation and MTP speculative decoding.
+
+One `step()`:
+1. schedule: every decoding request (its last token, plus its MTP draft), then prompt chunks of at most
+   `chunk_size` tokens while the step's `token_budget` lasts;
+2. allocate the KV blocks the step's positions need; snapshot the state of requests that verify a draft;
+3. run the main model on the flat batch; pick greedy tokens; accept the longest agreeing draft prefix;
+4. roll back requests whose draft was rejected (restore the snapshot, replay the accepted tokens) so the cache
+   holds exactly the committed positions;
+5. run the MTP block on the committed positions (streams at i, token at i+1) and keep its last draft;
+6. finish requests that have all their tokens: their blocks and slot are freed and poisoned with NaN.
+
+Requests are independent: a request's tokens and logits do not depend on its slot or its batchmates (per-request
+shapes in the torch ops, row-independent GEMMs), which the tests check bitwise.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from parity.errors import ParityError
+from parity.optimized.batch import Batch, make_batch
+from parity.optimized.cache import PagedCache
+from parity.optimized.model import OptimizedTransformer
+
+# step callbacks see (phase, step index, batch) before each forward: the dump tags hang on this
+PhaseHook = Callable[[str, int, Batch], object]
+
+
+@dataclass
+class Request:
+    id: int
+    prompt: torch.Tensor  # [n] int64
+    max_new_tokens: int
+    slot: int  # -1 once released
+    forced: list[int] | None = None  # teacher forcing: emit these tokens instead of the greedy ones
+    blocks: dict[int, list[int]] = field(default_factory=dict)
+    num_computed: int = 0  # positions whose KV and state are in the cache
+    mtp_computed: int = 0  # positions the MTP block has consumed
+    output: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # [vocab] fp32 that chose each output token
+    draft: int | None = None  # MTP draft for the position after the last token
+    mtp_drafts: list[int] = field(default_factory=list)  # every draft the MTP block made (before draft_fn)
+    drafts_proposed: int = 0
+    drafts_accepted: int = 0
+    pending_streams: list[torch.Tensor] = field(default_factory=list)  # main streams not yet fed to the MTP block
+    admitted_slot: int = -1  # the state slot the request ran in
+    first_chunk: int = 0  # length of the prefill chunk that started the request (its schedule, for comparisons)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt.tolist() + self.output
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.num_computed < len(self.prompt)
+
+    @property
+    def done(self) -> bool:
+        return len(self.output) >= self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_requests: int = 4
+    num_blocks: int = 64  # per compress ratio
+    block_size: int = 16
+    chunk_size: int = 64
+    token_budget: int = 256
+    mtp_draft: int = 0  # 0 or 1: drafts per decode step (one MTP layer drafts one token)
+    # run every token of a chunk after a context through the shape-sensitive ops alone, so the chunk computes
+    # exactly like that many official decodes (slower; for telling chunking bugs from batching numerics)
+    decode_exact_chunks: bool = False
+
+
+class Engine:
+    def __init__(
+        self,
+        model: OptimizedTransformer,
+        config: EngineConfig = EngineConfig(),
+        on_phase: PhaseHook = None,
+        draft_fn: Callable[[Request, int], int] | None = None,
+    ):
+        """`on_phase(phase, step, batch)` runs before every forward (dump tags); `draft_fn(request, mtp_draft)`, if
+        given, replaces the MTP draft (tests use it to force accepted and rejected drafts)."""
+        args = model.args
+        if config.mtp_draft not in (0, 1) or config.mtp_draft > args.n_mtp_layers:
+            raise ParityError(f"EngineConfig.mtp_draft: 0 or 1 (one draft per MTP layer), got {config.mtp_draft}")
+        self.model = model
+        self.args = args
+        self.config = config
+        device = model.embed.weight.device
+        self.device = device
+        self.cache = PagedCache(args, config.max_requests, config.num_blocks, config.block_size, device)
+        self.ratios = tuple(sorted(self.cache.free_blocks))
+        self.waiting: list[Request] = []
+        self.running: list[Request] = []
+        self.finished: dict[int, Request] = {}
+        self.step_index = 0
+        self._next_id = 0
+        self.on_phase = on_phase
+        self.draft_fn = draft_fn
+
+    # requests
+    def add_request(self, tokens, max_new_tokens: int, forced: list[int] | None = None) -> int:
+        """Queue a prompt; `forced` (teacher forcing) fixes the emitted tokens so runs stay aligned for comparison."""
+        prompt = torch.as_tensor(tokens, dtype=torch.int64).flatten()
+        if forced is not None and len(forced) < max_new_tokens:
+            raise ParityError(f"add_request: forced has {len(forced)} tokens, fewer than max_new_tokens")
+        if prompt.numel() == 0:
+            raise ParityError("add_request: empty prompt")
+        if prompt.numel() + max_new_tokens + 1 > self.args.max_seq_len:
+            raise ParityError(f"add_request: {prompt.numel()} + {max_new_tokens} tokens exceed max_seq_len")
+        req = Request(self._next_id, prompt, max_new_tokens, slot=-1, forced=None if forced is None else list(forced))
+        self._next_id += 1
+        self.waiting.append(req)
+        return req.id
+
+    def _admit(self) -> None:
+        while self.waiting and self.cache.free_slots:
+            req = self.waiting.pop(0)
+            req.slot = req.admitted_slot = self.cache.alloc_slot()
+            req.blocks = {r: [] for r in self.ratios}
+            self.running.append(req)
+
+    def _reserve(self, req: Request, positions: int) -> None:
+        for r in self.ratios:
+            need = self.cache.blocks_needed(r, positions) - len(req.blocks[r])
+            if need > 0:
+                req.blocks[r] += self.cache.alloc_blocks(r, need)
+
+    def _release(self, req: Request) -> None:
+        for r, ids in req.blocks.items():
+            self.cache.free_block_ids(r, ids)
+        self.cache.free_slot(req.slot)
+        req.blocks, req.slot = {}, -1
+
+    def _tables(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
+        tables = {}
+        for r in self.ratios:
+            width = max(1, max(len(q.blocks[r]) for q in reqs))
+            rows = [q.blocks[r] + [-1] * (width - len(q.blocks[r])) for q in reqs]
+            tables[r] = torch.tensor(rows, dtype=torch.int32)
+        return tables
+
+    # one step
+    def _schedule(self) -> list[tuple[Request, list[int], bool, int]]:
+        budget = self.config.token_budget
+        plan = []
+        for req in self.running:
+            if req.in_prefill or req.done:
+                continue
+            tokens = [req.tokens[req.num_computed]] + ([req.draft] if req.draft is not None else [])
+            plan.append((req, tokens, False, len(tokens) - 1))
+            budget -= len(tokens)
+        for req in self.running:
+            if not req.in_prefill or budget <= 0:
+                continue
+            n = min(self.config.chunk_size, budget, len(req.prompt) - req.num_computed)
+            if req.num_computed == 0:
+                req.first_chunk = n
+            plan.append((req, req.prompt[req.num_computed : req.num_computed + n].tolist(), True, 0))
+            budget -= n
+        return plan
+
+    def _forward(self, phase: str, plan) -> tuple[Batch, torch.Tensor]:
+        reqs = [p[0] for p in plan]
+        for req, tokens, _, _ in plan:
+            self._reserve(req, req.num_computed + len(tokens))
+        chunks = [(req.id, req.slot, req.num_computed, tokens, pre, nd) for req, tokens, pre, nd in plan]
+        batch = make_batch(chunks, self._tables(reqs), self.device, self.config.decode_exact_chunks)
+        if self.on_phase is not None:
+            self.on_phase(phase, self.step_index, batch)
+        return batch, self.model(batch, self.cache)
+
+    def step(self) -> bool:
+        """Run one engine step; returns False when there is nothing left to do."""
+        self._admit()
+        plan = self._schedule()
+        if not plan:
+            return False
+        verifying = [p for p in plan if p[3] > 0]
+        snapshots = {
+            p[0].id: self.cache.snapshot(p[0].slot, list(range(p[0].num_computed, p[0].num_computed + len(p[1]))))
+            for p in verifying
+        }
+        # a mixed batch is tagged by its most specific member; per-request kinds are in the batch itself
+        phase = "mtp-verify" if verifying else ("prefill" if all(p[2] for p in plan) else "decode")
+        batch, h = self._forward(phase, plan)
+        replay = self._commit(plan, batch, h)
+        if replay:
+            # a rejected draft's position wrote the ring and the compressor state: restore, then replay the
+            # committed tokens so the cache holds exactly what a non-speculative run would have
+            for req, _, _, _ in replay:
+                self.cache.restore(req.slot, snapshots[req.id])
+            self._forward("mtp-verify", replay)
+            for req, tokens, _, _ in replay:
+                req.num_computed += len(tokens)
+        if self.config.mtp_draft:
+            self._draft()
+        self._finish()
+        self.step_index += 1
+        return True
+
+    def _commit(self, plan, batch: Batch, h: torch.Tensor) -> list:
+        """Greedy tokens for every scheduled request; returns the requests to replay (rejected drafts)."""
+        replay = []
+        for i, (req, tokens, is_prefill, n_draft) in enumerate(plan):
+            rows = batch.rows(i)
+            start = req.num_computed
+            if is_prefill and start + len(tokens) < len(req.prompt):
+                req.num_computed += len(tokens)
+                self._keep_streams(req, h[rows])
+                continue
+            want = [rows.stop - 1 - n_draft + j for j in range(n_draft + 1)]
+            logits = self.model.head_logits(h, batch, want)
+            greedy = logits.argmax(-1).tolist()
+            if req.forced is not None:
+                n_out = len(req.output)
+                greedy = [req.forced[min(n_out + j, len(req.forced) - 1)] for j in range(len(greedy))]
+            accepted = 0
+            while accepted < n_draft and tokens[1 + accepted] == greedy[accepted]:
+                accepted += 1
+            req.drafts_proposed += n_draft
+            req.drafts_accepted += accepted
+            for j in range(accepted + 1):
+                if not req.done:
+                    req.output.append(greedy[j])
+                    req.logits.append(logits[j])
+            committed = len(tokens) - n_draft + accepted
+            # streams at committed positions only depend on committed tokens: they feed the MTP block as they are
+            self._keep_streams(req, h[rows][:committed])
+            req.draft = None
+            if accepted < n_draft:
+                replay.append((req, tokens[:committed], False, 0))
+            else:
+                req.num_computed = start + committed
+        return replay
+
+    def _keep_streams(self, req: Request, h: torch.Tensor) -> None:
+        if self.config.mtp_draft:
+            req.pending_streams.append(h)
+
+    def _draft(self) -> None:
+        """Feed the MTP block every position whose next token is known (streams at i, token at i+1); at the last
+        committed position its logits draft the token after the pending one."""
+        plan, streams = [], []
+        for req in self.running:
+            if not req.pending_streams or req.done:
+                continue
+            h = torch.cat(req.pending_streams)
+            next_ids = req.tokens[req.mtp_computed + 1 : req.mtp_computed + 1 + h.shape[0]]
+            if len(next_ids) < h.shape[0]:
+                continue
+            plan.append((req, next_ids))
+            streams.append(h)
+        if not plan:
+            return
+        chunks = [(req.id, req.slot, req.mtp_computed, ids, req.in_prefill, 0) for req, ids in plan]
+        batch = make_batch(chunks, self._tables([p[0] for p in plan]), self.device, self.config.decode_exact_chunks)
+        if self.on_phase is not None:
+            self.on_phase("mtp-draft", self.step_index, batch)
+        _, logits = self.model.mtp_logits(torch.cat(streams), batch.tokens, batch, self.cache, batch.last_rows)
+        for (req, ids), row in zip(plan, logits):
+            req.mtp_computed += len(ids)
+            req.pending_streams = []
+            if req.num_computed == len(req.tokens) - 1:
+                draft = int(row.argmax())
+                req.mtp_drafts.append(draft)
+                req.draft = self.draft_fn(req, draft) if self.draft_fn is not None else draft
+
+    def _finish(self) -> None:
+        for req in list(self.running):
+            if req.done:
+                self.running.remove(req)
+                self._release(req)
+                self.finished[req.id] = req
+
+    def run(self) -> dict[int, Request]:
+        """Step until every request has finished; returns the finished requests by id."""
+        while self.step():
+            pass
+        return self.finished

@@ -1,0 +1,426 @@
+"""DeepSeek-V4 over flat ragged token batches with paged KV and per-request state: the implementation that parity
+checks against the reference.
+
+Same module tree and parameter names as `parity.reference.model` (the modules subclass the reference ones for their
+parameters, so the same checkpoints and state dicts load into both), different execution:
+- activations are `[T, ...]` for all sequences of a step (`Batch`), not `[b, s, ...]` with one start_pos;
+- window KV in a per-request ring, compressed entries in paged blocks, compressor state in per-request slots
+  (`PagedCache`), all passed explicitly;
+- a sequence's step may be a prefill (start_pos 0), a decode (one token), or a chunk of several tokens after a
+  context (chunked prefill, MTP verification), which the official model cannot run;
+- every compute op goes through the op registry (`ops.<name>`), so one op at a time can be switched to a backend.
+
+Numerics, per sequence: a start_pos-0 step follows the reference prefill and a one-token step the reference
+decode op for op (bitwise equal with the torch backend); a chunk after a context runs the compressor state machine
+token by token like the decode path and gives each token a 128-wide window list like a decode.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from parity.config import ModelArgs
+from parity.optimized.batch import Batch
+from parity.optimized.cache import CompressorState, PagedCache
+from parity.optimized.ops import resolve_ops
+from parity.optimized.ops.moe_experts import ExpertWeights
+from parity.reference import model as ref
+
+KV_QUANT_BLOCK = ref.KV_QUANT_BLOCK
+
+
+def _drop_buffers(module: nn.Module, keep: tuple[str, ...] = ("freqs_cis",)) -> None:
+    """Remove the reference's per-batch caches/state: the optimized model keeps them in a PagedCache."""
+    for m in module.modules():
+        for name in list(m._buffers):
+            if name not in keep:
+                del m._buffers[name]
+
+
+def run_linear(ops, lin: ref.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A reference `Linear`'s weights applied through the selected ops (quantized GEMMs are row-independent)."""
+    if lin.weight.dtype == torch.float4_e2m1fn_x2:
+        xq, s = ops.act_quant(x, ref.BLOCK_SIZE, lin.scale_fmt, lin.scale_dtype)
+        return ops.fp4_gemm(xq, s, lin.weight, lin.scale, lin.scale_dtype)
+    if lin.weight.dtype == torch.float8_e4m3fn:
+        xq, s = ops.act_quant(x, ref.BLOCK_SIZE, lin.scale_fmt, lin.scale_dtype)
+        return ops.fp8_gemm(xq, s, lin.weight, lin.scale, lin.scale_dtype)
+    return F.linear(x, lin.weight)
+
+
+def _window_idx(start: int, n: int, window: int) -> torch.Tensor:
+    """Absolute positions each of n queries (at start..start+n-1) reads from the window, -1 = none.
+
+    A start_pos-0 step lists min(n, window) columns (the reference prefill); any later step lists `window` columns
+    (the reference decode order: oldest to newest, -1 padding at the end)."""
+    width = min(n, window) if start == 0 else window
+    t = torch.arange(start, start + n).unsqueeze(1)  # [n, 1]
+    u = (t - window + 1).clamp(min=0) + torch.arange(width)  # [n, width]
+    return torch.where(u > t, -1, u)
+
+
+class OptCompressor(ref.Compressor):
+    """Compressor over one request's tokens with its state rows passed in (reference: ref.Compressor)."""
+
+    def __init__(self, args: ModelArgs, compress_ratio: int, head_dim: int, rotate: bool, ops):
+        super().__init__(args, compress_ratio, head_dim, rotate)
+        _drop_buffers(self)
+        self.ops = ops
+        self.kv_fp8 = args.kv_fp8_sim
+
+    def reset_buffers(self) -> None:
+        pass
+
+    def compress(self, x, start_pos, state: CompressorState, slot: int, freqs_cis, segments):
+        """x: [n, D] tokens at start_pos.. of one request -> (first entry id, new entries [m, d] or None).
+        `segments`: the request's op segments (rows that run the fp32 projections together)."""
+        ops, ratio = self.ops, self.compress_ratio
+        n = x.shape[0]
+        dtype = x.dtype
+        xf = x.float()
+        kv = ops.dense_linear(xf, self.wkv.weight, segments)  # [n, coff*d]
+        score = ops.dense_linear(xf, self.wgate.weight, segments)
+        kv_state, score_state = state.rows(slot)  # [1, coff*r, coff*d]
+        if start_pos == 0:
+            entries = self._prefill(kv[None], score[None], kv_state, score_state)  # [1, m, d] or None
+            first = 0
+        else:
+            # after a context the state machine runs token by token, as the reference decode path does
+            pooled = [
+                self._decode(kv[i : i + 1], score[i : i + 1], start_pos + i, kv_state, score_state) for i in range(n)
+            ]
+            pooled = [p for p in pooled if p is not None]
+            entries = torch.cat(pooled, dim=1) if pooled else None  # [1, m, d]
+            first = start_pos // ratio  # the first entry a token at or after start_pos can complete
+        if entries is None:
+            return first, None
+        entries = ops.rms_norm(entries.to(dtype), self.norm.weight, self.norm.eps)[0]  # [m, d]
+        m = entries.shape[0]
+        positions = torch.arange(first, first + m, device=x.device) * ratio
+        ops.rope(entries[..., -self.rope_head_dim :], freqs_cis[positions])
+        if self.rotate:
+            entries = ops.hadamard(entries, entries.size(-1) ** -0.5)
+            ops.fp4_fake_quant(entries, ref.FP4_BLOCK_SIZE)
+        else:
+            ops.kv_fake_quant(
+                entries[..., : -self.rope_head_dim], KV_QUANT_BLOCK, self.scale_fmt, self.scale_dtype, self.kv_fp8
+            )
+        return first, entries
+
+    def _prefill(self, kv, score, kv_state, score_state):
+        # reference Compressor.forward, start_pos == 0, one request: kv/score [1, s, coff*d]
+        ratio, overlap = self.compress_ratio, self.overlap
+        seqlen = kv.shape[1]
+        remainder = seqlen % ratio
+        cutoff = seqlen - remainder
+        offset = ratio if overlap else 0
+        if overlap and cutoff >= ratio:
+            kv_state[:, :ratio] = kv[:, cutoff - ratio : cutoff]
+            score_state[:, :ratio] = score[:, cutoff - ratio : cutoff] + self.ape
+        if remainder > 0:
+            kv, kv_state[:, offset : offset + remainder] = kv.split([cutoff, remainder], dim=1)
+            score_state[:, offset : offset + remainder] = score[:, cutoff:] + self.ape[:remainder]
+            score = score[:, :cutoff]
+        if seqlen < ratio:
+            return None
+        kv = kv.unflatten(1, (-1, ratio))
+        score = score.unflatten(1, (-1, ratio)) + self.ape
+        if overlap:
+            kv = self.overlap_transform(kv, 0)
+            score = self.overlap_transform(score, float("-inf"))
+        return self.ops.compress_pool(kv, score)  # [1, n, d]
+
+    def _decode(self, kv, score, pos, kv_state, score_state):
+        # reference Compressor.forward, start_pos = pos > 0, one token: kv/score [1, coff*d]
+        ratio, overlap, d = self.compress_ratio, self.overlap, self.head_dim
+        score = score + self.ape[pos % ratio]
+        if overlap:
+            kv_state[:, ratio + pos % ratio] = kv
+            score_state[:, ratio + pos % ratio] = score
+        else:
+            kv_state[:, pos % ratio] = kv
+            score_state[:, pos % ratio] = score
+        if (pos + 1) % ratio:
+            return None
+        if overlap:
+            window_kv = torch.cat([kv_state[:, :ratio, :d], kv_state[:, ratio:, d:]], dim=1)  # [1, 2r, d]
+            window_score = torch.cat([score_state[:, :ratio, :d], score_state[:, ratio:, d:]], dim=1)
+            pooled = self.ops.compress_pool(window_kv, window_score)
+            kv_state[:, :ratio] = kv_state[:, ratio:]
+            score_state[:, :ratio] = score_state[:, ratio:]
+        else:
+            pooled = self.ops.compress_pool(kv_state, score_state)
+        return pooled.unsqueeze(1)  # [1, 1, d]
+
+
+class OptIndexer(ref.Indexer):
+    """CSA indexer over ragged tokens and paged 128-d entries (reference: ref.Indexer)."""
+
+    def __init__(self, args: ModelArgs, compress_ratio: int, ops):
+        super().__init__(args, compress_ratio)
+        self.compressor = OptCompressor(args, compress_ratio, self.head_dim, True, ops)
+        _drop_buffers(self)
+        self.ops = ops
+
+    def reset_buffers(self) -> None:
+        pass
+
+    def forward(self, x, qr, batch: Batch, cache: PagedCache, layer: int, freqs_cis, freqs):
+        """x: [T, D], qr: [T, q_lora_rank] -> per sequence [n_i, k_i] top-k entry ids (-1 = none)."""
+        ops, ratio = self.ops, self.compress_ratio
+        q = run_linear(ops, self.wq_b, qr).unflatten(-1, (self.n_heads, self.head_dim))  # [T, h, d]
+        ops.rope(q[..., -self.rope_head_dim :], freqs)
+        q = ops.hadamard(q, q.size(-1) ** -0.5)
+        ops.fp4_fake_quant(q, ref.FP4_BLOCK_SIZE)
+        weights = ops.dense_linear(x, self.weights_proj.weight, batch.segments)
+        weights = weights * (self.softmax_scale * self.n_heads**-0.5)  # [T, h]
+        pool = cache.index_entries[layer]
+        flat_pool = pool.view(-1, pool.shape[-1])
+        out = []
+        for i in range(batch.num_seqs):
+            rows, start, end = batch.rows(i), batch.start_pos[i], batch.context_len(i)
+            table = batch.block_tables[ratio][i]
+            state = cache.index_state[layer]
+            first, new = self.compressor.compress(
+                x[rows], start, state, batch.slots[i], freqs_cis, batch.seq_segments(i)
+            )
+            if new is not None:
+                flat_pool[cache.entry_rows(table, torch.arange(first, first + new.shape[0]))] = new
+            n_entries = end // ratio
+            entries = flat_pool[cache.entry_rows(table, torch.arange(n_entries))]  # [t, d]
+            k = min(self.index_topk, n_entries)
+            out.append(ops.indexer_topk(q[rows], entries, weights[rows], k, start, ratio))
+        return out
+
+
+class OptAttention(ref.Attention):
+    """Sliding window + compressed-entry sparse attention over ragged tokens (reference: ref.Attention)."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, ops):
+        super().__init__(layer_id, args)
+        if self.compress_ratio:
+            self.compressor = OptCompressor(args, self.compress_ratio, self.head_dim, False, ops)
+            if self.compress_ratio == 4:
+                self.indexer = OptIndexer(args, self.compress_ratio, ops)
+        _drop_buffers(self)
+        self.ops = ops
+        self.kv_fp8 = args.kv_fp8_sim
+
+    def reset_buffers(self) -> None:
+        self.freqs_cis = self._freqs_cis(self.freqs_cis.device)
+
+    def forward(self, x: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
+        # x: [T, D] -> [T, D]
+        ops, layer = self.ops, self.layer_id
+        win, ratio, rd = self.window_size, self.compress_ratio, self.rope_head_dim
+        freqs = self.freqs_cis[batch.positions]  # [T, rd/2]
+        qr = q = ops.rms_norm(run_linear(ops, self.wq_a, x), self.q_norm.weight, self.eps)
+        q = run_linear(ops, self.wq_b, q).unflatten(-1, (self.n_heads, self.head_dim))  # [T, h, d]
+        ops.head_norm(q, self.eps, batch.segments)
+        ops.rope(q[..., -rd:], freqs)
+        kv = ops.rms_norm(run_linear(ops, self.wkv, x), self.kv_norm.weight, self.eps)  # [T, d]
+        ops.rope(kv[..., -rd:], freqs)
+        ops.kv_fake_quant(kv[..., :-rd], KV_QUANT_BLOCK, self.scale_fmt, self.scale_dtype, self.kv_fp8)
+
+        index_topk = self.indexer(x, qr, batch, cache, layer, self.freqs_cis, freqs) if self.indexer else None
+        ring = cache.window[layer]  # [slots, win, d]
+        pool = cache.entries[layer]
+        n_tokens, ring_rows = x.shape[0], ring.shape[0] * win
+        idx_rows = []
+        for i in range(batch.num_seqs):
+            rows, start, n = batch.rows(i), batch.start_pos[i], batch.seq_len(i)
+            # window: this step's tokens come from kv itself, earlier ones from the ring (read before it is written)
+            u = _window_idx(start, n, win)
+            chunk_row = batch.cu_seqlens[i] + (u - start)
+            ring_row = n_tokens + cache.ring_rows(batch.slots[i], u)
+            idx = torch.where(u < 0, -1, torch.where(u >= start, chunk_row, ring_row))
+            if ratio:
+                table = batch.block_tables[ratio][i]
+                state = cache.state[layer]
+                first, new = self.compressor.compress(
+                    x[rows], start, state, batch.slots[i], self.freqs_cis, batch.seq_segments(i)
+                )
+                if new is not None:
+                    pool.view(-1, self.head_dim)[cache.entry_rows(table, torch.arange(first, first + new.shape[0]))] = (
+                        new
+                    )
+                entry_ids = index_topk[i] if index_topk is not None else self._hca_entries(start, n, ratio)
+                entry_row = n_tokens + ring_rows + cache.entry_rows(table, entry_ids.clamp(min=0))
+                idx = torch.cat([idx, torch.where(entry_ids < 0, -1, entry_row)], dim=1)
+            idx_rows.append(idx)
+        idx = _pad_cat(idx_rows)  # [T, K]
+        o = ops.sparse_attn(
+            q,
+            (kv, ring.view(-1, self.head_dim), pool.view(-1, self.head_dim) if ratio else kv[:0]),
+            idx.to(x.device),
+            self.attn_sink,
+            self.softmax_scale,
+        )
+        self._write_ring(kv, batch, cache, ring)
+        ops.rope(o[..., -rd:], freqs, True)
+        o = ops.o_lora(o.flatten(1), self.wo_a.weight, self.n_groups, self.o_lora_rank)  # [T, g, rank]
+        return run_linear(ops, self.wo_b, o.flatten(1))
+
+    @staticmethod
+    def _hca_entries(start: int, n: int, ratio: int) -> torch.Tensor:
+        # every completed entry; entry j is visible to the query at t iff j < (t+1) // ratio
+        t = torch.arange(start, start + n).unsqueeze(1)
+        j = torch.arange((start + n) // ratio).expand(n, -1)
+        return torch.where(j >= (t + 1) // ratio, -1, j)
+
+    def _write_ring(self, kv: torch.Tensor, batch: Batch, cache: PagedCache, ring: torch.Tensor) -> None:
+        flat = ring.view(-1, self.head_dim)
+        for i in range(batch.num_seqs):
+            rows, start, n = batch.rows(i), batch.start_pos[i], batch.seq_len(i)
+            # only the last `window` tokens survive; writing more would give one slot two positions at once
+            keep = min(n, self.window_size)
+            pos = torch.arange(start + n - keep, start + n)
+            flat[cache.ring_rows(batch.slots[i], pos)] = kv[rows][n - keep :]
+
+
+def _pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-sequence [n_i, K_i] index lists into [T, max K], padding with -1 (trailing -1 cost nothing)."""
+    width = max(r.shape[1] for r in rows)
+    return torch.cat([F.pad(r, (0, width - r.shape[1]), value=-1) for r in rows])
+
+
+class OptMoE(ref.MoE):
+    """Routed experts with grouped dispatch plus the shared expert (reference: ref.MoE)."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, ops):
+        super().__init__(layer_id, args)
+        self.ops = ops
+        self.scale_fmt, self.scale_dtype = args.act_scale_fmt, args.act_scale_dtype
+
+    @staticmethod
+    def _weights(e: ref.Expert) -> ExpertWeights:
+        return ExpertWeights(
+            (e.w1.weight, e.w1.scale), (e.w2.weight, e.w2.scale), (e.w3.weight, e.w3.scale), e.swiglu_limit
+        )
+
+    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
+        # x: [T, D] -> [T, D]
+        g = self.gate
+        weights, indices = self.ops.moe_gate(
+            x,
+            g.weight,
+            g.bias,
+            getattr(g, "tid2eid", None) if g.hash else None,
+            batch.tokens,
+            g.topk,
+            g.score_func,
+            g.route_scale,
+            batch.segments,
+        )
+        experts = [self._weights(e) for e in self.experts]
+        return self.ops.moe_experts(
+            x, weights, indices, experts, self._weights(self.shared_experts), self.scale_fmt, self.scale_dtype
+        )
+
+
+def block_forward(block, x: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
+    """ref.Block.forward over ragged tokens. x: [T, hc, D] bf16 streams -> same."""
+    ops = block.ops
+    mix = (batch.segments, block.norm_eps, block.hc_mult, block.hc_sinkhorn_iters, block.hc_eps)
+    residual = x
+    x, post, comb = ops.hc_pre(x, block.hc_attn_fn, block.hc_attn_scale, block.hc_attn_base, *mix)
+    x = ops.rms_norm(x, block.attn_norm.weight, block.attn_norm.eps)
+    x = block.attn(x, batch, cache)
+    x = ops.hc_post(x, residual, post, comb)
+
+    residual = x
+    x, post, comb = ops.hc_pre(x, block.hc_ffn_fn, block.hc_ffn_scale, block.hc_ffn_base, *mix)
+    x = ops.rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps)
+    x = block.ffn(x, batch)
+    return ops.hc_post(x, residual, post, comb)
+
+
+class OptBlock(ref.Block):
+    def __init__(self, layer_id: int, args: ModelArgs, ops):
+        super().__init__(layer_id, args)
+        self.attn = OptAttention(layer_id, args, ops)
+        self.ffn = OptMoE(layer_id, args, ops)
+        self.ops = ops
+
+    def forward(self, x: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
+        return block_forward(self, x, batch, cache)
+
+
+class OptMTPBlock(ref.MTPBlock):
+    """MTP block over ragged tokens: main-model streams at positions i plus the token ids at i+1."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, ops):
+        super().__init__(layer_id, args)
+        self.attn = OptAttention(layer_id, args, ops)
+        self.ffn = OptMoE(layer_id, args, ops)
+        self.ops = ops
+
+    def forward(self, h: torch.Tensor, next_ids: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
+        # h: [T, hc, D], next_ids: [T] -> MTP streams [T, hc, D]; `batch` carries the positions of h
+        ops = self.ops
+        e = ops.rms_norm(F.embedding(next_ids, self.embed.weight), self.enorm.weight, self.enorm.eps)
+        x = ops.rms_norm(h, self.hnorm.weight, self.hnorm.eps)
+        x = run_linear(ops, self.e_proj, e).unsqueeze(1) + run_linear(ops, self.h_proj, x)
+        return block_forward(self, x, batch, cache)
+
+
+class OptimizedTransformer(nn.Module):
+    """embed -> hc copies -> blocks over a ragged `Batch` -> final streams; `logits()` for chosen rows."""
+
+    def __init__(self, args: ModelArgs, ops=None):
+        nn.Module.__init__(self)
+        self.args = args
+        self.ops = ops = ops or resolve_ops()
+        self.max_seq_len, self.norm_eps, self.hc_eps = args.max_seq_len, args.norm_eps, args.hc_eps
+        self.embed = ref.ParallelEmbedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList([OptBlock(i, args, ops) for i in range(args.n_layers)])
+        self.norm = ref.RMSNorm(args.dim, self.norm_eps)
+        self.head = ref.ParallelHead(args.vocab_size, args.dim, self.norm_eps, self.hc_eps)
+        self.mtp = nn.ModuleList()
+        for i in range(args.n_mtp_layers):
+            self.mtp.append(OptMTPBlock(args.n_layers + i, args, ops))
+            self.mtp[-1].embed, self.mtp[-1].head = self.embed, self.head
+        self.hc_mult = args.hc_mult
+        hc_dim = args.hc_mult * args.dim
+        self.hc_head_fn = nn.Parameter(torch.empty(args.hc_mult, hc_dim, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.empty(args.hc_mult, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, cache: PagedCache) -> torch.Tensor:
+        """-> final residual streams [T, hc, D] of every token of the batch."""
+        with ref.default_dtype(torch.bfloat16):
+            h = F.embedding(batch.tokens, self.embed.weight)
+            h = h.unsqueeze(1).repeat(1, self.hc_mult, 1)  # [T, hc, D]
+            for layer in self.layers:
+                h = layer(h, batch, cache)
+            return h
+
+    @torch.inference_mode()
+    def head_logits(self, h: torch.Tensor, batch: Batch, rows, hc_fn=None, hc_scale=None, hc_base=None, norm=None):
+        """Logits [len(rows), vocab] fp32 of token rows `rows`; the hc head runs per request over all its tokens and
+        the fp32 head GEMM one row at a time, as the reference does for one request (`get_logits` on [1, D])."""
+        hc_fn = self.hc_head_fn if hc_fn is None else hc_fn
+        hc_scale = self.hc_head_scale if hc_scale is None else hc_scale
+        hc_base = self.hc_head_base if hc_base is None else hc_base
+        norm = norm or self.norm
+        with ref.default_dtype(torch.bfloat16):
+            y = self.ops.hc_head(h, hc_fn, hc_scale, hc_base, batch.segments, self.norm_eps, self.hc_eps)
+            y = self.ops.rms_norm(y, norm.weight, norm.eps)
+            return torch.cat([F.linear(y[r : r + 1].float(), self.head.weight) for r in rows])
+
+    @torch.inference_mode()
+    def mtp_logits(self, h: torch.Tensor, next_ids: torch.Tensor, batch: Batch, cache: PagedCache, rows, depth=0):
+        """Run MTP block `depth` on streams h ([T, hc, D] at the batch's positions) and the tokens that follow them;
+        returns (MTP streams, logits of `rows`)."""
+        block = self.mtp[depth]
+        with ref.default_dtype(torch.bfloat16):
+            x = block(h, next_ids, batch, cache)
+        return x, self.head_logits(
+            x, batch, rows, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, block.norm
+        )
+
+    def reset_buffers(self) -> None:
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_buffers"):
+                module.reset_buffers()

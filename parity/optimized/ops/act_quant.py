@@ -1,0 +1,8 @@
+"""FP8 activation quantization before a GEMM: per (token, 128-group) e4m3 with ue8m0 scales.
+
+Reference: parity.reference.kernels.act_quant
+"""
+
+from parity.reference import kernels
+
+IMPLS = {"torch": kernels.act_quant}

@@ -1,0 +1,16 @@
+"""Compressor pooling: per channel, a softmax over the block's positions weights the kv rows, summed.
+
+Reference: parity.reference.model.Compressor.forward, `(kv * score.softmax(dim)).sum(dim)` over the r (or 2r with
+overlap) positions of a block, in fp32.
+"""
+
+import torch
+
+
+def compress_pool_torch(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    # kv, score: [..., w, d] fp32 (w positions of a block) -> [..., d]; the reference reduces the same dim of the
+    # same layout ([b, n, w, d] in prefill, [b, w, d] in decode)
+    return (kv * score.softmax(dim=-2)).sum(dim=-2)
+
+
+IMPLS = {"torch": compress_pool_torch}

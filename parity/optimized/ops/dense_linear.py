@@ -1,0 +1,23 @@
+"""Unquantized linear (fp32 or bf16 weights) over ragged tokens: y[T, N] = x[T, K] . w[N, K]^T.
+
+Reference: the `F.linear` calls of parity.reference.model (hc mixers, compressor wkv/wgate, gate, head,
+indexer weights_proj), each made on one request's `[s, K]` tokens.
+
+The torch backend calls F.linear once per sequence segment: BLAS picks a gemv kernel for one or two rows and a
+gemm kernel for more, and the two sum K in different orders (measured on CPU: fp32 rows differ at M = 1, 2).
+Calling per request reproduces the per-request reference bit for bit. A fused backend may batch all tokens.
+"""
+
+import torch
+import torch.nn.functional as F
+
+
+def dense_linear_torch(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: tuple[int, ...]) -> torch.Tensor:
+    # x: [T, K] -> [T, N], segments [cu[i], cu[i+1])
+    if len(cu_seqlens) == 2:
+        return F.linear(x, weight)
+    parts = [F.linear(x[a:b], weight) for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])]
+    return torch.cat(parts) if parts else x.new_empty(0, weight.shape[0])
+
+
+IMPLS = {"torch": dense_linear_torch}

@@ -1,0 +1,15 @@
+"""In-place FP4 e2m1 fake-quant (indexer q and indexer entries), groups of 32.
+
+Reference: parity.reference.kernels.fp4_act_quant(x, 32, inplace=True)
+"""
+
+import torch
+
+from parity.reference import kernels
+
+
+def fp4_fake_quant_torch(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    return kernels.fp4_act_quant(x, block, True)
+
+
+IMPLS = {"torch": fp4_fake_quant_torch}

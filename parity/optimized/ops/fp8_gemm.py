@@ -1,0 +1,9 @@
+"""FP8 x FP8 block-scaled GEMM, C[T, N] = A[T, K] . B[N, K]^T, bf16 out.
+
+Reference: parity.reference.kernels.fp8_gemm (row-independent: each token's row is computed alone, so the result
+does not depend on the batch it sits in)
+"""
+
+from parity.reference import kernels
+
+IMPLS = {"torch": kernels.fp8_gemm}

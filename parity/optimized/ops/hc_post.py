@@ -1,0 +1,15 @@
+"""mHC post-mix: new[k] = post[k] * x + sum_j comb[j, k] * residual[j], per token, fp32 then bf16.
+
+Reference: parity.reference.model.Block.hc_post
+"""
+
+import torch
+
+
+def hc_post_torch(x, residual, post, comb):
+    # x: [T, D], residual: [T, hc, D], post: [T, hc], comb: [T, hc, hc] -> [T, hc, D]
+    y = post.unsqueeze(-1) * x.unsqueeze(-2) + torch.sum(comb.unsqueeze(-1) * residual.unsqueeze(-2), dim=1)
+    return y.type_as(x)
+
+
+IMPLS = {"torch": hc_post_torch}

@@ -1,0 +1,35 @@
+"""Indexer scoring and top-k for one request: relu(q . k) weighted per head, summed over heads, top-k of the
+entries each query may see.
+
+Reference: parity.reference.model.Indexer.forward (the einsum, relu, weighting, head sum, mask and top-k), with
+shapes `[1, s, h, d] x [1, t, d]` exactly as for a request alone.
+"""
+
+import torch
+
+from parity.reference.model import causal_entry_mask
+
+
+def indexer_topk_torch(q, entries, weights, k, start_pos, ratio):
+    # q: [L, h, d] bf16, entries: [t, d] bf16 (entries 0..t-1), weights: [L, h] -> [L, k] int64, -1 = none
+    seqlen = q.shape[0]
+    score = torch.einsum("bshd,btd->bsht", q[None], entries[None])
+    score = (score.relu_() * weights[None].unsqueeze(-1)).sum(dim=2)  # [1, L, t]
+    if start_pos == 0:
+        # the reference prefill: mask entries a query cannot see yet, top-k over the full row
+        mask = causal_entry_mask(seqlen, ratio, q.device)
+        score += torch.where(mask, float("-inf"), 0.0).to(score.dtype)
+        topk = score.topk(k, dim=-1)[1][0]
+        limit = torch.arange(1, seqlen + 1, device=q.device).unsqueeze(1) // ratio
+        return torch.where(topk >= limit, -1, topk)
+    # after a context, each token as the reference decode sees it: top-k over exactly its visible entries (a
+    # wider masked row would break ties among equal scores, e.g. relu zeros, in another order)
+    out = torch.full((seqlen, k), -1, dtype=torch.int64, device=q.device)
+    for r in range(seqlen):
+        visible = (start_pos + r + 1) // ratio
+        kr = min(k, visible)
+        out[r, :kr] = score[0, r, :visible].topk(kr, dim=-1)[1]
+    return out
+
+
+IMPLS = {"torch": indexer_topk_torch}

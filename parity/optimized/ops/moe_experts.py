@@ -1,0 +1,69 @@
+"""Grouped MoE experts: tokens sorted by expert, one batched SwiGLU FFN per expert, contributions accumulated in
+fp32 per token in ascending expert id, plus the shared expert.
+
+Reference: parity.reference.model.MoE.forward / Expert.forward. The quantized GEMMs are row-independent, so an
+expert's batch composition does not change any token's result.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from parity.reference import kernels
+
+
+@dataclass(frozen=True)
+class ExpertWeights:
+    """One SwiGLU expert: (weight, scale) for w1, w2, w3; scale None for bf16 weights."""
+
+    w1: tuple[torch.Tensor, torch.Tensor | None]
+    w2: tuple[torch.Tensor, torch.Tensor | None]
+    w3: tuple[torch.Tensor, torch.Tensor | None]
+    swiglu_limit: float
+
+
+def quant_linear(x, weight, scale, scale_fmt, scale_dtype):
+    """FP4 / FP8 weights: act_quant then the block-scaled GEMM; otherwise F.linear (reference `linear`)."""
+    if weight.dtype == torch.float4_e2m1fn_x2:
+        xq, s = kernels.act_quant(x, 128, scale_fmt, scale_dtype)
+        return kernels.fp4_gemm(xq, s, weight, scale, scale_dtype)
+    if weight.dtype == torch.float8_e4m3fn:
+        xq, s = kernels.act_quant(x, 128, scale_fmt, scale_dtype)
+        return kernels.fp8_gemm(xq, s, weight, scale, scale_dtype)
+    return F.linear(x, weight)
+
+
+def expert_forward(e: ExpertWeights, x, weights, scale_fmt, scale_dtype):
+    dtype = x.dtype
+    gate = quant_linear(x, *e.w1, scale_fmt, scale_dtype).float()
+    up = quant_linear(x, *e.w3, scale_fmt, scale_dtype).float()
+    if e.swiglu_limit > 0:
+        up = torch.clamp(up, min=-e.swiglu_limit, max=e.swiglu_limit)
+        gate = torch.clamp(gate, max=e.swiglu_limit)
+    x = F.silu(gate) * up
+    if weights is not None:
+        x = weights * x
+    return quant_linear(x.to(dtype), *e.w2, scale_fmt, scale_dtype)
+
+
+def moe_experts_torch(x, weights, indices, experts, shared, scale_fmt, scale_dtype):
+    # x: [T, D] bf16, weights/indices: [T, k] -> [T, D] bf16
+    y = torch.zeros_like(x, dtype=torch.float32)
+    flat = indices.flatten().long()
+    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, tokens ascending
+    counts = torch.bincount(flat, minlength=len(experts)).tolist()
+    k = indices.shape[1]
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        pairs = order[start : start + n]
+        start += n
+        rows, slot = pairs // k, pairs % k
+        y[rows] += expert_forward(experts[e], x[rows], weights[rows, slot, None], scale_fmt, scale_dtype)
+    y += expert_forward(shared, x, None, scale_fmt, scale_dtype)
+    return y.type_as(x)
+
+
+IMPLS = {"torch": moe_experts_torch}
