@@ -11,15 +11,18 @@
     [engine]                   # settings of the optimized runtime
     chunk_size = 64            # prefill chunk per request per step
     token_budget = 256         # tokens per engine step
-    mtp_draft = 1              # MTP draft tokens per decode step (0 = off)
+    mtp_draft = 1              # MTP draft tokens per decode step (0 = off, 1 = one per MTP layer)
+    block_size = 16            # compressed entries per KV block
+    num_blocks = 0             # blocks per compress ratio; 0 = what the requests need
+    decode_exact_chunks = true # chunks after a context compute like decodes: the verdict is then bitwise
     [tolerance]
-    min_cos = 0.999
+    min_cos = 0.999            # per module (over all positions) when not decode-exact
 
 Built-in cases live in `parity/builtin_cases/`; `load_case(name_or_path)` accepts either.
 """
 
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -42,6 +45,9 @@ class EngineSpec:
     chunk_size: int = 64
     token_budget: int = 256
     mtp_draft: int = 1
+    block_size: int = 16
+    num_blocks: int = 0
+    decode_exact_chunks: bool = True
 
 
 @dataclass(frozen=True)
@@ -106,13 +112,21 @@ def parse_case(data: dict, source: str) -> Case:
         prompt_len = _int(r, "prompt_len", where, source, minimum=1)
         specs.append(RequestSpec(prompt_len, _int(r, "decode_steps", where, source)))
     engine = _table(data, "engine", source)
-    _check_keys(engine, {"chunk_size", "token_budget", "mtp_draft"}, "[engine]", source)
+    _check_keys(engine, {f.name for f in fields(EngineSpec)}, "[engine]", source)
     defaults = EngineSpec()
+    exact = engine.get("decode_exact_chunks", defaults.decode_exact_chunks)
+    if not isinstance(exact, bool):
+        raise ParityError(f"{source}: engine.decode_exact_chunks must be true or false, got {exact!r}")
     engine_spec = EngineSpec(
         chunk_size=_int(engine, "chunk_size", "engine", source, defaults.chunk_size, minimum=1),
         token_budget=_int(engine, "token_budget", "engine", source, defaults.token_budget, minimum=1),
         mtp_draft=_int(engine, "mtp_draft", "engine", source, defaults.mtp_draft),
+        block_size=_int(engine, "block_size", "engine", source, defaults.block_size, minimum=1),
+        num_blocks=_int(engine, "num_blocks", "engine", source, defaults.num_blocks),
+        decode_exact_chunks=exact,
     )
+    if engine_spec.mtp_draft > 1:
+        raise ParityError(f"{source}: engine.mtp_draft must be 0 or 1 (one draft per MTP layer)")
     tolerance = _table(data, "tolerance", source)
     _check_keys(tolerance, {"min_cos"}, "[tolerance]", source)
     min_cos = tolerance.get("min_cos", 0.999)

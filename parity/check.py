@@ -50,20 +50,35 @@ class RunParity:
         return min((m.metrics.cos for m in self.modules if pattern in m.module), default=1.0)
 
 
+def _per_request(value, n: int) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value] * n
+
+
 def reference_generations(
-    ckpt, prompts, decode_steps, *, prefill_lens=None, forced=None, trace: Trace | None = None, **overrides
+    ckpt,
+    prompts,
+    decode_steps,
+    *,
+    prefill_lens=None,
+    forced=None,
+    trace: Trace | None = None,
+    device="cpu",
+    mtp: bool = True,
+    **overrides,
 ) -> list[Generation]:
-    """Solo reference runs (a fresh model per request), traced under the request's index."""
+    """Solo reference runs (a fresh model per request), traced under the request's index. `decode_steps` is one
+    int or one per request."""
+    steps = _per_request(decode_steps, len(prompts))
     out = []
     for i, prompt in enumerate(prompts):
-        model, _ = build_model(ckpt, **overrides)
-        run = dict(prefill_len=None if prefill_lens is None else prefill_lens[i])
+        model, _ = build_model(ckpt, device=device, **overrides)
+        run = dict(prefill_len=None if prefill_lens is None else prefill_lens[i], mtp=mtp)
         run["forced"] = None if forced is None else forced[i]
         if trace is None:
-            out.append(greedy_generate(model, prompt, decode_steps, **run))
+            out.append(greedy_generate(model, prompt, steps[i], **run))
         else:
             with trace_reference(model, i, trace):
-                out.append(greedy_generate(model, prompt, decode_steps, **run))
+                out.append(greedy_generate(model, prompt, steps[i], **run))
     return out
 
 
@@ -78,15 +93,18 @@ def engine_generations(
     ops: OpsConfig | None = None,
     trace: Trace | None = None,
     order: list[int] | None = None,
+    device="cpu",
+    on_phase=None,
     **overrides,
 ) -> dict[int, Request]:
     """All requests through one engine; returns requests keyed by prompt index. `order` is the admission order
     (prompt indices), to put the same request into other slots next to other batchmates."""
     factory = lambda args: OptimizedTransformer(args, resolve_ops(ops))  # noqa: E731
-    model, _ = build_model(ckpt, factory=factory, **overrides)
-    engine = Engine(model, config, draft_fn=draft_fn)
+    model, _ = build_model(ckpt, device=device, factory=factory, **overrides)
+    engine = Engine(model, config, on_phase=on_phase, draft_fn=draft_fn)
     order = list(range(len(prompts))) if order is None else order
-    ids = {i: engine.add_request(prompts[i], decode_steps + 1, None if forced is None else forced[i]) for i in order}
+    steps = _per_request(decode_steps, len(prompts))
+    ids = {i: engine.add_request(prompts[i], steps[i] + 1, None if forced is None else forced[i]) for i in order}
     if trace is None:
         finished = engine.run()
     else:
@@ -116,26 +134,32 @@ def compare_logits(reference: list[Generation], requests: dict[int, Request]) ->
 def check_engine(
     ckpt,
     prompts,
-    decode_steps: int,
+    decode_steps,
     config: EngineConfig,
     *,
     against: str = "schedule",
     draft_fn=None,
     ops: OpsConfig | None = None,
+    device="cpu",
+    on_phase=None,
     **overrides,
 ) -> RunParity:
     """Run the engine teacher-forced with the reference's greedy tokens and compare with the reference run
-    `against` = "schedule" (same prefill/decode split) or "full" (whole-prompt prefill)."""
-    full = reference_generations(ckpt, prompts, decode_steps, **overrides)
+    `against` = "schedule" (same prefill/decode split) or "full" (whole-prompt prefill). `decode_steps`: one int
+    or one per request; `on_phase` is handed to the engine (dump tags)."""
+    mtp = config.mtp_draft > 0
+    common = dict(device=device, **overrides)
+    full = reference_generations(ckpt, prompts, decode_steps, mtp=False, **common)
     forced = [g.tokens for g in full]
     engine_trace = Trace()
     requests = engine_generations(
-        ckpt, prompts, decode_steps, config, forced=forced, draft_fn=draft_fn, ops=ops, trace=engine_trace, **overrides
-    )
+        ckpt, prompts, decode_steps, config, forced=forced, draft_fn=draft_fn, ops=ops, trace=engine_trace,
+        on_phase=on_phase, **common,
+    )  # fmt: skip
     ref_trace = Trace()
     prefill_lens = [requests[i].first_chunk for i in range(len(prompts))] if against == "schedule" else None
     reference = reference_generations(
-        ckpt, prompts, decode_steps, prefill_lens=prefill_lens, forced=forced, trace=ref_trace, **overrides
+        ckpt, prompts, decode_steps, prefill_lens=prefill_lens, forced=forced, trace=ref_trace, mtp=mtp, **common
     )
     modules = compare_traces(ref_trace, engine_trace, list(range(len(prompts))))
     return RunParity(modules, compare_logits(reference, requests), requests, reference)

@@ -1,10 +1,12 @@
 """Project-level promises: the README's commands, CI running exactly the README's test command, the main job."""
 
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
 from typer.testing import CliRunner
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,8 +46,28 @@ def test_main_job_on_the_builtin_case(tmp_path):
     result = CliRunner().invoke(_cli(), ["run", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "PASSED | tiny" in result.output
-    assert (tmp_path / "reference.json").is_file()
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert report["passed"] and report["exact"]
+    assert len(report["modules"]) == 14 and all(m["bitwise_requests"] == m["requests"] == 4 for m in report["modules"])
     assert (tmp_path / "checkpoint" / "model.safetensors.index.json").is_file()
+
+
+def test_main_job_names_a_planted_bug_and_exits_1(tmp_path, monkeypatch):
+    import parity.optimized.model as opt_model
+
+    window_idx = opt_model._window_idx
+
+    def off_by_one(start, n, window):
+        # every window entry reads the position before the one it names
+        idx = window_idx(start, n, window)
+        return torch.where(idx > 0, idx - 1, idx)
+
+    monkeypatch.setattr(opt_model, "_window_idx", off_by_one)
+    result = CliRunner().invoke(_cli(), ["run", "--out", str(tmp_path)])
+    assert result.exit_code == 1, result.output
+    assert "FAILED | tiny" in result.output
+    assert "first divergence: layers.0.attn" in result.output
+    assert not json.loads((tmp_path / "parity.json").read_text())["passed"]
 
 
 def test_bad_case_is_one_line_exit_2(tmp_path):

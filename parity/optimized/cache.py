@@ -132,7 +132,7 @@ class PagedCache:
     # rollback for rejected MTP drafts
     def snapshot(self, slot: int, positions: list[int]) -> dict:
         """Copies of a slot's compressor state and of the ring rows that `positions` will overwrite."""
-        rows = torch.tensor([p % self.args.window_size for p in positions])
+        rows = torch.tensor([p % self.args.window_size for p in positions])  # ring rows of this slot
         return {
             "state": [st.snapshot(slot) if st else None for st in self.state],
             "index_state": [st.snapshot(slot) if st else None for st in self.index_state],
