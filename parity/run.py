@@ -112,7 +112,8 @@ def judge(case: Case, result: RunParity, prompts: list[torch.Tensor]) -> tuple[l
         cos = min(1.0 if m.metrics.bitwise else m.metrics.cos for m in group)
         max_abs = max(m.metrics.max_abs or 0.0 for m in group)
         bitwise = sum(m.metrics.bitwise for m in group)
-        rows.append(ModuleRow(module, sum(m.positions for m in group), bitwise, len(group), cos, max_abs, where, passed))
+        positions = sum(m.positions for m in group)
+        rows.append(ModuleRow(module, positions, bitwise, len(group), cos, max_abs, where, passed))
         if not passed and first is None:
             first = f"{module}: {where or 'req ' + str(worst.key)}, cos {cos:.6f}, max|diff| {max_abs:.4g}"
     requests = []
