@@ -1,0 +1,86 @@
+"""head_norm: per-head unit RMS of the queries in bf16 tensor ops, in place, one call per op segment.
+
+Twin: `parity.reference.model.Attention.forward`, `q *= torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)` on
+one request's `[1, s, h, d]` queries. The op docstring: CPU kernels vectorize the head of a tensor and finish its
+tail in scalar code, which rounds bf16 rsqrt differently, and the rsqrt tensor has only `s * h` elements; the
+planted-bug test shows that one call over the whole batch moves the tail and is not bitwise (measured, 4 heads).
+"""
+
+import itertools
+
+import pytest
+import torch
+
+from parity.optimized.ops import resolve_ops
+
+OPS = resolve_ops()
+EPS = 1e-6
+
+CASES = [
+    ((1,), 4, 128),
+    ((2,), 4, 128),
+    ((5,), 3, 64),
+    ((37,), 4, 128),
+    ((63,), 8, 64),
+    ((129,), 4, 128),
+    ((1, 2, 5), 4, 128),
+    ((37, 1, 63), 3, 128),
+    ((3, 5), 4, 128),
+    ((2, 129, 1), 8, 64),
+    ((7, 9, 1, 2, 5), 1, 128),
+]
+PARAMS = [pytest.param(*c, id="L{}-H{}-D{}".format("_".join(map(str, c[0])), *c[1:])) for c in CASES]
+
+
+def cu_of(lengths):
+    return tuple(itertools.accumulate(lengths, initial=0))
+
+
+def queries(t, h, d):
+    return (torch.randn(t, h, d) * 2).to(torch.bfloat16)
+
+
+def reference_per_sequence(q, cu):
+    parts = []
+    for a, b in zip(cu[:-1], cu[1:]):
+        seq = q[None, a:b].clone()  # the request's own [1, s, h, d] queries
+        seq *= torch.rsqrt(seq.square().mean(-1, keepdim=True) + EPS)
+        parts.append(seq[0])
+    return torch.cat(parts)
+
+
+@pytest.mark.parametrize(("lengths", "h", "d"), PARAMS)
+def test_ragged_matches_reference_per_sequence(lengths, h, d):
+    cu = cu_of(lengths)
+    q = queries(cu[-1], h, d)
+    expected = reference_per_sequence(q, cu)
+    out = OPS.head_norm(q, EPS, cu)
+    assert out is q  # in place
+    assert torch.equal(q, expected)
+
+
+@pytest.mark.parametrize("h", [4, 3])
+def test_segments_do_not_depend_on_batchmates_or_position(h):
+    a = queries(37, h, 128)
+    alone = OPS.head_norm(a.clone(), EPS, (0, 37))
+    for before, after in ((5, 1), (0, 63), (3, 0), (2, 129)):
+        q = torch.cat([queries(before, h, 128), a, queries(after, h, 128)])
+        cu = tuple(sorted({0, before, before + 37, q.shape[0]}))
+        assert torch.equal(OPS.head_norm(q, EPS, cu)[before : before + 37], alone)
+
+
+# measured on this CPU: one call over these batches differs from the per-request reference
+BREAKS = [
+    pytest.param((3, 5), 4, id="L3_5-H4"),
+    pytest.param((1, 2, 5), 4, id="L1_2_5-H4"),
+    pytest.param((63, 2), 4, id="L63_2-H4"),
+]
+
+
+@pytest.mark.parametrize(("lengths", "h"), BREAKS)
+def test_planted_bug_one_segment_for_the_batch_is_not_bitwise(lengths, h):
+    cu = cu_of(lengths)
+    q = queries(cu[-1], h, 128)
+    expected = reference_per_sequence(q, cu)
+    assert torch.equal(OPS.head_norm(q.clone(), EPS, cu), expected)
+    assert not torch.equal(OPS.head_norm(q.clone(), EPS, (0, cu[-1])), expected)

@@ -1,0 +1,178 @@
+"""The op registry: every op module's IMPLS table, backend selection (`OpsConfig`, `PARITY_BACKEND` / `PARITY_OPS`)
+and the one-line refusals of backends an op or this machine cannot run."""
+
+import importlib
+import re
+
+import pytest
+import torch
+
+from parity.errors import ParityError
+from parity.optimized.ops import BACKENDS, OP_MODULES, OpsConfig, registry, resolve_ops
+
+
+def refusal(excinfo) -> str:
+    msg = str(excinfo.value)
+    assert "\n" not in msg, "a ParityError is printed on one line"
+    return msg
+
+
+# ---- registration ----------------------------------------------------------------------------------------------
+
+
+def test_every_op_module_is_registered_with_a_torch_impl():
+    table = registry()
+    assert tuple(table) == OP_MODULES
+    for op in OP_MODULES:
+        module = importlib.import_module(f"parity.optimized.ops.{op}")
+        assert set(table[op]) <= set(BACKENDS), op
+        assert table[op]["torch"] is module.IMPLS["torch"]
+
+
+def test_every_op_docstring_names_a_reference_twin_that_exists():
+    for op in OP_MODULES:
+        doc = importlib.import_module(f"parity.optimized.ops.{op}").__doc__ or ""
+        m = re.search(r"Reference:.*?(parity\.reference\.[\w.]*\w)", doc, re.S)
+        assert m, f"{op}: no 'Reference: parity.reference...' in the docstring"
+        parts = m.group(1).split(".")
+        obj = importlib.import_module(".".join(parts[:3]))  # parity.reference.<module>
+        for attr in parts[3:]:
+            obj = getattr(obj, attr)  # raises if the named twin does not exist
+
+
+def test_registry_tables_are_read_only():
+    table = registry()
+    with pytest.raises(TypeError):
+        table["rope"] = {}
+    with pytest.raises(TypeError):
+        table["rope"]["triton"] = lambda *a: None
+
+
+def test_default_resolution_gives_every_op_its_torch_impl():
+    ops = resolve_ops()
+    assert ops.config == OpsConfig()
+    for op in OP_MODULES:
+        assert getattr(ops, op) is registry()[op]["torch"]
+
+
+def test_explicit_torch_overrides_resolve():
+    config = OpsConfig(default="torch", overrides=(("sparse_attn", "torch"), ("fp8_gemm", "torch")))
+    ops = resolve_ops(config)
+    assert ops.config is config and ops.sparse_attn is registry()["sparse_attn"]["torch"]
+
+
+# ---- OpsConfig.from_env ----------------------------------------------------------------------------------------
+
+
+def test_from_env_defaults():
+    assert OpsConfig.from_env({}) == OpsConfig(default="torch", overrides=())
+    assert OpsConfig.from_env({"PARITY_OPS": ""}) == OpsConfig()
+    assert OpsConfig.from_env({"PARITY_OPS": " , ,"}) == OpsConfig()
+
+
+def test_from_env_parses_backend_and_overrides():
+    env = {"PARITY_BACKEND": "triton", "PARITY_OPS": " sparse_attn = torch ,fp8_gemm=torch,, "}
+    config = OpsConfig.from_env(env)
+    assert config.default == "triton"
+    assert config.overrides == (("sparse_attn", "torch"), ("fp8_gemm", "torch"))
+    assert config.backend_of("sparse_attn") == "torch"
+    assert config.backend_of("rope") == "triton"
+
+
+def test_from_env_reads_os_environ(monkeypatch):
+    monkeypatch.setenv("PARITY_BACKEND", "torch")
+    monkeypatch.setenv("PARITY_OPS", "rope=torch")
+    assert OpsConfig.from_env() == OpsConfig(default="torch", overrides=(("rope", "torch"),))
+
+
+def test_from_env_later_override_of_an_op_wins():
+    config = OpsConfig.from_env({"PARITY_OPS": "rope=triton,rope=torch"})
+    assert config.backend_of("rope") == "torch"
+
+
+@pytest.mark.parametrize("item", ["sparse_attn", "sparse_attn:triton", "triton"])
+def test_from_env_rejects_a_malformed_item(item):
+    with pytest.raises(ParityError) as e:
+        OpsConfig.from_env({"PARITY_OPS": f"rope=torch,{item}"})
+    msg = refusal(e)
+    assert "PARITY_OPS" in msg and repr(item) in msg
+
+
+@pytest.mark.parametrize("op", ["sparse_atn", "Rope", ""])
+def test_from_env_rejects_an_unknown_op(op):
+    with pytest.raises(ParityError) as e:
+        OpsConfig.from_env({"PARITY_OPS": f"{op}=torch"})
+    msg = refusal(e)
+    assert f"unknown op {op!r}" in msg
+
+
+def test_from_env_rejects_an_unknown_backend_for_an_op():
+    with pytest.raises(ParityError) as e:
+        OpsConfig.from_env({"PARITY_OPS": "sparse_attn=cuda"})
+    msg = refusal(e)
+    assert "'sparse_attn'" in msg and "'cuda'" in msg
+
+
+def test_from_env_rejects_an_unknown_default_backend():
+    with pytest.raises(ParityError) as e:
+        OpsConfig.from_env({"PARITY_BACKEND": "cuda"})
+    msg = refusal(e)
+    assert "default backend" in msg and "'cuda'" in msg
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="OpsConfig.from_env reports a bad PARITY_BACKEND as 'default backend: unknown backend ...' without "
+    "naming the variable (a malformed PARITY_OPS item names PARITY_OPS)",
+)
+def test_from_env_unknown_default_backend_names_the_variable():
+    with pytest.raises(ParityError) as e:
+        OpsConfig.from_env({"PARITY_BACKEND": "cuda"})
+    assert "PARITY_BACKEND" in refusal(e)
+
+
+def test_constructor_validates_like_from_env():
+    with pytest.raises(ParityError, match="unknown backend 'cpu'"):
+        OpsConfig(default="cpu")
+    with pytest.raises(ParityError, match="unknown op 'nope'"):
+        OpsConfig(overrides=(("nope", "torch"),))
+
+
+# ---- refusals at resolution ------------------------------------------------------------------------------------
+
+
+def test_triton_for_an_op_without_a_triton_impl_is_refused():
+    without = [op for op in OP_MODULES if "triton" not in registry()[op]]
+    if not without:
+        pytest.skip("every op registers a triton implementation")
+    op = without[0]
+    with pytest.raises(ParityError) as e:
+        resolve_ops(OpsConfig(overrides=((op, "triton"),)))
+    msg = refusal(e)
+    assert f"op {op!r}" in msg and "'triton'" in msg and "torch" in msg
+
+
+def test_triton_as_default_is_refused_for_the_first_op_without_it():
+    without = [op for op in OP_MODULES if "triton" not in registry()[op]]
+    if not without:
+        pytest.skip("every op registers a triton implementation")
+    with pytest.raises(ParityError) as e:
+        resolve_ops(OpsConfig.from_env({"PARITY_BACKEND": "triton"}))
+    assert f"op {without[0]!r}" in refusal(e)
+
+
+def test_aiter_is_refused_without_rocm(monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", None)
+    with pytest.raises(ParityError) as e:
+        resolve_ops(OpsConfig.from_env({"PARITY_OPS": "sparse_attn=aiter"}))
+    msg = refusal(e)
+    assert "'sparse_attn'" in msg and "aiter" in msg and "ROCm" in msg
+
+
+def test_aiter_on_rocm_is_refused_for_an_op_without_an_aiter_impl(monkeypatch):
+    monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
+    assert "aiter" not in registry()["rope"]
+    with pytest.raises(ParityError) as e:
+        resolve_ops(OpsConfig(overrides=(("rope", "aiter"),)))
+    msg = refusal(e)
+    assert "'rope'" in msg and "no 'aiter' implementation" in msg
