@@ -173,10 +173,10 @@ class ModelArgs:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelArgs":
-        presets = {"tiny": cls.tiny, "flash": cls.flash, "pro": cls.pro}
+        presets = {"tiny": TINY_CONFIG, "flash": FLASH_CONFIG, "pro": PRO_CONFIG}
         if name not in presets:
             raise ParityError(f"unknown model preset {name!r}; available: {sorted(presets)}")
-        return presets[name](**overrides)
+        return cls.from_dict({**presets[name], **overrides}, source=f"preset {name!r} with overrides")
 
 
 _SHIPPED = dict(

@@ -94,8 +94,11 @@ class OptCompressor(ref.Compressor):
             first = start_pos // ratio  # the first entry a token at or after start_pos can complete
         if entries is None:
             return first, None
-        entries = ops.rms_norm(entries.to(dtype), self.norm.weight, self.norm.eps)[0]  # [m, d]
-        m = entries.shape[0]
+        m = entries.shape[1]
+        entries = entries.to(dtype)[0]  # [m, d]
+        # the reference normalizes a prefill's entries together and a decode's entry alone
+        alone = None if start_pos == 0 else tuple(range(m + 1))
+        entries = ops.rms_norm(entries, self.norm.weight, self.norm.eps, alone)
         positions = torch.arange(first, first + m, device=x.device) * ratio
         ops.rope(entries[..., -self.rope_head_dim :], freqs_cis[positions])
         if self.rotate:
@@ -214,11 +217,12 @@ class OptAttention(ref.Attention):
         ops, layer = self.ops, self.layer_id
         win, ratio, rd = self.window_size, self.compress_ratio, self.rope_head_dim
         freqs = self.freqs_cis[batch.positions]  # [T, rd/2]
-        qr = q = ops.rms_norm(run_linear(ops, self.wq_a, x), self.q_norm.weight, self.eps)
+        seg = batch.segments
+        qr = q = ops.rms_norm(run_linear(ops, self.wq_a, x), self.q_norm.weight, self.eps, seg)
         q = run_linear(ops, self.wq_b, q).unflatten(-1, (self.n_heads, self.head_dim))  # [T, h, d]
         ops.head_norm(q, self.eps, batch.segments)
         ops.rope(q[..., -rd:], freqs)
-        kv = ops.rms_norm(run_linear(ops, self.wkv, x), self.kv_norm.weight, self.eps)  # [T, d]
+        kv = ops.rms_norm(run_linear(ops, self.wkv, x), self.kv_norm.weight, self.eps, seg)  # [T, d]
         ops.rope(kv[..., -rd:], freqs)
         ops.kv_fake_quant(kv[..., :-rd], KV_QUANT_BLOCK, self.scale_fmt, self.scale_dtype, self.kv_fp8)
 
@@ -244,7 +248,8 @@ class OptAttention(ref.Attention):
                     pool.view(-1, self.head_dim)[cache.entry_rows(table, torch.arange(first, first + new.shape[0]))] = (
                         new
                     )
-                entry_ids = index_topk[i] if index_topk is not None else self._hca_entries(start, n, ratio)
+                # index math runs on the host: block tables are host metadata
+                entry_ids = index_topk[i].cpu() if index_topk is not None else self._hca_entries(start, n, ratio)
                 entry_row = n_tokens + ring_rows + cache.entry_rows(table, entry_ids.clamp(min=0))
                 idx = torch.cat([idx, torch.where(entry_ids < 0, -1, entry_row)], dim=1)
             idx_rows.append(idx)
@@ -258,7 +263,7 @@ class OptAttention(ref.Attention):
         )
         self._write_ring(kv, batch, cache, ring)
         ops.rope(o[..., -rd:], freqs, True)
-        o = ops.o_lora(o.flatten(1), self.wo_a.weight, self.n_groups, self.o_lora_rank)  # [T, g, rank]
+        o = ops.o_lora(o.flatten(1), self.wo_a.weight, self.n_groups, self.o_lora_rank, seg)  # [T, g, rank]
         return run_linear(ops, self.wo_b, o.flatten(1))
 
     @staticmethod
@@ -324,13 +329,13 @@ def block_forward(block, x: torch.Tensor, batch: Batch, cache: PagedCache) -> to
     mix = (batch.segments, block.norm_eps, block.hc_mult, block.hc_sinkhorn_iters, block.hc_eps)
     residual = x
     x, post, comb = ops.hc_pre(x, block.hc_attn_fn, block.hc_attn_scale, block.hc_attn_base, *mix)
-    x = ops.rms_norm(x, block.attn_norm.weight, block.attn_norm.eps)
+    x = ops.rms_norm(x, block.attn_norm.weight, block.attn_norm.eps, batch.segments)
     x = block.attn(x, batch, cache)
     x = ops.hc_post(x, residual, post, comb)
 
     residual = x
     x, post, comb = ops.hc_pre(x, block.hc_ffn_fn, block.hc_ffn_scale, block.hc_ffn_base, *mix)
-    x = ops.rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps)
+    x = ops.rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps, batch.segments)
     x = block.ffn(x, batch)
     return ops.hc_post(x, residual, post, comb)
 
@@ -358,8 +363,9 @@ class OptMTPBlock(ref.MTPBlock):
     def forward(self, h: torch.Tensor, next_ids: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
         # h: [T, hc, D], next_ids: [T] -> MTP streams [T, hc, D]; `batch` carries the positions of h
         ops = self.ops
-        e = ops.rms_norm(F.embedding(next_ids, self.embed.weight), self.enorm.weight, self.enorm.eps)
-        x = ops.rms_norm(h, self.hnorm.weight, self.hnorm.eps)
+        seg = batch.segments
+        e = ops.rms_norm(F.embedding(next_ids, self.embed.weight), self.enorm.weight, self.enorm.eps, seg)
+        x = ops.rms_norm(h, self.hnorm.weight, self.hnorm.eps, seg)
         x = run_linear(ops, self.e_proj, e).unsqueeze(1) + run_linear(ops, self.h_proj, x)
         return block_forward(self, x, batch, cache)
 
@@ -406,7 +412,7 @@ class OptimizedTransformer(nn.Module):
         norm = norm or self.norm
         with ref.default_dtype(torch.bfloat16):
             y = self.ops.hc_head(h, hc_fn, hc_scale, hc_base, batch.segments, self.norm_eps, self.hc_eps)
-            y = self.ops.rms_norm(y, norm.weight, norm.eps)
+            y = self.ops.rms_norm(y, norm.weight, norm.eps, batch.segments)
             return torch.cat([F.linear(y[r : r + 1].float(), self.head.weight) for r in rows])
 
     @torch.inference_mode()

@@ -131,9 +131,13 @@ def fp4_act_quant(x: torch.Tensor, block_size: int = 32, inplace: bool = False):
     return packed.view(torch.float4_e2m1fn_x2), s.squeeze(-1).to(torch.float8_e8m0fnu)
 
 
-def _check_gemm_inputs(a, a_s, b, b_s):
+def _gemm_operands(a, a_s, b, b_s):
+    """Check the official wrapper's asserts; return (M, K, N, A as fp32 [M, K], activation scales fp32 [M, K/128])."""
     assert a.is_contiguous() and b.is_contiguous(), "Input tensors must be contiguous"
     assert a_s.is_contiguous() and b_s.is_contiguous(), "Scaling factor tensors must be contiguous"
+    k = a.size(-1)
+    m = a.numel() // k
+    return m, k, b.size(0), a.view(m, k).float(), _scale_as_float(a_s).view(m, -1)
 
 
 def _scale_as_float(s: torch.Tensor) -> torch.Tensor:
@@ -181,18 +185,14 @@ def fp8_gemm(
     Returns:
         `[..., N]` in the default dtype (bf16 values).
     """
-    _check_gemm_inputs(a, a_s, b, b_s)
-    k = a.size(-1)
-    m = a.numel() // k
-    n = b.size(0)
-    sa = _scale_as_float(a_s).view(m, -1)  # [M, K/128]
+    m, k, n, a32, sa = _gemm_operands(a, a_s, b, b_s)  # sa: [M, K/128]
     sb = _scale_as_float(b_s).repeat_interleave(128, dim=0)[:n]  # [N, K/128]
 
     def scale(p, kb):
         # the kernel forms sa*sb first (Scale_C), then C += P * Scale_C
         return p * (sa[:, kb, None] * sb[None, :, kb])
 
-    acc = _blocked_gemm(a.view(m, k).float(), b.float(), 128, scale)
+    acc = _blocked_gemm(a32, b.float(), 128, scale)
     return _gemm_output(acc, a.shape[:-1])
 
 
@@ -209,18 +209,14 @@ def fp4_gemm(
         a (torch.Tensor): e4m3 `[..., K]`; a_s: `[..., K/128]` activation scales.
         b (torch.Tensor): `float4_e2m1fn_x2` (or int8 bytes) `[N, K/2]`, low nibble first; b_s: e8m0 `[N, K/32]`.
     """
-    _check_gemm_inputs(a, a_s, b, b_s)
-    k = a.size(-1)
-    m = a.numel() // k
-    n = b.size(0)
-    sa = _scale_as_float(a_s).view(m, -1)  # [M, K/128]
+    m, k, n, a32, sa = _gemm_operands(a, a_s, b, b_s)  # sa: [M, K/128]
     sb = _scale_as_float(b_s)  # [N, K/32]
     w = fp4_to_float(b.view(torch.uint8)).view(n, k)  # e2m1 values are exact in e4m3 and fp32
 
     def scale(p, kb):
         return p * sa[:, kb // 4, None] * sb[None, :, kb]
 
-    acc = _blocked_gemm(a.view(m, k).float(), w, 32, scale)
+    acc = _blocked_gemm(a32, w, 32, scale)
     return _gemm_output(acc, a.shape[:-1])
 
 

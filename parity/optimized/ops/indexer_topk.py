@@ -10,25 +10,32 @@ import torch
 from parity.reference.model import causal_entry_mask
 
 
+def _scores(q, entries, weights):
+    # q: [L, h, d], entries: [t, d], weights: [L, h] -> [1, L, t], the reference's ops and shapes
+    score = torch.einsum("bshd,btd->bsht", q[None], entries[None])
+    return (score.relu_() * weights[None].unsqueeze(-1)).sum(dim=2)
+
+
 def indexer_topk_torch(q, entries, weights, k, start_pos, ratio):
     # q: [L, h, d] bf16, entries: [t, d] bf16 (entries 0..t-1), weights: [L, h] -> [L, k] int64, -1 = none
     seqlen = q.shape[0]
-    score = torch.einsum("bshd,btd->bsht", q[None], entries[None])
-    score = (score.relu_() * weights[None].unsqueeze(-1)).sum(dim=2)  # [1, L, t]
     if start_pos == 0:
         # the reference prefill: mask entries a query cannot see yet, top-k over the full row
+        score = _scores(q, entries, weights)
         mask = causal_entry_mask(seqlen, ratio, q.device)
         score += torch.where(mask, float("-inf"), 0.0).to(score.dtype)
         topk = score.topk(k, dim=-1)[1][0]
         limit = torch.arange(1, seqlen + 1, device=q.device).unsqueeze(1) // ratio
         return torch.where(topk >= limit, -1, topk)
-    # after a context, each token as the reference decode sees it: top-k over exactly its visible entries (a
-    # wider masked row would break ties among equal scores, e.g. relu zeros, in another order)
+    # after a context, each token as the reference decode scores it: over exactly its visible entries, alone (a
+    # wider masked row breaks ties among equal scores, e.g. relu zeros, in another order, and cuBLAS picks its
+    # kernel by shape)
     out = torch.full((seqlen, k), -1, dtype=torch.int64, device=q.device)
     for r in range(seqlen):
         visible = (start_pos + r + 1) // ratio
         kr = min(k, visible)
-        out[r, :kr] = score[0, r, :visible].topk(kr, dim=-1)[1]
+        score = _scores(q[r : r + 1], entries[:visible], weights[r : r + 1])
+        out[r, :kr] = score[0, 0].topk(kr, dim=-1)[1]
     return out
 
 

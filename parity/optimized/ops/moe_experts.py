@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from parity.reference import kernels
+from parity.reference.model import linear
 
 
 @dataclass(frozen=True)
@@ -23,28 +23,17 @@ class ExpertWeights:
     swiglu_limit: float
 
 
-def quant_linear(x, weight, scale, scale_fmt, scale_dtype):
-    """FP4 / FP8 weights: act_quant then the block-scaled GEMM; otherwise F.linear (reference `linear`)."""
-    if weight.dtype == torch.float4_e2m1fn_x2:
-        xq, s = kernels.act_quant(x, 128, scale_fmt, scale_dtype)
-        return kernels.fp4_gemm(xq, s, weight, scale, scale_dtype)
-    if weight.dtype == torch.float8_e4m3fn:
-        xq, s = kernels.act_quant(x, 128, scale_fmt, scale_dtype)
-        return kernels.fp8_gemm(xq, s, weight, scale, scale_dtype)
-    return F.linear(x, weight)
-
-
 def expert_forward(e: ExpertWeights, x, weights, scale_fmt, scale_dtype):
     dtype = x.dtype
-    gate = quant_linear(x, *e.w1, scale_fmt, scale_dtype).float()
-    up = quant_linear(x, *e.w3, scale_fmt, scale_dtype).float()
+    gate = linear(x, *e.w1, scale_fmt, scale_dtype).float()
+    up = linear(x, *e.w3, scale_fmt, scale_dtype).float()
     if e.swiglu_limit > 0:
         up = torch.clamp(up, min=-e.swiglu_limit, max=e.swiglu_limit)
         gate = torch.clamp(gate, max=e.swiglu_limit)
     x = F.silu(gate) * up
     if weights is not None:
         x = weights * x
-    return quant_linear(x.to(dtype), *e.w2, scale_fmt, scale_dtype)
+    return linear(x.to(dtype), *e.w2, scale_fmt, scale_dtype)
 
 
 def moe_experts_torch(x, weights, indices, experts, shared, scale_fmt, scale_dtype):

@@ -1,16 +1,18 @@
 """Grouped output LoRA (wo_a): per group g, o[T, g, :] . wo_a[g]^T in bf16.
 
-Reference: parity.reference.model.Attention.forward, `einsum("bsgd,grd->bsgr")` (rows are independent: checked
-bitwise on CPU for 1..300 rows).
+Reference: parity.reference.model.Attention.forward, `einsum("bsgd,grd->bsgr")`, run on one request's tokens at a
+time with the reference's `[1, s, g, d]` shape (cuBLAS picks its bf16 kernel by shape; on CPU rows are independent).
 """
 
 import torch
 
 
-def o_lora_torch(o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int) -> torch.Tensor:
+def o_lora_torch(o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, segments: tuple[int, ...]):
     # o: [T, h*d] -> [T, g, rank]
+    w = wo_a.view(n_groups, rank, -1)
     o = o.view(o.shape[0], n_groups, -1)
-    return torch.einsum("bsgd,grd->bsgr", o[None], wo_a.view(n_groups, rank, -1))[0]
+    parts = [torch.einsum("bsgd,grd->bsgr", o[a:b][None], w)[0] for a, b in zip(segments[:-1], segments[1:])]
+    return torch.cat(parts)
 
 
 IMPLS = {"torch": o_lora_torch}

@@ -87,7 +87,12 @@ class OpsConfig:
                 raise ParityError(f"PARITY_OPS: expected op=backend items, got {item!r}")
             op, backend = (s.strip() for s in item.split("=", 1))
             overrides.append((op, backend))
-        return cls(default=env.get("PARITY_BACKEND", "torch"), overrides=tuple(overrides))
+        try:
+            return cls(default=env.get("PARITY_BACKEND", "torch"), overrides=tuple(overrides))
+        except ParityError as e:
+            # name the variable that carried the bad value
+            var = "PARITY_BACKEND" if str(e).startswith("default backend") else "PARITY_OPS"
+            raise ParityError(f"{var}: {e}") from None
 
 
 def resolve_ops(config: OpsConfig | None = None) -> SimpleNamespace:

@@ -120,11 +120,6 @@ def test_from_env_rejects_an_unknown_default_backend():
     assert "default backend" in msg and "'cuda'" in msg
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OpsConfig.from_env reports a bad PARITY_BACKEND as 'default backend: unknown backend ...' without "
-    "naming the variable (a malformed PARITY_OPS item names PARITY_OPS)",
-)
 def test_from_env_unknown_default_backend_names_the_variable():
     with pytest.raises(ParityError) as e:
         OpsConfig.from_env({"PARITY_BACKEND": "cuda"})
