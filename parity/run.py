@@ -123,8 +123,15 @@ def judge(case: Case, result: RunParity, prompts: list[torch.Tensor]) -> tuple[l
         mtp = f"{req.drafts_accepted}/{req.drafts_proposed}" if case.engine.mtp_draft else "-"
         requests.append(
             RequestRow(
-                lg.key, len(prompts[lg.key]), req.first_chunk, lg.steps, lg.tokens_equal, lg.bitwise, lg.min_cos,
-                mtp, passed,
+                lg.key,
+                len(prompts[lg.key]),
+                req.first_chunk,
+                lg.steps,
+                lg.tokens_equal,
+                lg.bitwise,
+                lg.min_cos,
+                mtp,
+                passed,
             )  # fmt: skip
         )
         if not passed and first is None:

@@ -4,7 +4,7 @@ engine (ragged batches), keyed alike so they can be compared layer by layer and 
 Both sides record `(request, module, position) -> row` for the traced modules: every block's output streams
 (`layers.i`, `[hc, D]` per position) and the attention and MoE outputs inside it (`layers.i.attn`, `layers.i.ffn`,
 `mtp.i.attn`, `mtp.i.ffn`, `[D]`). A position computed twice (an MTP draft rejected, then replayed) keeps its last,
-committed value.
+committed value; speculative MTP chaining (positions past the committed ones) is not recorded.
 """
 
 import re
@@ -86,12 +86,13 @@ def trace_engine(engine, trace: Trace | None = None):
 
     def on_phase(phase, step, batch):
         state["batch"] = batch
-        if previous is not None:
-            previous(phase, step, batch)
+        return previous(phase, step, batch) if previous is not None else None
 
     def post(name):
         def hook(module, args, out):
             batch = state["batch"]
+            if batch.speculative:
+                return  # chained MTP drafts past the committed positions: rolled back, never compared
             positions = batch.positions.tolist()
             for i, rid in enumerate(batch.request_ids):
                 rows = batch.rows(i)

@@ -23,6 +23,8 @@ class Batch:
     # row groups for the shape-sensitive torch ops (per-request GEMMs, small vectorized tensors); a refinement of
     # cu_seqlens, empty = cu_seqlens. One group per token makes a chunk compute like that many decodes.
     op_segments: tuple[int, ...] = ()
+    # drafting past the committed positions (chained MTP): the step's activations are thrown away afterwards
+    speculative: bool = False
 
     def __post_init__(self):
         n = len(self.start_pos)
@@ -74,7 +76,9 @@ class Batch:
         return [b - 1 for b in self.cu_seqlens[1:]]
 
 
-def make_batch(chunks, block_tables: dict[int, torch.Tensor], device="cpu", per_token_after_context=False) -> Batch:
+def make_batch(
+    chunks, block_tables: dict[int, torch.Tensor], device="cpu", per_token_after_context=False, speculative=False
+) -> Batch:
     """Build a Batch from per-sequence `(request_id, slot, start_pos, token_ids, is_prefill, n_draft)` tuples.
 
     `per_token_after_context` gives every token of a chunk after a context its own op segment (decode-exact)."""
@@ -98,4 +102,5 @@ def make_batch(chunks, block_tables: dict[int, torch.Tensor], device="cpu", per_
         n_draft=tuple(c[5] for c in chunks),
         request_ids=tuple(c[0] for c in chunks),
         op_segments=tuple(segments) if per_token_after_context else (),
+        speculative=speculative,
     )

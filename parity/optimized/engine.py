@@ -8,7 +8,9 @@ One `step()`:
 3. run the main model on the flat batch; pick greedy tokens; accept the longest agreeing draft prefix;
 4. roll back requests whose draft was rejected (restore the snapshot, replay the accepted tokens) so the cache
    holds exactly the committed positions;
-5. run the MTP block on the committed positions (streams at i, token at i+1) and keep its last draft;
+5. run the MTP block on the committed positions (streams at i, token at i+1); its logits at the last one draft
+   the next token, and `mtp_draft` > 1 chains the block on its own output streams for the following drafts
+   (speculative MTP positions are rolled back right away);
 6. finish requests that have all their tokens: their blocks and slot are freed and poisoned with NaN.
 
 Requests are independent: a request's tokens and logits do not depend on its slot or its batchmates (per-request
@@ -16,6 +18,7 @@ shapes in the torch ops, row-independent GEMMs), which the tests check bitwise.
 """
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -41,8 +44,8 @@ class Request:
     mtp_computed: int = 0  # positions the MTP block has consumed
     output: list[int] = field(default_factory=list)
     logits: list[torch.Tensor] = field(default_factory=list)  # [vocab] fp32 that chose each output token
-    draft: int | None = None  # MTP draft for the position after the last token
-    mtp_drafts: list[int] = field(default_factory=list)  # every draft the MTP block made (before draft_fn)
+    drafts: list[int] = field(default_factory=list)  # MTP drafts for the positions after the pending token
+    mtp_drafts: list[int] = field(default_factory=list)  # every first draft the MTP block made (before draft_fn)
     drafts_proposed: int = 0
     drafts_accepted: int = 0
     pending_streams: list[torch.Tensor] = field(default_factory=list)  # main streams not yet fed to the MTP block
@@ -69,7 +72,7 @@ class EngineConfig:
     block_size: int = 16
     chunk_size: int = 64
     token_budget: int = 256
-    mtp_draft: int = 0  # 0 or 1: drafts per decode step (one MTP layer drafts one token)
+    mtp_draft: int = 0  # MTP drafts per decode step (0 = off); beyond the first, the MTP block is chained
     # run every token of a chunk after a context through the shape-sensitive ops alone, so the chunk computes
     # exactly like that many official decodes (slower; for telling chunking bugs from batching numerics)
     decode_exact_chunks: bool = False
@@ -81,13 +84,14 @@ class Engine:
         model: OptimizedTransformer,
         config: EngineConfig = EngineConfig(),
         on_phase: PhaseHook = None,
-        draft_fn: Callable[[Request, int], int] | None = None,
+        draft_fn: Callable[[Request, list[int]], list[int]] | None = None,
     ):
-        """`on_phase(phase, step, batch)` runs before every forward (dump tags); `draft_fn(request, mtp_draft)`, if
-        given, replaces the MTP draft (tests use it to force accepted and rejected drafts)."""
+        """`on_phase(phase, step, batch)` runs before every forward and may return a context manager that the forward
+        runs in (dump tags); `draft_fn(request, mtp_drafts)`, if given, replaces the MTP drafts (tests use it to
+        force accepted and rejected drafts)."""
         args = model.args
-        if config.mtp_draft not in (0, 1) or config.mtp_draft > args.n_mtp_layers:
-            raise ParityError(f"EngineConfig.mtp_draft: 0 or 1 (one draft per MTP layer), got {config.mtp_draft}")
+        if config.mtp_draft < 0 or (config.mtp_draft and not args.n_mtp_layers):
+            raise ParityError(f"EngineConfig.mtp_draft: needs >= 0 and an MTP layer, got {config.mtp_draft}")
         self.model = model
         self.args = args
         self.config = config
@@ -152,7 +156,7 @@ class Engine:
         for req in self.running:
             if req.in_prefill or req.done:
                 continue
-            tokens = [req.tokens[req.num_computed]] + ([req.draft] if req.draft is not None else [])
+            tokens = [req.tokens[req.num_computed]] + req.drafts
             plan.append((req, tokens, False, len(tokens) - 1))
             budget -= len(tokens)
         for req in self.running:
@@ -171,9 +175,12 @@ class Engine:
             self._reserve(req, req.num_computed + len(tokens))
         chunks = [(req.id, req.slot, req.num_computed, tokens, pre, nd) for req, tokens, pre, nd in plan]
         batch = make_batch(chunks, self._tables(reqs), self.device, self.config.decode_exact_chunks)
-        if self.on_phase is not None:
-            self.on_phase(phase, self.step_index, batch)
-        return batch, self.model(batch, self.cache)
+        with self._scope(phase, batch):
+            return batch, self.model(batch, self.cache)
+
+    def _scope(self, phase: str, batch: Batch):
+        scope = self.on_phase(phase, self.step_index, batch) if self.on_phase is not None else None
+        return scope if scope is not None else nullcontext()
 
     def step(self) -> bool:
         """Run one engine step; returns False when there is nothing left to do."""
@@ -232,7 +239,7 @@ class Engine:
             committed = len(tokens) - n_draft + accepted
             # streams at committed positions only depend on committed tokens: they feed the MTP block as they are
             self._keep_streams(req, h[rows][:committed])
-            req.draft = None
+            req.drafts = []
             if accepted < n_draft:
                 replay.append((req, tokens[:committed], False, 0))
             else:
@@ -260,16 +267,41 @@ class Engine:
             return
         chunks = [(req.id, req.slot, req.mtp_computed, ids, req.in_prefill, 0) for req, ids in plan]
         batch = make_batch(chunks, self._tables([p[0] for p in plan]), self.device, self.config.decode_exact_chunks)
-        if self.on_phase is not None:
-            self.on_phase("mtp-draft", self.step_index, batch)
-        _, logits = self.model.mtp_logits(torch.cat(streams), batch.tokens, batch, self.cache, batch.last_rows)
-        for (req, ids), row in zip(plan, logits):
+        with self._scope("mtp-draft", batch):
+            x, logits = self.model.mtp_logits(torch.cat(streams), batch.tokens, batch, self.cache, batch.last_rows)
+        drafting = []
+        for i, ((req, ids), row) in enumerate(zip(plan, logits)):
             req.mtp_computed += len(ids)
             req.pending_streams = []
             if req.num_computed == len(req.tokens) - 1:
-                draft = int(row.argmax())
-                req.mtp_drafts.append(draft)
-                req.draft = self.draft_fn(req, draft) if self.draft_fn is not None else draft
+                req.drafts = [int(row.argmax())]
+                req.mtp_drafts.append(req.drafts[0])
+                drafting.append((req, x[batch.last_rows[i]]))
+        self._chain(drafting)
+        for req, _ in drafting:
+            if self.draft_fn is not None:
+                req.drafts = list(self.draft_fn(req, req.drafts))
+
+    def _chain(self, drafting: list[tuple[Request, torch.Tensor]]) -> None:
+        """Drafts 2..k: the MTP block at the next position, on its own output streams and the last draft. These
+        positions are speculative: the MTP ring rows they overwrite are restored afterwards, and the real streams
+        take their place once the main model has committed those positions."""
+        if self.config.mtp_draft < 2 or not drafting:
+            return
+        k = self.config.mtp_draft
+        span = {req.id: list(range(req.num_computed, req.num_computed + k - 1)) for req, _ in drafting}
+        snapshots = {req.id: self.cache.snapshot(req.slot, span[req.id]) for req, _ in drafting}
+        x = torch.stack([h for _, h in drafting])  # [N, hc, D]
+        for j in range(1, k):
+            reqs = [req for req, _ in drafting]
+            chunks = [(req.id, req.slot, req.num_computed + j - 1, [req.drafts[-1]], False, 0) for req in reqs]
+            batch = make_batch(chunks, self._tables(reqs), self.device, self.config.decode_exact_chunks, True)
+            with self._scope("mtp-draft", batch):
+                x, logits = self.model.mtp_logits(x, batch.tokens, batch, self.cache, batch.last_rows)
+            for req, row in zip(reqs, logits):
+                req.drafts.append(int(row.argmax()))
+        for req, _ in drafting:
+            self.cache.restore(req.slot, snapshots[req.id])
 
     def _finish(self) -> None:
         for req in list(self.running):

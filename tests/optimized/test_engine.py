@@ -81,18 +81,26 @@ def test_chunked_prefill_default_ops_within_tolerance(tiny_ckpt, prompts):
     assert [lg.bitwise for lg in result.logits] == [len(p) <= 64 for p in prompts]
 
 
-def _alternating_drafts(request, mtp_draft):
-    """Force the verify path both ways: the right next token on even outputs, a wrong one on odd outputs."""
-    right = request.forced[len(request.output)]
-    return right if len(request.output) % 2 == 0 else (right + 1) % 1024
+def _planted_drafts(request, mtp_drafts):
+    """Force every verify outcome, cycling over the verification rounds: the first draft wrong (accept 0), the
+    second wrong (accept 1), ..., all right (accept k)."""
+    n, k = len(request.output), len(mtp_drafts)
+    right = [request.forced[min(n + j, len(request.forced) - 1)] for j in range(k)]
+    wrong_at = (request.drafts_proposed // k) % (k + 1)  # == k: all right
+    return [t if j < wrong_at else (t + 1) % 1024 for j, t in enumerate(right)]
 
 
 @pytest.mark.parametrize(
-    ("chunk", "budget"), [pytest.param(512, 1024, id="prefill"), pytest.param(48, 90, id="chunk48")]
+    ("chunk", "budget", "k"),
+    [
+        pytest.param(512, 1024, 1, id="prefill-k1"),
+        pytest.param(48, 90, 1, id="chunk48-k1"),
+        pytest.param(48, 90, 3, id="chunk48-k3"),
+    ],
 )
-def test_mtp_accept_reject_and_rollback_exact(tiny_ckpt, prompts, chunk, budget):
-    config = EngineConfig(chunk_size=chunk, token_budget=budget, mtp_draft=1, decode_exact_chunks=True)
-    result = check_engine(tiny_ckpt, prompts, DECODE, config, draft_fn=_alternating_drafts)
+def test_mtp_accept_reject_and_rollback_exact(tiny_ckpt, prompts, chunk, budget, k):
+    config = EngineConfig(chunk_size=chunk, token_budget=budget, mtp_draft=k, decode_exact_chunks=True)
+    result = check_engine(tiny_ckpt, prompts, DECODE, config, draft_fn=_planted_drafts)
     assert_bitwise(result)
     assert any(m.module.startswith("mtp.") for m in result.modules)
     for req in result.requests.values():
