@@ -13,13 +13,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from parity import dump
 from parity.checkpoint import build_model
 from parity.compare.metrics import compare_tensors
+from parity.dump import DumpConfig
 from parity.optimized.engine import Engine, EngineConfig, Request
 from parity.optimized.model import OptimizedTransformer
 from parity.optimized.ops import OpsConfig, resolve_ops
 from parity.reference.generate import Generation, greedy_generate
-from parity.trace import ModuleParity, Trace, compare_traces, trace_engine, trace_reference
+from parity.trace import TRACED, ModuleParity, Trace, compare_traces, trace_engine, trace_reference
 
 
 @dataclass
@@ -94,26 +96,38 @@ def engine_generations(
     trace: Trace | None = None,
     order: list[int] | None = None,
     device="cpu",
-    on_phase=None,
+    dump_dir=None,
     **overrides,
 ) -> dict[int, Request]:
     """All requests through one engine; returns requests keyed by prompt index. `order` is the admission order
-    (prompt indices), to put the same request into other slots next to other batchmates."""
+    (prompt indices), to put the same request into other slots next to other batchmates. `dump_dir` dumps the
+    traced modules of every forward with phase, step, ragged layout and prompt-index tags (`parity.dump`)."""
     factory = lambda args: OptimizedTransformer(args, resolve_ops(ops))  # noqa: E731
     model, _ = build_model(ckpt, device=device, factory=factory, **overrides)
-    engine = Engine(model, config, on_phase=on_phase, draft_fn=draft_fn)
+    index_of: dict[int, int] = {}
+
+    def tag(phase, step, batch):
+        requests = [index_of[r] for r in batch.request_ids]
+        return dump.phase(phase, step, cu_seqlens=batch.cu_seqlens, requests=requests, speculative=batch.speculative)
+
+    engine = Engine(model, config, on_phase=tag if dump_dir is not None else None, draft_fn=draft_fn)
     order = list(range(len(prompts))) if order is None else order
     steps = _per_request(decode_steps, len(prompts))
     ids = {i: engine.add_request(prompts[i], steps[i] + 1, None if forced is None else forced[i]) for i in order}
-    if trace is None:
-        finished = engine.run()
-    else:
-        with trace_engine(engine, trace):
+    index_of.update({rid: i for i, rid in ids.items()})
+    handle = dump.install(model, DumpConfig(dir=str(dump_dir), modules=TRACED.pattern)) if dump_dir else None
+    try:
+        if trace is None:
             finished = engine.run()
+        else:
+            with trace_engine(engine, trace):
+                finished = engine.run()
+    finally:
+        if handle is not None:
+            handle.remove()
     by_index = {i: finished[rid] for i, rid in ids.items()}
     if trace is not None:
         # re-key the engine's trace from request ids to prompt indices
-        index_of = {rid: i for i, rid in ids.items()}
         trace.rows = {(index_of[k], m, p): v for (k, m, p), v in trace.rows.items()}
     return by_index
 
@@ -141,12 +155,12 @@ def check_engine(
     draft_fn=None,
     ops: OpsConfig | None = None,
     device="cpu",
-    on_phase=None,
+    dump_dir=None,
     **overrides,
 ) -> RunParity:
     """Run the engine teacher-forced with the reference's greedy tokens and compare with the reference run
     `against` = "schedule" (same prefill/decode split) or "full" (whole-prompt prefill). `decode_steps`: one int
-    or one per request; `on_phase` is handed to the engine (dump tags)."""
+    or one per request; `dump_dir` dumps the engine run (see `engine_generations`)."""
     mtp = config.mtp_draft > 0
     common = dict(device=device, **overrides)
     full = reference_generations(ckpt, prompts, decode_steps, mtp=False, **common)
@@ -154,7 +168,7 @@ def check_engine(
     engine_trace = Trace()
     requests = engine_generations(
         ckpt, prompts, decode_steps, config, forced=forced, draft_fn=draft_fn, ops=ops, trace=engine_trace,
-        on_phase=on_phase, **common,
+        dump_dir=dump_dir, **common,
     )  # fmt: skip
     ref_trace = Trace()
     prefill_lens = [requests[i].first_chunk for i in range(len(prompts))] if against == "schedule" else None

@@ -139,8 +139,8 @@ def judge(case: Case, result: RunParity, prompts: list[torch.Tensor]) -> tuple[l
     return rows, requests, first or ""
 
 
-def run_case(case: Case, checkpoint: Path, device: str = "cpu", on_phase=None) -> CaseReport:
-    """Engine vs reference on every request of `case`; `on_phase` tags the engine's forwards (dumps)."""
+def run_case(case: Case, checkpoint: Path, device: str = "cpu", dump_dir: Path | None = None) -> CaseReport:
+    """Engine vs reference on every request of `case`; `dump_dir` also dumps the engine run (`parity.dump`)."""
     t0 = time.perf_counter()
     args = case.model_args()
     prompts = case.prompts(args.vocab_size)
@@ -157,7 +157,7 @@ def run_case(case: Case, checkpoint: Path, device: str = "cpu", on_phase=None) -
         decode_exact_chunks=e.decode_exact_chunks,
     )
     result = check_engine(
-        checkpoint, prompts, steps, config, ops=OpsConfig.from_env(), device=device, on_phase=on_phase,
+        checkpoint, prompts, steps, config, ops=OpsConfig.from_env(), device=device, dump_dir=dump_dir,
         **dict(case.overrides),
     )  # fmt: skip
     modules, requests, first = judge(case, result, prompts)

@@ -83,3 +83,14 @@ def test_bad_case_is_one_line_exit_2(tmp_path):
         assert proc.returncode == 2, proc.stderr
         assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert message in proc.stderr
+
+
+def test_main_job_dumps_are_comparable(tmp_path):
+    """`parity run --dump` twice: the two engine dumps line up record for record and compare bitwise (exit 0)."""
+    app = _cli()
+    for name in ("a", "b"):
+        result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "report"), "--dump", str(tmp_path / name)])
+        assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--exact"])
+    assert result.exit_code == 0, result.output
+    assert "PASSED" in result.output

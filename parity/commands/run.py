@@ -50,6 +50,10 @@ def run(
     out_dir: Annotated[Path | None, typer.Option("--out", help="Report directory (default reports/<case>).")] = None,
     device: Annotated[str, typer.Option(help="torch device for both models.")] = "cpu",
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    dump_dir: Annotated[
+        Path | None,
+        typer.Option("--dump", help="Also dump the engine run here (an empty dir) for parity compare / bisect."),
+    ] = None,
 ) -> None:
     """Run a parity case: the optimized engine against the reference, every layer at every position."""
     spec = load_case(case)
@@ -57,7 +61,7 @@ def run(
         torch.set_num_threads(threads)
     out_dir = out_dir or Path("reports") / spec.name
     ckpt = prepare_checkpoint(spec, checkpoint, out_dir)
-    report = run_case(spec, ckpt, device)
+    report = run_case(spec, ckpt, device, dump_dir)
     path = write_report(report, out_dir)
     render(report)
     if report.first_failure:
