@@ -66,10 +66,6 @@ class Batch:
     def rows(self, i: int) -> slice:
         return slice(self.cu_seqlens[i], self.cu_seqlens[i + 1])
 
-    def is_decode(self, i: int) -> bool:
-        """One generated token after a non-empty context: the official decode path."""
-        return self.start_pos[i] > 0 and self.seq_len(i) == 1
-
     @property
     def last_rows(self) -> list[int]:
         """Index of every sequence's last token (where its next-token logits come from)."""

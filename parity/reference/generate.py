@@ -22,15 +22,6 @@ class Generation:
     prefill_s: float = 0.0
     decode_s: list[float] = field(default_factory=list)
 
-    @property
-    def mtp_accepted(self) -> int:
-        """How many MTP drafts equal the token the main model then generated at that position."""
-        return sum(int(d == t) for d, t in zip(self.mtp_drafts, self.tokens[1:]))
-
-    @property
-    def mtp_checked(self) -> int:
-        return min(len(self.mtp_drafts), len(self.tokens) - 1)
-
 
 def greedy_generate(
     model: Transformer,
