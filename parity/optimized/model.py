@@ -426,7 +426,5 @@ class OptimizedTransformer(nn.Module):
             x, batch, rows, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, block.norm
         )
 
-    def reset_buffers(self) -> None:
-        for module in self.modules():
-            if module is not self and hasattr(module, "reset_buffers"):
-                module.reset_buffers()
+    # every submodule with caches or tables resets itself, as in the reference
+    reset_buffers = ref.Transformer.reset_buffers

@@ -93,6 +93,15 @@ class Linear(nn.Module):
         return linear(x, self.weight, self.scale, self.scale_fmt, self.scale_dtype)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """fp32 RMS normalization of the last dim: `w * (x * rsqrt(mean(x^2) + eps))`, back in x's dtype."""
+    dtype = x.dtype
+    x = x.float()
+    var = x.square().mean(-1, keepdim=True)
+    x = x * torch.rsqrt(var + eps)
+    return (weight * x).to(dtype)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -102,11 +111,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        var = x.square().mean(-1, keepdim=True)
-        x = x * torch.rsqrt(var + self.eps)
-        return (self.weight * x).to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 def precompute_freqs_cis(dim, seqlen, original_seq_len, base, factor, beta_fast, beta_slow, device=None):
@@ -499,26 +504,32 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None):
         """x: [N, D] -> (weights [N, k] fp32, indices [N, k])."""
-        scores = F.linear(x.float(), self.weight.float())  # [N, E]
-        if self.score_func == "softmax":
-            scores = scores.softmax(dim=-1)
-        elif self.score_func == "sigmoid":
-            scores = scores.sigmoid()
-        else:
-            scores = F.softplus(scores).sqrt()
-        original_scores = scores
-        # the bias steers the choice of experts only, never the weights
-        if self.bias is not None:
-            scores = scores + self.bias
-        if self.hash:
-            indices = self.tid2eid[input_ids]
-        else:
-            indices = scores.topk(self.topk, dim=-1)[1]
-        weights = original_scores.gather(1, indices)
-        if self.score_func != "softmax":
-            weights /= weights.sum(dim=-1, keepdim=True)
-        weights *= self.route_scale
-        return weights, indices
+        tid2eid = self.tid2eid if self.hash else None
+        return route(x, self.weight, self.bias, tid2eid, input_ids, self.topk, self.score_func, self.route_scale)
+
+
+def route(x, weight, bias, tid2eid, input_ids, topk: int, score_func: str, route_scale: float):
+    """The Gate's math. x: [N, D] -> (weights [N, k] fp32, indices [N, k]); `tid2eid` set for hash routing."""
+    scores = F.linear(x.float(), weight.float())  # [N, E]
+    if score_func == "softmax":
+        scores = scores.softmax(dim=-1)
+    elif score_func == "sigmoid":
+        scores = scores.sigmoid()
+    else:
+        scores = F.softplus(scores).sqrt()
+    original_scores = scores
+    # the bias steers the choice of experts only, never the weights
+    if bias is not None:
+        scores = scores + bias
+    if tid2eid is not None:
+        indices = tid2eid[input_ids]
+    else:
+        indices = scores.topk(topk, dim=-1)[1]
+    weights = original_scores.gather(1, indices)
+    if score_func != "softmax":
+        weights /= weights.sum(dim=-1, keepdim=True)
+    weights *= route_scale
+    return weights, indices
 
 
 class Expert(nn.Module):
@@ -602,17 +613,8 @@ class Block(nn.Module):
         self.hc_ffn_scale = nn.Parameter(torch.empty(3, dtype=f32))
 
     def hc_pre(self, x: torch.Tensor, hc_fn: torch.Tensor, hc_scale: torch.Tensor, hc_base: torch.Tensor):
-        # x: [b, s, hc, D] -> y: [b, s, D], post: [b, s, hc], comb: [b, s, hc, hc]
-        shape, dtype = x.size(), x.dtype
-        x = x.flatten(2).float()  # [b, s, hc*D]
-        rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + self.norm_eps)
-        mixes = F.linear(x, hc_fn) * rsqrt  # [b, s, (2+hc)*hc]
-        pre, post, comb = kernels.hc_split_sinkhorn(
-            mixes, hc_scale, hc_base, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps
-        )
-        # a broadcast product summed over the stream dim: not a matmul, which would sum in another order
-        y = torch.sum(pre.unsqueeze(-1) * x.view(shape), dim=2)
-        return y.to(dtype), post, comb
+        params = (self.norm_eps, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps)
+        return hc_pre(x, hc_fn, hc_scale, hc_base, *params)
 
     def hc_post(self, x: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
         # x: [b, s, D], residual: [b, s, hc, D] -> [b, s, hc, D]; new[k] = post[k] x + sum_j comb[j, k] res[j]
@@ -656,13 +658,30 @@ class ParallelHead(nn.Module):
         return self.get_logits(norm(x))
 
     def hc_head(self, x: torch.Tensor, hc_fn, hc_scale, hc_base) -> torch.Tensor:
-        shape, dtype = x.size(), x.dtype
-        x = x.flatten(2).float()
-        rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + self.norm_eps)
-        mixes = F.linear(x, hc_fn) * rsqrt  # [b, s, hc]
-        pre = torch.sigmoid(mixes * hc_scale + hc_base) + self.hc_eps
-        y = torch.sum(pre.unsqueeze(-1) * x.view(shape), dim=2)
-        return y.to(dtype)
+        return hc_head(x, hc_fn, hc_scale, hc_base, self.norm_eps, self.hc_eps)
+
+
+def hc_pre(x, hc_fn, hc_scale, hc_base, norm_eps: float, hc_mult: int, sinkhorn_iters: int, hc_eps: float):
+    """Block.hc_pre's math. x: [b, s, hc, D] -> y: [b, s, D], post: [b, s, hc], comb: [b, s, hc, hc]."""
+    shape, dtype = x.size(), x.dtype
+    x = x.flatten(2).float()  # [b, s, hc*D]
+    rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
+    mixes = F.linear(x, hc_fn) * rsqrt  # [b, s, (2+hc)*hc]
+    pre, post, comb = kernels.hc_split_sinkhorn(mixes, hc_scale, hc_base, hc_mult, sinkhorn_iters, hc_eps)
+    # a broadcast product summed over the stream dim: not a matmul, which would sum in another order
+    y = torch.sum(pre.unsqueeze(-1) * x.view(shape), dim=2)
+    return y.to(dtype), post, comb
+
+
+def hc_head(x, hc_fn, hc_scale, hc_base, norm_eps: float, hc_eps: float) -> torch.Tensor:
+    """ParallelHead.hc_head's math. x: [b, s, hc, D] -> [b, s, D] with sigmoid stream weights."""
+    shape, dtype = x.size(), x.dtype
+    x = x.flatten(2).float()
+    rsqrt = torch.rsqrt(x.square().mean(-1, keepdim=True) + norm_eps)
+    mixes = F.linear(x, hc_fn) * rsqrt  # [b, s, hc]
+    pre = torch.sigmoid(mixes * hc_scale + hc_base) + hc_eps
+    y = torch.sum(pre.unsqueeze(-1) * x.view(shape), dim=2)
+    return y.to(dtype)
 
 
 class MTPBlock(Block):

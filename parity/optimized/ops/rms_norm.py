@@ -1,6 +1,6 @@
 """RMSNorm over the last dim: fp32 math, `w * (x * rsqrt(mean(x^2) + eps))`, cast back to x's dtype.
 
-Reference: parity.reference.model.RMSNorm.forward
+Reference: parity.reference.model.rms_norm (RMSNorm.forward)
 
 With `segments` the torch backend normalizes one request's rows at a time: CUDA's row reduction picks its
 strategy from the number of rows, so a row's mean can differ in the last bit between a batch and the reference's
@@ -9,20 +9,14 @@ per-request call (measured on H100: 4 of 64 rows at width 256). On CPU the row r
 
 import torch
 
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    dtype = x.dtype
-    x = x.float()
-    var = x.square().mean(-1, keepdim=True)
-    x = x * torch.rsqrt(var + eps)
-    return (weight * x).to(dtype)
+from parity.reference.model import rms_norm
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, segments: tuple[int, ...] | None = None):
     # x: [T, ..., d]; segments: row groups over dim 0, or None for one call
     if segments is None or len(segments) == 2:
-        return _rms_norm(x, weight, eps)
-    return torch.cat([_rms_norm(x[a:b], weight, eps) for a, b in zip(segments[:-1], segments[1:])])
+        return rms_norm(x, weight, eps)
+    return torch.cat([rms_norm(x[a:b], weight, eps) for a, b in zip(segments[:-1], segments[1:])])
 
 
 IMPLS = {"torch": rms_norm_torch}
