@@ -3,7 +3,8 @@
 Twin: `parity.reference.model.Attention.forward`, `q *= torch.rsqrt(q.square().mean(-1, keepdim=True) + eps)` on
 one request's `[1, s, h, d]` queries. The op docstring: CPU kernels vectorize the head of a tensor and finish its
 tail in scalar code, which rounds bf16 rsqrt differently, and the rsqrt tensor has only `s * h` elements; the
-planted-bug test shows that one call over the whole batch moves the tail and is not bitwise (measured, 4 heads).
+planted-bug test shows that one call over the whole batch moves the tail and is not bitwise where the machine's
+kernels vectorize (measured first, 4 heads).
 """
 
 import itertools
@@ -12,6 +13,7 @@ import pytest
 import torch
 
 from parity.optimized.ops import resolve_ops
+from tests.optimized.ops.conftest import DEVICES, skip_unless_batch_changes_bits
 
 OPS = resolve_ops()
 EPS = 1e-6
@@ -69,7 +71,8 @@ def test_segments_do_not_depend_on_batchmates_or_position(h):
         assert torch.equal(OPS.head_norm(q, EPS, cu)[before : before + 37], alone)
 
 
-# measured on this CPU: one call over these batches differs from the per-request reference
+# where the machine's bf16 kernels vectorize by tensor size (AVX2/AVX-512 dispatch; not ATEN_CPU_CAPABILITY=default),
+# one call over these batches differs from the per-request reference: measured per case first
 BREAKS = [
     pytest.param((3, 5), 4, id="L3_5-H4"),
     pytest.param((1, 2, 5), 4, id="L1_2_5-H4"),
@@ -77,10 +80,25 @@ BREAKS = [
 ]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("lengths", "h"), BREAKS)
-def test_planted_bug_one_segment_for_the_batch_is_not_bitwise(lengths, h):
+def test_planted_bug_one_segment_for_the_batch_is_not_bitwise(lengths, h, device):
     cu = cu_of(lengths)
-    q = queries(cu[-1], h, 128)
+    q = queries(cu[-1], h, 128).to(device)
     expected = reference_per_sequence(q, cu)
     assert torch.equal(OPS.head_norm(q.clone(), EPS, cu), expected)
+    skip_unless_batch_changes_bits(expected, reference_per_sequence(q, (0, cu[-1])), "head_norm")
     assert not torch.equal(OPS.head_norm(q.clone(), EPS, (0, cu[-1])), expected)
+
+
+@pytest.mark.parametrize("bug", ["no eps", "mean over heads"])
+def test_planted_bug_other_math_is_caught_on_every_machine(bug):
+    # a planted bug whose effect does not depend on the machine's kernels: the gate above catches it everywhere
+    cu = cu_of((3, 5))
+    q = queries(cu[-1], 4, 128)
+    q[0, 0] = 0  # an all-zero head: only eps keeps it finite
+    expected = reference_per_sequence(q, cu)
+    buggy = q.clone()
+    dims = (-1,) if bug == "no eps" else (-2, -1)
+    buggy *= torch.rsqrt(buggy.square().mean(dims, keepdim=True) + (0.0 if bug == "no eps" else EPS))
+    assert not torch.equal(buggy, expected)

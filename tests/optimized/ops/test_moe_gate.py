@@ -2,15 +2,18 @@
 
 Twin: `parity.reference.model.Gate.forward` on one request's `[s, D]` tokens (ref.MoE flattens `[1, s, D]`). The op
 docstring: run per request so the fp32 score GEMM and the vectorized softplus see the reference's shapes; the
-planted-bug test shows that one segment for the whole batch changes the weights (measured on this CPU).
+planted-bug test shows that one segment for the whole batch changes the weights wherever the machine's GEMM rounds by
+row count (measured per run).
 """
 
+import copy
 import itertools
 
 import pytest
 import torch
 
 from parity.optimized.ops import resolve_ops
+from tests.optimized.ops.conftest import DEVICES, skip_unless_batch_changes_bits
 
 OPS = resolve_ops()
 
@@ -86,13 +89,15 @@ def test_segments_do_not_depend_on_batchmates_or_position(ref_model, layer):
             assert torch.equal(got[before : before + 37], want)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("layer", [0, 2])
-def test_planted_bug_one_segment_for_the_batch_is_not_bitwise(ref_model, layer):
-    # 40 one-token requests (a decode batch): one gate call over all of them changes the weights, measured on this
-    # CPU for both routing kinds (the expert choice happened to survive, so only the weights are asserted)
-    gate = ref_model.layers[layer].ffn.gate
+def test_planted_bug_one_segment_for_the_batch_is_not_bitwise(ref_model, layer, device):
+    # 40 one-token requests (a decode batch): where the machine's fp32 GEMM rounds by row count (measured first),
+    # one gate call over all of them changes the weights (the expert choice may survive, so only weights are asserted)
+    gate = copy.deepcopy(ref_model.layers[layer].ffn.gate).to(device)
     cu = tuple(range(41))
-    x, ids = tokens(40)
+    x, ids = (t.to(device) for t in tokens(40))
     rw, _ = reference_per_sequence(gate, x, ids, cu)
     assert torch.equal(run(gate, x, ids, cu)[0], rw)
+    skip_unless_batch_changes_bits(rw, reference_per_sequence(gate, x, ids, (0, 40))[0], "moe_gate")
     assert not torch.equal(run(gate, x, ids, (0, 40))[0], rw)
