@@ -3,6 +3,7 @@
 Reference: parity.reference.kernels.act_quant
 """
 
+from parity.optimized.ops.registry import Impl
 from parity.reference import kernels
 
-IMPLS = {"torch": kernels.act_quant}
+IMPLS = {"torch": Impl(kernels.act_quant)}

@@ -6,6 +6,8 @@ overlap) positions of a block, in fp32.
 
 import torch
 
+from parity.optimized.ops.registry import Impl
+
 
 def compress_pool_torch(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     # kv, score: [..., w, d] fp32 (w positions of a block) -> [..., d]; the reference reduces the same dim of the
@@ -13,4 +15,4 @@ def compress_pool_torch(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return (kv * score.softmax(dim=-2)).sum(dim=-2)
 
 
-IMPLS = {"torch": compress_pool_torch}
+IMPLS = {"torch": Impl(compress_pool_torch)}

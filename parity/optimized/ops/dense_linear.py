@@ -11,6 +11,8 @@ Calling per request reproduces the per-request reference bit for bit. A fused ba
 import torch
 import torch.nn.functional as F
 
+from parity.optimized.ops.registry import Impl
+
 
 def dense_linear_torch(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: tuple[int, ...]) -> torch.Tensor:
     # x: [T, K] -> [T, N], segments [cu[i], cu[i+1])
@@ -20,4 +22,4 @@ def dense_linear_torch(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: tuple[
     return torch.cat(parts) if parts else x.new_empty(0, weight.shape[0])
 
 
-IMPLS = {"torch": dense_linear_torch}
+IMPLS = {"torch": Impl(dense_linear_torch)}

@@ -5,6 +5,7 @@ Reference: parity.reference.kernels.fp4_act_quant(x, 32, inplace=True)
 
 import torch
 
+from parity.optimized.ops.registry import Impl
 from parity.reference import kernels
 
 
@@ -12,4 +13,4 @@ def fp4_fake_quant_torch(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return kernels.fp4_act_quant(x, block, True)
 
 
-IMPLS = {"torch": fp4_fake_quant_torch}
+IMPLS = {"torch": Impl(fp4_fake_quant_torch)}

@@ -3,6 +3,7 @@
 Reference: parity.reference.kernels.fp4_gemm
 """
 
+from parity.optimized.ops.registry import Impl
 from parity.reference import kernels
 
-IMPLS = {"torch": kernels.fp4_gemm}
+IMPLS = {"torch": Impl(kernels.fp4_gemm)}

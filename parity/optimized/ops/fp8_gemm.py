@@ -4,6 +4,7 @@ Reference: parity.reference.kernels.fp8_gemm (row-independent: each token's row 
 does not depend on the batch it sits in)
 """
 
+from parity.optimized.ops.registry import Impl
 from parity.reference import kernels
 
-IMPLS = {"torch": kernels.fp8_gemm}
+IMPLS = {"torch": Impl(kernels.fp8_gemm)}

@@ -3,6 +3,7 @@
 Reference: parity.reference.kernels.hadamard_transform
 """
 
+from parity.optimized.ops.registry import Impl
 from parity.reference import kernels
 
-IMPLS = {"torch": kernels.hadamard_transform}
+IMPLS = {"torch": Impl(kernels.hadamard_transform)}

@@ -6,6 +6,7 @@ Reference: parity.reference.model.hc_head (ParallelHead.hc_head), called here on
 
 import torch
 
+from parity.optimized.ops.registry import Impl
 from parity.reference.model import hc_head
 
 
@@ -15,4 +16,4 @@ def hc_head_torch(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_eps):
     return torch.cat([hc_head(x[a:b][None], *params)[0] for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])])
 
 
-IMPLS = {"torch": hc_head_torch}
+IMPLS = {"torch": Impl(hc_head_torch)}

@@ -5,6 +5,8 @@ Reference: parity.reference.model.Block.hc_post
 
 import torch
 
+from parity.optimized.ops.registry import Impl
+
 
 def hc_post_torch(x, residual, post, comb):
     # x: [T, D], residual: [T, hc, D], post: [T, hc], comb: [T, hc, hc] -> [T, hc, D]
@@ -12,4 +14,4 @@ def hc_post_torch(x, residual, post, comb):
     return y.type_as(x)
 
 
-IMPLS = {"torch": hc_post_torch}
+IMPLS = {"torch": Impl(hc_post_torch)}

@@ -7,6 +7,7 @@ dense_linear and rms_norm).
 
 import torch
 
+from parity.optimized.ops.registry import Impl
 from parity.reference.model import hc_pre
 
 
@@ -17,4 +18,4 @@ def hc_pre_torch(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_mult, sin
     return tuple(torch.cat([p[i][0] for p in parts]) for i in range(3))
 
 
-IMPLS = {"torch": hc_pre_torch}
+IMPLS = {"torch": Impl(hc_pre_torch)}

@@ -10,6 +10,8 @@ the reference's.
 
 import torch
 
+from parity.optimized.ops.registry import Impl
+
 
 def head_norm_torch(q: torch.Tensor, eps: float, cu_seqlens: tuple[int, ...]) -> torch.Tensor:
     # q: [T, h, d] bf16, normalized in place
@@ -19,4 +21,4 @@ def head_norm_torch(q: torch.Tensor, eps: float, cu_seqlens: tuple[int, ...]) ->
     return q
 
 
-IMPLS = {"torch": head_norm_torch}
+IMPLS = {"torch": Impl(head_norm_torch)}

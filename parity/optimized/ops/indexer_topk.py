@@ -7,6 +7,7 @@ shapes `[1, s, h, d] x [1, t, d]` exactly as for a request alone.
 
 import torch
 
+from parity.optimized.ops.registry import Impl
 from parity.reference.model import causal_entry_mask
 
 
@@ -39,4 +40,4 @@ def indexer_topk_torch(q, entries, weights, k, start_pos, ratio):
     return out
 
 
-IMPLS = {"torch": indexer_topk_torch}
+IMPLS = {"torch": Impl(indexer_topk_torch)}

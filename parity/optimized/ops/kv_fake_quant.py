@@ -6,6 +6,7 @@ official revision's identity (kernels.act_quant_initial).
 
 import torch
 
+from parity.optimized.ops.registry import Impl
 from parity.reference import kernels
 
 
@@ -14,4 +15,4 @@ def kv_fake_quant_torch(x: torch.Tensor, block: int, scale_fmt, scale_dtype, fp8
     return quant(x, block, scale_fmt, scale_dtype, True)
 
 
-IMPLS = {"torch": kv_fake_quant_torch}
+IMPLS = {"torch": Impl(kv_fake_quant_torch)}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from parity.optimized.ops.registry import Impl
 from parity.reference.model import linear
 
 
@@ -55,4 +56,4 @@ def moe_experts_torch(x, weights, indices, experts, shared, scale_fmt, scale_dty
     return y.type_as(x)
 
 
-IMPLS = {"torch": moe_experts_torch}
+IMPLS = {"torch": Impl(moe_experts_torch)}

@@ -6,6 +6,7 @@ the vectorized softplus then see the per-request shapes).
 
 import torch
 
+from parity.optimized.ops.registry import Impl
 from parity.reference.model import route
 
 
@@ -18,4 +19,4 @@ def moe_gate_torch(x, weight, bias, tid2eid, input_ids, topk, score_func, route_
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-IMPLS = {"torch": moe_gate_torch}
+IMPLS = {"torch": Impl(moe_gate_torch)}

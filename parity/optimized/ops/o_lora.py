@@ -6,6 +6,8 @@ time with the reference's `[1, s, g, d]` shape (cuBLAS picks its bf16 kernel by 
 
 import torch
 
+from parity.optimized.ops.registry import Impl
+
 
 def o_lora_torch(o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, segments: tuple[int, ...]):
     # o: [T, h*d] -> [T, g, rank]
@@ -15,4 +17,4 @@ def o_lora_torch(o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, 
     return torch.cat(parts)
 
 
-IMPLS = {"torch": o_lora_torch}
+IMPLS = {"torch": Impl(o_lora_torch)}

@@ -1,12 +1,18 @@
 """Backend selection for the optimized ops.
 
 Every compute op of `parity.optimized.model` is looked up here by name. An op module registers its implementations
-in a module-level `IMPLS = {"torch": fn, ...}` table (read-only after import). Backends:
+in a module-level `IMPLS = {"torch": Impl(fn), "triton": Impl("module:function", bitwise=False, ...)}` table
+(read-only after import). Backends:
 
-- `torch`: the reference math with the optimized data layout (flat ragged tokens, paged KV); runs on CPU and CUDA.
-- `triton`: Triton kernels (CUDA and ROCm); ops without one refuse the selection with a clear error.
-- `aiter`: AMD aiter ops; needs a ROCm build of torch, which this project cannot run or test (no ROCm machine), so
-  no op registers one yet and selecting it is refused.
+- `torch`: the reference math with the optimized data layout (flat ragged tokens, paged KV); runs on CPU and CUDA,
+  bit for bit equal to the op's reference twin.
+- `triton`: Triton kernels (`parity.optimized.ops.triton`), compiled on CUDA, run by the fixed CPU interpreter
+  elsewhere (`triton/runtime.py`); within the tolerance each entry states.
+- `aiter`: AMD aiter's Triton kernels behind adapters (`parity.optimized.ops.aiter`); ops without an entry refuse
+  the selection with a clear error.
+
+A string target (`"module:function"`) is imported only when its backend is selected, after the backend's setup:
+Triton's `@jit` must see `TRITON_INTERPRET` before it decorates a kernel.
 
 Selection: `OpsConfig(default="torch", overrides=(("sparse_attn", "triton"),))`, or from the environment:
 `PARITY_BACKEND=torch` and `PARITY_OPS="sparse_attn=triton,fp8_gemm=torch"` (docs/ENVS.md).
@@ -14,35 +20,44 @@ Selection: `OpsConfig(default="torch", overrides=(("sparse_attn", "triton"),))`,
 
 import importlib
 import os
-from dataclasses import dataclass
-from types import MappingProxyType, SimpleNamespace
-
-import torch
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from types import MappingProxyType
 
 from parity.errors import ParityError
+from parity.optimized.ops.protocol import Ops
 
 BACKENDS = ("torch", "triton", "aiter")
-OP_MODULES = (
-    "act_quant",
-    "kv_fake_quant",
-    "fp4_fake_quant",
-    "fp8_gemm",
-    "fp4_gemm",
-    "dense_linear",
-    "rms_norm",
-    "head_norm",
-    "rope",
-    "hadamard",
-    "hc_pre",
-    "hc_post",
-    "hc_head",
-    "compress_pool",
-    "indexer_topk",
-    "sparse_attn",
-    "o_lora",
-    "moe_gate",
-    "moe_experts",
-)
+OP_MODULES = tuple(f.name for f in fields(Ops) if f.name != "config")
+
+
+@dataclass(frozen=True)
+class Impl:
+    """One backend's implementation of an op.
+
+    Args:
+        target (Callable or str):
+            The function, or `"package.module:function"` imported when the backend is selected.
+        bitwise (bool):
+            The backend claims bit-for-bit equality with the op's reference twin (its tests assert `torch.equal`).
+            Default: `True`.
+        tolerance (str):
+            When not bitwise: how far from the twin it may be and why (the tests' stated reason). Default: `""`.
+    """
+
+    target: Callable | str
+    bitwise: bool = True
+    tolerance: str = ""
+
+    def __post_init__(self):
+        if not self.bitwise and not self.tolerance:
+            raise ParityError(f"Impl {self.target!r}: a backend that is not bitwise must state its tolerance")
+
+    def load(self) -> Callable:
+        if callable(self.target):
+            return self.target
+        module, _, name = self.target.partition(":")
+        return getattr(importlib.import_module(module), name)
 
 
 def _load_registry() -> MappingProxyType:
@@ -54,12 +69,8 @@ def _load_registry() -> MappingProxyType:
 
 
 def registry() -> MappingProxyType:
-    """op name -> {backend: implementation}."""
+    """op name -> {backend: Impl}."""
     return _load_registry()
-
-
-def _rocm() -> bool:
-    return getattr(torch.version, "hip", None) is not None
 
 
 @dataclass(frozen=True)
@@ -78,6 +89,10 @@ class OpsConfig:
     def backend_of(self, op: str) -> str:
         return dict(self.overrides).get(op, self.default)
 
+    def backends(self) -> dict[str, str]:
+        """op -> the backend it runs on (what a report records: which kernel actually ran)."""
+        return {op: self.backend_of(op) for op in OP_MODULES}
+
     @classmethod
     def from_env(cls, env=None) -> "OpsConfig":
         env = os.environ if env is None else env
@@ -95,16 +110,29 @@ class OpsConfig:
             raise ParityError(f"{var}: {e}") from None
 
 
-def resolve_ops(config: OpsConfig | None = None) -> SimpleNamespace:
-    """An object whose attributes are the selected implementation of every op (`ops.sparse_attn(...)`)."""
+def _setup(backend: str) -> None:
+    """Prepare a backend before any of its kernels is imported."""
+    if backend == "triton":
+        from parity.optimized.ops.triton import runtime
+
+        runtime.setup()
+    elif backend == "aiter":
+        from parity.optimized.ops.aiter import loader
+
+        loader.setup()
+
+
+def resolve_ops(config: OpsConfig | None = None) -> Ops:
+    """The selected implementation of every op (`ops.sparse_attn(...)`), with `ops.config` the selection."""
     config = config or OpsConfig()
     table = registry()
     chosen = {}
     for op, impls in table.items():
         backend = config.backend_of(op)
-        if backend == "aiter" and not _rocm():
-            raise ParityError(f"op {op!r}: the aiter backend needs ROCm (torch.version.hip is None on this machine)")
         if backend not in impls:
             raise ParityError(f"op {op!r} has no {backend!r} implementation (available: {sorted(impls)})")
-        chosen[op] = impls[backend]
-    return SimpleNamespace(**chosen, config=config)
+    for backend in sorted(set(config.backends().values()) - {"torch"}):
+        _setup(backend)
+    for op, impls in table.items():
+        chosen[op] = impls[config.backend_of(op)].load()
+    return Ops(**chosen, config=config)

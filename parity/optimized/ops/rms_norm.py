@@ -9,6 +9,7 @@ per-request call (measured on H100: 4 of 64 rows at width 256). On CPU the row r
 
 import torch
 
+from parity.optimized.ops.registry import Impl
 from parity.reference.model import rms_norm
 
 
@@ -19,4 +20,4 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, segments: 
     return torch.cat([rms_norm(x[a:b], weight, eps) for a, b in zip(segments[:-1], segments[1:])])
 
 
-IMPLS = {"torch": rms_norm_torch}
+IMPLS = {"torch": Impl(rms_norm_torch)}

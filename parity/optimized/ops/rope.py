@@ -5,6 +5,8 @@ Reference: parity.reference.model.apply_rotary_emb (there the positions are star
 
 import torch
 
+from parity.optimized.ops.registry import Impl
+
 
 def rope_torch(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
     # x: [T, r] or [T, h, r] bf16 view; freqs_cis: [T, r/2] complex64 (the rows of each token's position)
@@ -18,4 +20,4 @@ def rope_torch(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) 
     return y
 
 
-IMPLS = {"torch": rope_torch}
+IMPLS = {"torch": Impl(rope_torch)}

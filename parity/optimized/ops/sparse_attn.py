@@ -7,6 +7,7 @@ per query identical to the reference call (same rows, same order, same 64-slot b
 
 import torch
 
+from parity.optimized.ops.registry import Impl
 from parity.reference import kernels
 
 
@@ -30,4 +31,4 @@ def sparse_attn_torch(q, sources, idx, attn_sink, softmax_scale):
     return kernels.sparse_attn(q[:, None], kv, attn_sink, local, softmax_scale)[:, 0]
 
 
-IMPLS = {"torch": sparse_attn_torch}
+IMPLS = {"torch": Impl(sparse_attn_torch)}

@@ -5,10 +5,9 @@ import importlib
 import re
 
 import pytest
-import torch
 
 from parity.errors import ParityError
-from parity.optimized.ops import BACKENDS, OP_MODULES, OpsConfig, registry, resolve_ops
+from parity.optimized.ops import BACKENDS, OP_MODULES, Impl, OpsConfig, registry, resolve_ops
 
 
 def refusal(excinfo) -> str:
@@ -52,13 +51,13 @@ def test_default_resolution_gives_every_op_its_torch_impl():
     ops = resolve_ops()
     assert ops.config == OpsConfig()
     for op in OP_MODULES:
-        assert getattr(ops, op) is registry()[op]["torch"]
+        assert getattr(ops, op) is registry()[op]["torch"].load()
 
 
 def test_explicit_torch_overrides_resolve():
     config = OpsConfig(default="torch", overrides=(("sparse_attn", "torch"), ("fp8_gemm", "torch")))
     ops = resolve_ops(config)
-    assert ops.config is config and ops.sparse_attn is registry()["sparse_attn"]["torch"]
+    assert ops.config is config and ops.sparse_attn is registry()["sparse_attn"]["torch"].target
 
 
 # ---- OpsConfig.from_env ----------------------------------------------------------------------------------------
@@ -156,18 +155,43 @@ def test_triton_as_default_is_refused_for_the_first_op_without_it():
     assert f"op {without[0]!r}" in refusal(e)
 
 
-def test_aiter_is_refused_without_rocm(monkeypatch):
-    monkeypatch.setattr(torch.version, "hip", None)
-    with pytest.raises(ParityError) as e:
-        resolve_ops(OpsConfig.from_env({"PARITY_OPS": "sparse_attn=aiter"}))
-    msg = refusal(e)
-    assert "'sparse_attn'" in msg and "aiter" in msg and "ROCm" in msg
-
-
-def test_aiter_on_rocm_is_refused_for_an_op_without_an_aiter_impl(monkeypatch):
-    monkeypatch.setattr(torch.version, "hip", "6.2.0", raising=False)
+def test_aiter_is_refused_for_an_op_without_an_aiter_impl():
     assert "aiter" not in registry()["rope"]
     with pytest.raises(ParityError) as e:
         resolve_ops(OpsConfig(overrides=(("rope", "aiter"),)))
     msg = refusal(e)
     assert "'rope'" in msg and "no 'aiter' implementation" in msg
+
+
+# ---- Impl records ----------------------------------------------------------------------------------------------
+
+
+def test_every_impl_states_bitwise_or_its_tolerance():
+    for op, impls in registry().items():
+        for backend, impl in impls.items():
+            assert isinstance(impl, Impl), (op, backend)
+            assert impl.bitwise or impl.tolerance, (op, backend)
+            assert impl.bitwise == (backend == "torch"), f"{op}/{backend}: only torch backends claim bitwise equality"
+
+
+def test_an_impl_that_is_not_bitwise_must_state_a_tolerance():
+    with pytest.raises(ParityError) as e:
+        Impl("parity.optimized.ops.rms_norm:rms_norm_torch", bitwise=False)
+    assert "tolerance" in refusal(e)
+
+
+def test_a_string_target_is_imported_when_loaded():
+    impl = Impl("parity.optimized.ops.rms_norm:rms_norm_torch")
+    assert impl.load() is registry()["rms_norm"]["torch"].target
+
+
+def test_resolution_prepares_a_backend_before_loading_its_kernels(monkeypatch):
+    events = []
+    reg = importlib.import_module("parity.optimized.ops.registry")  # the package's `registry` is the function
+    monkeypatch.setattr(reg, "_setup", lambda backend: events.append(("setup", backend)))
+    fake = Impl(lambda *a: events.append("called"), bitwise=False, tolerance="test double")
+    table = {op: dict(impls) for op, impls in registry().items()}
+    table["rope"]["triton"] = fake
+    monkeypatch.setattr(reg, "registry", lambda: table)
+    ops = resolve_ops(OpsConfig(overrides=(("rope", "triton"),)))
+    assert events == [("setup", "triton")] and ops.rope is fake.target
