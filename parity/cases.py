@@ -15,8 +15,8 @@
     block_size = 16            # compressed entries per KV block
     num_blocks = 0             # blocks per compress ratio; 0 = what the requests need
     decode_exact_chunks = true # chunks after a context compute like decodes: the verdict is then bitwise
-    [tolerance]
-    min_cos = 0.999            # per module (over all positions) when not decode-exact
+    [tolerance]                # when not decode-exact (decode-exact cases are judged bitwise)
+    calibration = "batched.noise.json"  # noise thresholds from `parity calibrate`, relative to the case file
 
 Built-in cases live in `parity/builtin_cases/`; `load_case(name_or_path)` accepts either.
 """
@@ -58,7 +58,7 @@ class Case:
     requests: tuple[RequestSpec, ...]
     overrides: tuple[tuple[str, object], ...] = ()
     engine: EngineSpec = field(default_factory=EngineSpec)
-    min_cos: float = 0.999
+    calibration: Path | None = None  # noise thresholds (`parity calibrate`); None = the stated defaults
     description: str = ""
     source: str = "<builtin>"
 
@@ -126,10 +126,14 @@ def parse_case(data: dict, source: str) -> Case:
         decode_exact_chunks=exact,
     )
     tolerance = _table(data, "tolerance", source)
-    _check_keys(tolerance, {"min_cos"}, "[tolerance]", source)
-    min_cos = tolerance.get("min_cos", 0.999)
-    if not isinstance(min_cos, int | float) or not -1 <= min_cos <= 1:
-        raise ParityError(f"{source}: tolerance.min_cos must be a number in [-1, 1], got {min_cos!r}")
+    _check_keys(tolerance, {"calibration"}, "[tolerance]", source)
+    calibration = tolerance.get("calibration")
+    if calibration is not None:
+        if not isinstance(calibration, str) or not calibration:
+            raise ParityError(f"{source}: tolerance.calibration must be a file name, got {calibration!r}")
+        calibration = Path(source).parent / calibration if source != "<builtin>" else BUILTIN_DIR / calibration
+        if not calibration.is_file():
+            raise ParityError(f"{source}: tolerance.calibration: no such file {str(calibration)!r}")
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise ParityError(f"{source}: 'name' must be a non-empty string")
@@ -140,7 +144,7 @@ def parse_case(data: dict, source: str) -> Case:
         requests=tuple(specs),
         overrides=tuple(sorted(overrides.items())),
         engine=engine_spec,
-        min_cos=float(min_cos),
+        calibration=calibration,
         description=str(data.get("description", "")),
         source=source,
     )

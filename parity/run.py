@@ -1,13 +1,17 @@
 """The main job: run a parity case end to end and judge it.
 
 1. Checkpoint: the given official-format one, or a synthetic one written for the case's model.
-2. The optimized engine runs all requests as one workload (chunked prefill, decodes, MTP verification), teacher-
-   forced with the reference's greedy tokens; the reference runs each request alone with the engine's prefill /
-   decode split (`parity.check`).
-3. Every traced module (each layer's streams, attention and MoE outputs; the MTP block's) is compared at every
-   position, plus the logits of every emitted token. A module fails when it is not bitwise equal (decode-exact
-   cases) or its cosine drops below the case's `min_cos`; the first failing module in execution order is the
-   verdict's location (layer, module, request, position, phase).
+2. Targets: the reference generates every request alone; its tokens and MTP drafts are forced on every later run,
+   so all runs emit the same tokens and schedule the same steps (`parity.capture.runs`).
+3. The optimized engine runs all requests as one workload (chained: what a user gets), then the reference runs
+   each request alone on the engine's schedule, then the engine runs again teacher-forced at every site with the
+   reference's values: each site's own error (`parity.capture.forcing`).
+4. The verdict (`parity.compare.verdict`): every site, row by row, against the case's noise model (calibrated, or
+   bitwise for decode-exact cases); rows over it get a second opinion from the float64 golden, run when needed.
+   The first failure in execution order names the layer, sub-module, phase, step, request and position.
+
+Everything is captured through `parity.dump` in memory; `--dump DIR` writes the runs out as dump dirs that
+`parity judge`, `parity compare` and `parity bisect` read again.
 """
 
 import os
@@ -17,25 +21,20 @@ from pathlib import Path
 
 import torch
 
+from parity import machine
+from parity.bisect_active import active_bisect
+from parity.capture import runs
+from parity.capture.save import save_run
+from parity.capture.session import Captures, add_forced, capture, judge
 from parity.cases import Case
-from parity.check import RunParity, check_engine
 from parity.checkpoint import Checkpoint, write_checkpoint
+from parity.compare.thresholds import NoiseModel
+from parity.compare.verdict import judge_run
 from parity.errors import ParityError
 from parity.io import atomic_write_json
+from parity.optimized.cache import PagedCache
 from parity.optimized.engine import EngineConfig
 from parity.optimized.ops import OpsConfig
-
-
-@dataclass
-class ModuleRow:
-    module: str
-    positions: int
-    bitwise_requests: int
-    requests: int
-    min_cos: float
-    max_abs: float
-    worst: str  # "req R @ pos P (phase)"
-    passed: bool
 
 
 @dataclass
@@ -44,129 +43,164 @@ class RequestRow:
     prompt_len: int
     first_chunk: int
     tokens: int
-    tokens_equal: bool
-    logits_bitwise: bool
-    logits_min_cos: float
-    mtp: str
-    passed: bool
+    greedy_equal: bool  # the engine's own greedy choice (chained run) equals the reference's at every step
+    logits_max_err: float  # chained run: worst relative L2 error of a logits row
+    mtp: str  # drafts accepted / proposed
 
 
 @dataclass
-class CaseReport:
+class RunReport:
     case: str
     checkpoint: str
     device: str
-    torch_version: str
+    machine: dict
+    backends: dict[str, str]
     exact: bool
-    min_cos: float
-    modules: list[ModuleRow] = field(default_factory=list)
+    noise: str
+    passed: bool
+    location: str
+    sites: list[dict] = field(default_factory=list)  # the forced verdict, one row per (site, field, phase)
+    chained: list[dict] = field(default_factory=list)  # the chained run measured the same way (not gated)
     requests: list[RequestRow] = field(default_factory=list)
-    first_failure: str | None = None
+    golden: bool = False
+    forced_rows: int = 0
+    missed_rows: int = 0
+    timings: dict[str, float] = field(default_factory=dict)
+    bisect: dict | None = None  # the active bisect (`--bisect`): replays, layer, site, confirmation
     wall_s: float = 0.0
 
-    @property
-    def passed(self) -> bool:
-        return self.first_failure is None
-
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        return asdict(self)
 
 
 def prepare_checkpoint(case: Case, checkpoint: str | os.PathLike | None, out_dir: Path) -> Path:
     """Use `checkpoint` if given (its config must be the case's model), else write the case's synthetic one."""
     if checkpoint is not None:
         ckpt = Checkpoint(checkpoint)
-        if ckpt.args.official_dict() != case.model_args().official_dict():
-            raise ParityError(f"{checkpoint}: inference/config.json does not match case {case.name!r}'s model")
+        theirs, ours = ckpt.args.official_dict(), case.model_args().official_dict()
+        if theirs != ours:
+            key = next(k for k in ours if theirs.get(k) != ours[k])
+            raise ParityError(
+                f"case {case.name!r} ({case.source}) asks for model {key}={ours[key]!r} but "
+                f"{checkpoint}/inference/config.json has {theirs.get(key)!r}"
+            )
         return Path(checkpoint)
     return write_checkpoint(out_dir / "checkpoint", case.model_args(), seed=case.seed)
 
 
-def _phase(module: str, position: int, prompt_len: int, first_chunk: int) -> str:
-    if module.startswith("mtp."):
-        return "mtp-draft"
-    if position < first_chunk:
-        return "prefill"
-    return "prefill chunk" if position < prompt_len else "decode"
-
-
-def judge(case: Case, result: RunParity, prompts: list[torch.Tensor]) -> tuple[list[ModuleRow], list[RequestRow], str]:
-    """Module and request rows, and the first failure in execution order ('' when everything passes)."""
-    exact = case.engine.decode_exact_chunks
-
-    def ok(bitwise: bool, cos: float | None) -> bool:
-        return bitwise if exact else bitwise or (cos is not None and cos >= case.min_cos)
-
-    order = {m: i for i, m in enumerate(dict.fromkeys(m.module for m in result.modules))}
-    first = None
-    rows = []
-    for module in order:
-        group = [m for m in result.modules if m.module == module]
-        worst = min(group, key=lambda m: 1.0 if m.metrics.bitwise else m.metrics.cos)
-        req = result.requests[worst.key]
-        where = ""
-        if worst.worst_position is not None:
-            phase = _phase(module, worst.worst_position, len(prompts[worst.key]), req.first_chunk)
-            where = f"req {worst.key} @ pos {worst.worst_position} ({phase})"
-        passed = all(ok(m.metrics.bitwise, m.metrics.cos) for m in group)
-        cos = min(1.0 if m.metrics.bitwise else m.metrics.cos for m in group)
-        max_abs = max(m.metrics.max_abs or 0.0 for m in group)
-        bitwise = sum(m.metrics.bitwise for m in group)
-        positions = sum(m.positions for m in group)
-        rows.append(ModuleRow(module, positions, bitwise, len(group), cos, max_abs, where, passed))
-        if not passed and first is None:
-            first = f"{module}: {where or 'req ' + str(worst.key)}, cos {cos:.6f}, max|diff| {max_abs:.4g}"
-    requests = []
-    for lg in result.logits:
-        req = result.requests[lg.key]
-        passed = ok(lg.bitwise, lg.min_cos)
-        mtp = f"{req.drafts_accepted}/{req.drafts_proposed}" if case.engine.mtp_draft else "-"
-        requests.append(
-            RequestRow(
-                lg.key,
-                len(prompts[lg.key]),
-                req.first_chunk,
-                lg.steps,
-                lg.tokens_equal,
-                lg.bitwise,
-                lg.min_cos,
-                mtp,
-                passed,
-            )  # fmt: skip
-        )
-        if not passed and first is None:
-            first = f"logits of request {lg.key}: cos {lg.min_cos:.6f}"
-    return rows, requests, first or ""
-
-
-def run_case(case: Case, checkpoint: Path, device: str = "cpu", dump_dir: Path | None = None) -> CaseReport:
-    """Engine vs reference on every request of `case`; `dump_dir` also dumps the engine run (`parity.dump`)."""
-    t0 = time.perf_counter()
-    args = case.model_args()
-    prompts = case.prompts(args.vocab_size)
-    steps = [r.decode_steps for r in case.requests]
+def engine_config(case: Case, prompts: list[torch.Tensor]) -> EngineConfig:
+    """The case's engine settings; `num_blocks` 0 = what the requests need at the case's largest compress ratio."""
     e = case.engine
-    ratio_entries = sum(-(-(len(p) + n + 2) // 4 // e.block_size) + 1 for p, n in zip(prompts, steps))
-    config = EngineConfig(
+    args = case.model_args()
+    need = 0
+    for p, r in zip(prompts, case.requests):
+        # + mtp drafts + the one token a step may look ahead
+        need += PagedCache.blocks_for(args, len(p) + r.decode_steps + e.mtp_draft + 1, e.block_size)
+    return EngineConfig(
         max_requests=len(prompts),
-        num_blocks=e.num_blocks or ratio_entries,
+        num_blocks=e.num_blocks or need,
         block_size=e.block_size,
         chunk_size=e.chunk_size,
         token_budget=e.token_budget,
         mtp_draft=e.mtp_draft,
         decode_exact_chunks=e.decode_exact_chunks,
     )
-    result = check_engine(
-        checkpoint, prompts, steps, config, ops=OpsConfig.from_env(), device=device, dump_dir=dump_dir,
-        **dict(case.overrides),
-    )  # fmt: skip
-    modules, requests, first = judge(case, result, prompts)
-    report = CaseReport(
-        case.name, str(checkpoint), device, torch.__version__, e.decode_exact_chunks, case.min_cos, modules, requests,
-        first or None, time.perf_counter() - t0,
-    )  # fmt: skip
+
+
+def run_inputs(case: Case, checkpoint: Path, device: str = "cpu", order=None, ops: OpsConfig | None = None):
+    args = case.model_args()
+    prompts = case.prompts(args.vocab_size)
+    return runs.RunInputs(
+        ckpt=Path(checkpoint),
+        prompts=tuple(prompts),
+        decode_steps=tuple(r.decode_steps for r in case.requests),
+        engine=engine_config(case, prompts),
+        ops=ops if ops is not None else OpsConfig.from_env(),
+        device=device,
+        overrides=case.overrides,
+        order=None if order is None else tuple(order),
+    )
+
+
+def noise_model(case: Case) -> NoiseModel:
+    """Bitwise for decode-exact cases; else the case's calibration file, or the stated defaults."""
+    if case.engine.decode_exact_chunks:
+        return NoiseModel(exact=True, source="decode-exact")
+    if case.calibration is not None:
+        return NoiseModel.load(case.calibration)
+    return NoiseModel()
+
+
+def request_rows(c: Captures) -> list[RequestRow]:
+    rows = []
+    for i, prompt in enumerate(c.inputs.prompts):
+        req, want = c.chained.requests[i], c.targets.generations[i]
+        n = min(len(req.logits), len(want.logits))
+        greedy = all(int(a.argmax()) == t for a, t in zip(req.logits[:n], want.tokens[:n]))
+        err = max(
+            (float((a.double() - b.double()).norm() / b.double().norm().clamp(min=1e-300)) for a, b in
+             zip(req.logits[:n], want.logits[:n])),
+            default=0.0,
+        )  # fmt: skip
+        mtp = f"{req.drafts_accepted}/{req.drafts_proposed}" if c.inputs.mtp else "-"
+        rows.append(RequestRow(i, len(prompt), req.first_chunk, len(req.output), greedy, err, mtp))
+    return rows
+
+
+def run_case(
+    case: Case,
+    checkpoint: Path,
+    device: str = "cpu",
+    dump_dir: Path | None = None,
+    *,
+    ops: OpsConfig | None = None,
+    transform_ops=None,
+    golden: str = "auto",
+    noise: NoiseModel | None = None,
+    bisect: bool = False,
+) -> RunReport:
+    """The optimized engine against the reference on every request of `case` (module docstring)."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    inp = run_inputs(case, checkpoint, device, ops=ops)
+    noise = noise if noise is not None else noise_model(case)
+    # a decode-exact run that is bitwise chained is bitwise forced too: the forced run only localizes a failure
+    c = capture(inp, transform_ops, timings, forced=not noise.exact)
+    t = time.perf_counter()
+    chained = judge_run(c.reference.dump, c.chained.dump, c.layout, c.n_layers, noise)
+    if c.forced is None and not chained.passed:
+        c = add_forced(c, transform_ops, timings)
+    verdict = judge(c, noise, golden, timings) if c.forced is not None else chained
+    timings["judge"] = time.perf_counter() - t
+    missed = sum(c.forced.missed.values()) if c.forced is not None else 0
+    location = verdict.location()
+    if missed and not location:
+        location = f"teacher forcing found no reference value for {missed} rows: the runs are not aligned"
+    report = RunReport(
+        case=case.name,
+        checkpoint=str(checkpoint),
+        device=device,
+        machine=machine.describe(),
+        backends=inp.ops.backends(),
+        exact=case.engine.decode_exact_chunks,
+        noise=noise.source,
+        passed=verdict.passed and not missed,
+        location=location,
+        sites=[r.to_row() for r in verdict.results],
+        chained=[r.to_row() for r in chained.results],
+        requests=request_rows(c),
+        golden=c.golden is not None,
+        forced_rows=sum(c.forced.forced.values()) if c.forced is not None else 0,
+        missed_rows=missed,
+        timings=timings,
+    )
+    if bisect:
+        report.bisect = asdict(active_bisect(c, noise, transform_ops))
+    if dump_dir is not None:
+        save_run(c, dump_dir, noise)
+    report.wall_s = time.perf_counter() - t0
     return report
 
 
-def write_report(report: CaseReport, out_dir: Path) -> Path:
+def write_report(report: RunReport, out_dir: Path) -> Path:
     return atomic_write_json(out_dir / "parity.json", report.to_dict())

@@ -35,9 +35,17 @@ BASE = {"name": "x", "model": {"preset": "tiny"}, "requests": [{"prompt_len": 5,
         ({"engine": {"mtp_draft": -1}}, "mtp_draft must be an integer >= 0"),
         ({"engine": {"decode_exact_chunks": "yes"}}, "true or false"),
         ({"engine": {"chunk": 3}}, r"unknown key\(s\) \['chunk'\] in \[engine\]"),
-        ({"tolerance": {"min_cos": 2}}, "min_cos"),
+        ({"tolerance": {"min_cos": 0.9}}, r"unknown key\(s\) \['min_cos'\] in \[tolerance\]"),
+        ({"tolerance": {"calibration": 3}}, "tolerance.calibration must be a file name"),
+        ({"tolerance": {"calibration": "nope.json"}}, "tolerance.calibration: no such file"),
     ],
 )
 def test_bad_case_fields_are_named(patch, message):
     with pytest.raises(ParityError, match=message):
         parse_case({**BASE, **patch}, "case.toml")
+
+
+def test_calibration_is_resolved_next_to_the_case_file(tmp_path):
+    (tmp_path / "noise.json").write_text("{}")
+    case = parse_case({**BASE, "tolerance": {"calibration": "noise.json"}}, str(tmp_path / "case.toml"))
+    assert case.calibration == tmp_path / "noise.json"

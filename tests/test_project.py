@@ -42,13 +42,41 @@ def _cli():
     return cli.app
 
 
+SMALL = """name = "small"
+[model]
+preset = "tiny"
+seed = 0
+[[requests]]
+prompt_len = 37
+decode_steps = 3
+[[requests]]
+prompt_len = 9
+decode_steps = 3
+[engine]
+chunk_size = 16
+token_budget = 24
+mtp_draft = 1
+decode_exact_chunks = true
+"""
+
+
+def small_case(tmp_path) -> Path:
+    path = tmp_path / "small.toml"
+    path.write_text(SMALL)
+    return path
+
+
 def test_main_job_on_the_builtin_case(tmp_path):
     result = CliRunner().invoke(_cli(), ["run", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert "PASSED | tiny" in result.output
     report = json.loads((tmp_path / "parity.json").read_text())
-    assert report["passed"] and report["exact"]
-    assert len(report["modules"]) == 14 and all(m["bitwise_requests"] == m["requests"] == 4 for m in report["modules"])
+    assert report["passed"] and report["exact"] and report["noise"] == "decode-exact"
+    sites = {r["site"] for r in report["sites"] if r["compared"]}
+    assert {"layers.0.attn.output", "layers.1.attn.indexer.topk", "layers.2.attn.compressor.entries"} <= sites
+    assert {"mtp.0.hc_post_ffn", "output_logits", "mtp.0.output_logits"} <= sites
+    assert all(r["bitwise"] for r in report["sites"])
+    assert len(report["requests"]) == 4 and all(r["greedy_equal"] for r in report["requests"])
     assert (tmp_path / "checkpoint" / "model.safetensors.index.json").is_file()
 
 
@@ -63,11 +91,12 @@ def test_main_job_names_a_planted_bug_and_exits_1(tmp_path, monkeypatch):
         return torch.where(idx > 0, idx - 1, idx)
 
     monkeypatch.setattr(opt_model, "_window_idx", off_by_one)
-    result = CliRunner().invoke(_cli(), ["run", "--out", str(tmp_path)])
+    result = CliRunner().invoke(_cli(), ["run", str(small_case(tmp_path)), "--out", str(tmp_path)])
     assert result.exit_code == 1, result.output
-    assert "FAILED | tiny" in result.output
-    assert "first divergence: layers.0.attn" in result.output
-    assert not json.loads((tmp_path / "parity.json").read_text())["passed"]
+    assert "FAILED | small" in result.output
+    assert "first divergence: layer 0 attention core (layers.0.attn.output" in result.output
+    report = json.loads((tmp_path / "parity.json").read_text())
+    assert not report["passed"] and report["location"].startswith("layer 0 attention core")
 
 
 def test_bad_case_is_one_line_exit_2(tmp_path):
@@ -85,12 +114,22 @@ def test_bad_case_is_one_line_exit_2(tmp_path):
         assert message in proc.stderr
 
 
-def test_main_job_dumps_are_comparable(tmp_path):
-    """`parity run --dump` twice: the two engine dumps line up record for record and compare bitwise (exit 0)."""
+def test_main_job_dumps_are_comparable_and_judged_again(tmp_path):
+    """`parity run --dump` twice: the two engine dumps line up record for record and compare bitwise (exit 0);
+    the reference is laid out like the engine, so it compares record for record too; `parity judge` gives the
+    same verdict offline."""
     app = _cli()
+    case = str(small_case(tmp_path))
     for name in ("a", "b"):
-        result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "report"), "--dump", str(tmp_path / name)])
+        result = CliRunner().invoke(
+            app, ["run", case, "--out", str(tmp_path / "report"), "--dump", str(tmp_path / name)]
+        )
         assert result.exit_code == 0, result.output
-    result = CliRunner().invoke(app, ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--exact"])
+    a, b = tmp_path / "a", tmp_path / "b"
+    result = CliRunner().invoke(app, ["compare", str(a / "chained"), str(b / "chained"), "--exact"])
     assert result.exit_code == 0, result.output
-    assert "PASSED" in result.output
+    result = CliRunner().invoke(app, ["compare", str(a / "reference"), str(a / "chained"), "--exact"])
+    assert result.exit_code == 0, result.output
+    result = CliRunner().invoke(app, ["judge", str(a), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["passed"] is True

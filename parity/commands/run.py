@@ -1,45 +1,73 @@
 """`parity run`: the main job on a case (default: the built-in tiny V4 case, on CPU)."""
 
+import json
 from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
+from rich.markup import escape
 from rich.table import Table
 
+from parity import machine
+from parity.capture.session import GOLDEN
 from parity.cases import load_case
-from parity.commands._common import EXIT_FAIL, out
-from parity.run import CaseReport, prepare_checkpoint, run_case, write_report
+from parity.commands._common import EXIT_FAIL, err, out
+from parity.errors import ParityError
+from parity.run import RunReport, prepare_checkpoint, run_case, write_report
 
 
 def _status(passed: bool) -> str:
     return "[green]PASS[/green]" if passed else "[red]FAIL[/red]"
 
 
-def _cos(value: float, bitwise: bool) -> str:
-    return "bitwise" if bitwise else f"{value:.6f}"
+def _err(value: float, bitwise: bool) -> str:
+    return "bitwise" if bitwise else f"{value:.3g}"
 
 
-def render(report: CaseReport) -> None:
-    mode = "bitwise (decode-exact chunks)" if report.exact else f"min cos {report.min_cos}"
-    table = Table(title=f"layers: optimized engine vs reference, {mode}")
-    for col in ("module", "positions", "bitwise reqs", "min cos", "max |diff|", "worst", "status"):
-        table.add_column(col, justify="left" if col in ("module", "worst", "status") else "right")
-    for m in report.modules:
+def render_sites(rows: list[dict], title: str) -> None:
+    """One line per block: its worst site relative to that site's threshold."""
+    table = Table(title=title)
+    for col in ("block", "rows", "worst site", "phase", "error", "threshold", "flips", "status"):
+        table.add_column(col, justify="right" if col in ("rows", "error", "threshold", "flips") else "left")
+    blocks: dict[str, list[dict]] = {}
+    for r in rows:
+        block = ".".join(r["site"].split(".")[:2]) if r["site"].startswith(("layers.", "mtp.")) else "head"
+        blocks.setdefault(block, []).append(r)
+    for block, group in blocks.items():
+        worst = max(group, key=lambda r: (not r["passed"], _ratio(r)))
+        site = worst["site"].removeprefix(block + ".") + ("" if worst["field"] == "out" else f":{worst['field']}")
         table.add_row(
-            m.module, str(m.positions), f"{m.bitwise_requests}/{m.requests}", _cos(m.min_cos, m.min_cos == 1.0 and
-            m.bitwise_requests == m.requests), f"{m.max_abs:.3g}", m.worst, _status(m.passed),
+            block, str(sum(r["compared"] for r in group)), escape(site), worst["phase"],
+            _err(worst["max_err"], all(r["bitwise"] for r in group)), f"{worst['threshold']:.3g}",
+            str(sum(r["flips"] for r in group)), _status(all(r["passed"] for r in group)),
         )  # fmt: skip
     out.print(table)
-    table = Table(title="requests: emitted tokens")
-    for col in ("req", "prompt", "first chunk", "tokens", "greedy equal", "logits", "MTP accepted", "status"):
-        table.add_column(col, justify="right" if col not in ("logits", "status") else "left")
+
+
+def _ratio(r: dict) -> float:
+    return r["max_err"] / r["threshold"] if r["threshold"] else (0.0 if r["bitwise"] else float("inf"))
+
+
+def render(report: RunReport) -> None:
+    out.print(f"machine: {escape(machine.summary())}")
+    odd = {op: b for op, b in report.backends.items() if b != "torch"}
+    out.print(f"ops: {escape(', '.join(f'{o}={b}' for o, b in odd.items()) or 'all torch')}; noise: {report.noise}")
+    render_sites(report.sites, "own error per site: the optimized engine teacher-forced with the reference")
+    table = Table(title="requests: chained run (the engine on its own)")
+    for col in ("req", "prompt", "first chunk", "tokens", "greedy equal", "logits max err", "MTP accepted"):
+        table.add_column(col, justify="right")
     for r in report.requests:
         table.add_row(
-            str(r.index), str(r.prompt_len), str(r.first_chunk), str(r.tokens), "yes" if r.tokens_equal else "no",
-            _cos(r.logits_min_cos, r.logits_bitwise), r.mtp, _status(r.passed),
+            str(r.index), str(r.prompt_len), str(r.first_chunk), str(r.tokens), "yes" if r.greedy_equal else "no",
+            f"{r.logits_max_err:.3g}", r.mtp,
         )  # fmt: skip
     out.print(table)
+    failing = [r for r in report.sites if not r["passed"]]
+    for r in failing[:12]:
+        out.print(f"  [red]fail[/red] {escape(r['site'])}:{r['field']} ({r['phase']}): {escape(r['reasons'])}")
+    if len(failing) > 12:
+        out.print(f"  ... and {len(failing) - 12} more failing (site, field, phase) rows in the JSON report")
 
 
 def run(
@@ -52,23 +80,46 @@ def run(
     threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
     dump_dir: Annotated[
         Path | None,
-        typer.Option("--dump", help="Also dump the engine run here (an empty dir) for parity compare / bisect."),
+        typer.Option("--dump", help="Also write the runs here (an empty dir): parity judge / compare / bisect."),
     ] = None,
+    golden: Annotated[str, typer.Option(help="When to run the float64 golden: auto | always | never.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON instead of tables.")] = False,
+    bisect: Annotated[
+        bool, typer.Option("--bisect", help="Active bisect: replays that name the first bad layer.")
+    ] = False,
 ) -> None:
-    """Run a parity case: the optimized engine against the reference, every layer at every position."""
+    """Run a parity case: the optimized engine against the reference, every site at every position."""
     spec = load_case(case)
+    if golden not in GOLDEN:
+        raise ParityError(f"--golden: expected one of {', '.join(GOLDEN)}, got {golden!r}")
     if threads is not None:
+        if threads < 1:
+            raise ParityError(f"--threads: expected a positive number of threads, got {threads}")
         torch.set_num_threads(threads)
+    if dump_dir is not None and dump_dir.exists() and (not dump_dir.is_dir() or any(dump_dir.iterdir())):
+        raise ParityError(f"--dump {dump_dir}: needs an empty or new dir")
     out_dir = out_dir or Path("reports") / spec.name
     ckpt = prepare_checkpoint(spec, checkpoint, out_dir)
-    report = run_case(spec, ckpt, device, dump_dir)
+    report = run_case(spec, ckpt, device, dump_dir, golden=golden, bisect=bisect)
     path = write_report(report, out_dir)
-    render(report)
-    if report.first_failure:
-        out.print(f"[red]first divergence[/red]: {report.first_failure}")
-    out.print(f"checkpoint: {ckpt}\nreport: {path}")
+    if as_json:
+        out.print_json(json.dumps(report.to_dict()))
+    else:
+        render(report)
+        if report.location:
+            out.print(f"[red]first divergence[/red]: {escape(report.location)}")
+        if report.bisect is not None:
+            b = report.bisect
+            for line in b["log"]:
+                out.print(f"active bisect {escape(line)}")
+            out.print(
+                f"active bisect: {b['replays']} replays (bound ceil(log2 L) + 2 = {b['bound']})"
+                + (f", first bad layer {b['layer']} ({b['submodule']})" if b["layer"] is not None else "")
+            )
+        out.print(f"checkpoint: {ckpt}\nreport: {path}" + (f"\ndumps: {dump_dir}" if dump_dir else ""))
     status = "PASSED" if report.passed else "FAILED"
-    out.print(f"{status} | {spec.name} | {report.wall_s:.1f}s | parity run {case}")
+    # with --json, stdout holds only the JSON document; the one-line summary goes to stderr
+    (err if as_json else out).print(f"{status} | {spec.name} | {report.wall_s:.1f}s | parity run {case}")
     if not report.passed:
         raise typer.Exit(EXIT_FAIL)
 

@@ -28,6 +28,13 @@ class Dump:
     records: list[Record]
     world_size: int
     _where: dict[int, str] = field(default_factory=dict, repr=False)
+    # tensors of an in-memory dump (`parity.dump.MemoryWriter`), keyed by (file, key); None for a dump dir
+    memory: dict[tuple[str, str], torch.Tensor] | None = field(default=None, repr=False)
+
+    @classmethod
+    def from_memory(cls, writer, name: str) -> "Dump":
+        """The records a `MemoryWriter` holds, readable like a dump dir (`name` stands in for the dir in messages)."""
+        return cls(Path(name), list(writer.records), 1, {}, writer.tensors)
 
     def where(self, record: Record) -> str:
         """`DIR/manifest.jsonl line N`, for messages."""
@@ -37,6 +44,8 @@ class Dump:
         """The record's tensor, checked against its manifest line. Stats-mode records have none."""
         if record.file is None:
             raise ParityError(f"{self.where(record)}: {record.name} was dumped in stats mode and holds no tensor")
+        if self.memory is not None:
+            return self.memory[(record.file, record.key)]
         path = self.root / record.file
         try:
             with safe_open(path, "pt") as f:

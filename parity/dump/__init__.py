@@ -13,12 +13,15 @@ from parity.dump.config import DumpConfig, Ranges
 from parity.dump.format import PHASES, SCHEMA_VERSION, Record
 from parity.dump.hooks import DumpHandle, install, layer_of
 from parity.dump.tags import Tags, current_tags, phase, tags
+from parity.dump.writer import DumpWriter, MemoryWriter
 
 __all__ = [
     "PHASES",
     "SCHEMA_VERSION",
     "DumpConfig",
     "DumpHandle",
+    "DumpWriter",
+    "MemoryWriter",
     "Ranges",
     "Record",
     "Tags",

@@ -21,7 +21,8 @@ import torch
 
 from parity.errors import ParityError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added `start_pos`
 MANIFEST = "manifest.jsonl"
 TENSOR_DIR = "tensors"
 WEIGHT_DIR = "weights"
@@ -89,6 +90,7 @@ class Record:
     cu_seqlens: tuple[int, ...] | None = None
     batch: int | None = None
     requests: tuple[str, ...] | None = None
+    start_pos: tuple[int, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
     rank: int = 0
     world_size: int = 1
@@ -120,8 +122,9 @@ class Record:
         if not isinstance(obj, dict):
             raise ParityError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         version = obj.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise ParityError(f"{where}: schema_version {version!r} unsupported (this parity reads {SCHEMA_VERSION})")
+        if version not in READABLE_VERSIONS:
+            readable = ", ".join(map(str, READABLE_VERSIONS))
+            raise ParityError(f"{where}: schema_version {version!r} unsupported (this parity reads {readable})")
         get = _FieldReader(obj, where)
         kind = get.choice("kind", KINDS)
         phase = get.choice("phase", PHASES, optional=True)
@@ -139,6 +142,7 @@ class Record:
         requests = obj.get("requests")
         if requests is not None and not isinstance(requests, list):
             raise ParityError(f"{where}: field 'requests' must be a list, got {requests!r}")
+        start_pos = get.int_list("start_pos", optional=True)
         return cls(
             seq=get.int("seq"),
             run=get.str("run"),
@@ -159,6 +163,7 @@ class Record:
             cu_seqlens=None if cu_seqlens is None else tuple(cu_seqlens),
             batch=get.int("batch", optional=True),
             requests=None if requests is None else tuple(str(r) for r in requests),
+            start_pos=None if start_pos is None else tuple(start_pos),
             extra=get.dict("extra", optional=True) or {},
             rank=get.int("rank"),
             world_size=get.int("world_size"),

@@ -46,15 +46,18 @@ class DumpHandle:
         self.remove()
 
 
-def install(model: nn.Module, config: DumpConfig | None = None, *, prefix: str = "") -> DumpHandle:
+def install(
+    model: nn.Module, config: DumpConfig | None = None, *, prefix: str = "", writer: DumpWriter | None = None
+) -> DumpHandle:
     """Hook the modules of `model` that `config` selects (default: `DumpConfig.from_env()`).
 
     Call it once per model object, after weights are loaded. A model built later (an MTP drafter) is installed
     the same way into the same dir, with a `prefix` (e.g. `"mtp"`) that keeps its module paths apart: both then
-    write one dump with one execution order.
+    write one dump with one execution order. `writer` replaces the dir (a `MemoryWriter`, say): hooks are then
+    installed whatever `config.dir` says.
     """
     config = DumpConfig.from_env() if config is None else config
-    if not config.enabled:
+    if not config.enabled and writer is None:
         return DumpHandle([], None, [])
     pattern = config.layer_pattern
     paths = [(".".join(p for p in (prefix, path) if p), m) for path, m in model.named_modules()]
@@ -65,7 +68,7 @@ def install(model: nn.Module, config: DumpConfig | None = None, *, prefix: str =
             f"dump: no module of {type(model).__name__} matches PARITY_DUMP_MODULES={config.modules!r}, "
             f"PARITY_DUMP_CLASSES={','.join(sorted(config.classes))!r}, PARITY_DUMP_LAYERS={config.layers}"
         )
-    writer = DumpWriter(config.dir, config.mode, *_rank())
+    writer = writer if writer is not None else DumpWriter(config.dir, config.mode, *_rank())
     hooks = []
     for site, module in sites:
         tap = _Tap(site, writer, config)

@@ -35,7 +35,20 @@ class Tags:
     cu_seqlens: tuple[int, ...] | None = None
     batch: int | None = None
     requests: tuple[str, ...] | None = None
+    start_pos: tuple[int, ...] | None = None  # [N] position of each sequence's first token in this forward
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def record_fields(self) -> dict[str, Any]:
+        """The tags as the manifest stores them (the `Record` fields of the same names)."""
+        return {
+            "phase": self.phase,
+            "step": self.step,
+            "cu_seqlens": self.cu_seqlens,
+            "batch": self.batch,
+            "requests": self.requests,
+            "start_pos": self.start_pos,
+            "extra": self.extra,
+        }
 
 
 _UNTAGGED = Tags()
@@ -54,6 +67,7 @@ def phase(
     cu_seqlens: Sequence[int] | torch.Tensor | None = None,
     batch: int | None = None,
     requests: Sequence[object] | None = None,
+    start_pos: Sequence[int] | None = None,
     **extra: Any,
 ) -> Iterator[Tags]:
     """Tag every dump record made inside the block with a phase and step.
@@ -69,6 +83,8 @@ def phase(
             Number of sequences N for `[b, s, ...]` activations. Give `cu_seqlens` or `batch`, not both.
         requests (Sequence, Optional):
             One id per slot (N of them); slots with equal ids hold the same sequence.
+        start_pos (Sequence[int], Optional):
+            Position of each slot's first token (N of them), so every row of a record has a (request, position).
         **extra:
             Free-form JSON-serialisable tags (e.g. `impl="reference"`), merged over the enclosing `tags(...)`.
     """
@@ -85,8 +101,11 @@ def phase(
     reqs = None if requests is None else tuple(str(r) for r in requests)
     if reqs is not None and slots is not None and len(reqs) != slots:
         raise ParityError(f"dump.phase: {len(reqs)} request ids for {slots} slots")
+    starts = None if start_pos is None else tuple(int(p) for p in start_pos)
+    if starts is not None and (slots is None or len(starts) != slots or min(starts, default=0) < 0):
+        raise ParityError(f"dump.phase: start_pos needs one non-negative position per slot ({slots}), got {starts}")
     outer = current_tags()
-    tags = Tags(name, step, cu, batch, reqs, _merge(outer.extra, extra))
+    tags = Tags(name, step, cu, batch, reqs, starts, _merge(outer.extra, extra))
     token = _CURRENT.set(tags)
     try:
         yield tags

@@ -66,12 +66,7 @@ class DumpWriter:
             io=io,
             call=call,
             call_in_step=call_in_step,
-            phase=tags.phase,
-            step=tags.step,
-            cu_seqlens=tags.cu_seqlens,
-            batch=tags.batch,
-            requests=tags.requests,
-            extra=tags.extra,
+            **tags.record_fields(),
         )
         rel = f"{TENSOR_DIR}/{RUN_ID}-{seq:08d}.safetensors"
         self._write(rel, tensors, lambda f: {**common, "name": record_name(site.path, f), "field": f})
@@ -105,13 +100,16 @@ class DumpWriter:
         if self.mode == "full":
             # clone on the way out: implementations edit tensors in place after the hook returns
             snap = {k: _snapshot(t) for k, t in tensors.items()}
-            atomic_write(self.dir / rel, lambda tmp: save_file(snap, tmp))
+            self._store(rel, snap)
             for k, t in snap.items():
                 records.append(self._record(tags_of(k), t, file=rel, key=k))
         else:
             for k, t in tensors.items():
                 records.append(self._record(tags_of(k), t, stats=tensor_stats(t)))
         self._append(records)
+
+    def _store(self, rel: str, snap: dict[str, torch.Tensor]) -> None:
+        atomic_write(self.dir / rel, lambda tmp: save_file(snap, tmp))
 
     def _record(self, tags: dict, t: torch.Tensor, **where) -> Record:
         return Record(
@@ -148,3 +146,38 @@ class DumpWriter:
 def _snapshot(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy in the tensor's own dtype (always a copy, also for tensors already on the CPU)."""
     return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+class MemoryWriter(DumpWriter):
+    """The same records, kept in this process instead of a dir: `records` in execution order and `tensors` keyed by
+    (file, key), as `parity.compare.Dump.from_memory` reads them. `parity run` captures both sides this way and
+    writes them out only when asked (`--dump`)."""
+
+    def __init__(self, mode: str = "full"):
+        self.dir, self.mode, self.rank, self.world_size = None, mode, 0, 1
+        self.records: list[Record] = []
+        self.tensors: dict[tuple[str, str], torch.Tensor] = {}
+
+    def _store(self, rel: str, snap: dict[str, torch.Tensor]) -> None:
+        self.tensors.update({(rel, k): t for k, t in snap.items()})
+
+    def _append(self, records: list[Record]) -> None:
+        self.records.extend(records)
+
+    def save(self, root: str | os.PathLike) -> Path:
+        """Write the records out as a dump dir (`root` must not hold a manifest yet)."""
+        return save_records(root, self.records, self.tensors)
+
+
+def save_records(root: str | os.PathLike, records: list[Record], tensors: dict[tuple[str, str], torch.Tensor]) -> Path:
+    """A dump dir holding `records`, their tensors (keyed by (file, key)) written file by file, atomically."""
+    out = DumpWriter(root, "full")
+    if out.manifest.exists():
+        raise ParityError(f"{out.manifest}: already exists; give an empty dir")
+    files: dict[str, dict[str, torch.Tensor]] = {}
+    for r in records:
+        files.setdefault(r.file, {})[r.key] = tensors[(r.file, r.key)]
+    for rel, group in files.items():
+        out._store(rel, {k: t.contiguous() for k, t in group.items()})
+    out._append(list(records))
+    return out.dir

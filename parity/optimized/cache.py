@@ -129,6 +129,12 @@ class PagedCache:
         """Blocks a request needs to hold the entries of its first `positions` tokens."""
         return -(-(positions // ratio) // self.block_size)
 
+    @staticmethod
+    def blocks_for(args: ModelArgs, positions: int, block_size: int) -> int:
+        """Blocks per ratio pool that one request of `positions` tokens needs (the smallest ratio needs the most)."""
+        ratios = [r for r in args.compress_ratios[: args.n_layers + args.n_mtp_layers] if r]
+        return max((-(-(positions // r) // block_size) for r in ratios), default=0)
+
     # rollback for rejected MTP drafts
     def snapshot(self, slot: int, positions: list[int]) -> dict:
         """Copies of a slot's compressor state and of the ring rows that `positions` will overwrite."""

@@ -196,7 +196,8 @@ class Engine:
         # a mixed batch is tagged by its most specific member; per-request kinds are in the batch itself
         phase = "mtp-verify" if verifying else ("prefill" if all(p[2] for p in plan) else "decode")
         batch, h = self._forward(phase, plan)
-        replay = self._commit(plan, batch, h)
+        with self._scope(phase, batch):  # the head runs on the step's rows: same tags as its forward
+            replay = self._commit(plan, batch, h)
         if replay:
             # a rejected draft's position wrote the ring and the compressor state: restore, then replay the
             # committed tokens so the cache holds exactly what a non-speculative run would have

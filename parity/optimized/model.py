@@ -8,7 +8,10 @@ parameters, so the same checkpoints and state dicts load into both), different e
   (`PagedCache`), all passed explicitly;
 - a sequence's step may be a prefill (start_pos 0), a decode (one token), or a chunk of several tokens after a
   context (chunked prefill, MTP verification), which the official model cannot run;
-- every compute op goes through the op registry (`ops.<name>`), so one op at a time can be switched to a backend.
+- every compute op goes through the op registry (`ops.<name>`), so one op at a time can be switched to a backend;
+- taps (`parity.taps.Tap`) mark the points a harness reads and teacher-forces: each block's input streams, the
+  mHC mixes in and out, the attention and MoE inputs and outputs, compressor entries, indexer top-k, the routing,
+  the logits. The reference gets the same taps attached from outside (`parity.capture.reference`).
 
 Numerics, per sequence: a start_pos-0 step follows the reference prefill and a one-token step the reference
 decode op for op (bitwise equal with the torch backend); a chunk after a context runs the compressor state machine
@@ -25,6 +28,7 @@ from parity.optimized.cache import CompressorState, PagedCache
 from parity.optimized.ops import resolve_ops
 from parity.optimized.ops.moe_experts import ExpertWeights
 from parity.reference import model as ref
+from parity.taps import Tap
 
 KV_QUANT_BLOCK = ref.KV_QUANT_BLOCK
 
@@ -67,6 +71,7 @@ class OptCompressor(ref.Compressor):
         _drop_buffers(self)
         self.ops = ops
         self.kv_fp8 = args.kv_fp8_sim
+        self.entries = Tap()  # (new entries [m, d], token rows [m] of the tokens that completed them)
 
     def reset_buffers(self) -> None:
         pass
@@ -164,6 +169,7 @@ class OptIndexer(ref.Indexer):
         self.compressor = OptCompressor(args, compress_ratio, self.head_dim, True, ops)
         _drop_buffers(self)
         self.ops = ops
+        self.topk = Tap()  # entry ids [T, k] (-1 = none), k = the widest of the batch
 
     def reset_buffers(self) -> None:
         pass
@@ -179,21 +185,44 @@ class OptIndexer(ref.Indexer):
         weights = weights * (self.softmax_scale * self.n_heads**-0.5)  # [T, h]
         pool = cache.index_entries[layer]
         flat_pool = pool.view(-1, pool.shape[-1])
+        compress_all(self.compressor, x, batch, cache.index_state[layer], freqs_cis, flat_pool, cache, ratio)
         out = []
         for i in range(batch.num_seqs):
             rows, start, end = batch.rows(i), batch.start_pos[i], batch.context_len(i)
-            table = batch.block_tables[ratio][i]
-            state = cache.index_state[layer]
-            first, new = self.compressor.compress(
-                x[rows], start, state, batch.slots[i], freqs_cis, batch.seq_segments(i)
-            )
-            if new is not None:
-                flat_pool[cache.entry_rows(table, torch.arange(first, first + new.shape[0]))] = new
             n_entries = end // ratio
-            entries = flat_pool[cache.entry_rows(table, torch.arange(n_entries))]  # [t, d]
+            entries = flat_pool[cache.entry_rows(batch.block_tables[ratio][i], torch.arange(n_entries))]  # [t, d]
             k = min(self.index_topk, n_entries)
             out.append(ops.indexer_topk(q[rows], entries, weights[rows], k, start, ratio))
-        return out
+        return _split_rows(self.topk(_pad_cat(out)), out)
+
+
+def compress_all(compressor, x, batch: Batch, state, freqs_cis, flat_pool, cache: PagedCache, ratio: int) -> None:
+    """Run the compressor of every sequence (each its own state row), pass the new entries through the
+    compressor's `entries` tap (token rows of the tokens that completed them), write them to the paged pool."""
+    done = []  # (sequence, first entry id, entries [m, d])
+    for i in range(batch.num_seqs):
+        first, new = compressor.compress(
+            x[batch.rows(i)], batch.start_pos[i], state, batch.slots[i], freqs_cis, batch.seq_segments(i)
+        )
+        if new is not None:
+            done.append((i, first, new))
+    if not done:
+        return
+    # entry j is completed by the token at position (j+1)*ratio - 1
+    token_rows = torch.cat([
+        batch.cu_seqlens[i] - batch.start_pos[i] + (torch.arange(first, first + new.shape[0]) + 1) * ratio - 1
+        for i, first, new in done
+    ])  # fmt: skip
+    entries, _ = compressor.entries(torch.cat([new for _, _, new in done]), token_rows.to(x.device))
+    for (i, first, new), part in zip(done, entries.split([new.shape[0] for _, _, new in done])):
+        ids = torch.arange(first, first + new.shape[0])
+        flat_pool[cache.entry_rows(batch.block_tables[ratio][i], ids)] = part
+
+
+def _split_rows(padded: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Inverse of `_pad_cat`: per sequence [n_i, k_i] from the padded [T, max k]."""
+    parts = padded.split([t.shape[0] for t in like])
+    return [p[:, : t.shape[1]] for p, t in zip(parts, like)]
 
 
 class OptAttention(ref.Attention):
@@ -208,12 +237,14 @@ class OptAttention(ref.Attention):
         _drop_buffers(self)
         self.ops = ops
         self.kv_fp8 = args.kv_fp8_sim
+        self.input, self.output = Tap(), Tap()
 
     def reset_buffers(self) -> None:
         self.freqs_cis = self._freqs_cis(self.freqs_cis.device)
 
     def forward(self, x: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
         # x: [T, D] -> [T, D]
+        x = self.input(x)
         ops, layer = self.ops, self.layer_id
         win, ratio, rd = self.window_size, self.compress_ratio, self.rope_head_dim
         freqs = self.freqs_cis[batch.positions]  # [T, rd/2]
@@ -229,10 +260,13 @@ class OptAttention(ref.Attention):
         index_topk = self.indexer(x, qr, batch, cache, layer, self.freqs_cis, freqs) if self.indexer else None
         ring = cache.window[layer]  # [slots, win, d]
         pool = cache.entries[layer]
+        if ratio:
+            flat_pool = pool.view(-1, self.head_dim)
+            compress_all(self.compressor, x, batch, cache.state[layer], self.freqs_cis, flat_pool, cache, ratio)
         n_tokens, ring_rows = x.shape[0], ring.shape[0] * win
         idx_rows = []
         for i in range(batch.num_seqs):
-            rows, start, n = batch.rows(i), batch.start_pos[i], batch.seq_len(i)
+            start, n = batch.start_pos[i], batch.seq_len(i)
             # window: this step's tokens come from kv itself, earlier ones from the ring (read before it is written)
             u = _window_idx(start, n, win)
             chunk_row = batch.cu_seqlens[i] + (u - start)
@@ -240,14 +274,6 @@ class OptAttention(ref.Attention):
             idx = torch.where(u < 0, -1, torch.where(u >= start, chunk_row, ring_row))
             if ratio:
                 table = batch.block_tables[ratio][i]
-                state = cache.state[layer]
-                first, new = self.compressor.compress(
-                    x[rows], start, state, batch.slots[i], self.freqs_cis, batch.seq_segments(i)
-                )
-                if new is not None:
-                    pool.view(-1, self.head_dim)[cache.entry_rows(table, torch.arange(first, first + new.shape[0]))] = (
-                        new
-                    )
                 # index math runs on the host: block tables are host metadata
                 entry_ids = index_topk[i].cpu() if index_topk is not None else self._hca_entries(start, n, ratio)
                 entry_row = n_tokens + ring_rows + cache.entry_rows(table, entry_ids.clamp(min=0))
@@ -264,7 +290,7 @@ class OptAttention(ref.Attention):
         self._write_ring(kv, batch, cache, ring)
         ops.rope(o[..., -rd:], freqs, True)
         o = ops.o_lora(o.flatten(1), self.wo_a.weight, self.n_groups, self.o_lora_rank, seg)  # [T, g, rank]
-        return run_linear(ops, self.wo_b, o.flatten(1))
+        return self.output(run_linear(ops, self.wo_b, o.flatten(1)))
 
     @staticmethod
     def _hca_entries(start: int, n: int, ratio: int) -> torch.Tensor:
@@ -296,6 +322,7 @@ class OptMoE(ref.MoE):
         super().__init__(layer_id, args)
         self.ops = ops
         self.scale_fmt, self.scale_dtype = args.act_scale_fmt, args.act_scale_dtype
+        self.input, self.route, self.output = Tap(), Tap(), Tap()  # route: (weights [T, k] fp32, expert ids [T, k])
 
     @staticmethod
     def _weights(e: ref.Expert) -> ExpertWeights:
@@ -305,6 +332,7 @@ class OptMoE(ref.MoE):
 
     def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
         # x: [T, D] -> [T, D]
+        x = self.input(x)
         g = self.gate
         weights, indices = self.ops.moe_gate(
             x,
@@ -317,27 +345,34 @@ class OptMoE(ref.MoE):
             g.route_scale,
             batch.segments,
         )
+        weights, indices = self.route(weights, indices)
         experts = [self._weights(e) for e in self.experts]
-        return self.ops.moe_experts(
+        y = self.ops.moe_experts(
             x, weights, indices, experts, self._weights(self.shared_experts), self.scale_fmt, self.scale_dtype
         )
+        return self.output(y)
 
 
 def block_forward(block, x: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
     """ref.Block.forward over ragged tokens. x: [T, hc, D] bf16 streams -> same."""
     ops = block.ops
     mix = (batch.segments, block.norm_eps, block.hc_mult, block.hc_sinkhorn_iters, block.hc_eps)
-    residual = x
-    x, post, comb = ops.hc_pre(x, block.hc_attn_fn, block.hc_attn_scale, block.hc_attn_base, *mix)
+    residual = x = block.streams_in(x)
+    x, post, comb = block.hc_pre_attn(*ops.hc_pre(x, block.hc_attn_fn, block.hc_attn_scale, block.hc_attn_base, *mix))
     x = ops.rms_norm(x, block.attn_norm.weight, block.attn_norm.eps, batch.segments)
     x = block.attn(x, batch, cache)
-    x = ops.hc_post(x, residual, post, comb)
+    residual = x = block.hc_post_attn(ops.hc_post(x, residual, post, comb))
 
-    residual = x
-    x, post, comb = ops.hc_pre(x, block.hc_ffn_fn, block.hc_ffn_scale, block.hc_ffn_base, *mix)
+    x, post, comb = block.hc_pre_ffn(*ops.hc_pre(x, block.hc_ffn_fn, block.hc_ffn_scale, block.hc_ffn_base, *mix))
     x = ops.rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps, batch.segments)
     x = block.ffn(x, batch)
-    return ops.hc_post(x, residual, post, comb)
+    return block.hc_post_ffn(ops.hc_post(x, residual, post, comb))
+
+
+def add_block_taps(block: nn.Module) -> None:
+    """The taps of one block: input streams, (y, post, comb) of each mHC pre-mix, streams after each post-mix."""
+    for name in ("streams_in", "hc_pre_attn", "hc_post_attn", "hc_pre_ffn", "hc_post_ffn"):
+        setattr(block, name, Tap())
 
 
 class OptBlock(ref.Block):
@@ -346,6 +381,7 @@ class OptBlock(ref.Block):
         self.attn = OptAttention(layer_id, args, ops)
         self.ffn = OptMoE(layer_id, args, ops)
         self.ops = ops
+        add_block_taps(self)
 
     def forward(self, x: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
         return block_forward(self, x, batch, cache)
@@ -359,9 +395,13 @@ class OptMTPBlock(ref.MTPBlock):
         self.attn = OptAttention(layer_id, args, ops)
         self.ffn = OptMoE(layer_id, args, ops)
         self.ops = ops
+        add_block_taps(self)
+        self.input = Tap()  # the main model's streams at the batch's positions
+        self.output_logits = Tap()
 
     def forward(self, h: torch.Tensor, next_ids: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
         # h: [T, hc, D], next_ids: [T] -> MTP streams [T, hc, D]; `batch` carries the positions of h
+        h = self.input(h)
         ops = self.ops
         seg = batch.segments
         e = ops.rms_norm(F.embedding(next_ids, self.embed.weight), self.enorm.weight, self.enorm.eps, seg)
@@ -391,6 +431,7 @@ class OptimizedTransformer(nn.Module):
         self.hc_head_fn = nn.Parameter(torch.empty(args.hc_mult, hc_dim, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.empty(args.hc_mult, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+        self.output_logits = Tap()  # (logits [m, vocab], token rows [m])
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: PagedCache) -> torch.Tensor:
@@ -403,17 +444,20 @@ class OptimizedTransformer(nn.Module):
             return h
 
     @torch.inference_mode()
-    def head_logits(self, h: torch.Tensor, batch: Batch, rows, hc_fn=None, hc_scale=None, hc_base=None, norm=None):
-        """Logits [len(rows), vocab] fp32 of token rows `rows`; the hc head runs per request over all its tokens and
-        the fp32 head GEMM one row at a time, as the reference does for one request (`get_logits` on [1, D])."""
-        hc_fn = self.hc_head_fn if hc_fn is None else hc_fn
-        hc_scale = self.hc_head_scale if hc_scale is None else hc_scale
-        hc_base = self.hc_head_base if hc_base is None else hc_base
-        norm = norm or self.norm
+    def head_logits(self, h: torch.Tensor, batch: Batch, rows, owner: nn.Module | None = None):
+        """Logits [len(rows), vocab] fp32 of token rows `rows` with the head of `owner` (the model, or an MTP block):
+        the hc head runs per request over all its tokens and the fp32 head GEMM one row at a time, as the reference
+        does for one request (`get_logits` on [1, D])."""
+        owner = self if owner is None else owner
+        norm = self.norm if owner is self else owner.norm
         with ref.default_dtype(torch.bfloat16):
-            y = self.ops.hc_head(h, hc_fn, hc_scale, hc_base, batch.segments, self.norm_eps, self.hc_eps)
+            y = self.ops.hc_head(
+                h, owner.hc_head_fn, owner.hc_head_scale, owner.hc_head_base, batch.segments, self.norm_eps,
+                self.hc_eps,
+            )  # fmt: skip
             y = self.ops.rms_norm(y, norm.weight, norm.eps, batch.segments)
-            return torch.cat([F.linear(y[r : r + 1].float(), self.head.weight) for r in rows])
+            logits = torch.cat([F.linear(y[r : r + 1].float(), self.head.weight) for r in rows])
+            return owner.output_logits(logits, torch.as_tensor(list(rows), device=h.device))[0]
 
     @torch.inference_mode()
     def mtp_logits(self, h: torch.Tensor, next_ids: torch.Tensor, batch: Batch, cache: PagedCache, rows, depth=0):
@@ -422,9 +466,7 @@ class OptimizedTransformer(nn.Module):
         block = self.mtp[depth]
         with ref.default_dtype(torch.bfloat16):
             x = block(h, next_ids, batch, cache)
-        return x, self.head_logits(
-            x, batch, rows, block.hc_head_fn, block.hc_head_scale, block.hc_head_base, block.norm
-        )
+        return x, self.head_logits(x, batch, rows, block)
 
     # every submodule with caches or tables resets itself, as in the reference
     reset_buffers = ref.Transformer.reset_buffers

@@ -6,6 +6,8 @@ and drafts the token at i+2 (spec §10); the drafts are recorded and compared wi
 """
 
 import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -30,12 +32,14 @@ def greedy_generate(
     mtp: bool = True,
     prefill_len: int | None = None,
     forced: list[int] | None = None,
+    scope: Callable[[str, int, int], object] | None = None,
 ) -> Generation:
     """Prefill `prompt` ([n] int64) and decode `decode_steps` tokens greedily (batch 1).
 
     `prefill_len` prefills only the first tokens and feeds the rest of the prompt one decode at a time (the
     schedule of a chunked engine run); `forced` emits these tokens instead of the greedy ones (teacher forcing).
-    The logits of every emitted token are kept."""
+    The logits of every emitted token are kept. `scope(kind, start_pos, n_tokens)` may return a context manager
+    each forward runs in (kind "main" or "mtp"; the dump tags of `parity run`)."""
     gen = Generation(prompt=prompt)
     device = model.embed.weight.device
     ids = prompt.to(device)
@@ -50,15 +54,21 @@ def greedy_generate(
         sequence.append(token)
         return token
 
+    def within(kind, pos, n):
+        ctx = scope(kind, pos, n) if scope is not None else None
+        return ctx if ctx is not None else nullcontext()
+
     def step(input_ids, pos):
         # input_ids: [1, s] at positions pos.. ; returns the main streams
-        h = model.forward_streams(input_ids, pos)
         end = pos + input_ids.shape[1]
-        if end >= len(prompt):
-            emit(model.logits(h)[0])
+        with within("main", pos, input_ids.shape[1]):
+            h = model.forward_streams(input_ids, pos)
+            if end >= len(prompt):
+                emit(model.logits(h)[0])
         if mtp_block is not None:
             next_ids = torch.tensor(sequence[pos + 1 : end + 1], device=device)[None]
-            draft = int(mtp_block(h, pos, next_ids)[0].argmax())
+            with within("mtp", pos, input_ids.shape[1]):
+                draft = int(mtp_block(h, pos, next_ids)[0].argmax())
             if end >= len(prompt):
                 gen.mtp_drafts.append(draft)
         return end

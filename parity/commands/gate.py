@@ -1,0 +1,39 @@
+"""`parity gate`: a suite of cases for CI: exit 0 pass, 1 a parity failure or regression, 2 bad input."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from parity.commands._common import EXIT_FAIL, err, out
+from parity.errors import ParityError
+from parity.gate import load_baseline, load_suite, run_gate
+
+
+def gate(
+    suite: Annotated[Path, typer.Argument(help="Suite TOML: name and cases (built-in names or case files).")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Where checkpoints and gate.json go.")] = Path("reports/gate"),
+    baseline: Annotated[Path | None, typer.Option(help="gate.json of an earlier run to compare site errors.")] = None,
+    regression: Annotated[float, typer.Option(help="Fail a site whose error grew more than this factor.")] = 2.0,
+) -> None:
+    """Run every case of a suite with its own noise model; fail on any failing site or regression."""
+    spec = load_suite(suite)
+    if not regression >= 1:
+        raise ParityError(f"--regression: expected a factor >= 1, got {regression}")
+    base = load_baseline(baseline) if baseline is not None else None
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ParityError(f"--out {out_dir}: exists and is not a directory")
+    result = run_gate(spec, out_dir, base, regression, progress=lambda m: err.print(escape(m)))
+    for c in result.cases:
+        mark = "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]"
+        out.print(f"{mark} {escape(c['name'])} ({c['noise']}) {escape(c['location'])}")
+    for r in result.regressions:
+        out.print(f"[red]regression[/red] {escape(r)}")
+    out.print(f"{'PASSED' if result.passed else 'FAILED'} | gate {spec.name} | {out_dir / 'gate.json'}")
+    if not result.passed:
+        raise typer.Exit(EXIT_FAIL)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("gate")(gate)

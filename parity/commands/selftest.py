@@ -1,0 +1,62 @@
+"""`parity selftest`: planted V4 bugs must be caught and localized, clean runs must pass (exit 1 otherwise)."""
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from parity.cases import load_case
+from parity.commands._common import EXIT_FAIL, err, out
+from parity.errors import ParityError
+from parity.run import noise_model, prepare_checkpoint
+from parity.selftest.bugs import library
+from parity.selftest.run import selftest as run_selftest
+
+
+def selftest(
+    case: Annotated[str, typer.Argument(help="Case to plant the bugs into (non-bitwise).")] = "cases/batched.toml",
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Checkpoint parent dir (reports/<case>).")] = None,
+    only: Annotated[str | None, typer.Option(help="Comma-separated bug names (default: all).")] = None,
+    repeats: Annotated[int, typer.Option(help="Clean reruns with other admission orders.")] = 1,
+    loosen: Annotated[float, typer.Option(help="Multiply every threshold (>= 1): shows a loose gate fails.")] = 1.0,
+) -> None:
+    """Plant a library of realistic V4 bugs into the optimized side and check the verdict catches each one."""
+    spec = load_case(case)
+    bugs = library(spec.model_args().n_layers)
+    if only is not None:
+        names = {n.strip() for n in only.split(",") if n.strip()}
+        unknown = sorted(names - {b.name for b in bugs})
+        if unknown:
+            raise ParityError(f"--only: unknown bug(s) {unknown}; known: {[b.name for b in bugs]}")
+        bugs = [b for b in bugs if b.name in names]
+    if repeats < 0 or not loosen >= 1:
+        raise ParityError(f"--repeats must be >= 0 and --loosen >= 1, got {repeats} and {loosen}")
+    noise = noise_model(spec)
+    if loosen != 1:
+        noise = noise.loosened(loosen)
+    ckpt = prepare_checkpoint(spec, None, out_dir or Path("reports") / spec.name)
+    report = run_selftest(spec, ckpt, bugs, noise, repeats=repeats, progress=lambda m: err.print(escape(m)))
+    table = Table(title=f"selftest on {spec.name} (noise: {report.noise})")
+    for col in ("bug", "caught", "localized", "expected", "verdict"):
+        table.add_column(col)
+    for b in report.bugs:
+        yes = lambda v: "[green]yes[/green]" if v else "[red]no[/red]"  # noqa: E731
+        table.add_row(escape(b.name), yes(b.caught), yes(b.localized), escape(b.expected), escape(b.location[:160]))
+    out.print(table)
+    for c in report.clean:
+        out.print(f"clean run {c.label}: {'[green]pass[/green]' if c.passed else '[red]FALSE ALARM[/red]'} "
+                  f"{escape(c.location)}")  # fmt: skip
+    n = len(report.bugs)
+    status = "PASSED" if report.passed else "FAILED"
+    out.print(f"{status} | caught {report.caught}/{n}, localized {report.localized}/{n}, "
+              f"clean {sum(c.passed for c in report.clean)}/{len(report.clean)}")  # fmt: skip
+    sys.stdout.flush()
+    if not report.passed:
+        raise typer.Exit(EXIT_FAIL)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("selftest")(selftest)

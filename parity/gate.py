@@ -1,0 +1,116 @@
+"""`parity gate`: run a suite of cases for a CI job and decide pass / fail, optionally against a baseline.
+
+A suite file (TOML) names its cases, relative to itself:
+
+    name = "kernel-prs"
+    cases = ["tiny", "batched.toml"]      # built-in names or case files
+
+Every case runs as `parity run` does (its own noise model: bitwise for decode-exact cases, calibrated or default
+otherwise; per-row gates, so a few bad rows are never diluted). With a baseline (the `gate.json` of an earlier run,
+e.g. of the main branch) a site also fails when its own error grew more than `regression` times over the
+baseline's, above its dtype floor: a kernel change that stays inside the noise model but doubles a site's error is
+still reported.
+"""
+
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from parity.cases import Case, load_case
+from parity.compare.thresholds import BF16_FLOOR
+from parity.errors import ParityError
+from parity.io import atomic_write_json
+from parity.run import RunReport, prepare_checkpoint, run_case
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    cases: tuple[Case, ...]
+    source: str
+
+
+def load_suite(path: str | Path) -> Suite:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_bytes().decode())
+    except FileNotFoundError:
+        raise ParityError(f"{path}: no such suite file") from None
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise ParityError(f"{path}: not a readable TOML suite ({e})") from None
+    unknown = sorted(set(data) - {"name", "cases"})
+    if unknown:
+        raise ParityError(f"{path}: unknown key(s) {unknown}; allowed: ['cases', 'name']")
+    names = data.get("cases")
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise ParityError(f"{path}: 'cases' must be a non-empty list of case names or files")
+    cases = []
+    for n in names:
+        rel = path.parent / n
+        cases.append(load_case(str(rel) if Path(n).suffix else n))
+    name = data.get("name", path.stem)
+    if not isinstance(name, str):
+        raise ParityError(f"{path}: 'name' must be a string, got {name!r}")
+    return Suite(name, tuple(cases), str(path))
+
+
+@dataclass
+class GateResult:
+    suite: str
+    cases: list[dict] = field(default_factory=list)  # per case: name, passed, location, sites
+    regressions: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(c["passed"] for c in self.cases) and not self.regressions
+
+
+def load_baseline(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ParityError(f"--baseline {path}: no such file") from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ParityError(f"--baseline {path}: not a readable gate.json ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
+        raise ParityError(f"--baseline {path}: expected a gate.json with a 'cases' list")
+    return {c.get("name"): c for c in data["cases"] if isinstance(c, dict)}
+
+
+def regressions(report: RunReport, baseline: dict | None, factor: float) -> list[str]:
+    if baseline is None or report.case not in baseline:
+        return []
+    before = {(s["site"], s["field"], s["phase"]): s["max_err"] for s in baseline[report.case].get("sites", [])}
+    out = []
+    for s in report.sites:
+        old = before.get((s["site"], s["field"], s["phase"]))
+        if old is not None and s["max_err"] > max(factor * old, BF16_FLOOR):
+            out.append(f"{report.case}: {s['site']}:{s['field']} ({s['phase']}) error {s['max_err']:.3g} was {old:.3g}")
+    return out
+
+
+def run_gate(
+    suite: Suite, out_dir: Path, baseline: dict | None = None, factor: float = 2.0, progress=None
+) -> GateResult:
+    say = progress or (lambda m: None)
+    result = GateResult(suite.name)
+    for case in suite.cases:
+        say(f"case {case.name}")
+        ckpt = prepare_checkpoint(case, None, out_dir / case.name)
+        report = run_case(case, ckpt)
+        result.regressions += regressions(report, baseline, factor)
+        result.cases.append(
+            {
+                "name": case.name,
+                "passed": report.passed,
+                "location": report.location,
+                "noise": report.noise,
+                "sites": report.sites,
+                "wall_s": report.wall_s,
+            }  # fmt: skip
+        )
+    atomic_write_json(out_dir / "gate.json", {"suite": suite.name, "passed": result.passed, "cases": result.cases,
+                                              "regressions": result.regressions})  # fmt: skip
+    return result

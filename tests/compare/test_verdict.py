@@ -1,0 +1,159 @@
+"""The verdict over tap records: rows keyed by (request, position), per-row errors against the noise model, the
+golden's second opinion, flips of discrete choices, the first failure in execution order, NaN handling."""
+
+import pytest
+import torch
+from torch import nn
+
+from parity import dump
+from parity.compare.loader import Dump
+from parity.compare.thresholds import NoiseModel
+from parity.compare.verdict import RequestLayout, judge_run
+from parity.taps import Tap
+
+N_LAYERS = 2
+
+
+class Toy(nn.Module):
+    """Tap paths of two blocks, like the models': layers.<i>.hc_pre_attn, .attn.output, .ffn.route."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList()
+        for _ in range(N_LAYERS):
+            block = nn.Module()
+            block.hc_pre_attn = Tap()
+            block.attn = nn.Module()
+            block.attn.output = Tap()
+            block.ffn = nn.Module()
+            block.ffn.route = Tap()
+            self.layers.append(block)
+
+
+def record(values: dict, layout=((0, 4, "0", 0),)) -> Dump:
+    """Run the toy's taps once per layout step (cu rows a:b of request r at start position p) with `values`."""
+    model = Toy()
+    writer = dump.MemoryWriter()
+    handle = dump.install(model, dump.DumpConfig(modules=r"(hc_pre_attn|attn\.output|ffn\.route)$"), writer=writer)
+    for step, (a, b, req, start) in enumerate(layout):
+        with dump.phase("prefill" if start == 0 else "decode", step, cu_seqlens=[0, b - a], requests=[req],
+                        start_pos=[start]):  # fmt: skip
+            for i, block in enumerate(model.layers):
+                block.hc_pre_attn(*(t[a:b] for t in values[f"hc{i}"]))
+                block.attn.output(values[f"attn{i}"][a:b])
+                block.ffn.route(*(t[a:b] for t in values[f"route{i}"]))
+    handle.remove()
+    return Dump.from_memory(writer, "toy")
+
+
+def values(seed=0, rows=4):
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for i in range(N_LAYERS):
+        out[f"hc{i}"] = (torch.randn(rows, 8, generator=g).bfloat16(), torch.rand(rows, 4, generator=g),
+                         torch.rand(rows, 4, 4, generator=g))  # fmt: skip
+        out[f"attn{i}"] = torch.randn(rows, 8, generator=g).bfloat16()
+        out[f"route{i}"] = (torch.rand(rows, 2, generator=g), torch.stack([torch.randperm(6, generator=g)[:2]
+                                                                           for _ in range(rows)]))  # fmt: skip
+    return out
+
+
+LAYOUT = {"0": RequestLayout(prompt_len=4, first_chunk=2)}
+STEPS = ((0, 2, "0", 0), (2, 3, "0", 2), (3, 4, "0", 3))  # a 2-token prefill, then two decodes
+
+
+def verdict(ref, cand, noise=None, golden=None):
+    return judge_run(record(ref, STEPS), record(cand, STEPS), LAYOUT, N_LAYERS, noise or NoiseModel(),
+                     golden=None if golden is None else record(golden, STEPS))  # fmt: skip
+
+
+def test_identical_runs_pass_bitwise():
+    v = verdict(values(), values())
+    assert v.passed and v.first is None and v.missing_rows == 0
+    assert all(r.bitwise for r in v.results) and {r.phase for r in v.results} == {"prefill", "chunk"}
+
+
+def test_a_bad_row_fails_at_its_site_phase_and_position():
+    cand = values()
+    cand["attn1"] = cand["attn1"].clone()
+    cand["attn1"][3] *= 1.5  # position 3: the second decode... of a 4-token prompt: the chunk phase
+    v = verdict(values(), cand)
+    assert not v.passed
+    f = v.first
+    assert (f.path, f.layer, f.submodule, f.phase, f.first_failure) == ("layers.1.attn.output", 1, "attention core",
+                                                                         "chunk", (2, "0", 3))  # fmt: skip
+    assert "beyond the noise threshold" in v.location()
+
+
+def test_errors_inside_the_noise_model_pass_and_the_threshold_is_stated():
+    cand = values()
+    cand["attn0"] = (cand["attn0"].float() * 1.01).bfloat16()  # 1 %: several bf16 steps, inside the default 5 %
+    v = verdict(values(), cand)
+    assert v.passed
+    row = next(r for r in v.results if r.path == "layers.0.attn.output")
+    assert 0 < row.max_err < row.threshold and "default" in row.threshold_source
+
+
+def test_decode_exact_model_allows_nothing():
+    cand = values()
+    cand["attn0"] = (cand["attn0"].float() * 1.01).bfloat16()
+    assert not verdict(values(), cand, NoiseModel(exact=True)).passed
+
+
+def test_the_first_failure_is_the_earliest_site_not_the_worst():
+    cand = values()
+    cand["attn1"] = cand["attn1"] * 10
+    cand["hc0"] = (cand["hc0"][0], cand["hc0"][1], cand["hc0"][2] * 1.01)  # fp32 comb off by 1 %: layer 0 first
+    v = verdict(values(), cand)
+    assert v.first.path == "layers.0.hc_pre_attn" and v.first.field == "out.2"
+
+
+def test_the_golden_passes_a_row_as_close_to_the_truth_as_the_reference():
+    ref, golden = values(), values()
+    cand = values()
+    golden["attn0"] = ref["attn0"] * 1.1  # the reference is 10 % off the truth; the candidate is off the other way
+    cand["attn0"] = ref["attn0"] * 1.2
+    v = verdict(ref, cand, golden=golden)
+    row = next(r for r in v.results if r.path == "layers.0.attn.output")
+    assert row.passed and row.golden_ref > 0 and row.golden_cand <= row.golden_ref * 1.5
+    cand["attn0"] = ref["attn0"] * 3  # far further from the truth than the reference: a bug
+    assert not verdict(ref, cand, golden=golden).passed
+
+
+def test_flipped_expert_ids_are_counted_and_weights_compared_in_id_order():
+    cand = values()
+    w, ids = cand["route0"]
+    cand["route0"] = (w.flip(-1), ids.flip(-1))  # the same experts in another order: no flip, same weights
+    assert verdict(values(), cand).passed
+    ids = ids.clone()
+    ids[:, 0] = 5 - ids[:, 0]  # other experts on every row
+    v = verdict(values(), {**cand, "route0": (w, ids)})
+    row = next(r for r in v.results if r.path == "layers.0.ffn.route" and r.field == "out.1" and r.flips)
+    assert not v.passed and "chose other ids" in "; ".join(row.reasons)
+
+
+def test_nan_in_the_candidate_fails_and_in_the_reference_is_named():
+    cand = values()
+    cand["attn0"] = cand["attn0"].clone()
+    cand["attn0"][1, 0] = float("nan")
+    v = verdict(values(), cand)
+    assert not v.passed and v.first.path == "layers.0.attn.output"
+    ref = values()
+    ref["attn1"] = ref["attn1"].clone()
+    ref["attn1"][0, 0] = float("nan")
+    v = verdict(ref, ref)
+    assert not v.passed and "reference produced NaN" in v.location() and "layers.1.attn.output" in v.location()
+
+
+def test_rows_the_reference_lacks_are_counted_never_silently_passed():
+    short = ((0, 2, "0", 0), (2, 3, "0", 2))
+    v = judge_run(record(values(), short), record(values(), STEPS), LAYOUT, N_LAYERS, NoiseModel())
+    assert v.missing_rows > 0
+
+
+@pytest.mark.parametrize("bad", [float("nan"), -1.0, 0.5, "x"])
+def test_noise_model_rejects_non_finite_or_too_small_factors(bad):
+    from parity.errors import ParityError
+
+    with pytest.raises(ParityError):
+        NoiseModel(margin=bad)
