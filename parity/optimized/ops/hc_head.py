@@ -16,4 +16,15 @@ def hc_head_torch(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_eps):
     return torch.cat([hc_head(x[a:b][None], *params)[0] for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:])])
 
 
-IMPLS = {"torch": Impl(hc_head_torch)}
+IMPLS = {
+    "torch": Impl(hc_head_torch),
+    "triton": Impl(
+        "parity.optimized.ops.triton.hc_head:hc_head",
+        bitwise=False,
+        tolerance=(
+            "within the twin's own error + 1 bf16 ulp of the float64 math: the mixer GEMM and the sigmoid's exp round "
+            "differently from the twin's in the last fp32 bits (GEMM order, float64 exp vs expf / CPU sigmoid), which "
+            "moves a bf16 rounding of y only rarely"
+        ),
+    ),
+}

@@ -18,4 +18,17 @@ def hc_pre_torch(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_mult, sin
     return tuple(torch.cat([p[i][0] for p in parts]) for i in range(3))
 
 
-IMPLS = {"torch": Impl(hc_pre_torch)}
+IMPLS = {
+    "torch": Impl(hc_pre_torch),
+    "triton": Impl(
+        "parity.optimized.ops.triton.hc_pre:hc_pre",
+        bitwise=False,
+        tolerance=(
+            "float64 goldens: y (bf16) within the twin's own error + 1 bf16 ulp; post / comb (fp32) within the twin's "
+            "own error + 8 / 16 fp32 ulp (the fp32 Sinkhorn's 40 divisions leave ~13 ulp even from exactly rounded "
+            "mixes) + the logit error of a mixer GEMM rounded at 2^-24 of its absolute sum S = rsqrt * sum|x fn|: "
+            "|scale[1]| * S ulp on post, 2 * |scale[2]| * max S ulp on comb (the GEMM cannot follow the twin's BLAS "
+            "order; the twin itself is 15-180 ulp off on comb)"
+        ),
+    ),
+}

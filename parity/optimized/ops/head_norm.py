@@ -21,4 +21,15 @@ def head_norm_torch(q: torch.Tensor, eps: float, cu_seqlens: tuple[int, ...]) ->
     return q
 
 
-IMPLS = {"torch": Impl(head_norm_torch)}
+IMPLS = {
+    "torch": Impl(head_norm_torch),
+    "triton": Impl(
+        "parity.optimized.ops.triton.head_norm:head_norm",
+        bitwise=False,
+        tolerance=(
+            "0 ulp beyond the twin's own distance from the float64-exact model of its five bf16 rounding steps (the "
+            "kernel computes that model; the twin leaves it where its fp32 sum order or fp32 rsqrt - CPU scalar "
+            "tail, CUDA rsqrtf - moves a bf16 step, so it cannot be matched bit for bit)"
+        ),
+    ),
+}
