@@ -132,10 +132,11 @@ def next_pow2(n: int) -> int:
 
 def config(n_tokens: int, dim: int) -> dict:
     """Block sizes. The numerics depend only on BK and KSPLIT (fixed per platform); BT and BD only change how
-    tokens and columns are grouped into programs. Interpreted: few, big programs, and KSPLIT small enough that the
-    tiny model's 4 x 256 streams still take the split path."""
+    tokens and columns are grouped into programs. Interpreted: few, big programs (the interpreter pays ~0.5 ms per
+    tensor op of every program); the tiny model's 4 x 256 streams then take one K piece, a 512-wide model two."""
     if runtime.interpreting():
-        return dict(BT=128, BK=64, KSPLIT=512, BD=min(next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
+        bt = min(max(next_pow2(n_tokens), 16), 256)
+        return dict(BT=bt, BK=128, KSPLIT=1024, BD=min(next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
     # 16 tokens: the smallest FMA dot tile; 32 halves the mixer-matrix reads from L2 once there are many blocks
     return dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=1024, BD=256, num_warps=4, ROWWISE=False)
 

@@ -21,30 +21,36 @@ from parity.optimized.ops.triton import runtime
 
 
 @triton.jit
-def _hc_post_kernel(
-    x_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, T, D,
-    HC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PLANT: tl.constexpr,
-):  # fmt: skip
+def _hc_post_kernel(x_ptr, res_ptr, post_ptr, comb_ptr, out_ptr, T, D, BT: tl.constexpr, BD: tl.constexpr,
+                    PLANT: tl.constexpr):  # fmt: skip
+    # hc = 4 (every V4 config): the four residual rows stay in registers for the four outputs
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.program_id(1) * BD + tl.arange(0, BD)
     rmask = rows < T
     mask = rmask[:, None] & (cols < D)[None, :]
     rows = rows.to(tl.int64)
     x = tl.load(x_ptr + rows[:, None] * D + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    res_rows = res_ptr + rows[:, None] * (HC * D) + cols[None, :]
-    out_rows = out_ptr + rows[:, None] * (HC * D) + cols[None, :]
-    for k in tl.static_range(HC):
-        acc = tl.zeros([BT, BD], dtype=tl.float32)
-        for j in tl.static_range(HC):
-            if PLANT == 1:  # planted bug: comb read as [k, j]
-                c = tl.load(comb_ptr + rows * (HC * HC) + k * HC + j, mask=rmask, other=0.0)
-            else:
-                c = tl.load(comb_ptr + rows * (HC * HC) + j * HC + k, mask=rmask, other=0.0)
-            r = tl.load(res_rows + j * D, mask=mask, other=0.0).to(tl.float32)
-            acc = acc + c[:, None] * r
-        p = tl.load(post_ptr + rows * HC + k, mask=rmask, other=0.0)
-        y = p[:, None] * x + acc
-        tl.store(out_rows + k * D, y.to(out_ptr.dtype.element_ty), mask=mask)
+    res_rows = res_ptr + rows[:, None] * (4 * D) + cols[None, :]
+    r0 = tl.load(res_rows, mask=mask, other=0.0).to(tl.float32)
+    r1 = tl.load(res_rows + D, mask=mask, other=0.0).to(tl.float32)
+    r2 = tl.load(res_rows + 2 * D, mask=mask, other=0.0).to(tl.float32)
+    r3 = tl.load(res_rows + 3 * D, mask=mask, other=0.0).to(tl.float32)
+    comb_rows = comb_ptr + rows * 16
+    out_rows = out_ptr + rows[:, None] * (4 * D) + cols[None, :]
+    for k in tl.static_range(4):
+        if PLANT == 1:  # planted bug: comb read as [k, j]
+            c = comb_rows + k * 4
+            step = 1
+        else:
+            c = comb_rows + k
+            step = 4
+        c0 = tl.load(c, mask=rmask, other=0.0)[:, None]
+        c1 = tl.load(c + step, mask=rmask, other=0.0)[:, None]
+        c2 = tl.load(c + 2 * step, mask=rmask, other=0.0)[:, None]
+        c3 = tl.load(c + 3 * step, mask=rmask, other=0.0)[:, None]
+        acc = (((0.0 + c0 * r0) + c1 * r1) + c2 * r2) + c3 * r3  # torch's sum over j: from zero, in order
+        p = tl.load(post_ptr + rows * 4 + k, mask=rmask, other=0.0)[:, None]
+        tl.store(out_rows + k * D, (p * x + acc).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def launch(x, residual, post, comb, out=None, plant=0):
@@ -53,19 +59,19 @@ def launch(x, residual, post, comb, out=None, plant=0):
     if x.shape != (T, D) or post.shape != (T, hc) or comb.shape != (T, hc, hc):
         raise ValueError(f"hc_post: shapes x {tuple(x.shape)}, residual {tuple(residual.shape)}, post "
                          f"{tuple(post.shape)}, comb {tuple(comb.shape)} do not match")  # fmt: skip
-    if hc & (hc - 1):
-        raise ValueError(f"hc_post: {hc} streams; the kernel takes a power of two")
+    if hc != 4:
+        raise ValueError(f"hc_post: {hc} streams; the kernel is written for V4's hc_mult = 4")
     out = torch.empty(T, hc, D, dtype=x.dtype, device=x.device) if out is None else out
     if T == 0:
         return out
     if runtime.interpreting():
-        bt, bd = 128, min(triton.next_power_of_2(D), 1024)
+        bt, bd = min(triton.next_power_of_2(T), 256), min(triton.next_power_of_2(D), 1024)
     else:
         bt, bd = 2, 1024
     grid = (triton.cdiv(T, bt), triton.cdiv(D, bd))
     _hc_post_kernel[grid](
         x.contiguous(), residual.contiguous(), post.float().contiguous(), comb.float().contiguous(), out, T, D,
-        HC=hc, BT=bt, BD=bd, PLANT=plant, num_warps=4, enable_fp_fusion=False,
+        BT=bt, BD=bd, PLANT=plant, num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip
     return out
 

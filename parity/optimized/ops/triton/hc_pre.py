@@ -58,16 +58,16 @@ def _finish(
     post = 2.0 * tl.reduce(tl.where(row == 1, sig, 0.0), 1, _SUM)
 
     is_comb = (row >= 2) & (row < 2 + HC)
-    c = tl.where(is_comb, a, 0.0)  # the other rows normalize harmless finite values and are never stored
+    c = tl.where(is_comb, a, 0.0)
     c = _mhc.exp_f32(c - tl.reduce(c, 2, _MAX, keep_dims=True))
     c = tl.div_rn(c, tl.reduce(c.to(tl.float64), 2, _SUM, keep_dims=True).to(tl.float32)) + hc_eps
-    col_sum = tl.reduce(tl.where(is_comb, c, 0.0).to(tl.float64), 1, _SUM, keep_dims=True).to(tl.float32)
-    c = tl.div_rn(c, col_sum + hc_eps)
+    # from here the rows that are not comb rows hold zeros, which stay zero (0 / (0 + eps)) and add nothing to the
+    # column sums; every row and column sum of 4 is taken in float64 and rounded once, as the twin's
+    c = tl.where(is_comb, c, 0.0)
+    c = tl.div_rn(c, tl.reduce(c.to(tl.float64), 1, _SUM, keep_dims=True).to(tl.float32) + hc_eps)
     for _ in range(1, iters):
-        row_sum = tl.reduce(c.to(tl.float64), 2, _SUM, keep_dims=True).to(tl.float32)
-        c = tl.div_rn(c, row_sum + hc_eps)
-        col_sum = tl.reduce(tl.where(is_comb, c, 0.0).to(tl.float64), 1, _SUM, keep_dims=True).to(tl.float32)
-        c = tl.div_rn(c, col_sum + hc_eps)
+        c = tl.div_rn(c, tl.reduce(c.to(tl.float64), 2, _SUM, keep_dims=True).to(tl.float32) + hc_eps)
+        c = tl.div_rn(c, tl.reduce(c.to(tl.float64), 1, _SUM, keep_dims=True).to(tl.float32) + hc_eps)
 
     rows3 = rows[:, None, None]
     hc_i = tl.arange(0, HC)[None, :]
