@@ -4,17 +4,19 @@ Both kernels start with the same per-token mixer GEMV over the flattened streams
 the sum of squares that gives the token's rsqrt (spec §4.3 steps 1-3, §4.6 step 1), and both end with the
 pre-weighted collapse `y = sum_j pre[j] * x[j]` (spec §4.3 step 5). What lives here:
 
-- `mix_partial`: one K-range of the GEMV for a block of tokens. fp32 operands, fp32 FMA dot (`input_precision=
-  "ieee"`: the twin's F.linear is fp32 with TF32 off, spec §12.1) over BK-wide chunks, each chunk's result added in
-  float64; the sum of squares is kept per column in fp32 (x is bf16, so every square is exact) and reduced in
-  float64. Every token's numbers depend only on the fixed K chunking (BK, KSPLIT), never on how many tokens share
-  the block or the call: the FMA dot accumulates each output element in k order, and the float64 sums are exact
-  for all practical inputs.
+- `mix_partial`: one K range of the GEMV for a block of tokens. fp32 operands and an fp32 FMA dot
+  (`input_precision="ieee"`: the twin's F.linear is fp32 with TF32 off, spec §12.1) over BK-wide chunks, each
+  chunk's result added in float64; the squares (exact: x is bf16) are summed per column over the chunks in fp32
+  and reduced in float64. A token's numbers depend only on the fixed chunking (BK, KSPLIT), never on the batch
+  around it: the FMA dot accumulates every output element in k order whatever the tile, and the float64 sums of
+  fp32 terms are exact for all practical inputs. (The CPU interpreter's `tl.dot` is numpy's BLAS matmul, whose
+  rounding depends on a row's position in the tile, so there the chunk dot is fp32 products summed per element.)
 - The K split: a token block's K range is cut into SPLITS fixed pieces, one program each, so decode-sized batches
-  still spread the 24 x 4D fp32 mixer matrix over many SMs. Each program writes its float64 partials, and the
-  last of the SPLITS programs to arrive (an acq_rel atomic counter, nobody waits) sums them in split order and
-  finishes the block. The counters live in a per-device buffer that every finishing program resets to zero, so
-  one launch needs no memset (the kernels assume launches on one stream at a time, as the engine does).
+  still spread the 24 x 4D fp32 mixer matrix over many SMs. Each program writes its float64 partials, and the last
+  of the SPLITS programs to arrive (an acq_rel atomic counter; nobody waits) sums them in split order and finishes
+  the block. The split is the fastest grid dimension, so a block's pieces run side by side and its finishing
+  program re-reads the block's streams from L2. The counters live in a per-device buffer that every finishing
+  program resets to zero, so a launch needs no memset (the kernels assume one stream at a time, as the engine).
 - `exp_f32` / `sigmoid_f32`: exp evaluated in float64 and rounded once to fp32, which is how the twin
   (`parity.reference.kernels._exp`) evaluates it; CUDA's `expf` (the official TileLang kernel) is within 2 ulp.
 - `collapse`: y = ((0 + p0 x0) + p1 x1) + ... in fp32 with every product rounded, then bf16: torch's sum over the
@@ -74,25 +76,28 @@ def mix_partial(
 
 
 @triton.jit
-def store_partial(ws_ptr, acc, sq, split, T, rows, rmask, NP: tl.constexpr):
-    """Write one split's partials to the float64 workspace [SPLITS, T, NP + 1] (column NP: sum of squares)."""
+def store_partial(ws_ptr, acc, sq, split, T, rows, rmask, NP: tl.constexpr, MIX: tl.constexpr):
+    """Write one split's partials to the float64 workspace [SPLITS, T, MIX + 1] (column MIX: sum of squares)."""
     n = tl.arange(0, NP)
-    row_base = ws_ptr + (split * T + rows) * (NP + 1)
-    tl.store(row_base[:, None] + n[None, :], acc, mask=rmask[:, None])
-    tl.store(row_base + NP, sq, mask=rmask)
+    row_base = ws_ptr + (split * T + rows) * (MIX + 1)
+    tl.store(row_base[:, None] + n[None, :], acc, mask=rmask[:, None] & (n < MIX)[None, :])
+    tl.store(row_base + MIX, sq, mask=rmask)
 
 
 @triton.jit
-def gather_partials(ws_ptr, T, rows, rmask, NP: tl.constexpr, SPLITS: tl.constexpr, BT: tl.constexpr):
+def gather_partials(
+    ws_ptr, T, rows, rmask, NP: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr, BT: tl.constexpr
+):
     """Sum every split's partials in split order (the same order whichever program arrives last). `.cg` loads
     read L2, never a stale L1 line."""
     n = tl.arange(0, NP)
     acc = tl.zeros([BT, NP], dtype=tl.float64)
     sq = tl.zeros([BT], dtype=tl.float64)
     for split in range(SPLITS):
-        row_base = ws_ptr + (split * T + rows) * (NP + 1)
-        acc += tl.load(row_base[:, None] + n[None, :], mask=rmask[:, None], other=0.0, cache_modifier=".cg")
-        sq += tl.load(row_base + NP, mask=rmask, other=0.0, cache_modifier=".cg")
+        row_base = ws_ptr + (split * T + rows) * (MIX + 1)
+        mask = rmask[:, None] & (n < MIX)[None, :]
+        acc += tl.load(row_base[:, None] + n[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        sq += tl.load(row_base + MIX, mask=rmask, other=0.0, cache_modifier=".cg")
     return acc, sq
 
 
@@ -141,8 +146,8 @@ def config(n_tokens: int, dim: int) -> dict:
     return dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=1024, BD=256, num_warps=4, ROWWISE=False)
 
 
-def workspace(splits: int, n_tokens: int, np_: int, device) -> torch.Tensor:
-    """float64 partials [SPLITS, T, NP + 1] (unused when SPLITS == 1: a 1-element placeholder)."""
+def workspace(splits: int, n_tokens: int, mix: int, device) -> torch.Tensor:
+    """float64 partials [SPLITS, T, MIX + 1] (unused when SPLITS == 1: a 1-element placeholder)."""
     if splits == 1:
         return torch.empty(1, dtype=torch.float64, device=device)
-    return torch.empty(splits * n_tokens * (np_ + 1), dtype=torch.float64, device=device)
+    return torch.empty(splits * n_tokens * (mix + 1), dtype=torch.float64, device=device)

@@ -44,8 +44,8 @@ def _hc_head_kernel(
     HC: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
     SPLITS: tl.constexpr, BD: tl.constexpr, ROWWISE: tl.constexpr,
 ):  # fmt: skip
-    tb = tl.program_id(0)
-    split = tl.program_id(1)
+    split = tl.program_id(0)
+    tb = tl.program_id(1)
     K = HC * D
     rows = tb * BT + tl.arange(0, BT)
     rmask = rows < T
@@ -56,11 +56,11 @@ def _hc_head_kernel(
     if SPLITS == 1:
         _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, rows, rmask, K, D, K, norm_eps, hc_eps, HC, NP, BT, BD)
     else:
-        _mhc.store_partial(ws_ptr, acc, sq, split, T, rows, rmask, NP)
+        _mhc.store_partial(ws_ptr, acc, sq, split, T, rows, rmask, NP, HC)
         tl.debug_barrier()  # every thread's partial stores precede the release below
         arrived = tl.atomic_add(cnt_ptr + tb, 1, sem="acq_rel")
         if arrived == SPLITS - 1:
-            acc, sq = _mhc.gather_partials(ws_ptr, T, rows, rmask, NP, SPLITS, BT)
+            acc, sq = _mhc.gather_partials(ws_ptr, T, rows, rmask, NP, HC, SPLITS, BT)
             tl.atomic_xchg(cnt_ptr + tb, 0)  # leave the counter zero for the next launch
             _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, rows, rmask, K, D, K, norm_eps, hc_eps, HC, NP, BT,
                     BD)  # fmt: skip
@@ -83,9 +83,9 @@ def hc_head(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_eps, out=None)
     np_ = 16  # the FMA dot's smallest width
     splits = triton.cdiv(hc * D, cfg["KSPLIT"])
     n_blocks = triton.cdiv(T, cfg["BT"])
-    _hc_head_kernel[(n_blocks, splits)](
+    _hc_head_kernel[(splits, n_blocks)](
         x, fn, hc_scale.float().contiguous(), hc_base.float().contiguous(), y,
-        _mhc.workspace(splits, T, np_, x.device), _mhc.counters(x.device, n_blocks), T, D, float(norm_eps),
+        _mhc.workspace(splits, T, hc, x.device), _mhc.counters(x.device, n_blocks), T, D, float(norm_eps),
         float(hc_eps), HC=hc, NP=np_, BT=cfg["BT"], BK=cfg["BK"], KSPLIT=cfg["KSPLIT"], SPLITS=splits, BD=cfg["BD"],
         ROWWISE=cfg["ROWWISE"], num_warps=cfg["num_warps"], enable_fp_fusion=False,
     )  # fmt: skip

@@ -3,7 +3,7 @@
 Reference: parity.reference.model.hc_pre (mixes, rsqrt, pre-weighted sum) and parity.reference.kernels.
 hc_split_sinkhorn (the official TileLang kernel's twin).
 
-Per block of tokens (grid: token blocks x SPLITS K pieces, `_mhc` says how the pieces meet):
+Per block of tokens (grid: SPLITS K pieces x token blocks, `_mhc` says how the pieces meet):
 1. mixes = (x_flat . fn^T) * rsqrt(mean(x_flat^2) + norm_eps): fp32 FMA dot in BK chunks summed in float64, the sum
    of squares in float64, the rsqrt and the product in float64, rounded once to fp32. The twin rounds the GEMM (in
    BLAS order), the mean, the rsqrt and the product each to fp32; this is the float64 math rounded once, so the
@@ -88,8 +88,8 @@ def _hc_pre_kernel(
 ):  # fmt: skip
     NP: tl.constexpr = R * HC
     MIX: tl.constexpr = (2 + HC) * HC
-    tb = tl.program_id(0)
-    split = tl.program_id(1)
+    split = tl.program_id(0)
+    tb = tl.program_id(1)
     K = HC * D
     stride_t = K
     rows = tb * BT + tl.arange(0, BT)
@@ -118,11 +118,11 @@ def _hc_pre_kernel(
             _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, rows, rmask, stride_t, D, K,
                     norm_eps, hc_eps, iters, HC, R, BT, BD, PLANT)  # fmt: skip
         else:
-            _mhc.store_partial(ws_ptr, acc, sq, split, T, rows, rmask, NP)
+            _mhc.store_partial(ws_ptr, acc, sq, split, T, rows, rmask, NP, MIX)
             tl.debug_barrier()  # every thread's partial stores precede the release below
             arrived = tl.atomic_add(cnt_ptr + tb, 1, sem="acq_rel")
             if arrived == SPLITS - 1:
-                acc, sq = _mhc.gather_partials(ws_ptr, T, rows, rmask, NP, SPLITS, BT)
+                acc, sq = _mhc.gather_partials(ws_ptr, T, rows, rmask, NP, MIX, SPLITS, BT)
                 tl.atomic_xchg(cnt_ptr + tb, 0)  # leave the counter zero for the next launch
                 _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, rows, rmask, stride_t, D,
                         K, norm_eps, hc_eps, iters, HC, R, BT, BD, PLANT)  # fmt: skip
@@ -152,9 +152,9 @@ def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_ep
     R = _mhc.next_pow2(2 + hc)
     splits = 1 if plant == 2 else triton.cdiv(hc * D, cfg["KSPLIT"])
     n_blocks = triton.cdiv(T, cfg["BT"])
-    ws = _mhc.workspace(splits, T, R * hc, x.device)
+    ws = _mhc.workspace(splits, T, mix, x.device)
     cnt = _mhc.counters(x.device, n_blocks)
-    _hc_pre_kernel[(n_blocks, splits)](
+    _hc_pre_kernel[(splits, n_blocks)](
         x, fn, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, comb, ws, cnt, T, D,
         float(norm_eps), float(hc_eps), int(sinkhorn_iters),
         HC=hc, R=R, BT=cfg["BT"], BK=cfg["BK"], KSPLIT=cfg["KSPLIT"], SPLITS=splits, BD=cfg["BD"],
