@@ -9,7 +9,10 @@ For DeepSeek-V4-Flash (D 4096, 64 heads) and V4-Pro (D 7168, 128 heads) at each 
 - a correctness check on the same inputs against the torch backend on this GPU, as the registry entries claim:
   torch.equal for hc_post and rope; for the others, no element further from the float64 golden than the torch
   backend is, plus the entry's stated allowance (the same formulas as tests/optimized/ops/test_<op>.py).
-Prints both tables and writes triton_mhc.json and triton_mhc.md into DIR. Exit code 1 if a check fails.
+Then a block-size sweep of hc_pre and hc_head (tokens per program, columns per program, warps; the K chunking
+that fixes the sums stays), whose outputs must be bit-identical to the default configuration's (the kernels'
+batch-invariance claim on this GPU) and whose fastest entry says which default to keep.
+Prints the tables and writes triton_mhc.json and triton_mhc.md into DIR. Exit code 1 if a check fails.
 """
 
 import argparse
@@ -194,7 +197,38 @@ def copy_bandwidth(bench, dev) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
-def markdown(rows, checks, info) -> str:
+SWEEP = [dict(BT=16, BD=256, num_warps=4), dict(BT=32, BD=256, num_warps=4), dict(BT=32, BD=128, num_warps=2),
+         dict(BT=64, BD=128, num_warps=4), dict(BT=16, BD=128, num_warps=2)]  # fmt: skip
+
+
+def sweep(tri, bench, models, tokens, dev):
+    """Time hc_pre / hc_head per block configuration; every configuration's outputs must equal the default's."""
+    from parity.optimized.ops.triton import _mhc
+
+    rows, g = [], torch.Generator().manual_seed(1)
+    for model in models:
+        for t in tokens:
+            inp = make_inputs(model, t, dev, g)
+            for name in ("hc_pre", "hc_head"):
+                fn, _ = op_calls(name, tri, inp)
+                _mhc.TUNING.clear()
+                base = fn()
+                base = base if isinstance(base, tuple) else (base,)
+                for cfg in SWEEP:
+                    _mhc.TUNING.update(cfg)
+                    out = fn()
+                    out = out if isinstance(out, tuple) else (out,)
+                    same = all(torch.equal(a, b) for a, b in zip(out, base))
+                    ms = bench(fn)
+                    rows.append(dict(op=name, model=model, tokens=t, **cfg, ms=ms, same_bits=same))
+                    print(f"sweep {name:8s} {model:5s} T={t:5d} {cfg}  {ms:8.4f} ms  bits "
+                          f"{'same' if same else 'DIFFER'}", flush=True)  # fmt: skip
+                _mhc.TUNING.clear()
+            del inp
+    return rows
+
+
+def markdown(rows, checks, info, sweep_rows=()) -> str:
     out = [f"# Triton mHC / norm / RoPE kernels on {info['device']}", "",
            f"torch {info['torch']}, triton {info['triton']}; copy bandwidth {info['copy_gbs']:.0f} GB/s", "",
            "| op | model | T | triton ms | torch ms | speed-up | MB | % of HBM roofline |",
@@ -206,6 +240,15 @@ def markdown(rows, checks, info) -> str:
     for c in checks:
         out.append(f"| {c['op']} | {c['model']} | {c['tokens']} | {c['claim']} | {c['worst']:.3g} | "
                    f"{'PASS' if c['passed'] else 'FAIL'} |")  # fmt: skip
+    if sweep_rows:
+        out += [
+            "",
+            "| op | model | T | BT | BD | warps | ms | bits as default |",
+            "|---|---|---:|---:|---:|---:|---:|---|",
+        ]
+        for r in sweep_rows:
+            out.append(f"| {r['op']} | {r['model']} | {r['tokens']} | {r['BT']} | {r['BD']} | {r['num_warps']} | "
+                       f"{r['ms']:.4f} | {'yes' if r['same_bits'] else 'NO'} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -216,6 +259,7 @@ def main() -> int:
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     parser.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     parser.add_argument("--device", default="cuda", help="cpu: a dry run of this script in the Triton interpreter")
+    parser.add_argument("--sweep-tokens", type=int, nargs="*", default=[64, 4096], help="block-size sweep sizes")
     opts = parser.parse_args()
     dev = opts.device
     if dev == "cuda" and not torch.cuda.is_available():
@@ -263,11 +307,15 @@ def main() -> int:
             del inp
             if dev == "cuda":
                 torch.cuda.empty_cache()
+    sweep_rows = sweep(tri, bench, opts.models, opts.sweep_tokens, dev) if opts.sweep_tokens else []
+    for r in sweep_rows:
+        checks.append(dict(op=r["op"] + " block sweep", model=r["model"], tokens=r["tokens"], claim="same bits",
+                           worst=0.0 if r["same_bits"] else math.inf, passed=r["same_bits"]))  # fmt: skip
     info["seconds"] = time.time() - start
     os.makedirs(opts.out, exist_ok=True)
     with open(os.path.join(opts.out, "triton_mhc.json"), "w") as f:
-        json.dump(dict(info=info, timings=rows, checks=checks), f, indent=2, default=str)
-    text = markdown(rows, checks, info)
+        json.dump(dict(info=info, timings=rows, checks=checks, sweep=sweep_rows), f, indent=2, default=str)
+    text = markdown(rows, checks, info, sweep_rows)
     with open(os.path.join(opts.out, "triton_mhc.md"), "w") as f:
         f.write(text)
     print(text)

@@ -135,6 +135,11 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+# block-size overrides for tuning runs (bench/triton_mhc.py sweeps them): BT, BD and num_warps only regroup tokens
+# and columns into programs, so they never change a bit; BK and KSPLIT fix the summation and are not overridable
+TUNING: dict = {}
+
+
 def config(n_tokens: int, dim: int) -> dict:
     """Block sizes. The numerics depend only on BK and KSPLIT (fixed per platform); BT and BD only change how
     tokens and columns are grouped into programs. Interpreted: few, big programs (the interpreter pays ~0.5 ms per
@@ -143,7 +148,9 @@ def config(n_tokens: int, dim: int) -> dict:
         bt = min(max(next_pow2(n_tokens), 16), 256)
         return dict(BT=bt, BK=128, KSPLIT=1024, BD=min(next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
     # 16 tokens: the smallest FMA dot tile; 32 halves the mixer-matrix reads from L2 once there are many blocks
-    return dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=1024, BD=256, num_warps=4, ROWWISE=False)
+    cfg = dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=1024, BD=256, num_warps=4, ROWWISE=False)
+    cfg.update({k: v for k, v in TUNING.items() if k in ("BT", "BD", "num_warps")})
+    return cfg
 
 
 def workspace(splits: int, n_tokens: int, mix: int, device) -> torch.Tensor:

@@ -40,11 +40,11 @@ def _head_norm_kernel(
     q = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if FP32_STEPS:  # planted bug: the same math in fp32, rounded to bf16 only at the end
         s = tl.sum((q * q).to(tl.float64), axis=1).to(tl.float32)
-        r = (1.0 / tl.sqrt((tl.div_rn(s, d.to(tl.float32)) + eps).to(tl.float64))).to(tl.float32)
+        r = (1.0 / tl.sqrt((tl.div_rn(s, d * 1.0) + eps).to(tl.float64))).to(tl.float32)
     else:
         sq = (q * q).to(tl.bfloat16)
         s = tl.sum(sq.to(tl.float64), axis=1).to(tl.float32)
-        mean = tl.div_rn(s, d.to(tl.float32)).to(tl.bfloat16)
+        mean = tl.div_rn(s, d * 1.0).to(tl.bfloat16)
         t = (mean.to(tl.float32) + eps).to(tl.bfloat16)
         r = (1.0 / tl.sqrt(t.to(tl.float64))).to(tl.float32).to(tl.bfloat16).to(tl.float32)
     tl.store(ptrs, (q * r[:, None]).to(tl.bfloat16), mask=mask)
