@@ -132,8 +132,7 @@ def test_ragged_matches_reference_per_sequence(impl, ref_model, lengths, layer, 
     assert (y.dtype, post.dtype, comb.dtype) == (torch.bfloat16, torch.float32, torch.float32)
     assert y.shape == (cu[-1], 256) and post.shape == (cu[-1], 4) and comb.shape == (cu[-1], 4, 4)
     want = reference_per_sequence(block, which, x, cu)
-    judge(impl, (y, post, comb), want, golden_of(block, which, x), block.hc_attn_scale if which == "attn" else
-          block.hc_ffn_scale)  # fmt: skip
+    judge(impl, (y, post, comb), want, golden_of(block, which, x), mixer(block, which)[1])
 
 
 def test_mtp_block_mixer(impl, ref_model):

@@ -15,14 +15,22 @@ Per block of tokens (grid: SPLITS K pieces x token blocks, `_mhc` says how the p
    (iters - 1) row/column pairs; every row and column sum of 4 is summed in float64 and rounded once, as the twin's.
 3. y = sum_j pre[j] * x[j] (fp32 products, j in order) -> bf16, by the program that finished the block.
 
-Tolerance (tests: `tests/optimized/ops/test_hc_pre.py`, float64 goldens): the GEMM cannot follow the twin's BLAS
-summation order, so the mixes differ from the twin's in the last fp32 bits; the Sinkhorn's 40 fp32 divisions then
-carry that into post/comb. Measured on the tiny model: the twin itself is up to ~25 fp32 ulp from the float64 math
-on comb and ~14 on post, and even exactly rounded mixes leave the kernel up to ~13 / 3 ulp from it.
+Tolerance (tests: `tests/optimized/ops/test_hc_pre.py`, float64 goldens; the registry entry states it): the GEMM
+cannot follow the twin's BLAS summation order, so the mixes differ from the twin's in the last fp32 bits and the
+Sinkhorn's 40 fp32 divisions carry that into post/comb, in proportion to the logit scale. Measured on the tiny
+model: the twin itself is up to ~25 fp32 ulp from the float64 math on comb (~180 with a comb scale of 8) and ~14
+on post; exactly rounded mixes would still leave ~13 / ~3 ulp. The kernel uses at most ~35% of its allowance.
+
+Speed: the mixer GEMM runs on the FMA units (fp32 IEEE, as the twin's F.linear with TF32 off): 32 FMAs (24 mixes
+padded to the dot's width) per streamed bf16 element, which at large T is about as much time as streaming the
+bytes (Flash, T 4096: ~2.1 G FMA vs ~170 MB). A tensor-core version (fn split into three bf16 pieces, exact
+products) would be memory-bound, but the tensor cores' adder truncates, which a pessimistic model of it puts at
+~30 ulp more on comb than this kernel; it is not used. The block-size sweep of `bench/triton_mhc.py` picks the
+default tile among bit-identical configurations.
 
 Unverified without a GPU: that `tl.exp` on float64 lowers to libdevice's correctly rounded `__nv_exp` (it does in
 Triton 3.6's NVIDIA backend source), the L2 visibility of the split partials to the finishing program (acq_rel
-counter + `.cg` loads), and the speed (`bench/triton_mhc.py`).
+counter + `.cg` loads), the bit-identity across block sizes on the GPU (the bench checks it), and the speed.
 """
 
 import torch
