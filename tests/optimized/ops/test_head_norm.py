@@ -6,8 +6,9 @@ tail in scalar code, which rounds bf16 rsqrt differently, and the rsqrt tensor h
 planted-bug test shows that one call over the whole batch moves the tail and is not bitwise where the machine's
 kernels vectorize (measured first, 4 heads).
 
-The triton kernel computes the float64-exact model of the twin's five bf16 steps (`bf16_steps_model`): judged with
-that model as the golden and 0 ulp of slack, it may never be further from it than the twin. A kernel doing the math
+The triton kernel keeps the twin's five bf16 steps (sum of squares exact, the device's fp32 rsqrt); judged with the
+float64-exact model of those steps (`bf16_steps_model`) as the golden and 0 ulp of slack, it may never be further
+from it than the twin. A kernel doing the math
 in fp32 (one rounding at the end) fails that check. In place: an element the kernel does not write keeps its input
 value, which every comparison here catches.
 """

@@ -4,18 +4,18 @@ Reference: parity.reference.model.Attention.forward (`q *= torch.rsqrt(q.square(
 on bf16 tensors)
 
 The twin is five bf16 tensor ops, each rounded to bf16: q^2; its mean (accumulated in fp32, divided in fp32, then
-rounded); + eps (computed in fp32); rsqrt (fp32, then rounded); q * r. The kernel keeps all five rounding points
-and computes each step exactly before rounding: the square of a bf16 value is exact in fp32; the sum of the bf16
-squares is taken in float64 (exact for all practical inputs) and rounded once to fp32, then divided by d in fp32
-(IEEE); eps is added in fp32; the rsqrt is evaluated in float64 and rounded to fp32, then to bf16; q * r is exact
-in fp32 and rounded once. The result is the same on every device.
+rounded); + eps (computed in fp32); rsqrt (fp32, then rounded); q * r. The kernel keeps all five rounding points:
+the square of a bf16 value is exact in fp32 and rounded to bf16; the sum of the bf16 squares is taken in float64
+(exact for all practical inputs) and rounded once to fp32, then divided by d in fp32 (IEEE); eps is added in fp32;
+the rsqrt is the device's fp32 rsqrt (`tl.rsqrt`: rsqrtf on CUDA like torch's CUDA kernel, 1/sqrt with two
+roundings on CPU like torch's vectorized CPU kernel); q * r is exact in fp32 and rounded once.
 
-Not bitwise with the twin, which rounds its fp32 sum in torch's reduction order and takes an fp32 rsqrt (CPU: two
-roundings in its vectorized body, a bf16-rounded sqrt in the scalar tail of each tensor; CUDA: rsqrtf): those
-move a bf16 step in rare heads (CPU tail: ~30% of the tail heads). Tolerance: the kernel equals the float64-exact
-model of the twin's five bf16 steps, so it is never further from that model than the twin (0 ulp); a kernel that
-skips a bf16 rounding point (fp32 math) is 1 bf16 ulp off it in a third of the elements and fails.
-Unverified without a GPU: the speed.
+Not bitwise: the twin's fp32 sum follows torch's reduction order (a bf16 mean differs from the exactly rounded
+sum's in rare heads), and on CPU torch finishes the tail of each per-request tensor in scalar code whose rsqrt
+rounds sqrt to bf16 first (~30% of those tail heads differ). Tolerance: judged against the float64-exact model of
+the five bf16 steps, the kernel is never further from it than the twin (0 ulp); a kernel that skips a bf16
+rounding point (fp32 math) is 1 bf16 ulp off it in a third of the elements and fails. Unverified without a GPU:
+the speed, and that the CUDA twin's rsqrt is the same rsqrtf instruction (the GPU test asserts the tolerance).
 """
 
 import torch
@@ -46,7 +46,7 @@ def _head_norm_kernel(
         s = tl.sum(sq.to(tl.float64), axis=1).to(tl.float32)
         mean = tl.div_rn(s, d * 1.0).to(tl.bfloat16)
         t = (mean.to(tl.float32) + eps).to(tl.bfloat16)
-        r = (1.0 / tl.sqrt(t.to(tl.float64))).to(tl.float32).to(tl.bfloat16).to(tl.float32)
+        r = tl.rsqrt(t.to(tl.float32)).to(tl.bfloat16).to(tl.float32)  # the device's fp32 rsqrt, as torch's
     tl.store(ptrs, (q * r[:, None]).to(tl.bfloat16), mask=mask)
 
 
