@@ -14,4 +14,8 @@ def hc_post_torch(x, residual, post, comb):
     return y.type_as(x)
 
 
-IMPLS = {"torch": Impl(hc_post_torch)}
+IMPLS = {
+    "torch": Impl(hc_post_torch),
+    # the twin's op order exactly: products rounded alone, the j sum in order, post * x added last, one bf16 rounding
+    "triton": Impl("parity.optimized.ops.triton.hc_post:hc_post"),
+}

@@ -18,4 +18,18 @@ def hc_pre_torch(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_mult, sin
     return tuple(torch.cat([p[i][0] for p in parts]) for i in range(3))
 
 
-IMPLS = {"torch": Impl(hc_pre_torch)}
+IMPLS = {
+    "torch": Impl(hc_pre_torch),
+    "triton": Impl(
+        "parity.optimized.ops.triton.hc_pre:hc_pre",
+        bitwise=False,
+        tolerance=(
+            "float64 goldens, beyond the twin's own error: post / comb (fp32) + 8 / 16 ulp (the fp32 Sinkhorn's 40 "
+            "divisions leave ~13 even from exactly rounded mixes) + the logit error of a mixer GEMM rounded at "
+            "2^-24 of its absolute sum S = rsqrt * sum|x fn|: |scale[1]| * S ulp on post, 2 * |scale[2]| * max S on "
+            "comb (the GEMM cannot follow the twin's BLAS order; the twin itself is 15-180 ulp off on comb); y "
+            "(bf16) + 1 ulp + the fp32 collapse's absolute rounding 2^-24 * sum_j |pre_j x_j| * (4 + pre's own "
+            "allowance), visible only where the 4 terms cancel"
+        ),
+    ),
+}

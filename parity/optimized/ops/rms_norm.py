@@ -20,4 +20,16 @@ def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, segments: 
     return torch.cat([rms_norm(x[a:b], weight, eps) for a, b in zip(segments[:-1], segments[1:])])
 
 
-IMPLS = {"torch": Impl(rms_norm_torch)}
+IMPLS = {
+    "torch": Impl(rms_norm_torch),
+    "triton": Impl(
+        "parity.optimized.ops.triton.rms_norm:rms_norm",
+        bitwise=False,
+        tolerance=(
+            "float64 goldens: within the twin's own error + 1/2 ulp (bf16 output: both round values within ~1e-7 of "
+            "the float64 math, so only a rounding midpoint can go the other way) / + 3 ulp (fp32 output: three fp32 "
+            "roundings) of it. The twin's fp32 mean follows torch's reduction order and its rsqrt rounds twice (CPU) "
+            "or is rsqrtf (CUDA); the kernel's r is the float64 value rounded once"
+        ),
+    ),
+}

@@ -20,4 +20,8 @@ def rope_torch(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) 
     return y
 
 
-IMPLS = {"torch": Impl(rope_torch)}
+IMPLS = {
+    "torch": Impl(rope_torch),
+    # the complex product rounded as the twin's device rounds it: FMAs on CUDA, separate products on CPU
+    "triton": Impl("parity.optimized.ops.triton.rope:rope"),
+}

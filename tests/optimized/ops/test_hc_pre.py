@@ -1,8 +1,13 @@
 """hc_pre: mHC pre-mix, the hc residual streams of every token collapsed into one sublayer input.
 
 Twin: `parity.reference.model.Block.hc_pre` on one request's `[1, s, hc, D]` streams -> y `[1, s, D]` bf16, post
-`[1, s, hc]` and comb `[1, s, hc, hc]` fp32. The op runs the flat `[T, hc, D]` batch with the fp32 mixer GEMM per
-segment (see dense_linear); the planted-bug test shows that one segment for the batch changes post/comb.
+`[1, s, hc]` and comb `[1, s, hc, hc]` fp32. The torch op runs the flat `[T, hc, D]` batch with the fp32 mixer GEMM
+per segment (see dense_linear); the planted-bug test shows that one segment for the batch changes post/comb.
+
+The triton kernel cannot follow the twin's BLAS summation order, so it is judged against float64 goldens
+(`golden()`): every output within the twin's own error plus the allowance of `allowances()` (the registry entry's
+tolerance). Its planted bugs (one Sinkhorn pair short, comb
+transposed, rsqrt applied to bf16-rounded streams before the projection) must fail that same check.
 """
 
 import copy
@@ -11,9 +16,10 @@ import itertools
 import pytest
 import torch
 
-from parity.optimized.ops import resolve_ops
-from tests.optimized.ops.conftest import DEVICES, skip_unless_batch_changes_bits
+from parity.optimized.ops import OpsConfig, registry, resolve_ops
+from tests.optimized.ops.conftest import DEVICES, BackendImpl, check, skip_unless_batch_changes_bits
 
+OP = "hc_pre"
 OPS = resolve_ops()
 
 CASES = [
@@ -39,13 +45,18 @@ def streams(t, hc=4, d=256):
     return torch.randn(t, hc, d).to(torch.bfloat16)
 
 
+def device_of(impl) -> str:
+    return "cuda" if impl.backend != "torch" and torch.cuda.is_available() else "cpu"
+
+
 def mixer(block, which):
     return tuple(getattr(block, f"hc_{which}_{p}") for p in ("fn", "scale", "base"))
 
 
-def run(block, which, x, cu):
+def run(block, which, x, cu, op=None):
     fn, scale, base = mixer(block, which)
-    return OPS.hc_pre(x, fn, scale, base, cu, block.norm_eps, block.hc_mult, block.hc_sinkhorn_iters, block.hc_eps)
+    op = op or OPS.hc_pre
+    return op(x, fn, scale, base, cu, block.norm_eps, block.hc_mult, block.hc_sinkhorn_iters, block.hc_eps)
 
 
 def reference_per_sequence(block, which, x, cu):
@@ -53,37 +64,150 @@ def reference_per_sequence(block, which, x, cu):
     return tuple(torch.cat([o[i][0] for o in outs]) for i in range(3))
 
 
+def golden(x, fn, scale, base, norm_eps, hc, iters, eps):
+    """The float64 math of hc_pre -> (y, post, comb) and what the allowances scale with: S [T, (2+hc)*hc] =
+    rsqrt * sum_k |x_k fn_nk| (a mixer GEMM's rounding error grows with it) and A [T, D] = sum_j |pre_j x_j| (the
+    fp32 collapse's rounding error grows with it)."""
+    x = x.cpu()
+    xf = x.flatten(1).double()
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+    m = (xf @ fn.double().T) * r
+    s, b = scale.double(), base.double()
+    pre = torch.sigmoid(m[:, :hc] * s[0] + b[:hc]) + eps
+    post = 2 * torch.sigmoid(m[:, hc : 2 * hc] * s[1] + b[hc : 2 * hc])
+    c = torch.softmax((m[:, 2 * hc :] * s[2] + b[2 * hc :]).unflatten(-1, (hc, hc)), -1) + eps
+    c = c / (c.sum(-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        c = c / (c.sum(-1, keepdim=True) + eps)
+        c = c / (c.sum(-2, keepdim=True) + eps)
+    y = (pre[..., None] * x.double()).sum(1)
+    S = (xf.abs() @ fn.double().abs().T) * r
+    A = (pre[..., None] * x.double()).abs().sum(1)
+    return (y, post, c), (S, A)
+
+
+def ulp_of(g: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    mag = g.abs().to(dtype)
+    return (torch.nextafter(mag, torch.full_like(mag, float("inf"))) - mag).double()
+
+
+def allowances(S, A, y, scale, hc=4):
+    """Units in the last place of each output beyond the twin's own error, per element (the registry tolerance).
+    post / comb (fp32): the fp32 Sinkhorn's own rounding (8 / 16 ulp; exactly rounded mixes leave up to ~3 / ~13)
+    plus a mix error of 2^-24 * S carried through the logits: post (sigmoid) by |scale[1]|, comb by 2 * |scale[2]|
+    (softmax: a relative change of at most twice the largest logit change; Sinkhorn keeps relative perturbations);
+    the kernels measured on CPU use at most ~30% of that term. y (bf16): 1 ulp plus the fp32 collapse's absolute
+    error, 2^-24 * A * (4 roundings + pre's own allowance), which only shows where the 4 terms cancel."""
+    s = scale.detach().double().abs().cpu()
+    post = 8 + s[1] * S[:, hc : 2 * hc]
+    comb = 16 + 2 * s[2] * S[:, 2 * hc :].amax(-1)[:, None, None]
+    pre_rel = 8 + s[0] * S[:, :hc].amax(-1, keepdim=True)
+    y_ulps = 1 + 2.0**-24 * A * (4 + pre_rel) / ulp_of(y, torch.bfloat16)
+    return y_ulps, post, comb
+
+
+def judge(impl, got, want, gold, scale):
+    (gy, gp, gc), (S, A) = gold
+    y_ulps, post_ulps, comb_ulps = allowances(S, A, gy, scale)
+    got = [t.cpu() for t in got]
+    want = [t.cpu() for t in want]
+    check(impl, got[0], want[0], golden=gy, ulps=y_ulps)
+    check(impl, got[1], want[1], golden=gp, ulps=post_ulps)
+    check(impl, got[2], want[2], golden=gc, ulps=comb_ulps)
+
+
+def golden_of(block, which, x):
+    fn, scale, base = mixer(block, which)
+    args = (block.norm_eps, block.hc_mult, block.hc_sinkhorn_iters, block.hc_eps)
+    return golden(x.cpu(), fn.detach().cpu(), scale.detach().cpu(), base.detach().cpu(), *args)
+
+
 @pytest.mark.parametrize(("lengths", "layer", "which"), PARAMS)
-def test_ragged_matches_reference_per_sequence(ref_model, lengths, layer, which):
-    block = ref_model.layers[layer]
+def test_ragged_matches_reference_per_sequence(impl, ref_model, lengths, layer, which):
+    dev = device_of(impl)
+    block = copy.deepcopy(ref_model.layers[layer]).to(dev)
     cu = cu_of(lengths)
-    x = streams(cu[-1])
-    y, post, comb = run(block, which, x, cu)
-    ry, rpost, rcomb = reference_per_sequence(block, which, x, cu)
+    x = streams(cu[-1]).to(dev)
+    y, post, comb = run(block, which, x, cu, impl)
     assert (y.dtype, post.dtype, comb.dtype) == (torch.bfloat16, torch.float32, torch.float32)
     assert y.shape == (cu[-1], 256) and post.shape == (cu[-1], 4) and comb.shape == (cu[-1], 4, 4)
-    assert torch.equal(y, ry)
-    assert torch.equal(post, rpost)
-    assert torch.equal(comb, rcomb)
+    want = reference_per_sequence(block, which, x, cu)
+    judge(impl, (y, post, comb), want, golden_of(block, which, x), mixer(block, which)[1])
 
 
-def test_mtp_block_mixer(ref_model):
-    block = ref_model.mtp[0]
+def test_mtp_block_mixer(impl, ref_model):
+    dev = device_of(impl)
+    block = copy.deepcopy(ref_model.mtp[0]).to(dev)
     cu = cu_of((5, 1, 37))
-    x = streams(cu[-1])
-    for got, want in zip(run(block, "attn", x, cu), reference_per_sequence(block, "attn", x, cu)):
-        assert torch.equal(got, want)
+    x = streams(cu[-1]).to(dev)
+    got = run(block, "attn", x, cu, impl)
+    judge(impl, got, reference_per_sequence(block, "attn", x, cu), golden_of(block, "attn", x), block.hc_attn_scale)
 
 
-def test_segments_do_not_depend_on_batchmates_or_position(ref_model):
-    block = ref_model.layers[2]
-    a = streams(37)
-    alone = run(block, "attn", a, (0, 37))
-    for before, after in ((1, 2), (5, 0), (0, 1), (63, 1)):
-        x = torch.cat([streams(before), a, streams(after)])
+def synthetic_mixer(d, comb_scale, hc=4, seed=3):
+    """A mixer like the checkpoint's (fn ~ N(0, 1/(hc*d)), scale in [0.5, 1.5), base ~ N(0, 0.1^2)), with the comb
+    logit scale set: large values make the softmax peaked and the Sinkhorn converge slowly."""
+    g = torch.Generator().manual_seed(seed)
+    mix = (2 + hc) * hc
+    fn = torch.randn(mix, hc * d, generator=g) * (hc * d) ** -0.5
+    scale = 0.5 + torch.rand(3, generator=g)
+    scale[2] = comb_scale
+    return fn, scale, torch.randn(mix, generator=g) * 0.1
+
+
+def run_synthetic(op, x, fn, scale, base, cu, iters=20):
+    return op(x, fn, scale, base, cu, 1e-6, 4, iters, 1e-6)
+
+
+def twin_synthetic(x, fn, scale, base, cu, iters=20):
+    from parity.reference.model import hc_pre as twin
+
+    outs = [twin(x[None, a:b], fn, scale, base, 1e-6, 4, iters, 1e-6) for a, b in zip(cu[:-1], cu[1:])]
+    return tuple(torch.cat([o[i][0] for o in outs]) for i in range(3))
+
+
+@pytest.mark.parametrize(("d", "comb_scale", "lengths"), [(512, 1.0, (5, 37)), (256, 6.0, (63, 1, 2))])
+def test_larger_dim_and_slow_sinkhorn(impl, d, comb_scale, lengths):
+    # D 512: more K splits than the tiny model (the split path on the GPU too); comb scale 6: a peaked softmax whose
+    # Sinkhorn is still moving at iteration 20, where the fp32 divisions and the logit errors weigh most
+    dev = device_of(impl)
+    fn, scale, base = synthetic_mixer(d, comb_scale)
+    cu = cu_of(lengths)
+    x = streams(cu[-1], d=d)
+    args = [t.to(dev) for t in (x, fn, scale, base)]
+    got = run_synthetic(impl, *args, cu)
+    want = twin_synthetic(*args, cu)
+    judge(impl, got, want, golden(x, fn, scale, base, 1e-6, 4, 20, 1e-6), scale)
+
+
+def test_segments_do_not_depend_on_batchmates_or_position(impl, ref_model):
+    # every backend: a token's bits never depend on the batch around it (batch invariance)
+    dev = device_of(impl)
+    block = copy.deepcopy(ref_model.layers[2]).to(dev)
+    a = streams(37).to(dev)
+    alone = run(block, "attn", a, (0, 37), impl)
+    for before, after in ((1, 2), (5, 0), (0, 1), (63, 1), (300, 3)):
+        x = torch.cat([streams(before).to(dev), a, streams(after).to(dev)])
         cu = tuple(sorted({0, before, before + 37, x.shape[0]}))
-        for got, want in zip(run(block, "attn", x, cu), alone):
+        for got, want in zip(run(block, "attn", x, cu, impl), alone):
             assert torch.equal(got[before : before + 37], want)
+
+
+def test_outputs_are_written_everywhere(impl, ref_model):
+    # NaN-poisoned output buffers: an element the kernel does not write stays NaN and fails the comparison
+    if impl.backend == "torch":
+        pytest.skip("the torch backend allocates its outputs; it takes no output buffers")
+    dev = device_of(impl)
+    block = copy.deepcopy(ref_model.layers[1]).to(dev)
+    cu = cu_of((37, 1, 5))
+    x = streams(cu[-1]).to(dev)
+    nan = float("nan")
+    out = (torch.full((43, 256), nan, dtype=torch.bfloat16, device=dev), torch.full((43, 4), nan, device=dev),
+           torch.full((43, 4, 4), nan, device=dev))  # fmt: skip
+    fn, scale, base = mixer(block, "ffn")
+    got = impl(x, fn, scale, base, cu, block.norm_eps, 4, block.hc_sinkhorn_iters, block.hc_eps, out=out)
+    assert all(g is o for g, o in zip(got, out))
+    judge(impl, got, reference_per_sequence(block, "ffn", x, cu), golden_of(block, "ffn", x), scale)
 
 
 # the fp32 mixer GEMM over the whole batch changes mixes, hence post/comb, where the machine's BLAS rounds by row
@@ -109,3 +233,48 @@ def test_planted_bug_one_segment_for_the_batch_is_not_bitwise(ref_model, lengths
         torch.cat([t.flatten() for t in expected]), torch.cat([t.flatten() for t in whole]), "hc_pre"
     )
     assert not all(torch.equal(g, w) for g, w in zip(run(block, "attn", x, (0, cu[-1])), expected))
+
+
+# ---- planted bugs of the triton kernel: each must fail the tolerance the correct kernel passes on the same inputs
+
+
+@pytest.fixture
+def kernel():
+    """(the triton BackendImpl, the kernel module) with the runtime set up (Triton: interpreter without a GPU)."""
+    ops = resolve_ops(OpsConfig(overrides=((OP, "triton"),)))
+    from parity.optimized.ops.triton import hc_pre as module
+
+    return BackendImpl(OP, "triton", registry()[OP]["triton"], ops.hc_pre), module
+
+
+def planted_case(ref_model, layer, which, t, comb_scale=None):
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fn, scale, base = (p.detach().clone() for p in mixer(ref_model.layers[layer], which))
+    if comb_scale is not None:
+        scale[2] = comb_scale
+    x = streams(t)
+    gold = golden(x, fn, scale, base, 1e-6, 4, 20, 1e-6)
+    want = twin_synthetic(*(u.to(dev) for u in (x, fn, scale, base)), (0, t))
+    return [u.to(dev) for u in (x, fn, scale, base)], want, gold, scale
+
+
+@pytest.mark.parametrize(("t", "comb_scale"), [(129, None), (64, 4.0)], ids=["checkpoint-mixer", "comb-scale-4"])
+def test_planted_bug_one_sinkhorn_pair_short_is_caught(kernel, ref_model, t, comb_scale):
+    # 19 row/column pairs where the model asks for 20 (a real bring-up bug): with the checkpoint's layer-1 ffn mixer
+    # a few of 129 tokens are still converging at iteration 20 (measured: ~200 comb elements beyond the allowance, by
+    # up to ~10^4 ulp); a comb scale of 4 leaves most tokens converging
+    tri, module = kernel
+    (x, fn, scale, base), want, gold, s = planted_case(ref_model, 1, "ffn", t, comb_scale)
+    judge(tri, module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6), want, gold, s)
+    with pytest.raises(AssertionError, match="comb"):
+        judge(tri, module.launch(x, fn, scale, base, 1e-6, 4, 19, 1e-6), want, gold, s)
+
+
+@pytest.mark.parametrize(("plant", "what"), [(1, "comb written as [k, j]"), (2, "rsqrt before the projection")])
+def test_planted_bug_in_the_kernel_is_caught(kernel, ref_model, plant, what):
+    # plant 2: the streams normalized first and rounded back to bf16, as a tensor-core GEMM would take them (in exact
+    # arithmetic applying the rsqrt before or after the projection is the same; the bf16 rounding is the bug)
+    tri, module = kernel
+    (x, fn, scale, base), want, gold, s = planted_case(ref_model, 1, "ffn", 63)
+    with pytest.raises(AssertionError):
+        judge(tri, module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6, plant=plant), want, gold, s)

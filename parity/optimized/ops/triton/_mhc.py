@@ -1,0 +1,160 @@
+"""Pieces shared by the mHC kernels `hc_pre` and `hc_head` (private to those two modules).
+
+Both kernels start with the same per-token mixer GEMV over the flattened streams, `x_flat [4D] . fn[n] [4D]`, plus
+the sum of squares that gives the token's rsqrt (spec §4.3 steps 1-3, §4.6 step 1), and both end with the
+pre-weighted collapse `y = sum_j pre[j] * x[j]` (spec §4.3 step 5). What lives here:
+
+- `mix_partial`: one K range of the GEMV for a block of tokens. fp32 operands and an fp32 FMA dot
+  (`input_precision="ieee"`: the twin's F.linear is fp32 with TF32 off, spec §12.1) over BK-wide chunks, each
+  chunk's result added in float64; the squares (exact: x is bf16) are summed per column over the chunks in fp32
+  and reduced in float64. A token's numbers depend only on the fixed chunking (BK, KSPLIT), never on the batch
+  around it: the FMA dot accumulates every output element in k order whatever the tile, and the float64 sums of
+  fp32 terms are exact for all practical inputs. (The CPU interpreter's `tl.dot` is numpy's BLAS matmul, whose
+  rounding depends on a row's position in the tile, so there the chunk dot is fp32 products summed per element.)
+- The K split: a token block's K range is cut into SPLITS fixed pieces, one program each, so decode-sized batches
+  still spread the 24 x 4D fp32 mixer matrix over many SMs. Each program writes its float64 partials, and the last
+  of the SPLITS programs to arrive (an acq_rel atomic counter; nobody waits) sums them in split order and finishes
+  the block. The split is the fastest grid dimension, so a block's pieces run side by side and its finishing
+  program re-reads the block's streams from L2. The counters live in a per-device buffer that every finishing
+  program resets to zero, so a launch needs no memset (the kernels assume one stream at a time, as the engine).
+- `exp_f32` / `sigmoid_f32`: exp evaluated in float64 and rounded once to fp32, which is how the twin
+  (`parity.reference.kernels._exp`) evaluates it; CUDA's `expf` (the official TileLang kernel) is within 2 ulp.
+- `collapse`: y = ((0 + p0 x0) + p1 x1) + ... in fp32 with every product rounded, then bf16: torch's sum over the
+  stream dim of the materialized products (sequential over 4 values on CPU and CUDA alike). The kernels launch
+  with `enable_fp_fusion=False` so the compiler cannot contract a product into the next add.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import runtime
+
+# tl.reduce with triton's own combine functions is what tl.sum / tl.max do, minus their @jit wrapper: the CPU
+# interpreter re-patches triton.language on every nested @jit call (~5 ms), and the Sinkhorn loop reduces 40 times
+SUM = tl.standard._sum_combine
+MAX = tl.standard._elementwise_max
+
+
+@triton.jit
+def exp_f32(x):
+    """exp of fp32 `x`, evaluated in float64 and rounded once to fp32."""
+    return tl.exp(x.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def sigmoid_f32(x):
+    """1 / (1 + exp(-x)) in fp32 ops with IEEE division (TVM's legalization of T.sigmoid, spec §4.5)."""
+    return tl.div_rn(1.0, 1.0 + exp_f32(-x))
+
+
+@triton.jit
+def mix_partial(
+    x_ptr, fn_ptr, rows, rmask, stride_t, K, k_lo, k_hi,
+    NP: tl.constexpr, MIX: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, ROWWISE: tl.constexpr,
+):  # fmt: skip
+    """Partial mixes over k in [k_lo, k_hi) of the tokens `rows`: (float64 [BT, NP] dot, float64 [BT] sum x^2).
+    x rows are the flattened streams (stride_t apart, unit stride inside); fn is [MIX, K] fp32, row-major.
+    ROWWISE (the CPU interpreter): the chunk dot as fp32 products summed per output element, because the
+    interpreter's `tl.dot` is numpy's BLAS matmul, whose rounding depends on a row's position in the tile."""
+    n = tl.arange(0, NP)
+    acc = tl.zeros([BT, NP], dtype=tl.float64)
+    sq = tl.zeros([BT, BK], dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BK):
+        k = k0 + tl.arange(0, BK)
+        kmask = k < k_hi
+        xt = tl.load(x_ptr + rows[:, None] * stride_t + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+        xt = xt.to(tl.float32)
+        w = tl.load(fn_ptr + n[None, :] * K + k[:, None], mask=(n[None, :] < MIX) & kmask[:, None], other=0.0)
+        if ROWWISE:
+            part = tl.reduce(xt[:, None, :] * tl.trans(w)[None, :, :], 2, SUM)
+        else:
+            part = tl.dot(xt, w, input_precision="ieee")
+        acc += part.to(tl.float64)
+        sq += xt * xt
+    return acc, tl.reduce(sq.to(tl.float64), 1, SUM)
+
+
+@triton.jit
+def store_partial(ws_ptr, acc, sq, split, T, rows, rmask, NP: tl.constexpr, MIX: tl.constexpr):
+    """Write one split's partials to the float64 workspace [SPLITS, T, MIX + 1] (column MIX: sum of squares)."""
+    n = tl.arange(0, NP)
+    row_base = ws_ptr + (split * T + rows) * (MIX + 1)
+    tl.store(row_base[:, None] + n[None, :], acc, mask=rmask[:, None] & (n < MIX)[None, :])
+    tl.store(row_base + MIX, sq, mask=rmask)
+
+
+@triton.jit
+def gather_partials(
+    ws_ptr, T, rows, rmask, NP: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr, BT: tl.constexpr
+):
+    """Sum every split's partials in split order (the same order whichever program arrives last). `.cg` loads
+    read L2, never a stale L1 line."""
+    n = tl.arange(0, NP)
+    acc = tl.zeros([BT, NP], dtype=tl.float64)
+    sq = tl.zeros([BT], dtype=tl.float64)
+    for split in range(SPLITS):
+        row_base = ws_ptr + (split * T + rows) * (MIX + 1)
+        mask = rmask[:, None] & (n < MIX)[None, :]
+        acc += tl.load(row_base[:, None] + n[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+        sq += tl.load(row_base + MIX, mask=rmask, other=0.0, cache_modifier=".cg")
+    return acc, sq
+
+
+@triton.jit
+def collapse(x_ptr, y_ptr, pre, rows, rmask, stride_t, D, HC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """y[t] = sum_j pre[t, j] * x[t, j] in fp32 (products rounded, j in order), stored as y's dtype; pre [BT, HC].
+    y is [T, D] contiguous; x rows are [HC, D] contiguous, stride_t apart."""
+    j_idx = tl.arange(0, HC)[None, :]
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        mask = rmask[:, None] & (d < D)[None, :]
+        y = tl.zeros([BT, BD], dtype=tl.float32)
+        for j in tl.static_range(HC):
+            pj = tl.reduce(tl.where(j_idx == j, pre, 0.0), 1, SUM)  # one nonzero term: exact
+            xj = tl.load(x_ptr + rows[:, None] * stride_t + j * D + d[None, :], mask=mask, other=0.0)
+            y = y + pj[:, None] * xj.to(tl.float32)
+        tl.store(y_ptr + rows[:, None] * D + d[None, :], y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ---- host side -------------------------------------------------------------------------------------------------
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+
+
+def counters(device: torch.device, n: int) -> torch.Tensor:
+    """At least `n` int32 arrival counters on `device`, all zero (every kernel leaves them zero)."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+# block-size overrides for tuning runs (bench/triton_mhc.py sweeps them): BT, BD and num_warps only regroup tokens
+# and columns into programs, so they never change a bit; BK and KSPLIT fix the summation and are not overridable
+TUNING: dict = {}
+
+
+def config(n_tokens: int, dim: int) -> dict:
+    """Block sizes. The numerics depend only on BK and KSPLIT (fixed per platform); BT and BD only change how
+    tokens and columns are grouped into programs. Interpreted: few, big programs (the interpreter pays ~0.5 ms per
+    tensor op of every program); the tiny model's 4 x 256 streams then take one K piece, a 512-wide model two."""
+    if runtime.interpreting():
+        bt = min(max(next_pow2(n_tokens), 16), 256)
+        return dict(BT=bt, BK=128, KSPLIT=1024, BD=min(next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
+    # 16 tokens: the smallest FMA dot tile; 32 halves the mixer-matrix reads from L2 once there are many blocks
+    cfg = dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=1024, BD=256, num_warps=4, ROWWISE=False)
+    cfg.update({k: v for k, v in TUNING.items() if k in ("BT", "BD", "num_warps")})
+    return cfg
+
+
+def workspace(splits: int, n_tokens: int, mix: int, device) -> torch.Tensor:
+    """float64 partials [SPLITS, T, MIX + 1] (unused when SPLITS == 1: a 1-element placeholder)."""
+    if splits == 1:
+        return torch.empty(1, dtype=torch.float64, device=device)
+    return torch.empty(splits * n_tokens * (mix + 1), dtype=torch.float64, device=device)

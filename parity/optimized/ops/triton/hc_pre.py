@@ -1,0 +1,178 @@
+"""Triton hc_pre: the mHC pre-mix of every token in ONE launch (spec §4.3 with the Sinkhorn split of §4.5).
+
+Reference: parity.reference.model.hc_pre (mixes, rsqrt, pre-weighted sum) and parity.reference.kernels.
+hc_split_sinkhorn (the official TileLang kernel's twin).
+
+Per block of tokens (grid: SPLITS K pieces x token blocks, `_mhc` says how the pieces meet):
+1. mixes = (x_flat . fn^T) * rsqrt(mean(x_flat^2) + norm_eps): fp32 FMA dot in BK chunks summed in float64, the sum
+   of squares in float64, the rsqrt and the product in float64, rounded once to fp32. The twin rounds the GEMM (in
+   BLAS order), the mean, the rsqrt and the product each to fp32; this is the float64 math rounded once, so the
+   mixes are at least as close to it as the twin's.
+2. Sinkhorn split on the [BT, 8, 4] view of the 32 (24 used) mixes - row 0 pre, row 1 post, rows 2..5 comb - in
+   the twin's fp32 op order: `m*scale + base` as an fma (float64 product and sum rounded once), sigmoid =
+   1/(1+exp(-x)) with IEEE division (`tl.div_rn`; Triton's `/` on fp32 is the approximate div.full), exp evaluated
+   in float64 and rounded to fp32 (the twin's `_exp`), softmax over k, `+ eps`, the column normalization, then
+   (iters - 1) row/column pairs; every row and column sum of 4 is summed in float64 and rounded once, as the twin's.
+3. y = sum_j pre[j] * x[j] (fp32 products, j in order) -> bf16, by the program that finished the block.
+
+Tolerance (tests: `tests/optimized/ops/test_hc_pre.py`, float64 goldens; the registry entry states it): the GEMM
+cannot follow the twin's BLAS summation order, so the mixes differ from the twin's in the last fp32 bits and the
+Sinkhorn's 40 fp32 divisions carry that into post/comb, in proportion to the logit scale. Measured on the tiny
+model: the twin itself is up to ~25 fp32 ulp from the float64 math on comb (~180 with a comb scale of 8) and ~14
+on post; exactly rounded mixes would still leave ~13 / ~3 ulp. The kernel uses at most ~35% of its allowance.
+
+Speed: the mixer GEMM runs on the FMA units (fp32 IEEE, as the twin's F.linear with TF32 off): 32 FMAs (24 mixes
+padded to the dot's width) per streamed bf16 element, which at large T is about as much time as streaming the
+bytes (Flash, T 4096: ~2.1 G FMA vs ~170 MB). A tensor-core version (fn split into three bf16 pieces, exact
+products) would be memory-bound, but the tensor cores' adder truncates, which a pessimistic model of it puts at
+~30 ulp more on comb than this kernel; it is not used. The block-size sweep of `bench/triton_mhc.py` picks the
+default tile among bit-identical configurations.
+
+Unverified without a GPU: that `tl.exp` on float64 lowers to libdevice's correctly rounded `__nv_exp` (it does in
+Triton 3.6's NVIDIA backend source), the L2 visibility of the split partials to the finishing program (acq_rel
+counter + `.cg` loads), the bit-identity across block sizes on the GPU (the bench checks it), and the speed.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import _mhc
+from parity.optimized.ops.triton._mhc import MAX as _MAX
+from parity.optimized.ops.triton._mhc import SUM as _SUM
+
+
+@triton.jit
+def _finish(
+    acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, rows, rmask, stride_t, D, K, norm_eps, hc_eps,
+    iters, HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PLANT: tl.constexpr,
+):  # fmt: skip
+    MIX: tl.constexpr = (2 + HC) * HC
+    if PLANT == 2:  # planted bug: the streams were normalized before the projection (acc already holds x*r)
+        mix = acc.to(tl.float32)
+    else:
+        r = 1.0 / tl.sqrt(sq / K + norm_eps)  # float64: IEEE sqrt and division
+        mix = (acc * r[:, None]).to(tl.float32)
+    m = tl.reshape(mix, [BT, R, HC])
+    row = tl.arange(0, R)[None, :, None]
+    col = tl.arange(0, HC)[None, None, :]
+    idx = row * HC + col
+    scale = tl.load(scale_ptr + tl.minimum(row, 2))
+    base = tl.load(base_ptr + idx, mask=idx < MIX, other=0.0)
+    a = (m.to(tl.float64) * scale.to(tl.float64) + base.to(tl.float64)).to(tl.float32)  # fma, rounded once
+
+    sig = _mhc.sigmoid_f32(a)
+    pre = tl.reduce(tl.where(row == 0, sig, 0.0), 1, _SUM) + hc_eps  # [BT, HC]; one nonzero term: exact
+    post = 2.0 * tl.reduce(tl.where(row == 1, sig, 0.0), 1, _SUM)
+
+    is_comb = (row >= 2) & (row < 2 + HC)
+    c = tl.where(is_comb, a, 0.0)
+    c = _mhc.exp_f32(c - tl.reduce(c, 2, _MAX, keep_dims=True))
+    c = tl.div_rn(c, tl.reduce(c.to(tl.float64), 2, _SUM, keep_dims=True).to(tl.float32)) + hc_eps
+    # from here the rows that are not comb rows hold zeros, which stay zero (0 / (0 + eps)) and add nothing to the
+    # column sums; every row and column sum of 4 is taken in float64 and rounded once, as the twin's
+    c = tl.where(is_comb, c, 0.0)
+    c = tl.div_rn(c, tl.reduce(c.to(tl.float64), 1, _SUM, keep_dims=True).to(tl.float32) + hc_eps)
+    for _ in range(1, iters):
+        c = tl.div_rn(c, tl.reduce(c.to(tl.float64), 2, _SUM, keep_dims=True).to(tl.float32) + hc_eps)
+        c = tl.div_rn(c, tl.reduce(c.to(tl.float64), 1, _SUM, keep_dims=True).to(tl.float32) + hc_eps)
+
+    rows3 = rows[:, None, None]
+    hc_i = tl.arange(0, HC)[None, :]
+    tl.store(post_ptr + rows[:, None] * HC + hc_i, post, mask=rmask[:, None])
+    if PLANT == 1:  # planted bug: comb written as [k, j]
+        comb_off = col * HC + (row - 2)
+    else:
+        comb_off = (row - 2) * HC + col
+    tl.store(comb_ptr + rows3 * (HC * HC) + comb_off, c, mask=rmask[:, None, None] & is_comb)
+    _mhc.collapse(x_ptr, y_ptr, pre, rows, rmask, stride_t, D, HC, BT, BD)
+
+
+@triton.jit
+def _hc_pre_kernel(
+    x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, ws_ptr, cnt_ptr, T, D, norm_eps, hc_eps, iters,
+    HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
+    SPLITS: tl.constexpr, BD: tl.constexpr, ROWWISE: tl.constexpr, PLANT: tl.constexpr,
+):  # fmt: skip
+    NP: tl.constexpr = R * HC
+    MIX: tl.constexpr = (2 + HC) * HC
+    split = tl.program_id(0)
+    tb = tl.program_id(1)
+    K = HC * D
+    stride_t = K
+    rows = tb * BT + tl.arange(0, BT)
+    rmask = rows < T
+    rows = rows.to(tl.int64)  # row offsets of long batches pass 2^31 elements
+    k_lo = split * KSPLIT
+    k_hi = tl.minimum(k_lo + KSPLIT, K)
+    if PLANT == 2:
+        # planted bug: rsqrt before the projection, the normalized streams rounded back to bf16 (what a kernel
+        # feeding a bf16 tensor-core GEMM would do); only meaningful with SPLITS == 1
+        _, sq_all = _mhc.mix_partial(x_ptr, fn_ptr, rows, rmask, stride_t, K, 0, K, NP, MIX, BT, BK, ROWWISE)
+        r = (1.0 / tl.sqrt(sq_all / K + norm_eps)).to(tl.float32)
+        n = tl.arange(0, NP)
+        acc = tl.zeros([BT, NP], dtype=tl.float64)
+        for k0 in range(0, K, BK):
+            k = k0 + tl.arange(0, BK)
+            xt = tl.load(x_ptr + rows[:, None] * stride_t + k[None, :], mask=rmask[:, None] & (k < K)[None, :])
+            xn = (xt.to(tl.float32) * r[:, None]).to(tl.bfloat16).to(tl.float32)
+            w = tl.load(fn_ptr + n[None, :] * K + k[:, None], mask=(n[None, :] < MIX) & (k < K)[:, None], other=0.0)
+            acc += tl.dot(xn, w, input_precision="ieee").to(tl.float64)
+        _finish(acc, sq_all, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, rows, rmask, stride_t, D, K,
+                norm_eps, hc_eps, iters, HC, R, BT, BD, PLANT)  # fmt: skip
+    else:
+        acc, sq = _mhc.mix_partial(x_ptr, fn_ptr, rows, rmask, stride_t, K, k_lo, k_hi, NP, MIX, BT, BK, ROWWISE)
+        if SPLITS == 1:
+            _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, rows, rmask, stride_t, D, K,
+                    norm_eps, hc_eps, iters, HC, R, BT, BD, PLANT)  # fmt: skip
+        else:
+            _mhc.store_partial(ws_ptr, acc, sq, split, T, rows, rmask, NP, MIX)
+            tl.debug_barrier()  # every thread's partial stores precede the release below
+            arrived = tl.atomic_add(cnt_ptr + tb, 1, sem="acq_rel")
+            if arrived == SPLITS - 1:
+                acc, sq = _mhc.gather_partials(ws_ptr, T, rows, rmask, NP, MIX, SPLITS, BT)
+                tl.atomic_xchg(cnt_ptr + tb, 0)  # leave the counter zero for the next launch
+                _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, rows, rmask, stride_t, D,
+                        K, norm_eps, hc_eps, iters, HC, R, BT, BD, PLANT)  # fmt: skip
+
+
+def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps, out=None, plant=0):
+    """The kernel behind `hc_pre`; `plant` (tests only) selects a planted bug: 1 comb transposed, 2 rsqrt applied
+    to bf16-rounded streams before the projection."""
+    T, hc, D = x.shape
+    if hc != hc_mult or hc & (hc - 1):
+        raise ValueError(f"hc_pre: streams {hc} (hc_mult {hc_mult}) must be a power of two")
+    x = x.contiguous()
+    fn = hc_fn.float().contiguous()
+    mix = (2 + hc) * hc
+    if fn.shape != (mix, hc * D):
+        raise ValueError(f"hc_pre: hc_fn {tuple(fn.shape)} != ({mix}, {hc * D})")
+    if out is None:
+        out = (
+            torch.empty(T, D, dtype=x.dtype, device=x.device),
+            torch.empty(T, hc, dtype=torch.float32, device=x.device),
+            torch.empty(T, hc, hc, dtype=torch.float32, device=x.device),
+        )
+    y, post, comb = out
+    if T == 0:
+        return y, post, comb
+    cfg = _mhc.config(T, D)
+    R = _mhc.next_pow2(2 + hc)
+    splits = 1 if plant == 2 else triton.cdiv(hc * D, cfg["KSPLIT"])
+    n_blocks = triton.cdiv(T, cfg["BT"])
+    ws = _mhc.workspace(splits, T, mix, x.device)
+    cnt = _mhc.counters(x.device, n_blocks)
+    _hc_pre_kernel[(splits, n_blocks)](
+        x, fn, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, comb, ws, cnt, T, D,
+        float(norm_eps), float(hc_eps), int(sinkhorn_iters),
+        HC=hc, R=R, BT=cfg["BT"], BK=cfg["BK"], KSPLIT=cfg["KSPLIT"], SPLITS=splits, BD=cfg["BD"],
+        ROWWISE=cfg["ROWWISE"], PLANT=plant, num_warps=cfg["num_warps"], enable_fp_fusion=False,
+    )  # fmt: skip
+    return y, post, comb
+
+
+def hc_pre(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_mult, sinkhorn_iters, hc_eps, out=None):
+    """Streams bf16 [T, hc, D] -> (y bf16 [T, D], post fp32 [T, hc], comb fp32 [T, hc, hc]). Every token is mixed
+    alone (its numbers never depend on the batch), so `cu_seqlens` is not needed. `out`: optional (y, post, comb)
+    buffers to write."""
+    return launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps, out)

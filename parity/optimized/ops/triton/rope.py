@@ -1,0 +1,84 @@
+"""Triton rope: interleaved RoPE in place on a bf16 view, one rotation per token from its own table row (spec §5.2).
+
+Reference: parity.reference.model.apply_rotary_emb
+
+Pairs (2i, 2i+1) of the last dim are (real, imag); they are multiplied by the token's complex64 table entry
+(c, s), or by its conjugate (c, -s) for the inverse, in fp32, and written back with RNE. The twin multiplies with
+torch's complex64 product, whose rounding depends on the device, and the kernel follows the device it runs on:
+- CUDA contracts the product into FMAs, real = fma(xr, c, -(xi*s)), imag = fma(xr, s, xi*c) (spec §5.2, verified
+  on H100): the kernel issues exactly those `tl.fma`s;
+- CPU computes it with separate rounded products, (xr*c - xi*s, xr*s + xi*c) (the vectorized c10::complex
+  multiply; measured equal for every tensor size here, whatever the CPU capability): the kernel computes that
+  expression when its tensors are on the CPU (the interpreter), launched with `enable_fp_fusion=False`.
+Bitwise with the twin on both. x may be any strided view whose last dim is contiguous ([T, r] or [T, h, r]).
+Unverified without a GPU: the speed.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import runtime
+
+
+@triton.jit
+def _rope_kernel(
+    x_ptr, f_ptr, R, H, stride_t, stride_h, stride_f,
+    HALF: tl.constexpr, BR: tl.constexpr, INVERSE: tl.constexpr, FUSED: tl.constexpr, PLANT: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)  # (token, head) pairs
+    rmask = rows < R
+    rows = rows.to(tl.int64)
+    tok = rows // H
+    x_row = x_ptr + (tok * stride_t + (rows % H) * stride_h)[:, None]
+    i = tl.arange(0, HALF)[None, :]
+    if PLANT == 1:  # planted bug: non-interleaved pairs (i, i + r/2)
+        re_off, im_off = i, i + HALF
+    else:
+        re_off, im_off = 2 * i, 2 * i + 1
+    mask = rmask[:, None]
+    xr = tl.load(x_row + re_off, mask=mask, other=0.0).to(tl.float32)
+    xi = tl.load(x_row + im_off, mask=mask, other=0.0).to(tl.float32)
+    f_row = f_ptr + (tok * stride_f)[:, None] + 2 * i
+    c = tl.load(f_row, mask=mask, other=0.0)
+    s = tl.load(f_row + 1, mask=mask, other=0.0)
+    if INVERSE:
+        s = -s
+    if FUSED:
+        re = tl.fma(xr, c, -(xi * s))
+        im = tl.fma(xr, s, xi * c)
+    else:
+        re = xr * c - xi * s
+        im = xr * s + xi * c
+    tl.store(x_row + re_off, re.to(tl.bfloat16), mask=mask)
+    tl.store(x_row + im_off, im.to(tl.bfloat16), mask=mask)
+
+
+def launch(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False, plant: int = 0) -> torch.Tensor:
+    """The kernel behind `rope`; `plant=1` (tests only) rotates non-interleaved pairs."""
+    if x.dtype != torch.bfloat16 or x.dim() not in (2, 3) or x.stride(-1) != 1:
+        raise ValueError(f"rope: x must be a bf16 [T, r] / [T, h, r] view with unit stride in r, got {x.dtype} "
+                         f"{tuple(x.shape)} strides {x.stride()}")  # fmt: skip
+    T, r = x.shape[0], x.shape[-1]
+    h = x.shape[1] if x.dim() == 3 else 1
+    half = r // 2
+    if r % 2 or half & (half - 1) or freqs_cis.shape != (T, half):
+        raise ValueError(f"rope: rotary dim {r} (a power of two pairs) and table {tuple(freqs_cis.shape)} != "
+                         f"({T}, {half})")  # fmt: skip
+    if T * h == 0:
+        return x
+    f = torch.view_as_real(freqs_cis)  # [T, half, 2] fp32
+    if f.stride(-2) != 2 or f.stride(-1) != 1:
+        f = f.contiguous()
+    stride_h = x.stride(1) if x.dim() == 3 else 0
+    br = max(1, min((1 << 16 if runtime.interpreting() else 2048) // half, triton.next_power_of_2(T * h)))
+    _rope_kernel[(triton.cdiv(T * h, br),)](
+        x, f, T * h, h, x.stride(0), stride_h, f.stride(0), HALF=half, BR=br, INVERSE=bool(inverse),
+        FUSED=x.device.type == "cuda", PLANT=plant, num_warps=4, enable_fp_fusion=False,
+    )  # fmt: skip
+    return x
+
+
+def rope(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """In place on a bf16 view x [T, r] / [T, h, r]; freqs_cis complex64 [T, r/2], each token's table row."""
+    return launch(x, freqs_cis, inverse)
