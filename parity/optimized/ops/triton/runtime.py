@@ -1,10 +1,10 @@
 """How the Triton kernels run here: compiled for the CUDA device when there is one, else in Triton's CPU
 interpreter with GPU numerics (`interpreter.install()`).
 
-`setup()` must run before triton is first imported in the process: `@triton.jit` reads `TRITON_INTERPRET` when it
-decorates a function, and triton's own library functions (`tl.max`, `tl.sum`, ...) are decorated when `triton` is
-imported, so a process that imported triton first would mix compiled-mode library functions into interpreted
-kernels. The tests set the variable in `tests/conftest.py` for the same reason.
+The interpreter must be chosen before triton is first imported in the process: `@triton.jit` reads
+`TRITON_INTERPRET` when it decorates a function, and triton's own library functions (`tl.max`, `tl.sum`, ...) are
+decorated when `triton` is imported, so a process that imported triton first would mix compiled-mode library
+functions into interpreted kernels. `choose_interpreter_early()` runs when `parity` is imported for that reason.
 """
 
 import importlib.util
@@ -18,6 +18,14 @@ from parity.errors import ParityError
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose_interpreter_early() -> None:
+    """Without a CUDA device, select Triton's interpreter before triton is imported (called when `parity` is
+    imported: torch imports triton on its own the first time a model is built on the meta device). Nothing else
+    changes: without a GPU, triton has no other way to run, and an explicit TRITON_INTERPRET is kept."""
+    if "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
 
 
 def setup() -> str:
