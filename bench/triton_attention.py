@@ -19,6 +19,8 @@ indexer_topk the same ids modulo ties (the torch scores of the chosen ids equal,
 `triton_attention.json` and `triton_attention.md` to --out; exits 1 on any correctness failure.
 
 `--smoke` runs tiny shapes through Triton's CPU interpreter (script logic only, no timings worth reading).
+`--compile-sm90` needs no GPU: it compiles every kernel at the bench's configurations for sm_90 with the ptxas
+shipped in the triton wheel and writes registers, stack (spills) and shared memory per kernel to --out.
 """
 
 import argparse
@@ -41,12 +43,17 @@ def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (checks the script)")
+    p.add_argument("--compile-sm90", action="store_true", help="compile every kernel for sm_90 (no GPU needed)")
     return p.parse_args()
 
 
 ARGS = parse()
 if ARGS.smoke:
     os.environ["TRITON_INTERPRET"] = "1"
+if ARGS.compile_sm90:
+    from bench_compile import compile_report  # noqa: E402  (bench/ is the script's directory)
+
+    sys.exit(compile_report(ARGS.out))
 
 from parity.optimized.ops import OpsConfig, resolve_ops  # noqa: E402
 

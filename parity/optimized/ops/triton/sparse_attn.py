@@ -5,19 +5,22 @@ op per query on the rows `idx` selects from the virtual concatenation of `source
 compressed entries; -1 = none).
 
 Structure (spec §8), one program per (query token, block of heads), prefill and decode rows in one launch:
-- the query's heads `[BH, d]` stay in registers; its index row is walked in 64-slot blocks in list order;
+- the query's heads `[BH, d]` are loaded once; its index row is walked in 64-slot blocks in list order, up to its
+  last valid slot (the batch pads rows with trailing -1 to its widest list; those blocks are exactly an identity
+  once m is finite, so they are skipped; a row without any valid slot still runs one block and gives the twin's NaN);
 - each block's rows are read straight from their source (up to four base pointers, the source picked per slot from
-  the virtual row id; no gathered copy), -1 (or any negative id) masks the slot, an id past the last source reads
-  zeros like the twin's gather;
+  the virtual row id; no gathered copy; asynchronous copies into shared memory on sm_90), -1 (or any negative id)
+  masks the slot, an id past the last source reads zeros like the twin's gather;
 - S = q . K^T (bf16 MMA, fp32 accumulate), S = where(valid, S, -inf) * scale, running max m_new = max(m, rowmax S),
   alpha = exp(m - m_new), P = exp(S - m_new) in fp32, l = fma(l, alpha, sum P), acc = acc * alpha + bf16(P) . V
   (bf16 MMA into the fp32 accumulator): bf16-rounded P for the value product, fp32 P for the denominator;
-- at the end l += exp(sink - m) (the sink is not scaled and has no value), o = acc / l (IEEE division), RNE to
-  bf16. A row with no valid slot gives NaN like the twin (exp(-inf - -inf)); a row's trailing blocks without any
-  valid slot are skipped (they are exactly an identity once m is finite), the rest run in order.
+- at the end l += exp(sink - m) (the sink is not scaled and has no value), o = acc / l (IEEE division), RNE to bf16;
 - exp is a portable fp32 Cody-Waite exp (reduction by a split ln 2, degree-7 polynomial, 2^k from the bits):
   ~1 ulp of the correctly rounded exp the twin uses; arguments below -87.3 give 0 (the twin keeps fp32 subnormals,
   < 1.2e-38, which no output can see).
+On the GPU the head block, warps and pipeline depth are autotuned per (heads, head dim, batch size class). The CPU
+interpreter runs a second kernel with the same per-query math on up to 128 queries per program (batched 3-D dots):
+it pays per program and per op, not per element; the tests check that both kernels give the same bits.
 
 Not bitwise: the twin takes each MMA as an exact sum rounded once; the tensor cores (and the interpreter's BLAS)
 round partial sums in their own order, and exp differs by ~1 ulp. A score that moves by a few fp32 ulp can flip the
@@ -26,8 +29,9 @@ bf16 ulp of P_i * v_i / l; and outputs that nearly cancel (|o| << sum |P_i v_i| 
 summation orders beyond their own bf16 ulp. The tests check every other output to the twin's error + 1 ulp of the
 float64 math and bound these two cases explicitly (tests/optimized/ops/test_sparse_attn.py).
 
-Unverified without a GPU: speed and register pressure at d = 512 (the fp32 accumulator of BH x 512 lives in
-registers; the autotuned BH trades that against re-reading the KV rows per head block).
+Unverified without a GPU: speed. Compiled offline for sm_90 (`bench/triton_attention.py --compile-sm90`): at d = 512
+the head blocks of 16 and 32 with 8 warps fit the registers without spills, a block of 64 (one program for all 64
+Flash heads, wgmma) spills 24-224 bytes; shared memory 85-197 KB per program.
 """
 
 import torch
@@ -174,12 +178,13 @@ def _prune(configs, named_args, **kwargs):
     return [c for c in configs if c.kwargs["BH"] <= top] or configs[:1]
 
 
-# GPU: the head block (MMA rows; BH x d fp32 accumulator in registers), warps and pipeline depth tuned per
-# (heads, head dim, batch size class); the interpreter calls the kernel directly with one configuration
+# GPU: the head block (MMA rows; a BH x d fp32 accumulator in registers), warps and pipeline depth tuned per
+# (heads, head dim, batch size class); the interpreter calls the kernel directly with one configuration. Kept:
+# the configurations that compile for sm_90 at d = 512 without register spills, or nearly
+# (`bench/triton_attention.py --compile-sm90` lists registers, spills and shared memory of each).
+_CONFIGS = [(16, 8, 1), (16, 8, 2), (16, 8, 3), (16, 4, 1), (32, 8, 1), (32, 8, 2), (32, 8, 3), (64, 8, 1), (64, 8, 2)]
 _sparse_attn_tuned = triton.autotune(
-    configs=[
-        triton.Config({"BH": bh}, num_warps=w, num_stages=st) for bh in (16, 32, 64) for w in (4, 8) for st in (1, 2, 3)
-    ],
+    configs=[triton.Config({"BH": bh}, num_warps=w, num_stages=st) for bh, w, st in _CONFIGS],
     key=["H", "D", "T_BUCKET"],
     prune_configs_by={"early_config_prune": _prune},
 )(_sparse_attn_kernel)
@@ -237,7 +242,7 @@ def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: i
             D=d, DP=dp, BT=bt, BH=triton.next_power_of_2(h), BN=BLOCK_N,
         )  # fmt: skip
         return out
-    tail = (h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale, min(triton.next_power_of_2(t), 256))
+    tail = (h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale, min(triton.next_power_of_2(t), 4096))
     if runtime.interpreting():
         bh = max(16, triton.next_power_of_2(h))  # tl.dot needs 16 rows on the GPU; keep the same shapes here
         _sparse_attn_kernel[(t, triton.cdiv(h, bh))](*args, *tail, D=d, DP=dp, BH=bh, BN=BLOCK_N)
