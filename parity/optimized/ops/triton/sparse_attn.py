@@ -239,7 +239,9 @@ def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: i
         bt = min(triton.next_power_of_2(tokens_per_program), triton.next_power_of_2(t))
         _sparse_attn_tokens_kernel[(triton.cdiv(t, bt),)](
             *args, t, h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale,
-            D=d, DP=dp, BT=bt, BH=triton.next_power_of_2(h), BN=BLOCK_N,
+            D=d, DP=dp, BT=bt, BN=BLOCK_N,
+            # compiled, tl.dot needs 16 rows; interpreted, padding heads only costs time
+            BH=triton.next_power_of_2(h) if runtime.interpreting() else max(16, triton.next_power_of_2(h)),
         )  # fmt: skip
         return out
     tail = (h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale, min(triton.next_power_of_2(t), 4096))
