@@ -11,6 +11,9 @@ of the measured device-to-device copy bandwidth, for sparse_attn also the MMA FL
 matmul rate (8192^3). Targets (issue): sparse_attn decode >= 50 % of copy bandwidth on the KV bytes read, prefill
 >= 40 % of the bf16 rate, compressor / quantizers / Hadamard >= 60 % of copy bandwidth.
 
+The op's GPU configuration is fixed per (heads, head dim) (batch invariance); rows "sparse_attn cfg" time every
+candidate configuration at a Flash decode batch and prefill, the data for choosing it.
+
 Correctness, on the bench shapes, against the torch backend: the quantizers and Hadamard bitwise; compress_pool
 never further from the float64 pooling than torch plus 1 fp32 ulp; sparse_attn cosine >= 0.99999, at most 0.1 % of
 outputs more than 2 bf16 ulp from torch and none further than 2^-6 of the row's largest output (the registry's
@@ -63,7 +66,7 @@ def _sig(text: str) -> dict:
 ATTN_SIG = _sig(
     "q_ptr:*bf16 o_ptr:*bf16 idx_ptr:*i64 nblk_ptr:*i32 sink_ptr:*fp32 s0:*bf16 s1:*bf16 s2:*bf16 s3:*bf16 "
     "c1:i64 c2:i64 c3:i64 c4:i64 st0:i32 st1:i32 st2:i32 st3:i32 H:i32 K:i32 q_st:i32 q_sh:i32 idx_st:i32 "
-    "scale:fp32 T_BUCKET:i32"
+    "scale:fp32"
 )
 TOPK_SIG = _sig("sc_ptr:*fp32 out_ptr:*i64 L:i32 T:i32 K:i32 start_pos:i32 ratio:i32")
 POOL_SIG = _sig("kv_ptr:*fp32 sc_ptr:*fp32 out_ptr:*fp32 N:i32 W:i32 C:i32 kv_sn:i32 kv_sw:i32 sc_sn:i32 sc_sw:i32")
@@ -75,7 +78,7 @@ FP8_SIG = _sig("x_ptr:*bf16 y_ptr:*fp8e4nv s_ptr:*u8 R:i32 NG:i32 x_row_stride:i
 FP4_SIG = _sig("x_ptr:*bf16 R:i32 NG:i32 row_stride:i32")
 HAD_SIG = _sig("x_ptr:*bf16 y_ptr:*bf16 R:i32 x_row_stride:i32 scale:fp32")
 # sizes and counts: not specialized as multiples of 16 (strides and pointers are)
-NOT_DIVISIBLE = {"H", "K", "T_BUCKET", "c1", "c2", "c3", "c4", "R", "NG", "N", "W", "C", "L", "T", "start_pos"}
+NOT_DIVISIBLE = {"H", "K", "c1", "c2", "c3", "c4", "R", "NG", "N", "W", "C", "L", "T", "start_pos"}
 
 
 def cases():
@@ -104,10 +107,10 @@ def cases():
     yield "indexer top-k rank t <= 128", indexer_topk._topk_rank_kernel, TOPK_SIG, dict(TP=128, BR=1), 8, 3
     for kp in (512, 1024):
         yield f"indexer top-k merge k {kp}", indexer_topk._topk_merge_kernel, TOPK_SIG, dict(KP=kp, C=kp, BR=1), 4, 3
-    for cfg in sparse_attn._sparse_attn_tuned.configs:
-        consts = dict(D=512, DP=512, BN=64, **cfg.kwargs)
-        name = f"sparse_attn d 512 BH {cfg.kwargs['BH']} warps {cfg.num_warps} stages {cfg.num_stages}"
-        yield name, sparse_attn._sparse_attn_kernel, ATTN_SIG, consts, cfg.num_warps, cfg.num_stages
+    for bh, warps, stages in sparse_attn.CONFIGS:
+        consts = dict(D=512, DP=512, BN=64, BH=bh)
+        name = f"sparse_attn d 512 BH {bh} warps {warps} stages {stages}"
+        yield name, sparse_attn._sparse_attn_kernel, ATTN_SIG, consts, warps, stages
 
 
 def compile_one(kernel, sig, consts, num_warps, num_stages) -> dict:
@@ -332,6 +335,8 @@ def bench_sparse_attn(roof, gen):
                 name = f"decode {'CSA' if ratio == 4 else 'HCA'} ctx {ctx // 1024}k T {t} K {idx.shape[1]}"
                 record("sparse_attn", model, name, tri, ref_ms, valid * d * 2, 4 * valid * h * d,
                        attn_check(f"sparse_attn {model} {name}", got, want), roof, "copy bw >= 50%")  # fmt: skip
+        if model == "flash":
+            sweep_configs(roof, gen, pool, h, d, sink, scale, cfg)
         for ratio in (4, 128):
             s = 256 if ARGS.smoke else 4096
             sources, idx = prefill_lists(s, ratio, cfg["topk"], d, gen)
@@ -344,6 +349,28 @@ def bench_sparse_attn(roof, gen):
             name = f"prefill {'CSA' if ratio == 4 else 'HCA'} {s} tokens K {idx.shape[1]}"
             record("sparse_attn", model, name, tri, None, valid * d * 2, 4 * valid * h * d,
                    attn_check(f"sparse_attn {model} {name}", got[rows], want), roof, "bf16 >= 40%")  # fmt: skip
+
+
+def sweep_configs(roof, gen, pool, h, d, sink, scale, cfg):
+    """Every GPU configuration of the one-query kernel (`sparse_attn.CONFIGS`) on a decode batch and a prefill: the
+    data for choosing `default_config` (the op does not autotune: a row's bits must not depend on the winner)."""
+    from parity.optimized.ops.triton import sparse_attn as kernel
+
+    t, s = (4, 256) if ARGS.smoke else (256, 4096)
+    decode = decode_lists(t, 65536, 4, cfg["topk"], d, pool, gen)
+    prefill = prefill_lists(s, 4, cfg["topk"], d, gen)
+    for what, (sources, idx), n in (("decode CSA ctx 64k T 256", decode, t), ("prefill CSA 4k", prefill, s)):
+        q = torch.randn(n, h, d, dtype=BF16, device=DEV)
+        valid = int((idx >= 0).sum())
+        rows = torch.arange(min(n, 256), device=DEV)
+        want = TORCH.sparse_attn(q[rows], sources, idx[rows], sink, scale)
+        for config in kernel.CONFIGS[:1] if ARGS.smoke else kernel.CONFIGS:
+            call = functools.partial(kernel.sparse_attn, q, sources, idx, sink, scale, config=config)
+            got = call()
+            name = f"{what}, BH {config[0]} warps {config[1]} stages {config[2]}"
+            target = "bf16 >= 40%" if what.startswith("prefill") else "copy bw >= 50%"
+            record("sparse_attn cfg", "flash", name, bench_ms(call), None, valid * d * 2, 4 * valid * h * d,
+                   attn_check(f"sparse_attn {name}", got[rows], want), roof, target)  # fmt: skip
 
 
 def bench_indexer(roof, gen):

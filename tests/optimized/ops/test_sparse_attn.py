@@ -354,7 +354,8 @@ def test_requests_do_not_depend_on_batchmates_placement_or_padding(impl):
 
 def test_one_query_kernel_matches_the_batched_one(impl):
     # the triton backend has a one-query-per-program kernel (the GPU's) and a batched one (the interpreter's):
-    # the same math per query, so the same bits
+    # the same math per query, so the same bits where the same matmul runs both (the interpreter's BLAS); compiled,
+    # they use different MMA instructions (wgmma vs mma.sync), so each is judged against the twin
     if impl.backend != "triton":
         pytest.skip("only the triton backend has two kernels")
     h, d = 4, 128
@@ -364,8 +365,11 @@ def test_one_query_kernel_matches_the_batched_one(impl):
     sources = (kv[:7], kv[7:])
     one = run(impl, q, sources, idx, sink, scale, tokens_per_program=1)
     batched = run(impl, q, sources, idx, sink, scale, tokens_per_program=2)  # 2: fits a GPU's shared memory
-    judge(impl, one, reference(q, kv, idx, sink, scale), q, sources, idx, sink, scale)
-    assert torch.equal(one, batched)
+    want = reference(q, kv, idx, sink, scale)
+    judge(impl, one, want, q, sources, idx, sink, scale)
+    judge(impl, batched, want, q, sources, idx, sink, scale)
+    if device_of(impl) == "cpu":
+        assert torch.equal(one, batched)
 
 
 def test_gather_reads_zeros_for_missing_rows():

@@ -18,7 +18,8 @@ Structure (spec §8), one program per (query token, block of heads), prefill and
 - exp is a portable fp32 Cody-Waite exp (reduction by a split ln 2, degree-7 polynomial, 2^k from the bits):
   ~1 ulp of the correctly rounded exp the twin uses; arguments below -87.3 give 0 (the twin keeps fp32 subnormals,
   < 1.2e-38, which no output can see).
-On the GPU the head block, warps and pipeline depth are autotuned per (heads, head dim, batch size class). The CPU
+On the GPU the head block, warps and pipeline depth are fixed per (heads, head dim) (`default_config`; not
+autotuned: a row's bits must not depend on its batch size or on which configuration won a timing race). The CPU
 interpreter runs a second kernel with the same per-query math on up to 128 queries per program (batched 3-D dots):
 it pays per program and per op, not per element; the tests check that both kernels give the same bits.
 
@@ -29,9 +30,10 @@ bf16 ulp of P_i * v_i / l; and outputs that nearly cancel (|o| << sum |P_i v_i| 
 summation orders beyond their own bf16 ulp. The tests check every other output to the twin's error + 1 ulp of the
 float64 math and bound these two cases explicitly (tests/optimized/ops/test_sparse_attn.py).
 
-Unverified without a GPU: speed. Compiled offline for sm_90 (`bench/triton_attention.py --compile-sm90`): at d = 512
-the head blocks of 16 and 32 with 8 warps fit the registers without spills, a block of 64 (one program for all 64
-Flash heads, wgmma) spills 24-224 bytes; shared memory 85-197 KB per program.
+Unverified without a GPU: speed, and so the choice of `default_config` (the bench times every configuration in
+`CONFIGS` at Flash shapes). Compiled offline for sm_90 (`bench/triton_attention.py --compile-sm90`): at d = 512 the
+head blocks of 16 and 32 with 8 warps fit the registers without spills, a block of 64 (one program for all 64 Flash
+heads, wgmma) spills 24-224 bytes; shared memory 85-197 KB per program.
 """
 
 import torch
@@ -78,13 +80,13 @@ def exp_f32(x):
 def _sparse_attn_kernel(
     q_ptr, o_ptr, idx_ptr, nblk_ptr, sink_ptr,
     s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3,
-    H, K, q_st, q_sh, idx_st, scale, T_BUCKET,
+    H, K, q_st, q_sh, idx_st, scale,
     D: tl.constexpr, DP: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    # T_BUCKET (unused here): the autotuner's key for the batch size class (a decode step of 1 token and a 4k
-    # prefill want different head blocks)
-    t = tl.program_id(0).to(tl.int64)
-    heads = tl.program_id(1) * BH + tl.arange(0, BH)
+    # one flat grid, the head blocks of a token adjacent: they run together and share its KV rows through L2
+    n_hb = tl.cdiv(H, BH)
+    t = (tl.program_id(0) // n_hb).to(tl.int64)
+    heads = (tl.program_id(0) % n_hb) * BH + tl.arange(0, BH)
     hmask = heads < H
     dims = tl.arange(0, DP)
     dmask = dims < D
@@ -172,22 +174,19 @@ def _sparse_attn_tokens_kernel(
              mask=qmask)  # fmt: skip
 
 
-def _prune(configs, named_args, **kwargs):
-    # head blocks past the (padded) head count only add masked rows
-    top = max(16, triton.next_power_of_2(named_args["H"]))
-    return [c for c in configs if c.kwargs["BH"] <= top] or configs[:1]
+# GPU launch configurations (head block BH = MMA rows with a BH x d fp32 accumulator in registers, warps, pipeline
+# stages) that compile for sm_90 at d = 512 without register spills, or nearly (`bench/triton_attention.py
+# --compile-sm90` lists registers, spills and shared memory; `bench/triton_attention.py` times each on the GPU).
+CONFIGS = ((16, 8, 1), (16, 8, 2), (16, 8, 3), (16, 4, 1), (32, 8, 1), (32, 8, 2), (32, 8, 3), (64, 8, 1), (64, 8, 2))
 
 
-# GPU: the head block (MMA rows; a BH x d fp32 accumulator in registers), warps and pipeline depth tuned per
-# (heads, head dim, batch size class); the interpreter calls the kernel directly with one configuration. Kept:
-# the configurations that compile for sm_90 at d = 512 without register spills, or nearly
-# (`bench/triton_attention.py --compile-sm90` lists registers, spills and shared memory of each).
-_CONFIGS = [(16, 8, 1), (16, 8, 2), (16, 8, 3), (16, 4, 1), (32, 8, 1), (32, 8, 2), (32, 8, 3), (64, 8, 1), (64, 8, 2)]
-_sparse_attn_tuned = triton.autotune(
-    configs=[triton.Config({"BH": bh}, num_warps=w, num_stages=st) for bh, w, st in _CONFIGS],
-    key=["H", "D", "T_BUCKET"],
-    prune_configs_by={"early_config_prune": _prune},
-)(_sparse_attn_kernel)
+def default_config(h: int, d: int) -> tuple[int, int, int]:
+    """The configuration the op runs with, fixed per (heads, head dim): not autotuned, because another head block or
+    MMA instruction could round a row differently, and a row's bits must not depend on its batch size or on a
+    timing race between configurations (batch invariance, reproducible runs)."""
+    if d >= 256:
+        return (32, 8, 2) if h >= 32 else (16, 8, 2)  # no spills at d = 512; two programs per token for 64 heads
+    return (16, 8, 2)  # no spills at d = 64 and 128
 
 
 def _rows(src: torch.Tensor, d: int) -> torch.Tensor:
@@ -196,12 +195,13 @@ def _rows(src: torch.Tensor, d: int) -> torch.Tensor:
     return src if src.stride(1) == 1 or src.shape[1] <= 1 else src.contiguous()
 
 
-def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: int | None = None):
+def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: int | None = None, config=None):
     """The `SparseAttn` contract: q bf16 `[T, h, d]` over rows `idx` `[T, K]` (-1 none) of the concatenated
     `sources` (each `[R_i, d]` bf16) -> bf16 `[T, h, d]`.
 
     `tokens_per_program`: 1 runs the one-query-per-program kernel (the GPU's), more the batched one (the
-    interpreter's default); None picks by where it runs. Both compute the same per-query math."""
+    interpreter's default); None picks by where it runs. Both compute the same per-query math. `config`: (head
+    block, warps, stages) of the one-query kernel on the GPU instead of `default_config` (the bench's sweep)."""
     t, h, d = q.shape
     k = idx.shape[1]
     out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
@@ -244,10 +244,13 @@ def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: i
             BH=triton.next_power_of_2(h) if runtime.interpreting() else max(16, triton.next_power_of_2(h)),
         )  # fmt: skip
         return out
-    tail = (h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale, min(triton.next_power_of_2(t), 4096))
+    tail = (h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale)
     if runtime.interpreting():
         bh = max(16, triton.next_power_of_2(h))  # tl.dot needs 16 rows on the GPU; keep the same shapes here
-        _sparse_attn_kernel[(t, triton.cdiv(h, bh))](*args, *tail, D=d, DP=dp, BH=bh, BN=BLOCK_N)
+        _sparse_attn_kernel[(t * triton.cdiv(h, bh),)](*args, *tail, D=d, DP=dp, BH=bh, BN=BLOCK_N)
     else:
-        _sparse_attn_tuned[lambda meta: (t, triton.cdiv(h, meta["BH"]))](*args, *tail, D=d, DP=dp, BN=BLOCK_N)
+        bh, warps, stages = config or default_config(h, d)
+        _sparse_attn_kernel[(t * triton.cdiv(h, bh),)](
+            *args, *tail, D=d, DP=dp, BH=bh, BN=BLOCK_N, num_warps=warps, num_stages=stages
+        )
     return out
