@@ -15,4 +15,13 @@ def compress_pool_torch(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return (kv * score.softmax(dim=-2)).sum(dim=-2)
 
 
-IMPLS = {"torch": Impl(compress_pool_torch)}
+IMPLS = {
+    "torch": Impl(compress_pool_torch),
+    "triton": Impl(
+        "parity.optimized.ops.triton.compress_pool:compress_pool",
+        bitwise=False,
+        tolerance="within 0.5 fp32 ulp of the exact pooling (float64 math, one rounding); torch's fp32 softmax/sum "
+        "order is its own and differs between CPU and CUDA, so the twin's bits are not reproducible; never further "
+        "from the float64 golden than the twin plus 1 fp32 ulp",
+    ),
+}

@@ -13,4 +13,8 @@ def fp4_fake_quant_torch(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     return kernels.fp4_act_quant(x, block, True)
 
 
-IMPLS = {"torch": Impl(fp4_fake_quant_torch)}
+IMPLS = {
+    "torch": Impl(fp4_fake_quant_torch),
+    # exact: power-of-two scale from the bits, the e2m1 table with ties to the even code (spec §3.3)
+    "triton": Impl("parity.optimized.ops.triton.fp4_fake_quant:fp4_fake_quant", bitwise=True),
+}

@@ -40,4 +40,13 @@ def indexer_topk_torch(q, entries, weights, k, start_pos, ratio):
     return out
 
 
-IMPLS = {"torch": Impl(indexer_topk_torch)}
+IMPLS = {
+    "torch": Impl(indexer_topk_torch),
+    "triton": Impl(
+        "parity.optimized.ops.triton.indexer_topk:indexer_topk",
+        bitwise=False,
+        tolerance="the twin's ids up to ties: scores are the twin's bits for FP4-grid operands (exact fp32 dot "
+        "products, one bf16 rounding each step); equal scores are ordered by ascending entry id, where torch.topk's "
+        "order is implementation-defined; the tests compare the id sets modulo ties and the exact tie rule",
+    ),
+}

@@ -15,4 +15,8 @@ def kv_fake_quant_torch(x: torch.Tensor, block: int, scale_fmt, scale_dtype, fp8
     return quant(x, block, scale_fmt, scale_dtype, True)
 
 
-IMPLS = {"torch": Impl(kv_fake_quant_torch)}
+IMPLS = {
+    "torch": Impl(kv_fake_quant_torch),
+    # exact: act_quant's kernel in place (RNE to e4m3, or to bf16 for the initial revision, times a power of two)
+    "triton": Impl("parity.optimized.ops.triton.kv_fake_quant:kv_fake_quant", bitwise=True),
+}

@@ -2,6 +2,8 @@
 
 Twin: `parity.reference.kernels.act_quant`, which `ref.linear` calls on one request's `[1, s, K]` activations. The op
 runs on the flat `[T, K]` tokens of a ragged batch; each token's groups must quantize exactly as in its own request.
+Every backend is exact here (amax, power-of-two scale from the bits, RNE to e4m3), so every backend is judged
+bitwise; e4m3 and e8m0 tensors are compared by their bytes.
 """
 
 import itertools
@@ -9,10 +11,10 @@ import itertools
 import pytest
 import torch
 
-from parity.optimized.ops import resolve_ops
 from parity.reference import kernels
+from tests.optimized.ops.conftest import check
 
-OPS = resolve_ops()
+OP = "act_quant"
 
 # (scale_fmt, scale_dtype) as ModelArgs derives them: scale_dtype "fp8" -> ("ue8m0", e8m0), "fp32" -> (fmt, fp32)
 POLICIES = [
@@ -29,6 +31,8 @@ CASES = [
     ((1, 2, 5), 256),
     ((37, 1, 63), 128),
     ((2, 5, 1, 3, 1), 256),
+    ((7, 64), 384),  # GEMM row counts M = 7, 64 and a K of three groups
+    ((1000,), 128),
 ]
 PARAMS = [pytest.param(*c, id="L{}-K{}".format("_".join(map(str, c[0])), c[1])) for c in CASES]
 
@@ -42,10 +46,20 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8) if t.element_size() == 1 else t
 
 
+def device_of(impl) -> str:
+    return "cuda" if impl.backend != "torch" and torch.cuda.is_available() else "cpu"
+
+
+def run(impl, x, *args, **kwargs):
+    y, s = impl(x.to(device_of(impl)), *args, **kwargs)
+    return y.cpu(), s.cpu()
+
+
 def activations(t: int, k: int) -> torch.Tensor:
     x = torch.randn(t, k) * torch.logspace(-6, 2, t).unsqueeze(1)  # rows from below the 1e-4 amax floor to large
     if t:
         x[t // 2, : k // 2] = 0.0  # an all-zero group
+        x[0, :4] = torch.tensor([448.0 * 2**-3, -448.0 * 2**-3 * (1 + 2**-7), 2**-130, -0.0])  # ties and edges
     return x.to(torch.bfloat16)
 
 
@@ -60,31 +74,92 @@ def reference_per_sequence(x, cu, fmt, sdtype):
 
 @pytest.mark.parametrize(("fmt", "sdtype"), POLICIES)
 @pytest.mark.parametrize(("lengths", "k"), PARAMS)
-def test_ragged_matches_reference_per_sequence(lengths, k, fmt, sdtype):
+def test_ragged_matches_reference_per_sequence(impl, lengths, k, fmt, sdtype):
     cu = cu_of(lengths)
     x = activations(cu[-1], k)
-    y, s = OPS.act_quant(x, 128, fmt, sdtype)
+    y, s = run(impl, x, 128, fmt, sdtype)
     ry, rs = reference_per_sequence(x, cu, fmt, sdtype)
     assert y.dtype == torch.float8_e4m3fn and s.dtype == sdtype
     assert y.shape == (cu[-1], k) and s.shape == (cu[-1], k // 128)
-    assert torch.equal(bits(y), bits(ry))
-    assert torch.equal(bits(s), bits(rs))
+    check(impl, bits(y), bits(ry))
+    check(impl, bits(s), bits(rs))
 
 
-def test_rows_do_not_depend_on_batchmates_or_position():
+def test_leading_dims_and_strided_input(impl):
+    # a [b, s, K] input and a non-contiguous view (every other row of a wider buffer): the twin's any-strides input
+    x = activations(24, 512)
+    for view in (x.view(2, 12, 512), x[::2, 128:384], x.view(4, 6, 512)[:, ::2]):
+        y, s = run(impl, view, 128, "ue8m0", torch.float8_e8m0fnu)
+        ry, rs = kernels.act_quant(view, 128, "ue8m0", torch.float8_e8m0fnu)
+        check(impl, bits(y), bits(ry))
+        check(impl, bits(s), bits(rs))
+
+
+def test_inplace_fake_quant(impl):
+    # inplace=True: x <- bf16(e4m3(x / s) * s), written through the view (the KV call shape)
+    dev = device_of(impl)
+    kv = activations(37, 192).to(dev)
+    want = kv.cpu().clone()
+    kernels.act_quant(want[..., :-64], 64, "ue8m0", torch.float8_e8m0fnu, True)
+    out = impl(kv[..., :-64], 64, "ue8m0", torch.float8_e8m0fnu, True)
+    assert out.data_ptr() == kv.data_ptr()
+    check(impl, kv.cpu(), want)
+
+
+def test_empty_batch(impl):
+    y, s = run(impl, torch.zeros(0, 256, dtype=torch.bfloat16), 128, "ue8m0", torch.float8_e8m0fnu)
+    assert y.shape == (0, 256) and s.shape == (0, 2) and s.dtype == torch.float8_e8m0fnu
+
+
+def test_outputs_are_fully_written(impl, monkeypatch):
+    # every allocation made during the call starts as NaN (0x7f e4m3, 0xff e8m0): an unwritten element shows up
+    real = torch.empty
+
+    def poisoned(*args, **kwargs):
+        t = real(*args, **kwargs)
+        return t.view(torch.uint8).fill_(0xFF).view(t.dtype) if t.element_size() == 1 else t.fill_(float("nan"))
+
+    x = activations(129, 384)
+    monkeypatch.setattr(torch, "empty", poisoned)
+    y, s = run(impl, x, 128, "ue8m0", torch.float8_e8m0fnu)
+    y32, s32 = run(impl, x, 128, "ue8m0", torch.float32)
+    monkeypatch.undo()
+    assert not y.float().isnan().any() and not s.float().isnan().any() and not s32.isnan().any()
+    ry, rs = kernels.act_quant(x, 128, "ue8m0", torch.float8_e8m0fnu)
+    check(impl, bits(y), bits(ry))
+    check(impl, bits(s), bits(rs))
+
+
+def test_rows_do_not_depend_on_batchmates_or_position(impl):
     a = activations(37, 256)
-    alone = OPS.act_quant(a, 128, "ue8m0", torch.float8_e8m0fnu)
+    alone = run(impl, a, 128, "ue8m0", torch.float8_e8m0fnu)
     for before, after in ((5, 1), (0, 63), (129, 0)):
         batch = torch.cat([activations(before, 256), a, activations(after, 256)])
-        y, s = OPS.act_quant(batch, 128, "ue8m0", torch.float8_e8m0fnu)
+        y, s = run(impl, batch, 128, "ue8m0", torch.float8_e8m0fnu)
         assert torch.equal(bits(y[before : before + 37]), bits(alone[0]))
         assert torch.equal(bits(s[before : before + 37]), bits(alone[1]))
 
 
-def test_planted_bug_unrounded_scales_are_caught():
+def test_planted_bug_unrounded_scales_are_caught(impl):
     # a backend that ignores scale_fmt="ue8m0" (plain amax/448 scales) must fail the comparison above
     cu = cu_of((37, 1, 63))
     x = activations(cu[-1], 256)
-    y, _ = OPS.act_quant(x, 128, None, torch.float32)
+    y, _ = run(impl, x, 128, None, torch.float32)
     ry, _ = reference_per_sequence(x, cu, "ue8m0", torch.float32)
-    assert not torch.equal(bits(y), bits(ry))
+    with pytest.raises(AssertionError):
+        check(impl, bits(y), bits(ry))
+
+
+def test_planted_bug_wrong_scale_exponent_is_caught(impl):
+    # the triton kernel with its scale exponent off by one (the kernel's SCALE_SHIFT hook)
+    if impl.backend != "triton":
+        pytest.skip("the planted-bug hook is in the triton kernel")
+    from parity.optimized.ops.triton.act_quant import quantize
+
+    x = activations(63, 256)
+    ry, rs = kernels.act_quant(x, 128, "ue8m0", torch.float8_e8m0fnu)
+    y, s = quantize(x.to(device_of(impl)), 128, "ue8m0", torch.float8_e8m0fnu, scale_shift=1)
+    with pytest.raises(AssertionError):
+        check(impl, bits(s.cpu()), bits(rs))
+    with pytest.raises(AssertionError):
+        check(impl, bits(y.cpu()), bits(ry))

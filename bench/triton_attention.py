@@ -1,0 +1,505 @@
+"""Time the attention-side Triton kernels against the torch backend at DeepSeek-V4-Flash / Pro shapes on a GPU, with a
+correctness check on the same shapes, and the % of rooflines measured in the same run.
+
+    python3 bench/triton_attention.py --out DIR        (repo root on PYTHONPATH; torch + triton, one CUDA GPU)
+
+Ops: sparse_attn (decode T = 1..256 at contexts 4k-64k, CSA lists of 128 window + index_topk 512 / 1024 entries and
+HCA lists of 128 + ctx / 128; prefill 4k), indexer_topk, compress_pool, kv_fake_quant, fp4_fake_quant, hadamard,
+act_quant at realistic token counts. Per row: median ms of the triton backend (`triton.testing.do_bench`) and of the
+torch backend (the reference kernels; only where it fits the time budget), the bytes the op must move and its %
+of the measured device-to-device copy bandwidth, for sparse_attn also the MMA FLOPs and % of the measured bf16
+matmul rate (8192^3). Targets (issue): sparse_attn decode >= 50 % of copy bandwidth on the KV bytes read, prefill
+>= 40 % of the bf16 rate, compressor / quantizers / Hadamard >= 60 % of copy bandwidth.
+
+The op's GPU configuration is fixed per (heads, head dim) (batch invariance); rows "sparse_attn cfg" time every
+candidate configuration at a Flash decode batch and prefill, the data for choosing it.
+
+Correctness, on the bench shapes, against the torch backend: the quantizers and Hadamard bitwise; compress_pool
+never further from the float64 pooling than torch plus 1 fp32 ulp; sparse_attn cosine >= 0.99999, at most 0.1 % of
+outputs more than 2 bf16 ulp from torch and none further than 2^-6 of the row's largest output (the registry's
+tolerance: bf16-P rounding flips and cancellation noise, tests/optimized/ops/test_sparse_attn.py judges it exactly);
+indexer_topk the same ids modulo ties (the torch scores of the chosen ids equal, in order). Writes
+`triton_attention.json` and `triton_attention.md` to --out; exits 1 on any correctness failure.
+
+`--smoke` runs tiny shapes through Triton's CPU interpreter (script logic only, no timings worth reading).
+`--compile-sm90` needs no GPU: it compiles every kernel at the bench's configurations for sm_90 with the ptxas
+shipped in the triton wheel and writes registers, stack (spills) and shared memory per kernel to --out.
+"""
+
+import argparse
+import functools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+OPS = ("sparse_attn", "indexer_topk", "compress_pool", "kv_fake_quant", "fp4_fake_quant", "hadamard", "act_quant")
+MODELS = {"flash": dict(heads=64, topk=512), "pro": dict(heads=128, topk=1024)}
+HEAD_DIM, ROPE, WINDOW, INDEX_HEADS, INDEX_DIM = 512, 64, 128, 64, 128
+
+
+def parse():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (checks the script)")
+    p.add_argument("--compile-sm90", action="store_true", help="compile every kernel for sm_90 (no GPU needed)")
+    return p.parse_args()
+
+
+# ---- --compile-sm90: compile every kernel for sm_90 without a GPU ------------------------------------------------
+# Triton's frontend and the NVIDIA backend (with the wheel's own ptxas) run on any machine: each kernel is compiled at
+# the configurations the ops launch on an H100/H200 (with the launcher's run-time specialization: pointers 16-byte
+# aligned, strides divisible by 16), and `cuobjdump -res-usage` reports registers, stack (register spills) and shared
+# memory. This catches what the CPU interpreter cannot (non-constexpr globals, compile-time shapes, shared-memory
+# overflow, spills) before any GPU time is spent.
+
+
+def _sig(text: str) -> dict:
+    """Parse "name:type ..." into a Triton signature dict."""
+    return dict(item.split(":") for item in text.split())
+
+
+ATTN_SIG = _sig(
+    "q_ptr:*bf16 o_ptr:*bf16 idx_ptr:*i64 nblk_ptr:*i32 sink_ptr:*fp32 s0:*bf16 s1:*bf16 s2:*bf16 s3:*bf16 "
+    "c1:i64 c2:i64 c3:i64 c4:i64 st0:i32 st1:i32 st2:i32 st3:i32 H:i32 K:i32 q_st:i32 q_sh:i32 idx_st:i32 "
+    "scale:fp32"
+)
+TOPK_SIG = _sig("sc_ptr:*fp32 out_ptr:*i64 L:i32 T:i32 K:i32 start_pos:i32 ratio:i32")
+POOL_SIG = _sig("kv_ptr:*fp32 sc_ptr:*fp32 out_ptr:*fp32 N:i32 W:i32 C:i32 kv_sn:i32 kv_sw:i32 sc_sn:i32 sc_sw:i32")
+SCORES_SIG = _sig(
+    "q_ptr:*bf16 e_ptr:*bf16 w_ptr:*bf16 out_ptr:*fp32 L:i32 H:i32 T:i32 D:i32 q_sl:i32 q_sh:i32 e_st:i32 w_sl:i32 "
+    "w_sh:i32"
+)
+FP8_SIG = _sig("x_ptr:*bf16 y_ptr:*fp8e4nv s_ptr:*u8 R:i32 NG:i32 x_row_stride:i32 y_row_stride:i32")
+FP4_SIG = _sig("x_ptr:*bf16 R:i32 NG:i32 row_stride:i32")
+HAD_SIG = _sig("x_ptr:*bf16 y_ptr:*bf16 R:i32 x_row_stride:i32 scale:fp32")
+# sizes and counts: not specialized as multiples of 16 (strides and pointers are)
+NOT_DIVISIBLE = {"H", "K", "c1", "c2", "c3", "c4", "R", "NG", "N", "W", "C", "L", "T", "start_pos"}
+
+
+def cases():
+    """(name, kernel, signature, constexprs, num_warps, num_stages) at the ops' GPU launch configurations."""
+    from parity.optimized.ops.triton import (
+        act_quant,
+        compress_pool,
+        fp4_fake_quant,
+        hadamard,
+        indexer_topk,
+        sparse_attn,
+    )
+
+    quant = dict(ROUND_SCALE=True, S_E8M0=True, SCALE_SHIFT=0)
+    aq = act_quant._fp8_group_kernel
+    yield "act_quant [T, 4096] e8m0", aq, FP8_SIG, dict(BLOCK=128, BR=1, BG=32, MODE=0, **quant), 4, 3
+    kv = {**FP8_SIG, "y_ptr": "*bf16", "s_ptr": "*bf16"}
+    yield "kv_fake_quant [T, 448]", aq, kv, dict(BLOCK=64, BR=8, BG=8, MODE=1, **quant), 4, 3
+    fp4 = dict(BLOCK=32, BR=32, BG=4, SCALE_SHIFT=0)
+    yield "fp4_fake_quant", fp4_fake_quant._fp4_group_kernel, FP4_SIG, fp4, 4, 3
+    yield "hadamard d 128", hadamard._hadamard_kernel, HAD_SIG, dict(D=128, LOG_D=7, BR=16, REVERSED=False), 4, 3
+    for w, bc in ((8, 256), (128, 16)):
+        yield f"compress_pool w {w} d 512", compress_pool._pool_kernel, POOL_SIG, dict(WP=w, BN=1, BC=bc), 4, 3
+    scores = dict(HP=64, DP=128, BR=1, BT=64, W_BF16=True)
+    yield "indexer scores h 64", indexer_topk._scores_kernel, SCORES_SIG, scores, 4, 3
+    yield "indexer top-k rank t <= 128", indexer_topk._topk_rank_kernel, TOPK_SIG, dict(TP=128, BR=1), 8, 3
+    for kp in (512, 1024):
+        yield f"indexer top-k merge k {kp}", indexer_topk._topk_merge_kernel, TOPK_SIG, dict(KP=kp, C=kp, BR=1), 4, 3
+    for bh, warps, stages in sparse_attn.CONFIGS:
+        consts = dict(D=512, DP=512, BN=64, BH=bh)
+        name = f"sparse_attn d 512 BH {bh} warps {warps} stages {stages}"
+        yield name, sparse_attn._sparse_attn_kernel, ATTN_SIG, consts, warps, stages
+
+
+def compile_one(kernel, sig, consts, num_warps, num_stages) -> dict:
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = kernel.arg_names
+    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
+             if (v.startswith("*") or v in ("i32", "i64")) and k not in NOT_DIVISIBLE}  # fmt: skip
+    src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
+    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(c.asm["cubin"])
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
+    os.unlink(f.name)
+    m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
+    return dict(regs=int(m.group(1)), stack_bytes=int(m.group(2)), shared_bytes=c.metadata.shared)
+
+
+def compile_report(out: Path) -> int:
+    """Compile every kernel for sm_90 and write registers / stack / shared memory to out/compile_sm90.json."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows, failed = [], 0
+    for name, kernel, sig, consts, warps, stages in cases():
+        try:
+            row = dict(kernel=name, **compile_one(kernel, sig, consts, warps, stages))
+        except Exception as e:  # a kernel that does not compile is the finding
+            failed += 1
+            row = dict(kernel=name, error=f"{type(e).__name__}: {str(e)[-500:]}")
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    (out / "compile_sm90.json").write_text(json.dumps(rows, indent=1))
+    return 1 if failed else 0
+
+
+ARGS = parse()
+if ARGS.smoke:
+    os.environ["TRITON_INTERPRET"] = "1"
+if ARGS.compile_sm90:
+    sys.exit(compile_report(ARGS.out))
+
+from parity.optimized.ops import OpsConfig, resolve_ops  # noqa: E402
+
+TRITON = resolve_ops(OpsConfig(overrides=tuple((op, "triton") for op in OPS)))  # sets the runtime up first
+TORCH = resolve_ops()
+DEV = "cpu" if ARGS.smoke else "cuda"
+BF16 = torch.bfloat16
+FAILURES: list[str] = []
+ROWS: list[dict] = []
+
+
+def bench_ms(fn, *args) -> float:
+    """Median ms of fn(*args)."""
+    call = functools.partial(fn, *args)
+    if ARGS.smoke:
+        t = time.perf_counter()
+        call()
+        return 1e3 * (time.perf_counter() - t)
+    import triton.testing
+
+    return float(triton.testing.do_bench(call, warmup=10, rep=60, return_mode="median"))
+
+
+def slow_ms(fn, *args) -> float:
+    """The torch backend: few runs (it can take seconds)."""
+    if ARGS.smoke:
+        return bench_ms(fn, *args)
+    fn = functools.partial(fn, *args)
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def rooflines() -> dict:
+    if ARGS.smoke:
+        return {"copy_GBps": 1.0, "bf16_TFLOPs": 1.0}
+    n = 1 << 29  # 1 GiB of bf16 each way
+    src, dst = torch.empty(n, dtype=BF16, device=DEV), torch.empty(n, dtype=BF16, device=DEV)
+    ms = bench_ms(dst.copy_, src)
+    copy = 2 * src.nbytes / ms / 1e6
+    a, b = torch.randn(8192, 8192, dtype=BF16, device=DEV), torch.randn(8192, 8192, dtype=BF16, device=DEV)
+    ms = bench_ms(torch.matmul, a, b)
+    del src, dst
+    return {"copy_GBps": copy, "bf16_TFLOPs": 2 * 8192**3 / ms / 1e9}
+
+
+def record(op, model, shape, tri_ms, torch_ms, nbytes, flops, check, roof, target):
+    row = dict(op=op, model=model, shape=shape, triton_ms=tri_ms, torch_ms=torch_ms, bytes=nbytes, flops=flops,
+               pct_copy_bw=100 * nbytes / (tri_ms * 1e6) / roof["copy_GBps"] if nbytes else None,
+               pct_bf16=100 * flops / (tri_ms * 1e9) / roof["bf16_TFLOPs"] if flops else None,
+               speedup=(torch_ms / tri_ms) if torch_ms else None, check=check, target=target)  # fmt: skip
+    ROWS.append(row)
+    pct = row["pct_bf16"] if target.startswith("bf16") else row["pct_copy_bw"]
+    torch_txt = f"{torch_ms:9.3f}" if torch_ms else "        -"
+    print(f"{op:15s} {model:6s} {shape:42s} {tri_ms:9.4f} ms  torch {torch_txt} ms  {pct or 0:6.1f}% ({target})",
+          check, flush=True)  # fmt: skip
+
+
+def fail(what: str) -> str:
+    FAILURES.append(what)
+    return "FAIL: " + what
+
+
+# ---- correctness helpers ---------------------------------------------------------------------------------------
+
+
+def bits(t):
+    return t.view(torch.uint8) if t.element_size() == 1 else t.view(torch.int16) if t.element_size() == 2 else t
+
+
+def same_bits(name, a, b) -> str:
+    return "bitwise" if torch.equal(bits(a), bits(b)) else fail(f"{name}: not bitwise equal to torch")
+
+
+def ulp(x: torch.Tensor, dtype) -> torch.Tensor:
+    m = x.abs().to(dtype)
+    return (torch.nextafter(m, torch.full_like(m, float("inf"))) - m).double()
+
+
+def attn_check(name, got, want) -> str:
+    g, w = got.double(), want.double()
+    finite = ~w.isnan()
+    if not torch.equal(got.isnan(), want.isnan()):
+        return fail(f"{name}: NaN at other places")
+    g, w = g[finite], w[finite]
+    cos = float((g * w).sum() / (g.norm() * w.norm()).clamp(min=1e-30))
+    diff = (g - w).abs()
+    over2 = float((diff > 2 * ulp(w, BF16)).double().mean())
+    rows = want.double().abs().amax(-1, keepdim=True).expand_as(want)[finite]
+    worst = float((diff / rows.clamp(min=1e-30)).max())
+    txt = f"cos {cos:.7f}, >2ulp {over2:.2e}, max|d|/rowmax {worst:.2e}"
+    if cos < 0.99999 or over2 > 1e-3 or worst > 2**-6:
+        return fail(f"{name}: {txt}")
+    return txt
+
+
+def pool_check(name, got, want, kv, score) -> str:
+    gold = (kv.double() * torch.softmax(score.double(), dim=-2)).sum(-2)
+    excess = (got.double() - gold).abs() - (want.double() - gold).abs() - ulp(gold, torch.float32)
+    n = int((excess > 0).sum())
+    return "<= torch + 1 ulp of float64" if n == 0 else fail(f"{name}: {n} outputs beyond torch + 1 ulp")
+
+
+def topk_check(name, got, want, scores) -> str:
+    # the torch scores of the chosen ids, in order: equal sequences = the same sets modulo ties
+    sg = torch.where(got >= 0, scores.gather(1, got.clamp(min=0)), float("nan"))
+    sw = torch.where(want >= 0, scores.gather(1, want.clamp(min=0)), float("nan"))
+    same = torch.equal(sg.isnan(), sw.isnan()) and torch.equal(sg.nan_to_num(), sw.nan_to_num())
+    return "ids equal modulo ties" if same else fail(f"{name}: id sets differ beyond ties")
+
+
+# ---- cases -----------------------------------------------------------------------------------------------------
+
+
+def decode_lists(t, ctx, ratio, topk, d, pool_rows, gen):
+    """T decode tokens, one request each, at position ctx - 1: sources (own kv, the rings, the entry pool) and
+    [T, K] lists: 127 ring rows + the token's own row, then the request's visible entries (all of them for HCA,
+    `topk` random ones for CSA), each request's entries distinct rows of the shared pool."""
+    n_ent = min(topk, ctx // ratio) if ratio == 4 else ctx // ratio
+    chunk = torch.randn(t, d, dtype=BF16, device=DEV)
+    ring = torch.randn(t * WINDOW, d, dtype=BF16, device=DEV)
+    ring_idx = t + torch.arange(t, device=DEV)[:, None] * WINDOW + torch.arange(WINDOW - 1, device=DEV)
+    own = torch.arange(t, device=DEV)[:, None]
+    ent = torch.randint(0, pool_rows.shape[0], (t, n_ent), generator=gen).to(DEV)  # repeats: rare and harmless
+    idx = torch.cat([ring_idx, own, t + t * WINDOW + ent], dim=1)
+    return (chunk, ring, pool_rows), idx
+
+
+def prefill_lists(s, ratio, topk, d, gen):
+    """One 4k-token prefill: window rows of the chunk, then the visible entries ((i+1)//ratio, top-k of them for
+    CSA: a random subset, -1 padded), as OptAttention lays them out."""
+    chunk = torch.randn(s, d, dtype=BF16, device=DEV)
+    entries = torch.randn(s // ratio, d, dtype=BF16, device=DEV)
+    i = torch.arange(s, device=DEV)[:, None]
+    win = (i - WINDOW + 1).clamp(min=0) + torch.arange(min(s, WINDOW), device=DEV)
+    win = torch.where(win > i, -1, win)
+    vis = (i + 1) // ratio
+    width = min(topk, s // ratio) if ratio == 4 else s // ratio
+    if ratio == 4:
+        r = torch.rand(s, s // ratio, generator=gen).to(DEV)
+        r = torch.where(torch.arange(s // ratio, device=DEV) < vis, r, -1.0)
+        ent = r.topk(width, dim=1).indices
+        ent = torch.where(ent < vis, ent, -1)
+    else:
+        ent = torch.arange(width, device=DEV).expand(s, width)
+        ent = torch.where(ent < vis, ent, -1)
+    idx = torch.cat([win, torch.where(ent < 0, -1, s + ent)], dim=1)
+    return (chunk, entries), idx
+
+
+def bench_sparse_attn(roof, gen):
+    scale = HEAD_DIM**-0.5
+    d = 128 if ARGS.smoke else HEAD_DIM
+    pool = torch.randn(4096 if ARGS.smoke else 1 << 20, d, dtype=BF16, device=DEV)  # 1 GiB: beyond L2
+    for model, cfg in MODELS.items():
+        h = 4 if ARGS.smoke else cfg["heads"]
+        sink = torch.randn(h, device=DEV)
+        decode = [(4, c) for c in (4096, 65536)] + [(128, c) for c in (4096, 16384, 65536)]
+        for ratio, ctx in decode[:2] if ARGS.smoke else decode:
+            for t in (1, 4) if ARGS.smoke else (1, 16, 64, 256):
+                sources, idx = decode_lists(t, ctx, ratio, cfg["topk"], d, pool, gen)
+                q = torch.randn(t, h, d, dtype=BF16, device=DEV)
+                valid = int((idx >= 0).sum())
+                tri = bench_ms(TRITON.sparse_attn, q, sources, idx, sink, scale)
+                got = TRITON.sparse_attn(q, sources, idx, sink, scale)
+                want = TORCH.sparse_attn(q, sources, idx, sink, scale)
+                ref_ms = slow_ms(TORCH.sparse_attn, q, sources, idx, sink, scale) if t in (1, 256) else None
+                name = f"decode {'CSA' if ratio == 4 else 'HCA'} ctx {ctx // 1024}k T {t} K {idx.shape[1]}"
+                record("sparse_attn", model, name, tri, ref_ms, valid * d * 2, 4 * valid * h * d,
+                       attn_check(f"sparse_attn {model} {name}", got, want), roof, "copy bw >= 50%")  # fmt: skip
+        if model == "flash":
+            sweep_configs(roof, gen, pool, h, d, sink, scale, cfg)
+        for ratio in (4, 128):
+            s = 256 if ARGS.smoke else 4096
+            sources, idx = prefill_lists(s, ratio, cfg["topk"], d, gen)
+            q = torch.randn(s, h, d, dtype=BF16, device=DEV)
+            valid = int((idx >= 0).sum())
+            tri = bench_ms(TRITON.sparse_attn, q, sources, idx, sink, scale)
+            got = TRITON.sparse_attn(q, sources, idx, sink, scale)
+            rows = torch.cat([torch.arange(0, 128), torch.arange(s - 128, s)]).to(DEV)  # the twin per query
+            want = TORCH.sparse_attn(q[rows], sources, idx[rows], sink, scale)
+            name = f"prefill {'CSA' if ratio == 4 else 'HCA'} {s} tokens K {idx.shape[1]}"
+            record("sparse_attn", model, name, tri, None, valid * d * 2, 4 * valid * h * d,
+                   attn_check(f"sparse_attn {model} {name}", got[rows], want), roof, "bf16 >= 40%")  # fmt: skip
+
+
+def sweep_configs(roof, gen, pool, h, d, sink, scale, cfg):
+    """Every GPU configuration of the one-query kernel (`sparse_attn.CONFIGS`) on a decode batch and a prefill: the
+    data for choosing `default_config` (the op does not autotune: a row's bits must not depend on the winner)."""
+    from parity.optimized.ops.triton import sparse_attn as kernel
+
+    t, s = (4, 256) if ARGS.smoke else (256, 4096)
+    decode = decode_lists(t, 65536, 4, cfg["topk"], d, pool, gen)
+    prefill = prefill_lists(s, 4, cfg["topk"], d, gen)
+    for what, (sources, idx), n in (("decode CSA ctx 64k T 256", decode, t), ("prefill CSA 4k", prefill, s)):
+        q = torch.randn(n, h, d, dtype=BF16, device=DEV)
+        valid = int((idx >= 0).sum())
+        rows = torch.arange(min(n, 256), device=DEV)
+        want = TORCH.sparse_attn(q[rows], sources, idx[rows], sink, scale)
+        for config in kernel.CONFIGS[:1] if ARGS.smoke else kernel.CONFIGS:
+            call = functools.partial(kernel.sparse_attn, q, sources, idx, sink, scale, config=config)
+            got = call()
+            name = f"{what}, BH {config[0]} warps {config[1]} stages {config[2]}"
+            target = "bf16 >= 40%" if what.startswith("prefill") else "copy bw >= 50%"
+            record("sparse_attn cfg", "flash", name, bench_ms(call), None, valid * d * 2, 4 * valid * h * d,
+                   attn_check(f"sparse_attn {name}", got[rows], want), roof, target)  # fmt: skip
+
+
+def bench_indexer(roof, gen):
+    from parity.reference import kernels
+
+    for model, cfg in MODELS.items():
+        h, d = (4, 128) if ARGS.smoke else (INDEX_HEADS, INDEX_DIM)
+        shapes = [(1, 4096), (1, 16384), (1, 65536), (64, 65536), (4096, 4096)] if not ARGS.smoke else [(1, 512)]
+        for n, ctx in shapes:
+            start = 0 if n == 4096 else ctx - n  # a 4k prefill, or n tokens after a context
+            t = ctx // 4
+            q = kernels.fp4_act_quant(torch.randn(n, h, d, device=DEV).to(BF16), 32, True)
+            ent = kernels.fp4_act_quant(torch.randn(t, d, device=DEV).to(BF16), 32, True)
+            w = (torch.randn(n, h, device=DEV) * (d**-0.5 * h**-0.5)).to(BF16)
+            k = min(cfg["topk"], t)
+            tri = bench_ms(TRITON.indexer_topk, q, ent, w, k, start, 4)
+            got = TRITON.indexer_topk(q, ent, w, k, start, 4)
+            ref_ms = slow_ms(TORCH.indexer_topk, q, ent, w, k, start, 4) if n == 1 else None
+            want = TORCH.indexer_topk(q, ent, w, k, start, 4)
+            scores = torch.einsum("shd,td->sht", q, ent).relu_().mul_(w[..., None]).sum(1).float()
+            name = f"{'prefill' if start == 0 else 'decode'} L {n} ctx {ctx // 1024}k entries {t} k {k}"
+            record("indexer_topk", model, name, tri, ref_ms, n * t * d * 2, 2 * n * h * t * d,
+                   topk_check(f"indexer_topk {model} {name}", got, want, scores), roof, "(no target)")  # fmt: skip
+
+
+def bench_memory_ops(roof):
+    tokens = 256 if ARGS.smoke else 4096
+    big = 512 if ARGS.smoke else 16384
+    d = HEAD_DIM
+    # compressor pooling: main CSA (2r = 8 positions), indexer CSA (d 128), HCA (128 positions)
+    for name, shape in (
+        (f"CSA main prefill {tokens}", (1, tokens // 4, 8, d)),
+        (f"CSA main prefill {big}", (1, big // 4, 8, d)),
+        (f"CSA indexer prefill {tokens}", (1, tokens // 4, 8, INDEX_DIM)),
+        (f"HCA prefill {big}", (1, big // 128, 128, d)),
+        ("decode batch 256 (CSA)", (256, 8, d)),
+    ):
+        kv, score = torch.randn(*shape, device=DEV), torch.randn(*shape, device=DEV) * 2
+        tri = bench_ms(TRITON.compress_pool, kv, score)
+        ref_ms = slow_ms(TORCH.compress_pool, kv, score)
+        got, want = TRITON.compress_pool(kv, score), TORCH.compress_pool(kv, score)
+        nbytes = 2 * kv.nbytes + got.nbytes
+        record("compress_pool", "-", f"{name} {list(shape)}", tri, ref_ms, nbytes, 0,
+               pool_check(f"compress_pool {name}", got, want, kv, score), roof, "copy bw >= 60%")  # fmt: skip
+
+    for t in (tokens, big):
+        kv = torch.randn(t, d, device=DEV).to(BF16)
+        a, b = kv.clone(), kv.clone()
+        TRITON.kv_fake_quant(a[:, :-ROPE], 64, "ue8m0", torch.float8_e8m0fnu, True)
+        TORCH.kv_fake_quant(b[:, :-ROPE], 64, "ue8m0", torch.float8_e8m0fnu, True)
+        work = kv.clone()  # the fake-quant is idempotent: timing it in place keeps the data on the grid
+        tri = bench_ms(TRITON.kv_fake_quant, work[:, :-ROPE], 64, "ue8m0", torch.float8_e8m0fnu, True)
+        ref_ms = slow_ms(TORCH.kv_fake_quant, work[:, :-ROPE], 64, "ue8m0", torch.float8_e8m0fnu, True)
+        record("kv_fake_quant", "-", f"window KV [{t}, {d}] (:{d - ROPE})", tri, ref_ms, 2 * t * (d - ROPE) * 2, 0,
+               same_bits("kv_fake_quant", a, b), roof, "copy bw >= 60%")  # fmt: skip
+
+    model, h = "both", INDEX_HEADS  # the indexer has 64 heads of 128 in Flash and Pro
+    for t in (tokens, big):
+        name, shape = f"indexer q [{t}, {h}, {INDEX_DIM}]", (t, h, INDEX_DIM)
+        x = torch.randn(*shape, device=DEV).to(BF16)
+        got, want = TRITON.hadamard(x, INDEX_DIM**-0.5), TORCH.hadamard(x, INDEX_DIM**-0.5)
+        tri = bench_ms(TRITON.hadamard, x, INDEX_DIM**-0.5)
+        ref_ms = slow_ms(TORCH.hadamard, x, INDEX_DIM**-0.5)
+        record("hadamard", model, name, tri, ref_ms, 2 * x.nbytes, 0, same_bits("hadamard", got, want), roof,
+               "copy bw >= 60%")  # fmt: skip
+        a, b = got.clone(), got.clone()
+        TRITON.fp4_fake_quant(a, 32)
+        TORCH.fp4_fake_quant(b, 32)
+        work = got.clone()
+        tri = bench_ms(TRITON.fp4_fake_quant, work, 32)
+        ref_ms = slow_ms(TORCH.fp4_fake_quant, work, 32)
+        record("fp4_fake_quant", model, name, tri, ref_ms, 2 * x.nbytes, 0, same_bits("fp4_fake_quant", a, b),
+               roof, "copy bw >= 60%")  # fmt: skip
+
+    for model, dim in (("flash", 4096), ("pro", 7168), ("-", 2048)):
+        for t in (tokens, big):
+            dim_ = 256 if ARGS.smoke else dim
+            x = torch.randn(t, dim_, device=DEV).to(BF16)
+            yt, st = TRITON.act_quant(x, 128, "ue8m0", torch.float8_e8m0fnu)
+            yr, sr = TORCH.act_quant(x, 128, "ue8m0", torch.float8_e8m0fnu)
+            tri = bench_ms(TRITON.act_quant, x, 128, "ue8m0", torch.float8_e8m0fnu)
+            ref_ms = slow_ms(TORCH.act_quant, x, 128, "ue8m0", torch.float8_e8m0fnu)
+            ok = same_bits("act_quant y", yt, yr)
+            ok = same_bits("act_quant s", st, sr) if ok == "bitwise" else ok
+            record("act_quant", model, f"[{t}, {dim_}]", tri, ref_ms, x.nbytes + yt.nbytes + st.nbytes, 0, ok, roof,
+                   "copy bw >= 60%")  # fmt: skip
+
+
+def write(roof, wall):
+    ARGS.out.mkdir(parents=True, exist_ok=True)
+    device = "cpu (interpreter smoke run)" if ARGS.smoke else torch.cuda.get_device_name()
+    meta = dict(device=device, torch=torch.__version__, rooflines=roof, wall_s=wall, failures=FAILURES)
+    (ARGS.out / "triton_attention.json").write_text(json.dumps(dict(meta=meta, rows=ROWS), indent=1))
+    lines = [
+        f"# Triton attention-side kernels on {device}",
+        "",
+        f"Measured rooflines: device copy {roof['copy_GBps']:.0f} GB/s (read + write), bf16 matmul 8192^3 "
+        f"{roof['bf16_TFLOPs']:.0f} TFLOP/s. torch {torch.__version__}. Wall {wall:.0f} s.",
+        "",
+        "| op | model | shape | triton ms | torch ms | speedup | % copy bw | % bf16 | target | check |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in ROWS:
+        f = lambda v, fmt: "-" if v is None else format(v, fmt)  # noqa: E731
+        lines.append(
+            f"| {r['op']} | {r['model']} | {r['shape']} | {r['triton_ms']:.4f} | {f(r['torch_ms'], '.3f')} | "
+            f"{f(r['speedup'], '.1f')} | {f(r['pct_copy_bw'], '.1f')} | {f(r['pct_bf16'], '.1f')} | {r['target']} | "
+            f"{r['check']} |"
+        )
+    (ARGS.out / "triton_attention.md").write_text("\n".join(lines) + "\n")
+
+
+def main():
+    if not ARGS.smoke and not torch.cuda.is_available():
+        sys.exit("bench/triton_attention.py needs a CUDA GPU (or --smoke for the CPU interpreter)")
+    t0 = time.perf_counter()
+    gen = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    roof = rooflines()
+    print(f"rooflines: copy {roof['copy_GBps']:.0f} GB/s, bf16 {roof['bf16_TFLOPs']:.0f} TFLOP/s", flush=True)
+    bench_memory_ops(roof)
+    bench_indexer(roof, gen)
+    bench_sparse_attn(roof, gen)
+    write(roof, time.perf_counter() - t0)
+    print(f"wrote {ARGS.out}/triton_attention.{{json,md}} in {time.perf_counter() - t0:.0f} s")
+    if FAILURES:
+        print(f"{len(FAILURES)} correctness failures:\n  " + "\n  ".join(FAILURES))
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Triton `compress_pool`: per channel, a softmax over a block's positions weights its kv rows, summed.
+
+Reference: parity.reference.model.Compressor.forward, `(kv * score.softmax(dim)).sum(dim)` over the r (or 2r with
+the ratio-4 overlap) positions of a block, fp32 in and out (spec §6.2 step 7 in prefill, §6.3 in decode).
+
+One program pools a `[entries, positions, channels]` tile. The twin is three fp32 torch kernels (softmax, product,
+sum) whose internal order is torch's and differs between CPU and CUDA (the spec's op forms exist to pin it for the
+reference itself), so a kernel cannot reproduce their bits on both. This one computes the exact math instead and
+rounds once: max over the positions, e_i = exp(s_i - max), sum_i kv_i e_i / sum_i e_i, all in float64 with a
+portable exp (Cody-Waite reduction by ln 2 and a degree-13 Taylor polynomial, ~1 float64 ulp: the same code on the
+GPU and in the interpreter, no libdevice), then one round to fp32. So every output is within 0.5 fp32 ulp (plus
+~1e-15 relative) of the exact pooling: never further from it than the twin's fp32 result plus 1 ulp (the tolerance
+the tests assert against a float64 golden). An all -inf channel gives NaN like the twin's softmax.
+
+Unverified without a GPU: speed of the float64 path on sm_90 (H200 fp64 is half the fp32 rate; the op is memory
+bound at the model's sizes, ~16 flops per element); the CUDA tests check the values.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import runtime
+
+# (constexpr: a compiled kernel may only read constexpr globals)
+INV_LN2 = tl.constexpr(1.4426950408889634)
+# fdlibm's split of ln 2: the high part has 21 trailing zero bits, so k * LN2_HI is exact for |k| < 2^20
+LN2_HI = tl.constexpr(6.93147180369123816490e-01)
+LN2_LO = tl.constexpr(1.90821492927058770002e-10)
+
+
+@triton.jit
+def exp_f64(x):
+    """exp of float64 x (x <= 709), ~1 ulp; NaN stays NaN, x < -700 gives 0 (far below any fp32 result)."""
+    xc = tl.maximum(x, -700.0)
+    k = tl.floor(xc * INV_LN2 + 0.5)
+    r = (xc - k * LN2_HI) - k * LN2_LO  # |r| <= ln2 / 2 (+ a few ulp)
+    # Taylor to degree 13: the remainder r^14 / 14! < 2^-56 for |r| <= 0.35
+    p = 1.0 / 6227020800.0
+    p = p * r + 1.0 / 479001600.0
+    p = p * r + 1.0 / 39916800.0
+    p = p * r + 1.0 / 3628800.0
+    p = p * r + 1.0 / 362880.0
+    p = p * r + 1.0 / 40320.0
+    p = p * r + 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    two_k = ((k.to(tl.int64) + 1023) << 52).to(tl.float64, bitcast=True)
+    y = tl.where(x < -700.0, 0.0, p * two_k)
+    return tl.where(x != x, x, y)
+
+
+@triton.jit
+def _pool_kernel(
+    kv_ptr, sc_ptr, out_ptr, N, W, C,
+    kv_sn, kv_sw, sc_sn, sc_sw,
+    WP: tl.constexpr, BN: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    n = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
+    w = tl.arange(0, WP).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64) * BC + tl.arange(0, BC).to(tl.int64)
+    mask = (n < N)[:, None, None] & (w < W)[None, :, None] & (c < C)[None, None, :]
+    # padding positions: score -inf (weight 0), kv 0
+    s = tl.load(sc_ptr + n[:, None, None] * sc_sn + w[None, :, None] * sc_sw + c[None, None, :], mask=mask,
+                other=float("-inf")).to(tl.float64)  # fmt: skip
+    kv = tl.load(kv_ptr + n[:, None, None] * kv_sn + w[None, :, None] * kv_sw + c[None, None, :], mask=mask,
+                 other=0.0).to(tl.float64)  # fmt: skip
+    m = tl.max(s, axis=1)  # [BN, BC]
+    e = exp_f64(s - m[:, None, :])
+    out = tl.sum(kv * e, axis=1) / tl.sum(e, axis=1)
+    omask = (n < N)[:, None] & (c < C)[None, :]
+    tl.store(out_ptr + n[:, None] * C + c[None, :], out.to(tl.float32), mask=omask)
+
+
+def _as_3d(t: torch.Tensor) -> torch.Tensor:
+    w, c = t.shape[-2:]
+    v = t.reshape(-1, w, c)
+    return v if v.stride(-1) == 1 else v.contiguous()
+
+
+def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+    """The `CompressPool` contract: fp32 `[..., w, d]` x2 -> fp32 `[..., d]`."""
+    assert kv.shape == score.shape, (kv.shape, score.shape)
+    *lead, w, c = kv.shape
+    out = torch.empty(*lead, c, dtype=torch.float32, device=kv.device)
+    kv3, sc3 = _as_3d(kv), _as_3d(score)
+    n = kv3.shape[0]
+    if n == 0 or c == 0:
+        return out
+    if w == 0:  # an empty softmax sums to nothing (the twin gives zeros)
+        return out.zero_()
+    wp = triton.next_power_of_2(w)
+    budget = 1 << 15 if runtime.interpreting() else 2048
+    bc = min(triton.next_power_of_2(c), max(16, budget // wp))
+    bn = min(max(1, budget // (wp * bc)), triton.next_power_of_2(n))
+    grid = (triton.cdiv(n, bn), triton.cdiv(c, bc))
+    _pool_kernel[grid](
+        kv3, sc3, out, n, w, c, kv3.stride(0), kv3.stride(1), sc3.stride(0), sc3.stride(1), WP=wp, BN=bn, BC=bc
+    )
+    return out

@@ -1,0 +1,256 @@
+"""Triton `sparse_attn`: sparse MQA with a per-head sink over KV rows read by index from several sources.
+
+Reference: parity.reference.kernels.sparse_attn (the official TileLang `sparse_attn_kernel`, spec §8), called by the
+op per query on the rows `idx` selects from the virtual concatenation of `sources` (chunk KV, window ring, paged
+compressed entries; -1 = none).
+
+Structure (spec §8), one program per (query token, block of heads), prefill and decode rows in one launch:
+- the query's heads `[BH, d]` are loaded once; its index row is walked in 64-slot blocks in list order, up to its
+  last valid slot (the batch pads rows with trailing -1 to its widest list; those blocks are exactly an identity
+  once m is finite, so they are skipped; a row without any valid slot still runs one block and gives the twin's NaN);
+- each block's rows are read straight from their source (up to four base pointers, the source picked per slot from
+  the virtual row id; no gathered copy; asynchronous copies into shared memory on sm_90), -1 (or any negative id)
+  masks the slot, an id past the last source reads zeros like the twin's gather;
+- S = q . K^T (bf16 MMA, fp32 accumulate), S = where(valid, S, -inf) * scale, running max m_new = max(m, rowmax S),
+  alpha = exp(m - m_new), P = exp(S - m_new) in fp32, l = fma(l, alpha, sum P), acc = acc * alpha + bf16(P) . V
+  (bf16 MMA into the fp32 accumulator): bf16-rounded P for the value product, fp32 P for the denominator;
+- at the end l += exp(sink - m) (the sink is not scaled and has no value), o = acc / l (IEEE division), RNE to bf16;
+- exp is a portable fp32 Cody-Waite exp (reduction by a split ln 2, degree-7 polynomial, 2^k from the bits):
+  ~1 ulp of the correctly rounded exp the twin uses; arguments below -87.3 give 0 (the twin keeps fp32 subnormals,
+  < 1.2e-38, which no output can see).
+On the GPU the head block, warps and pipeline depth are fixed per (heads, head dim) (`default_config`; not
+autotuned: a row's bits must not depend on its batch size or on which configuration won a timing race). The CPU
+interpreter runs a second kernel with the same per-query math on up to 128 queries per program (batched 3-D dots):
+it pays per program and per op, not per element; the tests check that both kernels give the same bits.
+
+Not bitwise: the twin takes each MMA as an exact sum rounded once; the tensor cores (and the interpreter's BLAS)
+round partial sums in their own order, and exp differs by ~1 ulp. A score that moves by a few fp32 ulp can flip the
+bf16 rounding of its P (spec §12.3: "expect rare 1-ulp bf16 differences"), which moves that head's outputs by one
+bf16 ulp of P_i * v_i / l; and outputs that nearly cancel (|o| << sum |P_i v_i| / l) carry fp32 noise of other
+summation orders beyond their own bf16 ulp. The tests check every other output to the twin's error + 1 ulp of the
+float64 math and bound these two cases explicitly (tests/optimized/ops/test_sparse_attn.py).
+
+Unverified without a GPU: speed, and so the choice of `default_config` (the bench times every configuration in
+`CONFIGS` at Flash shapes). Compiled offline for sm_90 (`bench/triton_attention.py --compile-sm90`): at d = 512 the
+head blocks of 16 and 32 with 8 warps fit the registers without spills, a block of 64 (one program for all 64 Flash
+heads, wgmma) spills 24-224 bytes; shared memory 85-197 KB per program.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import runtime
+
+BLOCK_N = 64  # the official kernel's top-k block: the running max and the bf16 P are per 64 slots
+MAX_SOURCES = 4
+
+# (constexpr: a compiled kernel may only read constexpr globals)
+LOG2E = tl.constexpr(1.4426950408889634)
+# ln 2 split for fp32 Cody-Waite: the high part has 12 trailing zero bits (k * LN2_HI_F exact for |k| < 2^12)
+LN2_HI_F = tl.constexpr(0.693145751953125)
+LN2_LO_F = tl.constexpr(1.428606765330187045e-06)
+
+
+@triton.jit
+def exp_f32(x):
+    """exp of fp32 x, ~1 ulp of the correctly rounded value; x < -87.3 (results below 1.2e-38) and -inf give 0,
+    x > 88.72 and +inf give +inf, NaN stays NaN."""
+    xc = tl.minimum(tl.maximum(x, -87.3), 88.72)
+    k = tl.floor(xc * LOG2E + 0.5)  # >= -126: 2^k is normal
+    r = (xc - k * LN2_HI_F) - k * LN2_LO_F  # |r| <= ln2 / 2 (+ rounding)
+    # Taylor to degree 7: the remainder r^8 / 8! < 2^-27 for |r| <= 0.35
+    p = 1.0 / 5040.0
+    p = p * r + 1.0 / 720.0
+    p = p * r + 1.0 / 120.0
+    p = p * r + 1.0 / 24.0
+    p = p * r + 1.0 / 6.0
+    p = p * r + 0.5
+    p = p * r + 1.0
+    p = p * r + 1.0
+    # 2^k in two factors (2^(k-1) * 2 for k > 0), so k = 128 (x just under 88.72) does not overflow the bits
+    up = (k > 0).to(tl.int32)
+    y = p * ((k.to(tl.int32) - up + 127) << 23).to(tl.float32, bitcast=True) * (1 + up).to(tl.float32)
+    y = tl.where(x < -87.3, 0.0, y)
+    y = tl.where(x > 88.72, float("inf"), y)  # +inf (an empty row's sink - -inf) too
+    return tl.where(x != x, x, y)
+
+
+@triton.jit
+def _sparse_attn_kernel(
+    q_ptr, o_ptr, idx_ptr, nblk_ptr, sink_ptr,
+    s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3,
+    H, K, q_st, q_sh, idx_st, scale,
+    D: tl.constexpr, DP: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    # one flat grid, the head blocks of a token adjacent: they run together and share its KV rows through L2
+    n_hb = tl.cdiv(H, BH)
+    t = (tl.program_id(0) // n_hb).to(tl.int64)
+    heads = (tl.program_id(0) % n_hb) * BH + tl.arange(0, BH)
+    hmask = heads < H
+    dims = tl.arange(0, DP)
+    dmask = dims < D
+    q = tl.load(q_ptr + t * q_st + heads[:, None] * q_sh + dims[None, :], mask=hmask[:, None] & dmask[None, :],
+                other=0.0)  # fmt: skip
+    m = tl.full([BH], float("-inf"), tl.float32)
+    den = tl.zeros([BH], tl.float32)
+    acc = tl.zeros([BH, DP], tl.float32)
+    n_blocks = tl.load(nblk_ptr + t)
+    for b in range(0, n_blocks):
+        slots = b * BN + tl.arange(0, BN)
+        r = tl.load(idx_ptr + t * idx_st + slots, mask=slots < K, other=-1).to(tl.int64)
+        valid = r >= 0
+        # the row's address in its source: virtual ids [0, c1) source 0, [c1, c2) source 1, ...
+        ptr = tl.where(r < c1, s0 + r * st0,
+              tl.where(r < c2, s1 + (r - c1) * st1,
+              tl.where(r < c3, s2 + (r - c2) * st2, s3 + (r - c3) * st3)))  # fmt: skip
+        inside = valid & (r < c4)
+        kv = tl.load(ptr[:, None] + dims[None, :], mask=inside[:, None] & dmask[None, :], other=0.0)  # [BN, DP]
+        s = tl.dot(q, tl.trans(kv))  # [BH, BN] fp32
+        s = tl.where(valid[None, :], s, float("-inf")) * scale
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = exp_f32(m - m_new)
+        p = exp_f32(s - m_new[:, None])
+        den = tl.fma(den, alpha, tl.sum(p, axis=1))
+        acc = tl.dot(p.to(tl.bfloat16), kv, acc * alpha[:, None])
+        m = m_new
+    sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0)
+    den = den + exp_f32(sink - m)
+    o = tl.math.div_rn(acc, den[:, None])
+    tl.store(o_ptr + t * H * D + heads[:, None] * D + dims[None, :], o.to(tl.bfloat16),
+             mask=hmask[:, None] & dmask[None, :])  # fmt: skip
+
+
+@triton.jit
+def _sparse_attn_tokens_kernel(
+    q_ptr, o_ptr, idx_ptr, nblk_ptr, sink_ptr,
+    s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3,
+    T, H, K, q_st, q_sh, idx_st, scale,
+    D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
+):  # fmt: skip
+    # the same per-query math as _sparse_attn_kernel for BT queries at once (batched [BT, ...] tensors and 3-D
+    # dots): the CPU interpreter pays per program and per op, not per element
+    tok = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT).to(tl.int64)
+    tmask = tok < T
+    heads = tl.arange(0, BH)
+    hmask = heads < H
+    dims = tl.arange(0, DP)
+    dmask = dims < D
+    qmask = tmask[:, None, None] & hmask[None, :, None] & dmask[None, None, :]
+    q = tl.load(q_ptr + tok[:, None, None] * q_st + heads[None, :, None] * q_sh + dims[None, None, :], mask=qmask,
+                other=0.0)  # fmt: skip
+    m = tl.full([BT, BH], float("-inf"), tl.float32)
+    den = tl.zeros([BT, BH], tl.float32)
+    acc = tl.zeros([BT, BH, DP], tl.float32)
+    nblk = tl.load(nblk_ptr + tok, mask=tmask, other=0)
+    for b in range(0, tl.max(nblk, axis=0)):
+        slots = b * BN + tl.arange(0, BN)
+        run = tmask & (b < nblk)  # [BT]: queries whose list still has this block
+        r = tl.load(idx_ptr + tok[:, None] * idx_st + slots[None, :], mask=run[:, None] & (slots < K)[None, :],
+                    other=-1).to(tl.int64)  # fmt: skip
+        valid = r >= 0
+        ptr = tl.where(r < c1, s0 + r * st0,
+              tl.where(r < c2, s1 + (r - c1) * st1,
+              tl.where(r < c3, s2 + (r - c2) * st2, s3 + (r - c3) * st3)))  # fmt: skip
+        inside = valid & (r < c4)
+        kv = tl.load(ptr[:, :, None] + dims[None, None, :], mask=inside[:, :, None] & dmask[None, None, :],
+                     other=0.0)  # fmt: skip
+        s = tl.dot(q, tl.permute(kv, (0, 2, 1)))  # [BT, BH, BN]
+        s = tl.where(valid[:, None, :], s, float("-inf")) * scale
+        m_new = tl.maximum(m, tl.max(s, axis=2))
+        alpha = exp_f32(m - m_new)
+        p = exp_f32(s - m_new[:, :, None])
+        l_new = tl.fma(den, alpha, tl.sum(p, axis=2))
+        acc_new = tl.dot(p.to(tl.bfloat16), kv, acc * alpha[:, :, None])
+        # queries past their last block keep their state (their block would be the identity, or NaN before any
+        # valid slot: the single-query kernel never runs it)
+        den = tl.where(run[:, None], l_new, den)
+        acc = tl.where(run[:, None, None], acc_new, acc)
+        m = tl.where(run[:, None], m_new, m)
+    sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0)
+    den = den + exp_f32(sink[None, :] - m)
+    o = tl.math.div_rn(acc, den[:, :, None])
+    tl.store(o_ptr + tok[:, None, None] * H * D + heads[None, :, None] * D + dims[None, None, :], o.to(tl.bfloat16),
+             mask=qmask)  # fmt: skip
+
+
+# GPU launch configurations (head block BH = MMA rows with a BH x d fp32 accumulator in registers, warps, pipeline
+# stages) that compile for sm_90 at d = 512 without register spills, or nearly (`bench/triton_attention.py
+# --compile-sm90` lists registers, spills and shared memory; `bench/triton_attention.py` times each on the GPU).
+CONFIGS = ((16, 8, 1), (16, 8, 2), (16, 8, 3), (16, 4, 1), (32, 8, 1), (32, 8, 2), (32, 8, 3), (64, 8, 1), (64, 8, 2))
+
+
+def default_config(h: int, d: int) -> tuple[int, int, int]:
+    """The configuration the op runs with, fixed per (heads, head dim): not autotuned, because another head block or
+    MMA instruction could round a row differently, and a row's bits must not depend on its batch size or on a
+    timing race between configurations (batch invariance, reproducible runs)."""
+    if d >= 256:
+        return (32, 8, 2) if h >= 32 else (16, 8, 2)  # no spills at d = 512; two programs per token for 64 heads
+    return (16, 8, 2)  # no spills at d = 64 and 128
+
+
+def _rows(src: torch.Tensor, d: int) -> torch.Tensor:
+    if src.dim() != 2 or src.shape[1] != d:
+        raise ValueError(f"sparse_attn: every source must be [rows, {d}], got {tuple(src.shape)}")
+    return src if src.stride(1) == 1 or src.shape[1] <= 1 else src.contiguous()
+
+
+def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: int | None = None, config=None):
+    """The `SparseAttn` contract: q bf16 `[T, h, d]` over rows `idx` `[T, K]` (-1 none) of the concatenated
+    `sources` (each `[R_i, d]` bf16) -> bf16 `[T, h, d]`.
+
+    `tokens_per_program`: 1 runs the one-query-per-program kernel (the GPU's), more the batched one (the
+    interpreter's default); None picks by where it runs. Both compute the same per-query math. `config`: (head
+    block, warps, stages) of the one-query kernel on the GPU instead of `default_config` (the bench's sweep)."""
+    t, h, d = q.shape
+    k = idx.shape[1]
+    out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
+    if t == 0 or h == 0 or d == 0:
+        return out
+    srcs = [_rows(s, d) for s in sources]
+    if len(srcs) > MAX_SOURCES:  # more than the kernel's pointers: the tail as one (copied) source
+        srcs = srcs[: MAX_SOURCES - 1] + [torch.cat(srcs[MAX_SOURCES - 1 :])]
+    if not srcs:
+        srcs = [q.new_zeros(0, d)]
+    bounds, total = [], 0
+    for s in srcs:
+        total += s.shape[0]
+        bounds.append(total)
+    while len(srcs) < MAX_SOURCES:
+        srcs.append(srcs[-1][:0])
+        bounds.append(total)
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    # blocks to run per row: up to the last valid slot (at least one when the list is not empty, so a row without
+    # any valid slot still runs one block and gives the twin's NaN)
+    if k:
+        last = torch.where(idx >= 0, torch.arange(1, k + 1, device=idx.device), 0).amax(dim=1)
+        nblk = ((last + BLOCK_N - 1) // BLOCK_N).clamp(min=1).to(torch.int32)
+    else:
+        nblk = torch.zeros(t, dtype=torch.int32, device=q.device)
+    sink = attn_sink.float().contiguous()
+    dp = triton.next_power_of_2(d)
+    args = (q, out, idx, nblk, sink, *srcs, *bounds, *(s.stride(0) for s in srcs))
+    if tokens_per_program is None:
+        # the interpreter: as many queries per program as the [BT, 64, d] KV tile allows (Triton caps tensors at 2^20)
+        tokens_per_program = max(1, (1 << 20) // (BLOCK_N * dp)) if runtime.interpreting() else 1
+    if tokens_per_program > 1:
+        bt = min(triton.next_power_of_2(tokens_per_program), triton.next_power_of_2(t))
+        _sparse_attn_tokens_kernel[(triton.cdiv(t, bt),)](
+            *args, t, h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale,
+            D=d, DP=dp, BT=bt, BN=BLOCK_N,
+            # compiled, tl.dot needs 16 rows; interpreted, padding heads only costs time
+            BH=triton.next_power_of_2(h) if runtime.interpreting() else max(16, triton.next_power_of_2(h)),
+        )  # fmt: skip
+        return out
+    tail = (h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale)
+    if runtime.interpreting():
+        bh = max(16, triton.next_power_of_2(h))  # tl.dot needs 16 rows on the GPU; keep the same shapes here
+        _sparse_attn_kernel[(t * triton.cdiv(h, bh),)](*args, *tail, D=d, DP=dp, BH=bh, BN=BLOCK_N)
+    else:
+        bh, warps, stages = config or default_config(h, d)
+        _sparse_attn_kernel[(t * triton.cdiv(h, bh),)](
+            *args, *tail, D=d, DP=dp, BH=bh, BN=BLOCK_N, num_warps=warps, num_stages=stages
+        )
+    return out
