@@ -19,7 +19,7 @@ thresholds are derived on load, so a file records measurements, not policy.
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from parity.errors import ParityError
@@ -55,9 +55,10 @@ class NoiseModel:
     golden_factor: float = GOLDEN_FACTOR
     provenance: dict = field(default_factory=dict)
     source: str = "defaults"
+    loosen: float = 1.0  # every threshold times this (>= 1): the selftest's proof that a loose gate lets bugs through
 
     def __post_init__(self):
-        for name in ("margin", "golden_factor"):
+        for name in ("margin", "golden_factor", "loosen"):
             v = getattr(self, name)
             if not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v) or v < 1:
                 raise ParityError(f"noise model {self.source}: {name} must be a finite number >= 1, got {v!r}")
@@ -72,6 +73,12 @@ class NoiseModel:
 
     def threshold(self, template: str, field_name: str, phase: str, kind: str) -> tuple[float, str]:
         """(threshold, where it came from) for a float field."""
+        value, source = self._threshold(template, field_name, phase, kind)
+        if self.loosen != 1:
+            return value * self.loosen, f"{source}, loosened x{self.loosen:g}"
+        return value, source
+
+    def _threshold(self, template: str, field_name: str, phase: str, kind: str) -> tuple[float, str]:
         if self.exact:
             return 0.0, "decode-exact: bitwise"
         floor = self.floor(kind, field_name)
@@ -89,14 +96,13 @@ class NoiseModel:
         if self.exact:
             return 0.0
         measured = self.flips.get(_key(template, field_name, phase))
-        return max(FLIP_FLOOR, measured * self.margin) if measured is not None else FLIP_FLOOR
+        limit = max(FLIP_FLOOR, measured * self.margin) if measured is not None else FLIP_FLOOR
+        return limit * self.loosen
 
     def loosened(self, factor: float) -> "NoiseModel":
-        """Every threshold times `factor` (selftest's proof that a loose gate lets bugs through)."""
-        return NoiseModel(
-            self.exact, {k: v * factor for k, v in self.errors.items()}, {k: v * factor for k, v in self.flips.items()},
-            self.margin * factor, self.golden_factor * factor, self.provenance, f"{self.source} loosened x{factor}",
-        )  # fmt: skip
+        """Every threshold and the golden factor times `factor`."""
+        return replace(self, loosen=self.loosen * factor, golden_factor=self.golden_factor * factor,
+                       source=f"{self.source} loosened x{factor:g}")  # fmt: skip
 
     # serialization
     @classmethod
