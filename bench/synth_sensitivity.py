@@ -82,8 +82,9 @@ def bug_effect(ckpt, prompts, steps: int, split: int, window: int, device) -> di
         la, lb = torch.stack(a.logits).double(), torch.stack(b.logits).double()
         cos.append(torch.nn.functional.cosine_similarity(la, lb, dim=-1))
         agree.append(la.argmax(-1) == lb.argmax(-1))
+    per_prompt = [c.min().item() for c in cos]
     cos, agree = torch.cat(cos), torch.cat(agree)
-    return {"min_cos": cos.min().item(), "token_agreement": agree.double().mean().item()}
+    return {"min_cos": cos.min().item(), "token_agreement": agree.double().mean().item(), "per_prompt": per_prompt}
 
 
 def main() -> None:

@@ -16,6 +16,8 @@ from collections.abc import Sequence
 
 import torch
 
+from parity.errors import ParityError
+
 
 def _prefill_lens(split, prompts) -> list[int] | None:
     """One split -> per-prompt first-chunk lengths (None = whole prompts). An int k prefills min(k, len)."""
@@ -46,14 +48,14 @@ def schedule_sensitivity(
     per prompt; `overrides` replace ModelArgs fields (as in `build_model`).
 
     Returns a dict: `min_cos` (float64 logits cosine, min over every compared split, prompt and step; exactly 1.0
-    where the logits are bitwise equal),
-    `token_agreement` (fraction of those steps whose greedy token equals the first split's), `tokens_equal`,
-    `steps` (compared steps), `per_split` ({label: {min_cos, token_agreement}}) and `per_prompt_min_cos`.
+    where the logits are bitwise equal), `token_agreement` (fraction of those steps whose greedy token equals the
+    first split's), `tokens_equal`, `steps` (compared steps), `per_split` ({label: {min_cos, token_agreement}})
+    and `per_prompt_min_cos`.
     """
     from parity.check import reference_generations  # the check module imports the engine: load it only when used
 
     if len(splits) < 2:
-        raise ValueError(f"schedule_sensitivity: needs at least two splits to compare, got {list(splits)}")
+        raise ParityError(f"schedule_sensitivity: needs at least two splits to compare, got {list(splits)}")
     run = dict(device=device, mtp=False, **overrides)
     base = reference_generations(ckpt, prompts, decode_steps, prefill_lens=_prefill_lens(splits[0], prompts), **run)
     forced = [g.tokens for g in base]

@@ -229,7 +229,7 @@ def test_calm_schedule_sensitivity(calm_ckpt, tiny_case_prompts):
 
 
 def test_schedule_sensitivity_needs_two_splits(calm_ckpt, tiny_case_prompts):
-    with pytest.raises(ValueError, match="at least two splits"):
+    with pytest.raises(ParityError, match="at least two splits"):
         schedule_sensitivity(calm_ckpt, tiny_case_prompts[:1], 1, splits=(None,))
 
 
