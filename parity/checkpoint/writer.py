@@ -5,7 +5,9 @@ Output directory:
     inference/config.json              the ModelArgs keys the official generate.py reads
     model.safetensors.index.json       {"metadata": {"total_size": bytes}, "weight_map": {name: shard file}}
     model-0000i-of-0000n.safetensors   shards: embed | layer 0 | ... | layer n-1 | norm/head/hc_head | mtp
-Shards are generated and written one at a time (memory ~ one shard), each atomically.
+    parity_synth.json                  parity-only sidecar: {"seed": .., "init": ..} the weights were drawn with
+Shards are generated and written one at a time (memory ~ one shard), each atomically. The sidecar is not part of
+the official layout; readers that follow the index (the official loader, `Checkpoint`) never open it.
 """
 
 import os
@@ -16,14 +18,20 @@ import torch
 from safetensors.torch import save_file
 
 from parity.checkpoint.layout import INDEX_FILE, hf_root_config, model_param_specs, n_shards, shard_file, shard_index
-from parity.checkpoint.synth import synth_param
+from parity.checkpoint.synth import check_init, synth_param
 from parity.config import ModelArgs
 from parity.io import atomic_write, atomic_write_json
 
+SYNTH_FILE = "parity_synth.json"
 
-def write_checkpoint(path: str | os.PathLike, args: ModelArgs, seed: int = 0) -> Path:
-    """Write a random checkpoint for `args` to `path` and return the path."""
+
+def write_checkpoint(path: str | os.PathLike, args: ModelArgs, seed: int = 0, init: str = "chaotic") -> Path:
+    """Write a random checkpoint for `args` to `path` and return the path. `init` picks the weight distribution
+    (`parity.checkpoint.synth`: "chaotic" or "calm")."""
+    check_init(init)
     path = Path(path)
+    # written last, like a completion mark: a rewrite that dies half-way must not keep claiming the old draw
+    (path / SYNTH_FILE).unlink(missing_ok=True)
     total = n_shards(args)
     by_shard: dict[int, list[tuple[str, tuple, torch.dtype]]] = defaultdict(list)
     for name, (shape, dtype) in model_param_specs(args).items():
@@ -34,7 +42,7 @@ def write_checkpoint(path: str | os.PathLike, args: ModelArgs, seed: int = 0) ->
     for index in range(1, total + 1):
         tensors: dict[str, torch.Tensor] = {}
         for name, shape, dtype in by_shard.get(index, []):
-            tensors.update(synth_param(name, shape, dtype, args, seed))
+            tensors.update(synth_param(name, shape, dtype, args, seed, init))
         file = shard_file(index, total)
         for name, t in tensors.items():
             weight_map[name] = file
@@ -45,4 +53,5 @@ def write_checkpoint(path: str | os.PathLike, args: ModelArgs, seed: int = 0) ->
     atomic_write_json(path / INDEX_FILE, {"metadata": {"total_size": total_size}, "weight_map": weight_map})
     atomic_write_json(path / "config.json", hf_root_config(args))
     atomic_write_json(path / "inference" / "config.json", args.official_dict())
+    atomic_write_json(path / SYNTH_FILE, {"seed": seed, "init": init})
     return path
