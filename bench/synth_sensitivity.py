@@ -23,9 +23,8 @@ import time
 
 import torch
 
-from parity.check import reference_generations
 from parity.checkpoint import write_checkpoint
-from parity.checkpoint.sensitivity import schedule_sensitivity
+from parity.checkpoint.sensitivity import reference_generations, schedule_sensitivity
 from parity.checkpoint.synth import INITS
 from parity.config import ModelArgs
 from parity.reference import kernels

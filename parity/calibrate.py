@@ -68,7 +68,9 @@ def calibrate(case: Case, work_dir: Path, n: int = 6, progress: Callable[[str], 
     done = []
     for i, var in enumerate(variations(case, n)):
         say(f"[{i + 1}/{n}] {var.label}")
-        ckpt = write_checkpoint(work_dir / f"seed{var.case.seed}", var.case.model_args(), seed=var.case.seed)
+        ckpt = write_checkpoint(
+            work_dir / f"seed{var.case.seed}", var.case.model_args(), seed=var.case.seed, init=var.case.init
+        )
         c = capture(run_inputs(var.case, ckpt, order=var.order))
         # judged with zero thresholds: every row's own error is measured, nothing is filtered
         v = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, NoiseModel(exact=True))

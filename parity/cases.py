@@ -4,6 +4,7 @@
     [model]
     preset = "tiny"            # tiny | flash | pro
     seed = 0                   # synthetic weights and prompt tokens
+    init = "chaotic"           # synthetic weight distribution: chaotic | calm (docs/synthetic_weights.md)
     overrides = {}             # any ModelArgs field, e.g. { revision = "initial" }
     [[requests]]
     prompt_len = 150
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from parity.checkpoint.synth import INITS
 from parity.config import ModelArgs
 from parity.errors import ParityError
 
@@ -56,6 +58,7 @@ class Case:
     preset: str
     seed: int
     requests: tuple[RequestSpec, ...]
+    init: str = "chaotic"
     overrides: tuple[tuple[str, object], ...] = ()
     engine: EngineSpec = field(default_factory=EngineSpec)
     calibration: Path | None = None  # noise thresholds (`parity calibrate`); None = the stated defaults
@@ -96,7 +99,10 @@ def _int(d: dict, key: str, where: str, source: str, default=None, minimum: int 
 def parse_case(data: dict, source: str) -> Case:
     _check_keys(data, {"name", "description", "model", "requests", "engine", "tolerance"}, "the case", source)
     model = _table(data, "model", source)
-    _check_keys(model, {"preset", "seed", "overrides"}, "[model]", source)
+    _check_keys(model, {"preset", "seed", "init", "overrides"}, "[model]", source)
+    init = model.get("init", "chaotic")
+    if init not in INITS:
+        raise ParityError(f"{source}: model.init must be one of {list(INITS)}, got {init!r}")
     overrides = model.get("overrides", {})
     if not isinstance(overrides, dict):
         raise ParityError(f"{source}: model.overrides must be a table of ModelArgs fields")
@@ -141,6 +147,7 @@ def parse_case(data: dict, source: str) -> Case:
         name=name,
         preset=str(model.get("preset", "tiny")),
         seed=_int(model, "seed", "model", source, 0),
+        init=init,
         requests=tuple(specs),
         overrides=tuple(sorted(overrides.items())),
         engine=engine_spec,

@@ -178,8 +178,9 @@ def engine_capture(
         for i, req in enumerate(requests):
             seq = sequences[req]
             for r in range(batch.cu_seqlens[i], batch.cu_seqlens[i + 1]):
-                p = batch.start_pos[i] + r - batch.cu_seqlens[i] + shift
-                if p >= len(seq) or tokens[r] != seq[p]:
+                pos = batch.start_pos[i] + r - batch.cu_seqlens[i]
+                # the reference never feeds the last emitted token back in: a verified draft there has no twin
+                if pos >= len(seq) - 1 or tokens[r] != seq[pos + shift]:
                     skip.append(r)
         return dump.phase(
             phase, step, cu_seqlens=batch.cu_seqlens, requests=requests, start_pos=batch.start_pos,

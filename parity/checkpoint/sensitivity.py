@@ -32,6 +32,30 @@ def _label(split) -> str:
     return "whole" if split is None else str(split)
 
 
+def reference_generations(ckpt, prompts, decode_steps, *, prefill_lens=None, forced=None, device="cpu", mtp=False,
+                          **overrides) -> list:  # fmt: skip
+    """Each prompt alone through a fresh reference model (greedy, or teacher-forced with `forced`), prefilling
+    `prefill_lens[i]` tokens (None: the whole prompt) and decoding the rest; `decode_steps`: one int or one each."""
+    from parity.checkpoint.reader import build_model
+    from parity.reference.generate import greedy_generate
+
+    steps = list(decode_steps) if isinstance(decode_steps, list | tuple) else [decode_steps] * len(prompts)
+    out = []
+    for i, prompt in enumerate(prompts):
+        model, _ = build_model(ckpt, device=device, **overrides)
+        out.append(
+            greedy_generate(
+                model,
+                prompt,
+                steps[i],
+                mtp=mtp,
+                prefill_len=None if prefill_lens is None else prefill_lens[i],
+                forced=None if forced is None else forced[i],
+            )  # fmt: skip
+        )
+    return out
+
+
 def schedule_sensitivity(
     ckpt,
     prompts: Sequence[torch.Tensor],
@@ -52,8 +76,6 @@ def schedule_sensitivity(
     first split's), `tokens_equal`, `steps` (compared steps), `per_split` ({label: {min_cos, token_agreement}})
     and `per_prompt_min_cos`.
     """
-    from parity.check import reference_generations  # the check module imports the engine: load it only when used
-
     if len(splits) < 2:
         raise ParityError(f"schedule_sensitivity: needs at least two splits to compare, got {list(splits)}")
     run = dict(device=device, mtp=False, **overrides)

@@ -11,8 +11,9 @@ Per row and field (a site's tensors): the relative L2 error `|cand - ref| / |ref
 of ids that differ as sets (expert ids, indexer top-k; a top-k reorder of equal scores is no difference). A float
 field fails where a row's error exceeds the noise threshold of its (site, field, phase) AND, where a golden exists
 and the reference is not bit-equal to it, the candidate is further from the golden than `golden_factor` times the
-reference is (the two distances, over the record's failing rows, are reported): a kernel that rounds differently
-from the reference but is no less accurate passes; a bug does not. Routing weights are compared on the rows whose
+reference is, or than the stored dtype's unit roundoff where the reference equals the golden (the two distances,
+over the record's failing rows, are reported): a kernel that rounds differently from the reference but is no less
+accurate passes; a bug does not. Routing weights are compared on the rows whose
 expert sets agree; rows whose sets differ are flips, counted against their own threshold and reported with the
 routing score margin where the caller supplies it.
 """
@@ -243,9 +244,11 @@ class _Judge:
             return
         if g is not None:
             # the golden's second opinion on the rows over the envelope: no further from the truth than the reference
+            # is, where the reference is exact to the golden (a segment of plain fp32 torch), no further than the
+            # stored dtype's rounding: a kernel may round its output differently, never by more
             dr, dc = _rel(w[bad], g[bad]), _rel(c[bad], g[bad])
             res.golden_ref, res.golden_cand = max(res.golden_ref or 0.0, dr), max(res.golden_cand or 0.0, dc)
-            if dr > 0 and dc <= self.noise.golden_factor * dr:
+            if dc <= self.noise.golden_factor * max(dr, torch.finfo(c.dtype).eps / 2):
                 return
         for i in bad.nonzero().flatten().tolist():
             res.failures += 1
