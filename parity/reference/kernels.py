@@ -154,8 +154,9 @@ _SCALE_TABLES: dict = {}
 
 
 def _bf16_scale_tables(floor: float, max_inv: float, device):
-    """_group_scales(.., round_scale=True) of every bf16 group absmax, indexed by its bits (sign cleared):
-    (fp32 scales [0x8000], their e8m0 bytes). Built once per device by _group_scales itself on each value (P)."""
+    """_group_scales(.., round_scale=True) of every bf16 group absmax, indexed by the absmax bits (sign cleared):
+    (scales fp32, their reciprocals, their e8m0 bytes, the int16 mask 0x7fff), each table [0x8000]. Built once per
+    device by _group_scales itself, one group per value (P)."""
     key = (floor, max_inv, device)
     tables = _SCALE_TABLES.get(key)
     if tables is None:
@@ -163,23 +164,44 @@ def _bf16_scale_tables(floor: float, max_inv: float, device):
             amax = torch.arange(0x8000, dtype=torch.int32, device=device).to(torch.int16).view(torch.bfloat16)
             s = _group_scales(amax.float()[:, None], floor, max_inv, True)[:, 0]
             magnitude = torch.tensor(0x7FFF, dtype=torch.int16, device=device)
-            tables = (s, s.to(torch.float8_e8m0fnu).view(torch.uint8), magnitude)
+            tables = (s, torch.reciprocal(s), s.to(torch.float8_e8m0fnu).view(torch.uint8), magnitude)
         _SCALE_TABLES[key] = tables
     return tables
 
 
-def _scales(x: torch.Tensor, xf: torch.Tensor, block_size: int, floor: float, max_inv: float, round_scale: bool):
-    """Group scales of x ([..., N]; xf = its fp32 [..., N/block, block]): (s [..., N/block, 1] fp32, e8m0 bytes
-    [..., N/block] or None)."""
-    if round_scale and x.dtype == torch.bfloat16:
-        # the absmax of a bf16 group is one of 0x8000 bf16 magnitudes, and its scale a function of it: index the
-        # table by the largest magnitude bits (|x| orders like its bits; NaN bits sit above inf and map, like any NaN
-        # absmax in the torch code, to pow2_ceil(NaN) = -0.0)
-        s_tab, e8m0_tab, magnitude = _bf16_scale_tables(floor, max_inv, x.device)
-        bits = x.view(torch.int16).view(xf.shape)
-        idx = (bits & magnitude).amax(dim=-1).long()
-        return torch.take(s_tab, idx).unsqueeze(-1), torch.take(e8m0_tab, idx)
-    return _group_scales(xf, floor, max_inv, round_scale), None
+class _Scaled:
+    """x / s for the groups of x, and the group scales s, the way the torch code computes them: `_group_scales`
+    on x.float(), then fp32 division. For bf16 x with ue8m0 scales the same values come from tables: the absmax of a
+    bf16 group is one of 0x8000 magnitudes and its scale a function of it, looked up by the largest magnitude bits
+    (|x| orders like its bits; NaN bits sit above inf, and map, like any NaN absmax in the torch code, to
+    pow2_ceil(NaN) = -0.0). The scale is then a power of two, +inf or -0.0, and x / s is x * (1 / s) exactly (the
+    same correctly rounded value, the same NaNs; checked for every bf16 x against every table scale), which casts
+    the bf16 x inside the multiply."""
+
+    def __init__(self, x: torch.Tensor, block_size: int, floor: float, max_inv: float, round_scale: bool):
+        self.shape = (*x.shape[:-1], x.size(-1) // block_size, block_size)  # [..., n/block, block]
+        if round_scale and x.dtype == torch.bfloat16:
+            self.tables = _bf16_scale_tables(floor, max_inv, x.device)
+            self.idx = (x.view(torch.int16).view(self.shape) & self.tables[3]).amax(dim=-1).long()
+            self.y = torch.mul(x.view(self.shape), torch.take(self.tables[1], self.idx).unsqueeze(-1))
+            self.s = None
+        else:
+            self.tables = None
+            xf = x.float().view(self.shape)
+            self.s = _group_scales(xf, floor, max_inv, round_scale)
+            self.y = xf / self.s
+
+    def scales(self) -> torch.Tensor:
+        """s: [..., n/block, 1] fp32."""
+        if self.s is None:
+            self.s = torch.take(self.tables[0], self.idx).unsqueeze(-1)
+        return self.s
+
+    def scale_output(self, dtype: torch.dtype) -> torch.Tensor:
+        """s: [..., n/block] in `dtype`."""
+        if self.tables is not None and dtype == torch.float8_e8m0fnu:
+            return torch.take(self.tables[2], self.idx).view(torch.float8_e8m0fnu)
+        return self.scales().squeeze(-1).to(dtype)
 
 
 def _act_quant_impl(x, block_size, scale_fmt, scale_dtype, inplace, inner_dtype):
@@ -187,16 +209,13 @@ def _act_quant_impl(x, block_size, scale_fmt, scale_dtype, inplace, inner_dtype)
     assert n % block_size == 0, f"act_quant: last dim {n} is not a multiple of block_size {block_size}"
     if scale_fmt is None and scale_dtype == torch.float8_e8m0fnu:
         raise ValueError("act_quant: e8m0 scales need scale_fmt='ue8m0' (the official model never mixes them)")
-    xf = x.float().view(*x.shape[:-1], n // block_size, block_size)  # [..., n/block, block]
-    s, s_e8m0 = _scales(x, xf, block_size, 1e-4, 1.0 / FP8_MAX, scale_fmt is not None)
-    y = (xf / s).clamp_(-FP8_MAX, FP8_MAX)
+    q = _Scaled(x, block_size, 1e-4, 1.0 / FP8_MAX, scale_fmt is not None)
+    y = q.y.clamp_(-FP8_MAX, FP8_MAX)
     if inplace:
-        y = (y.to(inner_dtype).to(_F32) * s).to(x.dtype).flatten(-2)
+        y = (y.to(inner_dtype).to(_F32) * q.scales()).to(x.dtype).flatten(-2)
         x.copy_(y)
         return x
-    if s_e8m0 is not None and scale_dtype == torch.float8_e8m0fnu:
-        return y.to(torch.float8_e4m3fn).flatten(-2), s_e8m0.view(torch.float8_e8m0fnu)
-    return y.to(torch.float8_e4m3fn).flatten(-2), s.squeeze(-1).to(scale_dtype)
+    return y.to(torch.float8_e4m3fn).flatten(-2), q.scale_output(scale_dtype)
 
 
 def act_quant(
@@ -240,15 +259,13 @@ def fp4_act_quant(x: torch.Tensor, block_size: int = 32, inplace: bool = False):
     """
     n = x.size(-1)
     assert n % block_size == 0, f"fp4_act_quant: last dim {n} is not a multiple of block_size {block_size}"
-    xf = x.float().view(*x.shape[:-1], n // block_size, block_size)
-    s, s_e8m0 = _scales(x, xf, block_size, FP4_MAX * 2.0**-126, 1.0 / FP4_MAX, True)
-    y = round_to_e2m1((xf / s).clamp(-FP4_MAX, FP4_MAX))
+    q = _Scaled(x, block_size, FP4_MAX * 2.0**-126, 1.0 / FP4_MAX, True)
+    y = round_to_e2m1(q.y.clamp_(-FP4_MAX, FP4_MAX))
     if inplace:
-        x.copy_((y * s).to(x.dtype).flatten(-2))
+        x.copy_((y * q.scales()).to(x.dtype).flatten(-2))
         return x
     packed = pack_fp4(e2m1_codes(y.flatten(-2)))
-    s_e8m0 = s.squeeze(-1).to(torch.float8_e8m0fnu) if s_e8m0 is None else s_e8m0.view(torch.float8_e8m0fnu)
-    return packed.view(torch.float4_e2m1fn_x2), s_e8m0
+    return packed.view(torch.float4_e2m1fn_x2), q.scale_output(torch.float8_e8m0fnu)
 
 
 def _gemm_operands(a, a_s, b, b_s, bk: int):
@@ -259,6 +276,11 @@ def _gemm_operands(a, a_s, b, b_s, bk: int):
     k = a.size(-1)
     m = a.numel() // k
     return a.view(m, k // bk, bk).transpose(0, 1), _scale_as_float(a_s).view(m, -1)
+
+
+def _blocks_first(sa: torch.Tensor, kb: int) -> torch.Tensor:
+    """Activation scales [M, >=kb] -> [kb, M, 1] (the first kb columns)."""
+    return (sa if sa.size(1) == kb else sa[:, :kb]).t().unsqueeze(-1)
 
 
 def _scale_as_float(s: torch.Tensor) -> torch.Tensor:
@@ -339,11 +361,11 @@ def fp8_gemm(
     k = a.size(-1)
     a_blocks, sa = _gemm_operands(a, a_s, b, b_s, 128)  # [kb, M, 128], [M, K/128]
     w, sb = _fp8_weight(b, b_s, k)  # [kb, 128, N], [kb, 1, N]
-    sa = sa[:, : w.shape[0]].t().unsqueeze(-1)  # [kb, M, 1]
+    sa = _blocks_first(sa, w.shape[0])  # [kb, M, 1]
 
     def scaled(p, k0, k1):
         # the kernel forms sa*sb first (Scale_C), then C += P * Scale_C
-        return p.mul_(sa[k0:k1] * sb[k0:k1])
+        return p.mul_(sa * sb if k1 - k0 == len(sb) else sa[k0:k1] * sb[k0:k1])
 
     return _gemm_output(_blocked_gemm(a_blocks, w, scaled), a.shape[:-1])
 
@@ -364,10 +386,10 @@ def fp4_gemm(
     k = a.size(-1)
     a_blocks, sa = _gemm_operands(a, a_s, b, b_s, 32)  # [kb, M, 32], [M, K/128]
     w, sb = _fp4_weight(b, b_s, k)  # [kb, 32, N], [kb, 1, N]
-    sa = sa.repeat_interleave(4, dim=1)[:, : w.shape[0]].t().unsqueeze(-1)  # [kb, M, 1]: block j uses sa[:, j//4]
+    sa = _blocks_first(sa.repeat_interleave(4, dim=1), w.shape[0])  # [kb, M, 1]: block j uses sa[:, j // 4]
 
     def scaled(p, k0, k1):
-        return p.mul_(sa[k0:k1]).mul_(sb[k0:k1])
+        return p.mul_(sa).mul_(sb) if k1 - k0 == len(sb) else p.mul_(sa[k0:k1]).mul_(sb[k0:k1])
 
     return _gemm_output(_blocked_gemm(a_blocks, w, scaled), a.shape[:-1])
 
@@ -421,17 +443,18 @@ def sparse_attn(
         p = _exp(s_pad - maxes[..., 1:, None]).view(b, m, h, nb * blk)  # (P)
         p_bf16 = p.to(torch.bfloat16)
         for j, kv_blk in enumerate(kv64):
-            w = kv_blk.shape[2]
-            # (R): per-block contiguous [b, m, h, w] operands, as the original's fresh per-block p
-            p_blk = p[..., j * blk : j * blk + w].to(_F64, memory_format=torch.contiguous_format)
-            denom = _fma(denom, alpha[..., j], p_blk.sum(-1).to(_F32))
+            cols = slice(j * blk, j * blk + kv_blk.shape[2])
+            a_j = alpha[..., j]
+            # (R): the block's p, cast to float64, is a fresh contiguous [b, m, h, w] tensor as in the original
+            # (a column slice is copied contiguous; sum(dtype=) casts it first, like .double())
+            p_sum = p[..., cols].sum(-1, dtype=_F64).to(_F32)
+            # _fma: p_sum + denom * a_j in float64 (the fp32 x fp32 product is exact; + is commutative), then fp32
+            denom = torch.addcmul(p_sum, denom.double(), a_j).to(_F32)
             pv = torch.einsum(
-                "bmhw,bmwd->bmhd",
-                p_bf16[..., j * blk : j * blk + w].to(_F64, memory_format=torch.contiguous_format),
-                kv_blk,
+                "bmhw,bmwd->bmhd", p_bf16[..., cols].to(_F64, memory_format=torch.contiguous_format), kv_blk
             )
             # (P): the fp32 product acc * alpha is promoted to float64 exactly inside the add, as .double() would
-            acc = torch.add(acc * alpha[..., j, None], pv).to(_F32)
+            acc = torch.add(acc * a_j[..., None], pv).to(_F32)
         row_max = maxes[..., -1]
     denom = denom + _exp(attn_sink.float() - row_max)
     return (acc / denom[..., None]).to(q.dtype)
