@@ -414,69 +414,36 @@ def sparse_attn(
     b, m, h, d = q.shape
     k = topk_idxs.size(-1)
     dev = q.device
-    blk = SPARSE_ATTN_BLOCK
     scale = _f32(softmax_scale, dev)
     neg_inf = _f32(float("-inf"), dev)
     row_max = torch.full((b, m, h), float("-inf"), dtype=_F32, device=dev)
     denom = torch.zeros(b, m, h, dtype=_F32, device=dev)
     acc = torch.zeros(b, m, h, d, dtype=_F32, device=dev)
     q64 = q.double()
+    batch = torch.arange(b, device=dev)[:, None, None]
     idx = topk_idxs.long()
-    valid = idx != -1  # [b, m, k]
-    # blocks are processed in groups (all of them at decode sizes); within a group everything that is elementwise
-    # or exact is done once for all its blocks, and only the order-dependent float64 products run per block
-    group = max(1, _GEMM_CHUNK_ELEMS // max(1, b * m * blk * max(h, d)))
-    n_blocks = -(-k // blk)
-    for g0 in range(0, n_blocks, group):
-        g1 = min(n_blocks, g0 + group)
-        t0, t1 = g0 * blk, min(k, g1 * blk)
-        kv64 = _gather_kv_blocks(kv, idx[:, :, t0:t1], valid[:, :, t0:t1], blk)
-        # (R): each q.k product is the original's einsum on the same operands ([b, m, w, d] contiguous per block)
-        s = torch.cat([torch.einsum("bmhd,bmwd->bmhw", q64, kv_blk).to(_F32) for kv_blk in kv64], dim=-1)
-        s = torch.where(valid[:, :, None, t0:t1], s, neg_inf) * scale  # [b, m, h, t1-t0]  (P)
-        # running max after each block: max is exact, so a cumulative max over the block maxima (padding with -inf,
-        # the identity of max) equals the per-block torch.maximum chain; both propagate NaN
-        nb = g1 - g0
-        s_pad = torch.nn.functional.pad(s, (0, nb * blk - (t1 - t0)), value=float("-inf")).view(b, m, h, nb, blk)
-        maxes = torch.cummax(torch.cat([row_max[..., None], s_pad.amax(dim=-1)], dim=-1), dim=-1).values
-        alpha = _exp(maxes[..., :-1] - maxes[..., 1:])  # [b, m, h, nb]: exp(previous max - new max)  (P)
-        p = _exp(s_pad - maxes[..., 1:, None]).view(b, m, h, nb * blk)  # (P)
-        p_bf16 = p.to(torch.bfloat16)
-        for j, kv_blk in enumerate(kv64):
-            cols = slice(j * blk, j * blk + kv_blk.shape[2])
-            a_j = alpha[..., j]
-            # (R): the block's p, cast to float64, is a fresh contiguous [b, m, h, w] tensor as in the original
-            # (a column slice is copied contiguous; sum(dtype=) casts it first, like .double())
-            p_sum = p[..., cols].sum(-1, dtype=_F64).to(_F32)
-            # _fma: p_sum + denom * a_j in float64 (the fp32 x fp32 product is exact; + is commutative), then fp32
-            denom = torch.addcmul(p_sum, denom.double(), a_j).to(_F32)
-            pv = torch.einsum(
-                "bmhw,bmwd->bmhd", p_bf16[..., cols].to(_F64, memory_format=torch.contiguous_format), kv_blk
-            )
-            # (P): the fp32 product acc * alpha is promoted to float64 exactly inside the add, as .double() would
-            acc = torch.add(acc * a_j[..., None], pv).to(_F32)
-        row_max = maxes[..., -1]
+    valid = idx != -1
+    slot = idx.clamp(min=0)  # a -1 slot reads zeros, never memory
+    # The float64 products below are not exact sums for every bf16 input, so their summation order matters (R):
+    # each block's operands are the tensors the per-block code always built (fresh, contiguous, same shapes).
+    for t0 in range(0, k, SPARSE_ATTN_BLOCK):
+        blk = slice(t0, t0 + SPARSE_ATTN_BLOCK)
+        v = valid[:, :, blk]  # [b, m, w]
+        kv64 = torch.where(v[..., None], kv[batch, slot[:, :, blk]].double(), 0.0)  # [b, m, w, d]
+        s = torch.einsum("bmhd,bmwd->bmhw", q64, kv64).to(_F32)
+        s = torch.where(v[:, :, None, :], s, neg_inf).mul_(scale)
+        new_max = torch.maximum(row_max, s.amax(dim=-1))
+        alpha = _exp(row_max - new_max)
+        p = _exp(s - new_max[..., None])  # [b, m, h, w]
+        # _fma(denom, alpha, _sum(p)): sum(dtype=) casts p to float64 first, like .double(); then the exact fp32 x
+        # fp32 product plus the sum (+ is commutative) in float64, rounded to fp32
+        denom = torch.addcmul(p.sum(-1, dtype=_F64).to(_F32), denom.double(), alpha).to(_F32)
+        pv = torch.einsum("bmhw,bmwd->bmhd", p.to(torch.bfloat16).double(), kv64)
+        # the fp32 product acc * alpha is promoted to float64 exactly inside the add, as .double() would (P)
+        acc = torch.add(acc * alpha[..., None], pv).to(_F32)
+        row_max = new_max
     denom = denom + _exp(attn_sink.float() - row_max)
     return (acc / denom[..., None]).to(q.dtype)
-
-
-def _gather_kv_blocks(kv: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor, blk: int) -> list[torch.Tensor]:
-    """Float64 KV rows of consecutive `blk`-slot blocks of idx ([b, m, w]), each a contiguous [b, m, <=blk, d]
-    tensor with 64-byte aligned storage, exactly as the original's per-block gather produced it; -1 reads zeros."""
-    b, m, w = idx.shape
-    full, rest = divmod(w, blk)
-    batch = torch.arange(b, device=kv.device)
-    out = []
-    if full:
-        # block-major gather: [full, b, m, blk, d], whose [j] slices are contiguous and 64-byte aligned
-        i = idx[:, :, : full * blk].view(b, m, full, blk).permute(2, 0, 1, 3)
-        v = valid[:, :, : full * blk].view(b, m, full, blk).permute(2, 0, 1, 3)
-        kv_f = torch.where(v[..., None], kv[batch[:, None, None], i.clamp(min=0)].double(), 0.0)
-        out.extend(kv_f.unbind(0))
-    if rest:
-        i, v = idx[:, :, full * blk :], valid[:, :, full * blk :]
-        out.append(torch.where(v[..., None], kv[batch[:, None, None], i.clamp(min=0)].double(), 0.0))
-    return out
 
 
 def _sigmoid(x: torch.Tensor) -> torch.Tensor:
