@@ -17,15 +17,49 @@ E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_VALUES = E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES)
 
 
+_TABLES: dict = {}
+
+
+def _table(name: str, values, dtype: torch.dtype, device) -> torch.Tensor:
+    """A small constant lookup tensor, built once per (name, device) (a handful of entries in all; never written)."""
+    key = (name, device)
+    t = _TABLES.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = torch.tensor(values, dtype=dtype, device=device)
+        _TABLES[key] = t
+    return t
+
+
+def _scalars(name: str, values, dtype: torch.dtype, device) -> tuple[torch.Tensor, ...]:
+    """Constant 0-dim tensors, built once per (name, device): an op with a 0-dim operand of the tensor's own dtype
+    computes exactly what it computes with the Python number, without wrapping the number on every call."""
+    key = (name, device)
+    t = _TABLES.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            t = torch.tensor(values, dtype=dtype, device=device).unbind()
+        _TABLES[key] = t
+    return t
+
+
 def pow2_ceil(v: torch.Tensor) -> torch.Tensor:
     """2^ceil(log2 v) for positive normal fp32 `v`, computed from the IEEE bits like the official
-    `fast_log2_ceil` + `fast_pow2`: the unbiased exponent, plus one if any mantissa bit is set."""
+    `fast_log2_ceil` + `fast_pow2`: the unbiased exponent, plus one if any mantissa bit is set.
+
+    For every fp32 bit pattern (sign ignored): with u = |bits| as an integer, exponent + (mantissa != 0) equals
+    ceil(u / 2^23) = ((u - 1) >> 23) + 1 (also for u = 0: -1 >> 23 is -1), so five integer ops give the result.
+    Like the official helpers, an exponent field of 255 with a mantissa (NaN) yields the bits 256 << 23 (-0.0)."""
     assert v.dtype == torch.float32
-    bits = v.view(torch.int32)
-    exponent = (bits >> 23) & 0xFF
-    mantissa = bits & 0x7FFFFF
-    e = exponent - 127 + (mantissa != 0).to(torch.int32)
-    return ((e + 127) << 23).view(torch.float32)
+    if v.numel() == 0:
+        return torch.empty(v.shape, dtype=torch.float32, device=v.device)
+    mask, one, shift = _scalars("pow2_ceil", (0x7FFFFFFF, 1, 23), torch.int32, v.device)
+    u = v.view(torch.int32) & mask
+    u -= one
+    u >>= shift  # arithmetic: 0 - 1 stays -1
+    u += one
+    u <<= shift  # torch shifts int32 as uint32: 256 << 23 is 0x80000000
+    return u.view(torch.float32)
 
 
 # spec §3.3 as (upper edge, edge included, magnitude): every edge is a tie between two codes, and the tie goes to
@@ -41,10 +75,30 @@ E2M1_RNE_TABLE = (
 )
 
 
+def _e2m1_rne_edges(device) -> torch.Tensor:
+    # E2M1_RNE_TABLE's edges as fp32 "a <= edge" thresholds: an excluded edge e becomes the fp32 just below it
+    # (a < e <=> a <= nextafter(e, 0) for fp32 a)
+    key = ("e2m1_rne_edges", device)
+    t = _TABLES.get(key)
+    if t is None:
+        with torch.inference_mode(False):
+            edges = torch.tensor([e for e, _, _ in E2M1_RNE_TABLE], dtype=torch.float32, device=device)
+            included = torch.tensor([inc for _, inc, _ in E2M1_RNE_TABLE], device=device)
+            t = torch.where(included, edges, torch.nextafter(edges, torch.zeros_like(edges)))
+        _TABLES[key] = t
+    return t
+
+
 def round_to_e2m1(v: torch.Tensor) -> torch.Tensor:
     """Round fp32 to the e2m1 grid like CUDA `__nv_cvt_float_to_fp4(.., cudaRoundNearest)`: nearest, ties to the
     even code, saturating at 6, sign kept (so -0.25 -> -0.0). Returns fp32."""
     a = v.abs()
+    if v.dtype == torch.float32:
+        # the magnitude is that of the first (lowest) E2M1_RNE_TABLE edge the value lies inside, i.e. the number of
+        # edges it lies above; bucketize counts them in one op (NaN sorts above all edges: 6, as in the where-chain)
+        idx = torch.bucketize(a, _e2m1_rne_edges(v.device))
+        mag = _table("e2m1_magnitudes", E2M1_MAGNITUDES, torch.float32, v.device)[idx]
+        return torch.copysign(mag, v)
     mag = torch.full_like(a, FP4_MAX)
     for edge, included, m in reversed(E2M1_RNE_TABLE):
         inside = a <= edge if included else a < edge
@@ -55,10 +109,15 @@ def round_to_e2m1(v: torch.Tensor) -> torch.Tensor:
 def e2m1_codes(v: torch.Tensor) -> torch.Tensor:
     """4-bit codes (uint8, 0..15) of fp32 values that already lie on the e2m1 grid."""
     a = v.abs()
-    idx = torch.zeros(a.shape, dtype=torch.uint8, device=v.device)
-    for m in E2M1_MAGNITUDES[1:]:
-        idx += a >= m
-    if not torch.equal(torch.tensor(E2M1_MAGNITUDES, device=v.device)[idx.long()], a.float()):
+    mags = _table("e2m1_magnitudes", E2M1_MAGNITUDES, torch.float32, v.device)
+    if v.dtype == torch.float32:
+        # the number of nonzero magnitudes <= a (bucketize with right=True counts the boundaries <= a)
+        idx = torch.bucketize(a, mags[1:], right=True).to(torch.uint8)
+    else:
+        idx = torch.zeros(a.shape, dtype=torch.uint8, device=v.device)
+        for m in E2M1_MAGNITUDES[1:]:
+            idx += a >= m
+    if not torch.equal(mags[idx.long()], a.float()):
         raise ValueError("e2m1_codes: input is not on the e2m1 grid")
     return idx | (torch.signbit(v).to(torch.uint8) << 3)
 
@@ -76,14 +135,19 @@ def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([b & 0xF, b >> 4], dim=-1).flatten(-2)
 
 
+# byte b -> (value of its low nibble, value of its high nibble)
+_E2M1_BYTE_PAIRS = tuple((E2M1_VALUES[b & 0xF], E2M1_VALUES[b >> 4]) for b in range(256))
+
+
 def fp4_codes_to_float(codes: torch.Tensor) -> torch.Tensor:
-    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
-    return table[codes.long()]
+    return _table("e2m1_values", E2M1_VALUES, torch.float32, codes.device)[codes.long()]
 
 
 def fp4_to_float(packed: torch.Tensor) -> torch.Tensor:
     """Decode packed FP4 (int8 / uint8 / float4_e2m1fn_x2 bytes [..., K/2]) to fp32 [..., K] (no scale)."""
-    return fp4_codes_to_float(unpack_fp4(packed))
+    # one lookup per byte: row b of the table is (value of the low nibble, value of the high nibble)
+    table = _table("e2m1_byte_pairs", _E2M1_BYTE_PAIRS, torch.float32, packed.device)
+    return table[packed.contiguous().view(torch.uint8).long()].flatten(-2)
 
 
 def e8m0_to_float(s: torch.Tensor) -> torch.Tensor:

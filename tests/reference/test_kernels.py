@@ -110,9 +110,27 @@ def test_act_quant_inplace_revisions_on_a_view():
 # ---- fp4_act_quant ----------------------------------------------------------------------------------------------
 
 E2M1_TABLE = [
-    (0.0, 0.0), (0.25, 0.0), (0.2500001, 0.5), (0.5, 0.5), (0.74, 0.5), (0.75, 1.0), (1.25, 1.0), (1.26, 1.5),
-    (1.75, 2.0), (2.5, 2.0), (2.51, 3.0), (3.5, 4.0), (5.0, 4.0), (5.01, 6.0), (6.0, 6.0), (7.0, 6.0),
-    (100.0, 6.0), (-0.25, -0.0), (-0.75, -1.0), (-2.5, -2.0), (-5.5, -6.0),
+    (0.0, 0.0),
+    (0.25, 0.0),
+    (0.2500001, 0.5),
+    (0.5, 0.5),
+    (0.74, 0.5),
+    (0.75, 1.0),
+    (1.25, 1.0),
+    (1.26, 1.5),
+    (1.75, 2.0),
+    (2.5, 2.0),
+    (2.51, 3.0),
+    (3.5, 4.0),
+    (5.0, 4.0),
+    (5.01, 6.0),
+    (6.0, 6.0),
+    (7.0, 6.0),
+    (100.0, 6.0),
+    (-0.25, -0.0),
+    (-0.75, -1.0),
+    (-2.5, -2.0),
+    (-5.5, -6.0),
 ]
 
 
@@ -371,3 +389,284 @@ def test_hc_split_sinkhorn_single_iteration_exact():
     c = (c / c.astype(np.float64).sum(-1, keepdims=True).astype(np.float32) + np.float32(1e-6)).astype(np.float32)
     c = (c / (c.astype(np.float64).sum(0, keepdims=True).astype(np.float32) + np.float32(1e-6))).astype(np.float32)
     assert np.array_equal(comb[0, 0].numpy(), c)
+
+
+# ---- the fast paths, each against an independent formulation ------------------------------------------------------
+
+
+def ref_pow2_ceil_bits(v: np.ndarray) -> np.ndarray:
+    """The official fast_log2_ceil + fast_pow2 on fp32 bits, for every bit pattern (numpy uint32 arithmetic)."""
+    u = v.astype(np.float32).view(np.uint32)
+    e = ((u >> 23) & 0xFF) + ((u & 0x7FFFFF) != 0)  # 256 for NaN: the result bits are 0x80000000 (-0.0)
+    return ((e << 23) & 0xFFFFFFFF).astype(np.uint32).view(np.float32)
+
+
+def _all_bf16() -> torch.Tensor:
+    return torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def test_pow2_ceil_every_bf16_pattern_and_specials():
+    from parity.formats import pow2_ceil
+
+    v = torch.cat([_all_bf16().float(), torch.randint(-(2**31), 2**31 - 1, (1 << 16,)).int().view(torch.float32)])
+    got = pow2_ceil(v).numpy()
+    assert np.array_equal(got.view(np.uint32), ref_pow2_ceil_bits(v.numpy()).view(np.uint32))
+    pos = v.numpy()[(v.numpy() > 2.0**-126) & np.isfinite(v.numpy())]
+    with np.errstate(over="ignore"):  # 2^128 is inf in fp32, for both
+        assert np.array_equal(pow2_ceil(torch.from_numpy(pos)).numpy(), ref_pow2_ceil(pos).astype(np.float32))
+
+
+def test_round_to_e2m1_every_bf16_pattern():
+    from parity.formats import round_to_e2m1
+
+    v = _all_bf16().float()
+    finite = v.isfinite()
+    got = round_to_e2m1(v)
+    assert np.array_equal(got[finite].numpy(), ref_e2m1(v[finite].numpy()).astype(np.float32))
+    assert np.array_equal(np.signbit(got.numpy()), np.signbit(v.numpy()))  # the sign is kept, also for 0 and NaN
+    assert (got[~finite].abs() == 6).all()  # inf and NaN saturate (the official where-chain puts NaN at 6)
+
+
+def test_fp4_to_float_every_byte():
+    b = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    expected = [(E2M1_VALUES[i & 0xF], E2M1_VALUES[i >> 4]) for i in range(256)]
+    for dtype in (torch.uint8, torch.int8, torch.float4_e2m1fn_x2):
+        got = fp4_to_float(b.view(dtype).view(16, 16)).view(256, 2)
+        assert got.tolist() == [list(p) for p in expected]
+
+
+@pytest.mark.parametrize(("floor", "max_inv", "block"), [(1e-4, 1 / 448, 128), (6 * 2.0**-126, 1 / 6, 32)])
+def test_group_scales_of_every_bf16_absmax(floor, max_inv, block):
+    """One group per bf16 magnitude (inf and every NaN too), as its absmax: the scales (fp32 and e8m0) and the
+    quantized values against the numpy formula (act_quant and fp4_act_quant look the scale up in a table)."""
+    mags = torch.arange(1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    x = torch.zeros(1 << 15, block, dtype=torch.bfloat16)
+    x[:, 0] = mags
+    x[:, 1] = -mags * 0.75  # smaller magnitude, other sign
+    x[1::2, 0] *= -1
+    amax = np.abs(mags.float().numpy())
+    with np.errstate(invalid="ignore"):
+        s_ref = ref_pow2_ceil_bits((np.maximum(amax, np.float32(floor)) * np.float32(max_inv)).astype(np.float32))
+    if block == 128:
+        y, s = kernels.act_quant(x, block, "ue8m0", torch.float32)
+        _, s8 = kernels.act_quant(x, block, "ue8m0", torch.float8_e8m0fnu)
+        finite = np.isfinite(amax) & (amax > 0)
+        xf = x.float().numpy()[finite]
+        q_ref = ref_e4m3(np.clip(xf / s_ref[finite, None], -448, 448))
+        assert np.array_equal(y.float().numpy()[finite], q_ref)
+    else:
+        _, s8 = kernels.fp4_act_quant(x, block)
+        s = None
+    if s is not None:
+        assert np.array_equal(s.numpy()[:, 0].view(np.uint32), s_ref.view(np.uint32))
+    # e8m0 holds the exponent field of the power-of-two scale (0 for the -0.0 of a NaN group, 255 for inf)
+    assert np.array_equal(s8.view(torch.uint8).numpy()[:, 0], (s_ref.view(np.uint32) >> 23).astype(np.uint8))
+
+
+def test_act_quant_strided_inputs_match_contiguous():
+    x = _bf16(6, 256, scale=3.0, seed=9)
+    for view in (x.t().contiguous().t(), x[:, :128], torch.stack([x, x], -1)[..., 0]):
+        y, s = kernels.act_quant(view, 64, "ue8m0", torch.float8_e8m0fnu)
+        y2, s2 = kernels.act_quant(view.contiguous(), 64, "ue8m0", torch.float8_e8m0fnu)
+        assert torch.equal(y.view(torch.uint8), y2.view(torch.uint8)) and torch.equal(
+            s.view(torch.uint8), s2.view(torch.uint8)
+        )
+
+
+# -- GEMMs: fp32 (not power-of-two) scales, chunking, odd shapes, and the weight memo following in-place writes --
+
+
+def _gemm_ref(kind, a, a_s, w, w_s):
+    sa = a_s.float().numpy().reshape(a.shape[0], -1)
+    n = w.shape[0]
+    if kind == "fp8":
+        sb_rows = np.repeat(w_s.float().numpy(), 128, axis=0)[:n]
+        return ref_blocked_gemm(
+            a.float().numpy(), sa, w.float().numpy(), lambda p, kb: p * (sa[:, kb, None] * sb_rows[None, :, kb]), 128
+        )
+    sb = w_s.float().numpy()
+    wv = fp4_to_float(w.view(torch.uint8)).numpy()
+    return ref_blocked_gemm(
+        a.float().numpy(), sa, wv, lambda p, kb: (p * sa[:, kb // 4, None]).astype(np.float32) * sb[None, :, kb], 32
+    )
+
+
+def _gemm(kind, a, a_s, w, w_s):
+    return (kernels.fp8_gemm if kind == "fp8" else kernels.fp4_gemm)(a, a_s, w, w_s)
+
+
+def _weights(kind, n, k, seed):
+    from parity.formats import quantize_fp4_groups, quantize_fp8_blocks
+
+    g = torch.Generator().manual_seed(seed)
+    if kind == "fp8":
+        return quantize_fp8_blocks(torch.randn(n, k, generator=g) * k**-0.5)
+    w, s = quantize_fp4_groups(torch.randn(n, k, generator=g) * k**-0.5)
+    return w.view(torch.float4_e2m1fn_x2), s
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp4"])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 1, 128), (2, 100, 256), (7, 200, 384), (129, 130, 256)])
+def test_gemm_fp32_scales_against_blocked_formula(kind, m, n, k):
+    # scale_fmt None: activation scales are amax / 448, not powers of two; fp32 weight scales too (fp8)
+    a, a_s = kernels.act_quant(_bf16(m, k, scale=5.0, seed=m + n), 128, None, torch.float32)
+    w, w_s = _weights(kind, n, k, seed=k)
+    if kind == "fp8":
+        w_s = torch.rand(w_s.shape, generator=torch.Generator().manual_seed(n)) + 0.3
+    c = _gemm(kind, a, a_s, w, w_s)
+    assert torch.equal(c, torch.from_numpy(_gemm_ref(kind, a, a_s, w, w_s)).to(torch.bfloat16).to(c.dtype))
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp4"])
+def test_gemm_chunked_blocks_keep_the_order(kind, monkeypatch):
+    a, a_s = kernels.act_quant(_bf16(9, 512, seed=4), 128, "ue8m0", torch.float8_e8m0fnu)
+    w, w_s = _weights(kind, 70, 512, seed=5)
+    whole = _gemm(kind, a, a_s, w, w_s)
+    monkeypatch.setattr(kernels, "_GEMM_CHUNK_ELEMS", 9 * 70 * 3)  # 3 K-blocks per bmm
+    assert torch.equal(_gemm(kind, a, a_s, w, w_s), whole)
+    assert torch.equal(whole, torch.from_numpy(_gemm_ref(kind, a, a_s, w, w_s)).to(torch.bfloat16).to(whole.dtype))
+
+
+@pytest.mark.parametrize("kind", ["fp8", "fp4"])
+def test_gemm_weight_memo_follows_in_place_writes(kind):
+    a, a_s = kernels.act_quant(_bf16(3, 256, seed=6), 128, "ue8m0", torch.float8_e8m0fnu)
+    w, w_s = _weights(kind, 64, 256, seed=7)
+
+    def check():
+        c = _gemm(kind, a, a_s, w, w_s)
+        assert torch.equal(c, torch.from_numpy(_gemm_ref(kind, a, a_s, w, w_s)).to(torch.bfloat16).to(c.dtype))
+
+    check()
+    w.view(torch.uint8)[3, :8] = 0x33  # through a view: the version counter is shared
+    check()
+    w_s.view(torch.uint8)[0, 0] += 1
+    check()
+    with torch.no_grad():
+        w.copy_(_weights(kind, 64, 256, seed=8)[0])
+    check()
+    with torch.inference_mode():  # inference-mode weights have no version counter: never memoized, still right
+        w, w_s = _weights(kind, 64, 256, seed=9)
+        check()
+
+
+def test_weight_memo_is_bounded_and_drops_dead_weights(monkeypatch):
+    entry = 128 * 256 * 8 + 2 * 128 * 4  # one [128, 256] fp8 weight as float64 blocks, plus its scales
+    cache = kernels._DerivedCache(4 * entry)  # an entry may take a quarter: room for four
+    monkeypatch.setattr(kernels, "_WEIGHTS", cache)
+    a, a_s = kernels.act_quant(_bf16(2, 256, seed=1), 128, "ue8m0", torch.float8_e8m0fnu)
+    weights = [_weights("fp8", 128, 256, seed=i) for i in range(6)]
+    for w, w_s in weights:
+        c = kernels.fp8_gemm(a, a_s, w, w_s)
+        assert torch.equal(c, torch.from_numpy(_gemm_ref("fp8", a, a_s, w, w_s)).to(torch.bfloat16).to(c.dtype))
+        assert cache.nbytes <= cache.max_bytes
+    assert len(cache._entries) == 4
+    del weights, w, w_s
+    assert len(cache._entries) == 0 and cache.nbytes == 0
+
+
+# -- Sinkhorn: an fp32 emulation with explicit rounding points (float64 sums are exact for these inputs) --
+
+
+def sinkhorn_fp32_emulation(mixes, scale, base, hc, iters, eps):
+    f32, f64 = np.float32, np.float64
+    m = mixes.numpy().astype(f64).reshape(-1, (2 + hc) * hc)
+    sc, bs = scale.numpy().astype(f64), base.numpy().astype(f64)
+    e = f32(eps)
+
+    def exp32(v):  # exp in float64 (torch's, the kernels' function), rounded to fp32
+        return torch.exp(torch.from_numpy(v.astype(f64))).numpy().astype(f32)
+
+    def sig(v):
+        return (f32(1) / (exp32(-v) + f32(1))).astype(f32)
+
+    pre = sig((m[:, :hc] * sc[0] + bs[:hc]).astype(f32)) + e
+    post = f32(2) * sig((m[:, hc : 2 * hc] * sc[1] + bs[hc : 2 * hc]).astype(f32))
+    c = (m[:, 2 * hc :] * sc[2] + bs[2 * hc :]).astype(f32).reshape(-1, hc, hc)
+    c = exp32(c - c.max(-1, keepdims=True))
+    c = c / c.sum(-1, keepdims=True, dtype=f64).astype(f32) + e
+    c = c / (c.sum(-2, keepdims=True, dtype=f64).astype(f32) + e)
+    for _ in range(iters - 1):
+        c = c / (c.sum(-1, keepdims=True, dtype=f64).astype(f32) + e)
+        c = c / (c.sum(-2, keepdims=True, dtype=f64).astype(f32) + e)
+    return pre, post, c
+
+
+@pytest.mark.parametrize(("b", "s"), [(1, 1), (2, 3), (1, 37)])
+@pytest.mark.parametrize("iters", [1, 3, 20])
+def test_hc_split_sinkhorn_against_fp32_emulation(b, s, iters):
+    g = torch.Generator().manual_seed(b * s + iters)
+    for _ in range(5):
+        mixes = torch.randn(b, s, 24, generator=g) * 2
+        scale, base = torch.rand(3, generator=g) + 0.5, torch.randn(24, generator=g)
+        got = kernels.hc_split_sinkhorn(mixes, scale, base, 4, iters, 1e-6)
+        for x, ref in zip(got, sinkhorn_fp32_emulation(mixes, scale, base, 4, iters, 1e-6)):
+            assert np.array_equal(x.numpy().reshape(ref.shape), ref)
+
+
+def test_hc_split_sinkhorn_python_floats_match_torch_code(monkeypatch):
+    """Small batches run on Python floats behind an exactness certificate; the torch code is the definition."""
+    g = torch.Generator().manual_seed(0)
+    cases = [(torch.randn(1, 2, 24, generator=g) * sd, 20) for sd in (0.5, 3, 12, 40)]
+    cases += [(torch.zeros(1, 1, 24), 20), (torch.randn(1, 1, 24, generator=g), 1)]
+    cases += [(torch.tensor([0.0, 1, float("inf"), 2] * 6)[None, None], 20)]
+    cases += [(torch.tensor([0.0, -16.635532, -36.7368, -36.7368] * 6)[None, None], 20)]  # order-sensitive sums
+    scale, base = torch.rand(3, generator=g) + 0.5, torch.zeros(24)
+    fast = [kernels.hc_split_sinkhorn(mx, scale, base, 4, it, 1e-6) for mx, it in cases]
+    monkeypatch.setattr(kernels, "_SINKHORN_PY_MAX", -1)
+    for (mx, it), got in zip(cases, fast):
+        for x, y in zip(got, kernels.hc_split_sinkhorn(mx, scale, base, 4, it, 1e-6)):
+            assert x.shape == y.shape and x.stride() == y.stride()
+            assert torch.equal(x.view(torch.int32), y.view(torch.int32))
+
+
+# -- sparse attention: a per-block float64 loop written from the spec, on inputs whose float64 sums are exact --
+
+
+def sparse_attn_blocks_f64(q, kv, sink, idx, scale):
+    """Per query: 64-slot blocks, running max, exp in float64 rounded to fp32, bf16 P, fp32 denominator
+    fl32(l * alpha + sum p), fp32 accumulator fl32(fl32(acc * alpha) + P.V), sink last; every rounding explicit."""
+    f32, f64 = np.float32, np.float64
+
+    def exp32(v):
+        return torch.exp(torch.from_numpy(np.asarray(v, dtype=f64))).numpy().astype(f32)
+
+    b, m, h, d = q.shape
+    out = np.zeros((b, m, h, d), dtype=f32)
+    for bi, mi in itertools.product(range(b), range(m)):
+        qq = q[bi, mi].double().numpy()
+        row_max, denom, acc = np.full(h, -np.inf, f32), np.zeros(h, f32), np.zeros((h, d), f32)
+        slots = idx[bi, mi].tolist()
+        for t0 in range(0, len(slots), 64):
+            blk = slots[t0 : t0 + 64]
+            valid = np.array([i >= 0 for i in blk])
+            kv_blk = np.where(valid[:, None], kv[bi, [max(i, 0) for i in blk]].double().numpy(), 0.0)
+            s = (qq @ kv_blk.T).astype(f32)
+            with np.errstate(invalid="ignore"):
+                s = np.where(valid[None, :], s, f32(-np.inf)) * f32(scale)
+                new_max = np.maximum(row_max, s.max(-1))
+                alpha = exp32(row_max - new_max)
+                p = exp32(s - new_max[:, None])
+            denom = (denom.astype(f64) * alpha + p.astype(f64).sum(-1).astype(f32)).astype(f32)
+            pv = torch.from_numpy(p).to(torch.bfloat16).double().numpy() @ kv_blk
+            acc = ((acc * alpha[:, None]).astype(f64) + pv).astype(f32)
+            row_max = new_max
+        denom = denom + exp32(sink.numpy() - row_max)
+        out[bi, mi] = acc / denom[:, None]
+    return torch.from_numpy(out).to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("k", [1, 37, 63, 64, 65, 130, 200])
+@pytest.mark.parametrize("m", [1, 3])
+def test_sparse_attn_blocks_exact(m, k):
+    g = torch.Generator().manual_seed(m * 1000 + k)
+    n, h, d = 220, 4, 64
+    # small integers / 8: q.k and P.V sums in float64 are exact, so the formula above is order-free
+    q = (torch.randint(-4, 5, (1, m, h, d), generator=g) / 8).to(torch.bfloat16)
+    kv = (torch.randint(-4, 5, (1, n, d), generator=g) / 8).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(m)])[None].int()
+    idx[..., 1::5] = -1
+    if k > 128:
+        idx[..., 64:128] = -1  # a whole block of holes after the first
+    sink = torch.randn(h, generator=g)
+    got = kernels.sparse_attn(q, kv, sink, idx, 0.3)
+    assert torch.equal(got, sparse_attn_blocks_f64(q, kv, sink, idx, 0.3))
