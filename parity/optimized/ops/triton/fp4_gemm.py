@@ -1,0 +1,176 @@
+"""Triton FP8-activation x FP4-weight GEMM: C[M, N] = A[M, K] . B[N, K]^T, bf16 out.
+
+Reference: parity.reference.kernels.fp4_gemm (the official TileLang `fp4_gemm`, spec §3.5).
+
+Block structure (spec §3.5): 32-wide K blocks in ascending order; the packed e2m1 weights (two per byte, low nibble
+first, spec §2.2) are decoded in registers straight to the e4m3 bytes of the same values (exact), P_k = A_k . B_k^T
+on FP8 tensor cores (fp32, from zero per block), C_acc += (P_k * sa[m, k/4]) * sb[n, k] with the activation's
+per-128 scale and the weight's per-32 scale; bf16 (round to nearest even) at the end. K > 8 blocks: the fp32 sum is
+grouped in K-only chunks (`_gemm_common`), which keeps split-K batch-invariant.
+
+Layout as in `fp8_gemm`: weight rows on the MMA's M side (BLOCK_W), tokens on its N side (BLOCK_T), split K over
+chunks for small-M launches that would leave SMs idle.
+
+Numerics vs the twin: each 32-wide block product is one FP8 MMA (GPU) or an fp32 sum (interpreter) instead of the
+twin's exact sum; the scaling and accumulation are the twin's. Within the FP8 block-product allowance plus one bf16
+ulp of the float64 math beyond the twin's own error. Unverified without a GPU: the MMA bits, batch invariance
+across autotuned tile widths, the performance.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import _gemm_common as common
+from parity.optimized.ops.triton import runtime
+
+BLOCK_K = 32  # the FP4 weight scale block along K (one MMA K step)
+
+
+@triton.jit
+def _fp4_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr,
+    M, N, K, N_KB, M_BUCKET,
+    stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+    A_E8M0: tl.constexpr, B_E8M0: tl.constexpr,
+    CHUNK_KB: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    pid_w = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # output features n
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # tokens m
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_w = offs_w < N
+    mask_t = offs_t < M
+    if SPLIT:
+        kb_begin = tl.program_id(2) * CHUNK_KB
+        kb_end = tl.minimum(kb_begin + CHUNK_KB, N_KB)
+    else:
+        kb_begin = 0
+        kb_end = N_KB
+    # element k of a weight row lives in byte k // 2, low nibble for even k (spec §2.2)
+    k0 = kb_begin * BLOCK_K
+    b_ptrs = b_ptr + offs_w[:, None] * stride_bn + ((k0 + offs_k) // 2)[None, :]  # [BLOCK_W, 32] bytes
+    shift = ((offs_k % 2) * 4)[None, :]
+    a_ptrs = a_ptr + offs_t[None, :] * stride_am + (k0 + offs_k)[:, None]  # [32, BLOCK_T], K-major
+    as_row = as_ptr + offs_t * stride_asm
+    bs_ptrs = bs_ptr + offs_w * stride_bsn + kb_begin
+    total = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    for kb in range(kb_begin, kb_end):
+        code = (tl.load(b_ptrs, mask=mask_w[:, None], other=0).to(tl.int32) >> shift) & 0xF
+        # e2m1 code -> the e4m3 byte of the same value (inline: the interpreter pays per nested jit call):
+        # magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 are 0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C; bit 3 is the sign
+        mag = code & 7
+        w = (tl.where(mag < 2, mag * 0x30, (mag << 2) + 0x30) | ((code & 8) << 4)).to(tl.uint8)
+        w = w.to(tl.float8e4nv, bitcast=True)
+        a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
+        sa = tl.load(as_row + kb // 4, mask=mask_t)  # the activation's 128-group holding this 32-block
+        sb = tl.load(bs_ptrs, mask=mask_w)
+        if A_E8M0:
+            sa = sa.to(tl.int32)
+            sa = tl.where(sa == 0, 0x00400000, tl.where(sa == 255, 0x7FC00000, sa << 23))
+            sa = sa.to(tl.float32, bitcast=True)
+        if B_E8M0:
+            sb = sb.to(tl.int32)
+            sb = tl.where(sb == 0, 0x00400000, tl.where(sb == 255, 0x7FC00000, sb << 23))
+            sb = sb.to(tl.float32, bitcast=True)
+        if DOT_F32:  # interpreter: numpy's fp8 (via fp16) matmul has no BLAS path; fp32 holds the same values
+            p = tl.dot(w.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        else:
+            p = tl.dot(w, a)
+        # [BLOCK_W, BLOCK_T] fp32, from zero for this 32-block
+        if CHUNK_KB == 1:
+            total += (p * sa[None, :]) * sb[:, None]
+        else:
+            part += (p * sa[None, :]) * sb[:, None]
+            if ((kb + 1) % CHUNK_KB == 0) | (kb + 1 == kb_end):
+                total += part
+                part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+        b_ptrs += BLOCK_K // 2
+        a_ptrs += BLOCK_K
+        bs_ptrs += 1
+    if SPLIT:
+        ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * N
+        tl.store(ws + offs_t[None, :] * N + offs_w[:, None], total, mask=mask_w[:, None] & mask_t[None, :])
+    else:
+        c_ptrs = c_ptr + offs_t[None, :] * stride_cm + offs_w[:, None]
+        tl.store(c_ptrs, total.to(tl.bfloat16), mask=mask_w[:, None] & mask_t[None, :])
+
+
+def _configs(small_m: bool):
+    if runtime.interpreting():
+        return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 256}, num_warps=4)]
+    tiles = [(64, 16), (128, 16), (64, 32), (128, 32), (128, 64)] if small_m else [(128, 64), (128, 128), (128, 256)]
+    return [
+        triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st)
+        for w, t in tiles
+        for nw in ((4,) if w == 64 or t <= 64 else (4, 8))
+        for st in ((4, 6) if small_m else (3, 4))
+    ]
+
+
+_KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "SPLIT"]
+_small = triton.autotune(configs=_configs(True), key=_KEY)(_fp4_gemm_kernel)
+_large = triton.autotune(configs=_configs(False), key=_KEY)(_fp4_gemm_kernel)
+
+SMALL_M = 64
+
+
+def fp4_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    b_s: torch.Tensor,
+    scale_dtype: torch.dtype = torch.float32,
+    *,
+    _split: bool | None = None,
+) -> torch.Tensor:
+    """C = A_fp8 . B_fp4^T (the official `fp4_gemm` contract): 32-wide K blocks, C += (P * sa) * sb.
+
+    Args:
+        a (torch.Tensor): e4m3 `[..., K]`; a_s: `[..., K/128]` activation scales (e8m0 or fp32).
+        b (torch.Tensor): `float4_e2m1fn_x2` (or int8/uint8 bytes) `[N, K/2]`, low nibble first; b_s: `[N, K/32]`
+            e8m0 (or fp32) weight scales.
+        _split (bool, Optional): tests only: force (True) or forbid (False) the split-K launch.
+
+    Returns:
+        `[..., N]` in torch's default dtype (bf16 values).
+    """
+    assert a.is_contiguous() and b.is_contiguous(), "Input tensors must be contiguous"
+    assert a_s.is_contiguous() and b_s.is_contiguous(), "Scaling factor tensors must be contiguous"
+    assert a.dtype == torch.float8_e4m3fn, a.dtype
+    k = a.size(-1)
+    m = a.numel() // k
+    n = b.size(0)
+    assert k % 128 == 0 and b.size(1) * 2 == k, f"fp4_gemm: K = {k}, packed weight {tuple(b.shape)}"
+    n_kb = k // BLOCK_K
+    a2, as2 = a.view(m, k), a_s.view(m, -1)
+    assert as2.shape == (m, k // 128) and b_s.shape == (n, n_kb), (tuple(a_s.shape), tuple(b_s.shape))
+    out = common.empty(m, n, dtype=torch.bfloat16, device=a.device)
+    if m and n:
+        asc, a_e8m0 = common.scale_arg(as2)
+        bsc, b_e8m0 = common.scale_arg(b_s)
+        bytes_ = b.view(torch.uint8)
+        chunk, chunks = common.chunk_blocks(n_kb), common.n_chunks(n_kb)
+        small = m <= SMALL_M
+        split = _split
+        if split is None:
+            split = small and triton.cdiv(n, 128) * triton.cdiv(m, 16) < common.sm_count(a.device)
+        split = split and chunks > 1
+        ws = common.empty(chunks, m, n, dtype=torch.float32, device=a.device) if split else out  # out: unused
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
+
+        with torch.device(a.device):
+            (_small if small else _large)[grid](
+                a2, asc, bytes_, bsc, out, ws,
+                m, n, k, n_kb, common.bucket(m),
+                a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
+                A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNK_KB=chunk, SPLIT=split, DOT_F32=runtime.interpreting(),
+            )  # fmt: skip
+            if split:
+                common.reduce_chunks(ws, out)
+    return out.view(*a.shape[:-1], n).to(torch.get_default_dtype())
