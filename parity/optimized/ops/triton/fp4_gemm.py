@@ -3,7 +3,8 @@
 Reference: parity.reference.kernels.fp4_gemm (the official TileLang `fp4_gemm`, spec §3.5).
 
 Block structure (spec §3.5): 32-wide K blocks in ascending order; the packed e2m1 weights (two per byte, low nibble
-first, spec §2.2) are decoded in registers straight to the e4m3 bytes of the same values (exact), P_k = A_k . B_k^T
+first, spec §2.2) are decoded in registers to e4m3 bytes holding fp4 * 2^-6 (exact; four ALU ops per weight, the
+2^6 folded into the power-of-two weight scale), P_k = A_k . B_k^T
 on FP8 tensor cores (fp32, from zero per block), C_acc += (P_k * sa[m, k/4]) * sb[n, k] with the activation's
 per-128 scale and the weight's per-32 scale; bf16 (round to nearest even) at the end. K > 8 blocks: the fp32 sum is
 grouped in K-only chunks (`_gemm_common`), which keeps split-K batch-invariant.
@@ -33,7 +34,7 @@ def _fp4_gemm_kernel(
     M, N, K, N_KB, M_BUCKET,
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     A_E8M0: tl.constexpr, B_E8M0: tl.constexpr,
-    CHUNK_KB: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    CHUNK_KB: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid_w = tl.program_id(0)
@@ -59,12 +60,10 @@ def _fp4_gemm_kernel(
     total = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
     part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
     for kb in range(kb_begin, kb_end):
-        code = (tl.load(b_ptrs, mask=mask_w[:, None], other=0).to(tl.int32) >> shift) & 0xF
-        # e2m1 code -> the e4m3 byte of the same value (inline: the interpreter pays per nested jit call):
-        # magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 are 0x00, 0x30, 0x38, 0x3C, 0x40, 0x44, 0x48, 0x4C; bit 3 is the sign
-        mag = code & 7
-        w = (tl.where(mag < 2, mag * 0x30, (mag << 2) + 0x30) | ((code & 8) << 4)).to(tl.uint8)
-        w = w.to(tl.float8e4nv, bitcast=True)
+        # e2m1 nibble s.e1e0.m -> bits 7 and 4..2 of an e4m3 byte: the value fp4 * 2^-6, exact for every code (the
+        # subnormal 0.5 included); the 2^6 goes into the weight scale below (inline: the interpreter pays per call)
+        code = tl.load(b_ptrs, mask=mask_w[:, None], other=0) >> shift
+        w = (((code << 2) & 0x1C) | ((code << 4) & 0x80)).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
         a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
         sa = tl.load(as_row + kb // 4, mask=mask_t)  # the activation's 128-group holding this 32-block
         sb = tl.load(bs_ptrs, mask=mask_w)
@@ -76,8 +75,9 @@ def _fp4_gemm_kernel(
             sb = sb.to(tl.int32)
             sb = tl.where(sb == 0, 0x00400000, tl.where(sb == 255, 0x7FC00000, sb << 23))
             sb = sb.to(tl.float32, bitcast=True)
-        if DOT_F32:  # interpreter: numpy's fp8 (via fp16) matmul has no BLAS path; fp32 holds the same values
-            p = tl.dot(w.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        sb = sb * 64.0  # the decoding's 2^-6 undone: a power of two, so (P * sa) * sb rounds exactly as the twin's
+        if DOT_F64:  # interpreter: an exact block product (see the module docstring), and BLAS-fast
+            p = tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
         else:
             p = tl.dot(w, a)
         # [BLOCK_W, BLOCK_T] fp32, from zero for this 32-block
@@ -169,7 +169,7 @@ def fp4_gemm(
                 a2, asc, bytes_, bsc, out, ws,
                 m, n, k, n_kb, common.bucket(m),
                 a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
-                A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNK_KB=chunk, SPLIT=split, DOT_F32=runtime.interpreting(),
+                A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNK_KB=chunk, SPLIT=split, DOT_F64=runtime.interpreting(),
             )  # fmt: skip
             if split:
                 common.reduce_chunks(ws, out)

@@ -39,7 +39,7 @@ def _fp8_gemm_kernel(
     M, N, K, N_KB, M_BUCKET,
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     A_E8M0: tl.constexpr, B_E8M0: tl.constexpr, FUSE_QUANT: tl.constexpr,
-    CHUNK_KB: tl.constexpr, SPLIT: tl.constexpr, DOT_F32: tl.constexpr,
+    CHUNK_KB: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     # M_BUCKET only keys the autotuner (size class of M)
@@ -80,8 +80,8 @@ def _fp8_gemm_kernel(
             sb = sb.to(tl.int32)
             sb = tl.where(sb == 0, 0x00400000, tl.where(sb == 255, 0x7FC00000, sb << 23))
             sb = sb.to(tl.float32, bitcast=True)
-        if DOT_F32:  # interpreter: numpy's fp8 (via fp16) matmul has no BLAS path; fp32 holds the same values
-            p = tl.dot(w.to(tl.float32), a.to(tl.float32), input_precision="ieee")
+        if DOT_F64:  # interpreter: an exact block product (see the module docstring), and BLAS-fast
+            p = tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
         else:
             p = tl.dot(w, a)
         # [BLOCK_W, BLOCK_T] fp32, from zero for this K block
@@ -161,7 +161,7 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
             m, n, k, n_kb, common.bucket(m),
             a.stride(0), stride_asm, b.stride(0), bs.stride(0), out.stride(0),
             A_E8M0=a_e8m0, B_E8M0=b_e8m0, FUSE_QUANT=fuse_quant,
-            CHUNK_KB=chunk, SPLIT=split, DOT_F32=runtime.interpreting(),
+            CHUNK_KB=chunk, SPLIT=split, DOT_F64=runtime.interpreting(),
         )  # fmt: skip
         if split:
             common.reduce_chunks(ws, out)
