@@ -143,11 +143,12 @@ def _reduce_chunks_kernel(ws_ptr, c_ptr, numel, N_CHUNKS: tl.constexpr, BLOCK: t
     total = tl.load(ws_ptr + offs, mask=mask, other=0.0)
     for c in tl.static_range(1, N_CHUNKS):
         total += tl.load(ws_ptr + c * numel + offs, mask=mask, other=0.0)
-    tl.store(c_ptr + offs, total.to(tl.bfloat16), mask=mask)
+    tl.store(c_ptr + offs, total.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 def reduce_chunks(ws: torch.Tensor, out: torch.Tensor) -> None:
-    """ws: fp32 [n_chunks, *out.shape] chunk sums -> out (bf16, contiguous), summed in ascending chunk order."""
+    """ws: fp32 [n_chunks, *out.shape] chunk sums -> out (contiguous; bf16 rounded to nearest even, or fp32),
+    summed in ascending chunk order."""
     numel = out.numel()
     block = 4096 if runtime.interpreting() else 1024
     _reduce_chunks_kernel[(triton.cdiv(numel, block),)](ws, out, numel, N_CHUNKS=ws.shape[0], BLOCK=block)

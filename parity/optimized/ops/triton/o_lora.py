@@ -79,7 +79,7 @@ def _o_lora_kernel(
     o_ptr, w_ptr, s_ptr, out_ptr,
     T, R, KG, M_BUCKET,
     stride_ot, stride_wr, stride_sr, stride_outt,
-    W_FP8: tl.constexpr, EVEN_K: tl.constexpr,
+    W_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_F64: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid: (rank tiles, token tiles, groups); M_BUCKET only keys the autotuner
@@ -109,7 +109,13 @@ def _o_lora_kernel(
             e = tl.load(s_rows + k0 // 128, mask=mask_r, other=127).to(tl.int32)
             s = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23)).to(tl.float32, bitcast=True)
             w = (w.to(tl.float32) * s[:, None]).to(tl.bfloat16)
-        acc = tl.dot(w, o, acc)  # bf16 x bf16, fp32 accumulation chained over K
+        if DOT_F64:
+            # interpreter: numpy's fp32 GEMM sums a column in an order that depends on its position in the tile,
+            # which would make a token's bits depend on its batchmates; a float64 dot of the exact bf16 products,
+            # rounded once per K block, does not
+            acc += tl.dot(w.to(tl.float64), o.to(tl.float64), input_precision="ieee").to(tl.float32)
+        else:
+            acc = tl.dot(w, o, acc)  # bf16 x bf16, fp32 accumulation chained over K
         w_ptrs += BLOCK_K
         o_ptrs += BLOCK_K
     out_ptrs = out_ptr + offs_t[None, :] * stride_outt + (g * R + offs_r)[:, None]
@@ -154,6 +160,6 @@ def o_lora(o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, segmen
             o, w, s, out,
             t, rank, kg, common.bucket(t),
             o.stride(0), w.stride(0), s.stride(0), out.stride(0),
-            W_FP8=fp8 is not None, EVEN_K=kg % 128 == 0,
+            W_FP8=fp8 is not None, EVEN_K=kg % 128 == 0, DOT_F64=runtime.interpreting(),
         )  # fmt: skip
     return out
