@@ -17,6 +17,7 @@ chunk is one block and the order is exactly the official one; otherwise the fp32
 differently (an fp32-rounding-level difference, far below the bf16 output step).
 """
 
+import contextlib
 import functools
 
 import torch
@@ -73,6 +74,21 @@ def sm_count(device: torch.device) -> int:
     if device.type != "cuda" or runtime.interpreting():
         return 1
     return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def on_device(t: torch.Tensor):
+    """Launch context for kernels on `t`'s device: Triton launches on torch's current CUDA device."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _quick_bench(kernel_call, quantiles):
+    # autotuning picks among a handful of configs: short timing runs keep first calls (and the benchmark) fast
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotune(configs, key):
+    """`triton.autotune` with short timing runs (one config when interpreting: nothing is timed there)."""
+    return triton.autotune(configs=configs, key=key, do_bench=_quick_bench)
 
 
 def bucket(m: int) -> int:
@@ -134,7 +150,7 @@ def quant_e4m3(x, AXIS: tl.constexpr):
 # ---- ordered reduction of split-K chunk partials ------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel"])
 def _reduce_chunks_kernel(ws_ptr, c_ptr, numel, N_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
     # out = bf16(((ws[0] + ws[1]) + ws[2]) + ...): the same fp32 additions, in the same order, as one program that
     # accumulates the chunks in registers

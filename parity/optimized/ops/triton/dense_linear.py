@@ -27,12 +27,12 @@ from parity.optimized.ops.triton import _gemm_common as common
 from parity.optimized.ops.triton import runtime
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _linear_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr,
-    M, N, K, M_BUCKET,
+    M, N, K, CHUNK_K, M_BUCKET,
     stride_xm, stride_wn, stride_ym,
-    CHUNK_K: tl.constexpr, SPLIT: tl.constexpr, IEEE: tl.constexpr, DOT_F64: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, DOT_F64: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_w = tl.program_id(0)
@@ -81,22 +81,21 @@ def _linear_kernel(
 def _configs(small_m: bool):
     if runtime.interpreting():
         return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 128, "BLOCK_K": 128}, num_warps=4)]
+    # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages); fp32 ieee dots run on the FMA units, bf16 on wgmma
     if small_m:
-        tiles = [(64, 16, 64), (64, 16, 128), (128, 16, 64), (64, 32, 64), (64, 64, 64)]
+        shapes = [(64, 16, 64, 4, 3), (64, 32, 32, 4, 3)]
     else:
-        tiles = [(64, 64, 64), (128, 64, 32), (128, 128, 32), (128, 64, 64)]
+        shapes = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]
     return [
         triton.Config({"BLOCK_W": w, "BLOCK_T": t, "BLOCK_K": k}, num_warps=nw, num_stages=st)
-        for w, t, k in tiles
-        for nw in (4, 8)
-        for st in (3, 4)
+        for w, t, k, nw, st in shapes
     ]
 
 
 # K-chunk boundaries must not depend on the tuned BLOCK_K: chunks are multiples of 128, BLOCK_K divides 128
 _KEY = ["N", "K", "M_BUCKET", "SPLIT", "IEEE"]
-_small = triton.autotune(configs=_configs(True), key=_KEY)(_linear_kernel)
-_large = triton.autotune(configs=_configs(False), key=_KEY)(_linear_kernel)
+_small = common.autotune(_configs(True), _KEY)(_linear_kernel)
+_large = common.autotune(_configs(False), _KEY)(_linear_kernel)
 SMALL_M = 64
 
 
@@ -130,12 +129,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
 
-    with torch.device(x.device):
+    with common.on_device(x):
         (_small if small else _large)[grid](
             x, weight, out, ws,
-            m, n, k, common.bucket(m),
+            m, n, k, ck, common.bucket(m),
             x.stride(0), weight.stride(0), out.stride(0),
-            CHUNK_K=ck, SPLIT=split, IEEE=ieee, DOT_F64=runtime.interpreting(),
+            SPLIT=split, IEEE=ieee, DOT_F64=runtime.interpreting(),
         )  # fmt: skip
         if split:
             common.reduce_chunks(ws, out)

@@ -12,10 +12,11 @@ grouped in K-only chunks (`_gemm_common`), which keeps split-K batch-invariant.
 Layout as in `fp8_gemm`: weight rows on the MMA's M side (BLOCK_W), tokens on its N side (BLOCK_T), split K over
 chunks for small-M launches that would leave SMs idle.
 
-Numerics vs the twin: each 32-wide block product is one FP8 MMA (GPU) or an fp32 sum (interpreter) instead of the
-twin's exact sum; the scaling and accumulation are the twin's. Within the FP8 block-product allowance plus one bf16
-ulp of the float64 math beyond the twin's own error. Unverified without a GPU: the MMA bits, batch invariance
-across autotuned tile widths, the performance.
+Numerics vs the twin: each 32-wide block product is one FP8 MMA on the GPU (an exact float64 dot rounded once to
+fp32 in the interpreter, as in fp8_gemm) instead of the twin's exact sum; the scaling and accumulation are the
+twin's. Within the FP8 block-product allowance plus one bf16 ulp of the float64 math beyond the twin's own error.
+Unverified without a GPU: the MMA bits, batch invariance across autotuned tile widths, the performance (compiled
+for sm_90 on CPU: `python bench/triton_gemm.py --compile-check`).
 """
 
 import torch
@@ -25,16 +26,17 @@ import triton.language as tl
 from parity.optimized.ops.triton import _gemm_common as common
 from parity.optimized.ops.triton import runtime
 
-BLOCK_K = 32  # the FP4 weight scale block along K (one MMA K step)
+# the FP4 weight scale block along K (one MMA K step); a constexpr: a plain global int is invisible to compiled kernels
+BLOCK_K = tl.constexpr(32)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one compile for every token count
 def _fp4_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr,
-    M, N, K, N_KB, M_BUCKET,
+    M, N, K, N_KB, CHUNK_KB, M_BUCKET,
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     A_E8M0: tl.constexpr, B_E8M0: tl.constexpr,
-    CHUNK_KB: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr,
+    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid_w = tl.program_id(0)
@@ -50,10 +52,10 @@ def _fp4_gemm_kernel(
     else:
         kb_begin = 0
         kb_end = N_KB
-    # element k of a weight row lives in byte k // 2, low nibble for even k (spec §2.2)
+    # the 32 weights of a K block are 16 contiguous bytes of the row (one 16-byte load), element 2b in the low
+    # nibble of byte b (spec §2.2)
     k0 = kb_begin * BLOCK_K
-    b_ptrs = b_ptr + offs_w[:, None] * stride_bn + ((k0 + offs_k) // 2)[None, :]  # [BLOCK_W, 32] bytes
-    shift = ((offs_k % 2) * 4)[None, :]
+    b_ptrs = b_ptr + offs_w[:, None] * stride_bn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
     a_ptrs = a_ptr + offs_t[None, :] * stride_am + (k0 + offs_k)[:, None]  # [32, BLOCK_T], K-major
     as_row = as_ptr + offs_t * stride_asm
     bs_ptrs = bs_ptr + offs_w * stride_bsn + kb_begin
@@ -62,8 +64,10 @@ def _fp4_gemm_kernel(
     for kb in range(kb_begin, kb_end):
         # e2m1 nibble s.e1e0.m -> bits 7 and 4..2 of an e4m3 byte: the value fp4 * 2^-6, exact for every code (the
         # subnormal 0.5 included); the 2^6 goes into the weight scale below (inline: the interpreter pays per call)
-        code = tl.load(b_ptrs, mask=mask_w[:, None], other=0) >> shift
-        w = (((code << 2) & 0x1C) | ((code << 4) & 0x80)).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+        packed = tl.load(b_ptrs, mask=mask_w[:, None], other=0)  # [BLOCK_W, 16] uint8
+        lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
+        hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_W, BLOCK_K)).to(tl.float8e4nv, bitcast=True)  # low nibble first
         a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
         sa = tl.load(as_row + kb // 4, mask=mask_t)  # the activation's 128-group holding this 32-block
         sb = tl.load(bs_ptrs, mask=mask_w)
@@ -81,7 +85,7 @@ def _fp4_gemm_kernel(
         else:
             p = tl.dot(w, a)
         # [BLOCK_W, BLOCK_T] fp32, from zero for this 32-block
-        if CHUNK_KB == 1:
+        if not CHUNKED:  # one block per chunk: the twin's own order, one accumulator fewer
             total += (p * sa[None, :]) * sb[:, None]
         else:
             part += (p * sa[None, :]) * sb[:, None]
@@ -102,18 +106,17 @@ def _fp4_gemm_kernel(
 def _configs(small_m: bool):
     if runtime.interpreting():
         return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 256}, num_warps=4)]
-    tiles = [(64, 16), (128, 16), (64, 32), (128, 32), (128, 64)] if small_m else [(128, 64), (128, 128), (128, 256)]
-    return [
-        triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st)
-        for w, t in tiles
-        for nw in ((4,) if w == 64 or t <= 64 else (4, 8))
-        for st in ((4, 6) if small_m else (3, 4))
-    ]
+    # (BLOCK_W, BLOCK_T, warps, stages): wgmma, no spills when compiled for sm_90 (bench --compile-check)
+    if small_m:
+        shapes = [(64, 16, 4, 4), (128, 32, 4, 3)]
+    else:
+        shapes = [(128, 64, 8, 4), (128, 128, 8, 3)]
+    return [triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st) for w, t, nw, st in shapes]
 
 
 _KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "SPLIT"]
-_small = triton.autotune(configs=_configs(True), key=_KEY)(_fp4_gemm_kernel)
-_large = triton.autotune(configs=_configs(False), key=_KEY)(_fp4_gemm_kernel)
+_small = common.autotune(_configs(True), _KEY)(_fp4_gemm_kernel)
+_large = common.autotune(_configs(False), _KEY)(_fp4_gemm_kernel)
 
 SMALL_M = 64
 
@@ -145,7 +148,7 @@ def fp4_gemm(
     m = a.numel() // k
     n = b.size(0)
     assert k % 128 == 0 and b.size(1) * 2 == k, f"fp4_gemm: K = {k}, packed weight {tuple(b.shape)}"
-    n_kb = k // BLOCK_K
+    n_kb = k // BLOCK_K.value
     a2, as2 = a.view(m, k), a_s.view(m, -1)
     assert as2.shape == (m, k // 128) and b_s.shape == (n, n_kb), (tuple(a_s.shape), tuple(b_s.shape))
     out = common.empty(m, n, dtype=torch.bfloat16, device=a.device)
@@ -164,12 +167,12 @@ def fp4_gemm(
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
 
-        with torch.device(a.device):
+        with common.on_device(a):
             (_small if small else _large)[grid](
                 a2, asc, bytes_, bsc, out, ws,
-                m, n, k, n_kb, common.bucket(m),
+                m, n, k, n_kb, chunk, common.bucket(m),
                 a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
-                A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNK_KB=chunk, SPLIT=split, DOT_F64=runtime.interpreting(),
+                A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNKED=chunk > 1, SPLIT=split, DOT_F64=runtime.interpreting(),
             )  # fmt: skip
             if split:
                 common.reduce_chunks(ws, out)

@@ -17,10 +17,14 @@ for bit while saving the quantized activation's round trip and one launch. The m
 separately (the op contract), so only the benchmark uses it today.
 
 Numerics vs the twin: the twin computes each P_k exactly (float64) and rounds it once to fp32; Hopper's FP8 MMA
-keeps fewer accumulator bits in an undocumented order and the interpreter sums in fp32, so P_k can differ in its
-last fp32 bits and an output can land on the neighbouring bf16 value: within one bf16 ulp of the float64 block math
-beyond the twin's own error. Unverified without a GPU: the MMA's exact bits, that wgmma's per-element result does
-not depend on the token-tile width (batch invariance across autotuned configs), and the performance.
+keeps fewer accumulator bits in an undocumented order, so on the GPU P_k can differ in its last fp32 bits and an
+output can land on the neighbouring bf16 value: within the twin's distance to the float64 block math plus 2^-12 of
+the block terms' absolute sum plus one bf16 ulp. The CPU interpreter runs each block product as a float64 dot of
+the exact products rounded once to fp32 (the twin's own P_k; also BLAS-fast, and independent of a token's position
+in its tile, which numpy's fp32 GEMM is not), so there the kernel differs from the twin only by the chunk grouping.
+Unverified without a GPU: the MMA's exact bits, that wgmma's per-element result does not depend on the token-tile
+width (batch invariance across autotuned configs), and the performance. Compiled for sm_90 on CPU (wgmma, no
+spills): `python bench/triton_gemm.py --compile-check`.
 """
 
 import torch
@@ -30,16 +34,17 @@ import triton.language as tl
 from parity.optimized.ops.triton import _gemm_common as common
 from parity.optimized.ops.triton import runtime
 
-BLOCK_K = 128  # the FP8 scale block along K (activations and weights)
+# the FP8 scale block along K (activations and weights); a constexpr: a plain global int is invisible to kernels
+BLOCK_K = tl.constexpr(128)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one compile for every token count
 def _fp8_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr,
-    M, N, K, N_KB, M_BUCKET,
+    M, N, K, N_KB, CHUNK_KB, M_BUCKET,
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     A_E8M0: tl.constexpr, B_E8M0: tl.constexpr, FUSE_QUANT: tl.constexpr,
-    CHUNK_KB: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr,
+    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     # M_BUCKET only keys the autotuner (size class of M)
@@ -86,7 +91,7 @@ def _fp8_gemm_kernel(
             p = tl.dot(w, a)
         # [BLOCK_W, BLOCK_T] fp32, from zero for this K block
         sc = sa * sb  # the official Scale_C = sa * sb, formed before it meets P
-        if CHUNK_KB == 1:
+        if not CHUNKED:  # one block per chunk: the twin's own order, one accumulator fewer
             total += p * sc[None, :]
         else:
             part += p * sc[None, :]
@@ -109,18 +114,19 @@ def _configs(small_m: bool):
     if runtime.interpreting():
         # few, large programs: the interpreter pays per program instance
         return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 256}, num_warps=4)]
-    tiles = [(64, 16), (128, 16), (64, 32), (128, 32), (128, 64)] if small_m else [(128, 64), (128, 128), (128, 256)]
-    return [
-        triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st)
-        for w, t in tiles
-        for nw in ((4,) if w == 64 or t <= 64 else (4, 8))
-        for st in ((4, 6) if small_m else (3, 4))
-    ]
+    # (BLOCK_W, BLOCK_T, warps, stages); compiled for sm_90 on CPU: wgmma, <= 220 registers, no spills
+    # (`python bench/triton_gemm.py --compile-check`); 128 x 256 tiles spill (the per-block scaling keeps a third
+    # accumulator)
+    if small_m:
+        shapes = [(64, 16, 4, 4), (128, 32, 4, 3)]
+    else:
+        shapes = [(128, 64, 8, 4), (128, 128, 8, 3)]
+    return [triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st) for w, t, nw, st in shapes]
 
 
 _KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "FUSE_QUANT", "SPLIT"]
-_small = triton.autotune(configs=_configs(True), key=_KEY)(_fp8_gemm_kernel)
-_large = triton.autotune(configs=_configs(False), key=_KEY)(_fp8_gemm_kernel)
+_small = common.autotune(_configs(True), _KEY)(_fp8_gemm_kernel)
+_large = common.autotune(_configs(False), _KEY)(_fp8_gemm_kernel)
 
 SMALL_M = 64  # decode-sized launches: K split over chunks when the tiles leave SMs idle
 
@@ -132,8 +138,8 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
     out = common.empty(m, n, dtype=torch.bfloat16, device=a.device)
     if m == 0 or n == 0:
         return out
-    assert k % BLOCK_K == 0, f"fp8_gemm: K = {k} is not a multiple of {BLOCK_K}"
-    n_kb = k // BLOCK_K
+    assert k % BLOCK_K.value == 0, f"fp8_gemm: K = {k} is not a multiple of {BLOCK_K.value}"
+    n_kb = k // BLOCK_K.value
     assert b_s.shape == (triton.cdiv(n, 128), n_kb), f"fp8_gemm: weight scales {tuple(b_s.shape)} for {n}x{k}"
     bs, b_e8m0 = common.scale_arg(b_s)
     if fuse_quant:
@@ -155,13 +161,13 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
     def grid(meta):
         return (triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
 
-    with torch.device(a.device):
+    with common.on_device(a):
         kernel[grid](
             a, as_, b, bs, out, ws,
-            m, n, k, n_kb, common.bucket(m),
+            m, n, k, n_kb, chunk, common.bucket(m),
             a.stride(0), stride_asm, b.stride(0), bs.stride(0), out.stride(0),
             A_E8M0=a_e8m0, B_E8M0=b_e8m0, FUSE_QUANT=fuse_quant,
-            CHUNK_KB=chunk, SPLIT=split, DOT_F64=runtime.interpreting(),
+            CHUNKED=chunk > 1, SPLIT=split, DOT_F64=runtime.interpreting(),
         )  # fmt: skip
         if split:
             common.reduce_chunks(ws, out)

@@ -25,10 +25,10 @@ e4m3 [I, D] + [I/128, D/128] block scales); the shared expert in FP8. The kernel
 parameter tensors in place through a table of element offsets from the first expert's tensor (built once per set
 of tensors and cached on their addresses), so nothing is stacked or copied.
 
-Numerics vs the twin: only the block products differ (FP8 MMA or an fp32 sum instead of the twin's exact sum), as
-in fp4_gemm / fp8_gemm, plus exp() inside silu (Triton's exp vs torch's). Where a GEMM output or h lands on the
-neighbouring bf16 value, the next act_quant may pick the neighbouring e4m3 value, so an output can move by a
-fraction of the FP8 quantization error of its row; the tests bound that against the float64 unquantized math.
+Numerics vs the twin: only the block products differ (FP8 MMA on the GPU; the interpreter's float64 dot is the
+twin's exact sum), as in fp4_gemm / fp8_gemm, plus exp() inside silu (Triton's exp vs torch's). Where a GEMM
+output or h lands on the neighbouring bf16 value, the next act_quant may pick the neighbouring e4m3 value, so an
+output can move by a fraction of the FP8 quantization error of its row; the tests propagate exactly that.
 Duplicate expert ids in one token's row (the reference would keep only one of the two contributions) are summed
 here. Unverified without a GPU: MMA bits, batch invariance across token-tile widths, the performance.
 """
@@ -51,7 +51,7 @@ def _mm_fp4(
     x_ptr, toks, mask_t, stride_x, K,
     wa_ptr, wb_ptr, sa_ptr, sb_ptr, stride_w, stride_s, f0, NF,
     TWO: tl.constexpr, ROUND: tl.constexpr, S_E8M0: tl.constexpr, DOT_F64: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     """x[toks] (bf16 [BLOCK_T rows, K], act_quant per 128-group on load) . W^T for one packed-FP4 weight [*, K/2]
     with per-32 scales, or two (w1 and w3: one [2 * BLOCK_W]-row tile): 32-wide K blocks, P from zero,
@@ -60,17 +60,16 @@ def _mm_fp4(
     Decoding: an e2m1 nibble s.e1e0.m placed at bits 7 and 4..2 of a byte is the e4m3 value fp4 * 2^-6 (the same
     2^-6 for normals and the subnormal 0.5, so every value is exact); the 2^6 goes into the power-of-two weight
     scale (its exponent + 6), which leaves every product and rounding of (P * sa) * sb unchanged."""
-    ROWS: tl.constexpr = 2 * BLOCK_W if TWO else BLOCK_W
     offs128 = tl.arange(0, 128)
     offs32 = tl.arange(0, 32)
     r = tl.arange(0, ROWS)
     second = r >= BLOCK_W
     f = f0 + r % BLOCK_W  # the weight row (output feature) of each tile row
     mf = f < NF
-    w_ptrs = tl.where(second[:, None], wb_ptr, wa_ptr) + f[:, None] * stride_w + (offs32 // 2)[None, :]
+    # a row's 32 weights of one K block: 16 contiguous bytes, element 2b in the low nibble of byte b (spec §2.2)
+    w_ptrs = tl.where(second[:, None], wb_ptr, wa_ptr) + f[:, None] * stride_w + tl.arange(0, 16)[None, :]
     cols4 = tl.arange(0, 4)[None, :]
     s_ptrs = (tl.where(second, sb_ptr, sa_ptr) + f * stride_s)[:, None] + cols4  # a 128-group's four scales
-    shift = ((offs32 % 2) * 4)[None, :]
     x_ptrs = x_ptr + toks[None, :] * stride_x + offs128[:, None]  # [128, BLOCK_T]
     xs_ptrs = x_ptr + toks[None, :] * stride_x + offs32[:, None]  # [32, BLOCK_T]
     mask_x = mask_t[None, :]
@@ -101,8 +100,10 @@ def _mm_fp4(
             else:
                 xq = tl.div_rn(xq, s_act)
             xq = tl.clamp(xq, -448.0, 448.0).to(tl.float8e4nv)
-            code = tl.load(w_ptrs + (k0 + 32 * j) // 2, mask=mask_w, other=0) >> shift
-            w = (((code << 2) & 0x1C) | ((code << 4) & 0x80)).to(tl.uint8).to(tl.float8e4nv, bitcast=True)
+            packed = tl.load(w_ptrs + (k0 + 32 * j) // 2, mask=mask_w, other=0)  # [ROWS, 16] uint8
+            lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
+            hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+            w = tl.reshape(tl.join(lo, hi), (ROWS, 32)).to(tl.float8e4nv, bitcast=True)
             sw = tl.sum(tl.where(cols4 == j, s4, 0.0), axis=1)[:, None]  # column j, exactly (the rest adds zeros)
             if DOT_F64:  # interpreter: an exact block product (see fp8_gemm's docstring), and BLAS-fast
                 p = tl.dot(w.to(tl.float64), xq.to(tl.float64), input_precision="ieee").to(tl.float32)
@@ -117,11 +118,10 @@ def _mm_fp8(
     x_ptr, toks, mask_t, stride_x, K,
     wa_ptr, wb_ptr, sa_ptr, sb_ptr, stride_w, stride_s, f0, NF,
     TWO: tl.constexpr, ROUND: tl.constexpr, S_E8M0: tl.constexpr, DOT_F64: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     """The same for e4m3 weights [*, K] with 128x128 block scales [*, K/128]: 128-wide K blocks, P from zero,
     C += P * (sa * sb) in ascending K (spec §3.4); each weight row reads its own 128-row scale block."""
-    ROWS: tl.constexpr = 2 * BLOCK_W if TWO else BLOCK_W
     offs128 = tl.arange(0, 128)
     r = tl.arange(0, ROWS)
     second = r >= BLOCK_W
@@ -159,7 +159,7 @@ def _mm_fp8(
 # ---- kernels ------------------------------------------------------------------------------------------------------
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_PLAN"])
 def _gate_up_kernel(
     x_ptr, plan_ptr, row_tok_ptr, row_w_ptr, h_ptr,
     w1_ptr, w3_ptr, s1_ptr, s3_ptr, off_ptr,
@@ -187,7 +187,7 @@ def _gate_up_kernel(
         if e == E:
             acc = _mm_fp8(
                 x_ptr, toks, mask_t, stride_x, D, sw1_ptr, sw3_ptr, ss1_ptr, ss3_ptr, stride_sw, stride_ss,
-                f0, NF, True, ROUND, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T,
+                f0, NF, True, ROUND, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
             )  # fmt: skip
             limit = SHARED_LIMIT
         else:
@@ -198,12 +198,12 @@ def _gate_up_kernel(
             if ROUTED_FP4:
                 acc = _mm_fp4(
                     x_ptr, toks, mask_t, stride_x, D, wa, wb, sa, sb, stride_w, stride_s, f0, NF,
-                    True, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T,
+                    True, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
                 )  # fmt: skip
             else:
                 acc = _mm_fp8(
                     x_ptr, toks, mask_t, stride_x, D, wa, wb, sa, sb, stride_w, stride_s, f0, NF,
-                    True, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T,
+                    True, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
                 )  # fmt: skip
             limit = LIMIT
         # the GEMMs' bf16 outputs, widened (spec §9.2 step 1)
@@ -220,7 +220,7 @@ def _gate_up_kernel(
         tl.store(h_ptrs, h.to(tl.bfloat16), mask=mask_f[:, None] & mask_t[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N_PLAN"])
 def _down_kernel(
     h_ptr, plan_ptr, out_ptr,
     w2_ptr, s2_ptr, off_ptr, sw2_ptr, ss2_ptr,
@@ -245,7 +245,7 @@ def _down_kernel(
         if e == E:
             y = _mm_fp8(
                 h_ptr, rows, mask_t, stride_h, INTER, sw2_ptr, sw2_ptr, ss2_ptr, ss2_ptr, stride_sw, stride_ss,
-                f0, NF, False, ROUND, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T,
+                f0, NF, False, ROUND, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
             )  # fmt: skip
         else:
             wa = w2_ptr + tl.load(off_ptr + e)
@@ -253,18 +253,18 @@ def _down_kernel(
             if ROUTED_FP4:
                 y = _mm_fp4(
                     h_ptr, rows, mask_t, stride_h, INTER, wa, wa, sa, sa, stride_w, stride_s, f0, NF,
-                    False, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T,
+                    False, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
                 )  # fmt: skip
             else:
                 y = _mm_fp8(
                     h_ptr, rows, mask_t, stride_h, INTER, wa, wa, sa, sa, stride_w, stride_s, f0, NF,
-                    False, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T,
+                    False, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
                 )  # fmt: skip
         out_ptrs = out_ptr + rows[None, :] * stride_out + feats[:, None]
         tl.store(out_ptrs, y.to(tl.bfloat16), mask=mask_f[:, None] & mask_t[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "R"])
 def _combine_kernel(
     y_ptr, pos_ptr, out_ptr, T, D, R, TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
 ):  # fmt: skip
@@ -286,18 +286,20 @@ def _combine_kernel(
 # ---- autotuning (GPU) ---------------------------------------------------------------------------------------------
 
 
-def _configs(widths, interpreter_width):
+def _configs(interpreter_width):
     if runtime.interpreting():
         return [triton.Config({"BLOCK_W": interpreter_width}, num_warps=4)]
+    # feature slices of 64 (4 warps) or 128 (8 warps): wgmma, no spills when compiled for sm_90 (bench --compile-check)
     return [
-        triton.Config({"BLOCK_W": w}, num_warps=nw, num_stages=st) for w in widths for nw in (4, 8) for st in (2, 3, 4)
+        triton.Config({"BLOCK_W": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_W": 128}, num_warps=8, num_stages=3),
     ]
 
 
 _KEY = ["D", "INTER", "E", "ROUTED_FP4", "BLOCK_T"]  # not T: one tuning per token-tile size class
 # interpreter: gate-up tiles hold w1 and w3 (2 x 128 rows), down tiles 256 rows: the tiny model in one slice each
-_gate_up = triton.autotune(configs=_configs((64, 128), 128), key=_KEY)(_gate_up_kernel)
-_down = triton.autotune(configs=_configs((64, 128), 256), key=_KEY)(_down_kernel)
+_gate_up = common.autotune(_configs(128), _KEY)(_gate_up_kernel)
+_down = common.autotune(_configs(256), _KEY)(_down_kernel)
 
 
 # ---- host side ------------------------------------------------------------------------------------------------
@@ -334,7 +336,8 @@ def _offset_table(experts, names) -> torch.Tensor:
 def _block_t(rows_per_expert: float) -> int:
     if runtime.interpreting():
         return 128  # few programs: the interpreter pays per program instance
-    return 16 if rows_per_expert <= 16 else 32 if rows_per_expert <= 32 else 64
+    # 64-token gate-up tiles (w1 and w3 rows: a [2 x BLOCK_W, 64] accumulator) spill on sm_90 (bench --compile-check)
+    return 16 if rows_per_expert <= 16 else 32
 
 
 def _plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, t: int, bt: int):
@@ -418,7 +421,7 @@ def moe_experts(x, weights, indices, experts, shared, scale_fmt, scale_dtype) ->
     )
     h = common.empty(r + t, inter, dtype=torch.bfloat16, device=dev)
     y = common.empty(r + t, d, dtype=torch.bfloat16, device=dev)
-    with torch.device(dev):
+    with common.on_device(x):
         _gate_up[lambda meta: (triton.cdiv(inter, meta["BLOCK_W"]), n_plan)](
             x, plan, row_tok, row_w, h,
             rw1, rw3, rs1, rs3, table1,

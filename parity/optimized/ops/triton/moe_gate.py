@@ -28,7 +28,7 @@ from parity.optimized.ops.triton.dense_linear import linear
 _FUNCS = {"sqrtsoftplus": 0, "softmax": 1, "sigmoid": 2}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _route_kernel(
     s_ptr, bias_ptr, tid_ptr, ids_ptr, w_ptr, i_ptr,
     T, E, stride_s, ROUTE_SCALE,
@@ -97,7 +97,7 @@ def moe_gate(x, weight, bias, tid2eid, input_ids, topk, score_func, route_scale,
     block_e = triton.next_power_of_2(n_exp)
     block_t = 64 if runtime.interpreting() else max(1, min(16, 4096 // block_e))
     dummy = scores  # pointer arguments that the constexpr flags never read
-    with torch.device(dev):
+    with common.on_device(x):
         _route_kernel[(triton.cdiv(t, block_t),)](
             scores, bias if bias is not None else dummy, tid2eid if tid2eid is not None else dummy,
             input_ids if tid2eid is not None else dummy, weights, indices,

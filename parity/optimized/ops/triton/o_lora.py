@@ -26,8 +26,10 @@ halved either way.
 
 Layout: weight rows (rank outputs of one group) are the MMA's M side, tokens its N side, so the dequantized weight
 tile is wgmma's register operand and the same instruction serves 1 and 4096 tokens. `segments` is ignored: the
-kernel's per-token result does not depend on the rows around it. Unverified without a GPU: the performance targets
-(>= 1.5x the bf16 einsum at M <= 64, >= 1.0x at M = 1024) and batch invariance across autotuned tile widths.
+kernel's per-token result does not depend on the rows around it. The CPU interpreter sums each K block as a float64
+dot of the exact bf16 products, rounded once to fp32 (numpy's fp32 GEMM would make a token's bits depend on its
+position in the tile). Unverified without a GPU: the performance targets (>= 1.5x the bf16 einsum at M <= 64,
+>= 1.0x at M = 1024) and batch invariance across autotuned tile widths.
 """
 
 import warnings
@@ -74,7 +76,7 @@ def _fp8_weight(w: torch.Tensor):
     return fp8
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "M_BUCKET"])
 def _o_lora_kernel(
     o_ptr, w_ptr, s_ptr, out_ptr,
     T, R, KG, M_BUCKET,
@@ -125,17 +127,16 @@ def _o_lora_kernel(
 def _configs():
     if runtime.interpreting():
         return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 256, "BLOCK_K": 128}, num_warps=4)]
-    small = [(64, 16, 128), (64, 32, 128), (128, 16, 128), (64, 64, 128), (128, 64, 64)]
-    large = [(128, 128, 64), (128, 256, 64), (128, 128, 128)]
+    # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages): decode-sized tiles stream the FP8 weight with 64-row slices (G x 16
+    # programs for rank 1024), prefill tiles are 128 x 128/256; wgmma, no spills for sm_90 (bench --compile-check)
+    shapes = [(64, 16, 128, 4, 4), (64, 64, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
     return [
         triton.Config({"BLOCK_W": w, "BLOCK_T": t, "BLOCK_K": k}, num_warps=nw, num_stages=st)
-        for w, t, k in small + large
-        for nw in ((4,) if t <= 64 else (4, 8))
-        for st in ((4,) if t * k > 8192 else (4, 6))
+        for w, t, k, nw, st in shapes
     ]
 
 
-_kernel = triton.autotune(configs=_configs(), key=["R", "KG", "M_BUCKET", "W_FP8", "EVEN_K"])(_o_lora_kernel)
+_kernel = common.autotune(_configs(), ["R", "KG", "M_BUCKET", "W_FP8", "EVEN_K"])(_o_lora_kernel)
 
 
 def o_lora(o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, segments=None) -> torch.Tensor:
@@ -155,7 +156,7 @@ def o_lora(o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, segmen
     def grid(meta):
         return (triton.cdiv(rank, meta["BLOCK_W"]), triton.cdiv(t, meta["BLOCK_T"]), n_groups)
 
-    with torch.device(o.device):
+    with common.on_device(o):
         _kernel[grid](
             o, w, s, out,
             t, rank, kg, common.bucket(t),
