@@ -96,6 +96,14 @@ def reference(experts, shared, x, weights, indices, fmt, sdtype):
     return y.type_as(x)
 
 
+def module_reference(moe, x, ids, cu, experts, shared, weights, indices, tiny_args):
+    """The twin: ref.MoE itself per request on CPU; on CUDA its expert loop on the device (`reference`), since
+    torch's silu rounds differently on the two devices and the backend under test runs on CUDA there."""
+    if DEV == "cpu":
+        return torch.cat([moe(x[None, a:b], ids[None, a:b])[0] for a, b in zip(cu[:-1], cu[1:])])
+    return reference(experts, shared, x, weights, indices, *policy(tiny_args))
+
+
 # ---- the propagation oracle ----------------------------------------------------------------------------------
 
 
@@ -206,7 +214,7 @@ def test_ragged_matches_reference_moe_per_sequence(impl, ref_model, tiny_args, l
     with ref.default_dtype(torch.bfloat16):
         weights, indices = route(moe, x, ids, cu)
         out = impl(x, weights, indices, experts, shared, *policy(tiny_args))
-        expected = torch.cat([moe(x[None, a:b].cpu(), ids[None, a:b])[0] for a, b in zip(cu[:-1], cu[1:])]).to(DEV)
+        expected = module_reference(moe, x, ids, cu, experts, shared, weights, indices, tiny_args)
         assert out.dtype == torch.bfloat16 and out.shape == x.shape
         check_moe(impl, out, expected, experts, shared, x, weights, indices, *policy(tiny_args))
 
@@ -256,7 +264,7 @@ def fp8_experts(n, inter, dim, limit, seed=5):
     return [ExpertWeights(lin(inter, dim), lin(dim, inter), lin(inter, dim), limit) for _ in range(n)]
 
 
-@pytest.mark.parametrize("t", [1, 37])
+@pytest.mark.parametrize("t", [1, 16])
 def test_fp8_routed_experts(impl, ref_model, tiny_args, t):
     # the same op on FP8 routed experts (V4-Flash-Base); the twin is the reference expert math on those weights
     moe = ref_model.layers[3].ffn
@@ -284,11 +292,11 @@ def test_planted_bug_bf16_accumulation_is_caught(impl, ref_model, tiny_args):
         )
     moe = ref_model.layers[2].ffn
     experts, shared = weights_of(moe)
-    x, ids = tokens(63)
+    x, ids = tokens(16)
     fmt, sdtype = policy(tiny_args)
     with ref.default_dtype(torch.bfloat16):
-        weights, indices = route(moe, x, ids, (0, 63))
-        expected = moe(x[None].cpu(), ids[None])[0].to(DEV)
+        weights, indices = route(moe, x, ids, (0, 16))
+        expected = module_reference(moe, x, ids, (0, 16), experts, shared, weights, indices, tiny_args)
         buggy = torch.zeros_like(x)
         for e, expert in enumerate(experts):
             rows, slot = torch.where(indices == e)
@@ -326,10 +334,10 @@ def _bug(experts, shared, bug):
 def test_planted_weight_bugs_are_caught(impl, ref_model, tiny_args, bug):
     moe = ref_model.layers[3].ffn
     experts, shared = weights_of(moe)
-    x, ids = tokens(9)
+    x, ids = tokens(3)
     fmt, sdtype = policy(tiny_args)
     with ref.default_dtype(torch.bfloat16):
-        weights, indices = route(moe, x, ids, (0, 9))
+        weights, indices = route(moe, x, ids, (0, 3))
         expected = reference(experts, shared, x, weights, indices, fmt, sdtype)
         planted = _bug(experts, shared, bug)
         planted = planted if isinstance(planted, tuple) else (planted, shared)
