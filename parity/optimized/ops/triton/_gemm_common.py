@@ -1,5 +1,7 @@
-"""Pieces shared by the GEMM-side Triton kernels (fp8_gemm, fp4_gemm, moe_experts, o_lora): format decoders, the
-exact act_quant recipe as a tile function, the ordered reduction of split-K partials, and host-side helpers.
+"""Pieces shared by the GEMM-side Triton kernels (fp8_gemm, fp4_gemm, dense_linear, moe_experts, o_lora, moe_gate):
+the exact act_quant recipe as a tile function, the ordered reduction of split-K partials, the K-only chunking,
+autotuning with short timing runs, NaN-poisonable output buffers for the tests, and launch helpers. (Format decoding
+is written out inline in each kernel's hot loop: the CPU interpreter pays milliseconds per nested jit call.)
 
 Layout convention of every kernel here ("swap AB"): the weight rows (output features) are the MMA's M side in
 tiles of 64 or 128, the tokens are its N side in tiles of 16 to 256. wgmma needs M >= 64, its N may be as small
@@ -27,7 +29,6 @@ import triton.language as tl
 from parity.optimized.ops.triton import runtime
 
 MAX_CHUNKS = 8
-FP8_MAX = 448.0
 
 
 # tests set this: every buffer a kernel must fill completely starts as NaN, so an element it skips fails the test
@@ -97,33 +98,6 @@ def bucket(m: int) -> int:
 
 
 # ---- tile functions ---------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def e8m0_to_f32(byte):
-    """ue8m0 bytes -> fp32 2^(b-127) (b = 0 is the subnormal 2^-127, 255 is NaN), exactly as torch decodes them."""
-    e = byte.to(tl.int32)
-    bits = tl.where(e == 0, 0x00400000, e << 23)
-    bits = tl.where(e == 255, 0x7FC00000, bits)
-    return bits.to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def load_scale(ptr, mask, IS_E8M0: tl.constexpr):
-    # masked-off lanes read nothing and hold garbage: they only ever scale rows or columns that are never stored
-    if IS_E8M0:
-        return e8m0_to_f32(tl.load(ptr, mask=mask))
-    return tl.load(ptr, mask=mask)
-
-
-@triton.jit
-def e2m1_to_e4m3(code):
-    """4-bit e2m1 codes (int32, bit 3 the sign) -> the same values as float8e4nv (exact: every e2m1 value is an
-    e4m3 value). Magnitudes 0, .5, 1, 1.5, 2, 3, 4, 6 are the e4m3 bytes 0x00, 0x30, 0x38, 0x3C, ..., 0x4C."""
-    mag = code & 7
-    bits = tl.where(mag < 2, mag * 0x30, (mag << 2) + 0x30)
-    bits = bits | ((code & 8) << 4)
-    return bits.to(tl.uint8).to(tl.float8e4nv, bitcast=True)
 
 
 @triton.jit
