@@ -22,4 +22,16 @@ def dense_linear_torch(x: torch.Tensor, weight: torch.Tensor, cu_seqlens: tuple[
     return torch.cat(parts) if parts else x.new_empty(0, weight.shape[0])
 
 
-IMPLS = {"torch": Impl(dense_linear_torch)}
+IMPLS = {
+    "torch": Impl(dense_linear_torch),
+    "triton": Impl(
+        "parity.optimized.ops.triton.dense_linear:dense_linear",
+        bitwise=False,
+        tolerance=(
+            "the same exact products (fp32 x fp32 with input_precision ieee, never TF32; bf16 x bf16 on tensor "
+            "cores), fp32 sums in a K-chunked order that is the same for every batch instead of BLAS's per-shape "
+            "order: per element within the twin's distance to the float64 product plus K * 2^-23 of the terms' "
+            "absolute sum plus 1 ulp of the output dtype"
+        ),
+    ),
+}

@@ -7,4 +7,16 @@ does not depend on the batch it sits in)
 from parity.optimized.ops.registry import Impl
 from parity.reference import kernels
 
-IMPLS = {"torch": Impl(kernels.fp8_gemm)}
+IMPLS = {
+    "torch": Impl(kernels.fp8_gemm),
+    "triton": Impl(
+        "parity.optimized.ops.triton.fp8_gemm:fp8_gemm",
+        bitwise=False,
+        tolerance=(
+            "same 128-wide K blocks, scales and fp32 accumulation order as the twin (K > 8 blocks: summed in K-only "
+            "chunks), but each block product P_k comes from the FP8 tensor cores (GPU: about 14 accumulator bits; "
+            "interpreter: an fp32 sum) instead of the twin's exact sum: per element within the twin's distance to "
+            "the float64 math plus 2^-12 (GPU) / 2^-17 (CPU) of the terms' absolute sum plus 1 bf16 ulp"
+        ),
+    ),
+}

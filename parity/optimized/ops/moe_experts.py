@@ -56,4 +56,18 @@ def moe_experts_torch(x, weights, indices, experts, shared, scale_fmt, scale_dty
     return y.type_as(x)
 
 
-IMPLS = {"torch": Impl(moe_experts_torch)}
+IMPLS = {
+    "torch": Impl(moe_experts_torch),
+    "triton": Impl(
+        "parity.optimized.ops.triton.moe_experts:moe_experts",
+        bitwise=False,
+        tolerance=(
+            "the twin's steps with the twin's rounding points (act_quant, FP4/FP8 block GEMMs in ascending K, bf16 "
+            "GEMM outputs, fp32 clamp/SwiGLU/routing weight, bf16 h, act_quant, ascending-expert-id fp32 combine); "
+            "only the block products (FP8 MMA / fp32 sum vs exact) and exp() in silu differ. Allowed: exactly the "
+            "output changes those differences can reach, propagated stage by stage (a GEMM output within the block "
+            "allowance, so possibly the neighbouring bf16 value; h within the resulting interval; any e4m3 value "
+            "and scale its act_quant can then give; the w2 GEMM and the combine over them); zero elsewhere"
+        ),
+    ),
+}

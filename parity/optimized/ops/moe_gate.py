@@ -19,4 +19,17 @@ def moe_gate_torch(x, weight, bias, tid2eid, input_ids, topk, score_func, route_
     return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
 
-IMPLS = {"torch": Impl(moe_gate_torch)}
+IMPLS = {
+    "torch": Impl(moe_gate_torch),
+    "triton": Impl(
+        "parity.optimized.ops.triton.moe_gate:moe_gate",
+        bitwise=False,
+        tolerance=(
+            "scores from the same exact bf16 products summed in another fp32 order, the score function's exp / log "
+            "within a few fp32 ulps: weights within the float64 math's first-order error bound (K * 2^-23 of the "
+            "terms' absolute sum through the score function and the renormalization) of the twin; expert ids "
+            "equal except where two biased scores lie within that bound of each other (a near tie: either is a "
+            "correct top-k); hash-routed ids always equal"
+        ),
+    ),
+}

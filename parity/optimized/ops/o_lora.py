@@ -17,4 +17,16 @@ def o_lora_torch(o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, 
     return torch.cat(parts)
 
 
-IMPLS = {"torch": Impl(o_lora_torch)}
+IMPLS = {
+    "torch": Impl(o_lora_torch),
+    "triton": Impl(
+        "parity.optimized.ops.triton.o_lora:o_lora",
+        bitwise=False,
+        tolerance=(
+            "the same bf16 x bf16 products as the einsum (the FP8 weight with its 128x128 block scales is "
+            "dequantized in registers to exactly the bf16 wo_a; activations stay bf16), fp32 accumulation in "
+            "another order: per element within the twin's distance to the float64 einsum plus K * 2^-23 of the "
+            "terms' absolute sum plus 1 bf16 ulp"
+        ),
+    ),
+}

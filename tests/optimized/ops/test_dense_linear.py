@@ -4,7 +4,8 @@ Twin: the `F.linear` calls of `parity.reference.model` (hc mixers, compressor wk
 gate), each made on one request's `[1, s, K]` tokens. The op docstring: BLAS sums K in another order for one or
 two rows (gemv) than for more (gemm), so the torch backend calls F.linear per segment; the planted-bug test shows
 that one call for the whole batch is not bitwise wherever the machine's BLAS rounds by row count, which is why the
-op segments.
+op segments. The Triton backend ignores the segments (its kernel sums every row in one K-only order, so a row never
+depends on its batchmates) and is judged by `gemm_check.check_gemm` with the fp32 summation allowance.
 """
 
 import itertools
@@ -13,10 +14,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity.optimized.ops import resolve_ops
+from parity.optimized.ops import OpsConfig, resolve_ops
 from tests.optimized.ops.conftest import DEVICES, skip_unless_batch_changes_bits
+from tests.optimized.ops.gemm_check import check_gemm, fp32_sum_allowance
 
-OPS = resolve_ops()
+OP = "dense_linear"
+OPS = resolve_ops()  # the torch backend, for the segment tests of its own design
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (N, K, weight dtype) of the model's dense linears at tiny sizes (hc_mult 4, dim 256, head_dim 128, 4 index heads)
 SHAPES = {
@@ -39,6 +43,9 @@ CASES = [
     ((1, 5, 2, 1, 3), "gate-fp32"),
     ((37, 1, 63), "weights_proj-bf16"),
     ((1, 1, 1, 1, 1, 1, 1), "hc_pre-fp32"),
+    ((7,), "compressor-fp32"),
+    ((64,), "weights_proj-bf16"),
+    ((1000,), "gate-fp32"),
 ]
 PARAMS = [pytest.param(*c, id="L{}-{}".format("_".join(map(str, c[0])), c[1])) for c in CASES]
 
@@ -47,37 +54,42 @@ def cu_of(lengths):
     return tuple(itertools.accumulate(lengths, initial=0))
 
 
-def operands(name, t):
+def operands(name, t, device="cpu"):
     n, k, dtype = SHAPES[name]
-    return torch.randn(t, k).to(dtype), (torch.randn(n, k) * k**-0.5).to(dtype)
+    return torch.randn(t, k).to(dtype).to(device), (torch.randn(n, k) * k**-0.5).to(dtype).to(device)
 
 
 def reference_per_sequence(x, w, cu):
     return torch.cat([F.linear(x[None, a:b], w)[0] for a, b in zip(cu[:-1], cu[1:])])
 
 
+def golden_and_allowance(x, w):
+    """float64 product and the fp32 summation allowance (K * 2^-23 of sum |x w|) of a kernel's own order."""
+    return x.double() @ w.double().T, fp32_sum_allowance(x.double().abs() @ w.double().abs().T, x.shape[1])
+
+
 @pytest.mark.parametrize(("lengths", "name"), PARAMS)
-def test_ragged_matches_reference_per_sequence(lengths, name):
+def test_ragged_matches_reference_per_sequence(impl, lengths, name):
     cu = cu_of(lengths)
-    x, w = operands(name, cu[-1])
-    out = OPS.dense_linear(x, w, cu)
+    x, w = operands(name, cu[-1], DEV)
+    out = impl(x, w, cu)
     assert out.dtype == x.dtype and out.shape == (cu[-1], w.shape[0])
-    assert torch.equal(out, reference_per_sequence(x, w, cu))
+    check_gemm(impl, out, reference_per_sequence(x, w, cu), *golden_and_allowance(x, w))
 
 
-def test_no_segments_gives_an_empty_result():
-    x, w = operands("hc_pre-fp32", 0)
-    assert OPS.dense_linear(x, w, (0,)).shape == (0, 24)
+def test_no_segments_gives_an_empty_result(impl):
+    x, w = operands("hc_pre-fp32", 0, DEV)
+    assert impl(x, w, (0,)).shape == (0, 24)
 
 
 @pytest.mark.parametrize("name", ["hc_pre-fp32", "compressor-fp32", "gate-fp32", "weights_proj-bf16"])
-def test_segments_do_not_depend_on_batchmates_or_position(name):
-    a, w = operands(name, 37)
-    alone = OPS.dense_linear(a, w, (0, 37))
+def test_segments_do_not_depend_on_batchmates_or_position(impl, name):
+    a, w = operands(name, 37, DEV)
+    alone = impl(a, w, (0, 37))
     for before, after in ((1, 2), (5, 0), (0, 1), (63, 1)):
-        x = torch.cat([operands(name, before)[0], a, operands(name, after)[0]])
+        x = torch.cat([operands(name, before, DEV)[0], a, operands(name, after, DEV)[0]])
         cu = tuple(sorted({0, before, before + 37, x.shape[0]}))
-        assert torch.equal(OPS.dense_linear(x, w, cu)[before : before + 37], alone)
+        assert torch.equal(impl(x, w, cu)[before : before + 37], alone)
 
 
 # one F.linear over a batch rounds differently from per-request calls on CUDA and on most CPUs (gemv for one or two
@@ -95,9 +107,62 @@ BREAKS = [
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("lengths", "name"), BREAKS)
 def test_planted_bug_one_segment_for_the_batch_is_not_bitwise(lengths, name, device):
+    # the torch backend's design (one F.linear per segment); the Triton backend has no segments to merge
     cu = cu_of(lengths)
     x, w = (t.to(device) for t in operands(name, cu[-1]))
     expected = reference_per_sequence(x, w, cu)
     assert torch.equal(OPS.dense_linear(x, w, cu), expected)
     skip_unless_batch_changes_bits(expected, reference_per_sequence(x, w, (0, cu[-1])), "dense_linear")
     assert not torch.equal(OPS.dense_linear(x, w, (0, cu[-1])), expected)
+
+
+# ---- planted bugs of a kernel: each must fail the comparison ----------------------------------------------------
+
+
+@pytest.mark.parametrize("bug", ["last K chunk dropped", "off-by-one weight row", "TF32 products"])
+def test_planted_kernel_bugs_are_caught(impl, bug):
+    # the comparison of every backend must reject what a buggy kernel would return: a K loop that stops one chunk
+    # early, weight rows read one row off, fp32 operands rounded to TF32 (10-bit mantissa) before the products
+    x, w = operands("compressor-fp32", 63, DEV)
+    expected = reference_per_sequence(x, w, (0, 63))
+    golden, allowance = golden_and_allowance(x, w)
+    if bug == "last K chunk dropped":
+        xb = x.clone()
+        xb[:, -128:] = 0
+        buggy = impl(xb, w, (0, 63))
+    elif bug == "off-by-one weight row":
+        buggy = impl(x, w.roll(1, dims=0), (0, 63))
+    else:
+        tf32 = lambda t: (t.view(torch.int32) & ~0x1FFF).view(torch.float32)  # noqa: E731 (truncated to 10 bits)
+        buggy = (tf32(x).double() @ tf32(w).double().T).float()
+    with pytest.raises(AssertionError):
+        check_gemm(impl, buggy, expected, golden, allowance)
+
+
+# ---- the Triton kernel's own paths ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton_linear():
+    resolve_ops(OpsConfig(overrides=((OP, "triton"),)))  # sets the backend up (interpreter on CPU)
+    from parity.optimized.ops.triton import dense_linear as module
+
+    return module
+
+
+@pytest.mark.parametrize(("m", "name"), [(1, "hc_pre-fp32"), (5, "compressor-fp32"), (3, "weights_proj-bf16")])
+def test_triton_split_k_gives_the_same_bits(triton_linear, m, name):
+    # K = 1024 (8 chunks) and 256 (2 chunks): the split-K launch adds the chunk sums in the one-program order
+    x, w = operands(name, m, DEV)
+    assert torch.equal(triton_linear.linear(x, w, _split=True), triton_linear.linear(x, w, _split=False))
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_triton_writes_every_output(triton_linear, monkeypatch, split):
+    from parity.optimized.ops.triton import _gemm_common
+
+    x, w = operands("compressor-fp32", 129, DEV)
+    clean = triton_linear.linear(x, w, _split=split)
+    monkeypatch.setattr(_gemm_common, "POISON", True)
+    poisoned = triton_linear.linear(x, w, _split=split)
+    assert not poisoned.isnan().any() and torch.equal(poisoned, clean)

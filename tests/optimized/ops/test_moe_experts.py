@@ -6,26 +6,38 @@ tokens. The routing comes from the reference gate of each request (moe_gate is t
 isolates the experts: the op sees every token of the batch that picked an expert in one call, while the reference
 expert sees only its request's tokens; the quantized GEMMs are row-independent, so the results must be equal.
 The FP4/FP8 kernels allocate their outputs in the default dtype: everything runs under default_dtype(bf16).
+
+Backends that are not bitwise are judged by `moe_spans`: the twin's own intermediates, with every stage's possible
+deviation propagated to the output (GEMM block allowance -> reachable bf16 values of g and u -> interval of h ->
+reachable e4m3 values and scales of its act_quant -> w2 GEMM -> fp32 combine -> bf16). An output element may differ
+from the twin's only by what that propagation reaches, and must equal it where nothing can flip.
 """
 
 import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from parity.optimized.ops import resolve_ops
+from parity.formats import dequantize_fp8_blocks, e8m0_to_float, fp4_to_float, quantize_fp8_blocks
+from parity.optimized.ops import OpsConfig, resolve_ops
 from parity.optimized.ops.moe_experts import ExpertWeights, expert_forward
+from parity.reference import kernels
 from parity.reference import model as ref
+from tests.optimized.ops.gemm_check import check_gemm, fp8_block_allowance, rounding_span
 
-OPS = resolve_ops()
+OP = "moe_experts"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # layers 0/1 route by hash, 2/3 by score; tiny: 8 FP4 routed experts, top-2, FP8 shared expert, swiglu_limit 10
 CASES = [
     ((1,), 0),
     ((2,), 2),
     ((5,), 3),
+    ((7,), 2),
     ((37,), 1),
     ((63,), 2),
+    ((64,), 0),
     ((129,), 3),
     ((1, 2, 5), 0),
     ((37, 1, 63), 2),
@@ -33,6 +45,13 @@ CASES = [
     ((2, 5, 1, 3, 1), 1),
 ]
 PARAMS = [pytest.param(*c, id="L{}-layer{}".format("_".join(map(str, c[0])), c[1])) for c in CASES]
+# the CPU interpreter pays about a second per Triton MoE call: there it runs these cases (one token, 7, 64 and 129
+# tokens, ragged batches, hash and score layers); on a GPU it runs all of them
+INTERPRETER_CASES = {((1,), 0), ((7,), 2), ((64,), 0), ((129,), 3), ((37, 1, 63), 2), ((2, 5, 1, 3, 1), 1)}
+
+
+def interpreted(impl) -> bool:
+    return impl.backend != "torch" and DEV == "cpu"
 
 
 def cu_of(lengths):
@@ -45,64 +64,341 @@ def expert_weights(e: ref.Expert) -> ExpertWeights:
     )
 
 
+def on_dev(e: ExpertWeights) -> ExpertWeights:
+    return ExpertWeights(*((w.to(DEV), s.to(DEV)) for w, s in (e.w1, e.w2, e.w3)), e.swiglu_limit)
+
+
 def tokens(t):
-    return torch.randn(t, 256).to(torch.bfloat16), torch.randint(0, 1024, (t,))
+    return torch.randn(t, 256).to(torch.bfloat16).to(DEV), torch.randint(0, 1024, (t,))
 
 
 def route(moe, x, ids, cu):
-    outs = [moe.gate(x[a:b], ids[a:b]) for a, b in zip(cu[:-1], cu[1:])]
-    return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    outs = [moe.gate(x[a:b].cpu(), ids[a:b]) for a, b in zip(cu[:-1], cu[1:])]
+    return torch.cat([o[0] for o in outs]).to(DEV), torch.cat([o[1] for o in outs]).to(DEV)
 
 
-def run(moe, x, weights, indices, policy):
-    experts = [expert_weights(e) for e in moe.experts]
-    return OPS.moe_experts(x, weights, indices, experts, expert_weights(moe.shared_experts), *policy)
+def weights_of(moe):
+    return [on_dev(expert_weights(e)) for e in moe.experts], on_dev(expert_weights(moe.shared_experts))
 
 
 def policy(tiny_args):
     return tiny_args.act_scale_fmt, tiny_args.act_scale_dtype
 
 
+def reference(experts, shared, x, weights, indices, fmt, sdtype):
+    """The twin's loop (ref.MoE.forward after the gate): experts in ascending id, fp32 accumulation, shared last."""
+    y = torch.zeros_like(x, dtype=torch.float32)
+    for e, expert in enumerate(experts):
+        rows, slot = torch.where(indices == e)
+        if rows.numel():
+            y[rows] += expert_forward(expert, x[rows], weights[rows, slot, None], fmt, sdtype)
+    y += expert_forward(shared, x, None, fmt, sdtype)
+    return y.type_as(x)
+
+
+def module_reference(moe, x, ids, cu, experts, shared, weights, indices, tiny_args):
+    """The twin: ref.MoE itself per request on CPU; on CUDA its expert loop on the device (`reference`), since
+    torch's silu rounds differently on the two devices and the backend under test runs on CUDA there."""
+    if DEV == "cpu":
+        return torch.cat([moe(x[None, a:b], ids[None, a:b])[0] for a, b in zip(cu[:-1], cu[1:])])
+    return reference(experts, shared, x, weights, indices, *policy(tiny_args))
+
+
+# ---- the propagation oracle ----------------------------------------------------------------------------------
+
+
+def dequant_weight(w, s):
+    if w.dtype == torch.float4_e2m1fn_x2:
+        n = w.shape[0]
+        return fp4_to_float(w.view(torch.uint8)).view(n, -1).double() * e8m0_to_float(s).double().repeat_interleave(
+            32, -1
+        )
+    return dequantize_fp8_blocks(w, s).double()
+
+
+def dequant_act(q, s):
+    s = e8m0_to_float(s) if s.dtype == torch.float8_e8m0fnu else s
+    return q.double() * s.double().repeat_interleave(128, -1)
+
+
+def block_k(w):
+    return 32 if w.dtype == torch.float4_e2m1fn_x2 else 128
+
+
+def requant_span(h, span, fmt, sdtype):
+    """Largest change of act_quant's dequantized value of each element when every bf16 h_j may be anything in
+    [h_j - span_j, h_j + span_j] (the group's power-of-two scale may change with its amax)."""
+    n, k = h.shape
+    hv, sp = h.double().view(n, k // 128, 128), span.view(n, k // 128, 128)
+    q, s = kernels.act_quant(h, 128, fmt, sdtype)
+    base = dequant_act(q, s).view(n, k // 128, 128)
+    worst = torch.zeros_like(base)
+    for amax in ((hv.abs() - sp).clamp(min=0).amax(-1), (hv.abs() + sp).amax(-1), hv.abs().amax(-1)):
+        scale = kernels._group_scales(amax.float()[..., None], 1e-4, 1.0 / 448.0, fmt is not None).double()
+        for v in (hv - sp, hv + sp):
+            deq = (v / scale).clamp(-448, 448).float().to(torch.float8_e4m3fn).double() * scale
+            worst = torch.maximum(worst, (deq - base).abs())
+    return worst.view(n, k)
+
+
+def expert_span(ew: ExpertWeights, x, rw, fmt, sdtype):
+    """(golden fp32-accumulator value, reachable deviation) of one expert's bf16 output rows [n, D]."""
+    xq, xs = kernels.act_quant(x, 128, fmt, sdtype)
+    a = dequant_act(xq, xs)
+    w1, w3, w2 = (dequant_weight(*ew.w1), dequant_weight(*ew.w3), dequant_weight(*ew.w2))
+    nb1, nb2 = x.shape[1] // block_k(ew.w1[0]), w2.shape[1] // block_k(ew.w2[0])
+    with ref.default_dtype(torch.bfloat16):
+        g = ref.linear(x, *ew.w1, fmt, sdtype).float()
+        u = ref.linear(x, *ew.w3, fmt, sdtype).float()
+    span_g = rounding_span(a @ w1.T, fp8_block_allowance(a.abs() @ w1.abs().T, nb1, DEV, regrouped=False))
+    span_u = rounding_span(a @ w3.T, fp8_block_allowance(a.abs() @ w3.abs().T, nb1, DEV, regrouped=False))
+    lim = ew.swiglu_limit
+    if lim > 0:
+        u, g = u.clamp(-lim, lim), g.clamp(max=lim)
+    h32 = F.silu(g) * u
+    w = 1.0 if rw is None else rw.double().abs()
+    if rw is not None:
+        h32 = rw * h32
+    # first order in the GEMM deviations (|silu'| < 1.1, clamps are 1-Lipschitz) plus exp / division ulps
+    dh = w * (1.1 * span_g * u.double().abs() + F.silu(g).double().abs() * span_u + 1.1 * span_g * span_u)
+    dh = dh + 2.0**-20 * h32.double().abs()
+    h = h32.to(torch.bfloat16)
+    span_h = rounding_span(h32.double(), dh)
+    hq, hs = kernels.act_quant(h, 128, fmt, sdtype)
+    hd = dequant_act(hq, hs)
+    delta = (
+        fp8_block_allowance(hd.abs() @ w2.abs().T, nb2, DEV, regrouped=False)
+        + requant_span(h, span_h, fmt, sdtype) @ w2.abs().T
+    )
+    return hd @ w2.T, delta
+
+
+def moe_spans(experts, shared, x, weights, indices, fmt, sdtype):
+    """float64 [T, D]: how far the output of a kernel that follows the twin's rounding points may be from the
+    twin's, given only block-product and exp() differences (see the module docstring)."""
+    want_parts = torch.zeros(x.shape, dtype=torch.float64, device=x.device)  # sum of the twin's bf16 terms
+    reach = torch.zeros_like(want_parts)
+    absum = torch.zeros_like(want_parts)
+    terms = [(e, *torch.where(indices == e)) for e in range(len(experts))]
+    for e, rows, slot in terms:
+        if rows.numel() == 0:
+            continue
+        gold, delta = expert_span(experts[e], x[rows], weights[rows, slot, None], fmt, sdtype)
+        reach[rows] += rounding_span(gold, delta)
+        absum[rows] += gold.abs()
+        want_parts[rows] += gold
+    gold, delta = expert_span(shared, x, None, fmt, sdtype)
+    reach += rounding_span(gold, delta)
+    absum += gold.abs()
+    want_parts += gold
+    # fp32 additions of up to k + 1 terms (same order in both) and the final bf16 rounding
+    return rounding_span(want_parts, reach + 2.0**-20 * absum)
+
+
+def check_moe(impl, out, expected, experts, shared, x, weights, indices, fmt, sdtype):
+    spans = torch.zeros(1) if impl.bitwise else moe_spans(experts, shared, x, weights, indices, fmt, sdtype)
+    check_gemm(impl, out, expected, expected.double(), spans, ulps=0)
+
+
+# ---- tests --------------------------------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(("lengths", "layer"), PARAMS)
-def test_ragged_matches_reference_moe_per_sequence(ref_model, tiny_args, lengths, layer):
+def test_ragged_matches_reference_moe_per_sequence(impl, ref_model, tiny_args, lengths, layer):
+    if interpreted(impl) and (lengths, layer) not in INTERPRETER_CASES:
+        pytest.skip("CPU interpreter budget: this shape class is covered by the interpreter cases; runs on a GPU")
     moe = ref_model.layers[layer].ffn
     cu = cu_of(lengths)
     x, ids = tokens(cu[-1])
+    experts, shared = weights_of(moe)
     with ref.default_dtype(torch.bfloat16):
         weights, indices = route(moe, x, ids, cu)
-        out = run(moe, x, weights, indices, policy(tiny_args))
-        expected = torch.cat([moe(x[None, a:b], ids[None, a:b])[0] for a, b in zip(cu[:-1], cu[1:])])
-    assert out.dtype == torch.bfloat16 and out.shape == x.shape
-    assert torch.equal(out, expected)
+        out = impl(x, weights, indices, experts, shared, *policy(tiny_args))
+        expected = module_reference(moe, x, ids, cu, experts, shared, weights, indices, tiny_args)
+        assert out.dtype == torch.bfloat16 and out.shape == x.shape
+        check_moe(impl, out, expected, experts, shared, x, weights, indices, *policy(tiny_args))
 
 
 @pytest.mark.parametrize("layer", [0, 2])
-def test_rows_do_not_depend_on_batchmates_or_position(ref_model, tiny_args, layer):
+def test_rows_do_not_depend_on_batchmates_or_position(impl, ref_model, tiny_args, layer):
+    # every backend: a token's bits never depend on the other tokens of its experts (the Triton kernels' token
+    # tiles change with the batch, their per-token math does not)
     moe = ref_model.layers[layer].ffn
+    experts, shared = weights_of(moe)
     a, a_ids = tokens(37)
+    # the CPU interpreter pays about a second per call: there one batch with mates on both sides
+    batches = ((63, 1),) if interpreted(impl) else ((1, 2), (5, 0), (0, 1), (63, 1))
     with ref.default_dtype(torch.bfloat16):
-        alone = run(moe, a, *route(moe, a, a_ids, (0, 37)), policy(tiny_args))
-        for before, after in ((1, 2), (5, 0), (0, 1), (63, 1)):
+        alone = impl(a, *route(moe, a, a_ids, (0, 37)), experts, shared, *policy(tiny_args))
+        for before, after in batches:
             (xb, ib), (xa, ia) = tokens(before), tokens(after)
             x, ids = torch.cat([xb, a, xa]), torch.cat([ib, a_ids, ia])
             cu = tuple(sorted({0, before, before + 37, x.shape[0]}))
-            out = run(moe, x, *route(moe, x, ids, cu), policy(tiny_args))
+            out = impl(x, *route(moe, x, ids, cu), experts, shared, *policy(tiny_args))
             assert torch.equal(out[before : before + 37], alone)
 
 
-def test_planted_bug_bf16_accumulation_is_caught(ref_model, tiny_args):
-    # a kernel that accumulates the expert outputs in bf16 instead of fp32 must fail the comparison
+def test_empty_and_crowded_experts(impl, ref_model, tiny_args):
+    # every token routed to experts 6 and 1 (expert 6 first in the row): six empty experts, two crowded ones, the
+    # per-token sum still in ascending expert id
     moe = ref_model.layers[2].ffn
-    x, ids = tokens(63)
+    experts, shared = weights_of(moe)
+    x, _ = tokens(70)
+    indices = torch.tensor([[6, 1]], device=DEV).expand(70, 2).contiguous()
+    weights = torch.rand(70, 2, device=DEV) * 1.5
     fmt, sdtype = policy(tiny_args)
     with ref.default_dtype(torch.bfloat16):
-        weights, indices = route(moe, x, ids, (0, 63))
-        expected = moe(x[None], ids[None])[0]
+        out = impl(x, weights, indices, experts, shared, fmt, sdtype)
+        expected = reference(experts, shared, x, weights, indices, fmt, sdtype)
+        check_moe(impl, out, expected, experts, shared, x, weights, indices, fmt, sdtype)
+
+
+def fp8_experts(n, inter, dim, limit, seed=5):
+    """Routed experts in the V4-Flash-Base layout: e4m3 weights with 128x128 e8m0 block scales."""
+    g = torch.Generator().manual_seed(seed)
+
+    def lin(o, i):
+        w, s = quantize_fp8_blocks(torch.randn(o, i, generator=g) * i**-0.5)
+        return w.to(DEV), s.to(DEV)
+
+    return [ExpertWeights(lin(inter, dim), lin(dim, inter), lin(inter, dim), limit) for _ in range(n)]
+
+
+@pytest.mark.parametrize("t", [1, 16])
+def test_fp8_routed_experts(impl, ref_model, tiny_args, t):
+    # the same op on FP8 routed experts (V4-Flash-Base); the twin is the reference expert math on those weights
+    moe = ref_model.layers[3].ffn
+    _, shared = weights_of(moe)
+    experts = fp8_experts(8, 128, 256, tiny_args.swiglu_limit)
+    x, ids = tokens(t)
+    fmt, sdtype = policy(tiny_args)
+    with ref.default_dtype(torch.bfloat16):
+        weights, indices = route(moe, x, ids, (0, t))
+        out = impl(x, weights, indices, experts, shared, fmt, sdtype)
+        expected = reference(experts, shared, x, weights, indices, fmt, sdtype)
+        check_moe(impl, out, expected, experts, shared, x, weights, indices, fmt, sdtype)
+
+
+# ---- planted bugs: each must fail the comparison --------------------------------------------------------------
+
+
+def test_planted_bug_bf16_accumulation_is_caught(impl, ref_model, tiny_args):
+    # a kernel that accumulates the expert outputs in bf16 instead of fp32 must fail the comparison
+    if impl.backend != "torch" and DEV == "cuda":
+        pytest.skip(
+            "on the GPU the FP8 MMA block allowance (2^-12 of the terms' absolute sum) lets most expert outputs "
+            "reach the neighbouring bf16 value, which covers a bf16 rounding of the running sum; the scale and "
+            "group bugs below stay visible there"
+        )
+    moe = ref_model.layers[2].ffn
+    experts, shared = weights_of(moe)
+    x, ids = tokens(16)
+    fmt, sdtype = policy(tiny_args)
+    with ref.default_dtype(torch.bfloat16):
+        weights, indices = route(moe, x, ids, (0, 16))
+        expected = module_reference(moe, x, ids, (0, 16), experts, shared, weights, indices, tiny_args)
         buggy = torch.zeros_like(x)
-        for e, expert in enumerate(moe.experts):
+        for e, expert in enumerate(experts):
             rows, slot = torch.where(indices == e)
             if rows.numel():
-                buggy[rows] += expert_forward(expert_weights(expert), x[rows], weights[rows, slot, None], fmt, sdtype)
-        buggy += expert_forward(expert_weights(moe.shared_experts), x, None, fmt, sdtype)
-    assert torch.equal(run(moe, x, weights, indices, (fmt, sdtype)), expected)
-    assert not torch.equal(buggy, expected)
+                buggy[rows] += expert_forward(expert, x[rows], weights[rows, slot, None], fmt, sdtype)
+        buggy += expert_forward(shared, x, None, fmt, sdtype)
+        check_moe(impl, impl(x, weights, indices, experts, shared, fmt, sdtype), expected, experts, shared, x,
+                  weights, indices, fmt, sdtype)  # fmt: skip
+        with pytest.raises(AssertionError):
+            check_moe(impl, buggy, expected, experts, shared, x, weights, indices, fmt, sdtype)
+
+
+def _bug(experts, shared, bug):
+    """The weights a buggy kernel would effectively read."""
+
+    def bump(s, where):
+        s = s.view(torch.uint8).clone()
+        s[where] += 1
+        return s.view(torch.float8_e8m0fnu)
+
+    def drop(s, where):
+        s = s.view(torch.uint8).clone()
+        s[where] = 127
+        return s.view(torch.float8_e8m0fnu)
+
+    if bug == "wrong scale exponent":  # one 32-block scale of every routed w2 one binade too high
+        return [ExpertWeights(e.w1, (e.w2[0], bump(e.w2[1], (slice(None), 1))), e.w3, e.swiglu_limit) for e in experts]
+    if bug == "dropped block scale":  # the shared expert's first w1 block scale read as 1.0
+        return experts, ExpertWeights((shared.w1[0], drop(shared.w1[1], (0, 0))), shared.w2, shared.w3, 10.0)
+    # off-by-one group: every token's rows computed with the next expert's weights
+    return experts[1:] + experts[:1], shared
+
+
+@pytest.mark.parametrize("bug", ["wrong scale exponent", "dropped block scale", "off-by-one expert group"])
+def test_planted_weight_bugs_are_caught(impl, ref_model, tiny_args, bug):
+    moe = ref_model.layers[3].ffn
+    experts, shared = weights_of(moe)
+    x, ids = tokens(3)
+    fmt, sdtype = policy(tiny_args)
+    with ref.default_dtype(torch.bfloat16):
+        weights, indices = route(moe, x, ids, (0, 3))
+        expected = reference(experts, shared, x, weights, indices, fmt, sdtype)
+        planted = _bug(experts, shared, bug)
+        planted = planted if isinstance(planted, tuple) else (planted, shared)
+        buggy = impl(x, weights, indices, *planted, fmt, sdtype)
+        with pytest.raises(AssertionError):
+            check_moe(impl, buggy, expected, experts, shared, x, weights, indices, fmt, sdtype)
+
+
+# ---- the Triton kernels' own paths ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton_moe():
+    resolve_ops(OpsConfig(overrides=((OP, "triton"),)))  # sets the backend up (interpreter on CPU)
+    from parity.optimized.ops.triton import moe_experts as module
+
+    return module
+
+
+def test_triton_writes_every_output(triton_moe, ref_model, tiny_args, monkeypatch):
+    # outputs and the sorted-row buffers start as NaN: a tile, row or expert the kernels skip would show
+    from parity.optimized.ops.triton import _gemm_common
+
+    moe = ref_model.layers[1].ffn
+    experts, shared = weights_of(moe)
+    x, ids = tokens(5)
+    with ref.default_dtype(torch.bfloat16):
+        weights, indices = route(moe, x, ids, (0, 5))
+        clean = triton_moe.moe_experts(x, weights, indices, experts, shared, *policy(tiny_args))
+        monkeypatch.setattr(_gemm_common, "POISON", True)
+        poisoned = triton_moe.moe_experts(x, weights, indices, experts, shared, *policy(tiny_args))
+    assert not poisoned.isnan().any() and torch.equal(poisoned, clean)
+
+
+def test_triton_plan_tiles_every_routed_row_once(triton_moe):
+    # the tile plan: every (token, slot) pair in exactly one tile of its own expert, tokens ascending inside an
+    # expert, no tile for an empty expert, the shared expert's tiles after the routed ones
+    g = torch.Generator().manual_seed(0)
+    t, k, n_exp, bt = 45, 3, 16, 8
+    indices = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(t)])
+    indices[indices == 5] = 6  # expert 5 empty (a token may now hold 6 twice: pairs still counted once each)
+    weights = torch.rand(t, k, generator=g)
+    plan, row_tok, row_w, pos = triton_moe._plan(indices, weights, n_exp, t, bt)
+    seen = []
+    for e, r0, n in plan.T.tolist():
+        if n == 0:
+            continue
+        assert 0 < n <= bt and e != 5
+        rows = list(range(r0, r0 + n))
+        if e == n_exp:
+            assert rows == list(range(t * k + r0 - t * k, t * k + r0 - t * k + n))
+            continue
+        toks = row_tok[rows].tolist()
+        assert toks == sorted(toks)
+        pairs = [tok * k + int((indices[tok] == e).nonzero()[0]) for tok in toks]
+        assert all(int(indices.view(-1)[p]) == e for p in pairs)
+        seen += rows
+    assert sorted(seen) == list(range(t * k))
+    assert torch.equal(row_w[: t * k], weights.view(-1)[torch.argsort(indices.view(-1), stable=True)])
+    # pos lists each token's rows in ascending expert id
+    order = torch.argsort(indices.view(-1), stable=True)
+    for tok in range(t):
+        experts_of_rows = indices.view(-1)[order[pos[tok].long()]]
+        assert experts_of_rows.tolist() == sorted(indices[tok].tolist())

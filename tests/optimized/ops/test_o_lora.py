@@ -3,26 +3,41 @@
 Twin: `parity.reference.model.Attention.forward`, `torch.einsum("bsgd,grd->bsgr", o, wo_a.view(g, rank, -1))` on
 one request's `[1, s, g, h*d/g]` attention output. The op runs one einsum per segment (cuBLAS picks its bf16
 kernel by shape); on CPU rows are independent, so a single segment over the whole batch also matches here.
+
+The Triton backend reads wo_a as FP8 with 128x128 block scales recovered from the bf16 weight (the checkpoint's
+FP8 dequantized exactly at load): the recovery is proven here on the synthetic checkpoint and on edge-case blocks.
+Backends that are not bitwise are judged by `gemm_check.check_gemm` (fp32 accumulation allowance).
 """
 
 import itertools
+import warnings
 
 import pytest
 import torch
+from safetensors import safe_open
 
-from parity.optimized.ops import resolve_ops
+from parity.checkpoint.reader import Checkpoint
+from parity.formats import dequantize_fp8_blocks, quantize_fp8_blocks
+from parity.optimized.ops import OpsConfig, resolve_ops
+from tests.optimized.ops.gemm_check import check_gemm, fp32_sum_allowance
 
-OPS = resolve_ops()
+OP = "o_lora"
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
-# (groups, rank, h*d): the tiny model's wo_a (2 groups of 2 heads x 128, rank 128) and synthetic layouts
+# (groups, rank, h*d): the tiny model's wo_a (2 groups of 2 heads x 128, rank 128) and synthetic layouts, made from
+# FP8 blocks like a checkpoint's (g4-r64 and g8-r16: 128-row scale blocks straddle groups; g4/g1: K per group 96
+# and 192, not multiples of 128)
 LAYOUTS = {"tiny": (2, 128, 512), "g4-r64": (4, 64, 384), "g1-r32": (1, 32, 192), "g8-r16": (8, 16, 512)}
 CASES = [
     ((1,), "tiny"),
     ((2,), "g4-r64"),
     ((5,), "g1-r32"),
+    ((7,), "tiny"),
     ((37,), "tiny"),
     ((63,), "g8-r16"),
+    ((64,), "tiny"),
     ((129,), "tiny"),
+    ((1000,), "tiny"),
     ((1, 2, 5), "tiny"),
     ((37, 1, 63), "g4-r64"),
     ((2, 5, 1, 3, 1), "tiny"),
@@ -35,13 +50,22 @@ def cu_of(lengths):
     return tuple(itertools.accumulate(lengths, initial=0))
 
 
+def fp8_made(w: torch.Tensor) -> torch.Tensor:
+    """A bf16 weight as a checkpoint's FP8 wo_a becomes after convert.py: FP8 blocks dequantized exactly."""
+    return dequantize_fp8_blocks(*quantize_fp8_blocks(w.float())).to(torch.bfloat16)
+
+
 def weight(ref_model, layout):
     g, rank, hd = LAYOUTS[layout]
     if layout == "tiny":
         attn = ref_model.layers[2].attn
         assert (attn.n_groups, attn.o_lora_rank) == (g, rank)
-        return attn.wo_a.weight
-    return (torch.randn(g * rank, hd // g) * (hd // g) ** -0.5).to(torch.bfloat16)
+        return attn.wo_a.weight.detach().to(DEV)
+    return fp8_made(torch.randn(g * rank, hd // g) * (hd // g) ** -0.5).to(DEV)
+
+
+def activations(t, hd):
+    return torch.randn(t, hd).to(torch.bfloat16).to(DEV)
 
 
 def reference(o, wo_a, g, rank):
@@ -49,35 +73,172 @@ def reference(o, wo_a, g, rank):
     return torch.einsum("bsgd,grd->bsgr", o[None].view(1, o.shape[0], g, -1), wo_a.view(g, rank, -1))[0]
 
 
+def golden_and_allowance(o, wo_a, g, rank):
+    od, wd = o.double().view(o.shape[0], g, -1), wo_a.double().view(g, rank, -1)
+    golden = torch.einsum("sgd,grd->sgr", od, wd)
+    return golden, fp32_sum_allowance(torch.einsum("sgd,grd->sgr", od.abs(), wd.abs()), wd.shape[-1])
+
+
 @pytest.mark.parametrize(("lengths", "layout"), PARAMS)
-def test_ragged_matches_reference_per_sequence(ref_model, lengths, layout):
+def test_ragged_matches_reference_per_sequence(impl, ref_model, lengths, layout):
     g, rank, hd = LAYOUTS[layout]
     wo_a = weight(ref_model, layout)
     cu = cu_of(lengths)
-    o = torch.randn(cu[-1], hd).to(torch.bfloat16)
-    out = OPS.o_lora(o, wo_a, g, rank, cu)
+    o = activations(cu[-1], hd)
+    out = impl(o, wo_a, g, rank, cu)
     expected = torch.cat([reference(o[a:b], wo_a, g, rank) for a, b in zip(cu[:-1], cu[1:])])
     assert out.dtype == torch.bfloat16 and out.shape == (cu[-1], g, rank)
-    assert torch.equal(out, expected)
+    check_gemm(impl, out, expected, *golden_and_allowance(o, wo_a, g, rank))
 
 
 @pytest.mark.parametrize("layout", ["tiny", "g8-r16"])
-def test_rows_do_not_depend_on_batchmates_or_position(ref_model, layout):
+def test_rows_do_not_depend_on_batchmates_or_position(impl, ref_model, layout):
     g, rank, hd = LAYOUTS[layout]
     wo_a = weight(ref_model, layout)
-    a = torch.randn(37, hd).to(torch.bfloat16)
-    alone = OPS.o_lora(a, wo_a, g, rank, (0, 37))
+    a = activations(37, hd)
+    alone = impl(a, wo_a, g, rank, (0, 37))
     for before, after in ((5, 1), (0, 63), (129, 0), (1, 1)):
-        o = torch.cat([torch.randn(before, hd), a.float(), torch.randn(after, hd)]).to(torch.bfloat16)
+        o = torch.cat([activations(before, hd), a, activations(after, hd)])
         n = before + 37 + after
-        assert torch.equal(OPS.o_lora(o, wo_a, g, rank, (0, n))[before : before + 37], alone)
+        assert torch.equal(impl(o, wo_a, g, rank, (0, n))[before : before + 37], alone)
 
 
-def test_planted_bug_transposed_group_weight_is_caught(ref_model):
+def test_planted_bug_transposed_group_weight_is_caught(impl, ref_model):
     # a kernel that reads wo_a as [g, in, rank] (the transposed layout of each group) must fail the comparison
     g, rank, hd = LAYOUTS["tiny"]
     wo_a = weight(ref_model, "tiny")
-    o = torch.randn(63, hd).to(torch.bfloat16)
+    o = activations(63, hd)
     buggy = torch.einsum("sgd,gdr->sgr", o.view(63, g, -1), wo_a.view(g, -1, rank))
-    assert not torch.equal(buggy, reference(o, wo_a, g, rank))
-    assert torch.equal(OPS.o_lora(o, wo_a, g, rank, (0, 63)), reference(o, wo_a, g, rank))
+    expected = reference(o, wo_a, g, rank)
+    check_gemm(impl, impl(o, wo_a, g, rank, (0, 63)), expected, *golden_and_allowance(o, wo_a, g, rank))
+    with pytest.raises(AssertionError):
+        check_gemm(impl, buggy, expected, *golden_and_allowance(o, wo_a, g, rank))
+
+
+# ---- the Triton kernel: FP8 weights recovered from the bf16 wo_a -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def triton_o_lora():
+    resolve_ops(OpsConfig(overrides=(("o_lora", "triton"),)))  # sets the backend up (interpreter on CPU)
+    from parity.optimized.ops.triton import o_lora as module
+
+    return module
+
+
+def assert_recovers(got, q, s):
+    """The recovered (e4m3, e8m0) pair against the checkpoint's: the same bytes and scale in every 128x128 block,
+    except a block whose largest |q| is exactly 224, which must come back as the value-identical (2q, s/2)."""
+    assert got is not None, "an FP8-made weight must be recognized as one"
+    gq, gs = got
+    n, k = q.shape
+    for i, j in itertools.product(range(s.shape[0]), range(s.shape[1])):
+        rows, cols = slice(128 * i, min(n, 128 * (i + 1))), slice(128 * j, min(k, 128 * (j + 1)))
+        bq, bs, rq, rs = q[rows, cols], s[i, j].view(torch.uint8), gq[rows, cols], gs[i, j].view(torch.uint8)
+        if bq.float().abs().max() == 224:
+            assert rs == bs - 1 and torch.equal(rq.float(), 2 * bq.float()), (i, j)
+        else:
+            assert rs == bs and torch.equal(rq.view(torch.uint8), bq.view(torch.uint8)), (i, j)
+
+
+def test_recovers_the_checkpoints_fp8_weights(triton_o_lora, ref_model, tiny_ckpt, tiny_args):
+    # every wo_a of the synthetic checkpoint (main layers and MTP), from the bf16 parameter the model loaded
+    # (convert.py's exact dequantization) back to the on-disk e4m3 bytes and e8m0 scales
+    ckpt = Checkpoint(tiny_ckpt)
+    names = [n for n in ckpt.weight_map if n.endswith("attn.wo_a.weight")]
+    assert len(names) == tiny_args.n_layers + tiny_args.n_mtp_layers
+    for name in names:
+        with safe_open(str(tiny_ckpt / ckpt.weight_map[name]), "pt") as f:
+            disk_w, disk_s = f.get_tensor(name), f.get_tensor(name[: -len("weight")] + "scale")
+        param = ref_model.get_parameter(name)
+        assert param.dtype == torch.bfloat16
+        assert_recovers(triton_o_lora.quantize_wo_a(param), disk_w, disk_s)
+
+
+def test_recovers_edge_case_blocks(triton_o_lora):
+    # blocks the recipe makes at its edges: largest |q| exactly 224 (the ambiguous case) and exactly 448, all zero,
+    # below the 1e-4 amax floor, -0.0 entries, e4m3 subnormals next to a large amax, a partial block (rows and
+    # columns not multiples of 128)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(300, 400, generator=g)
+    w[:128, :128] *= 2.0**-20  # below the 1e-4 floor
+    w[128:256, :128] = 0.0
+    w[128, 5] = -0.0
+    w[:128, 128:256] *= 226 * 2.0**-7 / w[:128, 128:256].abs().max()  # master amax 226 * 2^-7: stored as 224 * 2^-7
+    w[128:256, 128:256] *= 440 * 2.0**-8 / w[128:256, 128:256].abs().max()  # stored as 448 * 2^-8, same values
+    w[:128, 256:] *= 448 * 2.0**-3 / w[:128, 256:].abs().max()
+    w[128:256, 300] = 2.0**-12 * w[128:256, 256:].abs().max()  # e4m3 subnormals of their block
+    w[256:, :] *= 2.0**10
+    q, s = quantize_fp8_blocks(w)
+    assert q[:128, 128:256].float().abs().max() == 224 and q[128:256, 128:256].float().abs().max() == 448
+    assert_recovers(triton_o_lora.quantize_wo_a(dequantize_fp8_blocks(q, s).to(torch.bfloat16)), q, s)
+
+
+def test_a_weight_that_is_not_fp8_falls_back_to_bf16_loudly(triton_o_lora):
+    # random bf16 weights are not e4m3 x 2^k per block: the kernel must not round them, it reads them as bf16
+    g, rank, hd = LAYOUTS["g4-r64"]
+    wo_a = (torch.randn(g * rank, hd // g) * 0.1).to(torch.bfloat16).to(DEV)
+    assert triton_o_lora.quantize_wo_a(wo_a) is None
+    o = activations(37, hd)
+    with pytest.warns(UserWarning, match="not an FP8 weight"):
+        out = triton_o_lora.o_lora(o, wo_a, g, rank)
+    impl = _triton_impl()
+    check_gemm(impl, out, reference(o, wo_a, g, rank), *golden_and_allowance(o, wo_a, g, rank))
+
+
+def test_the_fp8_weight_is_made_once_per_tensor_and_version(triton_o_lora, ref_model, monkeypatch):
+    calls = []
+    real = triton_o_lora.quantize_wo_a
+    monkeypatch.setattr(triton_o_lora, "quantize_wo_a", lambda w: calls.append(1) or real(w))
+    g, rank, hd = LAYOUTS["tiny"]
+    wo_a = weight(ref_model, "tiny").clone()
+    o = activations(5, hd)
+    first = triton_o_lora.o_lora(o, wo_a, g, rank)
+    assert torch.equal(triton_o_lora.o_lora(o, wo_a, g, rank), first) and len(calls) == 1
+    with torch.no_grad():
+        wo_a.mul_(2)  # an in-place update bumps the version: the cached FP8 weight must not be reused
+    doubled = triton_o_lora.o_lora(o, wo_a, g, rank)
+    assert len(calls) == 2 and torch.equal(doubled.float(), 2 * first.float())
+
+
+def _triton_impl():
+    from parity.optimized.ops import registry
+    from tests.optimized.ops.conftest import BackendImpl
+
+    ops = resolve_ops(OpsConfig(overrides=((OP, "triton"),)))
+    return BackendImpl(OP, "triton", registry()[OP]["triton"], ops.o_lora)
+
+
+@pytest.mark.parametrize("bug", ["wrong scale exponent", "dropped block scale", "off-by-one group"])
+def test_planted_fp8_weight_bugs_are_caught(triton_o_lora, ref_model, monkeypatch, bug):
+    # the kernel run on the FP8 weight a buggy cache or kernel would produce: one block's exponent one too high,
+    # one block's scale dropped (read as 1.0), group g reading group g+1's rows
+    g, rank, hd = LAYOUTS["tiny"]
+    wo_a = weight(ref_model, "tiny")
+    q, s = triton_o_lora.quantize_wo_a(wo_a)
+    s = s.view(torch.uint8).clone()
+    if bug == "wrong scale exponent":
+        s[1, 0] += 1
+    elif bug == "dropped block scale":
+        s[0, 1] = 127
+    else:
+        q, s = q.roll(-rank, dims=0), s.roll(-(rank // 128), dims=0)
+    monkeypatch.setattr(triton_o_lora, "_fp8_weight", lambda w: (q, s.view(torch.float8_e8m0fnu)))
+    o = activations(63, hd)
+    buggy = triton_o_lora.o_lora(o, wo_a, g, rank)
+    with pytest.raises(AssertionError):
+        check_gemm(_triton_impl(), buggy, reference(o, wo_a, g, rank), *golden_and_allowance(o, wo_a, g, rank))
+
+
+def test_triton_writes_every_output(triton_o_lora, ref_model, monkeypatch):
+    from parity.optimized.ops.triton import _gemm_common
+
+    g, rank, hd = LAYOUTS["g4-r64"]
+    wo_a = weight(ref_model, "g4-r64")
+    o = activations(129, hd)
+    clean = triton_o_lora.o_lora(o, wo_a, g, rank)
+    monkeypatch.setattr(_gemm_common, "POISON", True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # an FP8-made weight: no fallback
+        poisoned = triton_o_lora.o_lora(o, wo_a, g, rank)
+    assert not poisoned.isnan().any() and torch.equal(poisoned, clean)

@@ -1,0 +1,144 @@
+"""Pieces shared by the GEMM-side Triton kernels (fp8_gemm, fp4_gemm, dense_linear, moe_experts, o_lora, moe_gate):
+the exact act_quant recipe as a tile function, the ordered reduction of split-K partials, the K-only chunking,
+autotuning with short timing runs, NaN-poisonable output buffers for the tests, and launch helpers. (Format decoding
+is written out inline in each kernel's hot loop: the CPU interpreter pays milliseconds per nested jit call.)
+
+Layout convention of every kernel here ("swap AB"): the weight rows (output features) are the MMA's M side in
+tiles of 64 or 128, the tokens are its N side in tiles of 16 to 256. wgmma needs M >= 64, its N may be as small
+as 8, so the same instruction family serves a one-token decode and a 4096-token prefill: a token's bits do not
+depend on how many tokens share its tile (batch invariance), and a decode tile does not waste 63 of 64 MMA rows.
+
+K-chunked accumulation (what makes split-K batch-invariant): the official kernels accumulate the scaled per-block
+partial products P_k * s_k into one fp32 accumulator in ascending k (spec §3.4/§3.5). Here the K blocks are cut
+into at most `MAX_CHUNKS` chunks of `chunk_blocks(n)` consecutive blocks, a function of K alone; each chunk is
+accumulated from zero in ascending k, and the chunk sums are added in ascending order. A program that owns the
+whole K does exactly that in registers; a split-K launch (small M, too few tiles for the GPU) writes each chunk's
+sum to a float32 workspace and `_reduce_chunks_kernel` adds them in the same order. Both give the same bits, so
+the split decision (a function of M) never changes a token's result. When K has at most `MAX_CHUNKS` blocks every
+chunk is one block and the order is exactly the official one; otherwise the fp32 additions are grouped
+differently (an fp32-rounding-level difference, far below the bf16 output step).
+"""
+
+import contextlib
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import runtime
+
+MAX_CHUNKS = 8
+
+
+# tests set this: every buffer a kernel must fill completely starts as NaN, so an element it skips fails the test
+POISON = False
+
+
+def empty(*shape: int, dtype: torch.dtype, device) -> torch.Tensor:
+    """`torch.empty`, NaN-filled (0xFF bytes for fp8 and integer buffers) while `POISON` is set."""
+    t = torch.empty(*shape, dtype=dtype, device=device)
+    if POISON:
+        if t.is_floating_point() and t.element_size() > 1:
+            t.fill_(float("nan"))
+        else:
+            t.view(torch.uint8).fill_(0xFF)  # e4m3 0xFF is NaN
+    return t
+
+
+def chunk_blocks(n_blocks: int) -> int:
+    """K blocks per accumulation chunk: a function of K only (see the module docstring)."""
+    return max(1, -(-n_blocks // MAX_CHUNKS))
+
+
+def n_chunks(n_blocks: int) -> int:
+    return -(-n_blocks // chunk_blocks(n_blocks))
+
+
+def scale_arg(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A scale tensor as a kernel argument: e8m0 travels as its uint8 bytes (Triton has no e8m0 type; decoded in the
+    kernel), fp32 as is. Returns (tensor, is_e8m0)."""
+    if s.dtype == torch.float8_e8m0fnu:
+        return s.view(torch.uint8), True
+    if s.dtype != torch.float32:
+        raise ValueError(f"scales must be float8_e8m0fnu or float32, got {s.dtype}")
+    return s, False
+
+
+@functools.cache
+def num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (the interpreter: 1, so it never splits K on its own)."""
+    if device.type != "cuda" or runtime.interpreting():
+        return 1
+    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def on_device(t: torch.Tensor):
+    """Launch context for kernels on `t`'s device: Triton launches on torch's current CUDA device."""
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _quick_bench(kernel_call, quantiles):
+    # autotuning picks among a handful of configs: short timing runs keep first calls (and the benchmark) fast
+    return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
+
+
+def autotune(configs, key):
+    """`triton.autotune` with short timing runs (one config when interpreting: nothing is timed there)."""
+    return triton.autotune(configs=configs, key=key, do_bench=_quick_bench)
+
+
+def bucket(m: int) -> int:
+    """Autotune key for the token count: powers of two up to 4096 (one config per size class, not per M)."""
+    return min(4096, triton.next_power_of_2(max(1, m)))
+
+
+# ---- tile functions ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def pow2_ceil(v):
+    """2^ceil(log2 v) for positive normal fp32 v from the IEEE bits (the official fast_log2_ceil + fast_pow2);
+    returns (2^e, 2^-e), both exact."""
+    bits = v.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def quant_e4m3(x, AXIS: tl.constexpr):
+    """act_quant of one 128-group per row (spec §3.2), the group along `AXIS` of the fp32 tile x: amax clamped to
+    fl32(1e-4), s = pow2_ceil(amax * fl32(1/448)), y = e4m3_rne(clamp(x / s, +-448)). x / s is exact (s is a power of
+    two), so multiplying by 2^-e gives the same bits. Returns (y float8e4nv, s fp32 reduced along AXIS)."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=AXIS), 1e-4)
+    s, inv = pow2_ceil(amax * (1.0 / 448.0))
+    y = x * tl.expand_dims(inv, AXIS)
+    y = tl.clamp(y, -448.0, 448.0)
+    return y.to(tl.float8e4nv), s
+
+
+# ---- ordered reduction of split-K chunk partials ------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["numel"])
+def _reduce_chunks_kernel(ws_ptr, c_ptr, numel, N_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
+    # out = bf16(((ws[0] + ws[1]) + ws[2]) + ...): the same fp32 additions, in the same order, as one program that
+    # accumulates the chunks in registers
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    total = tl.load(ws_ptr + offs, mask=mask, other=0.0)
+    for c in tl.static_range(1, N_CHUNKS):
+        total += tl.load(ws_ptr + c * numel + offs, mask=mask, other=0.0)
+    tl.store(c_ptr + offs, total.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+def reduce_chunks(ws: torch.Tensor, out: torch.Tensor) -> None:
+    """ws: fp32 [n_chunks, *out.shape] chunk sums -> out (contiguous; bf16 rounded to nearest even, or fp32),
+    summed in ascending chunk order."""
+    numel = out.numel()
+    block = 4096 if runtime.interpreting() else 1024
+    _reduce_chunks_kernel[(triton.cdiv(numel, block),)](ws, out, numel, N_CHUNKS=ws.shape[0], BLOCK=block)

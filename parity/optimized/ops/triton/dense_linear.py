@@ -1,0 +1,147 @@
+"""Triton unquantized linear over ragged tokens: y[T, N] = x[T, K] . w[N, K]^T, fp32 accumulation.
+
+Reference: parity.reference.model.Compressor.forward (its fp32 `F.linear` projections wkv / wgate; also the
+indexer's bf16 weights_proj and the gate's fp32 score GEMM, spec §6.2, §7.2, §9.1).
+
+fp32 operands (compressor wkv / wgate) use `tl.dot(..., input_precision="ieee")`: true fp32 products and sums, never
+TF32 (the reference runs with TF32 off, spec §12.1). bf16 operands (indexer weights_proj; the gate's scores, see
+moe_gate) use the bf16 tensor cores: every product of two bf16 values is exact in fp32, so only the fp32 summation
+order differs from cuBLAS / MKL. Output in x's dtype (bf16 rounded to nearest even), or fp32 when asked.
+
+One order for every batch: K is cut into at most 8 chunks of a K-only size (a multiple of 128); each chunk's fp32
+sum starts from zero and the chunk sums are added in ascending order, in registers or, for decode-sized batches
+that leave SMs idle, through the ordered split-K reduction of `_gemm_common`. So a row's bits depend neither on its
+batchmates nor on the tile sizes the autotuner picks (same as fp8_gemm). `cu_seqlens` is accepted and ignored:
+rows are independent here, unlike the torch backend whose BLAS rounds by row count.
+
+Numerics vs the twin: within the twin's distance to the float64 product plus K * 2^-23 of the terms' absolute sum
+(a bound for fp32 recursive summation in any order) plus one ulp of the output. Unverified without a GPU: the
+performance and that wgmma's per-element bf16 accumulation is independent of the token-tile width.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import _gemm_common as common
+from parity.optimized.ops.triton import runtime
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+def _linear_kernel(
+    x_ptr, w_ptr, y_ptr, ws_ptr,
+    M, N, K, CHUNK_K, M_BUCKET,
+    stride_xm, stride_wn, stride_ym,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, DOT_F64: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    pid_w = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # output features (weight rows): the MMA's M side
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # tokens: its N side
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_w = offs_w < N
+    mask_t = offs_t < M
+    if SPLIT:
+        k_begin = tl.program_id(2) * CHUNK_K
+        k_end = tl.minimum(k_begin + CHUNK_K, K)
+    else:
+        k_begin = 0
+        k_end = K
+    w_ptrs = w_ptr + offs_w[:, None] * stride_wn + (k_begin + offs_k)[None, :]
+    x_ptrs = x_ptr + offs_t[None, :] * stride_xm + (k_begin + offs_k)[:, None]  # [BLOCK_K, BLOCK_T], K-major
+    total = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    for k0 in range(k_begin, k_end, BLOCK_K):
+        mask_k = (k0 + offs_k) < K
+        w = tl.load(w_ptrs, mask=mask_w[:, None] & mask_k[None, :], other=0.0)
+        x = tl.load(x_ptrs, mask=mask_k[:, None] & mask_t[None, :], other=0.0)
+        if DOT_F64:
+            # interpreter: numpy's fp32 GEMM sums a column in an order that depends on its position in the tile
+            # (OpenBLAS edge kernels), which would make a row's bits depend on its batchmates; a float64 dot of
+            # the exact products, rounded once per K block, does not
+            part += tl.dot(w.to(tl.float64), x.to(tl.float64), input_precision="ieee").to(tl.float32)
+        elif IEEE:
+            part = tl.dot(w, x, part, input_precision="ieee")  # fp32 products and sums, never TF32
+        else:
+            part = tl.dot(w, x, part)
+        if ((k0 + BLOCK_K) % CHUNK_K == 0) | (k0 + BLOCK_K >= k_end):  # a K chunk is complete
+            total += part
+            part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    mask = mask_w[:, None] & mask_t[None, :]
+    if SPLIT:
+        ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * N
+        tl.store(ws + offs_t[None, :] * N + offs_w[:, None], total, mask=mask)
+    else:
+        tl.store(y_ptr + offs_t[None, :] * stride_ym + offs_w[:, None], total.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def _configs(small_m: bool):
+    if runtime.interpreting():
+        return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 128, "BLOCK_K": 128}, num_warps=4)]
+    # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages); fp32 ieee dots run on the FMA units, bf16 on wgmma
+    if small_m:
+        shapes = [(64, 16, 64, 4, 3), (64, 32, 32, 4, 3)]
+    else:
+        shapes = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]
+    return [
+        triton.Config({"BLOCK_W": w, "BLOCK_T": t, "BLOCK_K": k}, num_warps=nw, num_stages=st)
+        for w, t, k, nw, st in shapes
+    ]
+
+
+# K-chunk boundaries must not depend on the tuned BLOCK_K: chunks are multiples of 128, BLOCK_K divides 128
+_KEY = ["N", "K", "M_BUCKET", "SPLIT", "IEEE"]
+_small = common.autotune(_configs(True), _KEY)(_linear_kernel)
+_large = common.autotune(_configs(False), _KEY)(_linear_kernel)
+SMALL_M = 64
+
+
+def chunk_k(k: int) -> int:
+    """Elements per K chunk: a multiple of 128, at most 8 chunks; a function of K only."""
+    return 128 * common.chunk_blocks(triton.cdiv(k, 128))
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, *, _split=None):
+    """x `[M, K]` . weight `[N, K]`^T with fp32 accumulation; fp32 operands (both) or bf16 operands (both).
+    Returns `[M, N]` in `out_dtype` (default: x's dtype)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    assert weight.shape[1] == k, (tuple(x.shape), tuple(weight.shape))
+    assert x.dtype == weight.dtype and x.dtype in (torch.float32, torch.bfloat16), (x.dtype, weight.dtype)
+    out = common.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
+    if m == 0 or n == 0:
+        return out
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    weight = weight if weight.stride(-1) == 1 else weight.contiguous()
+    ck = chunk_k(k)
+    chunks = triton.cdiv(k, ck)
+    small = m <= SMALL_M
+    split = _split
+    if split is None:
+        split = small and triton.cdiv(n, 64) * triton.cdiv(m, 16) < common.sm_count(x.device)
+    split = split and chunks > 1
+    ws = common.empty(chunks, m, n, dtype=torch.float32, device=x.device) if split else out  # out: unused dummy
+    ieee = x.dtype == torch.float32
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
+
+    with common.on_device(x):
+        (_small if small else _large)[grid](
+            x, weight, out, ws,
+            m, n, k, ck, common.bucket(m),
+            x.stride(0), weight.stride(0), out.stride(0),
+            SPLIT=split, IEEE=ieee, DOT_F64=runtime.interpreting(),
+        )  # fmt: skip
+        if split:
+            common.reduce_chunks(ws, out)
+    return out
+
+
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, cu_seqlens=None) -> torch.Tensor:
+    """x `[T, K]` . weight `[N, K]`^T in x's dtype (fp32 or bf16) -> `[T, N]`; `cu_seqlens` is ignored (rows are
+    computed alone, whatever their segments)."""
+    return linear(x, weight)

@@ -1,0 +1,180 @@
+"""Triton FP8-activation x FP4-weight GEMM: C[M, N] = A[M, K] . B[N, K]^T, bf16 out.
+
+Reference: parity.reference.kernels.fp4_gemm (the official TileLang `fp4_gemm`, spec §3.5).
+
+Block structure (spec §3.5): 32-wide K blocks in ascending order; the packed e2m1 weights (two per byte, low nibble
+first, spec §2.2) are decoded in registers to e4m3 bytes holding fp4 * 2^-6 (exact; four ALU ops per weight, the
+2^6 folded into the power-of-two weight scale), P_k = A_k . B_k^T
+on FP8 tensor cores (fp32, from zero per block), C_acc += (P_k * sa[m, k/4]) * sb[n, k] with the activation's
+per-128 scale and the weight's per-32 scale; bf16 (round to nearest even) at the end. K > 8 blocks: the fp32 sum is
+grouped in K-only chunks (`_gemm_common`), which keeps split-K batch-invariant.
+
+Layout as in `fp8_gemm`: weight rows on the MMA's M side (BLOCK_W), tokens on its N side (BLOCK_T), split K over
+chunks for small-M launches that would leave SMs idle.
+
+Numerics vs the twin: each 32-wide block product is one FP8 MMA on the GPU (an exact float64 dot rounded once to
+fp32 in the interpreter, as in fp8_gemm) instead of the twin's exact sum; the scaling and accumulation are the
+twin's. Within the FP8 block-product allowance plus one bf16 ulp of the float64 math beyond the twin's own error.
+Unverified without a GPU: the MMA bits, batch invariance across autotuned tile widths, the performance (compiled
+for sm_90 on CPU: `python bench/triton_gemm.py --compile-check`).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import _gemm_common as common
+from parity.optimized.ops.triton import runtime
+
+# the FP4 weight scale block along K (one MMA K step); a constexpr: a plain global int is invisible to compiled kernels
+BLOCK_K = tl.constexpr(32)
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one compile for every token count
+def _fp4_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr,
+    M, N, K, N_KB, CHUNK_KB, M_BUCKET,
+    stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+    A_E8M0: tl.constexpr, B_E8M0: tl.constexpr,
+    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    pid_w = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # output features n
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # tokens m
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_w = offs_w < N
+    mask_t = offs_t < M
+    if SPLIT:
+        kb_begin = tl.program_id(2) * CHUNK_KB
+        kb_end = tl.minimum(kb_begin + CHUNK_KB, N_KB)
+    else:
+        kb_begin = 0
+        kb_end = N_KB
+    # the 32 weights of a K block are 16 contiguous bytes of the row (one 16-byte load), element 2b in the low
+    # nibble of byte b (spec §2.2)
+    k0 = kb_begin * BLOCK_K
+    b_ptrs = b_ptr + offs_w[:, None] * stride_bn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
+    a_ptrs = a_ptr + offs_t[None, :] * stride_am + (k0 + offs_k)[:, None]  # [32, BLOCK_T], K-major
+    as_row = as_ptr + offs_t * stride_asm
+    bs_ptrs = bs_ptr + offs_w * stride_bsn + kb_begin
+    total = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    for kb in range(kb_begin, kb_end):
+        # e2m1 nibble s.e1e0.m -> bits 7 and 4..2 of an e4m3 byte: the value fp4 * 2^-6, exact for every code (the
+        # subnormal 0.5 included); the 2^6 goes into the weight scale below (inline: the interpreter pays per call)
+        packed = tl.load(b_ptrs, mask=mask_w[:, None], other=0)  # [BLOCK_W, 16] uint8
+        lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
+        hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_W, BLOCK_K)).to(tl.float8e4nv, bitcast=True)  # low nibble first
+        a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
+        sa = tl.load(as_row + kb // 4, mask=mask_t)  # the activation's 128-group holding this 32-block
+        sb = tl.load(bs_ptrs, mask=mask_w)
+        if A_E8M0:
+            sa = sa.to(tl.int32)
+            sa = tl.where(sa == 0, 0x00400000, tl.where(sa == 255, 0x7FC00000, sa << 23))
+            sa = sa.to(tl.float32, bitcast=True)
+        if B_E8M0:
+            sb = sb.to(tl.int32)
+            sb = tl.where(sb == 0, 0x00400000, tl.where(sb == 255, 0x7FC00000, sb << 23))
+            sb = sb.to(tl.float32, bitcast=True)
+        sb = sb * 64.0  # the decoding's 2^-6 undone: a power of two, so (P * sa) * sb rounds exactly as the twin's
+        if DOT_F64:  # interpreter: an exact block product (see the module docstring), and BLAS-fast
+            p = tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
+        else:
+            p = tl.dot(w, a)
+        # [BLOCK_W, BLOCK_T] fp32, from zero for this 32-block
+        if not CHUNKED:  # one block per chunk: the twin's own order, one accumulator fewer
+            total += (p * sa[None, :]) * sb[:, None]
+        else:
+            part += (p * sa[None, :]) * sb[:, None]
+            if ((kb + 1) % CHUNK_KB == 0) | (kb + 1 == kb_end):
+                total += part
+                part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+        b_ptrs += BLOCK_K // 2
+        a_ptrs += BLOCK_K
+        bs_ptrs += 1
+    if SPLIT:
+        ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * N
+        tl.store(ws + offs_t[None, :] * N + offs_w[:, None], total, mask=mask_w[:, None] & mask_t[None, :])
+    else:
+        c_ptrs = c_ptr + offs_t[None, :] * stride_cm + offs_w[:, None]
+        tl.store(c_ptrs, total.to(tl.bfloat16), mask=mask_w[:, None] & mask_t[None, :])
+
+
+def _configs(small_m: bool):
+    if runtime.interpreting():
+        return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 256}, num_warps=4)]
+    # (BLOCK_W, BLOCK_T, warps, stages): wgmma when compiled for sm_90 (bench --compile-check); 128 x 128 with
+    # K-chunking spills a little (236 bytes), so 128 x 64 is offered next to it
+    if small_m:
+        shapes = [(64, 16, 4, 4), (128, 32, 4, 3)]
+    else:
+        shapes = [(128, 64, 8, 4), (128, 128, 8, 3)]
+    return [triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st) for w, t, nw, st in shapes]
+
+
+_KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "SPLIT"]
+_small = common.autotune(_configs(True), _KEY)(_fp4_gemm_kernel)
+_large = common.autotune(_configs(False), _KEY)(_fp4_gemm_kernel)
+
+SMALL_M = 64
+
+
+def fp4_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    b_s: torch.Tensor,
+    scale_dtype: torch.dtype = torch.float32,
+    *,
+    _split: bool | None = None,
+) -> torch.Tensor:
+    """C = A_fp8 . B_fp4^T (the official `fp4_gemm` contract): 32-wide K blocks, C += (P * sa) * sb.
+
+    Args:
+        a (torch.Tensor): e4m3 `[..., K]`; a_s: `[..., K/128]` activation scales (e8m0 or fp32).
+        b (torch.Tensor): `float4_e2m1fn_x2` (or int8/uint8 bytes) `[N, K/2]`, low nibble first; b_s: `[N, K/32]`
+            e8m0 (or fp32) weight scales.
+        _split (bool, Optional): tests only: force (True) or forbid (False) the split-K launch.
+
+    Returns:
+        `[..., N]` in torch's default dtype (bf16 values).
+    """
+    assert a.is_contiguous() and b.is_contiguous(), "Input tensors must be contiguous"
+    assert a_s.is_contiguous() and b_s.is_contiguous(), "Scaling factor tensors must be contiguous"
+    assert a.dtype == torch.float8_e4m3fn, a.dtype
+    k = a.size(-1)
+    m = a.numel() // k
+    n = b.size(0)
+    assert k % 128 == 0 and b.size(1) * 2 == k, f"fp4_gemm: K = {k}, packed weight {tuple(b.shape)}"
+    n_kb = k // BLOCK_K.value
+    a2, as2 = a.view(m, k), a_s.view(m, -1)
+    assert as2.shape == (m, k // 128) and b_s.shape == (n, n_kb), (tuple(a_s.shape), tuple(b_s.shape))
+    out = common.empty(m, n, dtype=torch.bfloat16, device=a.device)
+    if m and n:
+        asc, a_e8m0 = common.scale_arg(as2)
+        bsc, b_e8m0 = common.scale_arg(b_s)
+        bytes_ = b.view(torch.uint8)
+        chunk, chunks = common.chunk_blocks(n_kb), common.n_chunks(n_kb)
+        small = m <= SMALL_M
+        split = _split
+        if split is None:
+            split = small and triton.cdiv(n, 128) * triton.cdiv(m, 16) < common.sm_count(a.device)
+        split = split and chunks > 1
+        ws = common.empty(chunks, m, n, dtype=torch.float32, device=a.device) if split else out  # out: unused
+
+        def grid(meta):
+            return (triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
+
+        with common.on_device(a):
+            (_small if small else _large)[grid](
+                a2, asc, bytes_, bsc, out, ws,
+                m, n, k, n_kb, chunk, common.bucket(m),
+                a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
+                A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNKED=chunk > 1, SPLIT=split, DOT_F64=runtime.interpreting(),
+            )  # fmt: skip
+            if split:
+                common.reduce_chunks(ws, out)
+    return out.view(*a.shape[:-1], n).to(torch.get_default_dtype())

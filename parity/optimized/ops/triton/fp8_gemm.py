@@ -1,0 +1,214 @@
+"""Triton FP8 x FP8 block-scaled GEMM: C[M, N] = A[M, K] . B[N, K]^T, e4m3 operands, bf16 out.
+
+Reference: parity.reference.kernels.fp8_gemm (the official TileLang `fp8_gemm`, spec §3.4).
+
+Block structure (spec §3.4): for every 128-wide K block k, in ascending k, P_k = A_k . B_k^T on FP8 tensor cores
+(`tl.dot` on float8e4nv operands, fp32 accumulation starting from zero for the block), the scale sa[m, k] * sb[n/128,
+k] formed first, and C_acc += P_k * (sa * sb) in fp32; bf16 (round to nearest even) at the end. With K > 8 blocks
+the fp32 sum is grouped in K-only chunks (`_gemm_common` docstring), which keeps split-K batch-invariant.
+
+Layout: weight rows are the MMA's M side (BLOCK_W 64/128, inside one 128-row scale block, so sb is one scalar per
+tile and K block), tokens its N side (BLOCK_T 16..256); small-M launches split K over chunks when the tile grid
+would leave most SMs idle, and `_gemm_common.reduce_chunks` adds the chunk sums in order.
+
+`fp8_linear(x, b, b_s, ...)` is the same kernel with act_quant fused in front: bf16 activations are quantized per
+(token, 128-group) in registers with the exact act_quant recipe (spec §3.2), so it equals act_quant + fp8_gemm bit
+for bit while saving the quantized activation's round trip and one launch. The model calls act_quant and fp8_gemm
+separately (the op contract), so only the benchmark uses it today.
+
+Numerics vs the twin: the twin computes each P_k exactly (float64) and rounds it once to fp32; Hopper's FP8 MMA
+keeps fewer accumulator bits in an undocumented order, so on the GPU P_k can differ in its last fp32 bits and an
+output can land on the neighbouring bf16 value: within the twin's distance to the float64 block math plus 2^-12 of
+the block terms' absolute sum plus one bf16 ulp. The CPU interpreter runs each block product as a float64 dot of
+the exact products rounded once to fp32 (the twin's own P_k; also BLAS-fast, and independent of a token's position
+in its tile, which numpy's fp32 GEMM is not), so there the kernel differs from the twin only by the chunk grouping.
+Unverified without a GPU: the MMA's exact bits, that wgmma's per-element result does not depend on the token-tile
+width (batch invariance across autotuned configs), and the performance. Compiled for sm_90 on CPU (wgmma, no
+spills): `python bench/triton_gemm.py --compile-check`.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import _gemm_common as common
+from parity.optimized.ops.triton import runtime
+
+# the FP8 scale block along K (activations and weights); a constexpr: a plain global int is invisible to kernels
+BLOCK_K = tl.constexpr(128)
+
+
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one compile for every token count
+def _fp8_gemm_kernel(
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr,
+    M, N, K, N_KB, CHUNK_KB, M_BUCKET,
+    stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
+    A_E8M0: tl.constexpr, B_E8M0: tl.constexpr, FUSE_QUANT: tl.constexpr,
+    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    # M_BUCKET only keys the autotuner (size class of M)
+    pid_w = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    offs_w = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # output features n (weight rows)
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)  # tokens m
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_w = offs_w < N
+    mask_t = offs_t < M
+    if SPLIT:
+        kb_begin = tl.program_id(2) * CHUNK_KB
+        kb_end = tl.minimum(kb_begin + CHUNK_KB, N_KB)
+    else:
+        kb_begin = 0
+        kb_end = N_KB
+    # K % 128 == 0 (asserted by the wrapper): only rows and tokens need masks, and they do not change along K
+    w_ptrs = b_ptr + offs_w[:, None] * stride_bn + (kb_begin * BLOCK_K + offs_k)[None, :]  # [BLOCK_W, 128]
+    a_ptrs = a_ptr + offs_t[None, :] * stride_am + (kb_begin * BLOCK_K + offs_k)[:, None]  # [128, BLOCK_T], K-major
+    as_ptrs = as_ptr + offs_t * stride_asm + kb_begin
+    # BLOCK_W divides 128, so the whole tile lies in one 128-row weight scale block
+    bs_ptrs = bs_ptr + (pid_w * BLOCK_W // 128) * stride_bsn + kb_begin
+    total = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    for kb in range(kb_begin, kb_end):
+        w = tl.load(w_ptrs, mask=mask_w[:, None], other=0.0)
+        if FUSE_QUANT:
+            a, sa = common.quant_e4m3(tl.load(a_ptrs, mask=mask_t[None, :], other=0.0).to(tl.float32), 0)
+        else:
+            a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
+            sa = tl.load(as_ptrs, mask=mask_t)
+            if A_E8M0:  # inline (not a helper call): the interpreter pays per nested jit call
+                sa = sa.to(tl.int32)
+                sa = tl.where(sa == 0, 0x00400000, tl.where(sa == 255, 0x7FC00000, sa << 23))
+                sa = sa.to(tl.float32, bitcast=True)
+        sb = tl.load(bs_ptrs)
+        if B_E8M0:
+            sb = sb.to(tl.int32)
+            sb = tl.where(sb == 0, 0x00400000, tl.where(sb == 255, 0x7FC00000, sb << 23))
+            sb = sb.to(tl.float32, bitcast=True)
+        if DOT_F64:  # interpreter: an exact block product (see the module docstring), and BLAS-fast
+            p = tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
+        else:
+            p = tl.dot(w, a)
+        # [BLOCK_W, BLOCK_T] fp32, from zero for this K block
+        sc = sa * sb  # the official Scale_C = sa * sb, formed before it meets P
+        if not CHUNKED:  # one block per chunk: the twin's own order, one accumulator fewer
+            total += p * sc[None, :]
+        else:
+            part += p * sc[None, :]
+            if ((kb + 1) % CHUNK_KB == 0) | (kb + 1 == kb_end):
+                total += part
+                part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+        w_ptrs += BLOCK_K
+        a_ptrs += BLOCK_K
+        as_ptrs += 1
+        bs_ptrs += 1
+    if SPLIT:
+        ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * N
+        tl.store(ws + offs_t[None, :] * N + offs_w[:, None], total, mask=mask_w[:, None] & mask_t[None, :])
+    else:
+        c_ptrs = c_ptr + offs_t[None, :] * stride_cm + offs_w[:, None]
+        tl.store(c_ptrs, total.to(tl.bfloat16), mask=mask_w[:, None] & mask_t[None, :])
+
+
+def _configs(small_m: bool):
+    if runtime.interpreting():
+        # few, large programs: the interpreter pays per program instance
+        return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 256}, num_warps=4)]
+    # (BLOCK_W, BLOCK_T, warps, stages), checked by compiling for sm_90 (`python bench/triton_gemm.py
+    # --compile-check`): all wgmma; only 128 x 128 with K-chunking spills a little (252 bytes; the per-block scaling
+    # keeps a third accumulator), so 128 x 64 is offered next to it; 128 x 256 tiles spill heavily and are left out
+    if small_m:
+        shapes = [(64, 16, 4, 4), (128, 32, 4, 3)]
+    else:
+        shapes = [(128, 64, 8, 4), (128, 128, 8, 3)]
+    return [triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st) for w, t, nw, st in shapes]
+
+
+_KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "FUSE_QUANT", "SPLIT"]
+_small = common.autotune(_configs(True), _KEY)(_fp8_gemm_kernel)
+_large = common.autotune(_configs(False), _KEY)(_fp8_gemm_kernel)
+
+SMALL_M = 64  # decode-sized launches: K split over chunks when the tiles leave SMs idle
+
+
+def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
+    """a: [M, K] e4m3 (or bf16 with fuse_quant, a_s None) -> bf16 [M, N]."""
+    m, k = a.shape
+    n = b.shape[0]
+    out = common.empty(m, n, dtype=torch.bfloat16, device=a.device)
+    if m == 0 or n == 0:
+        return out
+    assert k % BLOCK_K.value == 0, f"fp8_gemm: K = {k} is not a multiple of {BLOCK_K.value}"
+    n_kb = k // BLOCK_K.value
+    assert b_s.shape == (triton.cdiv(n, 128), n_kb), f"fp8_gemm: weight scales {tuple(b_s.shape)} for {n}x{k}"
+    bs, b_e8m0 = common.scale_arg(b_s)
+    if fuse_quant:
+        as_, a_e8m0, stride_asm = a, False, 0  # unused
+    else:
+        assert a_s.shape == (m, n_kb), f"fp8_gemm: activation scales {tuple(a_s.shape)} for {m}x{k}"
+        as_, a_e8m0 = common.scale_arg(a_s)
+        stride_asm = as_.stride(0)
+    chunk = common.chunk_blocks(n_kb)
+    chunks = common.n_chunks(n_kb)
+    small = m <= SMALL_M
+    if split is None:
+        # split K only where the largest small-M tiles cannot occupy the SMs
+        split = small and chunks > 1 and triton.cdiv(n, 128) * triton.cdiv(m, 16) < common.sm_count(a.device)
+    split = split and chunks > 1
+    ws = common.empty(chunks, m, n, dtype=torch.float32, device=a.device) if split else out  # out: unused dummy
+    kernel = _small if small else _large
+
+    def grid(meta):
+        return (triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
+
+    with common.on_device(a):
+        kernel[grid](
+            a, as_, b, bs, out, ws,
+            m, n, k, n_kb, chunk, common.bucket(m),
+            a.stride(0), stride_asm, b.stride(0), bs.stride(0), out.stride(0),
+            A_E8M0=a_e8m0, B_E8M0=b_e8m0, FUSE_QUANT=fuse_quant,
+            CHUNKED=chunk > 1, SPLIT=split, DOT_F64=runtime.interpreting(),
+        )  # fmt: skip
+        if split:
+            common.reduce_chunks(ws, out)
+    return out
+
+
+def fp8_gemm(
+    a: torch.Tensor,
+    a_s: torch.Tensor,
+    b: torch.Tensor,
+    b_s: torch.Tensor,
+    scale_dtype: torch.dtype = torch.float32,
+    *,
+    _split: bool | None = None,
+) -> torch.Tensor:
+    """C = A . B^T with per-128 FP8 block scales on both sides (the official `fp8_gemm` contract).
+
+    Args:
+        a (torch.Tensor): e4m3 `[..., K]`; a_s: `[..., K/128]` per (row, 128-group) scales, e8m0 or fp32.
+        b (torch.Tensor): e4m3 `[N, K]`; b_s: `[ceil(N/128), K/128]` per 128x128 block scales, e8m0 or fp32.
+        _split (bool, Optional): tests only: force (True) or forbid (False) the split-K launch.
+
+    Returns:
+        `[..., N]` in torch's default dtype (bf16 values).
+    """
+    assert a.is_contiguous() and b.is_contiguous(), "Input tensors must be contiguous"
+    assert a_s.is_contiguous() and b_s.is_contiguous(), "Scaling factor tensors must be contiguous"
+    assert a.dtype == torch.float8_e4m3fn and b.dtype == torch.float8_e4m3fn, (a.dtype, b.dtype)
+    k = a.size(-1)
+    out = _launch(a.view(-1, k), a_s.view(-1, a_s.size(-1)), b, b_s, False, _split)
+    return out.view(*a.shape[:-1], b.shape[0]).to(torch.get_default_dtype())
+
+
+def fp8_linear(
+    x: torch.Tensor, b: torch.Tensor, b_s: torch.Tensor, *, _split: bool | None = None
+) -> torch.Tensor:  # fmt: skip
+    """act_quant(x, 128, "ue8m0") fused in front of `fp8_gemm`: bf16 `[..., K]` x e4m3 `[N, K]` -> `[..., N]`.
+    Equal bit for bit to the two ops in sequence (the activation scales are powers of two, as with scale_fmt
+    "ue8m0"; whether they are stored as e8m0 or fp32 does not change a value)."""
+    assert x.dtype == torch.bfloat16 and b.dtype == torch.float8_e4m3fn, (x.dtype, b.dtype)
+    assert b.is_contiguous() and b_s.is_contiguous()
+    k = x.size(-1)
+    out = _launch(x.reshape(-1, k).contiguous(), None, b, b_s, True, _split)
+    return out.view(*x.shape[:-1], b.shape[0]).to(torch.get_default_dtype())

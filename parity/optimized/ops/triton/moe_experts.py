@@ -1,0 +1,445 @@
+"""Triton grouped MoE experts: routed SwiGLU experts over tokens sorted by expert, the shared expert in the same
+launches, and the per-token fp32 combine in ascending expert id.
+
+Reference: parity.reference.model.MoE.forward (with Expert.forward; spec §9.2, §9.3).
+
+Steps (all on the device, no host sync):
+1. Plan (torch ops): the (token, slot) pairs sorted by expert id (stable, so tokens ascend inside an expert), cut
+   into tiles of BLOCK_T rows that never straddle two experts; empty experts get no tile. The shared expert's
+   tiles (all T tokens in order) follow the routed ones in the same plan.
+2. Gate-up kernel, one program per (tile, 64/128-feature slice of the inter dim): the tile's token rows are gathered
+   from x and quantized per (token, 128-group) in registers with the exact act_quant recipe (spec §3.2: that is
+   what `linear()` feeds the expert GEMM), then g = x W1^T and u = x W3^T with the weight format's own block
+   structure (FP4 e2m1: 32-wide K blocks, C += (P * sa) * sb, spec §3.5; FP8 e4m3 with 128x128 block scales: 128-wide
+   K blocks, C += P * (sa * sb), spec §3.4), fp32 accumulated in ascending K, each rounded to bf16 as the GEMM's
+   output. Epilogue (spec §9.2): u clamped to +-limit, g to max=limit (limit > 0 only), h = silu(g) * u in fp32
+   (silu as g / (1 + exp(-g)) with an IEEE division, like torch's kernels), routed rows times their routing weight
+   (fp32, route scale already in it, before w2), h rounded to bf16.
+3. Down kernel, one program per (tile, feature slice of dim): h rows quantized per 128-group on load (act_quant
+   fused in front of w2), the same block GEMM with W2, the expert's bf16 output stored per sorted row.
+4. Combine kernel, per token: y = 0 (fp32); y += (its expert outputs, in ascending expert id); y += shared output;
+   bf16. The same fp32 additions in the same order as the reference loop over experts (spec §9.3).
+
+Weights: routed experts in FP4 (`float4_e2m1fn_x2` [I, D/2] + e8m0 [I, D/32]) or FP8 (the V4-Flash-Base layout:
+e4m3 [I, D] + [I/128, D/128] block scales); the shared expert in FP8. The kernels read each expert's own
+parameter tensors in place through a table of element offsets from the first expert's tensor (built once per set
+of tensors and cached on their addresses), so nothing is stacked or copied.
+
+Numerics vs the twin: only the block products differ (FP8 MMA on the GPU; the interpreter's float64 dot is the
+twin's exact sum), as in fp4_gemm / fp8_gemm, plus exp() inside silu (Triton's exp vs torch's). Where a GEMM
+output or h lands on the neighbouring bf16 value, the next act_quant may pick the neighbouring e4m3 value, so an
+output can move by a fraction of the FP8 quantization error of its row; the tests propagate exactly that.
+Duplicate expert ids in one token's row (the reference would keep only one of the two contributions) are summed
+here. Unverified without a GPU: MMA bits, batch invariance across token-tile widths, the performance.
+"""
+
+import collections
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import _gemm_common as common
+from parity.optimized.ops.triton import runtime
+
+# ---- the block GEMM of one expert over one tile, activations quantized on load ----------------------------------
+# The hot loops are written out inline (no nested jit helper calls): the CPU interpreter pays milliseconds per call.
+
+
+@triton.jit
+def _mm_fp4(
+    x_ptr, toks, mask_t, stride_x, K,
+    wa_ptr, wb_ptr, sa_ptr, sb_ptr, stride_w, stride_s, f0, NF,
+    TWO: tl.constexpr, ROUND: tl.constexpr, S_E8M0: tl.constexpr, DOT_F64: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """x[toks] (bf16 [BLOCK_T rows, K], act_quant per 128-group on load) . W^T for one packed-FP4 weight [*, K/2]
+    with per-32 scales, or two (w1 and w3: one [2 * BLOCK_W]-row tile): 32-wide K blocks, P from zero,
+    C += (P * sa) * sb in ascending K (spec §3.5). Returns fp32 [BLOCK_W or 2 * BLOCK_W, BLOCK_T].
+
+    Decoding: an e2m1 nibble s.e1e0.m placed at bits 7 and 4..2 of a byte is the e4m3 value fp4 * 2^-6 (the same
+    2^-6 for normals and the subnormal 0.5, so every value is exact); the 2^6 goes into the power-of-two weight
+    scale (its exponent + 6), which leaves every product and rounding of (P * sa) * sb unchanged."""
+    offs128 = tl.arange(0, 128)
+    offs32 = tl.arange(0, 32)
+    r = tl.arange(0, ROWS)
+    second = r >= BLOCK_W
+    f = f0 + r % BLOCK_W  # the weight row (output feature) of each tile row
+    mf = f < NF
+    # a row's 32 weights of one K block: 16 contiguous bytes, element 2b in the low nibble of byte b (spec §2.2)
+    w_ptrs = tl.where(second[:, None], wb_ptr, wa_ptr) + f[:, None] * stride_w + tl.arange(0, 16)[None, :]
+    cols4 = tl.arange(0, 4)[None, :]
+    s_ptrs = (tl.where(second, sb_ptr, sa_ptr) + f * stride_s)[:, None] + cols4  # a 128-group's four scales
+    x_ptrs = x_ptr + toks[None, :] * stride_x + offs128[:, None]  # [128, BLOCK_T]
+    xs_ptrs = x_ptr + toks[None, :] * stride_x + offs32[:, None]  # [32, BLOCK_T]
+    mask_x = mask_t[None, :]
+    mask_w = mf[:, None]
+    acc = tl.zeros((ROWS, BLOCK_T), dtype=tl.float32)
+    for k0 in range(0, K, 128):
+        # act_quant scale of this 128-group, per token: amax floored at 1e-4, times fl32(1/448), power-of-two ceil
+        xf = tl.load(x_ptrs + k0, mask=mask_x, other=0.0).to(tl.float32)
+        v = tl.maximum(tl.max(tl.abs(xf), axis=0), 1e-4) * (1.0 / 448.0)
+        if ROUND:
+            bits = v.to(tl.int32, bitcast=True)
+            e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+            s_act = ((e + 127) << 23).to(tl.float32, bitcast=True)[None, :]
+            inv = ((127 - e) << 23).to(tl.float32, bitcast=True)[None, :]
+        else:
+            s_act = v[None, :]
+            inv = s_act
+        # the weight scales of the four 32-blocks, decoded once (the interpreter pays per op, the GPU does not care)
+        s4 = tl.load(s_ptrs + k0 // 32, mask=mask_w, other=127)
+        if S_E8M0:
+            e4 = s4.to(tl.int32)
+            s4 = tl.where(e4 == 0, 0x00400000, tl.where(e4 == 255, 0x7FC00000, e4 << 23)).to(tl.float32, bitcast=True)
+        s4 = s4 * 64.0  # the 2^6 of the decoding (exact)
+        for j in tl.static_range(4):
+            xq = tl.load(xs_ptrs + (k0 + 32 * j), mask=mask_x, other=0.0).to(tl.float32)
+            if ROUND:
+                xq = xq * inv  # x / s, exact for a power of two
+            else:
+                xq = tl.div_rn(xq, s_act)
+            xq = tl.clamp(xq, -448.0, 448.0).to(tl.float8e4nv)
+            packed = tl.load(w_ptrs + (k0 + 32 * j) // 2, mask=mask_w, other=0)  # [ROWS, 16] uint8
+            lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
+            hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+            w = tl.reshape(tl.join(lo, hi), (ROWS, 32)).to(tl.float8e4nv, bitcast=True)
+            sw = tl.sum(tl.where(cols4 == j, s4, 0.0), axis=1)[:, None]  # column j, exactly (the rest adds zeros)
+            if DOT_F64:  # interpreter: an exact block product (see fp8_gemm's docstring), and BLAS-fast
+                p = tl.dot(w.to(tl.float64), xq.to(tl.float64), input_precision="ieee").to(tl.float32)
+            else:
+                p = tl.dot(w, xq)
+            acc += (p * s_act) * sw
+    return acc
+
+
+@triton.jit
+def _mm_fp8(
+    x_ptr, toks, mask_t, stride_x, K,
+    wa_ptr, wb_ptr, sa_ptr, sb_ptr, stride_w, stride_s, f0, NF,
+    TWO: tl.constexpr, ROUND: tl.constexpr, S_E8M0: tl.constexpr, DOT_F64: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
+):  # fmt: skip
+    """The same for e4m3 weights [*, K] with 128x128 block scales [*, K/128]: 128-wide K blocks, P from zero,
+    C += P * (sa * sb) in ascending K (spec §3.4); each weight row reads its own 128-row scale block."""
+    offs128 = tl.arange(0, 128)
+    r = tl.arange(0, ROWS)
+    second = r >= BLOCK_W
+    f = f0 + r % BLOCK_W  # the weight row (output feature) of each tile row
+    mf = f < NF
+    w_ptrs = tl.where(second[:, None], wb_ptr, wa_ptr) + f[:, None] * stride_w + offs128[None, :]
+    s_ptrs = tl.where(second, sb_ptr, sa_ptr) + (f // 128) * stride_s  # each row's 128-row scale block
+    x_ptrs = x_ptr + toks[None, :] * stride_x + offs128[:, None]
+    acc = tl.zeros((ROWS, BLOCK_T), dtype=tl.float32)
+    for k0 in range(0, K, 128):
+        xf = tl.load(x_ptrs + k0, mask=mask_t[None, :], other=0.0).to(tl.float32)
+        v = tl.maximum(tl.max(tl.abs(xf), axis=0), 1e-4) * (1.0 / 448.0)
+        if ROUND:
+            bits = v.to(tl.int32, bitcast=True)
+            e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+            s_act = ((e + 127) << 23).to(tl.float32, bitcast=True)
+            xq = xf * (((127 - e) << 23).to(tl.float32, bitcast=True))[None, :]
+        else:
+            s_act = v
+            xq = tl.div_rn(xf, v[None, :])
+        xq = tl.clamp(xq, -448.0, 448.0).to(tl.float8e4nv)
+        w = tl.load(w_ptrs + k0, mask=mf[:, None], other=0.0)
+        sw = tl.load(s_ptrs + k0 // 128, mask=mf, other=127)
+        if S_E8M0:
+            ew = sw.to(tl.int32)
+            sw = tl.where(ew == 0, 0x00400000, tl.where(ew == 255, 0x7FC00000, ew << 23)).to(tl.float32, bitcast=True)
+        if DOT_F64:
+            p = tl.dot(w.to(tl.float64), xq.to(tl.float64), input_precision="ieee").to(tl.float32)
+        else:
+            p = tl.dot(w, xq)
+        acc += p * (s_act[None, :] * sw[:, None])  # the official Scale_C = sa * sb, then C += P * Scale_C
+    return acc
+
+
+# ---- kernels ------------------------------------------------------------------------------------------------------
+
+
+@triton.jit(do_not_specialize=["N_PLAN"])
+def _gate_up_kernel(
+    x_ptr, plan_ptr, row_tok_ptr, row_w_ptr, h_ptr,
+    w1_ptr, w3_ptr, s1_ptr, s3_ptr, off_ptr,
+    sw1_ptr, sw3_ptr, ss1_ptr, ss3_ptr,
+    N_PLAN, E, D, INTER,
+    stride_x, stride_h, stride_w, stride_s, stride_sw, stride_ss,
+    LIMIT, SHARED_LIMIT,
+    ROUTED_FP4: tl.constexpr, W_E8M0: tl.constexpr, SH_E8M0: tl.constexpr, ROUND: tl.constexpr,
+    DOT_F64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    pid_f = tl.program_id(0)
+    tile = tl.program_id(1)
+    e = tl.load(plan_ptr + tile)  # expert id; E = the shared expert
+    row0 = tl.load(plan_ptr + N_PLAN + tile)  # first row of the tile in the sorted-row buffers
+    n_rows = tl.load(plan_ptr + 2 * N_PLAN + tile)
+    if n_rows > 0:
+        offs_t = tl.arange(0, BLOCK_T)
+        mask_t = offs_t < n_rows
+        rows = row0 + offs_t
+        toks = tl.load(row_tok_ptr + rows, mask=mask_t, other=0)
+        f0 = pid_f * BLOCK_W
+        NF = INTER
+        feats = f0 + tl.arange(0, BLOCK_W)
+        mask_f = feats < INTER
+        if e == E:
+            acc = _mm_fp8(
+                x_ptr, toks, mask_t, stride_x, D, sw1_ptr, sw3_ptr, ss1_ptr, ss3_ptr, stride_sw, stride_ss,
+                f0, NF, True, ROUND, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
+            )  # fmt: skip
+            limit = SHARED_LIMIT
+        else:
+            wa = w1_ptr + tl.load(off_ptr + e)
+            wb = w3_ptr + tl.load(off_ptr + E + e)
+            sa = s1_ptr + tl.load(off_ptr + 2 * E + e)
+            sb = s3_ptr + tl.load(off_ptr + 3 * E + e)
+            if ROUTED_FP4:
+                acc = _mm_fp4(
+                    x_ptr, toks, mask_t, stride_x, D, wa, wb, sa, sb, stride_w, stride_s, f0, NF,
+                    True, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
+                )  # fmt: skip
+            else:
+                acc = _mm_fp8(
+                    x_ptr, toks, mask_t, stride_x, D, wa, wb, sa, sb, stride_w, stride_s, f0, NF,
+                    True, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
+                )  # fmt: skip
+            limit = LIMIT
+        # the GEMMs' bf16 outputs, widened (spec §9.2 step 1)
+        g, u = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_W, BLOCK_T)), (1, 2, 0)))  # w1 rows, w3 rows
+        g = g.to(tl.bfloat16).to(tl.float32)
+        u = u.to(tl.bfloat16).to(tl.float32)
+        if limit > 0:
+            u = tl.clamp(u, -limit, limit)
+            g = tl.minimum(g, limit)
+        h = tl.div_rn(g, 1.0 + tl.exp(-g)) * u
+        if e != E:
+            h = tl.load(row_w_ptr + rows, mask=mask_t, other=0.0)[None, :] * h  # the routing weight, before w2
+        h_ptrs = h_ptr + rows[None, :] * stride_h + feats[:, None]
+        tl.store(h_ptrs, h.to(tl.bfloat16), mask=mask_f[:, None] & mask_t[None, :])
+
+
+@triton.jit(do_not_specialize=["N_PLAN"])
+def _down_kernel(
+    h_ptr, plan_ptr, out_ptr,
+    w2_ptr, s2_ptr, off_ptr, sw2_ptr, ss2_ptr,
+    N_PLAN, E, D, INTER,
+    stride_h, stride_out, stride_w, stride_s, stride_sw, stride_ss,
+    ROUTED_FP4: tl.constexpr, W_E8M0: tl.constexpr, SH_E8M0: tl.constexpr, ROUND: tl.constexpr,
+    DOT_F64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+):  # fmt: skip
+    pid_f = tl.program_id(0)
+    tile = tl.program_id(1)
+    e = tl.load(plan_ptr + tile)
+    row0 = tl.load(plan_ptr + N_PLAN + tile)
+    n_rows = tl.load(plan_ptr + 2 * N_PLAN + tile)
+    if n_rows > 0:
+        offs_t = tl.arange(0, BLOCK_T)
+        mask_t = offs_t < n_rows
+        rows = row0 + offs_t
+        f0 = pid_f * BLOCK_W
+        NF = D
+        feats = f0 + tl.arange(0, BLOCK_W)
+        mask_f = feats < D
+        if e == E:
+            y = _mm_fp8(
+                h_ptr, rows, mask_t, stride_h, INTER, sw2_ptr, sw2_ptr, ss2_ptr, ss2_ptr, stride_sw, stride_ss,
+                f0, NF, False, ROUND, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
+            )  # fmt: skip
+        else:
+            wa = w2_ptr + tl.load(off_ptr + e)
+            sa = s2_ptr + tl.load(off_ptr + E + e)
+            if ROUTED_FP4:
+                y = _mm_fp4(
+                    h_ptr, rows, mask_t, stride_h, INTER, wa, wa, sa, sa, stride_w, stride_s, f0, NF,
+                    False, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
+                )  # fmt: skip
+            else:
+                y = _mm_fp8(
+                    h_ptr, rows, mask_t, stride_h, INTER, wa, wa, sa, sa, stride_w, stride_s, f0, NF,
+                    False, ROUND, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
+                )  # fmt: skip
+        out_ptrs = out_ptr + rows[None, :] * stride_out + feats[:, None]
+        tl.store(out_ptrs, y.to(tl.bfloat16), mask=mask_f[:, None] & mask_t[None, :])
+
+
+@triton.jit(do_not_specialize=["T", "R"])
+def _combine_kernel(
+    y_ptr, pos_ptr, out_ptr, T, D, R, TOPK: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr
+):  # fmt: skip
+    # out[t] = bf16(((0 + y[pos[t, 0]]) + y[pos[t, 1]] + ...) + y[R + t]): slots pre-sorted by ascending expert id
+    offs_t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_t = offs_t < T
+    mask = mask_t[:, None] & (offs_d < D)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_D), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        pos = tl.load(pos_ptr + offs_t * TOPK + j, mask=mask_t, other=0).to(tl.int64)
+        acc += tl.load(y_ptr + pos[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
+    acc += tl.load(y_ptr + (R + offs_t.to(tl.int64))[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(
+        tl.float32
+    )
+    tl.store(out_ptr + offs_t[:, None] * D + offs_d[None, :], acc.to(tl.bfloat16), mask=mask)
+
+
+# ---- autotuning (GPU) ---------------------------------------------------------------------------------------------
+
+
+def _configs(interpreter_width):
+    if runtime.interpreting():
+        return [triton.Config({"BLOCK_W": interpreter_width}, num_warps=4)]
+    # feature slices of 64 (4 warps) or 128 (8 warps): wgmma, no spills when compiled for sm_90 (bench --compile-check)
+    return [
+        triton.Config({"BLOCK_W": 64}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_W": 128}, num_warps=8, num_stages=3),
+    ]
+
+
+_KEY = ["D", "INTER", "E", "ROUTED_FP4", "BLOCK_T"]  # not T: one tuning per token-tile size class
+# interpreter: gate-up tiles hold w1 and w3 (2 x 128 rows), down tiles 256 rows: the tiny model in one slice each
+_gate_up = common.autotune(_configs(128), _KEY)(_gate_up_kernel)
+_down = common.autotune(_configs(256), _KEY)(_down_kernel)
+
+
+# ---- host side ------------------------------------------------------------------------------------------------
+
+
+def _u8(t: torch.Tensor) -> torch.Tensor:
+    """e8m0 / fp4 tensors as their bytes (Triton has no such types); others unchanged."""
+    return t.view(torch.uint8) if t.dtype in (torch.float8_e8m0fnu, torch.float4_e2m1fn_x2) else t
+
+
+_TABLES: "collections.OrderedDict[tuple, torch.Tensor]" = collections.OrderedDict()
+
+
+def _offset_table(experts, names) -> torch.Tensor:
+    """int64 [len(names), E] element offsets of each expert's tensors from expert 0's, on their device. Cached on
+    the tensors' addresses (the table is a pure function of them, so a reused address can never make it stale)."""
+    tensors = [[_u8(getattr(e, n)[i]) for e in experts] for n, i in names]
+    key = tuple(t.data_ptr() for col in tensors for t in col) + (str(tensors[0][0].device),)
+    table = _TABLES.get(key)
+    if table is None:
+        rows = []
+        for col in tensors:
+            base, size = col[0].data_ptr(), col[0].element_size()
+            assert all(t.shape == col[0].shape and t.dtype == col[0].dtype and t.is_contiguous() for t in col)
+            assert all((t.data_ptr() - base) % size == 0 for t in col)
+            rows.append([(t.data_ptr() - base) // size for t in col])
+        table = torch.tensor(rows, dtype=torch.int64, device=tensors[0][0].device)
+        _TABLES[key] = table
+        if len(_TABLES) > 256:
+            _TABLES.popitem(last=False)
+    return table
+
+
+def _block_t(rows_per_expert: float) -> int:
+    if runtime.interpreting():
+        return 128  # few programs: the interpreter pays per program instance
+    # 64-token gate-up tiles (w1 and w3 rows: a [2 x BLOCK_W, 64] accumulator) spill on sm_90 (bench --compile-check)
+    return 16 if rows_per_expert <= 16 else 32
+
+
+def _plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, t: int, bt: int):
+    """Sorted rows and the tile plan, all device tensors (no host sync). Rows [0, R) are the routed (token, slot)
+    pairs sorted by expert id (tokens ascending within an expert), rows [R, R + T) the shared expert's tokens.
+    Returns (plan int32 [3, n_plan]: expert, first row, row count; row -> token; row -> routing weight; position of
+    each token's slots in ascending expert order [T, k])."""
+    dev = indices.device
+    k = indices.shape[1]
+    r = t * k
+    flat = indices.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_experts)
+    starts = torch.cumsum(counts, 0) - counts
+    tiles = (counts + bt - 1) // bt
+    tile_end = torch.cumsum(tiles, 0)
+    n_routed = triton.cdiv(r, bt) + min(n_experts, r)  # an upper bound of sum(tiles): no sync to know it
+    i = torch.arange(n_routed, device=dev)
+    e = torch.searchsorted(tile_end, i, right=True)
+    ec = e.clamp(max=n_experts - 1)
+    local = i - (tile_end - tiles)[ec]
+    n_rows = torch.where(e < n_experts, (counts[ec] - local * bt).clamp(0, bt), 0)
+    row0 = starts[ec] + local * bt
+    i_sh = torch.arange(triton.cdiv(t, bt), device=dev)
+    plan = torch.stack(
+        [
+            torch.cat([e, torch.full_like(i_sh, n_experts)]),
+            torch.cat([row0, r + i_sh * bt]),
+            torch.cat([n_rows, (t - i_sh * bt).clamp(max=bt)]),
+        ]
+    ).to(torch.int32)
+    row_tok = torch.cat([order // k, torch.arange(t, device=dev)]).to(torch.int32)
+    row_w = torch.cat([weights.reshape(-1).float()[order], torch.ones(t, device=dev)])
+    inv = torch.empty_like(order)
+    inv[order] = torch.arange(r, device=dev)
+    pos = inv.view(t, k).gather(1, torch.argsort(indices.long(), dim=1, stable=True)).to(torch.int32)
+    return plan.contiguous(), row_tok, row_w, pos
+
+
+def moe_experts(x, weights, indices, experts, shared, scale_fmt, scale_dtype) -> torch.Tensor:
+    """Routed SwiGLU experts (ascending-id fp32 accumulation) plus the shared expert: bf16 `[T, D]` -> same.
+
+    Args:
+        x (torch.Tensor): bf16 `[T, D]`; weights fp32 `[T, k]` (route scale included); indices `[T, k]` expert ids.
+        experts (list): `ExpertWeights` per routed expert, all FP4 or all FP8; shared: the FP8 shared expert.
+        scale_fmt, scale_dtype: the act_quant policy of the expert inputs ("ue8m0": power-of-two scales).
+    """
+    t, d = x.shape
+    n_exp = len(experts)
+    k = indices.shape[1]
+    dev = x.device
+    out = common.empty(t, d, dtype=torch.bfloat16, device=dev)
+    if t == 0:
+        return out
+    w1 = experts[0].w1[0]
+    routed_fp4 = w1.dtype == torch.float4_e2m1fn_x2
+    assert routed_fp4 or w1.dtype == torch.float8_e4m3fn, f"moe_experts: routed weights of dtype {w1.dtype}"
+    assert shared.w1[0].dtype == torch.float8_e4m3fn, f"moe_experts: shared expert of dtype {shared.w1[0].dtype}"
+    limits = {e.swiglu_limit for e in experts}
+    assert len(limits) == 1, f"moe_experts: routed experts with different swiglu limits {limits}"
+    inter = w1.shape[0]
+    assert d % 128 == 0 and inter % 128 == 0, (d, inter)
+    x = x.contiguous()
+    r = t * k
+    bt = _block_t(r / max(1, min(n_exp, r)))
+    plan, row_tok, row_w, pos = _plan(indices, weights, n_exp, t, bt)
+    n_plan = plan.shape[1]
+    table1 = _offset_table(experts, (("w1", 0), ("w3", 0), ("w1", 1), ("w3", 1)))
+    table2 = _offset_table(experts, (("w2", 0), ("w2", 1)))
+    rw1, rs1, rw3, rs3 = (_u8(experts[0].w1[0]), _u8(experts[0].w1[1]), _u8(experts[0].w3[0]), _u8(experts[0].w3[1]))
+    rw2, rs2 = _u8(experts[0].w2[0]), _u8(experts[0].w2[1])
+    sw1, ss1, sw3, ss3 = (_u8(shared.w1[0]), _u8(shared.w1[1]), _u8(shared.w3[0]), _u8(shared.w3[1]))
+    sw2, ss2 = _u8(shared.w2[0]), _u8(shared.w2[1])
+    flags = dict(
+        ROUTED_FP4=routed_fp4,
+        W_E8M0=experts[0].w1[1].dtype == torch.float8_e8m0fnu,
+        SH_E8M0=shared.w1[1].dtype == torch.float8_e8m0fnu,
+        ROUND=scale_fmt is not None,
+        DOT_F64=runtime.interpreting(),
+        BLOCK_T=bt,
+    )
+    h = common.empty(r + t, inter, dtype=torch.bfloat16, device=dev)
+    y = common.empty(r + t, d, dtype=torch.bfloat16, device=dev)
+    with common.on_device(x):
+        _gate_up[lambda meta: (triton.cdiv(inter, meta["BLOCK_W"]), n_plan)](
+            x, plan, row_tok, row_w, h,
+            rw1, rw3, rs1, rs3, table1,
+            sw1, sw3, ss1, ss3,
+            n_plan, n_exp, d, inter,
+            x.stride(0), h.stride(0), rw1.stride(0), rs1.stride(0), sw1.stride(0), ss1.stride(0),
+            float(experts[0].swiglu_limit), float(shared.swiglu_limit),
+            **flags,
+        )  # fmt: skip
+        _down[lambda meta: (triton.cdiv(d, meta["BLOCK_W"]), n_plan)](
+            h, plan, y,
+            rw2, rs2, table2, sw2, ss2,
+            n_plan, n_exp, d, inter,
+            h.stride(0), y.stride(0), rw2.stride(0), rs2.stride(0), sw2.stride(0), ss2.stride(0),
+            **flags,
+        )  # fmt: skip
+        bt_c, bd_c = (256, 256) if runtime.interpreting() else (16, 256)
+        _combine_kernel[(triton.cdiv(t, bt_c), triton.cdiv(d, bd_c))](
+            y, pos, out, t, d, r, TOPK=k, BLOCK_T=bt_c, BLOCK_D=bd_c
+        )
+    return out

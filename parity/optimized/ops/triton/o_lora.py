@@ -1,0 +1,166 @@
+"""Triton grouped output LoRA (wo_a): out[t, g, :] = o[t, g, :] . wo_a[g]^T, FP8 weights with 128x128 block scales,
+bf16 activations, fp32 accumulation, bf16 out.
+
+Reference: parity.reference.model.Attention.forward (`einsum("bsgd,grd->bsgr")`, spec §5.6).
+
+How the FP8 weights reach the kernel without changing the model: the model holds the bf16 wo_a that convert.py
+made by dequantizing the checkpoint's FP8 weight exactly (spec §2.3: e4m3 x 2^k per 128x128 block fits bf16).
+`quantize_wo_a` runs the checkpoint's own block recipe (`parity.formats.quantize_fp8_blocks`: power-of-two ue8m0
+scale = pow2_ceil(max(amax, 1e-4) * fl32(1/448)), e4m3 round to nearest even) on the bf16 weight once per weight
+tensor (cached on the tensor's identity, storage and version) and keeps the result only if it dequantizes back to
+the bf16 weight bit for bit. What comes back for a checkpoint-made weight (tests/optimized/ops/test_o_lora.py proves
+it on the synthetic checkpoint and on edge-case blocks): always the same values; the checkpoint's very bytes and
+scales for every block except one whose largest |q| is exactly 224. Such a block's values are 224 * 2^k at most,
+which the recipe itself may have stored as (224, 2^k) or as (448, 2^(k-1)) (both occur: the first for a master
+amax just above 224 * 2^k, the second just below 448 * 2^(k-1)); the values cannot tell them apart, and the
+recovery gives (448, 2^(k-1)). The kernel is blind to that choice: it multiplies the same bf16 values. A weight
+that is not FP8-representable (random bf16 weights) falls back, with a warning, to the same kernel reading bf16.
+
+Activations stay bf16: the kernel dequantizes each FP8 weight tile in registers to the exact bf16 values the
+einsum multiplies (e4m3 * 2^k, exact), so both compute sum_d o[t, d] * w[r, d] over the same bf16 products with
+fp32 accumulation; only the summation order differs (one chained fp32 accumulator over K here, cuBLAS's blocking
+there). Result: within the twin's distance to the float64 einsum plus one bf16 ulp plus a K * 2^-23 fp32
+accumulation allowance of the terms' absolute sum. FP8-quantized activations would halve the MMA time at large M
+but add an FP8 rounding the reference does not have. The weight bytes are what decode pays for, and they are
+halved either way.
+
+Layout: weight rows (rank outputs of one group) are the MMA's M side, tokens its N side, so the dequantized weight
+tile is wgmma's register operand and the same instruction serves 1 and 4096 tokens. `segments` is ignored: the
+kernel's per-token result does not depend on the rows around it. The CPU interpreter sums each K block as a float64
+dot of the exact bf16 products, rounded once to fp32 (numpy's fp32 GEMM would make a token's bits depend on its
+position in the tile). Unverified without a GPU: the performance targets (>= 1.5x the bf16 einsum at M <= 64,
+>= 1.0x at M = 1024) and batch invariance across autotuned tile widths.
+"""
+
+import warnings
+import weakref
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.formats import dequantize_fp8_blocks, quantize_fp8_blocks
+from parity.optimized.ops.triton import _gemm_common as common
+from parity.optimized.ops.triton import runtime
+
+FP8_BLOCK = 128
+
+
+def quantize_wo_a(w: torch.Tensor):
+    """bf16 wo_a `[g*rank, K]` -> (e4m3 `[g*rank, K]`, e8m0 scales `[ceil(g*rank/128), ceil(K/128)]`) by the
+    checkpoint's block recipe, or None when that does not reproduce `w` exactly (not an FP8-made weight)."""
+    q, s = quantize_fp8_blocks(w.float())
+    if not torch.equal(dequantize_fp8_blocks(q, s).to(torch.bfloat16), w):
+        return None
+    return q, s
+
+
+# id(weight) -> (weakref, storage pointer, version, (fp8 weight, scales) or None)
+_CACHE: dict[int, tuple] = {}
+
+
+def _fp8_weight(w: torch.Tensor):
+    """The cached FP8 form of a bf16 wo_a (None: use the bf16 weight), computed once per tensor and version."""
+    key = id(w)
+    hit = _CACHE.get(key)
+    if hit is not None and hit[0]() is w and hit[1] == w.data_ptr() and hit[2] == w._version:
+        return hit[3]
+    fp8 = quantize_wo_a(w)
+    if fp8 is None:
+        warnings.warn(
+            f"o_lora/triton: wo_a {tuple(w.shape)} is not an FP8 weight with 128x128 power-of-two block scales "
+            "(not made from an FP8 checkpoint); the kernel reads it as bf16 instead (same math, twice the bytes)",
+            stacklevel=3,
+        )
+    _CACHE[key] = (weakref.ref(w, lambda _, k=key: _CACHE.pop(k, None)), w.data_ptr(), w._version, fp8)
+    return fp8
+
+
+@triton.jit(do_not_specialize=["T", "M_BUCKET"])
+def _o_lora_kernel(
+    o_ptr, w_ptr, s_ptr, out_ptr,
+    T, R, KG, M_BUCKET,
+    stride_ot, stride_wr, stride_sr, stride_outt,
+    W_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_F64: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # grid: (rank tiles, token tiles, groups); M_BUCKET only keys the autotuner
+    pid_w = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    g = tl.program_id(2)
+    offs_r = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # rank outputs of group g
+    offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_k = tl.arange(0, BLOCK_K)
+    mask_r = offs_r < R
+    mask_t = offs_t < T
+    rows = g * R + offs_r  # rows of the [g*rank, K] weight
+    w_ptrs = w_ptr + rows[:, None] * stride_wr + offs_k[None, :]
+    o_ptrs = o_ptr + offs_t[None, :] * stride_ot + (g * KG + offs_k)[:, None]  # [BLOCK_K, BLOCK_T], K-major
+    s_rows = s_ptr + (rows // 128) * stride_sr  # the weight's 128-row scale block, per row (groups may straddle)
+    acc = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    for k0 in range(0, KG, BLOCK_K):
+        if EVEN_K:
+            w = tl.load(w_ptrs, mask=mask_r[:, None], other=0.0)
+            o = tl.load(o_ptrs, mask=mask_t[None, :], other=0.0)
+        else:
+            mask_k = (k0 + offs_k) < KG
+            w = tl.load(w_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
+            o = tl.load(o_ptrs, mask=mask_k[:, None] & mask_t[None, :], other=0.0)
+        if W_FP8:
+            # e4m3 * 2^k is exact in fp32 and in bf16: the same bf16 weight values the einsum multiplies
+            e = tl.load(s_rows + k0 // 128, mask=mask_r, other=127).to(tl.int32)
+            s = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23)).to(tl.float32, bitcast=True)
+            w = (w.to(tl.float32) * s[:, None]).to(tl.bfloat16)
+        if DOT_F64:
+            # interpreter: numpy's fp32 GEMM sums a column in an order that depends on its position in the tile,
+            # which would make a token's bits depend on its batchmates; a float64 dot of the exact bf16 products,
+            # rounded once per K block, does not
+            acc += tl.dot(w.to(tl.float64), o.to(tl.float64), input_precision="ieee").to(tl.float32)
+        else:
+            acc = tl.dot(w, o, acc)  # bf16 x bf16, fp32 accumulation chained over K
+        w_ptrs += BLOCK_K
+        o_ptrs += BLOCK_K
+    out_ptrs = out_ptr + offs_t[None, :] * stride_outt + (g * R + offs_r)[:, None]
+    tl.store(out_ptrs, acc.to(tl.bfloat16), mask=mask_r[:, None] & mask_t[None, :])
+
+
+def _configs():
+    if runtime.interpreting():
+        return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 256, "BLOCK_K": 128}, num_warps=4)]
+    # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages): decode-sized tiles stream the FP8 weight with 64-row slices (G x 16
+    # programs for rank 1024), prefill tiles are 128 x 128/256; wgmma, no spills for sm_90 (bench --compile-check)
+    shapes = [(64, 16, 128, 4, 4), (64, 64, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+    return [
+        triton.Config({"BLOCK_W": w, "BLOCK_T": t, "BLOCK_K": k}, num_warps=nw, num_stages=st)
+        for w, t, k, nw, st in shapes
+    ]
+
+
+_kernel = common.autotune(_configs(), ["R", "KG", "M_BUCKET", "W_FP8", "EVEN_K"])(_o_lora_kernel)
+
+
+def o_lora(o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, segments=None) -> torch.Tensor:
+    """Grouped output LoRA: o bf16 `[T, h*d]`, wo_a bf16 `[g*rank, h*d/g]` -> bf16 `[T, g, rank]`.
+    `segments` is accepted for the op contract and ignored (rows are independent here)."""
+    t, hd = o.shape
+    kg = hd // n_groups
+    assert wo_a.shape == (n_groups * rank, kg), f"o_lora: wo_a {tuple(wo_a.shape)} for {n_groups} x {rank} x {kg}"
+    assert o.dtype == torch.bfloat16 and wo_a.dtype == torch.bfloat16, (o.dtype, wo_a.dtype)
+    o = o if o.stride(-1) == 1 else o.contiguous()
+    fp8 = _fp8_weight(wo_a)
+    w, s = (wo_a, wo_a) if fp8 is None else (fp8[0], fp8[1].view(torch.uint8))  # on wo_a's device
+    out = common.empty(t, n_groups, rank, dtype=torch.bfloat16, device=o.device)
+    if t == 0:
+        return out
+
+    def grid(meta):
+        return (triton.cdiv(rank, meta["BLOCK_W"]), triton.cdiv(t, meta["BLOCK_T"]), n_groups)
+
+    with common.on_device(o):
+        _kernel[grid](
+            o, w, s, out,
+            t, rank, kg, common.bucket(t),
+            o.stride(0), w.stride(0), s.stride(0), out.stride(0),
+            W_FP8=fp8 is not None, EVEN_K=kg % 128 == 0, DOT_F64=runtime.interpreting(),
+        )  # fmt: skip
+    return out
