@@ -59,8 +59,11 @@ def variations(case: Case, n: int) -> list[Variation]:
     return out[:n]
 
 
-def calibrate(case: Case, work_dir: Path, n: int = 6, progress: Callable[[str], None] | None = None) -> NoiseModel:
-    """Run `n` clean variations of `case` (checkpoints written under `work_dir`) and return the measured model."""
+def calibrate(
+    case: Case, work_dir: Path, n: int = 6, device: str = "cpu", progress: Callable[[str], None] | None = None
+) -> NoiseModel:
+    """Run `n` clean variations of `case` (checkpoints written under `work_dir`) on `device` with the ops selected
+    by the environment, and return the measured model."""
     say = progress or (lambda msg: None)
     errors: dict[str, float] = {}
     flips: dict[str, float] = {}
@@ -71,7 +74,8 @@ def calibrate(case: Case, work_dir: Path, n: int = 6, progress: Callable[[str], 
         ckpt = write_checkpoint(
             work_dir / f"seed{var.case.seed}", var.case.model_args(), seed=var.case.seed, init=var.case.init
         )
-        c = capture(run_inputs(var.case, ckpt, order=var.order))
+        inp = run_inputs(var.case, ckpt, device, order=var.order)
+        c = capture(inp)
         # judged with zero thresholds: every row's own error is measured, nothing is filtered
         v = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, NoiseModel(exact=True))
         for r in v.results:
@@ -90,6 +94,8 @@ def calibrate(case: Case, work_dir: Path, n: int = 6, progress: Callable[[str], 
         "variations": done,
         "rows_measured": rows,
         "machine": machine.describe(),
+        "device": device,
+        "backends": inp.ops.backends(),
         "date": datetime.date.today().isoformat(),
         "method": "max own error (teacher-forced optimized engine vs reference) per site, field and phase",
     }

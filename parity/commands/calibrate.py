@@ -16,6 +16,7 @@ def calibrate(
     case: Annotated[str, typer.Argument(help="Built-in case name or a .toml case file (not decode-exact).")],
     out_file: Annotated[Path, typer.Option("--out", help="Noise model JSON to write (atomically).")],
     variations: Annotated[int, typer.Option(help="Clean runs: the case, other orders, schedules, seeds.")] = 6,
+    device: Annotated[str, typer.Option(help="torch device for both models.")] = "cpu",
 ) -> None:
     """Run clean variations of a case and store each site's largest own error as its noise model."""
     spec = load_case(case)
@@ -26,7 +27,7 @@ def calibrate(
     if not out_file.parent.is_dir():
         raise ParityError(f"--out {out_file}: no such directory {str(out_file.parent)!r}")
     with tempfile.TemporaryDirectory(prefix="parity-calibrate-") as work:
-        model = run_calibration(spec, Path(work), variations, progress=lambda m: err.print(m))
+        model = run_calibration(spec, Path(work), variations, device, progress=lambda m: err.print(m))
     model.save(out_file)
     worst = sorted(model.errors.items(), key=lambda kv: -kv[1])[:8]
     for key, value in worst:

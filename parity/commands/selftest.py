@@ -22,6 +22,7 @@ def selftest(
     only: Annotated[str | None, typer.Option(help="Comma-separated bug names (default: all).")] = None,
     repeats: Annotated[int, typer.Option(help="Clean reruns with other admission orders.")] = 1,
     loosen: Annotated[float, typer.Option(help="Multiply every threshold (>= 1): shows a loose gate fails.")] = 1.0,
+    device: Annotated[str, typer.Option(help="torch device for both models.")] = "cpu",
 ) -> None:
     """Plant a library of realistic V4 bugs into the optimized side and check the verdict catches each one."""
     spec = load_case(case)
@@ -38,7 +39,9 @@ def selftest(
     if loosen != 1:
         noise = noise.loosened(loosen)
     ckpt = prepare_checkpoint(spec, None, out_dir or Path("reports") / spec.name)
-    report = run_selftest(spec, ckpt, bugs, noise, repeats=repeats, progress=lambda m: err.print(escape(m)))
+    report = run_selftest(
+        spec, ckpt, bugs, noise, repeats=repeats, device=device, progress=lambda m: err.print(escape(m))
+    )
     table = Table(title=f"selftest on {spec.name} (noise: {report.noise})")
     for col in ("bug", "caught", "localized", "expected", "verdict"):
         table.add_column(col)

@@ -77,11 +77,18 @@ def _expected(bug: Bug) -> str:
 
 
 def selftest(
-    case: Case, checkpoint, bugs: list[Bug], noise: NoiseModel, *, repeats: int = 1, progress=None
+    case: Case,
+    checkpoint,
+    bugs: list[Bug],
+    noise: NoiseModel,
+    *,
+    repeats: int = 1,
+    device: str = "cpu",
+    progress=None,
 ) -> SelftestReport:
     say = progress or (lambda msg: None)
     report = SelftestReport(case.name, noise.source)
-    inp = run_inputs(case, checkpoint)
+    inp = run_inputs(case, checkpoint, device)
     say("clean capture (targets, engine, reference, forced engine)")
     c = capture(inp)
     v = judge(c, noise)
@@ -100,14 +107,21 @@ def selftest(
         v = judge(planted, noise)
         c.golden = planted.golden  # computed at most once, shared by every bug
         report.bugs.append(
-            BugResult(bug.name, bug.history, _expected(bug), not v.passed, _localized(v, bug), v.location(),
-                      time.perf_counter() - t0)  # fmt: skip
+            BugResult(
+                bug.name,
+                bug.history,
+                _expected(bug),
+                not v.passed,
+                _localized(v, bug),
+                v.location(),
+                time.perf_counter() - t0,
+            )  # fmt: skip
         )
     n = len(inp.prompts)
     orders = [p for p in itertools.permutations(range(n)) if list(p) != list(range(n))]
     for order in orders[:repeats]:
         say(f"clean repeat, admission order {order}")
-        ci = capture(run_inputs(case, checkpoint, order=order))
+        ci = capture(run_inputs(case, checkpoint, device, order=order))
         v = judge(ci, noise)
         report.clean.append(CleanResult(f"order {list(order)}", v.passed, v.location()))
     return report
