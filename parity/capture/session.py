@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 
 from parity.capture import runs
+from parity.capture.margins import route_margins
 from parity.compare.rows import RowStore
 from parity.compare.thresholds import NoiseModel
 from parity.compare.verdict import RequestLayout, Verdict, judge_run
@@ -79,8 +80,10 @@ def judge(c: Captures, noise: NoiseModel, golden: str = "auto", timings: dict | 
     if golden == "always" and c.golden is None:
         add_golden(c, timings)
     g = c.golden.dump if c.golden is not None else None
-    verdict = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, noise, golden=g)
+    margin = route_margins(c.inputs.ckpt, c.inputs.args(), c.reference.dump)
+    verdict = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, noise, golden=g, margin=margin)
     if golden == "auto" and c.golden is None and any(r.failures for r in verdict.results):
         add_golden(c, timings)
-        verdict = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, noise, golden=c.golden.dump)
+        g = c.golden.dump
+        verdict = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, noise, golden=g, margin=margin)
     return verdict

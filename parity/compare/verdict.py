@@ -97,6 +97,8 @@ class SiteResult:
             "threshold_source": self.threshold_source,
             "flips": self.flips,
             "flip_threshold": self.flip_threshold,
+            # the reference's top-k boundary gap of each flipped row (near-tie vs real), the smallest first
+            "flip_margins": sorted(self.flip_margins)[:32],
             "golden_ref": self.golden_ref,
             "golden_cand": self.golden_cand,
             "failures": self.failures,

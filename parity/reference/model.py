@@ -508,15 +508,19 @@ class Gate(nn.Module):
         return route(x, self.weight, self.bias, tid2eid, input_ids, self.topk, self.score_func, self.route_scale)
 
 
-def route(x, weight, bias, tid2eid, input_ids, topk: int, score_func: str, route_scale: float):
-    """The Gate's math. x: [N, D] -> (weights [N, k] fp32, indices [N, k]); `tid2eid` set for hash routing."""
+def gate_scores(x: torch.Tensor, weight: torch.Tensor, score_func: str) -> torch.Tensor:
+    """The Gate's unbiased expert scores. x: [N, D] -> [N, E] fp32."""
     scores = F.linear(x.float(), weight.float())  # [N, E]
     if score_func == "softmax":
-        scores = scores.softmax(dim=-1)
-    elif score_func == "sigmoid":
-        scores = scores.sigmoid()
-    else:
-        scores = F.softplus(scores).sqrt()
+        return scores.softmax(dim=-1)
+    if score_func == "sigmoid":
+        return scores.sigmoid()
+    return F.softplus(scores).sqrt()
+
+
+def route(x, weight, bias, tid2eid, input_ids, topk: int, score_func: str, route_scale: float):
+    """The Gate's math. x: [N, D] -> (weights [N, k] fp32, indices [N, k]); `tid2eid` set for hash routing."""
+    scores = gate_scores(x, weight, score_func)
     original_scores = scores
     # the bias steers the choice of experts only, never the weights
     if bias is not None:

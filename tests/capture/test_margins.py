@@ -1,0 +1,54 @@
+"""Routing flip margins: the gap at the reference's own top-k boundary, from its gate input and the checkpoint."""
+
+import torch
+from torch import nn
+
+from parity import dump
+from parity.capture.margins import route_margins
+from parity.checkpoint.reader import Checkpoint
+from parity.compare.loader import Dump
+from parity.taps import Tap
+
+
+def _reference_dump(n_layers: int, x: torch.Tensor) -> Dump:
+    """`layers.<i>.ffn.input` rows of one request at positions 0.. (what the reference's taps record)."""
+    model = nn.Module()
+    model.layers = nn.ModuleList()
+    for _ in range(n_layers):
+        block = nn.Module()
+        block.ffn = nn.Module()
+        block.ffn.input = Tap()
+        model.layers.append(block)
+    writer = dump.MemoryWriter()
+    handle = dump.install(model, dump.DumpConfig(modules=r"ffn\.input$"), writer=writer)
+    with dump.phase("prefill", 0, cu_seqlens=[0, len(x)], requests=["0"], start_pos=[0]):
+        for block in model.layers:
+            block.ffn.input(x)
+    handle.remove()
+    return Dump.from_memory(writer, "reference")
+
+
+def test_margin_is_the_top_k_boundary_gap_of_the_biased_scores(tiny_ckpt, tiny_args):
+    args = tiny_args
+    x = torch.randn(3, args.dim, generator=torch.Generator().manual_seed(0)).bfloat16()
+    margin = route_margins(tiny_ckpt, args, _reference_dump(args.n_layers, x))
+    ckpt = Checkpoint(tiny_ckpt)
+    scored = [i for i in range(args.n_layers) if i >= args.n_hash_layers]
+    assert scored, "the tiny model has score-routed layers"
+    for layer in scored:
+        w = ckpt._shard(ckpt.weight_map[f"layers.{layer}.ffn.gate.weight"]).get_tensor(
+            f"layers.{layer}.ffn.gate.weight"
+        )
+        b = ckpt._shard(ckpt.weight_map[f"layers.{layer}.ffn.gate.bias"]).get_tensor(f"layers.{layer}.ffn.gate.bias")
+        # float64 twin of sqrt(softplus(x W^T)) + bias, sorted: the k-th minus the (k+1)-th
+        s = (torch.nn.functional.softplus(x.double() @ w.double().T).sqrt() + b.double()).sort(-1, descending=True)
+        k = args.n_activated_experts
+        for pos in range(len(x)):
+            want = float(s.values[pos, k - 1] - s.values[pos, k])
+            got = margin(f"layers.{layer}.ffn.route", ("0", pos))
+            assert got is not None and got >= 0
+            assert abs(got - want) <= 1e-5 * max(1.0, float(s.values[pos, 0].abs())), (layer, pos, got, want)
+    for layer in range(args.n_hash_layers):
+        assert margin(f"layers.{layer}.ffn.route", ("0", 0)) is None  # hash routing has no scores
+    assert margin(f"layers.{scored[0]}.attn.indexer.topk", ("0", 0)) is None
+    assert margin(f"layers.{scored[0]}.ffn.route", ("0", 99)) is None  # no reference row there
