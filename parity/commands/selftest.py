@@ -20,7 +20,7 @@ def selftest(
     case: Annotated[str, typer.Argument(help="Case to plant the bugs into (non-bitwise).")] = "cases/batched.toml",
     out_dir: Annotated[Path | None, typer.Option("--out", help="Checkpoint parent dir (reports/<case>).")] = None,
     only: Annotated[str | None, typer.Option(help="Comma-separated bug names (default: all).")] = None,
-    repeats: Annotated[int, typer.Option(help="Clean reruns with other admission orders.")] = 1,
+    repeats: Annotated[int, typer.Option(help="Clean reruns: other admission orders and seeds, alternating.")] = 1,
     loosen: Annotated[float, typer.Option(help="Multiply every threshold (>= 1): shows a loose gate fails.")] = 1.0,
     device: Annotated[str, typer.Option(help="torch device for both models.")] = "cpu",
 ) -> None:

@@ -4,17 +4,20 @@ The reference, the targets and the engine's schedule do not depend on the optimi
 are forced), so they are captured once; each bug costs one engine run (and shares the golden, run at most once).
 A bug is caught when the verdict fails, and localized when its first failure is at the bug's layer, in one of its
 sub-modules and phases (`bugs.Expect`). Clean repeats rerun the whole capture with other admission orders (other
-batch compositions and schedules) and must all pass. The selftest passes when every bug is caught and every clean
-run passes; localization is reported, and counted against `min_localized`.
+batch compositions and schedules) and other seeds (other weights and prompts), and must all pass. The selftest
+passes when every bug is caught and every clean run passes; localization is reported, and counted against
+`min_localized`.
 """
 
 import itertools
 import time
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 from parity.capture import runs
 from parity.capture.session import capture, judge
 from parity.cases import Case
+from parity.checkpoint import write_checkpoint
 from parity.compare.rows import RowStore
 from parity.compare.thresholds import NoiseModel
 from parity.compare.verdict import Verdict
@@ -63,6 +66,23 @@ class SelftestReport:
             and self.caught == len(self.bugs)
             and self.localized >= self.min_localized * len(self.bugs)
         )
+
+
+def clean_variations(case: Case, repeats: int) -> list[tuple[str, Case, tuple[int, ...] | None]]:
+    """`repeats` clean runs, alternating other admission orders (from the first permutation on; the calibration
+    takes them from the last) and other seeds (other weights and prompts, from seed + 100 on; the calibration uses
+    the next few seeds): variations the noise model was not measured on."""
+    n = len(case.requests)
+    orders = [p for p in itertools.permutations(range(n)) if list(p) != list(range(n))]
+    out = []
+    for i in range(repeats):
+        if i % 2 == 0 and i // 2 < len(orders):
+            o = orders[i // 2]
+            out.append((f"order {list(o)}", case, tuple(o)))
+        else:
+            seed = case.seed + 100 + i
+            out.append((f"seed {seed}", replace(case, seed=seed), None))
+    return out
 
 
 def _localized(v: Verdict, bug: Bug) -> bool:
@@ -117,11 +137,13 @@ def selftest(
                 time.perf_counter() - t0,
             )  # fmt: skip
         )
-    n = len(inp.prompts)
-    orders = [p for p in itertools.permutations(range(n)) if list(p) != list(range(n))]
-    for order in orders[:repeats]:
-        say(f"clean repeat, admission order {order}")
-        ci = capture(run_inputs(case, checkpoint, device, order=order))
+    for label, var, order in clean_variations(case, repeats):
+        say(f"clean repeat, {label}")
+        ckpt = checkpoint
+        if var.seed != case.seed:
+            ckpt = write_checkpoint(Path(checkpoint).parent / f"seed{var.seed}", var.model_args(), seed=var.seed,
+                                    init=var.init)  # fmt: skip
+        ci = capture(run_inputs(var, ckpt, device, order=order))
         v = judge(ci, noise)
-        report.clean.append(CleanResult(f"order {list(order)}", v.passed, v.location()))
+        report.clean.append(CleanResult(label, v.passed, v.location()))
     return report

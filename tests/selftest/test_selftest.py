@@ -49,3 +49,20 @@ def test_every_bug_names_an_expected_site():
     for b in bugs:
         assert set(b.expect.submodules) <= labels, b.name
         assert set(b.expect.phases) <= {"prefill", "chunk", "decode", "mtp"}, b.name
+
+
+def test_clean_repeats_are_variations_the_calibration_did_not_measure():
+    from parity.calibrate import variations
+    from parity.selftest.run import clean_variations
+
+    four = dict(SMALL, requests=[{"prompt_len": n, "decode_steps": 2} for n in (21, 6, 3, 9)])
+    case = parse_case(four, "four.toml")
+    clean = clean_variations(case, 20)
+    assert [label.split()[0] for label, _, _ in clean] == ["order", "seed"] * 10
+    measured = variations(case, 20)
+    seeds = {v.case.seed for v in measured}
+    orders = {v.order for v in measured if v.order is not None}
+    for label, var, order in clean:
+        assert (order is None) != (var.seed == case.seed), label  # each varies exactly one thing
+        assert var.seed not in seeds or var.seed == case.seed, label
+        assert order is None or order not in orders, label
