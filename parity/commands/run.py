@@ -13,6 +13,7 @@ from parity import machine
 from parity.capture.session import GOLDEN
 from parity.cases import load_case
 from parity.commands._common import EXIT_FAIL, err, out
+from parity.compare.thresholds import NoiseModel
 from parity.errors import ParityError
 from parity.run import RunReport, prepare_checkpoint, run_case, write_report
 
@@ -87,6 +88,9 @@ def run(
     bisect: Annotated[
         bool, typer.Option("--bisect", help="Active bisect: replays that name the first bad layer.")
     ] = False,
+    calibration: Annotated[
+        Path | None, typer.Option(help="Noise model JSON instead of the case's (e.g. one calibrated on a GPU backend).")
+    ] = None,
 ) -> None:
     """Run a parity case: the optimized engine against the reference, every site at every position."""
     spec = load_case(case)
@@ -100,7 +104,8 @@ def run(
         raise ParityError(f"--dump {dump_dir}: needs an empty or new dir")
     out_dir = out_dir or Path("reports") / spec.name
     ckpt = prepare_checkpoint(spec, checkpoint, out_dir)
-    report = run_case(spec, ckpt, device, dump_dir, golden=golden, bisect=bisect)
+    noise = NoiseModel.load(calibration) if calibration is not None else None
+    report = run_case(spec, ckpt, device, dump_dir, golden=golden, bisect=bisect, noise=noise)
     path = write_report(report, out_dir)
     if as_json:
         out.print_json(json.dumps(report.to_dict()))

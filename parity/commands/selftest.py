@@ -10,6 +10,7 @@ from rich.table import Table
 
 from parity.cases import load_case
 from parity.commands._common import EXIT_FAIL, err, out
+from parity.compare.thresholds import NoiseModel
 from parity.errors import ParityError
 from parity.run import noise_model, prepare_checkpoint
 from parity.selftest.bugs import library
@@ -23,6 +24,9 @@ def selftest(
     repeats: Annotated[int, typer.Option(help="Clean reruns: other admission orders and seeds, alternating.")] = 1,
     loosen: Annotated[float, typer.Option(help="Multiply every threshold (>= 1): shows a loose gate fails.")] = 1.0,
     device: Annotated[str, typer.Option(help="torch device for both models.")] = "cpu",
+    calibration: Annotated[
+        Path | None, typer.Option(help="Noise model JSON instead of the case's (e.g. one calibrated on a GPU backend).")
+    ] = None,
 ) -> None:
     """Plant a library of realistic V4 bugs into the optimized side and check the verdict catches each one."""
     spec = load_case(case)
@@ -35,7 +39,7 @@ def selftest(
         bugs = [b for b in bugs if b.name in names]
     if repeats < 0 or not loosen >= 1:
         raise ParityError(f"--repeats must be >= 0 and --loosen >= 1, got {repeats} and {loosen}")
-    noise = noise_model(spec)
+    noise = NoiseModel.load(calibration) if calibration is not None else noise_model(spec)
     if loosen != 1:
         noise = noise.loosened(loosen)
     ckpt = prepare_checkpoint(spec, None, out_dir or Path("reports") / spec.name)
