@@ -33,7 +33,8 @@ def operands(block, t, dev="cpu", d=256):
     """Sublayer output, residual streams, and the post/comb weights hc_pre derives from those streams."""
     residual = torch.randn(t, 4, d).to(torch.bfloat16)
     if d == 256:
-        fn, scale, base = block.hc_attn_fn, block.hc_attn_scale, block.hc_attn_base
+        # the post/comb weights come from the CPU torch op whatever device the block was moved to
+        fn, scale, base = (p.cpu() for p in (block.hc_attn_fn, block.hc_attn_scale, block.hc_attn_base))
     else:  # a mixer of the checkpoint's kind for a wider model
         fn, scale, base = torch.randn(24, 4 * d) * (4 * d) ** -0.5, 0.5 + torch.rand(3), torch.randn(24) * 0.1
     _, post, comb = OPS.hc_pre(

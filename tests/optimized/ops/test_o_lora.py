@@ -222,7 +222,9 @@ def test_planted_fp8_weight_bugs_are_caught(triton_o_lora, ref_model, monkeypatc
     elif bug == "dropped block scale":
         s[0, 1] = 127
     else:
-        q, s = q.roll(-rank, dims=0), s.roll(-(rank // 128), dims=0)
+        # rolled as bytes: CUDA has no roll for float8 tensors
+        q = q.view(torch.uint8).roll(-rank, dims=0).view(q.dtype)
+        s = s.roll(-(rank // 128), dims=0)
     monkeypatch.setattr(triton_o_lora, "_fp8_weight", lambda w: (q, s.view(torch.float8_e8m0fnu)))
     o = activations(63, hd)
     buggy = triton_o_lora.o_lora(o, wo_a, g, rank)

@@ -87,6 +87,14 @@ def _quick_bench(kernel_call, quantiles):
     return triton.testing.do_bench(kernel_call, warmup=5, rep=20, quantiles=quantiles)
 
 
+# Launch option of every kernel that accumulates scaled block products (C += P * s): no fused multiply-add. The
+# official kernels round P * s and the sum separately, and ptxas contracts `acc += p * s` into an FMA in some tile
+# configurations and not in others, so with non-power-of-two (fp32) scales a row's bits would depend on which
+# configuration its batch size selected (measured on the H200: fp8_gemm rows of a 37-token batch changed inside a
+# 100-token one). With power-of-two (ue8m0) scales P * s is exact and the option changes nothing.
+NO_FMA = {"enable_fp_fusion": False}
+
+
 def autotune(configs, key):
     """`triton.autotune` with short timing runs (one config when interpreting: nothing is timed there)."""
     return triton.autotune(configs=configs, key=key, do_bench=_quick_bench)

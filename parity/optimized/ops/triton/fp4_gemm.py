@@ -174,6 +174,7 @@ def fp4_gemm(
                 m, n, k, n_kb, chunk, common.bucket(m),
                 a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
                 A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNKED=chunk > 1, SPLIT=split, DOT_F64=runtime.interpreting(),
+                **common.NO_FMA,
             )  # fmt: skip
             if split:
                 common.reduce_chunks(ws, out)

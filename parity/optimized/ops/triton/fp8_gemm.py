@@ -167,7 +167,7 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
             m, n, k, n_kb, chunk, common.bucket(m),
             a.stride(0), stride_asm, b.stride(0), bs.stride(0), out.stride(0),
             A_E8M0=a_e8m0, B_E8M0=b_e8m0, FUSE_QUANT=fuse_quant,
-            CHUNKED=chunk > 1, SPLIT=split, DOT_F64=runtime.interpreting(),
+            CHUNKED=chunk > 1, SPLIT=split, DOT_F64=runtime.interpreting(), **common.NO_FMA,
         )  # fmt: skip
         if split:
             common.reduce_chunks(ws, out)

@@ -430,6 +430,7 @@ def moe_experts(x, weights, indices, experts, shared, scale_fmt, scale_dtype) ->
             x.stride(0), h.stride(0), rw1.stride(0), rs1.stride(0), sw1.stride(0), ss1.stride(0),
             float(experts[0].swiglu_limit), float(shared.swiglu_limit),
             **flags,
+            **common.NO_FMA,
         )  # fmt: skip
         _down[lambda meta: (triton.cdiv(d, meta["BLOCK_W"]), n_plan)](
             h, plan, y,
@@ -437,6 +438,7 @@ def moe_experts(x, weights, indices, experts, shared, scale_fmt, scale_dtype) ->
             n_plan, n_exp, d, inter,
             h.stride(0), y.stride(0), rw2.stride(0), rs2.stride(0), sw2.stride(0), ss2.stride(0),
             **flags,
+            **common.NO_FMA,
         )  # fmt: skip
         bt_c, bd_c = (256, 256) if runtime.interpreting() else (16, 256)
         _combine_kernel[(triton.cdiv(t, bt_c), triton.cdiv(d, bd_c))](

@@ -161,6 +161,6 @@ def o_lora(o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, segmen
             o, w, s, out,
             t, rank, kg, common.bucket(t),
             o.stride(0), w.stride(0), s.stride(0), out.stride(0),
-            W_FP8=fp8 is not None, EVEN_K=kg % 128 == 0, DOT_F64=runtime.interpreting(),
+            W_FP8=fp8 is not None, EVEN_K=kg % 128 == 0, DOT_F64=runtime.interpreting(), **common.NO_FMA,
         )  # fmt: skip
     return out
