@@ -144,10 +144,14 @@ class ModelArgs:
             raise ParityError(f"{path}: expected a JSON object of ModelArgs keys")
         return cls.from_dict(d, source=str(path))
 
-    def with_(self, changes: Mapping[str, object] | Iterable[tuple[str, object]], source: str = "ModelArgs override"):
-        """A copy with `changes` (field name -> value, as a mapping or as pairs) applied. Unknown names and values of
-        the wrong type are refused with a ParityError naming the key, so a misspelt override never passes unnoticed."""
-        changes = dict(changes)
+    def with_(
+        self, changes: Mapping[str, object] | Iterable[tuple[str, object]] = (), /, *,
+        source: str = "ModelArgs override", **fields,
+    ) -> "ModelArgs":  # fmt: skip
+        """A copy with `changes` (field name -> value, as a mapping or as pairs) and keyword `fields` applied. Unknown
+        names and values of the wrong type are refused with a ParityError naming the key, so a misspelt override
+        never passes unnoticed."""
+        changes = {**dict(changes), **fields}
         check_fields(changes, source)
         return replace(self, **changes)
 

@@ -12,9 +12,12 @@ def test_with_applies_known_fields(tiny_args):
     assert changed.revision == "initial" and changed.rope_factor == 8 and changed.compress_ratios == (0, 4, 128, 4, 0)
     assert tiny_args.with_((("max_batch_size", 2),)).max_batch_size == 2  # pairs, as a case stores them
     assert tiny_args.with_({}) == tiny_args
+    assert tiny_args.with_(revision="initial").revision == "initial"
 
 
 def test_misspelt_key_is_refused_with_the_valid_ones_listed(tiny_args):
+    with pytest.raises(ParityError, match="'reset_state_on_prefil'"):
+        tiny_args.with_(reset_state_on_prefil=True)
     with pytest.raises(ParityError) as err:
         tiny_args.with_({"reset_state_on_prefil": True})
     message = str(err.value)
