@@ -7,8 +7,9 @@
 
 import json
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Literal
+from typing import Literal, get_args, get_origin
 
 import torch
 
@@ -126,15 +127,9 @@ class ModelArgs:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config") -> "ModelArgs":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ParityError(f"{source}: unknown ModelArgs key(s) {unknown}")
-        try:
-            return cls(**d)
-        except TypeError as e:
-            raise ParityError(f"{source}: {e}") from None
+    def from_dict(cls, d: Mapping, source: str = "config") -> "ModelArgs":
+        check_fields(d, source)
+        return cls(**d)
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelArgs":
@@ -149,19 +144,27 @@ class ModelArgs:
             raise ParityError(f"{path}: expected a JSON object of ModelArgs keys")
         return cls.from_dict(d, source=str(path))
 
-    def with_(self, **changes) -> "ModelArgs":
+    def with_(
+        self, changes: Mapping[str, object] | Iterable[tuple[str, object]] = (), /, *,
+        source: str = "ModelArgs override", **fields,
+    ) -> "ModelArgs":  # fmt: skip
+        """A copy with `changes` (field name -> value, as a mapping or as pairs) and keyword `fields` applied. Unknown
+        names and values of the wrong type are refused with a ParityError naming the key, so a misspelt override
+        never passes unnoticed."""
+        changes = {**dict(changes), **fields}
+        check_fields(changes, source)
         return replace(self, **changes)
 
     # presets
     @classmethod
     def flash(cls, **overrides) -> "ModelArgs":
         """DeepSeek-V4-Flash `inference/config.json` (spec §1.2); unlisted keys keep the dataclass defaults."""
-        return cls(**{**FLASH_CONFIG, **overrides})
+        return cls.from_dict({**FLASH_CONFIG, **overrides}, source="ModelArgs.flash")
 
     @classmethod
     def pro(cls, **overrides) -> "ModelArgs":
         """DeepSeek-V4-Pro `inference/config.json` (spec §1.2)."""
-        return cls(**{**PRO_CONFIG, **overrides})
+        return cls.from_dict({**PRO_CONFIG, **overrides}, source="ModelArgs.pro")
 
     @classmethod
     def tiny(cls, **overrides) -> "ModelArgs":
@@ -169,7 +172,7 @@ class ModelArgs:
         score-routed layers, shared expert, FP8 linears, FP4 experts, MTP. Window and ratios keep their real values
         (128, 4, 128) because the boundary logic is what parity runs must exercise; widths shrink to the smallest
         multiples the FP8 (128) and FP4 (32) block sizes allow."""
-        return cls(**{**TINY_CONFIG, **overrides})
+        return cls.from_dict({**TINY_CONFIG, **overrides}, source="ModelArgs.tiny")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelArgs":
@@ -177,6 +180,42 @@ class ModelArgs:
         if name not in presets:
             raise ParityError(f"unknown model preset {name!r}; available: {sorted(presets)}")
         return cls.from_dict({**presets[name], **overrides}, source=f"preset {name!r} with overrides")
+
+
+FIELD_NAMES = tuple(f.name for f in fields(ModelArgs))
+_FIELD_TYPES = {f.name: f.type for f in fields(ModelArgs)}
+
+
+def check_fields(d: Mapping, source: str) -> None:
+    """Refuse keys that are not ModelArgs fields (listing the valid ones) and values that do not fit the field's
+    declared type (JSON and TOML numbers: an int is accepted where a float is declared, a bool never is)."""
+    unknown = sorted(set(d) - set(FIELD_NAMES))
+    if unknown:
+        raise ParityError(f"{source}: unknown ModelArgs key(s) {unknown}; valid keys: {', '.join(FIELD_NAMES)}")
+    for name, value in d.items():
+        expected = _type_mismatch(_FIELD_TYPES[name], value)
+        if expected is not None:
+            raise ParityError(f"{source}: ModelArgs.{name} expects {expected}, got {value!r}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _type_mismatch(annotation, value) -> str | None:
+    """What `annotation` expects, if `value` does not fit it; None if it does."""
+    if get_origin(annotation) is Literal:
+        allowed = get_args(annotation)
+        return None if any(value == a and type(value) is type(a) for a in allowed) else f"one of {list(allowed)}"
+    if get_origin(annotation) is tuple:  # tuple[int, ...]: the official JSON holds a list
+        ok = isinstance(value, list | tuple) and all(_is_int(v) for v in value)
+        return None if ok else "a list of integers"
+    checks = {bool: (lambda v: isinstance(v, bool), "true or false"), int: (_is_int, "an integer"),
+              float: (lambda v: _is_int(v) or isinstance(v, float), "a number")}  # fmt: skip
+    if annotation not in checks:
+        return None if isinstance(value, annotation) else annotation.__name__
+    check, expected = checks[annotation]
+    return None if check(value) else expected
 
 
 _SHIPPED = dict(

@@ -35,7 +35,7 @@ def make_model(tiny_ckpt):
     """Build a fresh reference model (own caches and state) from the session checkpoint."""
 
     def make(**overrides):
-        model, _ = build_model(tiny_ckpt, **overrides)
+        model, _ = build_model(tiny_ckpt, overrides=overrides)
         return model
 
     return make

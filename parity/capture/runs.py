@@ -48,10 +48,10 @@ class RunInputs:
     order: tuple[int, ...] | None = None  # admission order of the requests (batch composition); None = as given
 
     def args(self) -> ModelArgs:
-        return Checkpoint(self.ckpt).args.with_(**dict(self.overrides))
+        return Checkpoint(self.ckpt).args.with_(self.overrides)
 
     def build(self, factory=None):
-        model, _ = build_model(self.ckpt, device=self.device, factory=factory, **dict(self.overrides))
+        model, _ = build_model(self.ckpt, device=self.device, factory=factory, overrides=dict(self.overrides))
         return model
 
     @property

@@ -7,7 +7,7 @@ tensor is checked against the layout derived from `ModelArgs` (name, shape, dtyp
 
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,23 +167,22 @@ def build_model(
     selection: Selection = Selection(),
     device: str | torch.device = "cpu",
     factory=None,
-    **arg_overrides,
+    *,
+    overrides: Mapping[str, object] | None = None,
 ):
     """Build a model for a checkpoint and load only `selection` into it.
 
     `factory(args)` builds the model (default: the reference `Transformer`; any model with the same parameter names
     works, e.g. the optimized one). Unselected layers stay on the meta device (no memory); run selected layers
-    directly (`model.layers[i]`). `arg_overrides` replace ModelArgs fields (e.g. `revision`, `max_batch_size`,
-    `reset_state_on_prefill`). Returns `(model, args)`.
+    directly (`model.layers[i]`). `overrides` (field name -> value) replace the checkpoint's ModelArgs fields, e.g.
+    `{"revision": "initial"}`; an unknown name or a value of the wrong type is refused (`ModelArgs.with_`).
+    Returns `(model, args)`.
     """
     if factory is None:
         from parity.reference.model import Transformer as factory
 
     ckpt = Checkpoint(path)
-    try:
-        args = ckpt.args.with_(**arg_overrides) if arg_overrides else ckpt.args
-    except TypeError as e:
-        raise ParityError(f"build_model: {e}") from None
+    args = ckpt.args.with_(overrides or {}, source=f"build_model({ckpt.path}) overrides")
     prefixes = selection.prefixes(args)
     with torch.device("meta"):
         model = factory(args)

@@ -33,7 +33,7 @@ def _label(split) -> str:
 
 
 def reference_generations(ckpt, prompts, decode_steps, *, prefill_lens=None, forced=None, device="cpu", mtp=False,
-                          **overrides) -> list:  # fmt: skip
+                          overrides=None) -> list:  # fmt: skip
     """Each prompt alone through a fresh reference model (greedy, or teacher-forced with `forced`), prefilling
     `prefill_lens[i]` tokens (None: the whole prompt) and decoding the rest; `decode_steps`: one int or one each."""
     from parity.checkpoint.reader import build_model
@@ -42,7 +42,7 @@ def reference_generations(ckpt, prompts, decode_steps, *, prefill_lens=None, for
     steps = list(decode_steps) if isinstance(decode_steps, list | tuple) else [decode_steps] * len(prompts)
     out = []
     for i, prompt in enumerate(prompts):
-        model, _ = build_model(ckpt, device=device, **overrides)
+        model, _ = build_model(ckpt, device=device, overrides=overrides)
         out.append(
             greedy_generate(
                 model,
@@ -63,13 +63,13 @@ def schedule_sensitivity(
     splits: Sequence = (None, 64),
     *,
     device="cpu",
-    **overrides,
+    overrides=None,
 ) -> dict:
     """Run the reference on `prompts` once per split and compare each split's logits with the first split's.
 
     A split is None (prefill each prompt whole), an int k (prefill the first min(k, len) tokens, decode the rest
     of the prompt one token at a time) or a list with one such entry per prompt. `decode_steps` is one int or one
-    per prompt; `overrides` replace ModelArgs fields (as in `build_model`).
+    per prompt; `overrides` (field name -> value) replace ModelArgs fields (as in `build_model`).
 
     Returns a dict: `min_cos` (float64 logits cosine, min over every compared split, prompt and step; exactly 1.0
     where the logits are bitwise equal), `token_agreement` (fraction of those steps whose greedy token equals the
@@ -78,7 +78,7 @@ def schedule_sensitivity(
     """
     if len(splits) < 2:
         raise ParityError(f"schedule_sensitivity: needs at least two splits to compare, got {list(splits)}")
-    run = dict(device=device, mtp=False, **overrides)
+    run = dict(device=device, mtp=False, overrides=overrides)
     base = reference_generations(ckpt, prompts, decode_steps, prefill_lens=_prefill_lens(splits[0], prompts), **run)
     forced = [g.tokens for g in base]
     per_split, per_prompt = {}, [1.0] * len(prompts)

@@ -1,24 +1,33 @@
 """Batch metadata for one forward of the optimized model: a frozen record passed explicitly, never a global.
 
 Tokens of all sequences are flattened into `[T]`; sequence i owns tokens `cu_seqlens[i] : cu_seqlens[i+1]` at
-positions `start_pos[i] .. context_lens[i] - 1`. Letters: T tokens, N sequences.
+positions `start_pos[i] .. context_len(i) - 1`. Letters: T tokens, N sequences.
 """
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
+class Chunk:
+    """One sequence's share of a forward: `tokens` fed at positions `start_pos .. start_pos + len(tokens) - 1`."""
+
+    request_id: int  # engine request id, for dumps and slot-invariance reports
+    slot: int  # state slot: window ring and compressor state rows
+    start_pos: int  # context already in the cache before these tokens
+    tokens: tuple[int, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
 class Batch:
     tokens: torch.Tensor  # [T] int64
     positions: torch.Tensor  # [T] int64
     cu_seqlens: tuple[int, ...]  # [N+1] token offsets (host)
     start_pos: tuple[int, ...]  # [N] context before this step's tokens
-    is_prefill: tuple[bool, ...]  # [N] the tokens are prompt tokens (a prefill chunk), not generated ones
     slots: tuple[int, ...]  # [N] per-request state slot: window ring and compressor state rows
     block_tables: dict[int, torch.Tensor]  # compress ratio -> [N, max_blocks] int32 block ids of the entries
-    n_draft: tuple[int, ...]  # [N] trailing MTP draft tokens to verify (0 for prefill and plain decode)
     request_ids: tuple[int, ...]  # [N] engine request ids, for dumps and slot-invariance reports
     # row groups for the shape-sensitive torch ops (per-request GEMMs, small vectorized tensors); a refinement of
     # cu_seqlens, empty = cu_seqlens. One group per token makes a chunk compute like that many decodes.
@@ -28,7 +37,7 @@ class Batch:
 
     def __post_init__(self):
         n = len(self.start_pos)
-        for name in ("is_prefill", "slots", "n_draft", "request_ids"):
+        for name in ("slots", "request_ids"):
             assert len(getattr(self, name)) == n, f"Batch.{name}: expected {n} entries"
         assert len(self.cu_seqlens) == n + 1 and self.cu_seqlens[-1] == self.tokens.numel()
         for table in self.block_tables.values():
@@ -48,20 +57,12 @@ class Batch:
     def num_seqs(self) -> int:
         return len(self.start_pos)
 
-    @property
-    def num_tokens(self) -> int:
-        return self.tokens.numel()
-
     def seq_len(self, i: int) -> int:
         return self.cu_seqlens[i + 1] - self.cu_seqlens[i]
 
     def context_len(self, i: int) -> int:
         """Positions covered after this step: start_pos + new tokens."""
         return self.start_pos[i] + self.seq_len(i)
-
-    @property
-    def context_lens(self) -> tuple[int, ...]:
-        return tuple(self.context_len(i) for i in range(self.num_seqs))
 
     def rows(self, i: int) -> slice:
         return slice(self.cu_seqlens[i], self.cu_seqlens[i + 1])
@@ -73,17 +74,22 @@ class Batch:
 
 
 def make_batch(
-    chunks, block_tables: dict[int, torch.Tensor], device="cpu", per_token_after_context=False, speculative=False
+    chunks: Sequence[Chunk],
+    block_tables: dict[int, torch.Tensor],
+    device="cpu",
+    *,
+    per_token_after_context: bool = False,
+    speculative: bool = False,
 ) -> Batch:
-    """Build a Batch from per-sequence `(request_id, slot, start_pos, token_ids, is_prefill, n_draft)` tuples.
+    """Flatten `chunks` (one per sequence, in batch order) into a Batch.
 
     `per_token_after_context` gives every token of a chunk after a context its own op segment (decode-exact)."""
     tokens, positions, cu, segments = [], [], [0], [0]
-    for _, _, start, ids, _, _ in chunks:
-        ids = torch.as_tensor(ids, dtype=torch.int64)
+    for c in chunks:
+        ids = torch.as_tensor(c.tokens, dtype=torch.int64)
         tokens.append(ids)
-        positions.append(torch.arange(start, start + ids.numel()))
-        if per_token_after_context and start > 0:
+        positions.append(torch.arange(c.start_pos, c.start_pos + ids.numel()))
+        if per_token_after_context and c.start_pos > 0:
             segments += [cu[-1] + j for j in range(1, ids.numel())]
         cu.append(cu[-1] + ids.numel())
         segments.append(cu[-1])
@@ -91,12 +97,10 @@ def make_batch(
         tokens=torch.cat(tokens).to(device),
         positions=torch.cat(positions).to(device),
         cu_seqlens=tuple(cu),
-        start_pos=tuple(c[2] for c in chunks),
-        is_prefill=tuple(bool(c[4]) for c in chunks),
-        slots=tuple(c[1] for c in chunks),
+        start_pos=tuple(c.start_pos for c in chunks),
+        slots=tuple(c.slot for c in chunks),
         block_tables=block_tables,
-        n_draft=tuple(c[5] for c in chunks),
-        request_ids=tuple(c[0] for c in chunks),
+        request_ids=tuple(c.request_id for c in chunks),
         op_segments=tuple(segments) if per_token_after_context else (),
         speculative=speculative,
     )

@@ -19,12 +19,12 @@ shapes in the torch ops, row-independent GEMMs), which the tests check bitwise.
 
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 
 import torch
 
 from parity.errors import ParityError
-from parity.optimized.batch import Batch, make_batch
+from parity.optimized.batch import Batch, Chunk, make_batch
 from parity.optimized.cache import PagedCache
 from parity.optimized.model import OptimizedTransformer
 
@@ -32,12 +32,12 @@ from parity.optimized.model import OptimizedTransformer
 PhaseHook = Callable[[str, int, Batch], object]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Request:
     id: int
     prompt: torch.Tensor  # [n] int64
     max_new_tokens: int
-    slot: int  # -1 once released
+    slot: int = -1  # -1 until admitted and once released
     forced: list[int] | None = None  # teacher forcing: emit these tokens instead of the greedy ones
     blocks: dict[int, list[int]] = field(default_factory=dict)
     num_computed: int = 0  # positions whose KV and state are in the cache
@@ -50,7 +50,11 @@ class Request:
     drafts_accepted: int = 0
     pending_streams: list[torch.Tensor] = field(default_factory=list)  # main streams not yet fed to the MTP block
     admitted_slot: int = -1  # the state slot the request ran in
-    first_chunk: int = 0  # length of the prefill chunk that started the request (its schedule, for comparisons)
+    # length of the prefill chunk that started the request, set when it is scheduled. The schedule is part of the
+    # result: the reference replays the request with this prefill length so rows line up position by position
+    # (`capture.runs.reference_capture`), and a row before it is a "prefill" row, after it a "chunk" one
+    # (`compare.verdict.RequestLayout`).
+    first_chunk: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -66,6 +70,22 @@ class Request:
 
 
 @dataclass(frozen=True)
+class Scheduled:
+    """One request's share of a forward, as the scheduler planned it: `tokens` fed at positions `start ..`."""
+
+    req: Request
+    start: int
+    tokens: tuple[int, ...]
+    _: KW_ONLY
+    prefill: bool = False  # prompt tokens (a prefill chunk), not the pending token and its drafts
+    n_draft: int = 0  # trailing MTP draft tokens to verify (0 for prefill and plain decode)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+
+@dataclass(frozen=True, kw_only=True)
 class EngineConfig:
     max_requests: int = 4
     num_blocks: int = 64  # per compress ratio
@@ -117,7 +137,8 @@ class Engine:
             raise ParityError("add_request: empty prompt")
         if prompt.numel() + max_new_tokens + 1 > self.args.max_seq_len:
             raise ParityError(f"add_request: {prompt.numel()} + {max_new_tokens} tokens exceed max_seq_len")
-        req = Request(self._next_id, prompt, max_new_tokens, slot=-1, forced=None if forced is None else list(forced))
+        forced = None if forced is None else list(forced)
+        req = Request(id=self._next_id, prompt=prompt, max_new_tokens=max_new_tokens, forced=forced)
         self._next_id += 1
         self.waiting.append(req)
         return req.id
@@ -150,14 +171,14 @@ class Engine:
         return tables
 
     # one step
-    def _schedule(self) -> list[tuple[Request, list[int], bool, int]]:
+    def _schedule(self) -> list[Scheduled]:
         budget = self.config.token_budget
         plan = []
         for req in self.running:
             if req.in_prefill or req.done:
                 continue
-            tokens = [req.tokens[req.num_computed]] + req.drafts
-            plan.append((req, tokens, False, len(tokens) - 1))
+            tokens = (req.tokens[req.num_computed], *req.drafts)
+            plan.append(Scheduled(req, req.num_computed, tokens, n_draft=len(tokens) - 1))
             budget -= len(tokens)
         for req in self.running:
             if not req.in_prefill or budget <= 0:
@@ -165,16 +186,21 @@ class Engine:
             n = min(self.config.chunk_size, budget, len(req.prompt) - req.num_computed)
             if req.num_computed == 0:
                 req.first_chunk = n
-            plan.append((req, req.prompt[req.num_computed : req.num_computed + n].tolist(), True, 0))
+            tokens = tuple(req.prompt[req.num_computed : req.num_computed + n].tolist())
+            plan.append(Scheduled(req, req.num_computed, tokens, prefill=True))
             budget -= n
         return plan
 
-    def _forward(self, phase: str, plan) -> tuple[Batch, torch.Tensor]:
-        reqs = [p[0] for p in plan]
-        for req, tokens, _, _ in plan:
-            self._reserve(req, req.num_computed + len(tokens))
-        chunks = [(req.id, req.slot, req.num_computed, tokens, pre, nd) for req, tokens, pre, nd in plan]
-        batch = make_batch(chunks, self._tables(reqs), self.device, self.config.decode_exact_chunks)
+    def _batch(self, plan: list[Scheduled], speculative: bool = False) -> Batch:
+        chunks = [Chunk(request_id=s.req.id, slot=s.req.slot, start_pos=s.start, tokens=s.tokens) for s in plan]
+        tables = self._tables([s.req for s in plan])
+        exact = self.config.decode_exact_chunks
+        return make_batch(chunks, tables, self.device, per_token_after_context=exact, speculative=speculative)
+
+    def _forward(self, phase: str, plan: list[Scheduled]) -> tuple[Batch, torch.Tensor]:
+        for s in plan:
+            self._reserve(s.req, s.end)
+        batch = self._batch(plan)
         with self._scope(phase, batch):
             return batch, self.model(batch, self.cache)
 
@@ -188,38 +214,35 @@ class Engine:
         plan = self._schedule()
         if not plan:
             return False
-        verifying = [p for p in plan if p[3] > 0]
-        snapshots = {
-            p[0].id: self.cache.snapshot(p[0].slot, list(range(p[0].num_computed, p[0].num_computed + len(p[1]))))
-            for p in verifying
-        }
-        # a mixed batch is tagged by its most specific member; per-request kinds are in the batch itself
-        phase = "mtp-verify" if verifying else ("prefill" if all(p[2] for p in plan) else "decode")
+        verifying = [s for s in plan if s.n_draft > 0]
+        snapshots = {s.req.id: self.cache.snapshot(s.req.slot, list(range(s.start, s.end))) for s in verifying}
+        # a mixed batch is tagged by its most specific member
+        phase = "mtp-verify" if verifying else ("prefill" if all(s.prefill for s in plan) else "decode")
         batch, h = self._forward(phase, plan)
         with self._scope(phase, batch):  # the head runs on the step's rows: same tags as its forward
             replay = self._commit(plan, batch, h)
         if replay:
             # a rejected draft's position wrote the ring and the compressor state: restore, then replay the
             # committed tokens so the cache holds exactly what a non-speculative run would have
-            for req, _, _, _ in replay:
-                self.cache.restore(req.slot, snapshots[req.id])
+            for s in replay:
+                self.cache.restore(s.req.slot, snapshots[s.req.id])
             self._forward("mtp-verify", replay)
-            for req, tokens, _, _ in replay:
-                req.num_computed += len(tokens)
+            for s in replay:
+                s.req.num_computed = s.end
         if self.config.mtp_draft:
             self._draft()
         self._finish()
         self.step_index += 1
         return True
 
-    def _commit(self, plan, batch: Batch, h: torch.Tensor) -> list:
-        """Greedy tokens for every scheduled request; returns the requests to replay (rejected drafts)."""
+    def _commit(self, plan: list[Scheduled], batch: Batch, h: torch.Tensor) -> list[Scheduled]:
+        """Greedy tokens for every scheduled request; returns the committed tokens to replay (rejected drafts)."""
         replay = []
-        for i, (req, tokens, is_prefill, n_draft) in enumerate(plan):
+        for i, s in enumerate(plan):
+            req, tokens, n_draft = s.req, s.tokens, s.n_draft
             rows = batch.rows(i)
-            start = req.num_computed
-            if is_prefill and start + len(tokens) < len(req.prompt):
-                req.num_computed += len(tokens)
+            if s.prefill and s.end < len(req.prompt):
+                req.num_computed = s.end
                 self._keep_streams(req, h[rows])
                 continue
             want = [rows.stop - 1 - n_draft + j for j in range(n_draft + 1)]
@@ -242,9 +265,9 @@ class Engine:
             self._keep_streams(req, h[rows][:committed])
             req.drafts = []
             if accepted < n_draft:
-                replay.append((req, tokens[:committed], False, 0))
+                replay.append(Scheduled(req, s.start, tokens[:committed]))
             else:
-                req.num_computed = start + committed
+                req.num_computed = s.start + committed
         return replay
 
     def _keep_streams(self, req: Request, h: torch.Tensor) -> None:
@@ -262,17 +285,17 @@ class Engine:
             next_ids = req.tokens[req.mtp_computed + 1 : req.mtp_computed + 1 + h.shape[0]]
             if len(next_ids) < h.shape[0]:
                 continue
-            plan.append((req, next_ids))
+            plan.append(Scheduled(req, req.mtp_computed, tuple(next_ids)))
             streams.append(h)
         if not plan:
             return
-        chunks = [(req.id, req.slot, req.mtp_computed, ids, req.in_prefill, 0) for req, ids in plan]
-        batch = make_batch(chunks, self._tables([p[0] for p in plan]), self.device, self.config.decode_exact_chunks)
+        batch = self._batch(plan)
         with self._scope("mtp-draft", batch):
             x, logits = self.model.mtp_logits(torch.cat(streams), batch.tokens, batch, self.cache, batch.last_rows)
         drafting = []
-        for i, ((req, ids), row) in enumerate(zip(plan, logits)):
-            req.mtp_computed += len(ids)
+        for i, (s, row) in enumerate(zip(plan, logits)):
+            req = s.req
+            req.mtp_computed = s.end
             req.pending_streams = []
             if req.num_computed == len(req.tokens) - 1:
                 req.drafts = [int(row.argmax())]
@@ -295,8 +318,7 @@ class Engine:
         x = torch.stack([h for _, h in drafting])  # [N, hc, D]
         for j in range(1, k):
             reqs = [req for req, _ in drafting]
-            chunks = [(req.id, req.slot, req.num_computed + j - 1, [req.drafts[-1]], False, 0) for req in reqs]
-            batch = make_batch(chunks, self._tables(reqs), self.device, self.config.decode_exact_chunks, True)
+            batch = self._batch([Scheduled(req, req.num_computed + j - 1, (req.drafts[-1],)) for req in reqs], True)
             with self._scope("mtp-draft", batch):
                 x, logits = self.model.mtp_logits(x, batch.tokens, batch, self.cache, batch.last_rows)
             for req, row in zip(reqs, logits):

@@ -5,7 +5,6 @@ speculative decoder would use it: at position i it gets the main model's final s
 and drafts the token at i+2 (spec §10); the drafts are recorded and compared with what the main model generates.
 """
 
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -21,8 +20,6 @@ class Generation:
     tokens: list[int] = field(default_factory=list)  # greedy tokens at positions n, n+1, ...
     logits: list[torch.Tensor] = field(default_factory=list)  # [vocab] fp32 that chose each token
     mtp_drafts: list[int] = field(default_factory=list)  # drafts for positions n+1, n+2, ...
-    prefill_s: float = 0.0
-    decode_s: list[float] = field(default_factory=list)
 
 
 def greedy_generate(
@@ -73,13 +70,9 @@ def greedy_generate(
                 gen.mtp_drafts.append(draft)
         return end
 
-    t0 = time.perf_counter()
     pos = step(ids[None, :n], 0)
     while pos < len(prompt):
         pos = step(ids[None, pos : pos + 1], pos)
-    gen.prefill_s = time.perf_counter() - t0
     for _ in range(decode_steps):
-        t0 = time.perf_counter()
         pos = step(torch.tensor([[sequence[pos]]], device=device), pos)
-        gen.decode_s.append(time.perf_counter() - t0)
     return gen
