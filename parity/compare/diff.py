@@ -9,7 +9,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from parity.compare.align import Pair, Selection, align, fetch
+from parity.compare.align import Pair, Selection, align, fetch, missing_shards
 from parity.compare.gate import Thresholds, judge, same_non_finite_positions
 from parity.compare.layout import match_layouts, token_dims
 from parity.compare.loader import Dump
@@ -144,8 +144,8 @@ def _compare_pair(i, pair: Pair, da, db, name_map, t: Thresholds, logits, top_k,
     changed = [f"dtype {ra[0].dtype} vs {rb[0].dtype}"] if ra[0].dtype != rb[0].dtype else []
     dtype_change, notes = ([], changed) if t.allow_dtype_change else (changed, [])
     if any(r.stats is not None for r in ra + rb):
-        return _compare_stats(base, ra, rb, da, db, shard, t, dtype_change, notes)
-    (ta, pa), (tb, pb) = fetch(da, ra, shard), fetch(db, rb, shard)
+        return _compare_stats(base, pair, da, db, shard, t, dtype_change, notes)
+    (ta, pa), (tb, pb) = fetch(da, ra, shard, pair.merged), fetch(db, rb, shard, pair.merged)
     base.update(shape_a=tuple(ta.shape), shape_b=tuple(tb.shape))
     if pa or pb:
         return PairResult(**base, status="fail", reasons=tuple(f"a: {p}" for p in pa) + tuple(f"b: {p}" for p in pb))
@@ -167,9 +167,10 @@ def _compare_pair(i, pair: Pair, da, db, name_map, t: Thresholds, logits, top_k,
     return PairResult(**base, status=status, reasons=reasons, notes=tuple(notes), metrics=metrics, logits=lg)
 
 
-def _compare_stats(base, ra, rb, da, db, shard, t: Thresholds, dtype_change: list[str], notes) -> PairResult:
+def _compare_stats(base, pair: Pair, da, db, shard, t: Thresholds, dtype_change: list[str], notes) -> PairResult:
     """Stats-mode records (either side) can only be compared on their summaries."""
-    (sa, pa), (sb, pb) = _stats(da, ra, shard), _stats(db, rb, shard)
+    ra, rb = pair.a, pair.b
+    (sa, pa), (sb, pb) = _stats(da, ra, shard, pair.merged), _stats(db, rb, shard, pair.merged)
     base.update(shape_a=ra[0].shape, shape_b=rb[0].shape)
     problems = [f"a: {p}" for p in pa] + [f"b: {p}" for p in pb]
     if problems or sa is None or sb is None:
@@ -180,10 +181,12 @@ def _compare_stats(base, ra, rb, da, db, shard, t: Thresholds, dtype_change: lis
     return PairResult(**base, status="fail" if reasons else "pass", reasons=reasons, notes=notes, metrics=metrics)
 
 
-def _stats(dump: Dump, records: tuple[Record, ...], shard) -> tuple[dict | None, list[str]]:
+def _stats(dump: Dump, records: tuple[Record, ...], shard, merged: bool) -> tuple[dict | None, list[str]]:
     if all(r.stats is None for r in records):
-        t, problems = fetch(dump, records, shard)
+        t, problems = fetch(dump, records, shard, merged)
         return tensor_stats(t), problems
+    if problems := missing_shards(records, merged):
+        return None, problems
     if len(records) == 1 or shard is None:
         return records[0].stats, []
     if shard.reduce == "sum" or any(r.stats is None for r in records):
