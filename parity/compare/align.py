@@ -73,9 +73,19 @@ def align(da: Dump, db: Dump, name_map: NameMap | None = None, select: Selection
 
 def _group(dump: Dump, side: str, name_map: NameMap, select: Selection, merge: bool) -> dict[tuple, tuple]:
     groups: dict[tuple, list[Record]] = {}
+    origin: dict[str, str] = {}  # renamed name -> the dump's name it came from
     for r in sorted(dump.records, key=lambda r: (r.rank, r.seq)):
         name = name_map.rename(r.name, side)
-        if name_map.ignored(name) or not select(r, name):
+        if name_map.ignored(name):
+            continue
+        first = origin.setdefault(name, r.name)
+        if first != r.name:
+            # two tensors under one name would be paired with the same counterpart: one of them unseen
+            raise ParityError(
+                f"{name_map.source}: side {side}: both {first!r} and {r.name!r} become {name!r}; "
+                f"each name needs its own target"
+            )
+        if not select(r, name):
             continue
         key = (r.kind, name, r.phase, r.step, r.call_in_step, None if merge else r.rank)
         groups.setdefault(key, []).append(r)

@@ -46,6 +46,7 @@ class NameMap:
     renames: tuple[Rename, ...] = ()
     ignore: tuple[re.Pattern, ...] = ()
     shards: tuple[Shard, ...] = ()
+    source: str = "name map"  # the file it was read from, for messages
 
     def rename(self, name: str, side: str) -> str:
         for rule in self.renames:
@@ -92,7 +93,7 @@ class NameMap:
         if not isinstance(ignore, list):
             raise ParityError(f"{path}: ignore must be a list of regexes")
         patterns = tuple(_regex({"ignore": p}, "ignore", f"{path}: ignore[{i}]") for i, p in enumerate(ignore))
-        return cls(tuple(renames), patterns, tuple(shards))
+        return cls(tuple(renames), patterns, tuple(shards), str(path))
 
 
 def _tables(data: dict, key: str, path: Path) -> list[dict]:
