@@ -6,7 +6,9 @@
 """
 
 import json
+import math
 import os
+import typing
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal
 
@@ -15,6 +17,10 @@ import torch
 from parity.errors import ParityError
 
 REVISIONS = ("initial", "current")
+# integer fields that may be 0 (every other integer field is a size or a count that must be >= 1)
+_MAY_BE_ZERO = {"n_hash_layers", "n_mtp_layers", "original_seq_len", "beta_fast", "beta_slow"}
+# float fields that may be 0 (every other float field is a scale, base or epsilon that must be > 0)
+_FLOAT_MAY_BE_ZERO = {"swiglu_limit"}
 
 
 @dataclass(frozen=True)
@@ -71,6 +77,7 @@ class ModelArgs:
     reset_state_on_prefill: bool = False
 
     def __post_init__(self):
+        check_fields(self, "ModelArgs")
         # the official JSON holds a list; keep a tuple so the dataclass stays hashable
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
         if self.revision not in REVISIONS:
@@ -135,14 +142,20 @@ class ModelArgs:
             return cls(**d)
         except TypeError as e:
             raise ParityError(f"{source}: {e}") from None
+        except ParityError as e:
+            raise ParityError(f"{source}: {str(e).removeprefix('ModelArgs: ')}") from None
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelArgs":
         try:
-            with open(path) as f:
-                d = json.load(f)
+            with open(path, "rb") as f:
+                d = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             raise ParityError(f"{path}: no such config file") from None
+        except OSError as e:
+            raise ParityError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ParityError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise ParityError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(d, dict):
@@ -177,6 +190,49 @@ class ModelArgs:
         if name not in presets:
             raise ParityError(f"unknown model preset {name!r}; available: {sorted(presets)}")
         return cls.from_dict({**presets[name], **overrides}, source=f"preset {name!r} with overrides")
+
+
+def check_fields(args: ModelArgs, source: str) -> None:
+    """Each field's type and range, against its annotation: one line naming the key, expected vs found. Runs before
+    any use, so a bad config.json or case override never reaches the model as a crash or a silent nonsense run."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        expected = _expected(f.name, f.type, value)
+        if expected is not None:
+            raise ParityError(f"{source}: key {f.name!r}: expected {expected}, got {value!r}")
+    if args.n_activated_experts > args.n_routed_experts:
+        raise ParityError(
+            f"{source}: key 'n_activated_experts': expected <= n_routed_experts ({args.n_routed_experts}), "
+            f"got {args.n_activated_experts}"
+        )
+    if args.rope_head_dim > args.head_dim:
+        raise ParityError(
+            f"{source}: key 'rope_head_dim': expected <= head_dim ({args.head_dim}), got {args.rope_head_dim}"
+        )
+
+
+def _expected(name: str, annotation, value) -> str | None:
+    """What `value` should have been, or None when it is fine."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if annotation is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if annotation is int:
+        low = 0 if name in _MAY_BE_ZERO else 1
+        return None if is_int and value >= low else f"an integer >= {low}"
+    if annotation is float:
+        ok = (is_int or isinstance(value, float)) and math.isfinite(value)
+        if name in _FLOAT_MAY_BE_ZERO:
+            return None if ok and value >= 0 else "a finite number >= 0"
+        return None if ok and value > 0 else "a finite number > 0"
+    if typing.get_origin(annotation) is Literal:
+        options = typing.get_args(annotation)
+        return None if value in options and not isinstance(value, bool) else f"one of {list(options)}"
+    if name == "compress_ratios":
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in value
+        )
+        return None if ok else "a list of integers >= 0"
+    return None
 
 
 _SHIPPED = dict(

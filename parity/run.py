@@ -30,7 +30,6 @@ from parity.cases import Case
 from parity.checkpoint import Checkpoint, write_checkpoint
 from parity.compare.thresholds import NoiseModel
 from parity.compare.verdict import judge_run
-from parity.errors import ParityError
 from parity.io import atomic_write_json
 from parity.optimized.cache import PagedCache
 from parity.optimized.engine import EngineConfig
@@ -76,14 +75,7 @@ class RunReport:
 def prepare_checkpoint(case: Case, checkpoint: str | os.PathLike | None, out_dir: Path) -> Path:
     """Use `checkpoint` if given (its config must be the case's model), else write the case's synthetic one."""
     if checkpoint is not None:
-        ckpt = Checkpoint(checkpoint)
-        theirs, ours = ckpt.args.official_dict(), case.model_args().official_dict()
-        if theirs != ours:
-            key = next(k for k in ours if theirs.get(k) != ours[k])
-            raise ParityError(
-                f"case {case.name!r} ({case.source}) asks for model {key}={ours[key]!r} but "
-                f"{checkpoint}/inference/config.json has {theirs.get(key)!r}"
-            )
+        Checkpoint(checkpoint).check_model(case.model_args(), f"case {case.name!r} ({case.source})")
         return Path(checkpoint)
     return write_checkpoint(out_dir / "checkpoint", case.model_args(), seed=case.seed, init=case.init)
 
