@@ -84,9 +84,9 @@ class Thresholds:
             low, high = _RANGES[f.name]
             ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
             if not ok or not low <= value <= high:
-                where = "" if high == math.inf else f" <= {high:g}"
+                bound = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
                 raise ParityError(
-                    f"threshold {f.name} (--{f.name.replace('_', '-')}): expected a finite number >= {low:g}{where}, "
+                    f"threshold {f.name} (--{f.name.replace('_', '-')}): expected a finite number {bound}, "
                     f"got {value!r}"
                 )
 
