@@ -68,6 +68,15 @@ class Case:
     def model_args(self) -> ModelArgs:
         return ModelArgs.preset(self.preset, **dict(self.overrides))
 
+    def blocks_needed(self) -> int:
+        """KV blocks per compress-ratio pool that all requests need together (what `engine.num_blocks = 0` gives):
+        each request's prompt, decodes, MTP drafts and the one token a step may look ahead."""
+        from parity.optimized.cache import PagedCache
+
+        args, e = self.model_args(), self.engine
+        lengths = (r.prompt_len + r.decode_steps + e.mtp_draft + 1 for r in self.requests)
+        return sum(PagedCache.blocks_for(args, n, e.block_size) for n in lengths)
+
     def prompts(self, vocab_size: int) -> list[torch.Tensor]:
         """Deterministic prompt token ids, one 1-D int64 tensor per request."""
         g = torch.Generator().manual_seed(self.seed + 1)
@@ -183,6 +192,12 @@ def parse_case(data: dict, source: str) -> Case:
                 f"{source}: requests[{i}] needs {need} positions (prompt_len + decode_steps + engine.mtp_draft + 1), "
                 f"more than the model's max_seq_len={args.max_seq_len}"
             )
+    need = case.blocks_needed()
+    if engine_spec.num_blocks and engine_spec.num_blocks < need:
+        raise ParityError(
+            f"{source}: engine.num_blocks = {engine_spec.num_blocks} is fewer than the {need} KV blocks the requests "
+            f"need at block_size {engine_spec.block_size} (0 = exactly what they need)"
+        )
     return case
 
 

@@ -31,7 +31,6 @@ from parity.checkpoint import Checkpoint, write_checkpoint
 from parity.compare.thresholds import NoiseModel
 from parity.compare.verdict import judge_run
 from parity.io import atomic_write_json
-from parity.optimized.cache import PagedCache
 from parity.optimized.engine import EngineConfig
 from parity.optimized.ops import OpsConfig, registry
 
@@ -83,14 +82,9 @@ def prepare_checkpoint(case: Case, checkpoint: str | os.PathLike | None, out_dir
 def engine_config(case: Case, prompts: list[torch.Tensor]) -> EngineConfig:
     """The case's engine settings; `num_blocks` 0 = what the requests need at the case's largest compress ratio."""
     e = case.engine
-    args = case.model_args()
-    need = 0
-    for p, r in zip(prompts, case.requests):
-        # + mtp drafts + the one token a step may look ahead
-        need += PagedCache.blocks_for(args, len(p) + r.decode_steps + e.mtp_draft + 1, e.block_size)
     return EngineConfig(
         max_requests=len(prompts),
-        num_blocks=e.num_blocks or need,
+        num_blocks=e.num_blocks or case.blocks_needed(),
         block_size=e.block_size,
         chunk_size=e.chunk_size,
         token_budget=e.token_budget,

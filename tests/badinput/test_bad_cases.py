@@ -44,6 +44,7 @@ def _case(tmp_path, model: str = "", request: str = "", engine: str = "", top: s
         pytest.param({"engine": "token_budget = 0"}, ("engine.token_budget", "got 0"), id="budget-0"),
         pytest.param({"engine": "mtp_draft = true"}, ("engine.mtp_draft", "True"), id="bool-for-int"),
         pytest.param({"engine": "decode_exact_chunks = 1"}, ("decode_exact_chunks", "true or false"), id="int-bool"),
+        pytest.param({"engine": "block_size = 1\nnum_blocks = 1"}, ("num_blocks = 1", "the 2 KV blocks"), id="blocks"),
         pytest.param({"engine": "chunksize = 8"}, ("unknown key(s) ['chunksize'] in [engine]",), id="typo"),
         pytest.param({"top": "description = 5\n"}, ("description must be a string", "5"), id="description"),
     ],
