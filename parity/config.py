@@ -15,6 +15,7 @@ from typing import Literal
 import torch
 
 from parity.errors import ParityError
+from parity.formats import FP8_BLOCK
 
 REVISIONS = ("initial", "current")
 # integer fields that may be 0 (every other integer field is a size or a count that must be >= 1)
@@ -209,6 +210,27 @@ def check_fields(args: ModelArgs, source: str) -> None:
         raise ParityError(
             f"{source}: key 'rope_head_dim': expected <= head_dim ({args.head_dim}), got {args.rope_head_dim}"
         )
+    for key, value, expected in _shape_rules(args):
+        if not expected[0](value):
+            raise ParityError(f"{source}: key {key!r}: expected {expected[1]}, got {value!r}")
+
+
+def _shape_rules(args: ModelArgs):
+    """The divisibility the official kernels assert (quantization blocks along K, head groups, rotary pairs):
+    refused here by key instead of as an AssertionError deep inside the first forward."""
+    mult = lambda n: (lambda v: v % n == 0, f"a multiple of {n}")  # noqa: E731
+    # every FP8/FP4 linear quantizes its input per FP8_BLOCK along K (bf16 linears do not)
+    quantized = ("dim", "q_lora_rank", "o_lora_rank", "moe_inter_dim") if args.dtype == "fp8" else ()
+    quantized = quantized or (("dim", "moe_inter_dim") if args.expert_dtype == "fp4" else ())
+    rules = [(key, getattr(args, key), mult(FP8_BLOCK)) for key in quantized]
+    rules.append(
+        ("o_groups", args.o_groups, (lambda v: args.n_heads % v == 0, f"a divisor of n_heads ({args.n_heads})"))
+    )
+    rules.append(("rope_head_dim", args.rope_head_dim, mult(2)))
+    # the KV cache's non-rotary part is FP8-quantized in blocks of 64 (KV_QUANT_BLOCK of the official model)
+    nope = args.head_dim - args.rope_head_dim
+    rules.append(("head_dim", args.head_dim, (lambda v: nope % 64 == 0, "head_dim - rope_head_dim a multiple of 64")))
+    return rules
 
 
 def _expected(name: str, annotation, value) -> str | None:
