@@ -93,3 +93,15 @@ def test_a_full_disk_replaces_nothing_and_names_the_file(tmp_path):
     with pytest.raises(ParityError, match="report.json: cannot write .No space left on device.; nothing was replaced"):
         atomic_write(target, full)
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"] and target.read_text() == "old"
+
+
+def test_an_unwritable_dir_is_found_by_probing(parity_cli, ref, tmp_path, monkeypatch):
+    """What a read-only mount or an ACL does (and root cannot provoke with chmod): the probe file cannot be made."""
+    import parity.io
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(parity.io.tempfile, "TemporaryFile", refuse)
+    line = assert_bad_input(parity_cli("compare", ref, ref, "--out", tmp_path / "r.json"), "--out", "Permission denied")
+    assert f"cannot write in {tmp_path}" in line and list(tmp_path.iterdir()) == []
