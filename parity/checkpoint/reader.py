@@ -41,7 +41,8 @@ class Checkpoint:
         self.path = Path(path)
         index_path = self.path / INDEX_FILE
         if not self.path.is_dir():
-            raise ParityError(f"{self.path}: checkpoint directory does not exist")
+            what = "is not a directory" if self.path.exists() else "does not exist"
+            raise ParityError(f"{self.path}: checkpoint directory {what}")
         if not index_path.is_file():
             raise ParityError(f"{index_path}: missing (not a sharded Hugging Face checkpoint)")
         try:
