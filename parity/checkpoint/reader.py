@@ -131,11 +131,16 @@ class Checkpoint:
 
 
 def _non_finite(t: torch.Tensor) -> int:
-    """How many NaN/Inf a stored tensor holds (fp8 and e8m0 through a float cast, which maps their NaN codes to
-    NaN; integer and packed fp4 tensors have none)."""
+    """How many NaN/Inf a stored tensor holds. The FP8 formats are read through their bytes (no 4x float copy of
+    the largest weights): e4m3fn has no Inf and NaN is S.1111.111; e8m0 has NaN 0xFF only. Integer and packed
+    fp4 tensors have none."""
+    if t.dtype == torch.float8_e4m3fn:
+        return int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    if t.dtype == torch.float8_e8m0fnu:
+        return int((t.view(torch.uint8) == 0xFF).sum())
     if not t.is_floating_point() or t.dtype == torch.float4_e2m1fn_x2:
         return 0
-    x = t.float() if t.element_size() == 1 else t
+    x = t.float() if t.element_size() == 1 else t  # e5m2 and other 1-byte floats
     return int(x.numel() - torch.isfinite(x).sum())
 
 

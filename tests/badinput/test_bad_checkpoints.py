@@ -130,3 +130,12 @@ def test_the_clean_checkpoint_loads(ckpt):
 def test_parity_run_refuses_a_nan_checkpoint_with_exit_2(parity_cli, tmp_path, ckpt):
     _poison(ckpt, "embed.weight")
     assert_bad_input(_run(parity_cli, tmp_path, ckpt), "'embed.weight'", "NaN/Inf", "expected finite weights")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e8m0fnu, torch.float8_e5m2])
+def test_every_fp8_byte_is_judged_as_torch_casts_it(dtype):
+    """The byte-level NaN test of the FP8 weights agrees with torch's float cast on all 256 codes."""
+    from parity.checkpoint.reader import _non_finite
+
+    codes = torch.arange(256, dtype=torch.uint8).view(dtype)
+    assert _non_finite(codes) == int((~torch.isfinite(codes.float())).sum()) > 0
