@@ -86,7 +86,8 @@ class NameMap:
             _only(rule, {"match", "dim", "reduce"}, where)
             reduce = rule.get("reduce", "cat")
             dim = rule.get("dim")
-            if reduce not in ("cat", "sum") or (reduce == "cat") != isinstance(dim, int):
+            is_dim = isinstance(dim, int) and not isinstance(dim, bool)  # TOML `true` is not a dim
+            if reduce not in ("cat", "sum") or (reduce == "cat") != is_dim:
                 raise ParityError(f"{where}: give dim = <int> (concatenate shards) or reduce = 'sum' (partial sums)")
             shards.append(Shard(_regex(rule, "match", where), dim, reduce))
         ignore = data.get("ignore", [])

@@ -193,7 +193,7 @@ class Record:
             rank=get.int("rank"),
             world_size=get.int("world_size"),
             file=file,
-            key=get.str("key", optional=True) if file is not None else None,
+            key=get.str("key") if file is not None else None,
             stats=stats,
         )
 

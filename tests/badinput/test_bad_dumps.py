@@ -74,6 +74,12 @@ def test_a_dtype_change_between_a_and_b_fails_in_the_table(parity_cli, toy_dumps
     assert parity_cli("compare", toy_dumps.ref, bf16, "--allow-dtype-change").code == 0
 
 
+def test_a_full_mode_record_without_its_key(parity_cli, ref, tmp_path):
+    bad = copy_dump(ref, tmp_path / "bad")
+    edit_line(bad, 1, key=None)
+    assert_bad_input(parity_cli("dump-info", bad), "manifest.jsonl line 2", "missing field 'key'")
+
+
 def test_a_tensor_file_replaced_by_a_dir(parity_cli, ref, tmp_path):
     bad = copy_dump(ref, tmp_path / "bad")
     target = bad / manifest(bad)[0]["file"]

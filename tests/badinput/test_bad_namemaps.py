@@ -22,6 +22,7 @@ from tests.badinput.conftest import assert_bad_input
         pytest.param("[[rename]]\nmatch = 'x'\nto = 3\n", ("rename[0]", "to must be a string"), id="to-not-str"),
         pytest.param("[[shard]]\nmatch = 'x'\n", ("shard[0]", "dim"), id="shard-without-dim"),
         pytest.param("ignore = 'x'\n", ("ignore must be a list",), id="ignore-not-list"),
+        pytest.param("[[shard]]\nmatch = 'x'\ndim = true\n", ("shard[0]", "dim = <int>"), id="shard-dim-bool"),
         pytest.param("[[renmae]]\nmatch = 'x'\n", ("unknown key(s) renmae",), id="typo-key"),
     ],
 )
