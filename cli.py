@@ -6,6 +6,11 @@ import typer
 
 from parity.errors import ParityError
 
+try:  # typer >= 0.22 vendors click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer depends on click
+    from click.exceptions import ClickException, UsageError
+
 app = typer.Typer(
     name="parity",
     help="Correctness and layer-bisect harness for DeepSeek-V4 inference kernels.",
@@ -26,18 +31,43 @@ def _register() -> None:
     register_all(app)
 
 
+def _fail(message: str, code: int) -> None:
+    """Print one `error: ...` line on stderr (newlines folded) and exit with `code`."""
+    from rich.markup import escape
+
+    from parity.commands._common import err
+
+    line = " ".join(message.split())
+    err.print(f"[red]error:[/red] {escape(line)}", markup=True)
+    sys.exit(code)
+
+
+def _usage_message(e: ClickException) -> str:
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"{e.format_message()}{hint}"
+
+
 def main() -> None:
-    """Entry point: one-line errors and exit 2 for bad input, never a traceback."""
+    """Entry point: one-line errors and exit 2 for bad input and usage, never a traceback or a usage box."""
     _register()
     try:
-        app()
+        # standalone_mode=False: click's usage errors reach us instead of being drawn as multi-line boxes
+        code = app(standalone_mode=False)
     except ParityError as e:
-        from rich.markup import escape
-
-        from parity.commands._common import err
-
-        err.print(f"[red]error:[/red] {escape(str(e))}", markup=True)
-        sys.exit(e.exit_code)
+        _fail(str(e), e.exit_code)
+    except UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `parity` alone: the help text is what the user asked for
+            e.show()
+            sys.exit(2)
+        _fail(_usage_message(e), 2)
+    except ClickException as e:
+        _fail(e.format_message(), 2)
+    except OSError as e:
+        # an unreadable / unwritable path or a full disk the checks could not foresee: name it, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        _fail(f"{where}{e.strerror or e}", 2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

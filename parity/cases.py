@@ -68,6 +68,15 @@ class Case:
     def model_args(self) -> ModelArgs:
         return ModelArgs.preset(self.preset, **dict(self.overrides))
 
+    def blocks_needed(self) -> int:
+        """KV blocks per compress-ratio pool that all requests need together (what `engine.num_blocks = 0` gives):
+        each request's prompt, decodes, MTP drafts and the one token a step may look ahead."""
+        from parity.optimized.cache import PagedCache
+
+        args, e = self.model_args(), self.engine
+        lengths = (r.prompt_len + r.decode_steps + e.mtp_draft + 1 for r in self.requests)
+        return sum(PagedCache.blocks_for(args, n, e.block_size) for n in lengths)
+
     def prompts(self, vocab_size: int) -> list[torch.Tensor]:
         """Deterministic prompt token ids, one 1-D int64 tensor per request."""
         g = torch.Generator().manual_seed(self.seed + 1)
@@ -87,12 +96,25 @@ def _check_keys(d: dict, allowed: set[str], where: str, source: str) -> None:
         raise ParityError(f"{source}: unknown key(s) {unknown} in {where}; allowed: {sorted(allowed)}")
 
 
-def _int(d: dict, key: str, where: str, source: str, default=None, minimum: int = 0) -> int:
+# torch generators take seeds below 2**64; the prompts use seed + 1
+MAX_SEED = 2**63 - 2
+
+
+def _int(d: dict, key: str, where: str, source: str, default=None, minimum: int = 0, maximum: int | None = None) -> int:
     value = d.get(key, default)
     if value is None:
         raise ParityError(f"{source}: {where}.{key} is required")
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ParityError(f"{source}: {where}.{key} must be an integer >= {minimum}, got {value!r}")
+    bad = not isinstance(value, int) or isinstance(value, bool) or value < minimum
+    if bad or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ParityError(f"{source}: {where}.{key} must be an integer {bound}, got {value!r}")
+    return value
+
+
+def _str(d: dict, key: str, where: str, source: str, default: str) -> str:
+    value = d.get(key, default)
+    if not isinstance(value, str):
+        raise ParityError(f"{source}: {where}{key} must be a string, got {value!r}")
     return value
 
 
@@ -141,24 +163,41 @@ def parse_case(data: dict, source: str) -> Case:
         if not calibration.is_file():
             raise ParityError(f"{source}: tolerance.calibration: no such file {str(calibration)!r}")
     name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise ParityError(f"{source}: 'name' must be a non-empty string")
+    if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
+        raise ParityError(f"{source}: 'name' must be a non-empty string usable as a dir name, got {name!r}")
     case = Case(
         name=name,
-        preset=str(model.get("preset", "tiny")),
-        seed=_int(model, "seed", "model", source, 0),
+        preset=_str(model, "preset", "model.", source, "tiny"),
+        seed=_int(model, "seed", "model", source, 0, maximum=MAX_SEED),
         init=init,
         requests=tuple(specs),
         overrides=tuple(sorted(overrides.items())),
         engine=engine_spec,
         calibration=calibration,
-        description=str(data.get("description", "")),
+        description=_str(data, "description", "", source, ""),
         source=source,
     )
-    args = case.model_args()  # validates preset and overrides
-    too_long = [r for r in specs if r.prompt_len + r.decode_steps + engine_spec.mtp_draft + 1 > args.max_seq_len]
-    if too_long:
-        raise ParityError(f"{source}: a request needs more than max_seq_len={args.max_seq_len} positions")
+    try:
+        args = case.model_args()  # validates preset and overrides, naming the key
+    except ParityError as e:
+        raise ParityError(f"{source}: [model] {e}") from None
+    if engine_spec.mtp_draft and not args.n_mtp_layers:
+        raise ParityError(
+            f"{source}: engine.mtp_draft must be 0 when the model has no MTP layer, got {engine_spec.mtp_draft}"
+        )
+    for i, r in enumerate(specs):
+        need = r.prompt_len + r.decode_steps + engine_spec.mtp_draft + 1
+        if need > args.max_seq_len:
+            raise ParityError(
+                f"{source}: requests[{i}] needs {need} positions (prompt_len + decode_steps + engine.mtp_draft + 1), "
+                f"more than the model's max_seq_len={args.max_seq_len}"
+            )
+    need = case.blocks_needed()
+    if engine_spec.num_blocks and engine_spec.num_blocks < need:
+        raise ParityError(
+            f"{source}: engine.num_blocks = {engine_spec.num_blocks} is fewer than the {need} KV blocks the requests "
+            f"need at block_size {engine_spec.block_size} (0 = exactly what they need)"
+        )
     return case
 
 
@@ -171,10 +210,16 @@ def load_case(name_or_path: str | None = None) -> Case:
         if not path.is_file():
             available = sorted(p.stem for p in BUILTIN_DIR.glob("*.toml"))
             raise ParityError(f"unknown case {name_or_path!r}; built-in cases: {available} (or give a .toml path)")
-    if not path.is_file():
+    if not path.exists():
         raise ParityError(f"{path}: no such case file")
+    if not path.is_file():
+        raise ParityError(f"{path}: not a file (expected a .toml case)")
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ParityError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise ParityError(f"{path}: not UTF-8 text (byte {e.start}); TOML files are UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ParityError(f"{path}: invalid TOML ({e})") from None
     return parse_case(data, str(path))

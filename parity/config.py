@@ -6,7 +6,9 @@
 """
 
 import json
+import math
 import os
+import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Literal, get_args, get_origin
@@ -14,8 +16,13 @@ from typing import Literal, get_args, get_origin
 import torch
 
 from parity.errors import ParityError
+from parity.formats import FP8_BLOCK
 
 REVISIONS = ("initial", "current")
+# integer fields that may be 0 (every other integer field is a size or a count that must be >= 1)
+_MAY_BE_ZERO = {"n_hash_layers", "n_mtp_layers", "original_seq_len", "beta_fast", "beta_slow"}
+# float fields that may be 0 (every other float field is a scale, base or epsilon that must be > 0)
+_FLOAT_MAY_BE_ZERO = {"swiglu_limit"}
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class ModelArgs:
     reset_state_on_prefill: bool = False
 
     def __post_init__(self):
+        check_values(self, "ModelArgs")
         # the official JSON holds a list; keep a tuple so the dataclass stays hashable
         object.__setattr__(self, "compress_ratios", tuple(int(r) for r in self.compress_ratios))
         if self.revision not in REVISIONS:
@@ -129,15 +137,22 @@ class ModelArgs:
     @classmethod
     def from_dict(cls, d: Mapping, source: str = "config") -> "ModelArgs":
         check_fields(d, source)
-        return cls(**d)
+        try:
+            return cls(**d)
+        except ParityError as e:
+            raise ParityError(f"{source}: {str(e).removeprefix('ModelArgs: ')}") from None
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelArgs":
         try:
-            with open(path) as f:
-                d = json.load(f)
+            with open(path, "rb") as f:
+                d = json.loads(f.read().decode("utf-8"))
         except FileNotFoundError:
             raise ParityError(f"{path}: no such config file") from None
+        except OSError as e:
+            raise ParityError(f"{path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ParityError(f"{path}: not UTF-8 text (byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise ParityError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         if not isinstance(d, dict):
@@ -193,9 +208,10 @@ def check_fields(d: Mapping, source: str) -> None:
     if unknown:
         raise ParityError(f"{source}: unknown ModelArgs key(s) {unknown}; valid keys: {', '.join(FIELD_NAMES)}")
     for name, value in d.items():
-        expected = _type_mismatch(_FIELD_TYPES[name], value)
+        annotation = _FIELD_TYPES[name]
+        expected = _expected(name, annotation, value) or _type_mismatch(annotation, value)
         if expected is not None:
-            raise ParityError(f"{source}: ModelArgs.{name} expects {expected}, got {value!r}")
+            raise ParityError(f"{source}: key {name!r}: expected {expected}, got {value!r}")
 
 
 def _is_int(v) -> bool:
@@ -216,6 +232,70 @@ def _type_mismatch(annotation, value) -> str | None:
         return None if isinstance(value, annotation) else annotation.__name__
     check, expected = checks[annotation]
     return None if check(value) else expected
+
+
+def check_values(args: ModelArgs, source: str) -> None:
+    """Each field's type and range, against its annotation: one line naming the key, expected vs found. Runs before
+    any use, so a bad config.json or case override never reaches the model as a crash or a silent nonsense run."""
+    for f in fields(args):
+        value = getattr(args, f.name)
+        expected = _expected(f.name, f.type, value)
+        if expected is not None:
+            raise ParityError(f"{source}: key {f.name!r}: expected {expected}, got {value!r}")
+    if args.n_activated_experts > args.n_routed_experts:
+        raise ParityError(
+            f"{source}: key 'n_activated_experts': expected <= n_routed_experts ({args.n_routed_experts}), "
+            f"got {args.n_activated_experts}"
+        )
+    if args.rope_head_dim > args.head_dim:
+        raise ParityError(
+            f"{source}: key 'rope_head_dim': expected <= head_dim ({args.head_dim}), got {args.rope_head_dim}"
+        )
+    for key, value, expected in _shape_rules(args):
+        if not expected[0](value):
+            raise ParityError(f"{source}: key {key!r}: expected {expected[1]}, got {value!r}")
+
+
+def _shape_rules(args: ModelArgs):
+    """The divisibility the official kernels assert (quantization blocks along K, head groups, rotary pairs):
+    refused here by key instead of as an AssertionError deep inside the first forward."""
+    mult = lambda n: (lambda v: v % n == 0, f"a multiple of {n}")  # noqa: E731
+    # every FP8/FP4 linear quantizes its input per FP8_BLOCK along K (bf16 linears do not)
+    quantized = ("dim", "q_lora_rank", "o_lora_rank", "moe_inter_dim") if args.dtype == "fp8" else ()
+    quantized = quantized or (("dim", "moe_inter_dim") if args.expert_dtype == "fp4" else ())
+    rules = [(key, getattr(args, key), mult(FP8_BLOCK)) for key in quantized]
+    rules.append(
+        ("o_groups", args.o_groups, (lambda v: args.n_heads % v == 0, f"a divisor of n_heads ({args.n_heads})"))
+    )
+    rules.append(("rope_head_dim", args.rope_head_dim, mult(2)))
+    # the KV cache's non-rotary part is FP8-quantized in blocks of 64 (KV_QUANT_BLOCK of the official model)
+    nope = args.head_dim - args.rope_head_dim
+    rules.append(("head_dim", args.head_dim, (lambda v: nope % 64 == 0, "head_dim - rope_head_dim a multiple of 64")))
+    return rules
+
+
+def _expected(name: str, annotation, value) -> str | None:
+    """What `value` should have been, or None when it is fine."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    if annotation is bool:
+        return None if isinstance(value, bool) else "true or false"
+    if annotation is int:
+        low = 0 if name in _MAY_BE_ZERO else 1
+        return None if is_int and value >= low else f"an integer >= {low}"
+    if annotation is float:
+        ok = (is_int or isinstance(value, float)) and math.isfinite(value)
+        if name in _FLOAT_MAY_BE_ZERO:
+            return None if ok and value >= 0 else "a finite number >= 0"
+        return None if ok and value > 0 else "a finite number > 0"
+    if typing.get_origin(annotation) is Literal:
+        options = typing.get_args(annotation)
+        return None if value in options and not isinstance(value, bool) else f"one of {list(options)}"
+    if name == "compress_ratios":
+        ok = isinstance(value, (list, tuple)) and all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in value
+        )
+        return None if ok else "a list of integers >= 0"
+    return None
 
 
 _SHIPPED = dict(

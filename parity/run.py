@@ -30,9 +30,7 @@ from parity.cases import Case
 from parity.checkpoint import Checkpoint, write_checkpoint
 from parity.compare.thresholds import NoiseModel
 from parity.compare.verdict import judge_run
-from parity.errors import ParityError
 from parity.io import atomic_write_json
-from parity.optimized.cache import PagedCache
 from parity.optimized.engine import EngineConfig
 from parity.optimized.ops import OpsConfig, registry
 
@@ -76,14 +74,7 @@ class RunReport:
 def prepare_checkpoint(case: Case, checkpoint: str | os.PathLike | None, out_dir: Path) -> Path:
     """Use `checkpoint` if given (its config must be the case's model), else write the case's synthetic one."""
     if checkpoint is not None:
-        ckpt = Checkpoint(checkpoint)
-        theirs, ours = ckpt.args.official_dict(), case.model_args().official_dict()
-        if theirs != ours:
-            key = next(k for k in ours if theirs.get(k) != ours[k])
-            raise ParityError(
-                f"case {case.name!r} ({case.source}) asks for model {key}={ours[key]!r} but "
-                f"{checkpoint}/inference/config.json has {theirs.get(key)!r}"
-            )
+        Checkpoint(checkpoint).check_model(case.model_args(), f"case {case.name!r} ({case.source})")
         return Path(checkpoint)
     return write_checkpoint(out_dir / "checkpoint", case.model_args(), seed=case.seed, init=case.init)
 
@@ -91,14 +82,9 @@ def prepare_checkpoint(case: Case, checkpoint: str | os.PathLike | None, out_dir
 def engine_config(case: Case, prompts: list[torch.Tensor]) -> EngineConfig:
     """The case's engine settings; `num_blocks` 0 = what the requests need at the case's largest compress ratio."""
     e = case.engine
-    args = case.model_args()
-    need = 0
-    for p, r in zip(prompts, case.requests):
-        # + mtp drafts + the one token a step may look ahead
-        need += PagedCache.blocks_for(args, len(p) + r.decode_steps + e.mtp_draft + 1, e.block_size)
     return EngineConfig(
         max_requests=len(prompts),
-        num_blocks=e.num_blocks or need,
+        num_blocks=e.num_blocks or case.blocks_needed(),
         block_size=e.block_size,
         chunk_size=e.chunk_size,
         token_budget=e.token_budget,

@@ -31,21 +31,21 @@ def test_misspelt_key_is_refused_with_the_valid_ones_listed(tiny_args):
         ("revision", "latest", "one of ['initial', 'current']"),
         ("max_batch_size", "4", "an integer"),
         ("max_batch_size", True, "an integer"),
-        ("rope_factor", "16", "a number"),
+        ("rope_factor", "16", "a finite number"),
         ("reset_state_on_prefill", 1, "true or false"),
         ("compress_ratios", [0, 4.0], "a list of integers"),
         ("scale_fmt", "e8m0", "one of [None, 'ue8m0']"),
     ],
 )
 def test_wrongly_typed_value_is_refused(tiny_args, key, value, expected):
-    with pytest.raises(ParityError, match=f"ModelArgs.{key} expects {expected}".replace("[", r"\[")):
+    with pytest.raises(ParityError, match=f"key '{key}': expected {expected}".replace("[", r"\[")):
         tiny_args.with_({key: value})
 
 
 def test_presets_and_dicts_are_validated_the_same_way():
     with pytest.raises(ParityError, match=r"ModelArgs.tiny: unknown ModelArgs key\(s\) \['n_layer'\]"):
         ModelArgs.tiny(n_layer=2)
-    with pytest.raises(ParityError, match="config.json: ModelArgs.dim expects an integer"):
+    with pytest.raises(ParityError, match="config.json: key 'dim': expected an integer"):
         ModelArgs.from_dict({"dim": 4096.0}, source="config.json")
     assert ModelArgs.tiny(n_layers=3, compress_ratios=(0, 4, 128, 0)).n_layers == 3
 

@@ -2,7 +2,8 @@
 
 The model is built on the meta device; only the selected submodules (`layers.i`, `mtp`, embed/head) are
 materialized and filled, one parameter at a time, so peak memory is proportional to what is selected. Every
-tensor is checked against the layout derived from `ModelArgs` (name, shape, dtype) before it is used.
+tensor is checked against the layout derived from `ModelArgs` (name, shape, dtype) before it is used, and must
+hold finite numbers: a NaN weight is a broken checkpoint, refused before a run would carry it into every row.
 """
 
 import json
@@ -40,19 +41,41 @@ class Checkpoint:
         self.path = Path(path)
         index_path = self.path / INDEX_FILE
         if not self.path.is_dir():
-            raise ParityError(f"{self.path}: checkpoint directory does not exist")
+            what = "is not a directory" if self.path.exists() else "does not exist"
+            raise ParityError(f"{self.path}: checkpoint directory {what}")
         if not index_path.is_file():
             raise ParityError(f"{index_path}: missing (not a sharded Hugging Face checkpoint)")
         try:
-            index = json.loads(index_path.read_text())
+            index = json.loads(index_path.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise ParityError(f"{index_path}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise ParityError(f"{index_path}: not UTF-8 text (byte {e.start})") from None
         except json.JSONDecodeError as e:
             raise ParityError(f"{index_path}: not valid JSON ({e.msg} at line {e.lineno})") from None
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ParityError(f"{index_path}: no 'weight_map' object of tensor name -> shard file")
         self.weight_map: dict[str, str] = weight_map
-        self.args = ModelArgs.from_json(self.path / "inference" / "config.json")
+        self.config_path = self.path / "inference" / "config.json"
+        self.args = ModelArgs.from_json(self.config_path)
         self._handles: dict[str, object] = {}
+
+    def check_model(self, want: ModelArgs, asker: str) -> None:
+        """Refuse this checkpoint for `asker` (e.g. a case) when its config describes another model: one line naming
+        the first differing key, the value each side holds, and whether config.json sets the key at all."""
+        theirs, ours = self.args.official_dict(), want.official_dict()
+        differ = [k for k in ours if theirs.get(k) != ours[k]]
+        if not differ:
+            return
+        key = differ[0]
+        present = json.loads(self.config_path.read_bytes().decode("utf-8"))  # parsed fine just before
+        has = f"has {theirs[key]!r}" if key in present else f"does not set it (default {theirs[key]!r})"
+        more = f" ({len(differ)} keys differ: {', '.join(differ[:6])}{', ...' if len(differ) > 6 else ''})"
+        raise ParityError(
+            f"{asker} asks for model {key}={ours[key]!r} but {self.config_path} {has}"
+            f"{more if len(differ) > 1 else ''}: the checkpoint is of another model"
+        )
 
     def _shard(self, file: str):
         if file not in self._handles:
@@ -95,9 +118,30 @@ class Checkpoint:
         self.check(spec)
         file, handle = self._locate(spec)
         try:
-            return handle.get_tensor(spec.name)
+            t = handle.get_tensor(spec.name)
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ParityError(f"{self.path / file}: cannot read tensor {spec.name!r} ({_first_line(e)})") from None
+        bad = _non_finite(t)
+        if bad:
+            raise ParityError(
+                f"{self.path / file}: tensor {spec.name!r} holds {bad} NaN/Inf of {t.numel()} values: "
+                f"expected finite weights"
+            )
+        return t
+
+
+def _non_finite(t: torch.Tensor) -> int:
+    """How many NaN/Inf a stored tensor holds. The FP8 formats are read through their bytes (no 4x float copy of
+    the largest weights): e4m3fn has no Inf and NaN is S.1111.111; e8m0 has NaN 0xFF only. Integer and packed
+    fp4 tensors have none."""
+    if t.dtype == torch.float8_e4m3fn:
+        return int(((t.view(torch.uint8) & 0x7F) == 0x7F).sum())
+    if t.dtype == torch.float8_e8m0fnu:
+        return int((t.view(torch.uint8) == 0xFF).sum())
+    if not t.is_floating_point() or t.dtype == torch.float4_e2m1fn_x2:
+        return 0
+    x = t.float() if t.element_size() == 1 else t  # e5m2 and other 1-byte floats
+    return int(x.numel() - torch.isfinite(x).sum())
 
 
 def _first_line(e: BaseException) -> str:

@@ -2,7 +2,10 @@
 
 import sys
 
+import torch
 from rich.console import Console
+
+from parity.errors import ParityError
 
 # stdout for results, stderr for the one-line errors; piped output (CI logs, `| less`) gets wide tables instead of
 # rich's 80-column fallback
@@ -10,3 +13,19 @@ out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def check_device(device: str) -> None:
+    """A `--device` value both models can run on here: `cpu`, or `cuda[:N]` with that GPU present."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ParityError(f"--device {device!r}: not a torch device; expected cpu or cuda[:N]") from None
+    if d.type not in ("cpu", "cuda"):
+        raise ParityError(f"--device {device!r}: expected cpu or cuda[:N], got a {d.type} device")
+    if d.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ParityError(f"--device {device!r}: this machine has no CUDA device (use --device cpu)")
+        if d.index is not None and d.index >= count:
+            raise ParityError(f"--device {device!r}: this machine has {count} CUDA device(s), 0..{count - 1}")

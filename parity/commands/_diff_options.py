@@ -19,7 +19,7 @@ MapFile = Annotated[Path | None, typer.Option("--map", help="TOML name map: rena
 Json = Annotated[bool, typer.Option("--json", help="Write a JSON report (stdout, or --out).")]
 Csv = Annotated[bool, typer.Option("--csv", help="Write the table as CSV (stdout, or --out).")]
 Out = Annotated[Path | None, typer.Option("--out", help="Write the JSON/CSV report to this file (atomically).")]
-Limit = Annotated[int, typer.Option("--limit", help="Most rows in the terminal table (0: all); failures first.")]
+Limit = Annotated[int, typer.Option("--limit", min=0, help="Most rows in the terminal table (0: all); failures first.")]
 
 MinCos = Annotated[float | None, typer.Option("--min-cos", help="Lowest cosine that passes.")]
 MaxNormDev = Annotated[float | None, typer.Option("--max-norm-dev", help="Largest |norm(b)/norm(a) - 1|.")]
@@ -28,9 +28,12 @@ Atol = Annotated[float | None, typer.Option("--atol", help="Gate: no element bey
 Rtol = Annotated[float, typer.Option("--rtol", help="Relative part of the --atol gate.")]
 MinTokenCos = Annotated[float | None, typer.Option("--min-token-cos", help="Lowest per-token cosine.")]
 Exact = Annotated[bool, typer.Option("--exact", help="Require bitwise equality everywhere.")]
+AllowDtypeChange = Annotated[
+    bool, typer.Option("--allow-dtype-change", help="Measure records whose dtype differs (else they fail).")
+]
 
 Logits = Annotated[str | None, typer.Option("--logits", help="Regex of records that hold logits [..., vocab].")]
-TopK = Annotated[int, typer.Option("--top-k", help="k of the logits top-k overlap.")]
+TopK = Annotated[int, typer.Option("--top-k", min=1, help="k of the logits top-k overlap.")]
 MinTop1 = Annotated[float | None, typer.Option("--min-top1", help="Lowest logits argmax agreement.")]
 MaxKl = Annotated[float | None, typer.Option("--max-kl", help="Largest mean logits KL(a || b).")]
 
@@ -51,9 +54,10 @@ def thresholds(
     rtol: float,
     min_token_cos: float | None,
     exact: bool,
-    **logit_gates,
+    **more,
 ) -> Thresholds:
-    """Unset options keep the package defaults (cos >= 0.999, norm ratio within 1 %)."""
+    """Unset options keep the package defaults (cos >= 0.999, norm ratio within 1 %); `more`: the logit gates and
+    `allow_dtype_change`. Non-finite or out-of-range values are refused by `Thresholds` itself."""
     default = Thresholds()
     return Thresholds(
         min_cos=default.min_cos if min_cos is None else min_cos,
@@ -63,7 +67,7 @@ def thresholds(
         rtol=rtol,
         min_token_cos=min_token_cos,
         exact=exact,
-        **logit_gates,
+        **more,
     )
 
 

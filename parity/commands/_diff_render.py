@@ -18,7 +18,7 @@ from parity.commands._common import EXIT_FAIL, EXIT_OK, err, out
 from parity.compare import Dump, PairResult, compare_dumps, load_dump
 from parity.compare.report import to_csv, to_json
 from parity.errors import ParityError
-from parity.io import atomic_write_text
+from parity.io import atomic_write_text, check_output_file
 
 STATUS = {
     "pass": "[green]PASS[/green]",
@@ -38,6 +38,8 @@ class Output:
             if path.suffix not in (".json", ".csv"):
                 raise ParityError(f"--out {path}: add --json or --csv (or name the file .json / .csv)")
             json, csv = path.suffix == ".json", path.suffix == ".csv"
+        if path is not None:
+            check_output_file(path, "--out")
         self.command, self.fmt, self.path = command, "json" if json else "csv" if csv else None, path
         self.start = time.perf_counter()
 

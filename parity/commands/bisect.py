@@ -34,6 +34,7 @@ def bisect_command(
     rtol: opt.Rtol = 0.0,
     min_token_cos: opt.MinTokenCos = None,
     exact: opt.Exact = False,
+    allow_dtype_change: opt.AllowDtypeChange = False,
     phase: opt.Phase = None,
     steps: opt.Steps = None,
     layers: opt.Layers = None,
@@ -50,7 +51,9 @@ def bisect_command(
     first one that crosses the thresholds (default: cos < 0.999 or norm ratio off by more than 1 %).
     """
     output = Output("bisect", json, csv, out_file)
-    thresholds = opt.thresholds(min_cos, max_norm_dev, max_rel_diff, atol, rtol, min_token_cos, exact)
+    thresholds = opt.thresholds(
+        min_cos, max_norm_dev, max_rel_diff, atol, rtol, min_token_cos, exact, allow_dtype_change=allow_dtype_change
+    )
     select, name_map = opt.selection(phase, steps, layers, name), opt.name_map(map_file)
     results = load_and_compare(
         a, b, name_map=name_map, thresholds=thresholds, select=select, allow_missing=allow_missing

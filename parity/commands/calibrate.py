@@ -8,24 +8,20 @@ import typer
 
 from parity.calibrate import calibrate as run_calibration
 from parity.cases import load_case
-from parity.commands._common import err, out
-from parity.errors import ParityError
+from parity.commands._common import check_device, err, out
+from parity.io import check_output_file
 
 
 def calibrate(
     case: Annotated[str, typer.Argument(help="Built-in case name or a .toml case file (not decode-exact).")],
     out_file: Annotated[Path, typer.Option("--out", help="Noise model JSON to write (atomically).")],
-    variations: Annotated[int, typer.Option(help="Clean runs: the case, other orders, schedules, seeds.")] = 6,
+    variations: Annotated[int, typer.Option(min=1, help="Clean runs: the case, other orders, schedules, seeds.")] = 6,
     device: Annotated[str, typer.Option(help="torch device for both models.")] = "cpu",
 ) -> None:
     """Run clean variations of a case and store each site's largest own error as its noise model."""
     spec = load_case(case)
-    if variations < 1:
-        raise ParityError(f"--variations: expected a positive count, got {variations}")
-    if out_file.exists() and out_file.is_dir():
-        raise ParityError(f"--out {out_file}: is a directory, expected a file path")
-    if not out_file.parent.is_dir():
-        raise ParityError(f"--out {out_file}: no such directory {str(out_file.parent)!r}")
+    check_device(device)
+    check_output_file(out_file, "--out")
     with tempfile.TemporaryDirectory(prefix="parity-calibrate-") as work:
         model = run_calibration(spec, Path(work), variations, device, progress=lambda m: err.print(m))
     model.save(out_file)

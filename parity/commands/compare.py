@@ -34,6 +34,7 @@ def compare(
     rtol: opt.Rtol = 0.0,
     min_token_cos: opt.MinTokenCos = None,
     exact: opt.Exact = False,
+    allow_dtype_change: opt.AllowDtypeChange = False,
     logits: opt.Logits = None,
     top_k: opt.TopK = 5,
     min_top1: opt.MinTop1 = None,
@@ -51,7 +52,16 @@ def compare(
     """Compare two dumps record by record; exit 1 if any record fails its thresholds or is missing on one side."""
     output = Output("compare", json, csv, out_file)
     thresholds = opt.thresholds(
-        min_cos, max_norm_dev, max_rel_diff, atol, rtol, min_token_cos, exact, min_top1=min_top1, max_kl=max_kl
+        min_cos,
+        max_norm_dev,
+        max_rel_diff,
+        atol,
+        rtol,
+        min_token_cos,
+        exact,
+        min_top1=min_top1,
+        max_kl=max_kl,
+        allow_dtype_change=allow_dtype_change,
     )
     select, name_map = opt.selection(phase, steps, layers, name), opt.name_map(map_file)
     results = load_and_compare(

@@ -1,5 +1,6 @@
 """`parity gate`: a suite of cases for CI: exit 0 pass, 1 a parity failure or regression, 2 bad input."""
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -9,6 +10,7 @@ from rich.markup import escape
 from parity.commands._common import EXIT_FAIL, err, out
 from parity.errors import ParityError
 from parity.gate import load_baseline, load_suite, run_gate
+from parity.io import check_output_dir
 
 
 def gate(
@@ -19,11 +21,10 @@ def gate(
 ) -> None:
     """Run every case of a suite with its own noise model; fail on any failing site or regression."""
     spec = load_suite(suite)
-    if not regression >= 1:
-        raise ParityError(f"--regression: expected a factor >= 1, got {regression}")
+    if not 1 <= regression < math.inf:
+        raise ParityError(f"--regression: expected a finite factor >= 1, got {regression}")
     base = load_baseline(baseline) if baseline is not None else None
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ParityError(f"--out {out_dir}: exists and is not a directory")
+    check_output_dir(out_dir, "--out")
     result = run_gate(spec, out_dir, base, regression, progress=lambda m: err.print(escape(m)))
     for c in result.cases:
         mark = "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]"

@@ -12,9 +12,10 @@ from rich.table import Table
 from parity import machine
 from parity.capture.session import GOLDEN
 from parity.cases import load_case
-from parity.commands._common import EXIT_FAIL, err, out
+from parity.commands._common import EXIT_FAIL, check_device, err, out
 from parity.compare.thresholds import NoiseModel
 from parity.errors import ParityError
+from parity.io import check_output_dir
 from parity.run import RunReport, prepare_checkpoint, run_case, write_report
 
 
@@ -78,7 +79,7 @@ def run(
     ] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Report directory (default reports/<case>).")] = None,
     device: Annotated[str, typer.Option(help="torch device for both models.")] = "cpu",
-    threads: Annotated[int | None, typer.Option(help="CPU threads for torch (default: torch's choice).")] = None,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's choice).")] = None,
     dump_dir: Annotated[
         Path | None,
         typer.Option("--dump", help="Also write the runs here (an empty dir): parity judge / compare / bisect."),
@@ -96,13 +97,14 @@ def run(
     spec = load_case(case)
     if golden not in GOLDEN:
         raise ParityError(f"--golden: expected one of {', '.join(GOLDEN)}, got {golden!r}")
-    if threads is not None:
-        if threads < 1:
-            raise ParityError(f"--threads: expected a positive number of threads, got {threads}")
-        torch.set_num_threads(threads)
-    if dump_dir is not None and dump_dir.exists() and (not dump_dir.is_dir() or any(dump_dir.iterdir())):
-        raise ParityError(f"--dump {dump_dir}: needs an empty or new dir")
+    check_device(device)
+    # every output is checked before the minutes of work, so a run never dies at its final write
     out_dir = out_dir or Path("reports") / spec.name
+    check_output_dir(out_dir, "--out")
+    if dump_dir is not None:
+        check_output_dir(dump_dir, "--dump", must_be_empty=True)
+    if threads is not None:
+        torch.set_num_threads(threads)
     ckpt = prepare_checkpoint(spec, checkpoint, out_dir)
     noise = NoiseModel.load(calibration) if calibration is not None else None
     report = run_case(spec, ckpt, device, dump_dir, golden=golden, bisect=bisect, noise=noise)

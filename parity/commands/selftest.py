@@ -1,5 +1,6 @@
 """`parity selftest`: planted V4 bugs must be caught and localized, clean runs must pass (exit 1 otherwise)."""
 
+import math
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -9,9 +10,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from parity.cases import load_case
-from parity.commands._common import EXIT_FAIL, err, out
+from parity.commands._common import EXIT_FAIL, check_device, err, out
 from parity.compare.thresholds import NoiseModel
 from parity.errors import ParityError
+from parity.io import check_output_dir
 from parity.run import noise_model, prepare_checkpoint
 from parity.selftest.bugs import library
 from parity.selftest.run import selftest as run_selftest
@@ -30,6 +32,7 @@ def selftest(
 ) -> None:
     """Plant a library of realistic V4 bugs into the optimized side and check the verdict catches each one."""
     spec = load_case(case)
+    check_device(device)
     bugs = library(spec.model_args().n_layers)
     if only is not None:
         names = {n.strip() for n in only.split(",") if n.strip()}
@@ -37,12 +40,14 @@ def selftest(
         if unknown:
             raise ParityError(f"--only: unknown bug(s) {unknown}; known: {[b.name for b in bugs]}")
         bugs = [b for b in bugs if b.name in names]
-    if repeats < 0 or not loosen >= 1:
-        raise ParityError(f"--repeats must be >= 0 and --loosen >= 1, got {repeats} and {loosen}")
+    if repeats < 0 or not 1 <= loosen < math.inf:
+        raise ParityError(f"--repeats must be >= 0 and --loosen a finite factor >= 1, got {repeats} and {loosen}")
+    out_dir = out_dir or Path("reports") / spec.name
+    check_output_dir(out_dir, "--out")
     noise = NoiseModel.load(calibration) if calibration is not None else noise_model(spec)
     if loosen != 1:
         noise = noise.loosened(loosen)
-    ckpt = prepare_checkpoint(spec, None, out_dir or Path("reports") / spec.name)
+    ckpt = prepare_checkpoint(spec, None, out_dir)
     report = run_selftest(
         spec, ckpt, bugs, noise, repeats=repeats, device=device, progress=lambda m: err.print(escape(m))
     )

@@ -50,6 +50,7 @@ class Pair:
     name: str
     a: tuple[Record, ...]
     b: tuple[Record, ...]
+    merged: bool = False  # the two dumps ran with different world sizes: each side holds every rank's record
 
     @property
     def head(self) -> Record:
@@ -65,32 +66,53 @@ def align(da: Dump, db: Dump, name_map: NameMap | None = None, select: Selection
     name_map, select = name_map or NameMap(), select or Selection()
     merge = da.world_size != db.world_size
     ga, gb = (_group(d, side, name_map, select, merge) for d, side in ((da, "a"), (db, "b")))
-    pairs = [Pair(key[1], recs, gb.get(key, ())) for key, recs in ga.items()]
-    pairs += [Pair(key[1], (), recs) for key, recs in gb.items() if key not in ga]
+    pairs = [Pair(key[1], recs, gb.get(key, ()), merge) for key, recs in ga.items()]
+    pairs += [Pair(key[1], (), recs, merge) for key, recs in gb.items() if key not in ga]
     return pairs
 
 
 def _group(dump: Dump, side: str, name_map: NameMap, select: Selection, merge: bool) -> dict[tuple, tuple]:
     groups: dict[tuple, list[Record]] = {}
+    origin: dict[str, str] = {}  # renamed name -> the dump's name it came from
     for r in sorted(dump.records, key=lambda r: (r.rank, r.seq)):
         name = name_map.rename(r.name, side)
-        if name_map.ignored(name) or not select(r, name):
+        if name_map.ignored(name):
+            continue
+        first = origin.setdefault(name, r.name)
+        if first != r.name:
+            # two tensors under one name would be paired with the same counterpart: one of them unseen
+            raise ParityError(
+                f"{name_map.source}: side {side}: both {first!r} and {r.name!r} become {name!r}; "
+                f"each name needs its own target"
+            )
+        if not select(r, name):
             continue
         key = (r.kind, name, r.phase, r.step, r.call_in_step, None if merge else r.rank)
         groups.setdefault(key, []).append(r)
     return {k: tuple(v) for k, v in groups.items()}
 
 
-def fetch(dump: Dump, records: tuple[Record, ...], shard: Shard | None) -> tuple[torch.Tensor, list[str]]:
+def missing_shards(records: tuple[Record, ...], merged: bool) -> list[str]:
+    """When ranks are merged, every rank must hold the record: a missing rank is a failure, never a pass."""
+    world = records[0].world_size
+    if not merged or len(records) == world:
+        return []
+    missing = sorted(set(range(world)) - {r.rank for r in records})
+    return [f"{len(records)} of {world} rank shards (rank(s) {missing} missing)"]
+
+
+def fetch(
+    dump: Dump, records: tuple[Record, ...], shard: Shard | None, merged: bool = False
+) -> tuple[torch.Tensor, list[str]]:
     """The tensor of one side of a pair, ranks merged by the shard rule: `(tensor, problems)`.
 
     Without a shard rule the ranks are replicas: rank 0 is used, and ranks that differ from it are a problem.
     """
     tensors = [dump.load(r) for r in records]
+    if problems := missing_shards(records, merged):
+        return tensors[0], problems
     if len(tensors) == 1:
         return tensors[0], []
-    if len(records) != records[0].world_size:
-        return tensors[0], [f"{len(records)} of {records[0].world_size} rank shards"]
     if shard is None:
         odd = [r.rank for r, t in zip(records, tensors) if not bitwise_equal(t, tensors[0])]
         return tensors[0], [f"replicas differ from rank 0 on rank(s) {odd}"] if odd else []

@@ -9,8 +9,8 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from parity.compare.align import Pair, Selection, align, fetch
-from parity.compare.gate import Thresholds, judge
+from parity.compare.align import Pair, Selection, align, fetch, missing_shards
+from parity.compare.gate import Thresholds, judge, same_non_finite_positions
 from parity.compare.layout import match_layouts, token_dims
 from parity.compare.loader import Dump
 from parity.compare.metrics import LogitMetrics, TensorMetrics, compare_logits, compare_stats, compare_tensors
@@ -139,17 +139,20 @@ def _compare_pair(i, pair: Pair, da, db, name_map, t: Thresholds, logits, top_k,
         return PairResult(**base, status="skip" if allowed else "fail", reasons=reasons, missing=pair.missing)
     shard = name_map.shard(pair.name)
     base.update(dtype_a=ra[0].dtype, dtype_b=rb[0].dtype)
-    notes = [f"dtype {ra[0].dtype} vs {rb[0].dtype}"] if ra[0].dtype != rb[0].dtype else []
+    # a dtype change fails unless asked for (a bf16 candidate against an fp32 reference): silently measuring
+    # across it would hide a wrong cast
+    changed = [f"dtype {ra[0].dtype} vs {rb[0].dtype}"] if ra[0].dtype != rb[0].dtype else []
+    dtype_change, notes = ([], changed) if t.allow_dtype_change else (changed, [])
     if any(r.stats is not None for r in ra + rb):
-        return _compare_stats(base, ra, rb, da, db, shard, t, notes)
-    (ta, pa), (tb, pb) = fetch(da, ra, shard), fetch(db, rb, shard)
+        return _compare_stats(base, pair, da, db, shard, t, dtype_change, notes)
+    (ta, pa), (tb, pb) = fetch(da, ra, shard, pair.merged), fetch(db, rb, shard, pair.merged)
     base.update(shape_a=tuple(ta.shape), shape_b=tuple(tb.shape))
     if pa or pb:
         return PairResult(**base, status="fail", reasons=tuple(f"a: {p}" for p in pa) + tuple(f"b: {p}" for p in pb))
     matched = match_layouts(ta, ra[0], tb, rb[0])
     if matched is None:
         reason = f"shape {list(ta.shape)} vs {list(tb.shape)} (no seq layout lines them up)"
-        return PairResult(**base, status="fail", reasons=(reason,), notes=tuple(notes))
+        return PairResult(**base, status="fail", reasons=(*dtype_change, reason), notes=tuple(notes))
     ta, tb, note = matched
     notes += [note] if note else []
     dims = 1 if note else token_dims(ra[0], tuple(ta.shape))
@@ -157,28 +160,33 @@ def _compare_pair(i, pair: Pair, da, db, name_map, t: Thresholds, logits, top_k,
     lg = None
     if logits is not None and re.search(logits, pair.name) and ta.is_floating_point() and ta.ndim >= 1 and ta.numel():
         lg = compare_logits(ta, tb, top_k)
-    reasons = tuple(judge(metrics, t, weight=head.kind == "weight", logits=lg))
+    non_finite = metrics.nan_a + metrics.inf_a + metrics.nan_b + metrics.inf_b
+    same = non_finite == 0 or same_non_finite_positions(ta, tb)
+    reasons = (*dtype_change, *judge(metrics, t, weight=head.kind == "weight", logits=lg, same_positions=same))
     status = "fail" if reasons else "pass"
     return PairResult(**base, status=status, reasons=reasons, notes=tuple(notes), metrics=metrics, logits=lg)
 
 
-def _compare_stats(base, ra, rb, da, db, shard, t: Thresholds, notes) -> PairResult:
+def _compare_stats(base, pair: Pair, da, db, shard, t: Thresholds, dtype_change: list[str], notes) -> PairResult:
     """Stats-mode records (either side) can only be compared on their summaries."""
-    (sa, pa), (sb, pb) = _stats(da, ra, shard), _stats(db, rb, shard)
+    ra, rb = pair.a, pair.b
+    (sa, pa), (sb, pb) = _stats(da, ra, shard, pair.merged), _stats(db, rb, shard, pair.merged)
     base.update(shape_a=ra[0].shape, shape_b=rb[0].shape)
     problems = [f"a: {p}" for p in pa] + [f"b: {p}" for p in pb]
     if problems or sa is None or sb is None:
-        return PairResult(**base, status="fail", reasons=tuple(problems))
+        return PairResult(**base, status="fail", reasons=(*dtype_change, *problems))
     metrics = compare_stats(sa, sb)
-    reasons = tuple(judge(metrics, t, weight=base["record"].kind == "weight"))
+    reasons = (*dtype_change, *judge(metrics, t, weight=base["record"].kind == "weight"))
     notes = (*notes, "stats mode: norm ratio and NaN/Inf only")
     return PairResult(**base, status="fail" if reasons else "pass", reasons=reasons, notes=notes, metrics=metrics)
 
 
-def _stats(dump: Dump, records: tuple[Record, ...], shard) -> tuple[dict | None, list[str]]:
+def _stats(dump: Dump, records: tuple[Record, ...], shard, merged: bool) -> tuple[dict | None, list[str]]:
     if all(r.stats is None for r in records):
-        t, problems = fetch(dump, records, shard)
+        t, problems = fetch(dump, records, shard, merged)
         return tensor_stats(t), problems
+    if problems := missing_shards(records, merged):
+        return None, problems
     if len(records) == 1 or shard is None:
         return records[0].stats, []
     if shard.reduce == "sum" or any(r.stats is None for r in records):

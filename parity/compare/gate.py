@@ -3,13 +3,35 @@
 Defaults suit bf16 activations: cos >= 0.999 catches direction errors, and the norm ratio within 1 % catches what
 cos is blind to (a dropped or doubled scale factor). `atol` is optional: absolute error depends on each tensor's
 range, so it is reported always and gated only on request. Weights are expected bitwise equal (both sides should
-have loaded the same checkpoint), NaN/Inf counts must agree, index tensors must hold the same sets.
+have loaded the same checkpoint), index tensors must hold the same sets.
+
+NaN/Inf are never equal to anything: a pair holding them passes only when both sides hold them at the same
+positions and side a (the reference) holds no NaN. A NaN in the reference is a failure of the run, not agreement:
+two all-NaN tensors are bitwise equal yet prove nothing. -Inf at the same positions is legitimate (the reference's
+compressor keeps -inf scores in its state).
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+import torch
 
 from parity.compare.metrics import LogitMetrics, TensorMetrics
+from parity.dump.format import to_float64
+from parity.errors import ParityError
+
+# (lowest, highest) allowed value of each numeric threshold; every one must be finite (a NaN or Inf threshold
+# would disable its gate without a word)
+_RANGES = {
+    "min_cos": (-1.0, 1.0),
+    "max_norm_dev": (0.0, math.inf),
+    "max_rel_diff": (0.0, math.inf),
+    "atol": (0.0, math.inf),
+    "rtol": (0.0, math.inf),
+    "min_token_cos": (-1.0, 1.0),
+    "min_top1": (0.0, 1.0),
+    "max_kl": (0.0, math.inf),
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,6 +59,9 @@ class Thresholds:
             Lowest argmax agreement for logit records. Default: `None`.
         max_kl (float, Optional):
             Largest mean KL(a || b) for logit records. Default: `None`.
+        allow_dtype_change (bool):
+            Measure pairs whose dtypes differ (a bf16 candidate against an fp32 reference) instead of failing
+            them. Default: `False`.
     """
 
     min_cos: float | None = 0.999
@@ -49,17 +74,60 @@ class Thresholds:
     exact_weights: bool = True
     min_top1: float | None = None
     max_kl: float | None = None
+    allow_dtype_change: bool = False
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in _RANGES or value is None:
+                continue
+            low, high = _RANGES[f.name]
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not ok or not low <= value <= high:
+                bound = f">= {low:g}" if high == math.inf else f"in [{low:g}, {high:g}]"
+                raise ParityError(
+                    f"threshold {f.name} (--{f.name.replace('_', '-')}): expected a finite number {bound}, "
+                    f"got {value!r}"
+                )
 
 
-def judge(m: TensorMetrics, t: Thresholds, *, weight: bool = False, logits: LogitMetrics | None = None) -> list[str]:
-    """The reasons the pair fails (empty: it passes)."""
-    if m.bitwise:
-        return []
-    if t.exact or (weight and t.exact_weights):
-        return ["not bitwise equal"]
+def same_non_finite_positions(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether NaN, +Inf and -Inf sit at the same positions of two equally shaped tensors (counts can agree while
+    positions do not). Packed dtypes hold no NaN/Inf."""
+    x, y = to_float64(a), to_float64(b)
+    if x is None or y is None:
+        return True
+    inf = math.inf
+    return all(torch.equal(f(x), f(y)) for f in (torch.isnan, lambda t: t == inf, lambda t: t == -inf))
+
+
+def non_finite_reasons(m: TensorMetrics, same_positions: bool = True) -> list[str]:
+    """Why the pair's NaN/Inf make it fail (module docstring), whatever its other metrics say."""
     reasons = []
+    if m.nan_a:
+        reasons.append(f"a holds {m.nan_a} NaN of {m.numel} elements: the reference itself produced NaN")
     if (m.nan_a, m.inf_a) != (m.nan_b, m.inf_b):
         reasons.append(f"NaN/Inf {m.nan_b}/{m.inf_b} vs {m.nan_a}/{m.inf_a} in a")
+    elif not same_positions:
+        reasons.append(f"NaN/Inf {m.nan_b}/{m.inf_b} on both sides but at different positions")
+    return reasons
+
+
+def judge(
+    m: TensorMetrics,
+    t: Thresholds,
+    *,
+    weight: bool = False,
+    logits: LogitMetrics | None = None,
+    same_positions: bool = True,
+) -> list[str]:
+    """The reasons the pair fails (empty: it passes). `same_positions`: whether the NaN/Inf of both sides sit at the
+    same positions (`same_non_finite_positions`; the metrics only hold counts)."""
+    reasons = non_finite_reasons(m, same_positions)
+    if m.bitwise:
+        return reasons
+    if t.exact or (weight and t.exact_weights):
+        return reasons + ["not bitwise equal"]
     if m.sets_equal is not None:
         return reasons + ([] if m.sets_equal else ["index sets differ"])
     if m.cos is None and m.norm_ratio is None:

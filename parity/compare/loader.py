@@ -7,6 +7,7 @@ record): the message says which line to delete to use the records before it.
 """
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from parity.dump.format import MANIFEST, Record, dtype_name
+from parity.dump.format import MANIFEST, SAFETENSORS_DTYPES, Record, dtype_name
 from parity.errors import ParityError
 
 Progress = Callable[[int, int], None]
@@ -68,7 +69,13 @@ def load_dump(path: str | Path, on_progress: Progress | None = None) -> Dump:
     root = Path(path)
     if not root.is_dir():
         raise ParityError(f"{root}: no such dump dir" if not root.exists() else f"{root}: not a directory")
-    manifests = [root / MANIFEST] if (root / MANIFEST).exists() else sorted(root.glob(f"rank*/{MANIFEST}"))
+    try:
+        entries = sorted(p.name for p in root.iterdir())
+    except OSError as e:
+        raise ParityError(f"{root}: cannot read the dump dir ({e.strerror})") from None
+    rank_dirs = [n for n in entries if re.fullmatch(r"rank\d+", n) and (root / n).is_dir()]
+    # a rank dir without its manifest is read (and refused with the reason) rather than skipped
+    manifests = [root / MANIFEST] if MANIFEST in entries else [root / n / MANIFEST for n in rank_dirs]
     if not manifests:
         raise ParityError(f"{root}: no {MANIFEST} here (not a parity dump dir)")
     records, where = [], {}
@@ -82,6 +89,7 @@ def load_dump(path: str | Path, on_progress: Progress | None = None) -> Dump:
     if not records:
         raise ParityError(f"{root}: {MANIFEST} holds no records")
     dump = Dump(root, records, _world_size(records, where), where)
+    _check_ranks(dump, per_rank_dirs=len(manifests) > 1 or manifests[0].parent != root)
     _check_unique(dump)
     _check_files(dump, on_progress)
     return dump
@@ -120,6 +128,19 @@ def _world_size(records: list[Record], where: dict[int, str]) -> int:
     return size
 
 
+def _check_ranks(dump: Dump, per_rank_dirs: bool) -> None:
+    """Every rank of the world size must have written records: a dump missing a rank is incomplete, and comparing
+    what is left would pass on half the data."""
+    present = {r.rank for r in dump.records}
+    missing = [r for r in range(dump.world_size) if r not in present]
+    if missing:
+        what = ", ".join(f"rank{r}/{MANIFEST}" if per_rank_dirs else f"rank {r}" for r in missing)
+        raise ParityError(
+            f"{dump.root}: incomplete dump: world_size {dump.world_size} but no records from {what} "
+            f"(present: ranks {sorted(present)})"
+        )
+
+
 def _check_unique(dump: Dump) -> None:
     seen: dict[tuple, Record] = {}
     for r in dump.records:
@@ -141,21 +162,33 @@ def _check_files(dump: Dump, on_progress: Progress | None) -> None:
     for i, (rel, recs) in enumerate(by_file.items()):
         path = dump.root / rel
         first = dump.where(recs[0])
-        if not path.is_file():
-            raise ParityError(f"{path} ({first}): missing")
+        if path.is_dir():
+            raise ParityError(f"{path} ({first}): is a directory, expected a safetensors file")
         try:
             with safe_open(path, "pt") as f:
                 keys = set(f.keys())
-                shapes = {r.key: f.get_slice(r.key).get_shape() for r in recs if r.key in keys}
+                headers = {r.key: f.get_slice(r.key) for r in recs if r.key in keys}
+                headers = {k: (tuple(h.get_shape()), h.get_dtype()) for k, h in headers.items()}
+        except FileNotFoundError:
+            raise ParityError(f"{path} ({first}): missing") from None
+        except PermissionError as e:
+            raise ParityError(f"{path} ({first}): cannot read ({e.strerror})") from None
         except (SafetensorError, OSError) as e:
             raise ParityError(f"{path} ({first}): not a readable safetensors file: {_first_line(e)}") from None
         for r in recs:
             if r.key not in keys:
                 raise ParityError(f"{path} ({dump.where(r)}): has no tensor {r.key!r}")
-            if tuple(shapes[r.key]) != r.shape:
+            shape, st_dtype = headers[r.key]
+            if shape != r.shape:
                 raise ParityError(
-                    f"{path} ({dump.where(r)}): tensor {r.key!r} has shape {list(shapes[r.key])} in the file "
+                    f"{path} ({dump.where(r)}): tensor {r.key!r} has shape {list(shape)} in the file "
                     f"but {list(r.shape)} in the manifest"
+                )
+            dtype = SAFETENSORS_DTYPES.get(st_dtype, st_dtype)
+            if dtype != r.dtype:
+                raise ParityError(
+                    f"{path} ({dump.where(r)}): tensor {r.key!r} has dtype {dtype} in the file "
+                    f"but {r.dtype} in the manifest"
                 )
         if on_progress is not None:
             on_progress(i + 1, len(by_file))

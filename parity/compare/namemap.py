@@ -46,6 +46,7 @@ class NameMap:
     renames: tuple[Rename, ...] = ()
     ignore: tuple[re.Pattern, ...] = ()
     shards: tuple[Shard, ...] = ()
+    source: str = "name map"  # the file it was read from, for messages
 
     def rename(self, name: str, side: str) -> str:
         for rule in self.renames:
@@ -85,14 +86,15 @@ class NameMap:
             _only(rule, {"match", "dim", "reduce"}, where)
             reduce = rule.get("reduce", "cat")
             dim = rule.get("dim")
-            if reduce not in ("cat", "sum") or (reduce == "cat") != isinstance(dim, int):
+            is_dim = isinstance(dim, int) and not isinstance(dim, bool)  # TOML `true` is not a dim
+            if reduce not in ("cat", "sum") or (reduce == "cat") != is_dim:
                 raise ParityError(f"{where}: give dim = <int> (concatenate shards) or reduce = 'sum' (partial sums)")
             shards.append(Shard(_regex(rule, "match", where), dim, reduce))
         ignore = data.get("ignore", [])
         if not isinstance(ignore, list):
             raise ParityError(f"{path}: ignore must be a list of regexes")
         patterns = tuple(_regex({"ignore": p}, "ignore", f"{path}: ignore[{i}]") for i, p in enumerate(ignore))
-        return cls(tuple(renames), patterns, tuple(shards))
+        return cls(tuple(renames), patterns, tuple(shards), str(path))
 
 
 def _tables(data: dict, key: str, path: Path) -> list[dict]:

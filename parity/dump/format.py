@@ -28,6 +28,29 @@ TENSOR_DIR = "tensors"
 WEIGHT_DIR = "weights"
 
 PHASES = ("prefill", "decode", "mtp-draft", "mtp-verify")
+# dtype strings of safetensors headers -> the manifest's spelling (`dtype_name`)
+SAFETENSORS_DTYPES = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U64": "uint64",
+    "U32": "uint32",
+    "U16": "uint16",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+    "F8_E8M0": "float8_e8m0fnu",
+    "F4": "float4_e2m1fn_x2",
+    "C64": "complex64",
+}
+# the stats-mode keys every reader uses (`parity.dump.stats` writes more): counts, and the norm over finite elements
+STATS_COUNTS = ("numel", "nan", "inf")
 KINDS = ("activation", "weight")
 IOS = ("input", "output")
 
@@ -136,6 +159,8 @@ class Record:
         file, stats = get.str("file", optional=True), get.dict("stats", optional=True)
         if (file is None) == (stats is None):
             raise ParityError(f"{where}: exactly one of 'file' (full mode) and 'stats' (stats mode) must be set")
+        if stats is not None:
+            _check_stats(stats, where)
         cu_seqlens = get.int_list("cu_seqlens", optional=True)
         if cu_seqlens is not None and not _is_cu_seqlens(cu_seqlens):
             raise ParityError(f"{where}: field 'cu_seqlens' must start at 0 and never decrease, got {cu_seqlens}")
@@ -168,9 +193,19 @@ class Record:
             rank=get.int("rank"),
             world_size=get.int("world_size"),
             file=file,
-            key=get.str("key", optional=True) if file is not None else None,
+            key=get.str("key") if file is not None else None,
             stats=stats,
         )
+
+
+def _check_stats(stats: dict, where: str) -> None:
+    for key in STATS_COUNTS:
+        v = stats.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ParityError(f"{where}: field 'stats.{key}' must be a non-negative int, got {v!r}")
+    l2 = stats.get("l2")
+    if not isinstance(l2, (int, float)) or isinstance(l2, bool) or not 0 <= l2 < float("inf"):
+        raise ParityError(f"{where}: field 'stats.l2' must be a finite number >= 0, got {l2!r}")
 
 
 def _is_cu_seqlens(cu: list[int]) -> bool:

@@ -59,13 +59,15 @@ def test_compare_thresholds_and_selection(parity_cli, toy_dumps):
     bad = toy_dumps.fault(4, "decode")
     assert parity_cli("compare", toy_dumps.ref, bad, "--phase", "prefill").code == 0
     assert parity_cli("compare", toy_dumps.ref, bad, "--layers", "0-3").code == 0
-    assert parity_cli("compare", toy_dumps.ref, bad, "--min-cos", "-1", "--max-norm-dev", "inf").code == 0
+    assert parity_cli("compare", toy_dumps.ref, bad, "--min-cos", "-1", "--max-norm-dev", "1e300").code == 0
     assert parity_cli("compare", toy_dumps.ref, toy_dumps.same, "--exact").code == 0
 
 
 def test_compare_bf16_candidate_passes_defaults_and_logits(parity_cli, toy_dumps):
     bf16 = toy_dumps.custom("bf16", ToyLM().to(torch.bfloat16))
-    r = parity_cli("compare", toy_dumps.ref, bf16, "--logits", "^head:out$", "--json")
+    # every record changes dtype on purpose: without --allow-dtype-change each one fails
+    assert parity_cli("compare", toy_dumps.ref, bf16).code == 1
+    r = parity_cli("compare", toy_dumps.ref, bf16, "--allow-dtype-change", "--logits", "^head:out$", "--json")
     js = json.loads(r.out)
     assert r.code == 0 and js["verdict"] == "pass"
     head = [row for row in js["rows"] if row["name"] == "head:out"]
@@ -74,7 +76,9 @@ def test_compare_bf16_candidate_passes_defaults_and_logits(parity_cli, toy_dumps
     # that, a top-1 gate can
     assert min(row["cos"] for row in head) > 0.9999
     flips = min(row["top1"] for row in head) < 1.0
-    strict = parity_cli("compare", toy_dumps.ref, bf16, "--logits", "^head:out$", "--min-top1", "1.0", "--json")
+    strict = parity_cli(
+        "compare", toy_dumps.ref, bf16, "--allow-dtype-change", "--logits", "^head:out$", "--min-top1", "1.0", "--json"
+    )
     reasons = {row["reasons"].split(" 0.")[0] for row in json.loads(strict.out)["rows"] if row["status"] == "fail"}
     assert (strict.code, reasons) == ((1, {"top-1 agreement"}) if flips else (0, set()))
     assert parity_cli("compare", toy_dumps.ref, bf16, "--exact").code == 1
