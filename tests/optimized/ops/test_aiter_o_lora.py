@@ -123,7 +123,8 @@ def test_scale_collapse_on_the_checkpoint_weight_is_measured(aiter_impl, mod, re
     wq, ws = mod.per_tensor_fp8(wo_a, g)
     deq = wq.view(g * rank, -1).double() * float(ws)
     w = wo_a.double()
-    blocks = [(slice(r, r + 128), slice(c, c + 128)) for r in range(0, w.shape[0], 128) for c in range(0, w.shape[1], 128)]
+    rows, cols = range(0, w.shape[0], 128), range(0, w.shape[1], 128)
+    blocks = [(slice(r, r + 128), slice(c, c + 128)) for r in rows for c in cols]
     rel_block = [float((deq[b] - w[b]).abs().max() / w[b].abs().max()) for b in blocks]
     changed = float((deq != w).double().mean())
     o = activations(257, hd).cpu()
