@@ -46,11 +46,11 @@ def reference_math(o: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor) -> 
     """The aiter kernel's math with exact sums (float64): o bf16 `[T, g, K]`, wq `[g, rank, K]` -> fp32 `[T, g, rank]`
     before the bf16 rounding, accumulated per K group in fp32 like the kernel (tests only: slow, obvious)."""
     t, g, k = o.shape
-    one_over_max = torch.tensor(1.0 / FP8_MAX, dtype=torch.float32)
-    acc = torch.zeros(t, g, wq.shape[1], dtype=torch.float32)
+    one_over_max = torch.tensor(1.0 / FP8_MAX, dtype=torch.float32, device=o.device)
+    acc = torch.zeros(t, g, wq.shape[1], dtype=torch.float32, device=o.device)
     for k0 in range(0, k, GROUP):
         a = o[..., k0 : k0 + GROUP].float()
-        m = a.abs().amax(-1, keepdim=True).clamp_min(torch.tensor(1e-10, dtype=torch.float32))
+        m = a.abs().amax(-1, keepdim=True).clamp_min(1e-10)
         a_s = m * one_over_max
         q = (a * (1.0 / a_s)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
         p = torch.einsum("tgk,grk->tgr", q.double(), wq[..., k0 : k0 + GROUP].double()).float()
