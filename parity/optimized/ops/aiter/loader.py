@@ -57,11 +57,12 @@ def aiter_dir() -> Path:
     """The installed `aiter` package folder (from `PARITY_AITER_PATH` first), without running its `__init__`."""
     env = os.environ.get(AITER_PATH_ENV)
     if env:
-        if not (Path(env) / "aiter" / "__init__.py").is_file():
+        folder = Path(env).resolve()  # absolute: sys.path must not depend on the working directory
+        if not (folder / "aiter" / "__init__.py").is_file():
             raise ParityError(f"{AITER_PATH_ENV}={env}: expected a folder holding the aiter package, found no aiter/")
-        if env not in sys.path:
-            sys.path.insert(0, env)
-        return Path(env) / "aiter"
+        if str(folder) not in sys.path:
+            sys.path.insert(0, str(folder))
+        return folder / "aiter"
     spec = importlib.machinery.PathFinder.find_spec("aiter")  # finds, never executes
     if spec is None or not spec.submodule_search_locations:
         raise ParityError(f"the aiter backend needs AMD aiter's Triton kernels: {_install_hint()}")
