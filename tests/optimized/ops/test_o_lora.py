@@ -50,7 +50,7 @@ def skip_not_the_twins_math(impl):
     if impl.backend == "aiter":
         pytest.skip(
             "aiter's o_lora adds two FP8 roundings by design (the scale collapse): judged against its own math and "
-            "its distance to this twin measured in test_aiter_o_lora.py, on these same cases"
+            "its distance to this twin measured in test_aiter_o_lora.py, on these layouts"
         )
 
 
