@@ -38,6 +38,7 @@ AITER_PATH_ENV = "PARITY_AITER_PATH"
 AMD_ONLY_LAUNCH_OPTIONS = ("waves_per_eu", "matrix_instr_nonkdim", "kpack")
 STUB_ARCH = ("gfx942", "MI300X")  # (arch, device name of aiter's tuning-table files)
 STUB_MARK = "__parity_stub__"  # set on the stub package modules
+SHIM_MARK = "__parity_launch_shim__"  # set on an aiter module whose kernels launch through the shim
 
 _MODE: list[str] = []  # the mode `setup()` chose: "rocm" | "cuda" | "interpreter"
 
@@ -150,9 +151,9 @@ def load(module: str, function: str):
     module's kernels launch without the AMD-only options."""
     mode = setup()
     mod = importlib.import_module(module)
-    if mode != "rocm" and not getattr(mod, STUB_MARK, False):
+    if mode != "rocm" and not getattr(mod, SHIM_MARK, False):
         _strip_launch_options(mod)
-        setattr(mod, STUB_MARK, True)
+        setattr(mod, SHIM_MARK, True)
     return getattr(mod, function)
 
 
