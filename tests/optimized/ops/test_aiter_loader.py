@@ -8,6 +8,7 @@ the package bypass or the launch-option shim makes a test here fail with a messa
   compiling, run here without a GPU); without the shim the tables' `waves_per_eu` etc. would fail it.
 """
 
+import importlib.machinery
 import os
 import subprocess
 import sys
@@ -33,6 +34,13 @@ def cuda_rejects(kernel, kwargs: dict) -> list[str]:
 
     options = CUDABackend(GPUTarget("cuda", 90, 32)).parse_options(kwargs).__dict__
     return [k for k in kwargs if k not in options and k not in kernel.arg_names]
+
+
+def test_an_installed_aiter_loads():
+    # where amd-aiter is installed (CI) the backend must load: a broken shim must fail here, not skip every aiter test
+    if not (os.environ.get(loader.AITER_PATH_ENV) or importlib.machinery.PathFinder.find_spec("aiter")):
+        pytest.skip("amd-aiter is not installed here and PARITY_AITER_PATH is unset")
+    assert _OK, f"amd-aiter is installed but the aiter backend does not load: {_WHY}"
 
 
 @needs_aiter
