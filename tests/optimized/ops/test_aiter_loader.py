@@ -72,7 +72,9 @@ def test_without_the_bypass_aiter_does_not_import_here():
     run = subprocess.run([sys.executable, "-c", code], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert run.returncode == 3, f"the loader without its package bypass did not fail: {run.stdout[-500:]}"
     line = run.stdout.strip()
-    assert line.count("\n") == 0 and "aiter's Triton utilities do not import" in line and "ROCm" in line, line
+    # the full package fails on its ROCm probe ("ROCm version file not found"); the 5 MB Triton-only folder of
+    # bench/make_aiter_folder.py on aiter/__init__.py's first missing ROCm module: either way aiter/__init__ ran
+    assert line.count("\n") == 0 and "aiter's Triton utilities do not import" in line, line
 
 
 @needs_aiter
