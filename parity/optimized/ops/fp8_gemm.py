@@ -19,4 +19,14 @@ IMPLS = {
             "the float64 math plus 2^-12 (GPU) / 2^-17 (CPU) of the terms' absolute sum plus 1 bf16 ulp"
         ),
     ),
+    "aiter": Impl(
+        "parity.optimized.ops.aiter.fp8_gemm:fp8_gemm",
+        bitwise=False,
+        tolerance=(
+            "aiter's gemm_a8w8_blockscale has the twin's 128-wide K blocks and fp32 accumulation order (split-K "
+            "pinned off), but P_k comes from the MMA (GPU) or numpy's fp32 sum (interpreter) instead of the exact "
+            "sum, and it scales by sa then sb (equal to sa*sb for ue8m0 scales): per element within the twin's "
+            "distance to the float64 block math plus the FP8 block allowance plus 1 bf16 ulp"
+        ),
+    ),
 }

@@ -29,4 +29,15 @@ IMPLS = {
             "terms' absolute sum plus 1 bf16 ulp"
         ),
     ),
+    "aiter": Impl(
+        "parity.optimized.ops.aiter.o_lora:o_lora",
+        bitwise=False,
+        tolerance=(
+            "NOT the twin's math: ATOM PR #676's FP8 path quantizes activations per (token, 128-group) in the "
+            "kernel and requantizes wo_a with ONE per-tensor scale (the scale collapse of its 128x128 block "
+            "scales), two FP8 roundings the bf16 einsum does not have (about 2^-4 relative per product); the tests "
+            "judge the kernel against those roundings replayed in float64 (aiter/o_lora.py reference_math, within "
+            "an fp32 accumulation allowance plus 1 bf16 ulp) and measure, not hide, its distance to the twin"
+        ),
+    ),
 }

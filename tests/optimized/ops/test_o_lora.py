@@ -46,6 +46,14 @@ CASES = [
 PARAMS = [pytest.param(*c, id="L{}-{}".format("_".join(map(str, c[0])), c[1])) for c in CASES]
 
 
+def skip_not_the_twins_math(impl):
+    if impl.backend == "aiter":
+        pytest.skip(
+            "aiter's o_lora adds two FP8 roundings by design (the scale collapse): judged against its own math and "
+            "its distance to this twin measured in test_aiter_o_lora.py, on these layouts"
+        )
+
+
 def cu_of(lengths):
     return tuple(itertools.accumulate(lengths, initial=0))
 
@@ -81,6 +89,7 @@ def golden_and_allowance(o, wo_a, g, rank):
 
 @pytest.mark.parametrize(("lengths", "layout"), PARAMS)
 def test_ragged_matches_reference_per_sequence(impl, ref_model, lengths, layout):
+    skip_not_the_twins_math(impl)
     g, rank, hd = LAYOUTS[layout]
     wo_a = weight(ref_model, layout)
     cu = cu_of(lengths)
@@ -104,6 +113,7 @@ def test_rows_do_not_depend_on_batchmates_or_position(impl, ref_model, layout):
 
 
 def test_planted_bug_transposed_group_weight_is_caught(impl, ref_model):
+    skip_not_the_twins_math(impl)
     # a kernel that reads wo_a as [g, in, rank] (the transposed layout of each group) must fail the comparison
     g, rank, hd = LAYOUTS["tiny"]
     wo_a = weight(ref_model, "tiny")
