@@ -19,7 +19,8 @@ accumulation, `float8_e4m3fnuz` weights on gfx942), and aiter's CK/asm `gemm_a8w
 import torch
 
 from parity.formats import e8m0_to_float
-from parity.optimized.ops.aiter import loader, weight_cache
+from parity.optimized.ops import weight_cache
+from parity.optimized.ops.aiter import loader
 
 _SCALE_BLOCK = 128
 

@@ -27,7 +27,8 @@ scale interface implies. Unverified without ROCm: the kernel on MI300X/MI355X (M
 
 import torch
 
-from parity.optimized.ops.aiter import loader, weight_cache
+from parity.optimized.ops import weight_cache
+from parity.optimized.ops.aiter import loader
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448

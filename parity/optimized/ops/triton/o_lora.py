@@ -33,13 +33,13 @@ position in the tile). Unverified without a GPU: the performance targets (>= 1.5
 """
 
 import warnings
-import weakref
 
 import torch
 import triton
 import triton.language as tl
 
 from parity.formats import dequantize_fp8_blocks, quantize_fp8_blocks
+from parity.optimized.ops import weight_cache
 from parity.optimized.ops.triton import _gemm_common as common
 from parity.optimized.ops.triton import runtime
 
@@ -55,24 +55,19 @@ def quantize_wo_a(w: torch.Tensor):
     return q, s
 
 
-# id(weight) -> (weakref, storage pointer, version, (fp8 weight, scales) or None)
-_CACHE: dict[int, tuple] = {}
-
-
 def _fp8_weight(w: torch.Tensor):
     """The cached FP8 form of a bf16 wo_a (None: use the bf16 weight), computed once per tensor and version."""
-    key = id(w)
-    hit = _CACHE.get(key)
-    if hit is not None and hit[0]() is w and hit[1] == w.data_ptr() and hit[2] == w._version:
-        return hit[3]
+    return weight_cache.converted("o_lora/triton fp8", w, _recover_fp8)
+
+
+def _recover_fp8(w: torch.Tensor):
     fp8 = quantize_wo_a(w)
     if fp8 is None:
         warnings.warn(
             f"o_lora/triton: wo_a {tuple(w.shape)} is not an FP8 weight with 128x128 power-of-two block scales "
             "(not made from an FP8 checkpoint); the kernel reads it as bf16 instead (same math, twice the bytes)",
-            stacklevel=3,
+            stacklevel=4,
         )
-    _CACHE[key] = (weakref.ref(w, lambda _, k=key: _CACHE.pop(k, None)), w.data_ptr(), w._version, fp8)
     return fp8
 
 
