@@ -13,6 +13,7 @@ still reported.
 """
 
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,20 @@ def load_baseline(path: str | Path) -> dict:
         raise ParityError(f"--baseline {path}: not a readable gate.json ({e})") from None
     if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
         raise ParityError(f"--baseline {path}: expected a gate.json with a 'cases' list")
-    return {c.get("name"): c for c in data["cases"] if isinstance(c, dict)}
+    cases = {}
+    for i, c in enumerate(data["cases"]):
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str) or not isinstance(c.get("sites", []), list):
+            raise ParityError(f"--baseline {path}: cases[{i}]: expected an object with a 'name' and a 'sites' list")
+        for j, site in enumerate(c.get("sites", [])):
+            err = site.get("max_err") if isinstance(site, dict) else None
+            keys_ok = isinstance(site, dict) and all(isinstance(site.get(k), str) for k in ("site", "field", "phase"))
+            if not keys_ok or not isinstance(err, int | float) or isinstance(err, bool) or math.isnan(err):
+                raise ParityError(
+                    f"--baseline {path}: cases[{i}].sites[{j}]: expected site, field, phase and a numeric max_err (not NaN), "
+                    f"got {site!r}"[:300]
+                )
+        cases[c["name"]] = c
+    return cases
 
 
 def regressions(report: RunReport, baseline: dict | None, factor: float) -> list[str]:

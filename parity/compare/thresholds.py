@@ -119,6 +119,12 @@ class NoiseModel:
         for name in ("errors", "flips", "provenance"):
             if not isinstance(data.get(name, {}), dict):
                 raise ParityError(f"{path}: field {name!r} must be an object")
+        # a NaN or a string here would switch that site's gate off silently: every number is checked
+        for name in ("errors", "flips"):
+            for key, value in data.get(name, {}).items():
+                _check_number(path, f"{name}[{key!r}]", value, 0.0, math.inf)
+        for name, default, low in (("margin", MARGIN, 1.0), ("golden_factor", GOLDEN_FACTOR, 1.0)):
+            _check_number(path, name, data.get(name, default), low, math.inf)
         return cls(
             exact=False,
             errors=data.get("errors", {}),
@@ -139,3 +145,9 @@ class NoiseModel:
             "flips": dict(sorted(self.flips.items())),
         }
         return atomic_write_json(Path(path), data)
+
+
+def _check_number(path: Path, field: str, value, low: float, high: float) -> None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not low <= value < high:
+        raise ParityError(f"{path}: field {field}: expected a finite number >= {low:g}, got {value!r}")
