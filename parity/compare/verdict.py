@@ -202,8 +202,16 @@ class _Judge:
             got = {f: v[idx] for f, v in values.items()}
             want = {f: w[0][idx] for f, w in wanted.items()}
             for f, w in want.items():
-                if w.is_floating_point() and not torch.isfinite(w.double()).all() and self.reference_nan is None:
-                    self.reference_nan = f"{call.path}:{f} (step {call.step})"
+                if w.is_floating_point() and not torch.isfinite(w.double()).all():
+                    # the run fails here, and the site's own row says so (a table of passes under a failed
+                    # verdict would contradict it)
+                    res = self.result(sp, f, phase)
+                    if not any(r.startswith("the reference produced NaN/Inf") for r in res.reasons):
+                        res.reasons.append("the reference produced NaN/Inf here")
+                    bad = (~torch.isfinite(w.double()).flatten(1).all(1)).nonzero().flatten()
+                    _first(res, (call.step, *keys[int(bad[0])]))
+                    if self.reference_nan is None:
+                        self.reference_nan = f"{call.path}:{f} (step {call.step})"
             gold = {f: g[0][idx] for f, g in golden.items() if bool(g[1][idx].all())}
             if sp.site.kind == "choice":
                 self.choice(sp, phase, got, want, gold, keys, call.step)

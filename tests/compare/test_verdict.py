@@ -148,6 +148,10 @@ def test_nan_in_the_candidate_fails_and_in_the_reference_is_named():
     ref["attn1"][0, 0] = float("nan")
     v = verdict(ref, ref)
     assert not v.passed and "reference produced NaN" in v.location() and "layers.1.attn.output" in v.location()
+    # the site's own row fails too: no table of passes under a failed verdict
+    (row,) = [r for r in v.results if r.path == "layers.1.attn.output"]
+    assert not row.passed and "reference produced NaN/Inf" in "; ".join(row.reasons)
+    assert all(r.passed for r in v.results if r.path != "layers.1.attn.output")
 
 
 def test_rows_the_reference_lacks_are_counted_never_silently_passed():
