@@ -63,18 +63,19 @@ class FusedPass:
     def __init__(self, tiling: Tiling, atol: float | None = None, rtol: float = 0.0, buffers: "Buffers | None" = None):
         self.t, self.atol, self.rtol = tiling, atol, rtol
         self.buf = buffers or Buffers()
-        self.sums = torch.zeros(4, dtype=torch.float64)  # Σxy, Σxx, Σyy, Σee over finite-on-both positions
+        f64 = dict(dtype=torch.float64, device=self.buf.device)
+        self.sums = torch.zeros(4, **f64)  # Σxy, Σxx, Σyy, Σee over finite-on-both positions
         self.max_abs, self.max_rel = 0.0, 0.0
         self.mismatches = 0
         self.nan_a = self.nan_b = self.inf_a = self.inf_b = 0
         self.values_equal = True  # torch.equal of the float64 values (NaN anywhere makes it False)
         self.worst_row: tuple[int, float] | None = None
         # a row split over several tiles: its running sums and max |e|
-        self.row_part = torch.zeros(4, dtype=torch.float64)
+        self.row_part = torch.zeros(4, **f64)
         self.row_part_err = 0.0
         if tiling.sliced:
-            self.col_sums = torch.zeros(4, tiling.cols, dtype=torch.float64)
-            self.col_err = torch.zeros(tiling.cols, dtype=torch.float64)
+            self.col_sums = torch.zeros(4, tiling.cols, **f64)
+            self.col_err = torch.zeros(tiling.cols, **f64)
 
     def add(self, a: torch.Tensor, b: torch.Tensor, row: int, col: int, rows: int, cols: int) -> None:
         """One tile: `a`, `b` flat, `rows * cols` elements each, in any castable dtype."""
@@ -137,7 +138,8 @@ class FusedPass:
         self.row_part += row_sums[:, 0]
         self.row_part_err = max(self.row_part_err, float(row_err[0]))
         if col + cols == self.t.cols:
-            self._worst_rows(self.row_part[:, None], torch.tensor([self.row_part_err], dtype=torch.float64), row)
+            f64 = dict(dtype=torch.float64, device=self.row_part.device)
+            self._worst_rows(self.row_part[:, None], torch.tensor([self.row_part_err], **f64), row)
             self.row_part.zero_()
             self.row_part_err = 0.0
 
@@ -202,14 +204,15 @@ def slice_cosines(sums: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
 class Buffers:
     """Float64 work buffers of one worker, grown to the largest tile seen and reused for every tile after."""
 
-    def __init__(self):
-        self.size = 0
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.size, self.device = 0, torch.device(device)
 
     def get(self, n: int):
         if n > self.size:
             self.size = n
-            self.x, self.y, self.e, self.s = (torch.empty(n, dtype=torch.float64) for _ in range(4))
-            self.p = torch.empty(4, n, dtype=torch.float64)
+            f64 = dict(dtype=torch.float64, device=self.device)
+            self.x, self.y, self.e, self.s = (torch.empty(n, **f64) for _ in range(4))
+            self.p = torch.empty(4, n, **f64)
         return self.x[:n], self.y[:n], self.e[:n], self.p[:, :n], self.s[:n]
 
 
