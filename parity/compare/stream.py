@@ -145,7 +145,8 @@ class _Reader:
                     raise ParityError(f"{where.path}: file ends inside a tensor (changed after it was loaded?)")
                 got += k
             t = raw[:nbytes].view(where.dtype)
-            out.append(t if self.device.type == "cpu" else t.to(self.device, non_blocking=True))
+            # a blocking copy from pinned memory: the raw buffer is refilled by the next read
+            out.append(t if self.device.type == "cpu" else t.to(self.device))
         return out[0], out[1]
 
 
