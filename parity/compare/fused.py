@@ -23,6 +23,8 @@ import torch
 
 # elements per tile: 64 Ki float64 = 512 KiB per buffer, seven buffers stay in a core's L2/L3 slice
 TILE = 1 << 16
+# whole rows whose sums wait to be judged together (40 bytes each)
+PENDING = 1 << 14
 
 
 class Tiling:
@@ -73,6 +75,8 @@ class FusedPass:
         # a row split over several tiles: its running sums and max |e|
         self.row_part = torch.zeros(4, **f64)
         self.row_part_err = 0.0
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # whole rows' sums not yet judged
+        self.pending_rows, self.pending_first = 0, 0
         if tiling.sliced:
             self.col_sums = torch.zeros(4, tiling.cols, **f64)
             self.col_err = torch.zeros(tiling.cols, **f64)
@@ -99,12 +103,13 @@ class FusedPass:
         self.max_abs = max(self.max_abs, tile_err)
         if tile_err > 0:
             self.max_rel = max(self.max_rel, _max_rel(x, e, s))
-        self.sums += row_sums.sum(-1)
         if self.t.sliced:
             self.col_sums[:, col : col + cols] += p.view(4, rows, cols).sum(1)
             seg = self.col_err[col : col + cols]
             torch.maximum(seg, e.view(rows, cols).amax(0), out=seg)
             self._rows(row_sums, row_err, row, col, cols)
+        else:
+            self.sums += row_sums.sum(-1)
 
     def _products(self, x, y, e, p) -> None:
         torch.mul(x, y, out=p[0])
@@ -131,19 +136,34 @@ class FusedPass:
         self._products(x, y, e, p)
 
     def _rows(self, row_sums, row_err, row, col, cols) -> None:
-        """Per-token cosines of the rows this tile completes; a row split over tiles is completed by its last one."""
+        """Rows this tile completes go to the pending batch; a row split over tiles is completed by its last one."""
         if cols == self.t.cols:
-            self._worst_rows(row_sums, row_err, row)
+            self._pend(row_sums, row_err, row)
             return
         self.row_part += row_sums[:, 0]
         self.row_part_err = max(self.row_part_err, float(row_err[0]))
         if col + cols == self.t.cols:
             f64 = dict(dtype=torch.float64, device=self.row_part.device)
-            self._worst_rows(self.row_part[:, None], torch.tensor([self.row_part_err], **f64), row)
+            self._pend(self.row_part[:, None].clone(), torch.tensor([self.row_part_err], **f64), row)
             self.row_part.zero_()
             self.row_part_err = 0.0
 
-    def _worst_rows(self, sums, err, first_row) -> None:
+    def _pend(self, sums, err, first_row) -> None:
+        # whole rows are judged in batches: a few small ops per PENDING rows instead of per tile
+        if not self.pending:
+            self.pending_first = first_row
+        self.pending.append((sums, err))
+        self.pending_rows += err.numel()
+        if self.pending_rows >= PENDING:
+            self._flush_rows()
+
+    def _flush_rows(self) -> None:
+        if not self.pending:
+            return
+        sums = torch.cat([p[0] for p in self.pending], dim=1)
+        err = torch.cat([p[1] for p in self.pending])
+        first_row, self.pending, self.pending_rows = self.pending_first, [], 0
+        self.sums += sums.sum(-1)
         cos = slice_cosines(sums, err)
         i = int(cos.argmin())
         value = float(cos[i])
@@ -154,6 +174,7 @@ class FusedPass:
 
     def result(self) -> dict:
         """The float metric fields (cos, max_abs, ..., worst slices) and the NaN/Inf counts."""
+        self._flush_rows()
         xy, xx, yy, ee = (float(v) for v in self.sums)
         counts = dict(nan_a=self.nan_a, nan_b=self.nan_b, inf_a=self.inf_a, inf_b=self.inf_b)
         if self.atol is not None:

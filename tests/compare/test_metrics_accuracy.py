@@ -7,8 +7,8 @@ bound of any float64 summation order, n = element count). Each metric's toleranc
 - norm_ratio, rel_l2: relative gamma + 8 u; rel_diff (Σe² / Σ(x² + y²) here, 1 - 2Σxy / Σ(x² + y²) in the
   reference): relative gamma + 8 u plus 8 u absolute (the reference's own last subtraction);
 - max_abs, max_rel, mismatches, NaN/Inf counts: exact (the same correctly rounded operations on the same elements).
-The tile size is shrunk to a few elements so that rows split over tiles, tiles of whole rows and ragged last tiles
-are all exercised on small tensors.
+The tile size is shrunk to a few elements (and the pending-row batch to 3 rows) so that rows split over tiles,
+tiles of whole rows, ragged last tiles and several row batches are all exercised on small tensors.
 """
 
 import math
@@ -24,6 +24,7 @@ U = 2.0**-53
 @pytest.fixture(params=[5, 64, 1 << 16], ids=lambda t: f"tile{t}")
 def tile(request, monkeypatch):
     monkeypatch.setattr(fused, "TILE", request.param)
+    monkeypatch.setattr(fused, "PENDING", 3 if request.param < 100 else fused.PENDING)  # rows judged in batches
     return request.param
 
 
