@@ -46,17 +46,17 @@ def child_write(out: str, forwards: int, mode: str, variant: str, device: str = 
             super().__init__()
             self.i = i
 
-        def forward(self, x, bump):
-            return x * (1.0 + bump) if self.i == 0 else x.roll(1, 0)
+        def forward(self, x, bump, where):
+            return x * (1.0 + bump) if self.i == where else x.roll(1, 0)
 
     class Model(nn.Module):
         def __init__(self):
             super().__init__()
             self.layers = nn.ModuleList(Block(i) for i in range(RECORDS))
 
-        def forward(self, x, bump=0.0):
+        def forward(self, x, bump=0.0, where=0):
             for layer in self.layers:
-                x = layer(x, bump)
+                x = layer(x, bump, where)
             return x
 
     model = Model()
@@ -65,9 +65,11 @@ def child_write(out: str, forwards: int, mode: str, variant: str, device: str = 
     handle = dump.install(model, config)
     start = time.perf_counter()
     for step in range(forwards):
-        bump = 1e-2 if variant == "b" or (variant == "c" and step == forwards - 1) else 0.0
+        # b: every record differs a little (from block 0 on); c: only the very last record differs
+        last = variant == "c" and step == forwards - 1
+        bump = 5e-3 if variant == "b" or last else 0.0  # moves most bf16 values, norm ratio within 1 %
         with dump.phase("decode", step=step):
-            model(x, bump)
+            model(x, bump, RECORDS - 1 if variant == "c" else 0)
     if device != "cpu":
         torch.cuda.synchronize()
     handle.remove()  # drains a background writer, if any

@@ -32,8 +32,9 @@ from parity.dump.tags import Tags
 from parity.errors import ParityError
 from parity.io import atomic_write
 
-# snapshots a background writer may hold at once (the forward waits beyond it): the memory bound of dumping
-QUEUE_BYTES = 1 << 30
+# snapshot bytes a background writer holds at once, queued plus pooled for reuse (the forward waits beyond it):
+# the memory bound of dumping
+QUEUE_BYTES = 512 << 20
 # file sets written between two manifest appends, at most
 BATCH = 64
 
@@ -203,7 +204,7 @@ class _Pipeline:
         self.jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.error: BaseException | None = None  # raised once on the caller's thread
         self.failed: BaseException | None = None  # kept: every later write is refused
-        self.pool = _Pool(budget)
+        self.pool = _Pool(lambda: self.budget - self.held)
         self.thread = threading.Thread(target=self._run, name="parity-dump-writer", daemon=True)
         self.thread.start()
         # a process that ends without `remove()` still gets its queued records (daemon threads die at exit)
@@ -291,10 +292,11 @@ class _Pipeline:
         w._append(records)
 
     def _release(self, batch) -> None:
+        with self.cond:
+            self.held -= sum(job[3] for job in batch)
         for _, snap, _, _ in batch:
             self.pool.give_back(snap)
         with self.cond:
-            self.held -= sum(job[3] for job in batch)
             self.cond.notify_all()
 
 
@@ -302,9 +304,9 @@ class _Pool:
     """Snapshot buffers reused across records (no fresh pages to fault in per record): plain CPU memory, or pinned
     memory for CUDA tensors, copied into asynchronously and synchronised on the writer thread before use."""
 
-    def __init__(self, budget: int):
+    def __init__(self, room):
         self.free: dict[tuple[int, bool], list[torch.Tensor]] = {}
-        self.budget, self.kept = budget, 0
+        self.room, self.kept = room, 0  # room(): the budget left by the snapshots in flight
         self.lock = threading.Lock()
         self.events: dict[int, object] = {}
 
@@ -341,7 +343,7 @@ class _Pool:
                 continue
             raw = t.reshape(-1).view(torch.uint8)
             with self.lock:
-                if self.kept + nbytes <= self.budget:
+                if self.kept + nbytes <= self.room():
                     self.free.setdefault((nbytes, raw.is_pinned()), []).append(raw)
                     self.kept += nbytes
 
