@@ -226,15 +226,19 @@ class Buffers:
     """Float64 work buffers of one worker, grown to the largest tile seen and reused for every tile after."""
 
     def __init__(self, device: torch.device | str = "cpu"):
-        self.size, self.device = 0, torch.device(device)
+        self.size, self.device, self.views = 0, torch.device(device), {}
 
     def get(self, n: int):
         if n > self.size:
-            self.size = n
+            self.size, self.views = n, {}
             f64 = dict(dtype=torch.float64, device=self.device)
             self.x, self.y, self.e, self.s = (torch.empty(n, **f64) for _ in range(4))
             self.p = torch.empty(4, n, **f64)
-        return self.x[:n], self.y[:n], self.e[:n], self.p[:, :n], self.s[:n]
+        if n not in self.views:  # most tiles of a record have one size: its views are made once
+            if len(self.views) >= 16:  # ragged last tiles of many shapes: keep the cache small
+                self.views = {}
+            self.views[n] = (self.x[:n], self.y[:n], self.e[:n], self.p[:, :n], self.s[:n])
+        return self.views[n]
 
 
 def castable(dtype: torch.dtype) -> bool:
@@ -263,13 +267,13 @@ def _mismatches_finite(x, e, s, atol: float, rtol: float) -> int:
 
 
 def _max_rel(x, e, s) -> float:
-    """max |e| / |x| over a finite tile (`e` already |e|); 0 / 0 counts as 0, e / 0 as inf."""
-    torch.abs(x, out=s)
-    torch.div(e, s, out=s)
-    m = float(s.max())
-    if math.isnan(m):  # only 0 / 0 gives NaN here: those positions are equal
-        m = float(s.nan_to_num_(nan=0.0, posinf=math.inf).max())
-    return m
+    """max |e| / |x| over a finite tile (`e` already |e|); 0 / 0 counts as 0, e / 0 as inf. Two passes: the signed
+    ratio |e| / x, then its extremes (max |r| = max(-min r, max r))."""
+    torch.div(e, x, out=s)
+    lo, hi = (float(v) for v in torch.aminmax(s))
+    if math.isnan(lo) or math.isnan(hi):  # only 0 / 0 gives NaN here: those positions are equal
+        lo, hi = (float(v) for v in torch.aminmax(s.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)))
+    return max(-lo, hi)
 
 
 def _cos(xy: float, nx: float, ny: float, equal: bool) -> float:
