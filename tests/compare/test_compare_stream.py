@@ -82,3 +82,22 @@ def test_truncated_file_after_loading_is_a_parity_error(tmp_path, write_dump, sm
     path.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(ParityError, match="file ends inside a tensor"):
         compare_dumps(da, db)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by the coordinator on the H200)")
+def test_cuda_device_measures_what_the_cpu_measures(tmp_path, write_dump):
+    pa, pb, _, _ = _pair(tmp_path, write_dump)
+    da, db = load_dump(pa), load_dump(pb)
+    cpu = compare_dumps(da, db, thresholds=Thresholds(atol=0.1))
+    gpu = compare_dumps(da, db, thresholds=Thresholds(atol=0.1), device="cuda", threads=2)
+    for c, g in zip(cpu, gpu, strict=True):
+        # other tile sizes, other summation order: the same values within float64 summation error
+        assert (c.status, c.metrics.bitwise, c.metrics.nan_b, c.metrics.max_abs) == (
+            g.status,
+            g.metrics.bitwise,
+            g.metrics.nan_b,
+            g.metrics.max_abs,
+        )
+        assert c.metrics.mismatches == g.metrics.mismatches and c.metrics.max_rel == g.metrics.max_rel
+        for k in ("cos", "rel_l2", "rel_diff", "norm_ratio"):
+            assert getattr(g.metrics, k) == pytest.approx(getattr(c.metrics, k), rel=1e-12, abs=1e-14), (c.name, k)
