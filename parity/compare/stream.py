@@ -20,7 +20,7 @@ import torch
 
 from parity.compare.fused import Buffers, FusedPass, Tiling
 from parity.compare.loader import Dump
-from parity.compare.metrics import TensorMetrics, metrics_of, nonfinite_counts
+from parity.compare.metrics import TensorMetrics, metrics_of, nonfinite_counts, words
 from parity.dump.format import Record, dtype_name
 from parity.errors import ParityError
 
@@ -155,7 +155,7 @@ def _bitwise(reader: _Reader, segments) -> tuple[tuple[int, int], bool]:
     nan = inf = 0
     for first, count, _ in segments:
         a, b = reader.read(first, count)
-        if not torch.equal(a.view(torch.uint8), b.view(torch.uint8)):
+        if not torch.equal(words(a.view(torch.uint8)), words(b.view(torch.uint8))):
             return (nan, inf), False
         n, f = nonfinite_counts(a)
         nan, inf = nan + n, inf + f
