@@ -86,8 +86,8 @@ def load_baseline(path: str | Path) -> dict:
             keys_ok = isinstance(site, dict) and all(isinstance(site.get(k), str) for k in ("site", "field", "phase"))
             if not keys_ok or not isinstance(err, int | float) or isinstance(err, bool) or math.isnan(err):
                 raise ParityError(
-                    f"--baseline {path}: cases[{i}].sites[{j}]: expected site, field, phase and a numeric max_err (not NaN), "
-                    f"got {site!r}"[:300]
+                    f"--baseline {path}: cases[{i}].sites[{j}]: expected site, field, phase and a numeric "
+                    f"max_err (not NaN), got {site!r}"[:300]
                 )
         cases[c["name"]] = c
     return cases

@@ -1,11 +1,14 @@
 """`parity bisect A B`: the first record where two dumps diverge, in execution order, and the per-layer curve."""
 
+from typing import Annotated
+
 import typer
 from rich.markup import escape
 
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
 from parity.commands._diff_render import Output, load_and_compare, table
+from parity.commands.compare import Device, Threads, data_path
 from parity.compare import PairResult, bisect
 from parity.compare.report import frame
 
@@ -44,11 +47,18 @@ def bisect_command(
     csv: opt.Csv = False,
     out_file: opt.Out = None,
     limit: opt.Limit = 0,
+    full_curve: Annotated[
+        bool,
+        typer.Option("--curve", help="Measure every record for the whole curve (default: stop at the first failure)."),
+    ] = False,
+    threads: Threads = None,
+    device: Device = "cpu",
 ) -> None:
     """Name the first record (phase, step, layer, module) where B diverges from A; exit 1 if there is one.
 
     Walks the aligned activation records in A's execution order (phase, step, layer, sub-module) and stops at the
-    first one that crosses the thresholds (default: cos < 0.999 or norm ratio off by more than 1 %).
+    first one that crosses the thresholds (default: cos < 0.999 or norm ratio off by more than 1 %). Records after
+    it are not read unless --curve asks for the whole per-layer curve; weights are not read.
     """
     output = Output("bisect", json, csv, out_file)
     thresholds = opt.thresholds(
@@ -56,7 +66,15 @@ def bisect_command(
     )
     select, name_map = opt.selection(phase, steps, layers, name), opt.name_map(map_file)
     results = load_and_compare(
-        a, b, name_map=name_map, thresholds=thresholds, select=select, allow_missing=allow_missing
+        a,
+        b,
+        name_map=name_map,
+        thresholds=thresholds,
+        select=select,
+        allow_missing=allow_missing,
+        stop_at_first_failure=not full_curve,
+        kinds=frozenset({"activation"}),
+        **data_path(threads, device),
     )
     report = bisect(results)
     curve = frame(p.to_row() for p in report.curve)
@@ -69,6 +87,7 @@ def bisect_command(
             example = escape(unmatched[0]["name"])
             out.print(f"[red]{len(unmatched)} record(s) missing on one side[/red], e.g. {example}")
     summary = {"a": str(a), "b": str(b), "records": sum(p.records for p in report.curve), "first": first}
+    summary["curve"] = "full" if full_curve or report.first is None else "up to the first divergence (--curve: full)"
     detail = "no divergence" if report.first is None else _where(report.first)
     output.finish(report.passed, summary, curve, detail, unmatched=unmatched)
 

@@ -1,11 +1,42 @@
 """`parity compare A B`: every aligned record of two dumps, measured in float64 and judged against thresholds."""
 
+import os
+from typing import Annotated
+
+import torch
 import typer
 
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
 from parity.commands._diff_render import Output, load_and_compare, table
 from parity.compare.report import frame
+from parity.errors import ParityError
+
+# the data-path options of `compare` and `bisect` (defined here, used by both)
+Threads = Annotated[
+    int | None, typer.Option("--threads", help="Records measured at once (default: the usable cores, at most 4).")
+]
+# --device cuda is written for a GPU box and verified there by the coordinator only (no GPU on the dev machine)
+Device = Annotated[
+    str, typer.Option("--device", help="Where the float64 metrics run: cpu, or cuda when a GPU is here.")
+]
+
+
+def data_path(threads: int | None, device: str) -> dict:
+    """`--threads` / `--device` checked and turned into `compare_dumps` arguments."""
+    if threads is not None and threads < 1:
+        raise ParityError(f"--threads {threads}: expected a count >= 1")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ParityError(f"--device {device!r}: expected cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ParityError(f"--device {device!r}: expected cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ParityError(f"--device {device}: no CUDA GPU is visible to torch here")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"threads": threads or min(4, usable), "device": str(dev)}
+
 
 COLUMNS = {
     "status": "",
@@ -48,6 +79,8 @@ def compare(
     csv: opt.Csv = False,
     out_file: opt.Out = None,
     limit: opt.Limit = 100,
+    threads: Threads = None,
+    device: Device = "cpu",
 ) -> None:
     """Compare two dumps record by record; exit 1 if any record fails its thresholds or is missing on one side."""
     output = Output("compare", json, csv, out_file)
@@ -73,6 +106,7 @@ def compare(
         logits=logits,
         top_k=top_k,
         allow_missing=allow_missing,
+        **data_path(threads, device),
     )
     rows = frame(r.to_row() for r in results)
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}

@@ -7,6 +7,7 @@ matches its name), shapes that no layout adapter lines up, rank shards that do n
 
 import re
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass
 
 from parity.compare.align import Pair, Selection, align, fetch, missing_shards
@@ -16,6 +17,8 @@ from parity.compare.loader import Dump
 from parity.compare.metrics import LogitMetrics, TensorMetrics, compare_logits, compare_stats, compare_tensors
 from parity.compare.namemap import NameMap
 from parity.compare.report import shape_str
+from parity.compare.stream import stream_metrics
+from parity.compare.workers import run_ordered
 from parity.dump.format import Record
 from parity.dump.stats import tensor_stats
 from parity.errors import ParityError
@@ -97,6 +100,10 @@ def compare_dumps(
     top_k: int = 5,
     allow_missing: str | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    threads: int = 1,
+    device: str = "cpu",
+    stop_at_first_failure: bool = False,
+    kinds: frozenset[str] | None = None,
 ) -> list[PairResult]:
     """Measure and judge every aligned pair of `da` (reference) and `db` (candidate).
 
@@ -111,6 +118,15 @@ def compare_dumps(
             Regex of the names that hold logits `[..., vocab]`; they also get top-1 / top-k / KL metrics.
         allow_missing (str, Optional):
             Regex of names that may be missing on one side (reported as `skip`). Default: none may be.
+        threads (int):
+            Pairs measured at once (one worker thread each, reading overlapped with the others' arithmetic).
+        device (str):
+            Where the float64 arithmetic runs (`cpu`, `cuda`). Default: `cpu`.
+        stop_at_first_failure (bool):
+            Stop after the first failing activation pair (what bisect needs); pairs missing on one side after it
+            are still reported. Default: `False` (every pair).
+        kinds (frozenset[str], Optional):
+            Only these record kinds (`activation`, `weight`). Default: all.
     """
     name_map, thresholds = name_map or NameMap(), thresholds or Thresholds()
     for option, pattern in (("logits", logits), ("allow_missing", allow_missing)):
@@ -120,17 +136,32 @@ def compare_dumps(
             except re.error as e:
                 raise ParityError(f"{option} regex {pattern!r}: not a valid regex ({e})") from None
     pairs = align(da, db, name_map, select)
+    if kinds is not None:
+        pairs = [p for p in pairs if p.head.kind in kinds]
     if not pairs:
         raise ParityError(f"{da.root} vs {db.root}: no record to compare (the selection matched nothing)")
+    args = (da, db, name_map, thresholds, logits, top_k, allow_missing)
     results = []
-    for i, pair in enumerate(pairs):
-        results.append(_compare_pair(i, pair, da, db, name_map, thresholds, logits, top_k, allow_missing))
-        if on_progress is not None:
-            on_progress(i + 1, len(pairs))
+    measure = lambda i, pair, worker: _compare_pair(i, pair, *args, worker)
+    with closing(run_ordered(pairs, measure, threads, device)) as measured:
+        for result in measured:
+            results.append(result)
+            if on_progress is not None:
+                on_progress(len(results), len(pairs))
+            if stop_at_first_failure and _first_failure(result):
+                # what bisect needs is known: the pairs after it stay unread, except those missing on one side
+                after = enumerate(pairs[result.order + 1 :], start=result.order + 1)
+                results += [_compare_pair(i, p, *args, None) for i, p in after if p.missing]
+                break
     return results
 
 
-def _compare_pair(i, pair: Pair, da, db, name_map, t: Thresholds, logits, top_k, allow_missing) -> PairResult:
+def _first_failure(r: PairResult) -> bool:
+    return not r.passed and r.missing is None and r.record.kind == "activation"
+
+
+def _compare_pair(i, pair: Pair, da, db, name_map, t: Thresholds, logits, top_k, allow_missing, worker) -> PairResult:
+    """One pair's verdict; `worker` (a `stream.Worker`, or None) streams plain single-file pairs from disk."""
     head, ra, rb = pair.head, pair.a, pair.b
     base = dict(order=i, record=head, name=pair.name)
     if pair.missing is not None:
@@ -145,6 +176,21 @@ def _compare_pair(i, pair: Pair, da, db, name_map, t: Thresholds, logits, top_k,
     dtype_change, notes = ([], changed) if t.allow_dtype_change else (changed, [])
     if any(r.stats is not None for r in ra + rb):
         return _compare_stats(base, pair, da, db, shard, t, dtype_change, notes)
+    metrics = None
+    streamable = len(ra) == len(rb) == 1 and not pair.merged
+    if worker is not None and streamable and not (logits is not None and re.search(logits, pair.name)):
+        dims = token_dims(ra[0], ra[0].shape)
+        metrics = stream_metrics(da, ra[0], db, rb[0], dims, t.atol, t.rtol, worker)
+    # NaN/Inf on both sides must sit at the same positions: that needs the whole tensors (the path below); on one
+    # side only, they cannot
+    bad_a, bad_b = (metrics.nan_a + metrics.inf_a, metrics.nan_b + metrics.inf_b) if metrics is not None else (0, 0)
+    if metrics is not None and not (bad_a and bad_b):
+        base.update(shape_a=ra[0].shape, shape_b=rb[0].shape)
+        same = not (bad_a or bad_b)
+        reasons = (*dtype_change, *judge(metrics, t, weight=head.kind == "weight", same_positions=same))
+        return PairResult(
+            **base, status="fail" if reasons else "pass", reasons=reasons, notes=tuple(notes), metrics=metrics
+        )
     (ta, pa), (tb, pb) = fetch(da, ra, shard, pair.merged), fetch(db, rb, shard, pair.merged)
     base.update(shape_a=tuple(ta.shape), shape_b=tuple(tb.shape))
     if pa or pb:

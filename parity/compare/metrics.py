@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from parity.compare.fused import FusedPass, Tiling, castable
 from parity.dump.format import to_float64
 
 
@@ -106,38 +107,79 @@ def compare_tensors(
     if a.shape != b.shape:
         raise ValueError(f"compare_tensors needs equal shapes, got {list(a.shape)} and {list(b.shape)}")
     bitwise = bitwise_equal(a, b)
-    x, y = to_float64(a), to_float64(b)
-    if x is None or y is None:
+    if not _is_float(a) and not _is_float(b):
+        return _compare_integers(a, b, bitwise, atol, rtol)
+    a, b = _real(a), _real(b)
+    if bitwise:
+        return _bitwise_metrics(a, atol)
+    if not castable(a.dtype) or not castable(b.dtype):
         return TensorMetrics(numel=a.numel(), bitwise=bitwise)
-    common = dict(
+    tiling = Tiling(tuple(a.shape), token_dims)
+    fused = FusedPass(tiling, atol, rtol)
+    fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
+    for row, col, rows, cols in tiling.tiles():
+        start, n = tiling.offset(row, col), rows * cols
+        fused.add(fa[start : start + n], fb[start : start + n], row, col, rows, cols)
+    return metrics_of(fused, numel=a.numel(), bitwise=bitwise)
+
+
+def metrics_of(fused: FusedPass, numel: int, bitwise: bool) -> TensorMetrics:
+    """The `TensorMetrics` of a finished fused pass; bitwise pairs keep the exact short-circuit values."""
+    fields = fused.result()
+    if bitwise:
+        fields.update(cos=1.0, max_abs=0.0, max_rel=0.0, rel_l2=0.0, rel_diff=0.0, norm_ratio=1.0)
+        for k in ("worst_token", "worst_head", "worst_channel"):
+            fields.pop(k, None)
+    return TensorMetrics(numel=numel, bitwise=bitwise, **fields)
+
+
+def _bitwise_metrics(a: torch.Tensor, atol: float | None) -> TensorMetrics:
+    """A bitwise pair needs no arithmetic: exact short-circuit values, and NaN/Inf counted on one side (both hold
+    the same bytes). Equal NaN and equal infinities are never mismatches."""
+    counts = nonfinite_counts(a)
+    exact = (
+        dict(cos=1.0, max_abs=0.0, max_rel=0.0, rel_l2=0.0, rel_diff=0.0, norm_ratio=1.0) if castable(a.dtype) else {}
+    )
+    return TensorMetrics(
+        numel=a.numel(),
+        bitwise=True,
+        mismatches=None if atol is None or not exact else 0,
+        nan_a=counts[0],
+        nan_b=counts[0],
+        inf_a=counts[1],
+        inf_b=counts[1],
+        **exact,
+    )
+
+
+def nonfinite_counts(t: torch.Tensor) -> tuple[int, int]:
+    """(NaN, Inf) counts; one pass when every value is finite (the usual case). Packed / integer dtypes: (0, 0)."""
+    if not t.is_floating_point() or not castable(t.dtype):
+        return 0, 0
+    t = t.float() if t.element_size() == 1 else t
+    if not t.numel():
+        return 0, 0
+    lo, hi = torch.aminmax(t)  # NaN propagates and an Inf is an extreme: one cheap pass (isfinite is 25x slower)
+    if bool(lo.isfinite() & hi.isfinite()):
+        return 0, 0
+    return int(t.isnan().sum()), int(t.isinf().sum())
+
+
+def _compare_integers(a, b, bitwise: bool, atol, rtol) -> TensorMetrics:
+    """Index tensors: exact values and per-row sets (small tensors: plain float64 math)."""
+    x, y = to_float64(a), to_float64(b)
+    return TensorMetrics(
         numel=a.numel(),
         bitwise=bitwise,
         mismatches=None if atol is None else _mismatches(x, y, atol, rtol),
-        nan_a=int(x.isnan().sum()),
-        nan_b=int(y.isnan().sum()),
-        inf_a=int(x.isinf().sum()),
-        inf_b=int(y.isinf().sum()),
+        max_abs=_max(torch.abs(x - y)),
+        sets_equal=_sets_equal(a, b),
     )
-    if not _is_float(a) and not _is_float(b):
-        return TensorMetrics(max_abs=_max(torch.abs(x - y)), sets_equal=_sets_equal(a, b), **common)
-    if bitwise or torch.equal(x, y):
-        return TensorMetrics(cos=1.0, max_abs=0.0, max_rel=0.0, rel_l2=0.0, rel_diff=0.0, norm_ratio=1.0, **common)
-    finite = x.isfinite() & y.isfinite()
-    fx, fy = x[finite], y[finite]
-    err = torch.abs(fx - fy)
-    nx, ny, ne = (float(torch.linalg.vector_norm(v)) for v in (fx, fy, err))
-    return TensorMetrics(
-        cos=cosine(fx, fy),
-        max_abs=_max(err),
-        max_rel=_max(torch.where(fx == 0, torch.where(err == 0, 0.0, math.inf), err / fx.abs())),
-        rel_l2=_ratio(ne, nx),
-        rel_diff=rel_diff(fx, fy),
-        norm_ratio=_ratio(ny, nx),
-        worst_token=_worst(x, y, finite, token_dims),
-        worst_head=_worst_along(x, y, finite, -2, min_ndim=token_dims + 2),
-        worst_channel=_worst_along(x, y, finite, -1, min_ndim=token_dims + 1),
-        **common,
-    )
+
+
+def _real(t: torch.Tensor) -> torch.Tensor:
+    """Complex as `[..., 2]` reals (the float metrics see real and imaginary parts as numbers)."""
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 def compare_logits(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> LogitMetrics:
@@ -154,7 +196,14 @@ def compare_logits(a: torch.Tensor, b: torch.Tensor, k: int = 5) -> LogitMetrics
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.detach().contiguous().reshape(-1).view(torch.uint8)
+    return words(t.detach().contiguous().reshape(-1).view(torch.uint8))
+
+
+def words(raw: torch.Tensor) -> torch.Tensor:
+    """Flat bytes as int64 words where they divide evenly (torch.equal compares words ~7x faster than bytes)."""
+    if raw.numel() % 8 == 0 and raw.data_ptr() % 8 == 0:
+        return raw.view(torch.int64)
+    return raw
 
 
 def _max(t: torch.Tensor) -> float:
@@ -181,25 +230,6 @@ def _sets_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def _is_float(t: torch.Tensor) -> bool:
     return t.is_floating_point() or t.is_complex()
-
-
-def _worst(x: torch.Tensor, y: torch.Tensor, finite: torch.Tensor, dims: int):
-    """Lowest-cosine slice over the first `dims` dims: `((index, ...), cos)`."""
-    if x.ndim <= dims or x.numel() == 0:
-        return None
-    lead = x.shape[:dims]
-    rows = lambda t: torch.where(finite, t, 0.0).reshape(math.prod(lead), -1)
-    cos = rowwise_cosine(rows(x), rows(y))
-    i = int(cos.argmin())
-    return tuple(int(j) for j in torch.unravel_index(torch.tensor(i), lead)), float(cos[i])
-
-
-def _worst_along(x: torch.Tensor, y: torch.Tensor, finite: torch.Tensor, dim: int, min_ndim: int):
-    """Lowest-cosine slice along one dim (heads, channels): `(index, cos)`."""
-    if x.ndim < min_ndim:
-        return None
-    worst = _worst(x.movedim(dim, 0), y.movedim(dim, 0), finite.movedim(dim, 0), 1)
-    return None if worst is None else (worst[0][0], worst[1])
 
 
 def compare_stats(a: dict, b: dict) -> TensorMetrics:

@@ -35,15 +35,24 @@ class DumpHandle:
         return None if self.writer is None else self.writer.dir
 
     def remove(self) -> None:
+        """Take the hooks off, and wait for the background writer to put every queued record on disk."""
         for h in self.hooks:
             h.remove()
         self.hooks = []
+        if self.writer is not None:
+            self.writer.close()
 
     def __enter__(self) -> "DumpHandle":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.remove()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.remove()
+            return
+        try:  # the exception already on its way out is the one to report
+            self.remove()
+        except BaseException:  # noqa: BLE001
+            pass
 
 
 def install(
@@ -68,7 +77,8 @@ def install(
             f"dump: no module of {type(model).__name__} matches PARITY_DUMP_MODULES={config.modules!r}, "
             f"PARITY_DUMP_CLASSES={','.join(sorted(config.classes))!r}, PARITY_DUMP_LAYERS={config.layers}"
         )
-    writer = writer if writer is not None else DumpWriter(config.dir, config.mode, *_rank())
+    # the hooks only snapshot and queue; a writer thread does the disk work (parity.dump.writer)
+    writer = writer if writer is not None else DumpWriter(config.dir, config.mode, *_rank(), background=True)
     hooks = []
     for site, module in sites:
         tap = _Tap(site, writer, config)

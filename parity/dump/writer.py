@@ -2,12 +2,24 @@
 
 A run killed at any point leaves every manifest line pointing at a complete file. The only partial state a kill
 can leave is a cut-off last manifest line, which the loader rejects by name (see `parity.compare.loader`).
+
+With `background=True` (what `install` uses) the forward only takes the snapshot (a copy into a pooled buffer; on
+CUDA an async copy into pinned memory) and queues it; a writer thread writes the queued file sets in batches: every
+tensor file of a batch to its temporary name, each fsynced once, renamed, then the batch's manifest lines in one
+append + fsync. The queue is bounded by `queue_bytes` of snapshots (the forward waits when it is full), so memory
+stays bounded whatever the dump size. Stats mode summarises the snapshots on the writer thread. An error on the
+writer thread is raised by the next write or by `close()`; nothing queued after it is written.
 """
 
+import atexit
 import itertools
 import json
 import os
+import queue
+import tempfile
+import threading
 import uuid
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +31,12 @@ from parity.dump.stats import tensor_stats
 from parity.dump.tags import Tags
 from parity.errors import ParityError
 from parity.io import atomic_write
+
+# snapshot bytes a background writer holds at once, queued plus pooled for reuse (the forward waits beyond it):
+# the memory bound of dumping
+QUEUE_BYTES = 512 << 20
+# file sets written between two manifest appends, at most
+BATCH = 64
 
 # one id and one sequence counter per process: records from several installs in the same process (the model, then
 # an MTP drafter built later) share one execution order and never collide on file names
@@ -39,10 +57,24 @@ class Site:
 class DumpWriter:
     """Appends records to one dump dir (`<dir>/rank<r>` when torch.distributed runs more than one rank)."""
 
-    def __init__(self, root: str | os.PathLike, mode: str, rank: int = 0, world_size: int = 1):
+    background = False
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        mode: str,
+        rank: int = 0,
+        world_size: int = 1,
+        *,
+        background: bool = False,
+        queue_bytes: int = QUEUE_BYTES,
+    ):
         self.dir = Path(root) / f"rank{rank}" if world_size > 1 else Path(root)
         self.mode, self.rank, self.world_size = mode, rank, world_size
         self._check_fresh()
+        if background:
+            self.background = True
+            self._pipe = _Pipeline(self, queue_bytes)
 
     @property
     def manifest(self) -> Path:
@@ -96,6 +128,9 @@ class DumpWriter:
         self._write(f"{WEIGHT_DIR}/{RUN_ID}-{safe}.safetensors", {k: t for k, (t, _) in tensors.items()}, tags)
 
     def _write(self, rel: str, tensors: dict[str, torch.Tensor], tags_of) -> None:
+        if self.background:
+            self._pipe.put(rel, tensors, tags_of)
+            return
         records = []
         if self.mode == "full":
             # clone on the way out: implementations edit tensors in place after the hook returns
@@ -107,6 +142,17 @@ class DumpWriter:
             for k, t in tensors.items():
                 records.append(self._record(tags_of(k), t, stats=tensor_stats(t)))
         self._append(records)
+
+    def flush(self) -> None:
+        """Wait until everything queued is on disk (a no-op for a synchronous writer); re-raise a writer error."""
+        if self.background:
+            self._pipe.flush()
+
+    def close(self) -> None:
+        """Flush, then stop the writer thread. Writes after it are synchronous."""
+        if self.background:
+            self.background = False
+            self._pipe.close()
 
     def _store(self, rel: str, snap: dict[str, torch.Tensor]) -> None:
         atomic_write(self.dir / rel, lambda tmp: save_file(snap, tmp))
@@ -146,6 +192,189 @@ class DumpWriter:
 def _snapshot(t: torch.Tensor) -> torch.Tensor:
     """A contiguous CPU copy in the tensor's own dtype (always a copy, also for tensors already on the CPU)."""
     return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
+
+
+class _Pipeline:
+    """The bounded queue and writer thread of a background `DumpWriter`."""
+
+    def __init__(self, writer: DumpWriter, budget: int):
+        self.writer, self.budget = writer, budget
+        self.held = 0  # snapshot bytes queued or being written
+        self.cond = threading.Condition()
+        self.jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.error: BaseException | None = None  # raised once on the caller's thread
+        self.failed: BaseException | None = None  # kept: every later write is refused
+        self.pool = _Pool(lambda: self.budget - self.held)
+        self.thread = threading.Thread(target=self._run, name="parity-dump-writer", daemon=True)
+        self.thread.start()
+        # a process that ends without `remove()` still gets its queued records (daemon threads die at exit)
+        ref = weakref.ref(self)
+        self._exit = lambda: (p := ref()) is not None and p.close(raise_error=False)
+        atexit.register(self._exit)
+
+    def put(self, rel: str, tensors: dict[str, torch.Tensor], tags_of) -> None:
+        self._raise()
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        with self.cond:
+            # one oversized set may go alone; otherwise wait for room
+            self.cond.wait_for(lambda: self.held == 0 or self.held + nbytes <= self.budget or self.error is not None)
+            self._raise()
+            self.held += nbytes
+        snap = {k: self.pool.snapshot(t) for k, t in tensors.items()}
+        # tags now (they read the caller's context); stats and shapes are filled in by the writer thread
+        tags = {k: tags_of(k) for k in tensors}
+        self.jobs.put((rel, snap, tags, nbytes))
+
+    def flush(self) -> None:
+        done = threading.Event()
+        self.jobs.put(done)
+        while not done.wait(0.1):
+            if not self.thread.is_alive():
+                break
+        self._raise()
+
+    def close(self, raise_error: bool = True) -> None:
+        if self.thread.is_alive():
+            self.jobs.put(None)
+            self.thread.join()
+        atexit.unregister(self._exit)
+        if raise_error:
+            self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            self.failed, self.error = self.error, None
+            raise self.failed
+        if self.failed is not None:
+            raise ParityError(f"{self.writer.dir}: a dump write failed earlier ({self.failed!r}); nothing more written")
+
+    def _run(self) -> None:
+        while True:
+            batch, stop, marks = [], False, []
+            job = self.jobs.get()
+            while True:
+                if job is None:
+                    stop = True
+                elif isinstance(job, threading.Event):
+                    marks.append(job)
+                else:
+                    batch.append(job)
+                if stop or len(batch) >= BATCH:
+                    break
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+            if batch and self.error is None and self.failed is None:
+                try:
+                    self._write_batch(batch)
+                except BaseException as e:  # noqa: BLE001 - re-raised on the caller's thread
+                    self.error = e
+            self._release(batch)
+            for mark in marks:
+                mark.set()
+            if stop:
+                return
+
+    def _write_batch(self, batch) -> None:
+        w = self.writer
+        for _, snap, _, _ in batch:
+            self.pool.ready(snap)
+        if w.mode == "full":
+            _store_files(w.dir, [(rel, snap) for rel, snap, _, _ in batch])
+        records = []
+        for rel, snap, tags, _ in batch:
+            for k, t in snap.items():
+                if w.mode == "full":
+                    records.append(w._record(tags[k], t, file=rel, key=k))
+                else:
+                    records.append(w._record(tags[k], t, stats=tensor_stats(t)))
+        w._append(records)
+
+    def _release(self, batch) -> None:
+        with self.cond:
+            self.held -= sum(job[3] for job in batch)
+        for _, snap, _, _ in batch:
+            self.pool.give_back(snap)
+        with self.cond:
+            self.cond.notify_all()
+
+
+class _Pool:
+    """Snapshot buffers reused across records (no fresh pages to fault in per record): plain CPU memory, or pinned
+    memory for CUDA tensors, copied into asynchronously and synchronised on the writer thread before use."""
+
+    def __init__(self, room):
+        self.free: dict[tuple[int, bool], list[torch.Tensor]] = {}
+        self.room, self.kept = room, 0  # room(): the budget left by the snapshots in flight
+        self.lock = threading.Lock()
+        self.events: dict[int, object] = {}
+
+    def snapshot(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        nbytes, cuda = t.numel() * t.element_size(), t.device.type == "cuda"
+        with self.lock:
+            bufs = self.free.get((nbytes, cuda))
+            raw = bufs.pop() if bufs else None
+            if raw is not None:
+                self.kept -= nbytes
+        if raw is None:
+            raw = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda)
+        out = raw.view(t.dtype).view(t.shape) if nbytes else torch.empty(t.shape, dtype=t.dtype)
+        if nbytes:
+            out.copy_(t, non_blocking=cuda)
+        if cuda:
+            # the writer thread waits on this event, not the forward (verified on a GPU by the coordinator only)
+            event = torch.cuda.Event()
+            event.record()
+            self.events[id(out)] = event
+        return out
+
+    def ready(self, snap: dict[str, torch.Tensor]) -> None:
+        for t in snap.values():
+            event = self.events.pop(id(t), None)
+            if event is not None:
+                event.synchronize()
+
+    def give_back(self, snap: dict[str, torch.Tensor]) -> None:
+        for t in snap.values():
+            nbytes = t.numel() * t.element_size()
+            if not nbytes:
+                continue
+            raw = t.reshape(-1).view(torch.uint8)
+            with self.lock:
+                if self.kept + nbytes <= self.room():
+                    self.free.setdefault((nbytes, raw.is_pinned()), []).append(raw)
+                    self.kept += nbytes
+
+
+def _store_files(root: Path, sets: list[tuple[str, dict[str, torch.Tensor]]]) -> None:
+    """Each file set to a temporary name, then one fsync each (the disk writes them back together), then renamed:
+    a kill leaves only whole files under final names, and the manifest lines come after."""
+    tmps: list[tuple[str, Path]] = []
+    try:
+        for rel, snap in sets:
+            path = root / rel
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            os.close(fd)
+            tmps.append((tmp, path))
+            save_file(snap, tmp)
+        for tmp, _ in tmps:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        while tmps:
+            tmp, path = tmps[0]
+            os.replace(tmp, path)
+            tmps.pop(0)
+    except BaseException:
+        for tmp, _ in tmps:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise
 
 
 class MemoryWriter(DumpWriter):

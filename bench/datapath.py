@@ -1,0 +1,258 @@
+"""The harness's own data path at machine speed: dump write, compare, bisect and dump-info on dumps of 32 bf16
+records of 16 MiB per forward, with this machine's limits measured in the same run.
+
+    python bench/datapath.py                      # 0.5 and 2 GB per dump, in a temp dir, then deleted
+    python bench/datapath.py --sizes 0.5,2,8 --dir /tmp/dp --device cuda --threads 2
+    python bench/datapath.py --repo /path/to/other/checkout     # the same benchmark against another commit
+
+Every timed step runs as its own process (the checkout under test imported from `--repo`), so its wall time, CPU
+time (user + sys: the machine may be shared) and peak RSS are its own. Sizes are GB (1e9 bytes) of tensor data per
+dump. Dumps: `a` (the reference), `b` (every record differs a little and passes: compare and bisect read and
+measure everything), `c` (bitwise `a` except the very last record: bisect skips identical records by their bytes).
+
+Limits, measured here: page-cache read of the dump files, bf16 -> float64 cast into a reused buffer (one thread),
+and `dd` + fsync of the same bytes to the same disk. Throughputs are tensor GB per wall second (both dumps for
+compare / bisect), with the share of the relevant limit.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RECORD_MIB, RECORDS = 16, 32
+ROWS = 1024  # a record is [ROWS, COLS] bf16, 16 MiB
+COLS = RECORD_MIB * (1 << 20) // 2 // ROWS
+FORWARD_BYTES = RECORDS * RECORD_MIB * (1 << 20)
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_write(out: str, forwards: int, mode: str, variant: str, device: str = "cpu") -> None:
+    """In a child process: run `forwards` forwards of a 32-block toy model on `device` with dumping `mode` (or off)."""
+    import torch
+    from torch import nn
+
+    from parity import dump
+
+    torch.manual_seed(0)
+
+    class Block(nn.Module):
+        def __init__(self, i):
+            super().__init__()
+            self.i = i
+
+        def forward(self, x, bump, where):
+            # a new tensor per block (as a real layer returns); `bump` scales one block's output when asked
+            y = x.roll(1, 0)
+            return y.mul_(1.0 + bump) if self.i == where and bump else y
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(Block(i) for i in range(RECORDS))
+
+        def forward(self, x, bump=0.0, where=0):
+            for layer in self.layers:
+                x = layer(x, bump, where)
+            return x
+
+    model = Model()
+    x = torch.randn(ROWS, COLS).bfloat16().to(device)
+    config = dump.DumpConfig(dir=out, mode=mode) if mode != "off" else dump.DumpConfig()
+    handle = dump.install(model, config)
+    start = time.perf_counter()
+    for step in range(forwards):
+        # b: every record differs a little (from block 0 on); c: only the very last record differs
+        last = variant == "c" and step == forwards - 1
+        bump = 5e-3 if variant == "b" or last else 0.0  # moves most bf16 values, norm ratio within 1 %
+        with dump.phase("decode", step=step):
+            model(x, bump, RECORDS - 1 if variant == "c" else 0)
+    if device != "cpu":
+        torch.cuda.synchronize()
+    handle.remove()  # drains a background writer, if any
+    json.dump({"seconds": time.perf_counter() - start}, sys.stdout)
+
+
+def run_child(args: list[str], repo: Path) -> dict:
+    """A process in `repo`: wall seconds, CPU seconds (user + sys) and peak RSS (MB) of that process alone."""
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        start = time.perf_counter()
+        proc = subprocess.Popen(args, cwd=repo, env=env, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)  # this child's own rusage (getrusage would accumulate)
+        wall = time.perf_counter() - start
+        proc.returncode = code = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        text, errors = out.read(), err.read()
+    if code not in (0, 1):
+        raise SystemExit(f"{' '.join(args)}: exit {code}\n{errors.strip()[-2000:]}")
+    cpu = usage.ru_utime + usage.ru_stime
+    return {"wall": wall, "out": text, "code": code, "cpu": cpu, "rss_mb": usage.ru_maxrss / 1024}
+
+
+def limits(dump_dir: Path, nbytes: int, scratch: Path) -> dict:
+    """This machine's ceilings: page-cache read, bf16 -> float64 cast (reused buffer, one thread), dd + fsync."""
+    import torch
+
+    files = sorted((dump_dir / "tensors").iterdir())
+    buf = bytearray(64 << 20)
+    view = memoryview(buf)
+    start, total = time.perf_counter(), 0
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while k := f.readinto(view):
+                total += k
+    read = total / (time.perf_counter() - start)
+    torch.set_num_threads(1)
+    src = torch.randn(8 << 20).bfloat16()
+    dst = torch.empty(src.numel(), dtype=torch.float64)
+    dst.copy_(src)
+    start, reps = time.perf_counter(), 8
+    for _ in range(reps):
+        dst.copy_(src)
+    cast = reps * src.numel() * 2 / (time.perf_counter() - start)
+    target = scratch / "dd.bin"
+    count = max(1, nbytes // (16 << 20))
+    start = time.perf_counter()
+    subprocess.run(
+        ["dd", "if=/dev/zero", f"of={target}", "bs=16M", f"count={count}", "conv=fsync"],
+        check=True,
+        capture_output=True,
+    )
+    dd = count * (16 << 20) / (time.perf_counter() - start)
+    target.unlink()
+    return {"read": read, "cast": cast, "dd_fsync": dd}
+
+
+def bench_size(size_gb: float, root: Path, repo: Path, threads: int | None, device: str) -> list[dict]:
+    """Write the dumps of one size (timed), measure the limits on them, then time compare, bisect and dump-info."""
+    forwards = max(1, round(size_gb * 1e9 / FORWARD_BYTES))
+    nbytes = forwards * FORWARD_BYTES
+    py, me = sys.executable, str(Path(__file__).resolve())
+    rows = []
+
+    def write(name: str, mode: str, variant: str) -> dict:
+        out = root / f"{size_gb}-{name}"
+        r = run_child([py, me, "--child-write", str(out), str(forwards), mode, variant, device], repo)
+        r["seconds"] = json.loads(r["out"])["seconds"]
+        return r
+
+    off = write("off", "off", "a")
+    for name, mode, variant in (("a", "full", "a"), ("b", "full", "b"), ("c", "full", "c"), ("stats", "stats", "a")):
+        r = write(name, mode, variant)
+        extra = max(r["seconds"] - off["seconds"], 1e-9)
+        if name in ("a", "stats"):
+            rows.append(_row(size_gb, f"write {mode}", r, nbytes, extra=extra))
+    shutil.rmtree(root / f"{size_gb}-stats", ignore_errors=True)
+    lim = limits(root / f"{size_gb}-a", nbytes, root)
+    cli = [py, str(repo / "cli.py")]
+    opts = (["--threads", str(threads)] if threads else []) + (["--device", device] if device != "cpu" else [])
+    a, b, c = (str(root / f"{size_gb}-{n}") for n in "abc")
+    steps = [
+        ("compare a b", [*cli, "compare", a, b, "--json", "--out", str(root / "cmp.json"), *opts], 2 * nbytes),
+        (
+            "bisect a b (full read)",
+            [*cli, "bisect", a, b, "--json", "--out", str(root / "bis.json"), *opts],
+            2 * nbytes,
+        ),
+        (
+            "bisect a c (bitwise skip)",
+            [*cli, "bisect", a, c, "--json", "--out", str(root / "bic.json"), *opts],
+            2 * nbytes,
+        ),
+        ("dump-info a", [*cli, "dump-info", a, "--json", "--out", str(root / "info.json")], nbytes),
+    ]
+    for label, args, moved in steps:
+        rows.append(_row(size_gb, label, run_child(args, repo), moved))
+    for r in rows:
+        r["limits"] = lim
+    for n in "abc":
+        shutil.rmtree(root / f"{size_gb}-{n}", ignore_errors=True)
+    shutil.rmtree(root / f"{size_gb}-off", ignore_errors=True)
+    return rows
+
+
+def _row(size_gb, label, r, nbytes, extra=None) -> dict:
+    seconds = extra if extra is not None else r["wall"]
+    return {
+        "size_gb": size_gb,
+        "step": label,
+        "wall_s": r["wall"] if extra is None else extra,
+        "cpu_s": r["cpu"],
+        "gb_s": nbytes / seconds / 1e9,
+        "gb_per_cpu_s": nbytes / max(r["cpu"], 1e-9) / 1e9,
+        "rss_mb": r["rss_mb"],
+        "code": r["code"],
+    }
+
+
+def report(rows: list[dict], repo: Path, threads, device) -> str:
+    import platform
+
+    import torch
+
+    lim = rows[0]["limits"]
+    lines = [
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"repo {repo}, threads {threads or 'default'}, device {device}",
+        f"limits: page-cache read {lim['read'] / 1e9:.2f} GB/s, bf16->f64 cast {lim['cast'] / 1e9:.2f} GB/s "
+        f"(1 thread, reused buffer), dd+fsync {lim['dd_fsync'] / 1e9:.2f} GB/s",
+        "",
+        "| size GB | step | wall s | cpu s | GB/s | GB/cpu-s | % of limit | peak RSS MB |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        lim = r["limits"]
+        if r["step"].startswith("write"):
+            pct = f"{100 * r['gb_s'] * 1e9 / lim['dd_fsync']:.0f} % of dd+fsync"
+        elif r["step"].startswith("dump-info"):
+            pct = "-"
+        else:
+            of_read = 100 * r["gb_s"] * 1e9 / lim["read"]
+            of_cast = 100 * r["gb_per_cpu_s"] * 1e9 / lim["cast"]
+            pct = f"{of_read:.1f} % of read, {of_cast:.0f} % of cast/core"
+        lines.append(
+            f"| {r['size_gb']} | {r['step']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['gb_s']:.3f} | "
+            f"{r['gb_per_cpu_s']:.3f} | {pct} | {r['rss_mb']:.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-write":
+        child_write(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
+        return
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="0.5,2", help="GB of tensor data per dump, comma-separated (e.g. 0.5,2,8)")
+    p.add_argument("--dir", type=Path, default=None, help="where dumps go (default: a temp dir, deleted after)")
+    p.add_argument("--repo", type=Path, default=REPO, help="the checkout under test (default: this one)")
+    p.add_argument("--threads", type=int, default=None, help="compare/bisect --threads (default: theirs)")
+    p.add_argument("--device", default="cpu", help="the toy model's device and compare/bisect --device (cuda on a GPU)")
+    p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    args = p.parse_args()
+    sizes = [float(s) for s in args.sizes.split(",")]
+    root = args.dir or Path(tempfile.mkdtemp(prefix="parity-datapath-"))
+    root.mkdir(parents=True, exist_ok=True)
+    need = 4.2 * max(sizes) * 1e9
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise SystemExit(f"{root}: {free / 1e9:.1f} GB free, the largest size needs about {need / 1e9:.1f} GB")
+    rows = []
+    try:
+        for size in sizes:
+            rows += bench_size(size, root, args.repo.resolve(), args.threads, args.device)
+            print(report(rows, args.repo, args.threads, args.device), flush=True)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(root, ignore_errors=True)
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()

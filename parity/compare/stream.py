@@ -1,0 +1,162 @@
+"""Compare one record pair straight from its safetensors files, tile by tile, in bounded memory.
+
+A record's bytes are read in segments (whole tiles, at most `SEGMENT` bytes) into buffers reused for every record,
+so memory stays at a few segments per worker whatever the record size, and nothing is allocated per record.
+
+Identical records cost a byte comparison: segments are compared bitwise first, and only NaN/Inf are counted on
+them. At the first segment that differs, the fused metrics pass starts over from the first segment (the equal prefix is
+read again, from the page cache). A pair that cannot be streamed (memory dumps, rank shards, layouts to line up, dtypes
+this reader does not know) returns None and is compared from whole tensors by the caller.
+
+Device: `cuda` runs the fused pass on the GPU (tiles copied from pinned host segments); written for the H200 and
+verified there by the coordinator only (this CPU machine has no GPU).
+"""
+
+import json
+import struct
+from pathlib import Path
+
+import torch
+
+from parity.compare.fused import Buffers, FusedPass, Tiling
+from parity.compare.loader import Dump
+from parity.compare.metrics import TensorMetrics, metrics_of, nonfinite_counts, words
+from parity.dump.format import Record, dtype_name
+from parity.errors import ParityError
+
+# bytes read per segment: large enough that a read is a few syscalls of page-cache copy, small against the budget
+SEGMENT = 8 << 20
+# tile size on a GPU: per-tile syncs (a few scalars) must be rare against the work
+GPU_TILE = 1 << 22
+
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+
+
+class Worker:
+    """One worker's reusable state: raw segment buffers (two sides) and the float64 tile buffers."""
+
+    def __init__(self, device: str = "cpu"):
+        self.device = torch.device(device)
+        pin = self.device.type == "cuda"
+        self.raw = [torch.empty(SEGMENT, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        self.buffers = Buffers(self.device)
+
+
+def stream_metrics(
+    da: Dump, ra: Record, db: Dump, rb: Record, token_dims: int, atol: float | None, rtol: float, worker: Worker
+) -> TensorMetrics | None:
+    """The metrics of a pair of single-file records of one shape, or None if this pair cannot be streamed."""
+    if da.memory is not None or db.memory is not None or ra.shape != rb.shape:
+        return None
+    sa, sb = _locate(da, ra), _locate(db, rb)
+    if sa is None or sb is None:
+        return None
+    tile = GPU_TILE if worker.device.type == "cuda" else None
+    tiling = Tiling(ra.shape, token_dims, tile)
+    segments = _segments(tiling, max(sa.itemsize, sb.itemsize))
+    with open(sa.path, "rb", buffering=0) as fa, open(sb.path, "rb", buffering=0) as fb:
+        reader = _Reader(fa, sa, fb, sb, worker)
+        if sa.dtype == sb.dtype:
+            counts, equal = _bitwise(reader, segments)
+            if equal:
+                exact = dict(cos=1.0, max_abs=0.0, max_rel=0.0, rel_l2=0.0, rel_diff=0.0, norm_ratio=1.0)
+                nan, inf = counts
+                mism = None if atol is None else 0
+                counts = dict(nan_a=nan, nan_b=nan, inf_a=inf, inf_b=inf)
+                return TensorMetrics(numel=tiling.numel, bitwise=True, mismatches=mism, **counts, **exact)
+        fp = FusedPass(tiling, atol, rtol, worker.buffers)
+        for first, count, tiles in segments:
+            a, b = reader.read(first, count)
+            for row, col, rows, cols, start in tiles:
+                n = rows * cols
+                fp.add(a[start : start + n], b[start : start + n], row, col, rows, cols)
+    return metrics_of(fp, numel=tiling.numel, bitwise=False)
+
+
+class _Where:
+    """A tensor's bytes in a safetensors file: path, absolute offset, dtype."""
+
+    def __init__(self, path: Path, offset: int, dtype: torch.dtype):
+        self.path, self.offset, self.dtype = path, offset, dtype
+        self.itemsize = torch.empty(0, dtype=dtype).element_size()
+
+
+def _locate(dump: Dump, record: Record) -> _Where | None:
+    """Where the record's tensor lies in its file, from the safetensors header (the loader checked the file)."""
+    if record.file is None:
+        return None
+    path = dump.root / record.file
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            entry = json.loads(f.read(n)).get(record.key)
+    except (OSError, ValueError, struct.error):
+        return None  # the whole-tensor path reports the problem by name
+    if not isinstance(entry, dict):
+        return None
+    dtype = _DTYPES.get(entry.get("dtype"))
+    if dtype is None or dtype_name(dtype) != record.dtype or tuple(entry.get("shape", ())) != record.shape:
+        return None
+    return _Where(path, 8 + n + entry["data_offsets"][0], dtype)
+
+
+def _segments(tiling: Tiling, itemsize: int) -> list[tuple[int, int, list[tuple]]]:
+    """Consecutive tiles grouped into segments of at most SEGMENT bytes: `(first, count, tiles)` with `first` the
+    segment's first flat element and each tile `(row, col, rows, cols, start)`, `start` its offset in the segment."""
+    per = max(tiling.tile, SEGMENT // itemsize)
+    out, cur, size, first = [], [], 0, 0
+    for row, col, rows, cols in tiling.tiles():
+        n = rows * cols
+        if cur and size + n > per:
+            out.append((first, size, cur))
+            cur, size, first = [], 0, tiling.offset(row, col)
+        cur.append((row, col, rows, cols, size))
+        size += n
+    if cur:
+        out.append((first, size, cur))
+    return out
+
+
+class _Reader:
+    """Reads the same element range of both sides into the worker's two raw buffers."""
+
+    def __init__(self, fa, sa: _Where, fb, sb: _Where, worker: Worker):
+        self.sides = ((fa, sa, worker.raw[0]), (fb, sb, worker.raw[1]))
+        self.device = worker.device
+
+    def read(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Elements [first, first + count) of both sides, flat in their dtypes (views of the reused buffers)."""
+        out = []
+        for f, where, raw in self.sides:
+            nbytes = count * where.itemsize
+            f.seek(where.offset + first * where.itemsize)
+            view = memoryview(raw.numpy())[:nbytes]
+            got = 0
+            while got < nbytes:
+                k = f.readinto(view[got:])
+                if not k:
+                    raise ParityError(f"{where.path}: file ends inside a tensor (changed after it was loaded?)")
+                got += k
+            t = raw[:nbytes].view(where.dtype)
+            # a blocking copy from pinned memory: the raw buffer is refilled by the next read
+            out.append(t if self.device.type == "cpu" else t.to(self.device))
+        return out[0], out[1]
+
+
+def _bitwise(reader: _Reader, segments) -> tuple[tuple[int, int], bool]:
+    """Byte-compare segments in order, stopping at the first that differs: ((NaN, Inf) counts, all equal)."""
+    nan = inf = 0
+    for first, count, _ in segments:
+        a, b = reader.read(first, count)
+        if not torch.equal(words(a.view(torch.uint8)), words(b.view(torch.uint8))):
+            return (nan, inf), False
+        n, f = nonfinite_counts(a)
+        nan, inf = nan + n, inf + f
+    return (nan, inf), True

@@ -1,0 +1,103 @@
+"""Streamed pairs (read tile by tile from their files) measure exactly what the whole-tensor path measures, on any
+number of threads; bisect's early stop reads nothing after the first failing activation."""
+
+import math
+
+import pytest
+import torch
+
+from parity.compare import Dump, bisect, compare_dumps, compare_tensors, fused, load_dump, stream
+from parity.compare.gate import Thresholds
+
+SHAPES = {
+    "layers.0.attn:out": (5, 3, 7),
+    "layers.0.ffn:out": (2, 300),
+    "layers.1.attn:out": (129,),
+    "layers.1.ffn:out": (4, 2, 3, 5),
+    "layers.2.attn:out": (1, 1),
+}
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    # a few elements per tile and a few tiles per segment: rows split over tiles and segments, ragged last ones
+    monkeypatch.setattr(fused, "TILE", 13)
+    monkeypatch.setattr(stream, "SEGMENT", 64)
+
+
+@pytest.fixture
+def no_whole_loads(monkeypatch):
+    """Proof that the streamed path ran: loading a whole tensor fails the test."""
+
+    def refuse(self, record):
+        raise AssertionError(f"{record.name} was loaded whole")
+
+    monkeypatch.setattr(Dump, "load", refuse)
+
+
+def _pair(tmp_path, write_dump, dtype=torch.bfloat16):
+    g = torch.Generator().manual_seed(0)
+    a = {k: torch.randn(s, generator=g).to(dtype) for k, s in SHAPES.items()}
+    b = {k: (t.float() + 0.01 * torch.randn(t.shape, generator=g)).to(dtype) for k, t in a.items()}
+    b["layers.1.attn:out"] = a["layers.1.attn:out"].clone()  # bitwise equal
+    b["layers.1.ffn:out"].view(-1)[-1] = math.nan
+    b["layers.2.attn:out"] = a["layers.2.attn:out"] * 2  # fails the norm ratio
+    return write_dump(tmp_path / "a", a), write_dump(tmp_path / "b", b), a, b
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_streamed_metrics_equal_whole_tensor_metrics(tmp_path, write_dump, small_tiles, no_whole_loads, threads):
+    pa, pb, a, b = _pair(tmp_path, write_dump)
+    t = Thresholds(atol=0.1)
+    results = compare_dumps(load_dump(pa), load_dump(pb), thresholds=t, threads=threads)
+    assert [r.name for r in results] == list(SHAPES)
+    for r in results:
+        # the same tiles in the same order: bitwise the same floats
+        assert r.metrics == compare_tensors(a[r.name], b[r.name], atol=0.1), r.name
+    assert results[2].metrics.bitwise and results[3].metrics.nan_b == 1
+    assert [r.status for r in results] == ["pass", "pass", "pass", "fail", "fail"]
+
+
+def test_mixed_dtypes_stream_too(tmp_path, write_dump, small_tiles, no_whole_loads):
+    pa, _, a, _ = _pair(tmp_path, write_dump)
+    pb = write_dump(tmp_path / "f32", {k: t.float() * 1.001 for k, t in a.items()})
+    for r in compare_dumps(load_dump(pa), load_dump(pb)):
+        assert r.metrics == compare_tensors(a[r.name], a[r.name].float() * 1.001), r.name
+
+
+def test_stop_at_first_failure_leaves_the_rest_unmeasured(tmp_path, write_dump, small_tiles, no_whole_loads):
+    pa, pb, _, _ = _pair(tmp_path, write_dump)
+    full = compare_dumps(load_dump(pa), load_dump(pb))
+    short = compare_dumps(load_dump(pa), load_dump(pb), stop_at_first_failure=True, threads=2)
+    assert [r.name for r in short] == list(SHAPES)[:4] and short[-1].status == "fail"
+    assert bisect(short).first.name == bisect(full).first.name == "layers.1.ffn:out"
+
+
+def test_truncated_file_after_loading_is_a_parity_error(tmp_path, write_dump, small_tiles):
+    from parity.errors import ParityError
+
+    pa, pb, _, _ = _pair(tmp_path, write_dump)
+    da, db = load_dump(pa), load_dump(pb)
+    path = pb / db.records[1].file
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(ParityError, match="file ends inside a tensor"):
+        compare_dumps(da, db)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by the coordinator on the H200)")
+def test_cuda_device_measures_what_the_cpu_measures(tmp_path, write_dump):
+    pa, pb, _, _ = _pair(tmp_path, write_dump)
+    da, db = load_dump(pa), load_dump(pb)
+    cpu = compare_dumps(da, db, thresholds=Thresholds(atol=0.1))
+    gpu = compare_dumps(da, db, thresholds=Thresholds(atol=0.1), device="cuda", threads=2)
+    for c, g in zip(cpu, gpu, strict=True):
+        # other tile sizes, other summation order: the same values within float64 summation error
+        assert (c.status, c.metrics.bitwise, c.metrics.nan_b, c.metrics.max_abs) == (
+            g.status,
+            g.metrics.bitwise,
+            g.metrics.nan_b,
+            g.metrics.max_abs,
+        )
+        assert c.metrics.mismatches == g.metrics.mismatches and c.metrics.max_rel == g.metrics.max_rel
+        for k in ("cos", "rel_l2", "rel_diff", "norm_ratio"):
+            assert getattr(g.metrics, k) == pytest.approx(getattr(c.metrics, k), rel=1e-12, abs=1e-14), (c.name, k)
