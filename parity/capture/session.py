@@ -74,7 +74,7 @@ def add_golden(c: Captures, timings: dict | None = None) -> None:
 
 
 def judge(c: Captures, noise: NoiseModel, golden: str = "auto", timings: dict | None = None) -> Verdict:
-    """The forced run's verdict; with golden "auto" the golden runs only when some row is over the noise model."""
+    """The forced run's verdict; with golden "auto" the golden runs only when some row is over the dtype floor."""
     if golden not in GOLDEN:
         raise ParityError(f"golden must be one of {GOLDEN}, got {golden!r}")
     if golden == "always" and c.golden is None:
@@ -82,7 +82,8 @@ def judge(c: Captures, noise: NoiseModel, golden: str = "auto", timings: dict | 
     g = c.golden.dump if c.golden is not None else None
     margin = route_margins(c.inputs.ckpt, c.inputs.args(), c.reference.dump)
     verdict = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, noise, golden=g, margin=margin)
-    if golden == "auto" and c.golden is None and any(r.failures for r in verdict.results):
+    # the golden judges rows over the envelope, and rows within it taken together (verdict.floats)
+    if golden == "auto" and c.golden is None and any(r.failures or r.suspects for r in verdict.results):
         add_golden(c, timings)
         g = c.golden.dump
         verdict = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, noise, golden=g, margin=margin)

@@ -125,6 +125,24 @@ def test_the_golden_passes_a_row_as_close_to_the_truth_as_the_reference():
     assert not verdict(ref, cand, golden=golden).passed
 
 
+def test_rows_within_the_envelope_are_judged_together_against_the_golden():
+    # every chunk row 3 % off (inside the default 5 % one by one) while the reference sits on the golden: a small
+    # systematic loss, caught in the aggregate (beyond 4x the bf16 rounding); with the reference 2 % off the golden
+    # the other way, the candidate is as close to the truth as the reference, and passes
+    ref = values()
+    cand = values()
+    cand["attn0"] = cand["attn0"].clone()
+    cand["attn0"][2:] = (cand["attn0"][2:].float() * 1.03).bfloat16()
+    golden = values()
+    golden["attn0"] = ref["attn0"].double()
+    v = verdict(ref, cand, golden=golden)
+    row = next(r for r in v.results if r.path == "layers.0.attn.output" and r.phase == "chunk")
+    assert row.max_err < row.threshold and row.suspects == 2 and not v.passed
+    assert v.first is row and "together" in v.location()
+    golden["attn0"] = ref["attn0"].double() * 1.02
+    assert verdict(ref, cand, golden=golden).passed
+
+
 def test_flipped_expert_ids_are_counted_and_weights_compared_in_id_order():
     cand = values()
     w, ids = cand["route0"]
