@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from parity.formats import e8m0_to_float, quantize_fp8_blocks
+from parity.formats import e8m0_to_float
 from parity.optimized import cache as opt_cache
 from parity.optimized import model as opt_model
 from parity.optimized.ops import Ops
@@ -118,10 +118,12 @@ def _route_scale_dropped(ops: Ops):
 
 def _o_lora_per_tensor_scale(ops: Ops):
     # wo_a in FP8 with ONE per-tensor scale instead of its 128x128 block scales (ATOM PR #676's collapse)
+    # (an fp32 scale amax / 448, as the per-tensor recipe has it: a power-of-two one would leave the synthetic
+    # checkpoint's uniform block scales unchanged and the bug invisible)
     def o_lora(o, wo_a, n_groups, rank, segments):
         w = wo_a.float()
-        q, s = quantize_fp8_blocks(w, block=max(w.shape))  # one block: one scale for the whole tensor
-        collapsed = (q.float() * e8m0_to_float(s).max()).to(torch.bfloat16)
+        s = w.abs().amax().clamp(min=1e-12) / 448.0
+        collapsed = ((w / s).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * s).to(torch.bfloat16)
         return ops.o_lora(o, collapsed, n_groups, rank, segments)
 
     return o_lora
