@@ -12,7 +12,6 @@ baseline's, above its dtype floor: a kernel change that stays inside the noise m
 still reported.
 """
 
-import json
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ from pathlib import Path
 from parity.cases import Case, load_case
 from parity.compare.thresholds import BF16_FLOOR
 from parity.errors import ParityError
-from parity.io import atomic_write_json
+from parity.io import atomic_write_json, read_json
 from parity.run import RunReport, prepare_checkpoint, run_case
 
 
@@ -69,12 +68,7 @@ class GateResult:
 
 def load_baseline(path: str | Path) -> dict:
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ParityError(f"--baseline {path}: no such file") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ParityError(f"--baseline {path}: not a readable gate.json ({e})") from None
+    data = read_json(path, f"--baseline {path}: no such file", f"--baseline {path}: not a readable gate.json")
     if not isinstance(data, dict) or not isinstance(data.get("cases"), list):
         raise ParityError(f"--baseline {path}: expected a gate.json with a 'cases' list")
     cases = {}

@@ -85,3 +85,14 @@ def _check_writable(path: Path, option: str, for_path: Path | None = None) -> No
             pass
     except OSError as e:
         raise ParityError(f"{option} {target}: cannot write in {existing} ({e.strerror or e})") from None
+
+
+def read_json(path: Path, missing: str, unreadable: str):
+    """The JSON document in `path`; a missing or unreadable file is one ParityError: `missing`, or `unreadable`
+    with the decoder's reason appended in parentheses."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ParityError(missing) from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ParityError(f"{unreadable} ({e})") from None

@@ -13,7 +13,6 @@ line up record for record; rows the reference has no value for (rejected specula
 values there and are listed in the record's `extra["skip_rows"]`, as in the engine's own record.
 """
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -24,7 +23,7 @@ from parity.compare.verdict import RequestLayout
 from parity.dump.format import TENSOR_DIR
 from parity.dump.writer import save_records
 from parity.errors import ParityError
-from parity.io import atomic_write_json
+from parity.io import atomic_write_json, read_json
 
 RUN_FILE = "run.json"
 SCHEMA = 1
@@ -80,12 +79,7 @@ def load_run(root: str | Path) -> SavedRun:
     """Read a dir written by `save_run`; every problem is one `ParityError` naming the file and field."""
     root = Path(root)
     path = root / RUN_FILE
-    try:
-        meta = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ParityError(f"{path}: missing (not a dir written by `parity run --dump`)") from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise ParityError(f"{path}: not readable JSON ({e})") from None
+    meta = read_json(path, f"{path}: missing (not a dir written by `parity run --dump`)", f"{path}: not readable JSON")
     if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:
         raise ParityError(f"{path}: expected an object with schema {SCHEMA}")
     n_layers, layout = meta.get("n_layers"), meta.get("layout")

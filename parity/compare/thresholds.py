@@ -17,13 +17,12 @@ File format (JSON, written by `parity calibrate`): `{"schema": 1, "provenance": 
 thresholds are derived on load, so a file records measurements, not policy.
 """
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from parity.errors import ParityError
-from parity.io import atomic_write_json
+from parity.io import atomic_write_json, read_json
 
 SCHEMA = 1
 BF16_FLOOR = 1e-3
@@ -108,12 +107,7 @@ class NoiseModel:
     @classmethod
     def load(cls, path: str | Path) -> "NoiseModel":
         path = Path(path)
-        try:
-            data = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ParityError(f"{path}: no such calibration file") from None
-        except (OSError, UnicodeDecodeError, ValueError) as e:
-            raise ParityError(f"{path}: not a readable calibration JSON file ({e})") from None
+        data = read_json(path, f"{path}: no such calibration file", f"{path}: not a readable calibration JSON file")
         if not isinstance(data, dict) or data.get("schema") != SCHEMA:
             raise ParityError(f"{path}: expected a calibration object with schema {SCHEMA}")
         for name in ("errors", "flips", "provenance"):

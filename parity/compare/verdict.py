@@ -27,7 +27,7 @@ import torch
 from parity.compare import sites
 from parity.compare.loader import Dump
 from parity.compare.rows import Key, RowStore, calls
-from parity.compare.thresholds import BF16_FLOOR, NoiseModel
+from parity.compare.thresholds import NoiseModel
 
 PHASES = ("prefill", "chunk", "decode", "mtp")
 
@@ -80,6 +80,7 @@ class SiteResult:
     suspects: int = 0
     suspect_first: tuple | None = None
     suspect_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0], repr=False)  # |c-g|^2, |w-g|^2, |g|^2
+    suspect_eps: float = 0.0  # the unit roundoff of the field's dtype (rows over the floor set it)
 
     @property
     def passed(self) -> bool:
@@ -260,6 +261,7 @@ class _Judge:
         suspect = (err > NoiseModel.floor(res.kind, res.field)) & ~bad
         if suspect.any():
             res.suspects += int(suspect.sum())
+            res.suspect_eps = torch.finfo(c.dtype).eps
             where = (step, *keys[int(suspect.nonzero()[0])])
             if res.suspect_first is None or where < res.suspect_first:
                 res.suspect_first = where
@@ -291,8 +293,7 @@ def _judge(r: SiteResult, golden_factor: float) -> None:
     sc, sr, sg = r.suspect_sums
     if r.suspects and sg > 0:
         dc, dr = math.sqrt(sc / sg), math.sqrt(sr / sg)
-        eps = torch.finfo(torch.float32 if NoiseModel.floor(r.kind, r.field) < BF16_FLOOR else torch.bfloat16).eps
-        if dc > golden_factor * max(dr, eps / 2):
+        if dc > golden_factor * max(dr, r.suspect_eps / 2):
             r.reasons.append(
                 f"{r.suspects} rows within the noise threshold are together {dc:.3g} from the float64 golden, "
                 f"the reference {dr:.3g} (allowed {golden_factor:g}x)"
