@@ -105,8 +105,8 @@ def run(
         check_output_dir(dump_dir, "--dump", must_be_empty=True)
     if threads is not None:
         torch.set_num_threads(threads)
+    noise = NoiseModel.load(calibration) if calibration is not None else None  # before the minutes of work
     ckpt = prepare_checkpoint(spec, checkpoint, out_dir)
-    noise = NoiseModel.load(calibration) if calibration is not None else None
     report = run_case(spec, ckpt, device, dump_dir, golden=golden, bisect=bisect, noise=noise)
     path = write_report(report, out_dir)
     if as_json:

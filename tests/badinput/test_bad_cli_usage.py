@@ -23,6 +23,13 @@ NO_CUDA = not torch.cuda.is_available()
         pytest.param(("run", "--device", "gpu0"), ("--device 'gpu0'", "cpu or cuda"), id="device"),
         pytest.param(("run", "--device", "meta"), ("--device 'meta'", "cpu or cuda"), id="device-meta"),
         pytest.param(("run", "--golden", "sometimes"), ("--golden", "'sometimes'"), id="golden"),
+        pytest.param(("selftest", "--device", "gpu0"), ("--device 'gpu0'", "cpu or cuda"), id="selftest-device"),
+        pytest.param(("calibrate", "cases/batched.toml", "--out", "n.json", "--device", "gpu0"),
+                     ("--device 'gpu0'", "cpu or cuda"), id="calibrate-device"),  # fmt: skip
+        pytest.param(("run", "--calibration", "nosuch.json"), ("nosuch.json", "no such calibration file"),
+                     id="run-calibration"),  # fmt: skip
+        pytest.param(("selftest", "--calibration", "nosuch.json"), ("nosuch.json", "no such calibration file"),
+                     id="selftest-calibration"),  # fmt: skip
         pytest.param(("selftest", "--loosen", "nan"), ("--loosen", "nan"), id="loosen-nan"),
         pytest.param(("gate", "x.toml", "--regression", "2"), ("x.toml",), id="suite-missing"),
         pytest.param(("compare", "x", "y", "--json", "--csv"), ("--json and --csv",), id="json-csv"),
