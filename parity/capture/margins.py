@@ -14,19 +14,17 @@ import torch
 
 from parity.checkpoint.layout import disk_tensors_for_param
 from parity.checkpoint.reader import Checkpoint
-from parity.compare.loader import Dump
 from parity.compare.rows import Key, RowStore
 from parity.reference import model as ref
 
 Margin = Callable[[str, Key], float | None]
 
 
-def route_margins(ckpt_path, args, reference: Dump) -> Margin:
-    """`margin(site path, key)` for `<prefix>.ffn.route` sites; None where it does not apply. The checkpoint and
-    the reference's rows are read on the first flip (a run without flips never pays for them)."""
+def route_margins(ckpt_path, args, reference: RowStore) -> Margin:
+    """`margin(site path, key)` for `<prefix>.ffn.route` sites; None where it does not apply. `reference`: the
+    reference's rows (the judge's own); the gate weights are read on the first flip."""
     ckpt = Checkpoint(ckpt_path)
     gates: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
-    store: list[RowStore] = []
 
     def gate(prefix: str):
         if prefix not in gates:
@@ -44,9 +42,7 @@ def route_margins(ckpt_path, args, reference: Dump) -> Margin:
         if not path.endswith(".ffn.route"):
             return None
         prefix = path[: -len(".route")]
-        if not store:
-            store.append(RowStore.from_dump(reference, args.n_layers))
-        x = store[0].rows.get((f"{prefix}.input", "out"), {}).get(key)
+        x = reference.rows.get((f"{prefix}.input", "out"), {}).get(key)
         g = gate(prefix)
         if x is None or g is None:
             return None

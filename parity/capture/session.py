@@ -80,11 +80,13 @@ def judge(c: Captures, noise: NoiseModel, golden: str = "auto", timings: dict | 
     if golden == "always" and c.golden is None:
         add_golden(c, timings)
     g = c.golden.dump if c.golden is not None else None
-    margin = route_margins(c.inputs.ckpt, c.inputs.args(), c.reference.dump)
-    verdict = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, noise, golden=g, margin=margin)
+    rows = RowStore.from_dump(c.reference.dump, c.n_layers)  # read once: the judge's and the margins'
+    margin = route_margins(c.inputs.ckpt, c.inputs.args(), rows)
+    kw = dict(margin=margin, reference_rows=rows)
+    verdict = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, noise, golden=g, **kw)
     # the golden judges rows over the envelope, and rows within it taken together (verdict.floats)
     if golden == "auto" and c.golden is None and any(r.failures or r.suspects for r in verdict.results):
         add_golden(c, timings)
         g = c.golden.dump
-        verdict = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, noise, golden=g, margin=margin)
+        verdict = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, noise, golden=g, **kw)
     return verdict

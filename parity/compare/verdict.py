@@ -147,10 +147,13 @@ def judge_run(
     *,
     golden: Dump | None = None,
     margin: Callable[[str, Key], float | None] | None = None,
+    reference_rows: RowStore | None = None,
 ) -> Verdict:
     """Compare every tap record of `candidate` with `reference` row by row; see the module docstring.
-    `margin(site path, key)` gives the routing score margin of a flipped row, if the caller can compute it."""
-    j = _Judge(RowStore.from_dump(reference, n_layers), layout, n_layers, noise, margin)
+    `margin(site path, key)` gives the routing score margin of a flipped row, if the caller can compute it;
+    `reference_rows`, the reference's rows if the caller already has them (else they are read from `reference`)."""
+    rows = reference_rows if reference_rows is not None else RowStore.from_dump(reference, n_layers)
+    j = _Judge(rows, layout, n_layers, noise, margin)
     j.gold = RowStore.from_dump(golden, n_layers) if golden is not None else None
     for call in calls(candidate, n_layers):
         j.call(call, candidate)

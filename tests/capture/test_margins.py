@@ -7,6 +7,7 @@ from parity import dump
 from parity.capture.margins import route_margins
 from parity.checkpoint.reader import Checkpoint
 from parity.compare.loader import Dump
+from parity.compare.rows import RowStore
 from parity.taps import Tap
 
 
@@ -31,7 +32,7 @@ def _reference_dump(n_layers: int, x: torch.Tensor) -> Dump:
 def test_margin_is_the_top_k_boundary_gap_of_the_biased_scores(tiny_ckpt, tiny_args):
     args = tiny_args
     x = torch.randn(3, args.dim, generator=torch.Generator().manual_seed(0)).bfloat16()
-    margin = route_margins(tiny_ckpt, args, _reference_dump(args.n_layers, x))
+    margin = route_margins(tiny_ckpt, args, RowStore.from_dump(_reference_dump(args.n_layers, x), args.n_layers))
     ckpt = Checkpoint(tiny_ckpt)
     scored = [i for i in range(args.n_layers) if i >= args.n_hash_layers]
     assert scored, "the tiny model has score-routed layers"
