@@ -94,7 +94,7 @@ def test_main_job_names_a_planted_bug_and_exits_1(tmp_path, monkeypatch):
     result = CliRunner().invoke(_cli(), ["run", str(small_case(tmp_path)), "--out", str(tmp_path)])
     assert result.exit_code == 1, result.output
     assert "FAILED | small" in result.output
-    assert "first divergence: layer 0 attention core (layers.0.attn.output" in result.output
+    assert "first divergence: layer 0 attention core (layers.0.attn.o_lora" in result.output
     report = json.loads((tmp_path / "parity.json").read_text())
     assert not report["passed"] and report["location"].startswith("layer 0 attention core")
 

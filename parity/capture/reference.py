@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from parity.reference import kernels
 from parity.reference import model as ref
 from parity.taps import Tap
 
@@ -104,6 +105,7 @@ def _attach_block(done: Attached, block: ref.Block) -> None:
     route = done.tap(block.ffn, "route")
     done.hooks.append(block.ffn.gate.register_forward_hook(lambda m, args, out: route(*out)))
     attn = block.attn
+    _attach_attn_inner(done, attn)
     if attn.indexer is not None:
         _attach_indexer(done, attn.indexer)
         _attach_compressor(done, attn.indexer.compressor)
@@ -120,6 +122,37 @@ def _attach_io(done: Attached, module: nn.Module) -> None:
 
     done.hooks.append(module.register_forward_pre_hook(pre))
     done.hooks.append(module.register_forward_hook(lambda m, args, out: tout(out[0])[None]))
+
+
+def _attach_attn_inner(done: Attached, attn: ref.Attention) -> None:
+    """`attn.qr`: the q-LoRA latent as `q_norm` returns it (wq_b's and the indexer's input); `attn.q`: the query as
+    the seam's `sparse_attn` receives it (after the head norm and RoPE); `attn.kv`: the window KV as `kv_norm` returns
+    it (RoPE and the FP8 fake-quant then edit it in place); `attn.o_lora`: the grouped o-LoRA's output as `wo_b`
+    receives it.
+
+    The query exists only inside `Attention.forward`, so an instance-level wrapper of that forward swaps the seam's
+    `sparse_attn` for the call's duration (as `parity.golden` swaps kernels; not thread-safe either) with one that
+    passes q through the tap and then calls whatever `sparse_attn` the seam had (the golden's float64 one included).
+    """
+    qr, q, kv, o_lora = (done.tap(attn, name) for name in ("qr", "q", "kv", "o_lora"))
+    done.hooks.append(attn.q_norm.register_forward_hook(lambda m, args, out: qr(out[0])[None]))
+    done.hooks.append(attn.kv_norm.register_forward_hook(lambda m, args, out: kv(out[0])[None]))
+    done.hooks.append(attn.wo_b.register_forward_pre_hook(lambda m, args: (o_lora(args[0][0])[None], *args[1:])))
+    forward = attn.forward
+
+    def tapped_forward(*args, **kwargs):
+        seam = kernels.sparse_attn
+
+        def sparse_attn(query, *rest):
+            return seam(q(query[0])[None], *rest)  # [1, s, h, d]: the tap sees [s, h, d]
+
+        kernels.sparse_attn = sparse_attn
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            kernels.sparse_attn = seam
+
+    done.wrap(attn, "forward", tapped_forward)
 
 
 def _attach_indexer(done: Attached, indexer: ref.Indexer) -> None:

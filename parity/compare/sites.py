@@ -8,10 +8,14 @@ A site is a tap path with the layer index replaced by `*` (`layers.*.hc_pre_attn
 | `streams_in` | block input streams `[n, hc, D]` | stream |
 | `hc_pre_attn` | mHC pre-mix of the attention: y `[n, D]`, post `[n, hc]`, comb `[n, hc, hc]` (fp32 mixers) | mix |
 | `attn.input` | attention input after `attn_norm` | act |
+| `attn.qr` | the q-LoRA latent after `q_norm` (the input of `wq_b` and of the indexer) | act |
+| `attn.q` | the query heads `[n, h, d]` as the attention core reads them (after `wq_b`, the head norm, RoPE) | act |
+| `attn.kv` | the window KV after `kv_norm`, before RoPE and FP8 fake-quant | act |
 | `attn.indexer.compressor.entries` | the indexer's new entries (rows: the tokens that completed them) | entry |
 | `attn.indexer.topk` | the indexer's chosen entry ids per token (-1 none) | choice |
 | `attn.compressor.entries` | the main compressor's new entries | entry |
-| `attn.output` | attention output | act |
+| `attn.o_lora` | sparse attention, inverse RoPE and the grouped wo_a: the input of `wo_b` | act |
+| `attn.output` | attention output (`wo_b`) | act |
 | `hc_post_attn` | streams after the attention's post-mix | stream |
 | `hc_pre_ffn` | mHC pre-mix of the MoE | mix |
 | `ffn.input` | MoE input after `ffn_norm` | act |
@@ -39,10 +43,14 @@ BLOCK_SITES = (
     Site("streams_in", "stream", "block input"),
     Site("hc_pre_attn", "mix", "mHC pre (attention)"),
     Site("attn.input", "act", "attention norm"),
+    Site("attn.qr", "act", "attention q projection"),
+    Site("attn.q", "act", "attention q projection"),  # wq_b, the head norm and RoPE
+    Site("attn.kv", "act", "attention kv projection"),
     Site("attn.indexer.compressor.entries", "entry", "indexer compressor", rows_field="out.1"),
     Site("attn.indexer.topk", "choice", "indexer"),
     Site("attn.compressor.entries", "entry", "compressor", rows_field="out.1"),
-    Site("attn.output", "act", "attention core"),
+    Site("attn.o_lora", "act", "attention core"),
+    Site("attn.output", "act", "attention output projection"),
     Site("hc_post_attn", "stream", "mHC post (attention)"),
     Site("hc_pre_ffn", "mix", "mHC pre (MoE)"),
     Site("ffn.input", "act", "MoE norm"),

@@ -237,7 +237,11 @@ class OptAttention(ref.Attention):
         _drop_buffers(self)
         self.ops = ops
         self.kv_fp8 = args.kv_fp8_sim
-        self.input, self.output = Tap(), Tap()
+        # qr: the q-LoRA latent (wq_b's and the indexer's input); q: the query the attention core reads; kv: the
+        # window KV before RoPE and FP8 fake-quant; o_lora: wo_b's input. Forcing them keeps an FP8 code flipped by a
+        # last-bit difference upstream (or a last-bit q amplified by large attention logits) out of the next
+        # segment's own error
+        self.input, self.qr, self.q, self.kv, self.o_lora, self.output = (Tap() for _ in range(6))
 
     def reset_buffers(self) -> None:
         self.freqs_cis = self._freqs_cis(self.freqs_cis.device)
@@ -249,11 +253,12 @@ class OptAttention(ref.Attention):
         win, ratio, rd = self.window_size, self.compress_ratio, self.rope_head_dim
         freqs = self.freqs_cis[batch.positions]  # [T, rd/2]
         seg = batch.segments
-        qr = q = ops.rms_norm(run_linear(ops, self.wq_a, x), self.q_norm.weight, self.eps, seg)
+        qr = q = self.qr(ops.rms_norm(run_linear(ops, self.wq_a, x), self.q_norm.weight, self.eps, seg))
         q = run_linear(ops, self.wq_b, q).unflatten(-1, (self.n_heads, self.head_dim))  # [T, h, d]
         ops.head_norm(q, self.eps, batch.segments)
         ops.rope(q[..., -rd:], freqs)
-        kv = ops.rms_norm(run_linear(ops, self.wkv, x), self.kv_norm.weight, self.eps, seg)  # [T, d]
+        q = self.q(q)
+        kv = self.kv(ops.rms_norm(run_linear(ops, self.wkv, x), self.kv_norm.weight, self.eps, seg))  # [T, d]
         ops.rope(kv[..., -rd:], freqs)
         ops.kv_fake_quant(kv[..., :-rd], KV_QUANT_BLOCK, self.scale_fmt, self.scale_dtype, self.kv_fp8)
 
@@ -290,7 +295,7 @@ class OptAttention(ref.Attention):
         self._write_ring(kv, batch, cache, ring)
         ops.rope(o[..., -rd:], freqs, True)
         o = ops.o_lora(o.flatten(1), self.wo_a.weight, self.n_groups, self.o_lora_rank, seg)  # [T, g, rank]
-        return self.output(run_linear(ops, self.wo_b, o.flatten(1)))
+        return self.output(run_linear(ops, self.wo_b, self.o_lora(o.flatten(1))))
 
     @staticmethod
     def _hca_entries(start: int, n: int, ratio: int) -> torch.Tensor:

