@@ -5,7 +5,14 @@ because the reference's own choice was nearly a tie (the k-th and the (k+1)-th b
 legitimate rounding can swap them) or because the candidate's gate is wrong. The margin of a row is that gap,
 `s[k-1] - s[k]` of the reference's biased scores sorted descending, recomputed from the reference's gate input
 (`ffn.input`) with the checkpoint's gate weights and the reference's own score function. Hash-routed layers choose
-by token id: they have no margin. Indexer top-k flips get none either (their scores need the whole cache).
+by token id: they have no margin.
+
+Indexer top-k flips get the same gap of the reference's index scores, recomputed as `Indexer.forward` computes them
+(its wq_b, RoPE, Hadamard, FP4 simulation, weights_proj, relu-weighted head sum) from the reference's own captured
+values: the q-LoRA latent (`attn.qr`), the attention input (`attn.input`) and the indexer compressor's entries of
+that request completed up to the position (the entries its cache held). A row with no more visible entries than
+top-k slots cannot flip legitimately: it has no margin. The block's weights are loaded from the checkpoint on the
+first flip there (`build_model` of that block alone).
 """
 
 from collections.abc import Callable
@@ -13,8 +20,9 @@ from collections.abc import Callable
 import torch
 
 from parity.checkpoint.layout import disk_tensors_for_param
-from parity.checkpoint.reader import Checkpoint
+from parity.checkpoint.reader import Checkpoint, Selection, build_model
 from parity.compare.rows import Key, RowStore
+from parity.reference import kernels
 from parity.reference import model as ref
 
 Margin = Callable[[str, Key], float | None]
@@ -51,3 +59,59 @@ def route_margins(ckpt_path, args, reference: RowStore) -> Margin:
         return float(top[-2] - top[-1])
 
     return margin
+
+
+def indexer_margins(ckpt_path, reference: RowStore) -> Margin:
+    """`margin(site path, key)` for `<block>.attn.indexer.topk` sites; None where it does not apply."""
+    attns: dict[str, ref.Attention] = {}
+
+    def attention(block: str) -> ref.Attention:
+        if block not in attns:
+            kind, index = block.split(".")
+            main = kind == "layers"
+            sel = Selection(layers=[int(index)] if main else [], mtp=not main, embed_head=False)
+            model, _ = build_model(ckpt_path, sel)
+            attns[block] = model.get_submodule(f"{block}.attn")
+        return attns[block]
+
+    def margin(path: str, key: Key) -> float | None:
+        if not path.endswith(".attn.indexer.topk"):
+            return None
+        block = path[: -len(".attn.indexer.topk")]
+        qr = reference.rows.get((f"{block}.attn.qr", "out"), {}).get(key)
+        x = reference.rows.get((f"{block}.attn.input", "out"), {}).get(key)
+        table = reference.rows.get((f"{block}.attn.indexer.compressor.entries", "out.0"), {})
+        if qr is None or x is None:
+            return None
+        attn = attention(block)
+        idx, (request, pos) = attn.indexer, key
+        ratio, k = idx.compress_ratio, idx.index_topk
+        # entry j is completed by the token at position (j+1)*ratio - 1 and visible from it on
+        entries = [table.get((request, (j + 1) * ratio - 1)) for j in range((pos + 1) // ratio)]
+        if len(entries) <= k or any(e is None for e in entries):
+            return None
+        top = index_scores(attn, qr, x, torch.stack(entries), pos).float().topk(k + 1).values
+        return float(top[-2] - top[-1])
+
+    return margin
+
+
+@torch.no_grad()
+def index_scores(attn: ref.Attention, qr, x, entries, pos: int) -> torch.Tensor:
+    """One query's index scores [n] over `entries` [n, d], as `ref.Indexer.forward` scores them (qr, x: the query
+    token's q-LoRA latent and attention input; pos: its position)."""
+    with ref.default_dtype(torch.bfloat16):  # the reference runs in bf16 by default: its Linear outputs follow it
+        idx, rd = attn.indexer, attn.rope_head_dim
+        q = idx.wq_b(qr[None, None]).unflatten(-1, (idx.n_heads, idx.head_dim))  # [1, 1, h, d]
+        ref.apply_rotary_emb(q[..., -rd:], attn.freqs_cis[pos : pos + 1])
+        q = ref.rotate_activation(q)
+        kernels.fp4_act_quant(q, ref.FP4_BLOCK_SIZE, True)
+        weights = idx.weights_proj(x[None, None]) * (idx.softmax_scale * idx.n_heads**-0.5)  # [1, 1, h]
+        score = torch.einsum("bshd,btd->bsht", q, entries[None])
+        return (score.relu_() * weights.unsqueeze(-1)).sum(dim=2)[0, 0]  # [n]
+
+
+def flip_margins(ckpt_path, args, reference: RowStore) -> Margin:
+    """The routing margin for `ffn.route` flips, the index-score margin for indexer top-k flips."""
+    route, index = route_margins(ckpt_path, args, reference), indexer_margins(ckpt_path, reference)
+    return lambda path, key: route(path, key) if path.endswith(".ffn.route") else index(path, key)

@@ -53,3 +53,57 @@ def test_margin_is_the_top_k_boundary_gap_of_the_biased_scores(tiny_ckpt, tiny_a
         assert margin(f"layers.{layer}.ffn.route", ("0", 0)) is None  # hash routing has no scores
     assert margin(f"layers.{scored[0]}.attn.indexer.topk", ("0", 0)) is None
     assert margin(f"layers.{scored[0]}.ffn.route", ("0", 99)) is None  # no reference row there
+
+
+def _captured_prefill(make_model, n_layers: int, n: int):
+    """The reference's tap rows of one prefill of `n` tokens (request "0"), as a RowStore."""
+    from parity.capture.reference import attach
+    from parity.compare import sites
+
+    model = make_model()
+    attach(model)
+    writer = dump.MemoryWriter()
+    handle = dump.install(model, dump.DumpConfig(modules=sites.tap_pattern()), writer=writer)
+    ids = torch.randint(0, 1024, (1, n), generator=torch.Generator().manual_seed(3))
+    with dump.phase("prefill", 0, cu_seqlens=[0, n], requests=["0"], start_pos=[0]):
+        model.forward_streams(ids, 0)
+    handle.remove()
+    return RowStore.from_dump(Dump.from_memory(writer, "reference"), n_layers), model
+
+
+def test_indexer_margin_rescores_the_references_own_choice(make_model, tiny_ckpt, tiny_args):
+    # the rescored index scores must reproduce the reference's chosen entries (its top-k as a set), and the margin is
+    # the gap at that boundary; rows with no more visible entries than top-k slots have none
+    from parity.capture.margins import index_scores, indexer_margins
+
+    n = 90
+    rows, model = _captured_prefill(make_model, tiny_args.n_layers, n)
+    margin = indexer_margins(tiny_ckpt, rows)
+    layers = [i for i, r in enumerate(tiny_args.compress_ratios[: tiny_args.n_layers]) if r == 4]
+    assert layers, "the tiny model has CSA layers"
+    k = tiny_args.index_topk
+    checked = 0
+    for layer in layers:
+        block, attn = f"layers.{layer}", model.layers[layer].attn
+        chosen = rows.rows[(f"{block}.attn.indexer.topk", "out")]
+        table = rows.rows[(f"{block}.attn.indexer.compressor.entries", "out.0")]
+        for pos in range(n):
+            got = margin(f"{block}.attn.indexer.topk", ("0", pos))
+            visible = (pos + 1) // 4
+            if visible <= k:
+                assert got is None, (layer, pos)
+                continue
+            entries = torch.stack([table[("0", (j + 1) * 4 - 1)] for j in range(visible)])
+            qr = rows.rows[(f"{block}.attn.qr", "out")][("0", pos)]
+            x = rows.rows[(f"{block}.attn.input", "out")][("0", pos)]
+            scores = index_scores(attn, qr, x, entries, pos).float()
+            top = scores.topk(k + 1)
+            ids = chosen[("0", pos)]
+            # the reference's choice is a top-k of these scores: nothing it left out scores above what it took (an
+            # exact bf16 tie may be broken either way: the margin is then 0)
+            taken = torch.zeros(visible, dtype=torch.bool)
+            taken[ids[ids >= 0].long()] = True
+            assert int(taken.sum()) == k and scores[taken].min() >= scores[~taken].max(), (layer, pos)
+            assert got == float(top.values[k - 1] - top.values[k]) and got >= 0, (layer, pos, got)
+            checked += 1
+    assert checked > 0
