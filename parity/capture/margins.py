@@ -90,7 +90,9 @@ def indexer_margins(ckpt_path, reference: RowStore) -> Margin:
         entries = [table.get((request, (j + 1) * ratio - 1)) for j in range((pos + 1) // ratio)]
         if len(entries) <= k or any(e is None for e in entries):
             return None
-        top = index_scores(attn, qr, x, torch.stack(entries), pos).float().topk(k + 1).values
+        # the block is built on the CPU (rows may live on the run's device)
+        scores = index_scores(attn, qr.cpu(), x.cpu(), torch.stack([e.cpu() for e in entries]), pos)
+        top = scores.float().topk(k + 1).values
         return float(top[-2] - top[-1])
 
     return margin
