@@ -15,6 +15,7 @@ top-k slots cannot flip legitimately: it has no margin. The block's weights are 
 first flip there (`build_model` of that block alone).
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -28,23 +29,26 @@ from parity.reference import model as ref
 Margin = Callable[[str, Key], float | None]
 
 
+def boundary_gap(scores: torch.Tensor, k: int) -> float:
+    """The margin of a top-k choice over `scores` [n] (n > k): the k-th largest minus the (k+1)-th."""
+    top = scores.topk(k + 1).values
+    return float(top[-2] - top[-1])
+
+
 def route_margins(ckpt_path, args, reference: RowStore) -> Margin:
     """`margin(site path, key)` for `<prefix>.ffn.route` sites; None where it does not apply. `reference`: the
     reference's rows (the judge's own); the gate weights are read on the first flip."""
     ckpt = Checkpoint(ckpt_path)
-    gates: dict[str, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
-    def gate(prefix: str):
-        if prefix not in gates:
-            name = f"{prefix}.gate.bias"
-            if name not in ckpt.weight_map:  # hash routing: no bias, no scores
-                gates[prefix] = None
-            else:
-                e = args.n_routed_experts
-                (w,) = disk_tensors_for_param(f"{prefix}.gate.weight", (e, args.dim), torch.bfloat16)
-                (b,) = disk_tensors_for_param(name, (e,), torch.float32)
-                gates[prefix] = (ckpt.read(w), ckpt.read(b).float())
-        return gates[prefix]
+    @functools.cache  # read once per layer, on its first flip
+    def gate(prefix: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        name = f"{prefix}.gate.bias"
+        if name not in ckpt.weight_map:  # hash routing: no bias, no scores
+            return None
+        e = args.n_routed_experts
+        (w,) = disk_tensors_for_param(f"{prefix}.gate.weight", (e, args.dim), torch.bfloat16)
+        (b,) = disk_tensors_for_param(name, (e,), torch.float32)
+        return ckpt.read(w), ckpt.read(b).float()
 
     def margin(path: str, key: Key) -> float | None:
         if not path.endswith(".ffn.route"):
@@ -55,24 +59,21 @@ def route_margins(ckpt_path, args, reference: RowStore) -> Margin:
         if x is None or g is None:
             return None
         scores = ref.gate_scores(x[None].cpu(), g[0], args.score_func)[0] + g[1]  # [E]
-        top = scores.topk(args.n_activated_experts + 1).values
-        return float(top[-2] - top[-1])
+        return boundary_gap(scores, args.n_activated_experts)
 
     return margin
 
 
 def indexer_margins(ckpt_path, reference: RowStore) -> Margin:
     """`margin(site path, key)` for `<block>.attn.indexer.topk` sites; None where it does not apply."""
-    attns: dict[str, ref.Attention] = {}
 
+    @functools.cache  # built once per block, on its first flip
     def attention(block: str) -> ref.Attention:
-        if block not in attns:
-            kind, index = block.split(".")
-            main = kind == "layers"
-            sel = Selection(layers=[int(index)] if main else [], mtp=not main, embed_head=False)
-            model, _ = build_model(ckpt_path, sel)
-            attns[block] = model.get_submodule(f"{block}.attn")
-        return attns[block]
+        kind, index = block.split(".")
+        main = kind == "layers"
+        sel = Selection(layers=[int(index)] if main else [], mtp=not main, embed_head=False)
+        model, _ = build_model(ckpt_path, sel)
+        return model.get_submodule(f"{block}.attn")
 
     def margin(path: str, key: Key) -> float | None:
         if not path.endswith(".attn.indexer.topk"):
@@ -92,8 +93,7 @@ def indexer_margins(ckpt_path, reference: RowStore) -> Margin:
             return None
         # the block is built on the CPU (rows may live on the run's device)
         scores = index_scores(attn, qr.cpu(), x.cpu(), torch.stack([e.cpu() for e in entries]), pos)
-        top = scores.float().topk(k + 1).values
-        return float(top[-2] - top[-1])
+        return boundary_gap(scores.float(), k)
 
     return margin
 

@@ -15,7 +15,7 @@ reference is, or than the stored dtype's unit roundoff where the reference equal
 over the record's failing rows, are reported): a kernel that rounds differently from the reference but is no less
 accurate passes; a bug does not. Routing weights are compared on the rows whose
 expert sets agree; rows whose sets differ are flips, counted against their own threshold and reported with the
-routing score margin where the caller supplies it.
+score margin (routing or indexer) where the caller supplies it.
 """
 
 import math
@@ -150,7 +150,7 @@ def judge_run(
     reference_rows: RowStore | None = None,
 ) -> Verdict:
     """Compare every tap record of `candidate` with `reference` row by row; see the module docstring.
-    `margin(site path, key)` gives the routing score margin of a flipped row, if the caller can compute it;
+    `margin(site path, key)` gives the score margin of a flipped row (routing or indexer), if the caller can compute it;
     `reference_rows`, the reference's rows if the caller already has them (else they are read from `reference`)."""
     rows = reference_rows if reference_rows is not None else RowStore.from_dump(reference, n_layers)
     j = _Judge(rows, layout, n_layers, noise, margin)

@@ -246,9 +246,9 @@ def _rope_not_interleaved(ops: Ops):
     return rope
 
 
-ATTN, FFN = "attention core", "experts"
+ATTN, FFN, Q_PROJ = "attention core", "experts", "attention q projection"
 # a bug in every FP8 GEMM shows first at the first attention site after one: wq_a's, wkv's, or wq_b's (in the core)
-FP8_LINEARS = ("attention q projection", "attention kv projection", ATTN)
+FP8_LINEARS = (Q_PROJ, "attention kv projection", ATTN)
 
 
 def library(n_layers: int) -> list[Bug]:
@@ -287,5 +287,5 @@ def library(n_layers: int) -> list[Bug]:
         Bug("kv-fake-quant-skipped", "window KV and compressed entries not FP8 fake-quantized",
             Expect(0, (ATTN,)), ops=_replace(kv_fake_quant=_kv_fake_quant_skipped)),
         Bug("rope-not-interleaved", "RoPE pairs taken as halves instead of interleaved",
-            Expect(0, ("attention q projection", ATTN)), ops=_replace(rope=_rope_not_interleaved)),
+            Expect(0, (Q_PROJ, ATTN)), ops=_replace(rope=_rope_not_interleaved)),
     ]  # fmt: skip

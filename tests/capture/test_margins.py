@@ -99,11 +99,14 @@ def test_indexer_margin_rescores_the_references_own_choice(make_model, tiny_ckpt
             scores = index_scores(attn, qr, x, entries, pos).float()
             top = scores.topk(k + 1)
             ids = chosen[("0", pos)]
-            # the reference's choice is a top-k of these scores: nothing it left out scores above what it took (an
-            # exact bf16 tie may be broken either way: the margin is then 0)
+            # the reference's choice is a top-k of these scores: nothing it left out scores above what it took. An
+            # exact bf16 tie may be broken either way, and the reference scored the whole prefill in one einsum whose
+            # bf16 sums may round otherwise on another CPU's kernels: a few bf16 steps of the largest score are
+            # allowed (a rescoring at the wrong position is off by far more: the planted RoPE shift fails here)
             taken = torch.zeros(visible, dtype=torch.bool)
             taken[ids[ids >= 0].long()] = True
-            assert int(taken.sum()) == k and scores[taken].min() >= scores[~taken].max(), (layer, pos)
+            slack = 4 * 2.0**-8 * float(scores.abs().max())
+            assert int(taken.sum()) == k and scores[taken].min() >= scores[~taken].max() - slack, (layer, pos)
             assert got == float(top.values[k - 1] - top.values[k]) and got >= 0, (layer, pos, got)
             checked += 1
     assert checked > 0
