@@ -81,7 +81,9 @@ def load_dump(path: str | Path, on_progress: Progress | None = None) -> Dump:
     records, where = [], {}
     for manifest in manifests:
         prefix = manifest.parent.relative_to(root)
-        for record, loc in _read_manifest(manifest):
+        # execution order is `seq`: two installs in one process (a model and its MTP drafter) have a writer thread
+        # each, and their batches reach the shared manifest in whichever order the threads finish
+        for record, loc in sorted(_read_manifest(manifest), key=lambda r: r[0].seq):
             if record.file is not None and prefix != Path("."):
                 record = replace(record, file=str(prefix / record.file))
             records.append(record)

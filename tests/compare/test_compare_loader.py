@@ -56,6 +56,14 @@ def _garbage_file(d):
     (d / json.loads(_lines(d)[0])["file"]).write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{not json")
 
 
+def test_records_come_back_in_execution_order(good):
+    """Two writer threads (a model and its drafter) can append their batches out of order: `seq` decides."""
+    lines = _lines(good)
+    assert [json.loads(line)["seq"] for line in lines] == sorted(json.loads(line)["seq"] for line in lines)
+    _write_lines(good, lines[::-1])
+    assert [r.name for r in load_dump(good).records] == ["layers.0:out", "layers.1:out"]
+
+
 @pytest.mark.parametrize(
     ("corrupt", "match"),
     [
