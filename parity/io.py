@@ -94,5 +94,7 @@ def read_json(path: Path, missing: str, unreadable: str):
         return json.loads(path.read_text())
     except FileNotFoundError:
         raise ParityError(missing) from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except OSError as e:
+        raise ParityError(f"{unreadable} ({e.strerror or e})") from None
+    except (UnicodeDecodeError, ValueError) as e:
         raise ParityError(f"{unreadable} ({e})") from None

@@ -40,8 +40,10 @@ def selftest(
         if unknown:
             raise ParityError(f"--only: unknown bug(s) {unknown}; known: {[b.name for b in bugs]}")
         bugs = [b for b in bugs if b.name in names]
-    if repeats < 0 or not 1 <= loosen < math.inf:
-        raise ParityError(f"--repeats must be >= 0 and --loosen a finite factor >= 1, got {repeats} and {loosen}")
+    if repeats < 0:
+        raise ParityError(f"--repeats: expected an integer >= 0, got {repeats}")
+    if not 1 <= loosen < math.inf:
+        raise ParityError(f"--loosen: expected a finite factor >= 1, got {loosen}")
     out_dir = out_dir or Path("reports") / spec.name
     check_output_dir(out_dir, "--out")
     noise = NoiseModel.load(calibration) if calibration is not None else noise_model(spec)
