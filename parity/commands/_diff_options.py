@@ -1,6 +1,12 @@
 """Options shared by the dump-reading commands (`compare`, `bisect`, `slot-invariance`, `schema`, `dump-info`),
-defined once as `Annotated` aliases, plus the helpers that turn them into package objects."""
+defined once as `Annotated` aliases, and grouped: a group is a function whose parameters are the options and whose
+result is the package object they make (`thresholds`, `selection`). `@with_groups(thresholds=thresholds)` puts the
+group's options into a command's signature in place of its `thresholds` parameter and hands the command the result,
+so a group's option list is written once whichever commands take it."""
 
+import functools
+import inspect
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated
 
@@ -47,17 +53,17 @@ AllowMissing = Annotated[
 
 
 def thresholds(
-    min_cos: float | None,
-    max_norm_dev: float | None,
-    max_rel_diff: float | None,
-    atol: float | None,
-    rtol: float,
-    min_token_cos: float | None,
-    exact: bool,
-    **more,
+    min_cos: MinCos = None,
+    max_norm_dev: MaxNormDev = None,
+    max_rel_diff: MaxRelDiff = None,
+    atol: Atol = None,
+    rtol: Rtol = 0.0,
+    min_token_cos: MinTokenCos = None,
+    exact: Exact = False,
+    allow_dtype_change: AllowDtypeChange = False,
 ) -> Thresholds:
-    """Unset options keep the package defaults (cos >= 0.999, norm ratio within 1 %); `more`: the logit gates and
-    `allow_dtype_change`. Non-finite or out-of-range values are refused by `Thresholds` itself."""
+    """The record gates. Unset options keep the package defaults (cos >= 0.999, norm ratio within 1 %);
+    non-finite or out-of-range values are refused by `Thresholds` itself."""
     default = Thresholds()
     return Thresholds(
         min_cos=default.min_cos if min_cos is None else min_cos,
@@ -67,11 +73,12 @@ def thresholds(
         rtol=rtol,
         min_token_cos=min_token_cos,
         exact=exact,
-        **more,
+        allow_dtype_change=allow_dtype_change,
     )
 
 
-def selection(phase: list[str] | None, steps: str | None, layers: str | None, name: str | None) -> Selection:
+def selection(phase: Phase = None, steps: Steps = None, layers: Layers = None, name: Name = None) -> Selection:
+    """Which records are compared."""
     unknown = sorted(set(phase or ()) - set(PHASES))
     if unknown:
         raise ParityError(f"--phase {', '.join(unknown)}: not a phase; use {', '.join(PHASES)}")
@@ -85,3 +92,26 @@ def selection(phase: list[str] | None, steps: str | None, layers: str | None, na
 
 def name_map(path: Path | None) -> NameMap | None:
     return None if path is None else NameMap.load(path)
+
+
+def with_groups(**groups: Callable) -> Callable:
+    """Replace each command parameter named in `groups` by that group function's parameters (its options) in the
+    signature typer reads; the command receives the group's result under the parameter's name."""
+
+    def wrap(command: Callable) -> Callable:
+        members = {key: list(inspect.signature(build).parameters) for key, build in groups.items()}
+        params = []
+        for p in inspect.signature(command).parameters.values():
+            params.extend(inspect.signature(groups[p.name]).parameters.values() if p.name in groups else [p])
+
+        @functools.wraps(command)
+        def run(**kwargs):
+            for key, build in groups.items():
+                kwargs[key] = build(**{name: kwargs.pop(name) for name in members[key]})
+            return command(**kwargs)
+
+        run.__signature__ = inspect.Signature(params)
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return wrap

@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from parity.commands import _diff_options as opt
 from parity.commands._common import EXIT_FAIL, EXIT_OK, err, out
 from parity.compare import Dump, PairResult, compare_dumps, load_dump
 from parity.compare.report import to_csv, to_json
@@ -26,6 +27,15 @@ STATUS = {
     "skip": "[yellow]SKIP[/yellow]",
     "note": "[yellow]NOTE[/yellow]",
 }
+
+
+def output_options(command: str) -> Callable[..., "Output"]:
+    """The --json / --csv / --out option group of `command` (see `_diff_options.with_groups`)."""
+
+    def output(json: opt.Json = False, csv: opt.Csv = False, out_file: opt.Out = None) -> Output:
+        return Output(command, json, csv, out_file)
+
+    return output
 
 
 class Output:

@@ -7,9 +7,9 @@ from rich.markup import escape
 
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
-from parity.commands._diff_render import Output, load_and_compare, table
-from parity.commands.compare import Device, Threads, data_path
-from parity.compare import PairResult, bisect
+from parity.commands._diff_render import Output, load_and_compare, output_options, table
+from parity.commands.compare import data_path
+from parity.compare import PairResult, Selection, Thresholds, bisect
 from parity.compare.report import frame
 
 CURVE = {
@@ -26,33 +26,21 @@ CURVE = {
 }
 
 
+@opt.with_groups(thresholds=opt.thresholds, select=opt.selection, output=output_options("bisect"), data=data_path)
 def bisect_command(
     a: opt.DumpA,
     b: opt.DumpB,
     map_file: opt.MapFile = None,
-    min_cos: opt.MinCos = None,
-    max_norm_dev: opt.MaxNormDev = None,
-    max_rel_diff: opt.MaxRelDiff = None,
-    atol: opt.Atol = None,
-    rtol: opt.Rtol = 0.0,
-    min_token_cos: opt.MinTokenCos = None,
-    exact: opt.Exact = False,
-    allow_dtype_change: opt.AllowDtypeChange = False,
-    phase: opt.Phase = None,
-    steps: opt.Steps = None,
-    layers: opt.Layers = None,
-    name: opt.Name = None,
+    thresholds: Thresholds = None,
+    select: Selection = None,
     allow_missing: opt.AllowMissing = None,
-    json: opt.Json = False,
-    csv: opt.Csv = False,
-    out_file: opt.Out = None,
+    output: Output = None,
     limit: opt.Limit = 0,
     full_curve: Annotated[
         bool,
         typer.Option("--curve", help="Measure every record for the whole curve (default: stop at the first failure)."),
     ] = False,
-    threads: Threads = None,
-    device: Device = "cpu",
+    data: dict = None,
 ) -> None:
     """Name the first record (phase, step, layer, module) where B diverges from A; exit 1 if there is one.
 
@@ -60,21 +48,16 @@ def bisect_command(
     first one that crosses the thresholds (default: cos < 0.999 or norm ratio off by more than 1 %). Records after
     it are not read unless --curve asks for the whole per-layer curve; weights are not read.
     """
-    output = Output("bisect", json, csv, out_file)
-    thresholds = opt.thresholds(
-        min_cos, max_norm_dev, max_rel_diff, atol, rtol, min_token_cos, exact, allow_dtype_change=allow_dtype_change
-    )
-    select, name_map = opt.selection(phase, steps, layers, name), opt.name_map(map_file)
     results = load_and_compare(
         a,
         b,
-        name_map=name_map,
+        name_map=opt.name_map(map_file),
         thresholds=thresholds,
         select=select,
         allow_missing=allow_missing,
         stop_at_first_failure=not full_curve,
         kinds=frozenset({"activation"}),
-        **data_path(threads, device),
+        **data,
     )
     report = bisect(results)
     curve = frame(p.to_row() for p in report.curve)

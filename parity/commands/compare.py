@@ -1,6 +1,7 @@
 """`parity compare A B`: every aligned record of two dumps, measured in float64 and judged against thresholds."""
 
 import os
+from dataclasses import replace
 from typing import Annotated
 
 import torch
@@ -8,7 +9,8 @@ import typer
 
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
-from parity.commands._diff_render import Output, load_and_compare, table
+from parity.commands._diff_render import Output, load_and_compare, output_options, table
+from parity.compare import Selection, Thresholds
 from parity.compare.report import frame
 from parity.errors import ParityError
 
@@ -22,8 +24,8 @@ Device = Annotated[
 ]
 
 
-def data_path(threads: int | None, device: str) -> dict:
-    """`--threads` / `--device` checked and turned into `compare_dumps` arguments."""
+def data_path(threads: Threads = None, device: Device = "cpu") -> dict:
+    """The data-path option group: `--threads` / `--device` checked and turned into `compare_dumps` arguments."""
     if threads is not None and threads < 1:
         raise ParityError(f"--threads {threads}: expected a count >= 1")
     try:
@@ -54,59 +56,34 @@ COLUMNS = {
 }
 
 
+@opt.with_groups(thresholds=opt.thresholds, select=opt.selection, output=output_options("compare"), data=data_path)
 def compare(
     a: opt.DumpA,
     b: opt.DumpB,
     map_file: opt.MapFile = None,
-    min_cos: opt.MinCos = None,
-    max_norm_dev: opt.MaxNormDev = None,
-    max_rel_diff: opt.MaxRelDiff = None,
-    atol: opt.Atol = None,
-    rtol: opt.Rtol = 0.0,
-    min_token_cos: opt.MinTokenCos = None,
-    exact: opt.Exact = False,
-    allow_dtype_change: opt.AllowDtypeChange = False,
+    thresholds: Thresholds = None,
     logits: opt.Logits = None,
     top_k: opt.TopK = 5,
     min_top1: opt.MinTop1 = None,
     max_kl: opt.MaxKl = None,
-    phase: opt.Phase = None,
-    steps: opt.Steps = None,
-    layers: opt.Layers = None,
-    name: opt.Name = None,
+    select: Selection = None,
     allow_missing: opt.AllowMissing = None,
-    json: opt.Json = False,
-    csv: opt.Csv = False,
-    out_file: opt.Out = None,
+    output: Output = None,
     limit: opt.Limit = 100,
-    threads: Threads = None,
-    device: Device = "cpu",
+    data: dict = None,
 ) -> None:
     """Compare two dumps record by record; exit 1 if any record fails its thresholds or is missing on one side."""
-    output = Output("compare", json, csv, out_file)
-    thresholds = opt.thresholds(
-        min_cos,
-        max_norm_dev,
-        max_rel_diff,
-        atol,
-        rtol,
-        min_token_cos,
-        exact,
-        min_top1=min_top1,
-        max_kl=max_kl,
-        allow_dtype_change=allow_dtype_change,
-    )
-    select, name_map = opt.selection(phase, steps, layers, name), opt.name_map(map_file)
+    thresholds = replace(thresholds, min_top1=min_top1, max_kl=max_kl)
     results = load_and_compare(
         a,
         b,
-        name_map=name_map,
+        name_map=opt.name_map(map_file),
         thresholds=thresholds,
         select=select,
         logits=logits,
         top_k=top_k,
         allow_missing=allow_missing,
-        **data_path(threads, device),
+        **data,
     )
     rows = frame(r.to_row() for r in results)
     counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "skip")}

@@ -4,7 +4,7 @@ import typer
 
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
-from parity.commands._diff_render import Output, load, table
+from parity.commands._diff_render import Output, load, output_options, table
 from parity.compare.info import dump_summary, name_table
 from parity.compare.report import frame
 
@@ -21,19 +21,13 @@ COLUMNS = {
 }
 
 
-def dump_info(
-    dump_dir: opt.DumpDir,
-    json: opt.Json = False,
-    csv: opt.Csv = False,
-    out_file: opt.Out = None,
-    limit: opt.Limit = 0,
-) -> None:
+@opt.with_groups(output=output_options("dump-info"))
+def dump_info(dump_dir: opt.DumpDir, output: Output = None, limit: opt.Limit = 0) -> None:
     """Summarise a dump dir (records, runs, ranks, phases, steps, bytes) and list its tensors by name.
 
     Every manifest line and every tensor file header is checked first: a bad dump exits 2 with one line naming
     the file, line and field.
     """
-    output = Output("dump-info", json, csv, out_file)
     dump = load(dump_dir, "dump")
     summary = dump_summary(dump)
     names = frame(name_table(dump))

@@ -4,8 +4,8 @@ import typer
 
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
-from parity.commands._diff_render import Output, load, table
-from parity.compare import schema_diff
+from parity.commands._diff_render import Output, load, output_options, table
+from parity.compare import Selection, schema_diff
 from parity.compare.report import frame
 
 COLUMNS = {
@@ -19,17 +19,13 @@ COLUMNS = {
 }
 
 
+@opt.with_groups(select=opt.selection, output=output_options("schema"))
 def schema(
     a: opt.DumpA,
     b: opt.DumpB,
     map_file: opt.MapFile = None,
-    phase: opt.Phase = None,
-    steps: opt.Steps = None,
-    layers: opt.Layers = None,
-    name: opt.Name = None,
-    json: opt.Json = False,
-    csv: opt.Csv = False,
-    out_file: opt.Out = None,
+    select: Selection = None,
+    output: Output = None,
     limit: opt.Limit = 100,
 ) -> None:
     """Diff the record sets of two dumps before comparing numbers; exit 1 on any difference.
@@ -37,10 +33,8 @@ def schema(
     Reports records only in A or only in B, and aligned records whose shape, dtype or layer id differ. A shape
     difference that the seq layouts reconcile ([b, s, ...] vs flat [T, ...]) is a note, not a failure.
     """
-    output = Output("schema", json, csv, out_file)
-    select, name_map = opt.selection(phase, steps, layers, name), opt.name_map(map_file)
     da, db = load(a, "a"), load(b, "b")
-    rows = schema_diff(da, db, name_map, select)
+    rows = schema_diff(da, db, opt.name_map(map_file), select)
     diffs = frame(r.to_row() for r in rows)
     failing = sum(len(r.records) for r in rows if r.fails)
     notes = sum(len(r.records) for r in rows if not r.fails)

@@ -8,7 +8,7 @@ from rich.markup import escape
 
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
-from parity.commands._diff_render import Output, load, progress, table
+from parity.commands._diff_render import Output, load, output_options, progress, table
 from parity.compare import Thresholds, layer_summary, slot_invariance
 from parity.compare.report import frame
 
@@ -30,15 +30,14 @@ Solo = Annotated[
 ]
 
 
+@opt.with_groups(output=output_options("slot-invariance"))
 def slot_invariance_command(
     dump_dir: opt.DumpDir,
     solo: Solo = None,
     min_cos: opt.MinCos = None,
     atol: opt.Atol = None,
     rtol: opt.Rtol = 0.0,
-    json: opt.Json = False,
-    csv: opt.Csv = False,
-    out_file: opt.Out = None,
+    output: Output = None,
     limit: opt.Limit = 0,
 ) -> None:
     """Compare every slot that holds the same request with the first such slot (and with --solo runs).
@@ -47,7 +46,6 @@ def slot_invariance_command(
     every slot is assumed to hold the same sequence. Exact (bitwise) by default; --min-cos / --atol relax it.
     Exit 1 if any slot differs; the first differing layer is named.
     """
-    output = Output("slot-invariance", json, csv, out_file)
     exact = min_cos is None and atol is None
     thresholds = Thresholds(exact=exact, min_cos=min_cos, max_norm_dev=None, atol=atol, rtol=rtol)
     dump = load(dump_dir, "dump")
