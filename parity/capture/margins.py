@@ -64,15 +64,16 @@ def route_margins(ckpt_path, args, reference: RowStore) -> Margin:
     return margin
 
 
-def indexer_margins(ckpt_path, reference: RowStore) -> Margin:
-    """`margin(site path, key)` for `<block>.attn.indexer.topk` sites; None where it does not apply."""
+def indexer_margins(ckpt_path, reference: RowStore, overrides=()) -> Margin:
+    """`margin(site path, key)` for `<block>.attn.indexer.topk` sites; None where it does not apply. `overrides`:
+    the run's ModelArgs overrides, so the rescoring block is the one the run built."""
 
     @functools.cache  # built once per block, on its first flip
     def attention(block: str) -> ref.Attention:
         kind, index = block.split(".")
         main = kind == "layers"
         sel = Selection(layers=[int(index)] if main else [], mtp=not main, embed_head=False)
-        model, _ = build_model(ckpt_path, sel)
+        model, _ = build_model(ckpt_path, sel, overrides=dict(overrides))
         return model.get_submodule(f"{block}.attn")
 
     def margin(path: str, key: Key) -> float | None:
@@ -113,7 +114,8 @@ def index_scores(attn: ref.Attention, qr, x, entries, pos: int) -> torch.Tensor:
         return (score.relu_() * weights.unsqueeze(-1)).sum(dim=2)[0, 0]  # [n]
 
 
-def flip_margins(ckpt_path, args, reference: RowStore) -> Margin:
-    """The routing margin for `ffn.route` flips, the index-score margin for indexer top-k flips."""
-    route, index = route_margins(ckpt_path, args, reference), indexer_margins(ckpt_path, reference)
+def flip_margins(ckpt_path, args, reference: RowStore, overrides=()) -> Margin:
+    """The routing margin for `ffn.route` flips, the index-score margin for indexer top-k flips (`args`: the run's
+    ModelArgs, `overrides` what it changed from the checkpoint's)."""
+    route, index = route_margins(ckpt_path, args, reference), indexer_margins(ckpt_path, reference, overrides)
     return lambda path, key: route(path, key) if path.endswith(".ffn.route") else index(path, key)

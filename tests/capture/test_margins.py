@@ -110,3 +110,18 @@ def test_indexer_margin_rescores_the_references_own_choice(make_model, tiny_ckpt
             assert got == float(top.values[k - 1] - top.values[k]) and got >= 0, (layer, pos, got)
             checked += 1
     assert checked > 0
+
+
+def test_indexer_margin_rebuilds_the_block_with_the_runs_overrides(make_model, tiny_ckpt, tiny_args):
+    # a run with index_topk overridden judges flips at its own top-k boundary: positions with more visible entries
+    # than the overridden k (but not than the checkpoint's) get a margin, the gap at that k
+    from parity.capture.margins import indexer_margins
+
+    n, k = 44, 8
+    assert k + 2 < tiny_args.index_topk
+    rows, _ = _captured_prefill(make_model, tiny_args.n_layers, n)
+    layer = next(i for i, r in enumerate(tiny_args.compress_ratios[: tiny_args.n_layers]) if r == 4)
+    site, pos = f"layers.{layer}.attn.indexer.topk", 4 * (k + 2) - 1  # k + 2 visible entries
+    assert indexer_margins(tiny_ckpt, rows)(site, ("0", pos)) is None
+    got = indexer_margins(tiny_ckpt, rows, overrides=(("index_topk", k),))(site, ("0", pos))
+    assert got is not None and got >= 0
