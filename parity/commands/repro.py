@@ -1,0 +1,63 @@
+"""`parity repro DIR`: list the kernel repros under DIR (written by `parity.repro.write_kernel_repros`) and run
+their scripts; exit 1 if any reproduces a failure, 2 on bad input."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from parity.commands._common import EXIT_FAIL, check_device, out
+from parity.errors import ParityError
+from parity.repro import find_repros, run_and_extract, run_script
+from parity.repro.listing import select
+
+
+def repro(
+    folder: Annotated[Path, typer.Argument(help="A report folder (its repro/) or any folder holding repro_<op>.json.")],
+    run: Annotated[
+        list[str] | None, typer.Option("--run", help="Run only this repro (repro_<op> or op); repeatable.")
+    ] = None,
+    list_only: Annotated[bool, typer.Option("--list", help="Only list the repros, run nothing.")] = False,
+    backend: Annotated[str | None, typer.Option(help="Run each repro with this registered backend instead.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu or cuda (default: each repro's own).")] = None,
+    extract: Annotated[
+        str | None, typer.Option(help="First run this case (as parity run) and write its repros into FOLDER/repro.")
+    ] = None,
+    plant: Annotated[
+        str | None, typer.Option(help="With --extract: plant this selftest bug (parity run --plant).")
+    ] = None,
+) -> None:
+    """List the kernel repros under FOLDER and run them against their reference twins."""
+    if plant is not None and extract is None:
+        raise ParityError("--plant: only with --extract CASE")
+    if extract is not None:
+        if device is not None:
+            check_device(device)
+        report, paths = run_and_extract(extract, folder, device=device or "cpu", plant=plant)
+        out.print(f"{'PASSED' if report.passed else 'FAILED'} {escape(extract)}: {escape(report.location or '-')}")
+        out.print(f"{len(paths)} repro(s) written under {escape(str(folder / 'repro'))}")
+    repros = find_repros(folder)
+    chosen = select(repros, run) if run else repros
+    for r in repros:
+        out.print(escape(r.summary()))
+    if list_only:
+        return
+    failed = []
+    for r in chosen:
+        code, text = run_script(r, backend, device)
+        out.print(f"\n[bold]{escape(r.name)}[/bold] ({escape(str(r.script))})\n{escape(text)}")
+        if code != 0:
+            failed.append((r.name, code))
+    if not chosen:
+        out.print(f"no repros under {escape(str(folder))}")
+    bad = [name for name, code in failed if code == 2]
+    if bad:
+        raise ParityError(f"repro {bad[0]}: the script refused its files or options (exit 2; output above)")
+    out.print(f"{'FAILED' if failed else 'PASSED'} | {len(chosen) - len(failed)}/{len(chosen)} repros pass")
+    if failed:
+        raise typer.Exit(EXIT_FAIL)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("repro")(repro)
