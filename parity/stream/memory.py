@@ -1,0 +1,107 @@
+"""The process's resident memory over a run, and the line a streamed run prints about it.
+
+Peak RSS comes from the kernel's high-water mark (`VmHWM` in /proc/self/status, anonymous and file-backed pages
+alike), reset when the measured span starts (`echo 5 > /proc/self/clear_refs`, Linux >= 4.0), so writing a
+synthetic checkpoint before the run does not count. Where the reset is refused, a thread samples `VmRSS` every
+few milliseconds instead (a lower bound: a spike shorter than the period can slip between two samples).
+"""
+
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+_STATUS = Path("/proc/self/status")
+_CLEAR_REFS = Path("/proc/self/clear_refs")
+GiB = 2**30
+
+
+def _status_kib(key: str) -> int | None:
+    try:
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def rss() -> int:
+    """Current resident set size in bytes (0 where /proc is absent)."""
+    return (_status_kib("VmRSS") or 0) * 1024
+
+
+class PeakRSS:
+    """`with PeakRSS() as p: ...` then `p.start` (RSS when the span began), `p.peak` (the span's peak) and
+    `p.method` ("VmHWM" or "sampled")."""
+
+    def __init__(self, period_s: float = 0.005):
+        self.period_s = period_s
+        self.start = self.peak = 0
+        self.method = "sampled"
+        self._sampled = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "PeakRSS":
+        self.start = rss()
+        try:
+            _CLEAR_REFS.write_text("5")
+            self.method = "VmHWM"
+        except OSError:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self._sampled = max(self._sampled, rss())
+            time.sleep(self.period_s)
+
+    def __exit__(self, *exc) -> None:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self._sampled, rss())
+        else:
+            self.peak = (_status_kib("VmHWM") or 0) * 1024
+
+
+@dataclass
+class StreamMemory:
+    """What a streamed run held, in bytes: `peak` RSS of the run, `start` RSS before it (Python, torch), the largest
+    `block` (one layer's weights, e.g. `layers.2`), the `resident` weights (embedding, head, norms), the run's
+    `activations` (the captured records, one model's buffers (KV caches, state, RoPE tables) and the largest GEMM
+    temporary: the reference kernels decode a weight to float64, twice, for the call), and the reads."""
+
+    peak: int
+    start: int
+    block: int
+    block_name: str
+    resident: int
+    activations: int
+    loads: int
+    read_bytes: int
+    read_s: float
+    method: str
+
+    @property
+    def bound(self) -> int:
+        """What the acceptance allows above the start: two blocks' weights, the resident weights, activations."""
+        return 2 * self.block + self.resident + self.activations
+
+    def within(self) -> bool:
+        return self.peak - self.start <= self.bound
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bound": self.bound, "within": self.within()}
+
+    def line(self) -> str:
+        g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+        return (
+            f"stream: peak RSS {g(self.peak)} ({self.method}), {g(self.start)} before the run; the run added "
+            f"{g(self.peak - self.start)} {'<=' if self.within() else '>'} 2 x one layer's weights "
+            f"({g(self.block)}, {self.block_name}) + resident weights {g(self.resident)} + activations "
+            f"{g(self.activations)} = {g(self.bound)}; {self.loads} block reads, {g(self.read_bytes)} in "
+            f"{self.read_s:.1f}s"
+        )
