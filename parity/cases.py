@@ -6,6 +6,9 @@
     seed = 0                   # synthetic weights and prompt tokens
     init = "chaotic"           # synthetic weight distribution: chaotic | calm (docs/synthetic_weights.md)
     overrides = {}             # any ModelArgs field, e.g. { revision = "initial" }
+    checkpoint = "DIR"         # instead of preset: an official-format checkpoint (its config is the model)
+    stream = false             # layer-streamed weights: one block in memory at a time (parity.stream)
+    layers = [0, 2, 3]         # a model made of these layers of the checkpoint (SWA, CSA, HCA kept as they are)
     [[requests]]
     prompt_len = 150
     decode_steps = 8
@@ -19,21 +22,31 @@
     [tolerance]                # when not decode-exact (decode-exact cases are judged bitwise)
     calibration = "batched.noise.json"  # noise thresholds from `parity calibrate`, relative to the case file
 
+A top-level `candidate = "transformers"` judges HF transformers' DeepSeek-V4 port instead of the optimized engine
+(`parity.engines`, docs/engines.md); `quant_sim_off = ["kv", "indexer"]` (its default) names the reference's
+quantization simulations turned off for it, since HF simulates neither (`parity.engines.quant`).
+
 Built-in cases live in `parity/builtin_cases/`; `load_case(name_or_path)` accepts either.
 """
 
 import tomllib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
+from parity.checkpoint import Checkpoint
+from parity.checkpoint.subset import check_layers, subset_args
 from parity.checkpoint.synth import INITS
 from parity.config import ModelArgs
 from parity.errors import ParityError
 
 BUILTIN_DIR = Path(__file__).parent / "builtin_cases"
 DEFAULT_CASE = "tiny"
+# the implementations a case may judge (`parity.engines`) and the reference's quantization simulations a case may
+# turn off for a candidate that does not simulate them (`parity.engines.quant`)
+CANDIDATES = ("optimized", "transformers")
+QUANT_SWITCHES = ("kv", "indexer")
 
 
 @dataclass(frozen=True)
@@ -64,9 +77,27 @@ class Case:
     calibration: Path | None = None  # noise thresholds (`parity calibrate`); None = the stated defaults
     description: str = ""
     source: str = "<builtin>"
+    candidate: str = "optimized"
+    quant_sim_off: tuple[str, ...] = ()
+    checkpoint: Path | None = None  # [model] checkpoint: an official-format dir; the model is then its config
+    stream: bool = False  # [model] stream: layer-streamed weights, one block in memory at a time (parity.stream)
+    layers: tuple[int, ...] | None = None  # [model] layers: run a model made of these layers (checkpoint.subset)
 
     def model_args(self) -> ModelArgs:
+        """The model the runs see: the full model, or the one made of `layers` of it."""
+        full = self.full_args()
+        return subset_args(full, self.layers) if self.layers is not None else full
+
+    def full_args(self) -> ModelArgs:
+        """The model of the checkpoint (given, or written for the case) before any `layers` selection."""
+        if self.checkpoint is not None:
+            # the case names a real model: its config is the model
+            return Checkpoint(self.checkpoint).args.with_(dict(self.overrides), source=f"{self.source}: [model]")
         return ModelArgs.preset(self.preset, **dict(self.overrides))
+
+    def streamed(self) -> "Case":
+        """This case with layer-streamed weights (`parity run --stream`)."""
+        return replace(self, stream=True)
 
     def blocks_needed(self) -> int:
         """KV blocks per compress-ratio pool that all requests need together (what `engine.num_blocks = 0` gives):
@@ -119,9 +150,10 @@ def _str(d: dict, key: str, where: str, source: str, default: str) -> str:
 
 
 def parse_case(data: dict, source: str) -> Case:
-    _check_keys(data, {"name", "description", "model", "requests", "engine", "tolerance"}, "the case", source)
+    allowed = {"name", "description", "model", "requests", "engine", "tolerance", "candidate", "quant_sim_off"}
+    _check_keys(data, allowed, "the case", source)
     model = _table(data, "model", source)
-    _check_keys(model, {"preset", "seed", "init", "overrides"}, "[model]", source)
+    _check_keys(model, {"preset", "seed", "init", "overrides", "checkpoint", "stream", "layers"}, "[model]", source)
     init = model.get("init", "chaotic")
     if init not in INITS:
         raise ParityError(f"{source}: model.init must be one of {list(INITS)}, got {init!r}")
@@ -176,11 +208,16 @@ def parse_case(data: dict, source: str) -> Case:
         calibration=calibration,
         description=_str(data, "description", "", source, ""),
         source=source,
+        **_candidate(data, engine_spec, source),
+        **_model_source(model, source),
     )
     try:
-        args = case.model_args()  # validates preset and overrides, naming the key
+        args = case.full_args()  # validates preset and overrides, naming the key
     except ParityError as e:
         raise ParityError(f"{source}: [model] {e}") from None
+    if "layers" in model:
+        case = replace(case, layers=check_layers(model["layers"], args.n_layers, f"{source}: model.layers"))
+        args = case.model_args()
     if engine_spec.mtp_draft and not args.n_mtp_layers:
         raise ParityError(
             f"{source}: engine.mtp_draft must be 0 when the model has no MTP layer, got {engine_spec.mtp_draft}"
@@ -201,11 +238,52 @@ def parse_case(data: dict, source: str) -> Case:
     return case
 
 
+def _candidate(data: dict, engine: EngineSpec, source: str) -> dict:
+    """`candidate` and `quant_sim_off`, each refused with one line naming the key and the valid values."""
+    candidate = data.get("candidate", "optimized")
+    if candidate not in CANDIDATES:
+        raise ParityError(f"{source}: candidate must be one of {list(CANDIDATES)}, got {candidate!r}")
+    default = list(QUANT_SWITCHES) if candidate != "optimized" else []
+    off = data.get("quant_sim_off", default)
+    if not isinstance(off, list) or any(s not in QUANT_SWITCHES for s in off):
+        raise ParityError(f"{source}: quant_sim_off must be a list of {list(QUANT_SWITCHES)}, got {off!r}")
+    if off and candidate == "optimized":
+        raise ParityError(f"{source}: quant_sim_off is for other candidates; the optimized engine simulates both")
+    if candidate != "optimized" and engine.mtp_draft:
+        raise ParityError(
+            f"{source}: engine.mtp_draft must be 0 for candidate {candidate!r} (no MTP module), got {engine.mtp_draft}"
+        )
+    return {"candidate": candidate, "quant_sim_off": tuple(off)}
+
+
+def _model_source(model: dict, source: str) -> dict:
+    """`[model] checkpoint` (a dir, relative to the case file; exclusive with `preset`) and `[model] stream`, each
+    refused with one line naming the key."""
+    stream = model.get("stream", False)
+    if not isinstance(stream, bool):
+        raise ParityError(f"{source}: model.stream must be true or false, got {stream!r}")
+    ckpt = model.get("checkpoint")
+    if ckpt is None:
+        return {"stream": stream}
+    if not isinstance(ckpt, str) or not ckpt:
+        raise ParityError(f"{source}: model.checkpoint must be a directory name, got {ckpt!r}")
+    if "preset" in model:
+        raise ParityError(
+            f"{source}: model.checkpoint and model.preset are exclusive: the checkpoint's config is the model"
+        )
+    path = Path(source).parent / ckpt if source != "<builtin>" else Path(ckpt)
+    try:
+        Checkpoint(path)  # index and configs readable: refused now, not after minutes of work
+    except ParityError as e:
+        raise ParityError(f"{source}: model.checkpoint: {e}") from None
+    return {"stream": stream, "checkpoint": path}
+
+
 def load_case(name_or_path: str | None = None) -> Case:
     """A built-in case by name (default: "tiny") or a TOML file path."""
     name_or_path = name_or_path or DEFAULT_CASE
     path = Path(name_or_path)
-    if not path.suffix:
+    if not path.suffix and not path.is_file():  # a bare name is a built-in case unless such a file is here
         path = BUILTIN_DIR / f"{name_or_path}.toml"
         if not path.is_file():
             available = sorted(p.stem for p in BUILTIN_DIR.glob("*.toml"))

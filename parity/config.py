@@ -31,7 +31,9 @@ class ModelArgs:
     max_seq_len: int = 4096
     dtype: Literal["bf16", "fp8"] = "fp8"
     scale_fmt: Literal[None, "ue8m0"] = "ue8m0"
-    expert_dtype: Literal[None, "fp4"] = None
+    # None: the default Linear dtype (FP8 when dtype is "fp8"), as in the official code; "fp8" names FP8 experts
+    # explicitly (V4-Flash-Base: e4m3 with 128x128 ue8m0 block scales, like every FP8 linear); "fp4": e2m1 per 32
+    expert_dtype: Literal[None, "fp4", "fp8"] = None
     scale_dtype: Literal["fp32", "fp8"] = "fp8"
     vocab_size: int = 129280
     dim: int = 4096
@@ -109,7 +111,13 @@ class ModelArgs:
 
     @property
     def routed_expert_dtype(self) -> torch.dtype | None:
-        return torch.float4_e2m1fn_x2 if self.expert_dtype == "fp4" else None
+        # "fp8" and None give the official Expert the same dtype when dtype is "fp8" (its default Linear dtype)
+        return {"fp4": torch.float4_e2m1fn_x2, "fp8": torch.float8_e4m3fn}.get(self.expert_dtype)
+
+    @property
+    def expert_format(self) -> str:
+        """What the routed experts hold: "fp4", "fp8" or "bf16" (None resolves to the default Linear dtype)."""
+        return self.expert_dtype or ("fp8" if self.dtype == "fp8" else "bf16")
 
     @property
     def shared_expert_limit(self) -> float:
@@ -262,12 +270,22 @@ def _shape_rules(args: ModelArgs):
     mult = lambda n: (lambda v: v % n == 0, f"a multiple of {n}")  # noqa: E731
     # every FP8/FP4 linear quantizes its input per FP8_BLOCK along K (bf16 linears do not)
     quantized = ("dim", "q_lora_rank", "o_lora_rank", "moe_inter_dim") if args.dtype == "fp8" else ()
-    quantized = quantized or (("dim", "moe_inter_dim") if args.expert_dtype == "fp4" else ())
+    quantized = quantized or (("dim", "moe_inter_dim") if args.expert_dtype in ("fp4", "fp8") else ())
     rules = [(key, getattr(args, key), mult(FP8_BLOCK)) for key in quantized]
     rules.append(
         ("o_groups", args.o_groups, (lambda v: args.n_heads % v == 0, f"a divisor of n_heads ({args.n_heads})"))
     )
     rules.append(("rope_head_dim", args.rope_head_dim, mult(2)))
+    # at window_size 1 the official get_window_topk_idxs takes its decode branch at start_pos 0 (one slot for the
+    # whole prompt) and the prefill's index concat fails: the smallest window the official code runs is 2
+    rules.append(("window_size", args.window_size, (lambda v: v >= 2, "an integer >= 2")))
+    if 4 in args.compress_ratios[: args.n_layers + args.n_mtp_layers]:  # ratio-4 layers carry the indexer
+        # the indexer rotates its last rope_head_dim dims and Hadamard-transforms all of them (a power-of-two size)
+        rules.append((
+            "index_head_dim", args.index_head_dim,
+            (lambda v: v >= args.rope_head_dim and v & (v - 1) == 0,
+             f"a power of two >= rope_head_dim ({args.rope_head_dim}), for the indexer's RoPE and Hadamard"),
+        ))  # fmt: skip
     # the KV cache's non-rotary part is FP8-quantized in blocks of 64 (KV_QUANT_BLOCK of the official model)
     nope = args.head_dim - args.rope_head_dim
     rules.append(("head_dim", args.head_dim, (lambda v: nope % 64 == 0, "head_dim - rope_head_dim a multiple of 64")))

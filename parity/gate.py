@@ -17,10 +17,13 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from parity.cases import Case, load_case
+from parity.cases import BUILTIN_DIR, Case, load_case
 from parity.compare.thresholds import BF16_FLOOR
 from parity.errors import ParityError
 from parity.io import atomic_write_json, read_json
+from parity.progress import Progress, within
+from parity.report.folder import write_folder
+from parity.report.summary import Invocation
 from parity.run import RunReport, prepare_checkpoint, run_case
 
 
@@ -37,7 +40,11 @@ def load_suite(path: str | Path) -> Suite:
         data = tomllib.loads(path.read_bytes().decode())
     except FileNotFoundError:
         raise ParityError(f"{path}: no such suite file") from None
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+    except IsADirectoryError:
+        raise ParityError(f"{path}: a directory; expected a suite .toml file") from None
+    except OSError as e:
+        raise ParityError(f"{path}: cannot read the suite ({e.strerror})") from None
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
         raise ParityError(f"{path}: not a readable TOML suite ({e})") from None
     unknown = sorted(set(data) - {"name", "cases"})
     if unknown:
@@ -100,14 +107,23 @@ def regressions(report: RunReport, baseline: dict | None, factor: float) -> list
 
 
 def run_gate(
-    suite: Suite, out_dir: Path, baseline: dict | None = None, factor: float = 2.0, progress=None
+    suite: Suite,
+    out_dir: Path,
+    baseline: dict | None = None,
+    factor: float = 2.0,
+    progress=None,
+    steps: Progress | None = None,
 ) -> GateResult:
+    """`progress(message)` names each case as it starts; `steps` follows the long steps inside it."""
     say = progress or (lambda m: None)
     result = GateResult(suite.name)
     for case in suite.cases:
         say(f"case {case.name}")
-        ckpt = prepare_checkpoint(case, None, out_dir / case.name)
-        report = run_case(case, ckpt)
+        ckpt = prepare_checkpoint(case, None, out_dir / case.name, within(steps, case.name))
+        report = run_case(case, ckpt, progress=within(steps, case.name))
+        # each case's report folder next to its checkpoint; repro.sh reruns the case alone with `parity run`
+        builtin = Path(case.source).parent == BUILTIN_DIR
+        write_folder(out_dir / case.name, report.to_dict(), Invocation.capture(case.name if builtin else case.source))
         result.regressions += regressions(report, baseline, factor)
         result.cases.append(
             {
@@ -117,6 +133,7 @@ def run_gate(
                 "noise": report.noise,
                 "sites": report.sites,
                 "wall_s": report.wall_s,
+                "report": str(out_dir / case.name / "report.html"),
             }  # fmt: skip
         )
     atomic_write_json(out_dir / "gate.json", {"suite": suite.name, "passed": result.passed, "cases": result.cases,

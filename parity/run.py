@@ -16,23 +16,30 @@ Everything is captured through `parity.dump` in memory; `--dump DIR` writes the 
 
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from parity import machine
+from parity import engines, machine
 from parity.bisect_active import active_bisect
 from parity.capture import runs
 from parity.capture.save import save_run
 from parity.capture.session import Captures, add_forced, capture, judge
 from parity.cases import Case
 from parity.checkpoint import Checkpoint, write_checkpoint
+from parity.checkpoint.subset import write_subset
 from parity.compare.thresholds import NoiseModel
 from parity.compare.verdict import judge_run
+from parity.errors import ParityError
 from parity.io import atomic_write_json
 from parity.optimized.engine import EngineConfig
 from parity.optimized.ops import OpsConfig, registry
+from parity.progress import Progress, step
+from parity.report.rowmap import site_rows, worst_site
+from parity.selftest.bugs import Bug, library
+from parity.stream.measure import StreamMeasure
 
 
 @dataclass
@@ -66,17 +73,34 @@ class RunReport:
     timings: dict[str, float] = field(default_factory=dict)
     bisect: dict | None = None  # the active bisect (`--bisect`): replays, layer, site, confirmation
     wall_s: float = 0.0
+    planted: str | None = None  # the selftest bug planted into the optimized side (`--plant`), if any
+    noise_provenance: dict = field(default_factory=dict)  # the calibration's provenance (empty: bitwise, defaults)
+    # every row of one site (the first failure, else the closest to its threshold) by request and position: the
+    # report's heatmap (`parity.report.rowmap`)
+    rowmap: dict | None = None
+    memory: dict | None = None  # streamed runs: peak RSS against one layer's weights (parity.stream.memory)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def prepare_checkpoint(case: Case, checkpoint: str | os.PathLike | None, out_dir: Path) -> Path:
-    """Use `checkpoint` if given (its config must be the case's model), else write the case's synthetic one."""
+def prepare_checkpoint(
+    case: Case, checkpoint: str | os.PathLike | None, out_dir: Path, progress: Progress | None = None
+) -> Path:
+    """Use `checkpoint` if given (its config must be the case's model), else the case's own (`[model] checkpoint`),
+    else write the case's synthetic one."""
+    checkpoint = checkpoint if checkpoint is not None else case.checkpoint
     if checkpoint is not None:
-        Checkpoint(checkpoint).check_model(case.model_args(), f"case {case.name!r} ({case.source})")
-        return Path(checkpoint)
-    return write_checkpoint(out_dir / "checkpoint", case.model_args(), seed=case.seed, init=case.init)
+        Checkpoint(checkpoint).check_model(case.full_args(), f"case {case.name!r} ({case.source})")
+        path = Path(checkpoint)
+    else:
+        step(progress, "writing the synthetic checkpoint", 0, 1)
+        path = write_checkpoint(out_dir / "checkpoint", case.full_args(), seed=case.seed, init=case.init)
+        step(progress, "writing the synthetic checkpoint", 1, 1)
+    if case.layers is None:
+        return path
+    # `[model] layers`: a small index over the same shards, its layers renamed (parity.checkpoint.subset)
+    return write_subset(path, case.layers, out_dir / "checkpoint-layers", case.full_args())
 
 
 def engine_config(case: Case, prompts: list[torch.Tensor]) -> EngineConfig:
@@ -93,7 +117,9 @@ def engine_config(case: Case, prompts: list[torch.Tensor]) -> EngineConfig:
     )
 
 
-def run_inputs(case: Case, checkpoint: Path, device: str = "cpu", order=None, ops: OpsConfig | None = None):
+def run_inputs(
+    case: Case, checkpoint: Path, device: str = "cpu", order=None, ops: OpsConfig | None = None, stream: bool = False
+):
     args = case.model_args()
     prompts = case.prompts(args.vocab_size)
     return runs.RunInputs(
@@ -105,6 +131,7 @@ def run_inputs(case: Case, checkpoint: Path, device: str = "cpu", order=None, op
         device=device,
         overrides=case.overrides,
         order=None if order is None else tuple(order),
+        stream=stream or case.stream,
     )
 
 
@@ -143,6 +170,24 @@ def request_rows(c: Captures) -> list[RequestRow]:
     return rows
 
 
+def planted_bug(case: Case, name: str) -> Bug:
+    """The selftest library's bug `name` for the case's model; an unknown name is refused listing the valid ones."""
+    bugs = library(case.model_args().n_layers)
+    for bug in bugs:
+        if bug.name == name:
+            return bug
+    raise ParityError(f"--plant: unknown bug {name!r}; valid: {', '.join(b.name for b in bugs)}")
+
+
+def _with_bug(transform_ops, bug: Bug | None):
+    """`transform_ops` followed by the bug's ops transform (what `parity selftest` plants into the engine)."""
+    if bug is None or bug.ops is None:
+        return transform_ops
+    if transform_ops is None:
+        return bug.ops
+    return lambda ops: bug.ops(transform_ops(ops))
+
+
 def run_case(
     case: Case,
     checkpoint: Path,
@@ -154,19 +199,39 @@ def run_case(
     golden: str = "auto",
     noise: NoiseModel | None = None,
     bisect: bool = False,
+    plant: str | None = None,
+    progress: Progress | None = None,
 ) -> RunReport:
-    """The optimized engine against the reference on every request of `case` (module docstring)."""
+    """The optimized engine against the reference on every request of `case` (module docstring). `plant` names a
+    bug of the selftest library planted into the optimized side for every engine run (chained, forced, bisect
+    replays), as `parity selftest` plants it: its ops transform and its patch context; the reference is untouched."""
+    if case.candidate != "optimized":  # another implementation (HF transformers): its own runs, the same verdict
+        return engines.run_candidate(case, checkpoint, device, dump_dir, noise=noise, golden=golden, bisect=bisect,
+                                     plant=plant)  # fmt: skip
+    bug = planted_bug(case, plant) if plant is not None else None
+    measure = StreamMeasure(case, checkpoint) if case.stream else nullcontext()
+    with bug.patch() if bug is not None else nullcontext(), measure:
+        planted = _with_bug(transform_ops, bug)
+        report = _run_case(case, checkpoint, device, dump_dir, ops, planted, golden, noise, bisect, measure, progress)
+    report.planted = plant
+    report.memory = measure.result() if case.stream else None
+    return report
+
+
+def _run_case(
+    case, checkpoint, device, dump_dir, ops, transform_ops, golden, noise, bisect, measure, progress=None
+) -> RunReport:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     inp = run_inputs(case, checkpoint, device, ops=ops)
     noise = noise if noise is not None else noise_model(case, inp.ops)
     # a decode-exact run that is bitwise chained is bitwise forced too: the forced run only localizes a failure
-    c = capture(inp, transform_ops, timings, forced=not noise.exact)
+    c = capture(inp, transform_ops, timings, forced=not noise.exact, progress=progress)
     t = time.perf_counter()
     chained = judge_run(c.reference.dump, c.chained.dump, c.layout, c.n_layers, noise)
     if c.forced is None and not chained.passed:
-        c = add_forced(c, transform_ops, timings)
-    verdict = judge(c, noise, golden, timings) if c.forced is not None else chained
+        c = add_forced(c, transform_ops, timings, progress)
+    verdict = judge(c, noise, golden, timings, progress) if c.forced is not None else chained
     timings["judge"] = time.perf_counter() - t
     missed = sum(c.forced.missed.values()) if c.forced is not None else 0
     location = verdict.location()
@@ -190,10 +255,18 @@ def run_case(
         missed_rows=missed,
         timings=timings,
     )
+    worst = worst_site(verdict)
+    if worst is not None:
+        judged = c.forced if c.forced is not None else c.chained
+        kind = "forced" if c.forced is not None else "chained"
+        report.rowmap = site_rows(c.reference.dump, judged.dump, c.n_layers, worst, kind)
+    report.noise_provenance = dict(noise.provenance)
     if bisect:
         report.bisect = asdict(active_bisect(c, noise, transform_ops))
     if dump_dir is not None:
         save_run(c, dump_dir, noise)
+    if isinstance(measure, StreamMeasure):
+        measure.held(c)  # the captures and caches every run keeps: the activations of the memory bound
     report.wall_s = time.perf_counter() - t0
     return report
 

@@ -31,7 +31,9 @@ from parity.golden import golden_kernels
 from parity.optimized.engine import Engine, EngineConfig, Request
 from parity.optimized.model import OptimizedTransformer
 from parity.optimized.ops import Ops, OpsConfig, resolve_ops
+from parity.progress import Progress, step
 from parity.reference.generate import Generation, greedy_generate
+from parity.stream import build_streamed
 
 
 @dataclass(frozen=True)
@@ -46,12 +48,14 @@ class RunInputs:
     device: str = "cpu"
     overrides: tuple[tuple[str, object], ...] = ()  # ModelArgs fields, validated by ModelArgs itself
     order: tuple[int, ...] | None = None  # admission order of the requests (batch composition); None = as given
+    stream: bool = False  # layer-streamed weights: one block in memory at a time (parity.stream)
 
     def args(self) -> ModelArgs:
         return Checkpoint(self.ckpt).args.with_(self.overrides)
 
     def build(self, factory=None):
-        model, _ = build_model(self.ckpt, device=self.device, factory=factory, overrides=dict(self.overrides))
+        build = build_streamed if self.stream else build_model
+        model, _ = build(self.ckpt, device=self.device, factory=factory, overrides=dict(self.overrides))
         return model
 
     @property
@@ -89,12 +93,13 @@ def _config() -> dump.DumpConfig:
     return dump.DumpConfig(modules=tap_pattern())
 
 
-def targets(inp: RunInputs) -> Targets:
+def targets(inp: RunInputs, progress: Progress | None = None) -> Targets:
     """The reference's own greedy run of every request (what the official generate.py does), with MTP drafts."""
     gens = []
     for i, prompt in enumerate(inp.prompts):
         model = inp.build()
         gens.append(greedy_generate(model, prompt, inp.decode_steps[i], mtp=inp.mtp))
+        step(progress, "the reference generates each request", i + 1, len(inp.prompts))
     return Targets([g.tokens for g in gens], [g.mtp_drafts for g in gens], gens)
 
 
@@ -106,6 +111,7 @@ def reference_capture(
     force: RowStore | None = None,
     golden: bool = False,
     name: str = "reference",
+    progress: Progress | None = None,
 ) -> Capture:
     """Each request alone on the engine's schedule, taps recorded (and forced from `force`)."""
     writer = dump.MemoryWriter()
@@ -143,6 +149,7 @@ def reference_capture(
                     forcer.remove()
                     _add(forced, forcer.forced)
                     _add(missed, forcer.missed)
+        step(progress, "each request alone on the engine's schedule", i + 1, len(inp.prompts))
     return Capture(Dump.from_memory(writer, name), generations=gens, forced=forced, missed=missed)
 
 
@@ -155,6 +162,7 @@ def engine_capture(
     transform_ops: Callable[[Ops], Ops] | None = None,
     draft_fn: Callable[[Request, list[int]], list[int]] | None = None,
     name: str = "optimized",
+    progress: Progress | None = None,
 ) -> Capture:
     """All requests through one engine, taps recorded (and forced from `force` at the sites `select` picks).
     `draft_fn` replaces the default draft policy (the reference's MTP drafts at the same positions)."""
@@ -169,7 +177,8 @@ def engine_capture(
     index_of: dict[int, int] = {}
     sequences = [tg.sequence(inp.prompts, i) for i in range(len(inp.prompts))]
 
-    def tag(phase, step, batch):
+    def tag(phase, step_index, batch):
+        step(progress, "engine steps", step_index + 1)
         requests = [index_of[r] for r in batch.request_ids]
         # the MTP block reads the token after each position; the main model the token at it
         shift = 1 if phase == "mtp-draft" else 0
@@ -183,7 +192,7 @@ def engine_capture(
                 if pos >= len(seq) - 1 or tokens[r] != seq[pos + shift]:
                     skip.append(r)
         return dump.phase(
-            phase, step, cu_seqlens=batch.cu_seqlens, requests=requests, start_pos=batch.start_pos,
+            phase, step_index, cu_seqlens=batch.cu_seqlens, requests=requests, start_pos=batch.start_pos,
             speculative=batch.speculative, skip_rows=skip,
         )  # fmt: skip
 

@@ -78,6 +78,10 @@ class SavedRun:
 def load_run(root: str | Path) -> SavedRun:
     """Read a dir written by `save_run`; every problem is one `ParityError` naming the file and field."""
     root = Path(root)
+    if not root.exists():
+        raise ParityError(f"{root}: no such dir (expected one written by `parity run --dump`)")
+    if not root.is_dir():
+        raise ParityError(f"{root}: not a directory (expected a dir written by `parity run --dump`)")
     path = root / RUN_FILE
     meta = read_json(path, f"{path}: missing (not a dir written by `parity run --dump`)", f"{path}: not readable JSON")
     if not isinstance(meta, dict) or meta.get("schema") != SCHEMA:

@@ -15,8 +15,10 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from parity.checkpoint import experts
 from parity.checkpoint.convert import to_model_param
 from parity.checkpoint.layout import INDEX_FILE, DiskTensor, disk_tensors_for_param
+from parity.checkpoint.subset import STORED_NAMES
 from parity.config import ModelArgs
 from parity.errors import ParityError
 
@@ -57,14 +59,26 @@ class Checkpoint:
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
             raise ParityError(f"{index_path}: no 'weight_map' object of tensor name -> shard file")
         self.weight_map: dict[str, str] = weight_map
+        # a layer subset (`checkpoint.subset`) names tensors by their place in the smaller model; shards keep theirs
+        stored = index.get(STORED_NAMES) or {}
+        if not isinstance(stored, dict) or not all(isinstance(v, str) for v in stored.values()):
+            raise ParityError(f"{index_path}: {STORED_NAMES!r} must map tensor names to stored names")
+        self.stored_names: dict[str, str] = stored
         self.config_path = self.path / "inference" / "config.json"
-        self.args = ModelArgs.from_json(self.config_path)
         self._handles: dict[str, object] = {}
+        self._keys: dict[str, set[str]] = {}
+        self._finite: set[str] = set()
+        # FP8 (V4-Flash-Base) or FP4 routed experts: what the shards hold wins over a stale inference config
+        self.args = experts.resolve(
+            ModelArgs.from_json(self.config_path), self.path / "config.json", weight_map, self._header_dtype
+        )
 
     def check_model(self, want: ModelArgs, asker: str) -> None:
         """Refuse this checkpoint for `asker` (e.g. a case) when its config describes another model: one line naming
         the first differing key, the value each side holds, and whether config.json sets the key at all."""
         theirs, ours = self.args.official_dict(), want.official_dict()
+        # expert_dtype None and "fp8" are the same model under dtype "fp8": compare what the experts hold
+        theirs["expert_dtype"], ours["expert_dtype"] = self.args.expert_format, want.expert_format
         differ = [k for k in ours if theirs.get(k) != ours[k]]
         if not differ:
             return
@@ -88,8 +102,12 @@ class Checkpoint:
                 raise ParityError(f"{shard}: unreadable safetensors file ({_first_line(e)})") from None
         return self._handles[file]
 
+    def _header_dtype(self, name: str) -> str:
+        return self._shard(self.weight_map[name]).get_slice(self.stored_names.get(name, name)).get_dtype()
+
     def close(self) -> None:
         self._handles.clear()
+        self._keys.clear()
 
     def _locate(self, spec: DiskTensor):
         file = self.weight_map.get(spec.name)
@@ -99,14 +117,16 @@ class Checkpoint:
                 f"(expected shape {list(spec.shape)} {_ST_DTYPE.get(spec.dtype, spec.dtype)})"
             )
         handle = self._shard(file)
-        if spec.name not in handle.keys():
+        if file not in self._keys:  # handle.keys() builds a list per call: a set once per shard
+            self._keys[file] = set(handle.keys())
+        if self.stored_names.get(spec.name, spec.name) not in self._keys[file]:
             raise ParityError(f"{self.path / file}: tensor {spec.name!r} is listed in {INDEX_FILE} but not stored")
         return file, handle
 
     def check(self, spec: DiskTensor) -> None:
         """Compare a tensor's header (shape, dtype) with the layout, without reading its data."""
         file, handle = self._locate(spec)
-        sl = handle.get_slice(spec.name)
+        sl = handle.get_slice(self.stored_names.get(spec.name, spec.name))
         shape, dtype = tuple(sl.get_shape()), sl.get_dtype()
         want = _ST_DTYPE.get(spec.dtype, str(spec.dtype))
         if shape != spec.shape or dtype != want:
@@ -118,10 +138,11 @@ class Checkpoint:
         self.check(spec)
         file, handle = self._locate(spec)
         try:
-            t = handle.get_tensor(spec.name)
+            t = handle.get_tensor(self.stored_names.get(spec.name, spec.name))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ParityError(f"{self.path / file}: cannot read tensor {spec.name!r} ({_first_line(e)})") from None
-        bad = _non_finite(t)
+        bad = 0 if spec.name in self._finite else _non_finite(t)
+        self._finite.add(spec.name)  # scanned once per Checkpoint: a streamed run reads a layer per forward
         if bad:
             raise ParityError(
                 f"{self.path / file}: tensor {spec.name!r} holds {bad} NaN/Inf of {t.numel()} values: "
@@ -176,19 +197,34 @@ def _selected(name: str, prefixes: Iterable[str]) -> bool:
 
 
 def load_params(model: torch.nn.Module, ckpt: Checkpoint, prefixes: Sequence[str]) -> list[str]:
-    """Copy every selected parameter from the checkpoint into `model` (already materialized); returns the names."""
+    """Copy every selected parameter from the checkpoint into `model` (already materialized); returns the names.
+
+    A model that is one rank of a tensor-parallel group holds slices of some parameters; it says so with a
+    `weight_shard` attribute (`parity.optimized.parallel.TP`): the whole tensor is read and checked against the
+    layout at its full shape (`full_shape`), converted, and the rank's slice (`narrow`) is kept."""
+    shard = getattr(model, "weight_shard", None)
     loaded = []
+    read: set[str] = set()
     params = dict(model.named_parameters(remove_duplicate=False))
     with torch.no_grad():
         for name, param in params.items():
             if not _selected(name, prefixes):
                 continue
-            disk_specs = disk_tensors_for_param(name, tuple(param.shape), param.dtype)
+            shape = tuple(param.shape) if shard is None else shard.full_shape(name, tuple(param.shape))
+            disk_specs = disk_tensors_for_param(name, shape, param.dtype)
             if not disk_specs:
                 continue  # mtp.N.embed/head: the shared modules, loaded under their own names
             disk = {spec.name: ckpt.read(spec) for spec in disk_specs}
-            param.copy_(to_model_param(name, disk, param.dtype))
+            read.update(disk)
+            value = to_model_param(name, disk, param.dtype)
+            param.copy_(value if shard is None else shard.narrow(name, value))
             loaded.append(name)
+    # a tensor the index lists under a loaded part that no parameter reads is a checkpoint of another model (or a
+    # misspelt name whose real tensor is then missing): as the official loader's strict load, refuse it
+    unread = sorted(n for n in ckpt.weight_map if _selected(n, prefixes) and n not in read)
+    if unread:
+        more = f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""
+        raise ParityError(f"{ckpt.path / INDEX_FILE}: tensor {unread[0]!r}{more} is not a parameter of the model")
     return loaded
 
 

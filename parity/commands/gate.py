@@ -8,6 +8,7 @@ import typer
 from rich.markup import escape
 
 from parity.commands._common import EXIT_FAIL, err, out
+from parity.commands._progress import progress_bars
 from parity.errors import ParityError
 from parity.gate import load_baseline, load_suite, run_gate
 from parity.io import check_output_dir
@@ -15,7 +16,7 @@ from parity.io import check_output_dir
 
 def gate(
     suite: Annotated[Path, typer.Argument(help="Suite TOML: name and cases (built-in names or case files).")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Where checkpoints and gate.json go.")] = Path("reports/gate"),
+    out_dir: Annotated[Path, typer.Option("--out", help="gate.json, case report folders.")] = Path("reports/gate"),
     baseline: Annotated[Path | None, typer.Option(help="gate.json of an earlier run to compare site errors.")] = None,
     regression: Annotated[float, typer.Option(help="Fail a site whose error grew more than this factor.")] = 2.0,
 ) -> None:
@@ -25,10 +26,11 @@ def gate(
         raise ParityError(f"--regression: expected a finite factor >= 1, got {regression}")
     base = load_baseline(baseline) if baseline is not None else None
     check_output_dir(out_dir, "--out")
-    result = run_gate(spec, out_dir, base, regression, progress=lambda m: err.print(escape(m)))
+    with progress_bars() as steps:  # on stderr, only on a terminal
+        result = run_gate(spec, out_dir, base, regression, progress=lambda m: err.print(escape(m)), steps=steps)
     for c in result.cases:
         mark = "[green]pass[/green]" if c["passed"] else "[red]FAIL[/red]"
-        out.print(f"{mark} {escape(c['name'])} ({c['noise']}) {escape(c['location'])}")
+        out.print(f"{mark} {escape(c['name'])} ({c['noise']}) {escape(c['location'])} report: {escape(c['report'])}")
     for r in result.regressions:
         out.print(f"[red]regression[/red] {escape(r)}")
     out.print(f"{'PASSED' if result.passed else 'FAILED'} | gate {spec.name} | {out_dir / 'gate.json'}")

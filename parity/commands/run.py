@@ -13,10 +13,14 @@ from parity import machine
 from parity.capture.session import GOLDEN
 from parity.cases import load_case
 from parity.commands._common import EXIT_FAIL, check_device, err, out
+from parity.commands._progress import progress_bars
 from parity.compare.thresholds import NoiseModel
 from parity.errors import ParityError
 from parity.io import check_output_dir
-from parity.run import RunReport, prepare_checkpoint, run_case, write_report
+from parity.report.folder import default_folder, write_folder
+from parity.report.summary import Invocation
+from parity.repro import write_kernel_repros
+from parity.run import RunReport, planted_bug, prepare_checkpoint, run_case, write_report
 
 
 def _status(passed: bool) -> str:
@@ -55,6 +59,8 @@ def render(report: RunReport) -> None:
     out.print(f"machine: {escape(machine.summary())}")
     odd = {op: b for op, b in report.backends.items() if b != "torch"}
     out.print(f"ops: {escape(', '.join(f'{o}={b}' for o, b in odd.items()) or 'all torch')}; noise: {report.noise}")
+    if report.planted:
+        out.print(f"[yellow]planted bug[/yellow]: {escape(report.planted)} (selftest library, optimized side only)")
     render_sites(report.sites, "own error per site: the optimized engine teacher-forced with the reference")
     table = Table(title="requests: chained run (the engine on its own)")
     for col in ("req", "prompt", "first chunk", "tokens", "greedy equal", "logits max err", "MTP accepted"):
@@ -77,7 +83,9 @@ def run(
     checkpoint: Annotated[
         Path | None, typer.Option(help="An official-format checkpoint dir; default: write a synthetic one.")
     ] = None,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Report directory (default reports/<case>).")] = None,
+    out_dir: Annotated[
+        Path | None, typer.Option("--out", help="Report folder (default reports/<case>/<UTC timestamp>).")
+    ] = None,
     device: Annotated[str, typer.Option(help="torch device for both models.")] = "cpu",
     threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch (default: torch's choice).")] = None,
     dump_dir: Annotated[
@@ -92,23 +100,49 @@ def run(
     calibration: Annotated[
         Path | None, typer.Option(help="Noise model JSON instead of the case's (e.g. one calibrated on a GPU backend).")
     ] = None,
+    plant: Annotated[
+        str | None,
+        typer.Option(help="Plant this bug of the selftest library into the optimized side (see parity selftest)."),
+    ] = None,
+    stream: Annotated[
+        bool, typer.Option("--stream", help="Layer-streamed weights: one layer in memory at a time; prints peak RSS.")
+    ] = False,
 ) -> None:
     """Run a parity case: the optimized engine against the reference, every site at every position."""
     spec = load_case(case)
+    spec = spec.streamed() if stream else spec  # as the case key `[model] stream = true`
     if golden not in GOLDEN:
         raise ParityError(f"--golden: expected one of {', '.join(GOLDEN)}, got {golden!r}")
     check_device(device)
+    if plant is not None:
+        planted_bug(spec, plant)  # an unknown name is refused before any work
     # every output is checked before the minutes of work, so a run never dies at its final write
-    out_dir = out_dir or Path("reports") / spec.name
-    check_output_dir(out_dir, "--out")
+    folder = out_dir or default_folder(spec.name)
+    check_output_dir(folder, "--out")
+    # the synthetic checkpoint goes in --out DIR; by default one per case, next to its timestamped report folders
+    # (the same draw each run: a folder per run would pile up copies of the weights)
+    ckpt_root = out_dir if out_dir is not None else folder.parent
     if dump_dir is not None:
         check_output_dir(dump_dir, "--dump", must_be_empty=True)
     if threads is not None:
         torch.set_num_threads(threads)
     noise = NoiseModel.load(calibration) if calibration is not None else None  # before the minutes of work
-    ckpt = prepare_checkpoint(spec, checkpoint, out_dir)
-    report = run_case(spec, ckpt, device, dump_dir, golden=golden, bisect=bisect, noise=noise)
-    path = write_report(report, out_dir)
+    invocation = Invocation.capture(
+        case, device=device, checkpoint=checkpoint, calibration=calibration, golden=golden, bisect=bisect,
+        stream=stream, plant=plant, threads=threads,
+    )  # fmt: skip
+    with progress_bars() as progress:  # on stderr, only on a terminal
+        ckpt = prepare_checkpoint(spec, checkpoint, ckpt_root, progress)
+        report = run_case(
+            spec, ckpt, device, dump_dir, golden=golden, bisect=bisect, noise=noise, plant=plant, progress=progress
+        )
+    if report.memory is not None:
+        (err if as_json else out).print(escape(report.memory["line"]))
+    path = write_report(report, folder)
+    # a failed run's first failing op calls, saved with a script each under folder/repro/ (parity repro); before
+    # write_folder, whose pages list them. A streamed run is skipped: recording recaptures with every layer loaded.
+    repros = [] if report.passed or spec.stream else write_kernel_repros(report, folder, case=spec)
+    page = write_folder(folder, report.to_dict(), invocation)
     if as_json:
         out.print_json(json.dumps(report.to_dict()))
     else:
@@ -123,7 +157,9 @@ def run(
                 f"active bisect: {b['replays']} replays (bound ceil(log2 L) + 2 = {b['bound']})"
                 + (f", first bad layer {b['layer']} ({b['submodule']})" if b["layer"] is not None else "")
             )
-        out.print(f"checkpoint: {ckpt}\nreport: {path}" + (f"\ndumps: {dump_dir}" if dump_dir else ""))
+        out.print(f"checkpoint: {ckpt}\nreport: {page} ({path.name}, summary.json, report.md, metrics.csv, repro.sh)"
+                  + (f"\ndumps: {dump_dir}" if dump_dir else "")
+                  + (f"\nkernel repros: {len(repros)}, run them: parity repro {folder}" if repros else ""))  # fmt: skip
     status = "PASSED" if report.passed else "FAILED"
     # with --json, stdout holds only the JSON document; the one-line summary goes to stderr
     (err if as_json else out).print(f"{status} | {spec.name} | {report.wall_s:.1f}s | parity run {case}")

@@ -14,6 +14,7 @@ from parity.compare.align import Pair, Selection, align, fetch, missing_shards
 from parity.compare.gate import Thresholds, judge, same_non_finite_positions
 from parity.compare.layout import match_layouts, token_dims
 from parity.compare.loader import Dump
+from parity.compare.merge import shard_for
 from parity.compare.metrics import LogitMetrics, TensorMetrics, compare_logits, compare_stats, compare_tensors
 from parity.compare.namemap import NameMap
 from parity.compare.report import shape_str
@@ -168,7 +169,7 @@ def _compare_pair(i, pair: Pair, da, db, name_map, t: Thresholds, logits, top_k,
         allowed = allow_missing is not None and re.search(allow_missing, pair.name) is not None
         reasons = () if allowed else (f"missing in {pair.missing}",)
         return PairResult(**base, status="skip" if allowed else "fail", reasons=reasons, missing=pair.missing)
-    shard = name_map.shard(pair.name)
+    shard = shard_for(pair, name_map)  # the map's rule, else the ranks' declared one
     base.update(dtype_a=ra[0].dtype, dtype_b=rb[0].dtype)
     # a dtype change fails unless asked for (a bf16 candidate against an fp32 reference): silently measuring
     # across it would hide a wrong cast

@@ -1,20 +1,25 @@
 """A declarative map between the tensor names of two dumps, read from TOML.
 
-    # names on side b are rewritten into side a's names; the first rule whose regex matches wins
-    [[rename]]
-    side = "b"                                   # "a" or "b" (default "b")
-    match = '^model\\.layers\\.(\\d+)\\.mlp:'     # re.search; the matched part is replaced
-    to = 'layers.\\1.ffn:'                        # re.sub template: \\1 is the first group
+# names on side b are rewritten into side a's names; the first rule whose regex matches wins
+[[rename]]
+side = "b"                                   # "a" or "b" (default "b")
+match = '^model\\.layers\\.(\\d+)\\.mlp:'     # re.search; the matched part is replaced
+to = 'layers.\\1.ffn:'                        # re.sub template: \\1 is the first group
 
-    ignore = ['rotary_emb', ':in\\.']            # records whose name matches are left out on both sides
+ignore = ['rotary_emb', ':in\\.']            # records whose name matches are left out on both sides
 
-    # how to put tensor-parallel shards back together when the two dumps ran with different world sizes
-    [[shard]]
-    match = '\\.wo:out$'
-    dim = -1                                     # concatenate the ranks' tensors along this dim
-    [[shard]]
-    match = '\\.ffn:out$'
-    reduce = "sum"                               # partial sums (before the all-reduce): add them up
+# how to put tensor-parallel shards back together when the two dumps ran with different world sizes
+[[shard]]
+match = '\\.wo:out$'
+dim = -1                                     # concatenate the ranks' tensors along this dim
+[[shard]]
+match = '\\.ffn:out$'
+reduce = "sum"                               # partial sums (before the all-reduce): add them up
+
+# `parity schema`: a dtype that differs only in width within its family (fp32 / bf16 / fp16; int32 / int64) is a
+# note, not a failure: another engine may keep a tensor wider or narrower (HF's port: bf16 router weights and
+# int64 ids where the official model has fp32 and int32); the values are still compared by `parity compare`
+dtype_width = true
 """
 
 import re
@@ -47,6 +52,7 @@ class NameMap:
     ignore: tuple[re.Pattern, ...] = ()
     shards: tuple[Shard, ...] = ()
     source: str = "name map"  # the file it was read from, for messages
+    dtype_width: bool = False  # schema: fp32 vs bf16, int32 vs int64 are notes (module docstring)
 
     def rename(self, name: str, side: str) -> str:
         for rule in self.renames:
@@ -72,7 +78,10 @@ class NameMap:
             raise ParityError(f"{path}: cannot read name map ({e.strerror})") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
             raise ParityError(f"{path}: not valid TOML ({e})") from None
-        _only(data, {"rename", "ignore", "shard"}, f"{path}")
+        _only(data, {"rename", "ignore", "shard", "dtype_width"}, f"{path}")
+        dtype_width = data.get("dtype_width", False)
+        if not isinstance(dtype_width, bool):
+            raise ParityError(f"{path}: dtype_width must be true or false, got {dtype_width!r}")
         renames, shards = [], []
         for i, rule in enumerate(_tables(data, "rename", path)):
             where = f"{path}: rename[{i}]"
@@ -94,7 +103,7 @@ class NameMap:
         if not isinstance(ignore, list):
             raise ParityError(f"{path}: ignore must be a list of regexes")
         patterns = tuple(_regex({"ignore": p}, "ignore", f"{path}: ignore[{i}]") for i, p in enumerate(ignore))
-        return cls(tuple(renames), patterns, tuple(shards), str(path))
+        return cls(tuple(renames), patterns, tuple(shards), str(path), dtype_width)
 
 
 def _tables(data: dict, key: str, path: Path) -> list[dict]:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from parity.compare.align import Pair, Selection, align, merged_shape
 from parity.compare.layout import packing
 from parity.compare.loader import Dump
+from parity.compare.merge import shard_for
 from parity.compare.namemap import NameMap
 from parity.compare.report import phase_steps_str, shape_str
 from parity.dump.format import Record
@@ -57,12 +58,22 @@ def _differences(pair: Pair, name_map: NameMap):
         yield ("only in a", desc, "-", True) if pair.missing == "b" else ("only in b", "-", desc, True)
         return
     ra, rb = pair.a[0], pair.b[0]
-    shard = name_map.shard(pair.name)
+    shard = shard_for(pair, name_map)  # the map's rule, else the ranks' declared one
     sa, sb = merged_shape(pair.a, shard), merged_shape(pair.b, shard)
     if sa != sb:
         packs = packing(sa, ra, sb, rb) is not None or packing(sb, rb, sa, ra) is not None
         yield "layout" if packs else "shape", shape_str(sa), shape_str(sb), not packs
     if ra.dtype != rb.dtype:
-        yield "dtype", ra.dtype, rb.dtype, True
+        yield "dtype", ra.dtype, rb.dtype, not (name_map.dtype_width and _family(ra.dtype) == _family(rb.dtype))
     if ra.layer != rb.layer:
         yield "layer", str(ra.layer), str(rb.layer), True
+
+
+def _family(dtype: str) -> str:
+    """`float` / `int` / the dtype itself: what a width-tolerant name map treats as one kind (`NameMap.dtype_width`)."""
+    name = dtype.removeprefix("torch.")
+    if name in ("float64", "float32", "bfloat16", "float16"):
+        return "float"
+    if name in ("int64", "int32", "int16"):
+        return "int"
+    return name

@@ -10,10 +10,16 @@ A dump dir looks like:
     weights/<run>-<block>.safetensors   # PARITY_DUMP_WEIGHTS: parameters and buffers, keyed by their name
     rank<r>/...                         # the same layout per rank when torch.distributed has world size > 1
 
+A record of a tensor-parallel run may say how the ranks' records make one logical tensor (`merge`, optional):
+"replicated" (every rank holds the whole tensor), "sum" (partial sums, before an all-reduce) or "cat:<dim>" (each
+rank holds a slice along dim, in rank order). A model declares it per module with the `parity_merge` attribute
+(`MERGE_ATTR`): one rule for all its fields, or a dict field -> rule.
+
 Every line carries `schema_version`, so lines appended by several installs (model, then MTP drafter) stay
 self-describing.
 """
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -52,6 +58,8 @@ SAFETENSORS_DTYPES = {
 # the stats-mode keys every reader uses (`parity.dump.stats` writes more): counts, and the norm over finite elements
 STATS_COUNTS = ("numel", "nan", "inf")
 KINDS = ("activation", "weight")
+MERGE_ATTR = "parity_merge"
+_MERGE = re.compile(r"replicated|sum|cat:-?\d+")
 IOS = ("input", "output")
 
 
@@ -79,6 +87,20 @@ def to_float64(t: torch.Tensor) -> torch.Tensor | None:
         return (t.float() if t.is_floating_point() and t.element_size() == 1 else t).to(torch.float64)
     except (NotImplementedError, RuntimeError):
         return None
+
+
+def merge_rule(declared, field_name: str) -> str | None:
+    """The merge rule a module declared (`MERGE_ATTR`) for one of its fields; None if it declared none."""
+    rule = declared.get(field_name) if isinstance(declared, dict) else declared
+    if rule is not None and (not isinstance(rule, str) or not _MERGE.fullmatch(rule)):
+        raise ParityError(f"{MERGE_ATTR} of field {field_name!r}: {rule!r} is not replicated, sum or cat:<dim>")
+    return rule
+
+
+def parse_merge(rule: str) -> tuple[str, int | None]:
+    """`"cat:1"` -> `("cat", 1)`; `"sum"` -> `("sum", None)`; `"replicated"` -> `("replicated", None)`."""
+    kind, _, dim = rule.partition(":")
+    return kind, int(dim) if dim else None
 
 
 def record_name(module: str, field_name: str) -> str:
@@ -115,6 +137,7 @@ class Record:
     requests: tuple[str, ...] | None = None
     start_pos: tuple[int, ...] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    merge: str | None = None  # how the ranks' records merge (module docstring); None: not declared
     rank: int = 0
     world_size: int = 1
     file: str | None = None
@@ -168,6 +191,9 @@ class Record:
         if requests is not None and not isinstance(requests, list):
             raise ParityError(f"{where}: field 'requests' must be a list, got {requests!r}")
         start_pos = get.int_list("start_pos", optional=True)
+        merge = get.str("merge", optional=True)
+        if merge is not None and not _MERGE.fullmatch(merge):
+            raise ParityError(f"{where}: field 'merge' must be replicated, sum or cat:<dim>, got {merge!r}")
         return cls(
             seq=get.int("seq"),
             run=get.str("run"),
@@ -190,6 +216,7 @@ class Record:
             requests=None if requests is None else tuple(str(r) for r in requests),
             start_pos=None if start_pos is None else tuple(start_pos),
             extra=get.dict("extra", optional=True) or {},
+            merge=merge,
             rank=get.int("rank"),
             world_size=get.int("world_size"),
             file=file,

@@ -15,6 +15,7 @@ from torch.utils.hooks import RemovableHandle
 
 from parity.dump.config import DumpConfig
 from parity.dump.flatten import flatten, flatten_call
+from parity.dump.format import MERGE_ATTR
 from parity.dump.tags import Tags, current_tags
 from parity.dump.writer import DumpWriter, Site
 from parity.errors import ParityError
@@ -70,7 +71,7 @@ def install(
         return DumpHandle([], None, [])
     pattern = config.layer_pattern
     paths = [(".".join(p for p in (prefix, path) if p), m) for path, m in model.named_modules()]
-    sites = [(Site(path, type(m).__name__, *layer_of(path, pattern)), m) for path, m in paths]
+    sites = [(Site(path, type(m).__name__, *layer_of(path, pattern), _merge(m)), m) for path, m in paths]
     sites = [(s, m) for s, m in sites if config.selects(s.path, s.cls, s.layer, s.block)]
     if not sites and not config.weights:
         raise ParityError(
@@ -112,7 +113,7 @@ def dump_weights(model: nn.Module, writer: DumpWriter, config: DumpConfig, prefi
         if config.modules is not None and re.search(config.modules, name) is None:
             continue
         owner = name.rpartition(".")[0]
-        site = Site(owner, type(owners[owner]).__name__, layer, block)
+        site = Site(owner, type(owners[owner]).__name__, layer, block, _merge(owners[owner]))
         groups.setdefault(block or "", {})[name] = (t, site)
     for block, tensors in groups.items():
         writer.write_weights(block, tensors)
@@ -155,6 +156,11 @@ class _Tap:
         call, in_step = numbers
         if self.config.wants(call, tags.phase, tags.step):
             self.writer.write_activation(self.site, tags, call, in_step, io, tensors())
+
+
+def _merge(module: nn.Module):
+    """How the module's records merge across tensor-parallel ranks, if it declares it (`format.MERGE_ATTR`)."""
+    return getattr(module, MERGE_ATTR, None)
 
 
 def _rank() -> tuple[int, int]:

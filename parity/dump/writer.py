@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from parity.dump.format import MANIFEST, TENSOR_DIR, WEIGHT_DIR, Record, dtype_name, record_name
+from parity.dump.format import MANIFEST, TENSOR_DIR, WEIGHT_DIR, Record, dtype_name, merge_rule, record_name
 from parity.dump.stats import tensor_stats
 from parity.dump.tags import Tags
 from parity.errors import ParityError
@@ -52,6 +52,7 @@ class Site:
     cls: str
     layer: int | None
     block: str | None
+    merge: str | dict | None = None  # the module's declared rank merge rule(s) (`format.MERGE_ATTR`)
 
 
 class DumpWriter:
@@ -101,7 +102,8 @@ class DumpWriter:
             **tags.record_fields(),
         )
         rel = f"{TENSOR_DIR}/{RUN_ID}-{seq:08d}.safetensors"
-        self._write(rel, tensors, lambda f: {**common, "name": record_name(site.path, f), "field": f})
+        fields = lambda f: {**common, "name": record_name(site.path, f), "field": f, "merge": merge_rule(site.merge, f)}
+        self._write(rel, tensors, fields)
 
     def write_weights(self, group: str, tensors: dict[str, tuple[torch.Tensor, Site]]) -> None:
         """Parameters and buffers of one layer block (`group`), keyed by their full name in the model."""
@@ -123,6 +125,7 @@ class DumpWriter:
                 cls=site.cls,
                 layer=site.layer,
                 block=site.block,
+                merge=merge_rule(site.merge, leaf),
             )
 
         self._write(f"{WEIGHT_DIR}/{RUN_ID}-{safe}.safetensors", {k: t for k, (t, _) in tensors.items()}, tags)

@@ -23,10 +23,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from parity.config import ModelArgs
+from parity.optimized import parallel
 from parity.optimized.batch import Batch
 from parity.optimized.cache import CompressorState, PagedCache
 from parity.optimized.ops import resolve_ops
 from parity.optimized.ops.moe_experts import ExpertWeights
+from parity.optimized.parallel import ONE_RANK, TP
 from parity.reference import model as ref
 from parity.taps import Tap
 
@@ -164,11 +166,13 @@ class OptCompressor(ref.Compressor):
 class OptIndexer(ref.Indexer):
     """CSA indexer over ragged tokens and paged 128-d entries (reference: ref.Indexer)."""
 
-    def __init__(self, args: ModelArgs, compress_ratio: int, ops):
+    def __init__(self, args: ModelArgs, compress_ratio: int, ops, tp: TP = ONE_RANK):
         super().__init__(args, compress_ratio)
         self.compressor = OptCompressor(args, compress_ratio, self.head_dim, True, ops)
         _drop_buffers(self)
         self.ops = ops
+        self.tp = tp
+        self.n_local_heads = tp.local(self.n_heads, "index_n_heads")  # the weight scale keeps the global count
         self.topk = Tap()  # entry ids [T, k] (-1 = none), k = the widest of the batch
 
     def reset_buffers(self) -> None:
@@ -177,7 +181,7 @@ class OptIndexer(ref.Indexer):
     def forward(self, x, qr, batch: Batch, cache: PagedCache, layer: int, freqs_cis, freqs):
         """x: [T, D], qr: [T, q_lora_rank] -> per sequence [n_i, k_i] top-k entry ids (-1 = none)."""
         ops, ratio = self.ops, self.compress_ratio
-        q = run_linear(ops, self.wq_b, qr).unflatten(-1, (self.n_heads, self.head_dim))  # [T, h, d]
+        q = run_linear(ops, self.wq_b, qr).unflatten(-1, (self.n_local_heads, self.head_dim))  # [T, h, d]
         ops.rope(q[..., -self.rope_head_dim :], freqs)
         q = ops.hadamard(q, q.size(-1) ** -0.5)
         ops.fp4_fake_quant(q, ref.FP4_BLOCK_SIZE)
@@ -192,7 +196,10 @@ class OptIndexer(ref.Indexer):
             n_entries = end // ratio
             entries = flat_pool[cache.entry_rows(batch.block_tables[ratio][i], torch.arange(n_entries))]  # [t, d]
             k = min(self.index_topk, n_entries)
-            out.append(ops.indexer_topk(q[rows], entries, weights[rows], k, start, ratio))
+            if self.tp.world > 1:  # the ranks' head sums are all-reduced before the top-k
+                out.append(parallel.indexer_topk(q[rows], entries, weights[rows], k, start, ratio, self.tp))
+            else:
+                out.append(ops.indexer_topk(q[rows], entries, weights[rows], k, start, ratio))
         return _split_rows(self.topk(_pad_cat(out)), out)
 
 
@@ -228,20 +235,27 @@ def _split_rows(padded: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Te
 class OptAttention(ref.Attention):
     """Sliding window + compressed-entry sparse attention over ragged tokens (reference: ref.Attention)."""
 
-    def __init__(self, layer_id: int, args: ModelArgs, ops):
+    def __init__(self, layer_id: int, args: ModelArgs, ops, tp: TP = ONE_RANK):
         super().__init__(layer_id, args)
         if self.compress_ratio:
             self.compressor = OptCompressor(args, self.compress_ratio, self.head_dim, False, ops)
             if self.compress_ratio == 4:
-                self.indexer = OptIndexer(args, self.compress_ratio, ops)
+                self.indexer = OptIndexer(args, self.compress_ratio, ops, tp)
         _drop_buffers(self)
         self.ops = ops
+        self.tp = tp
+        # this rank's query heads and output groups (all of them on one rank)
+        self.n_local_heads = tp.local(self.n_heads, "n_heads")
+        self.n_local_groups = tp.local(self.n_groups, "o_groups")
         self.kv_fp8 = args.kv_fp8_sim
         # qr: the q-LoRA latent (wq_b's and the indexer's input); q: the query the attention core reads; kv: the
         # window KV before RoPE and FP8 fake-quant; o_lora: wo_b's input. Forcing them keeps an FP8 code flipped by a
         # last-bit difference upstream (or a last-bit q amplified by large attention logits) out of the next
         # segment's own error
         self.input, self.qr, self.q, self.kv, self.o_lora, self.output = (Tap() for _ in range(6))
+        # under TP a rank holds its heads of q and its groups of o_lora; the others are the same on every rank
+        parallel.declare(self.q, "cat:1")
+        parallel.declare(self.o_lora, "cat:1")
 
     def reset_buffers(self) -> None:
         self.freqs_cis = self._freqs_cis(self.freqs_cis.device)
@@ -254,7 +268,7 @@ class OptAttention(ref.Attention):
         freqs = self.freqs_cis[batch.positions]  # [T, rd/2]
         seg = batch.segments
         qr = q = self.qr(ops.rms_norm(run_linear(ops, self.wq_a, x), self.q_norm.weight, self.eps, seg))
-        q = run_linear(ops, self.wq_b, q).unflatten(-1, (self.n_heads, self.head_dim))  # [T, h, d]
+        q = run_linear(ops, self.wq_b, q).unflatten(-1, (self.n_local_heads, self.head_dim))  # [T, h, d]
         ops.head_norm(q, self.eps, batch.segments)
         ops.rope(q[..., -rd:], freqs)
         q = self.q(q)
@@ -294,8 +308,9 @@ class OptAttention(ref.Attention):
         )
         self._write_ring(kv, batch, cache, ring)
         ops.rope(o[..., -rd:], freqs, True)
-        o = ops.o_lora(o.flatten(1), self.wo_a.weight, self.n_groups, self.o_lora_rank, seg)  # [T, g, rank]
-        return self.output(run_linear(ops, self.wo_b, self.o_lora(o.flatten(1))))
+        o = ops.o_lora(o.flatten(1), self.wo_a.weight, self.n_local_groups, self.o_lora_rank, seg)  # [T, g, rank]
+        # wo_b is row-parallel: the ranks' partial outputs are all-reduced (nothing to do on one rank)
+        return self.output(parallel.row_parallel(run_linear(ops, self.wo_b, self.o_lora(o.flatten(1))), self.tp))
 
     @staticmethod
     def _hca_entries(start: int, n: int, ratio: int) -> torch.Tensor:
@@ -323,10 +338,12 @@ def _pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
 class OptMoE(ref.MoE):
     """Routed experts with grouped dispatch plus the shared expert (reference: ref.MoE)."""
 
-    def __init__(self, layer_id: int, args: ModelArgs, ops):
+    def __init__(self, layer_id: int, args: ModelArgs, ops, tp: TP = ONE_RANK):
         super().__init__(layer_id, args)
         self.ops = ops
+        self.tp = tp
         self.scale_fmt, self.scale_dtype = args.act_scale_fmt, args.act_scale_dtype
+        self._fmt = (self.scale_fmt, self.scale_dtype)
         self.input, self.route, self.output = Tap(), Tap(), Tap()  # route: (weights [T, k] fp32, expert ids [T, k])
 
     @staticmethod
@@ -351,6 +368,10 @@ class OptMoE(ref.MoE):
             batch.segments,
         )
         weights, indices = self.route(weights, indices)
+        if self.tp.world > 1:  # this rank's experts only (the others are None), all-reduced before the shared one
+            mine = {i: self._weights(e) for i, e in enumerate(self.experts) if e is not None}
+            shared = self._weights(self.shared_experts)
+            return self.output(parallel.moe(x, weights, indices, mine, shared, *self._fmt, self.tp))
         experts = [self._weights(e) for e in self.experts]
         y = self.ops.moe_experts(
             x, weights, indices, experts, self._weights(self.shared_experts), self.scale_fmt, self.scale_dtype
@@ -381,10 +402,10 @@ def add_block_taps(block: nn.Module) -> None:
 
 
 class OptBlock(ref.Block):
-    def __init__(self, layer_id: int, args: ModelArgs, ops):
+    def __init__(self, layer_id: int, args: ModelArgs, ops, tp: TP = ONE_RANK):
         super().__init__(layer_id, args)
-        self.attn = OptAttention(layer_id, args, ops)
-        self.ffn = OptMoE(layer_id, args, ops)
+        self.attn = OptAttention(layer_id, args, ops, tp)
+        self.ffn = OptMoE(layer_id, args, ops, tp)
         self.ops = ops
         add_block_taps(self)
 
@@ -395,11 +416,12 @@ class OptBlock(ref.Block):
 class OptMTPBlock(ref.MTPBlock):
     """MTP block over ragged tokens: main-model streams at positions i plus the token ids at i+1."""
 
-    def __init__(self, layer_id: int, args: ModelArgs, ops):
+    def __init__(self, layer_id: int, args: ModelArgs, ops, tp: TP = ONE_RANK):
         super().__init__(layer_id, args)
-        self.attn = OptAttention(layer_id, args, ops)
-        self.ffn = OptMoE(layer_id, args, ops)
+        self.attn = OptAttention(layer_id, args, ops, tp)
+        self.ffn = OptMoE(layer_id, args, ops, tp)
         self.ops = ops
+        self.tp = tp
         add_block_taps(self)
         self.input = Tap()  # the main model's streams at the batch's positions
         self.output_logits = Tap()
@@ -409,27 +431,31 @@ class OptMTPBlock(ref.MTPBlock):
         h = self.input(h)
         ops = self.ops
         seg = batch.segments
-        e = ops.rms_norm(F.embedding(next_ids, self.embed.weight), self.enorm.weight, self.enorm.eps, seg)
+        e = ops.rms_norm(parallel.embed(next_ids, self.embed.weight, self.tp), self.enorm.weight, self.enorm.eps, seg)
         x = ops.rms_norm(h, self.hnorm.weight, self.hnorm.eps, seg)
         x = run_linear(ops, self.e_proj, e).unsqueeze(1) + run_linear(ops, self.h_proj, x)
         return block_forward(self, x, batch, cache)
 
 
 class OptimizedTransformer(nn.Module):
-    """embed -> hc copies -> blocks over a ragged `Batch` -> final streams; `logits()` for chosen rows."""
+    """embed -> hc copies -> blocks over a ragged `Batch` -> final streams; `logits()` for chosen rows.
 
-    def __init__(self, args: ModelArgs, ops=None):
+    `tp` (default: `parallel.TP.current()`, one rank outside a process group) makes the model one rank of a
+    tensor-parallel group: it then holds that rank's slices of the split parameters and experts (`parallel`)."""
+
+    def __init__(self, args: ModelArgs, ops=None, tp: TP | None = None):
         nn.Module.__init__(self)
         self.args = args
         self.ops = ops = ops or resolve_ops()
+        self.tp = tp = tp or TP.current()
         self.max_seq_len, self.norm_eps, self.hc_eps = args.max_seq_len, args.norm_eps, args.hc_eps
         self.embed = ref.ParallelEmbedding(args.vocab_size, args.dim)
-        self.layers = nn.ModuleList([OptBlock(i, args, ops) for i in range(args.n_layers)])
+        self.layers = nn.ModuleList([OptBlock(i, args, ops, tp) for i in range(args.n_layers)])
         self.norm = ref.RMSNorm(args.dim, self.norm_eps)
         self.head = ref.ParallelHead(args.vocab_size, args.dim, self.norm_eps, self.hc_eps)
         self.mtp = nn.ModuleList()
         for i in range(args.n_mtp_layers):
-            self.mtp.append(OptMTPBlock(args.n_layers + i, args, ops))
+            self.mtp.append(OptMTPBlock(args.n_layers + i, args, ops, tp))
             self.mtp[-1].embed, self.mtp[-1].head = self.embed, self.head
         self.hc_mult = args.hc_mult
         hc_dim = args.hc_mult * args.dim
@@ -437,12 +463,18 @@ class OptimizedTransformer(nn.Module):
         self.hc_head_base = nn.Parameter(torch.empty(args.hc_mult, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
         self.output_logits = Tap()  # (logits [m, vocab], token rows [m])
+        for m in self.modules():  # every tap but the split ones (declared where they are made) is the same on all ranks
+            if isinstance(m, Tap) and not hasattr(m, parallel.MERGE_ATTR):
+                parallel.declare(m, "replicated")
+        parallel.shard(self, tp)
+        # the checkpoint reader reads whole tensors and keeps this rank's slices (`checkpoint.reader.load_params`)
+        self.weight_shard = tp if tp.world > 1 else None
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: PagedCache) -> torch.Tensor:
         """-> final residual streams [T, hc, D] of every token of the batch."""
         with ref.default_dtype(torch.bfloat16):
-            h = F.embedding(batch.tokens, self.embed.weight)
+            h = parallel.embed(batch.tokens, self.embed.weight, self.tp)
             h = h.unsqueeze(1).repeat(1, self.hc_mult, 1)  # [T, hc, D]
             for layer in self.layers:
                 h = layer(h, batch, cache)
@@ -462,6 +494,7 @@ class OptimizedTransformer(nn.Module):
             )  # fmt: skip
             y = self.ops.rms_norm(y, norm.weight, norm.eps, batch.segments)
             logits = torch.cat([F.linear(y[r : r + 1].float(), self.head.weight) for r in rows])
+            logits = self.tp.all_gather(logits, -1)  # each rank holds a vocab slice of the head
             return owner.output_logits(logits, torch.as_tensor(list(rows), device=h.device))[0]
 
     @torch.inference_mode()

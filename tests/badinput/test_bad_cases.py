@@ -37,6 +37,15 @@ def _case(tmp_path, model: str = "", request: str = "", engine: str = "", top: s
         pytest.param({"model": "overrides = { n_mtp_layers = 0 }"}, ("engine.mtp_draft", "no MTP layer"), id="no-mtp"),
         pytest.param({"model": "overrides = { o_groups = 3 }"}, ("'o_groups'", "divisor of n_heads (4)"), id="groups"),
         pytest.param({"model": "overrides = { q_lora_rank = 100 }"}, ("'q_lora_rank'", "multiple of 128"), id="fp8-k"),
+        pytest.param(
+            {"model": "overrides = { window_size = 1 }"}, ("'window_size'", ">= 2", "got 1"), id="window-1"
+        ),
+        pytest.param(
+            {"model": "overrides = { index_head_dim = 96 }"}, ("'index_head_dim'", "power of two"), id="idx-96"
+        ),
+        pytest.param(
+            {"model": "overrides = { index_head_dim = 32 }"}, ("'index_head_dim'", ">= rope_head_dim (64)"), id="idx-32"
+        ),
         pytest.param({"model": "overrides = { bogus = 1 }"}, ("unknown ModelArgs key(s) ['bogus']",), id="unknown"),
         pytest.param({"model": "init = 'warm'"}, ("model.init", "'warm'"), id="init"),
         pytest.param({"model": "seed = -1"}, ("model.seed", "got -1"), id="seed-negative"),

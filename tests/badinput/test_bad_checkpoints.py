@@ -122,6 +122,18 @@ def test_one_inf_in_a_norm_weight_is_refused(ckpt):
         build_model(ckpt, Selection(layers=[1], mtp=False, embed_head=False))
 
 
+def test_an_index_entry_no_parameter_reads_is_refused(ckpt):
+    """A tensor listed under a loaded layer that the model has no parameter for (another model's checkpoint, a
+    misspelt name): refused as the official loader's strict load refuses it, not loaded silently."""
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["layers.1.attn.extra.weight"] = index["weight_map"]["layers.1.attn_norm.weight"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ParityError, match="tensor 'layers.1.attn.extra.weight' is not a parameter of the model"):
+        build_model(ckpt, Selection(layers=[1], mtp=False, embed_head=False))
+    build_model(ckpt, Selection(layers=[0], mtp=False, embed_head=False))  # other layers are not read: no refusal
+
+
 def test_the_clean_checkpoint_loads(ckpt):
     """The control: the unpoisoned copy loads the same selection."""
     build_model(ckpt, Selection(layers=[1], mtp=False))

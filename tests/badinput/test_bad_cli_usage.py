@@ -24,12 +24,19 @@ NO_CUDA = not torch.cuda.is_available()
         pytest.param(("run", "--device", "meta"), ("--device 'meta'", "cpu or cuda"), id="device-meta"),
         pytest.param(("run", "--golden", "sometimes"), ("--golden", "'sometimes'"), id="golden"),
         pytest.param(("selftest", "--device", "gpu0"), ("--device 'gpu0'", "cpu or cuda"), id="selftest-device"),
-        pytest.param(("calibrate", "cases/batched.toml", "--out", "n.json", "--device", "gpu0"),
-                     ("--device 'gpu0'", "cpu or cuda"), id="calibrate-device"),  # fmt: skip
-        pytest.param(("run", "--calibration", "nosuch.json"), ("nosuch.json", "no such calibration file"),
-                     id="run-calibration"),  # fmt: skip
-        pytest.param(("selftest", "--calibration", "nosuch.json"), ("nosuch.json", "no such calibration file"),
-                     id="selftest-calibration"),  # fmt: skip
+        pytest.param(
+            ("calibrate", "cases/batched.toml", "--out", "n.json", "--device", "gpu0"),
+            ("--device 'gpu0'", "cpu or cuda"),
+            id="calibrate-device",
+        ),  # fmt: skip
+        pytest.param(
+            ("run", "--calibration", "nosuch.json"), ("nosuch.json", "no such calibration file"), id="run-calibration"
+        ),  # fmt: skip
+        pytest.param(
+            ("selftest", "--calibration", "nosuch.json"),
+            ("nosuch.json", "no such calibration file"),
+            id="selftest-calibration",
+        ),  # fmt: skip
         pytest.param(("selftest", "--loosen", "nan"), ("--loosen", "nan"), id="loosen-nan"),
         pytest.param(("gate", "x.toml", "--regression", "2"), ("x.toml",), id="suite-missing"),
         pytest.param(("compare", "x", "y", "--json", "--csv"), ("--json and --csv",), id="json-csv"),
@@ -63,3 +70,29 @@ def test_a_terminal_user_sees_one_line_not_a_box():
 def test_help_still_works(parity_cli):
     r = parity_cli("compare", "--help")
     assert r.code == 0 and "--allow-dtype-change" in r.out
+
+
+def test_selftest_names_the_one_bad_option(parity_cli):
+    line = assert_bad_input(parity_cli("selftest", "--loosen", "0.5"), "--loosen", "0.5")
+    assert "--repeats" not in line
+    line = assert_bad_input(parity_cli("selftest", "--repeats", "-1"), "--repeats", "-1")
+    assert "--loosen" not in line
+
+
+def test_paths_of_the_wrong_kind_say_so(parity_cli, tmp_path):
+    """A file where a dir is expected, a dir where a file is, a missing dir: the message names the path and the
+    kind expected, never an OS error string with the joined child path."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    line = assert_bad_input(parity_cli("judge", a_file), str(a_file), "not a directory")
+    assert "run.json" not in line and "Errno" not in line
+    assert_bad_input(parity_cli("judge", tmp_path / "nodir"), "nodir", "no such dir")
+    line = assert_bad_input(parity_cli("gate", tmp_path), str(tmp_path), "a directory; expected a suite .toml")
+    assert "Errno" not in line
+
+
+def test_a_case_file_without_a_suffix_is_read_as_a_case(parity_cli, tmp_path, monkeypatch):
+    """`parity run mycase` with a file `mycase` here reads it (and names it), not 'unknown built-in case'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mycase").write_text('name = "x"\n')
+    assert_bad_input(parity_cli("run", "mycase", "--out", tmp_path / "out"), "mycase", "[[requests]]")
