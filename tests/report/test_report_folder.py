@@ -92,9 +92,13 @@ def test_report_command_rerenders_the_same_pages(failing, tmp_path):
 
 
 def test_report_command_lists_kernel_repros(failing, tmp_path):
+    """The failed run wrote its kernel repros (parity run calls write_kernel_repros) and its pages list them; a
+    file added later under repro/ is listed once the folder is rendered again."""
+    written = sorted(p.name for p in (failing.folder / "repro").iterdir())
+    assert any(name.endswith(".py") for name in written)
+    assert all(f"repro/{name}" in (failing.folder / "report.html").read_text() for name in written)
     copy = tmp_path / "copy"
     shutil.copytree(failing.folder, copy, ignore=shutil.ignore_patterns("checkpoint"))
-    (copy / "repro").mkdir()
     (copy / "repro" / "moe_gate.py").write_text("# a kernel repro\n")
     render_folder(copy)
     assert "repro/moe_gate.py" in (copy / "report.html").read_text()
