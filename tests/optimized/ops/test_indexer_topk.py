@@ -177,6 +177,19 @@ def test_long_rows_through_the_merging_kernel(impl):
           63)  # fmt: skip
 
 
+def test_long_rows_through_several_tree_levels(impl):
+    # rows of ~100 visible entries in chunks of 16 keys, top 8: four levels of the tree (7 chunks -> 56 candidates
+    # -> 4 chunks -> 2 -> 1), each keeping its chunks' top 8; the same ids as ranking the whole row at once
+    if impl.backend != "triton":
+        pytest.skip("only the triton backend has two top-k kernels")
+    q, entries, weights = operands(400, 3, 4)
+    rank = run(impl, q, entries, weights, 8, 400, method="rank")
+    tree = run(impl, q, entries, weights, 8, 400, method="merge", chunk=16)
+    assert torch.equal(rank, tree)
+    judge(impl, tree, reference_decodes(q, entries, weights, 8, 400, 8), twin_score_rows(q, entries, weights, 400),
+          400)  # fmt: skip
+
+
 def test_output_is_fully_written(impl, monkeypatch):
     real = torch.empty
 

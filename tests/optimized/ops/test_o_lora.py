@@ -26,8 +26,14 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (groups, rank, h*d): the tiny model's wo_a (2 groups of 2 heads x 128, rank 128) and synthetic layouts, made from
 # FP8 blocks like a checkpoint's (g4-r64 and g8-r16: 128-row scale blocks straddle groups; g4/g1: K per group 96
-# and 192, not multiples of 128)
-LAYOUTS = {"tiny": (2, 128, 512), "g4-r64": (4, 64, 384), "g1-r32": (1, 32, 192), "g8-r16": (8, 16, 512)}
+# and 192, not multiples of 128; g2-k1024: K per group 1024, eight 128-column scale blocks)
+LAYOUTS = {
+    "tiny": (2, 128, 512),
+    "g4-r64": (4, 64, 384),
+    "g1-r32": (1, 32, 192),
+    "g8-r16": (8, 16, 512),
+    "g2-k1024": (2, 64, 2048),
+}
 CASES = [
     ((1,), "tiny"),
     ((2,), "g4-r64"),
@@ -42,6 +48,8 @@ CASES = [
     ((37, 1, 63), "g4-r64"),
     ((2, 5, 1, 3, 1), "tiny"),
     ((1, 1, 1), "g8-r16"),
+    ((1, 7, 2), "g2-k1024"),
+    ((65,), "g2-k1024"),
 ]
 PARAMS = [pytest.param(*c, id="L{}-{}".format("_".join(map(str, c[0])), c[1])) for c in CASES]
 
@@ -254,3 +262,38 @@ def test_triton_writes_every_output(triton_o_lora, ref_model, monkeypatch):
         warnings.simplefilter("error", UserWarning)  # an FP8-made weight: no fallback
         poisoned = triton_o_lora.o_lora(o, wo_a, g, rank)
     assert not poisoned.isnan().any() and torch.equal(poisoned, clean)
+
+
+def _two_scale_weight(g, rank, kg):
+    """A checkpoint-made wo_a whose 128-column blocks alternate in scale by 2^3: a 256-wide K step that applied one
+    block's scale to both halves would be off by 8x on half its terms."""
+    w = torch.randn(g * rank, kg) * kg**-0.5
+    w.view(g * rank, kg // 256, 2, 128)[:, :, 1] *= 8
+    return fp8_made(w).to(DEV)
+
+
+@pytest.mark.parametrize("m", [1, 7, 65])
+def test_triton_256_wide_k_steps_apply_each_blocks_scale(triton_o_lora, m):
+    # the decode tiles step K by 256: two 128-column weight scale blocks per step, each with its own scale
+    g, rank, hd = LAYOUTS["g2-k1024"]
+    wo_a = _two_scale_weight(g, rank, hd // g)
+    q, s = triton_o_lora.quantize_wo_a(wo_a)
+    assert (s.view(torch.uint8)[:, 1::2].int() - s.view(torch.uint8)[:, 0::2].int()).abs().min() > 0
+    o = activations(m, hd)
+    out = triton_o_lora.o_lora(o, wo_a, g, rank, _config=dict(BLOCK_W=64, BLOCK_T=16, BLOCK_K=256))
+    check_gemm(_triton_impl(), out, reference(o, wo_a, g, rank), *golden_and_allowance(o, wo_a, g, rank))
+
+
+def test_planted_bug_one_scale_per_256_wide_step_is_caught(triton_o_lora, monkeypatch):
+    # the kernel fed scales where each 256-wide step's second block carries the first block's scale (what a kernel
+    # reading one scale per step computes) must fail the comparison
+    g, rank, hd = LAYOUTS["g2-k1024"]
+    wo_a = _two_scale_weight(g, rank, hd // g)
+    q, s = triton_o_lora.quantize_wo_a(wo_a)
+    s = s.view(torch.uint8).clone()
+    s[:, 1::2] = s[:, 0::2]
+    monkeypatch.setattr(triton_o_lora, "_fp8_weight", lambda w: (q, s.view(torch.float8_e8m0fnu)))
+    o = activations(7, hd)
+    buggy = triton_o_lora.o_lora(o, wo_a, g, rank, _config=dict(BLOCK_W=64, BLOCK_T=16, BLOCK_K=256))
+    with pytest.raises(AssertionError):
+        check_gemm(_triton_impl(), buggy, reference(o, wo_a, g, rank), *golden_and_allowance(o, wo_a, g, rank))

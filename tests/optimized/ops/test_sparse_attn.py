@@ -372,6 +372,35 @@ def test_one_query_kernel_matches_the_batched_one(impl):
         assert torch.equal(one, batched)
 
 
+def test_two_output_parts_match_the_twin(impl):
+    # the output dims of each head split over two programs (`config` parts = 2, a GPU candidate at d = 512): each
+    # program computes the full scores, its own half-d product first, and is judged against the twin like the
+    # one-program kernel
+    if impl.backend != "triton":
+        pytest.skip("only the triton backend has output parts")
+    h, d = 4, 128
+    q, kv, idx = request(5, 60, 130, h, d)
+    idx[3, 70:] = -1
+    sink, scale = torch.randn(h), d**-0.5
+    sources = (kv[:7], kv[7:])
+    two = run(impl, q, sources, idx, sink, scale, config=(16, 4, 2, 2))
+    judge(impl, two, reference(q, kv, idx, sink, scale), q, sources, idx, sink, scale)
+    with pytest.raises(ValueError):  # a head dim the halves cannot split
+        run(impl, q[..., :96], (kv[:7, :96], kv[7:, :96]), idx, sink, scale, config=(16, 4, 2, 2))
+
+
+def test_model_shape_heads_64_dim_512(impl):
+    # V4-Flash's attention shape: the configuration the GPU runs at d = 512 (`default_config`) against the twin
+    h, d = 64, 512
+    reqs = [request(2, 150, 130, h, d), request(1, 70, 70, h, d)]
+    sink, scale = torch.randn(h), d**-0.5
+    sources, idx = place(reqs, d)
+    q = torch.cat([r[0] for r in reqs])
+    out = run(impl, q, sources, idx, sink, scale)
+    expected = torch.cat([reference(q, kv, i, sink, scale) for q, kv, i in reqs])
+    judge(impl, out, expected, q, sources, idx, sink, scale)
+
+
 def test_gather_reads_zeros_for_missing_rows():
     src = (torch.ones(2, 4), 2 * torch.ones(3, 4))
     got = gather_rows(src, torch.tensor([[4, -1, 0, 2]]))

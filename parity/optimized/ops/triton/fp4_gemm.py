@@ -10,7 +10,8 @@ per-128 scale and the weight's per-32 scale; bf16 (round to nearest even) at the
 grouped in K-only chunks (`_gemm_common`), which keeps split-K batch-invariant.
 
 Layout as in `fp8_gemm`: weight rows on the MMA's M side (BLOCK_W), tokens on its N side (BLOCK_T), split K over
-chunks for small-M launches that would leave SMs idle.
+chunks for small-M launches that would leave SMs idle. A loop trip handles four 32-blocks (one activation
+128-group: one scale load, 64 weight bytes per row in flight instead of 16), still scaled and added one by one.
 
 Numerics vs the twin: each 32-wide block product is one FP8 MMA on the GPU (an exact float64 dot rounded once to
 fp32 in the interpreter, as in fp8_gemm) instead of the twin's exact sum; the scaling and accumulation are the
@@ -36,7 +37,7 @@ def _fp4_gemm_kernel(
     M, N, K, N_KB, CHUNK_KB, M_BUCKET,
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     A_E8M0: tl.constexpr, B_E8M0: tl.constexpr,
-    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr,
+    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr, SUB: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid_w = tl.program_id(0)
@@ -61,40 +62,45 @@ def _fp4_gemm_kernel(
     bs_ptrs = bs_ptr + offs_w * stride_bsn + kb_begin
     total = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
     part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
-    for kb in range(kb_begin, kb_end):
-        # e2m1 nibble s.e1e0.m -> bits 7 and 4..2 of an e4m3 byte: the value fp4 * 2^-6, exact for every code (the
-        # subnormal 0.5 included); the 2^6 goes into the weight scale below (inline: the interpreter pays per call)
-        packed = tl.load(b_ptrs, mask=mask_w[:, None], other=0)  # [BLOCK_W, 16] uint8
-        lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
-        hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
-        w = tl.reshape(tl.join(lo, hi), (BLOCK_W, BLOCK_K)).to(tl.float8e4nv, bitcast=True)  # low nibble first
-        a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
-        sa = tl.load(as_row + kb // 4, mask=mask_t)  # the activation's 128-group holding this 32-block
-        sb = tl.load(bs_ptrs, mask=mask_w)
+    # SUB 32-blocks (one 128-group of the activation when SUB = 4) per loop trip: 4x larger loads in flight per
+    # trip than one 16-byte weight slice per row; the blocks are still scaled and summed one by one in ascending k
+    for kb4 in range(kb_begin, kb_end, SUB):
+        sa = tl.load(as_row + kb4 // 4, mask=mask_t)  # the activation's 128-group holding these 32-blocks
         if A_E8M0:
             sa = sa.to(tl.int32)
             sa = tl.where(sa == 0, 0x00400000, tl.where(sa == 255, 0x7FC00000, sa << 23))
             sa = sa.to(tl.float32, bitcast=True)
-        if B_E8M0:
-            sb = sb.to(tl.int32)
-            sb = tl.where(sb == 0, 0x00400000, tl.where(sb == 255, 0x7FC00000, sb << 23))
-            sb = sb.to(tl.float32, bitcast=True)
-        sb = sb * 64.0  # the decoding's 2^-6 undone: a power of two, so (P * sa) * sb rounds exactly as the twin's
-        if DOT_F64:  # interpreter: an exact block product (see the module docstring), and BLAS-fast
-            p = tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
-        else:
-            p = tl.dot(w, a)
-        # [BLOCK_W, BLOCK_T] fp32, from zero for this 32-block
-        if not CHUNKED:  # one block per chunk: the twin's own order, one accumulator fewer
-            total += (p * sa[None, :]) * sb[:, None]
-        else:
-            part += (p * sa[None, :]) * sb[:, None]
-            if ((kb + 1) % CHUNK_KB == 0) | (kb + 1 == kb_end):
-                total += part
-                part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
-        b_ptrs += BLOCK_K // 2
-        a_ptrs += BLOCK_K
-        bs_ptrs += 1
+        for j in tl.static_range(SUB):
+            kb = kb4 + j
+            # e2m1 nibble s.e1e0.m -> bits 7 and 4..2 of an e4m3 byte: the value fp4 * 2^-6, exact for every code
+            # (the subnormal 0.5 included); the 2^6 goes into the weight scale below (inline: the interpreter pays
+            # per call)
+            packed = tl.load(b_ptrs, mask=mask_w[:, None], other=0)  # [BLOCK_W, 16] uint8
+            lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
+            hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_W, BLOCK_K)).to(tl.float8e4nv, bitcast=True)  # low nibble first
+            a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
+            sb = tl.load(bs_ptrs, mask=mask_w)
+            if B_E8M0:
+                sb = sb.to(tl.int32)
+                sb = tl.where(sb == 0, 0x00400000, tl.where(sb == 255, 0x7FC00000, sb << 23))
+                sb = sb.to(tl.float32, bitcast=True)
+            sb = sb * 64.0  # the decoding's 2^-6 undone: a power of two, so (P * sa) * sb rounds as the twin's
+            if DOT_F64:  # interpreter: an exact block product (see the module docstring), and BLAS-fast
+                p = tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
+            else:
+                p = tl.dot(w, a)
+            # [BLOCK_W, BLOCK_T] fp32, from zero for this 32-block
+            if not CHUNKED:  # one block per chunk: the twin's own order, one accumulator fewer
+                total += (p * sa[None, :]) * sb[:, None]
+            else:
+                part += (p * sa[None, :]) * sb[:, None]
+                if ((kb + 1) % CHUNK_KB == 0) | (kb + 1 == kb_end):
+                    total += part
+                    part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+            b_ptrs += BLOCK_K // 2
+            a_ptrs += BLOCK_K
+            bs_ptrs += 1
     if SPLIT:
         ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * N
         tl.store(ws + offs_t[None, :] * N + offs_w[:, None], total, mask=mask_w[:, None] & mask_t[None, :])
@@ -106,12 +112,12 @@ def _fp4_gemm_kernel(
 def _configs(small_m: bool):
     if runtime.interpreting():
         return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 256}, num_warps=4)]
-    # (BLOCK_W, BLOCK_T, warps, stages): wgmma when compiled for sm_90 (bench --compile-check); 128 x 128 with
-    # K-chunking spills a little (236 bytes), so 128 x 64 is offered next to it
+    # (BLOCK_W, BLOCK_T, warps, stages): wgmma when compiled for sm_90 (bench --compile-check); decode offers
+    # one token tile up to 64 tokens; prefill one warpgroup on 128 x 64 (see fp8_gemm's configurations)
     if small_m:
-        shapes = [(64, 16, 4, 4), (128, 32, 4, 3)]
+        shapes = [(64, 16, 4, 4), (64, 64, 4, 4), (128, 16, 4, 4)]
     else:
-        shapes = [(128, 64, 8, 4), (128, 128, 8, 3)]
+        shapes = [(128, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3)]
     return [triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st) for w, t, nw, st in shapes]
 
 
@@ -163,6 +169,9 @@ def fp4_gemm(
         if split is None:
             split = small and triton.cdiv(n, 128) * triton.cdiv(m, 16) < common.sm_count(a.device)
         split = split and chunks > 1
+        # 4 blocks per loop trip need every program's K range to start and end on a 128-group (K % 128 == 0 makes
+        # the whole range do; a split chunk must be a multiple of 4 blocks)
+        sub = 4 if not split or chunk % 4 == 0 else 1
         ws = common.empty(chunks, m, n, dtype=torch.float32, device=a.device) if split else out  # out: unused
 
         def grid(meta):
@@ -174,7 +183,7 @@ def fp4_gemm(
                 m, n, k, n_kb, chunk, common.bucket(m),
                 a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
                 A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNKED=chunk > 1, SPLIT=split, DOT_F64=runtime.interpreting(),
-                **common.NO_FMA,
+                SUB=sub, **common.NO_FMA,
             )  # fmt: skip
             if split:
                 common.reduce_chunks(ws, out)

@@ -12,18 +12,23 @@ Two kernels:
    FP4-grid values (e2m1 x 2^k per 32-group, spec §3.3) whose 128-term dot products are exact in fp32 in any
    order, so every score is bit for bit the twin's; the head sum's fp32 order is the only other freedom and cannot
    move a bf16 result unless an fp32 partial sum is inexact (terms 2^24 apart) and lands on a rounding midpoint.
-2. top-k (one program per block of queries): entry j is visible to query r iff j < (start_pos + r + 1) // ratio
-   (a prefill is start_pos 0: j < (r + 1) // ratio; the same rule as the twin's -inf mask and its per-token decode
-   rows). Each visible (score, j) becomes an int64 key, score order in the high 32 bits (+0 and -0 equal), ~j in the
-   low bits; chunks of entries are merged into a running top-KP buffer with Triton's bitonic `tl.topk`. Output:
-   the first k keys as entry ids in descending score order, -1 where a query sees fewer than k entries.
+2. top-k (programs per block of queries, or per (row, chunk) for long rows): entry j is visible to query r iff j <
+   (start_pos + r + 1) // ratio (a prefill is start_pos 0: j < (r + 1) // ratio; the same rule as the twin's -inf
+   mask and its per-token decode rows). Each visible (score, j) becomes an int64 key, score order in the high 32 bits
+   (+0 and -0 equal), ~j in the low bits. Short rows: each key's rank is counted directly. Long rows: a tree of
+   levels, one program per (row, chunk of keys) keeping the chunk's top KP with Triton's bitonic `tl.topk`, until one
+   chunk is left (a decode row of 16k entries: its chunks run on as many SMs, where a single program merging chunk
+   after chunk was serial). Output: the first k keys as entry ids in descending score order, -1 where a query sees
+   fewer than k entries.
 
 Ties: equal scores come out in ascending entry id (the key's low bits). torch.topk's order among equal values is
 implementation-defined (CUDA gave descending ids on one row, spec §7.2 step 10; the CPU kernel differs by row
 width): so the ids equal the twin's up to the order and choice among entries whose scores tie, which the tests
 compare as sets modulo ties (`bitwise=False`).
 
-Unverified without a GPU: speed of the bitonic merges for index_topk 512/1024 at long contexts.
+Speed on the H200 (docs/perf-h200/triton_attention.md, 2026-12-03): a decode row of 16384 entries 0.09 ms (Flash,
+k 512) / 0.15 ms (Pro, k 1024), 2.6x / 1.7x the torch backend (the single-program merge took 0.27 / 0.33 ms);
+the scores and top-k of one row are latency bound (1 % of copy bandwidth), a 4k prefill is at ~40 %.
 """
 
 import torch
@@ -97,25 +102,29 @@ def _topk_rank_kernel(sc_ptr, out_ptr, L, T, K, start_pos, ratio, TP: tl.constex
 
 
 @triton.jit
-def _topk_merge_kernel(
-    sc_ptr, out_ptr, L, T, K, start_pos, ratio,
-    KP: tl.constexpr, C: tl.constexpr, BR: tl.constexpr,
+def _topk_tree_kernel(
+    src_ptr, out_ptr, T, W, K, start_pos, ratio,
+    KP: tl.constexpr, C: tl.constexpr, FROM_SCORES: tl.constexpr, FINAL: tl.constexpr,
 ):  # fmt: skip
-    # chunks of C entries merged into a running top-KP buffer with Triton's bitonic top-k (sorted descending)
-    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
-    vis = _visible(start_pos, rows, ratio, L, T)
-    best = tl.full([BR, KP], -1, tl.int64)
-    for c0 in range(0, tl.max(vis, axis=0), C):
-        ents = c0 + tl.arange(0, C).to(tl.int64)
-        visible = ents[None, :] < vis[:, None]
-        sc = tl.load(sc_ptr + rows[:, None] * T + ents[None, :], mask=visible, other=0.0)
-        keys = _keys(sc, ents[None, :], visible)
-        if C > KP:
-            keys = tl.topk(keys, KP, dim=1)
-        best = tl.topk(tl.reshape(tl.join(best, keys), [BR, 2 * KP]), KP, dim=1)
-    ids = tl.where(best >= 0, 2147483647 - (best & 2147483647), -1)
+    # one program per (query row, chunk of C keys): the chunk's top KP keys, sorted descending (Triton's bitonic
+    # top-k). The first level makes the keys from a row's scores (width T), later ones read the previous level's
+    # [rows, W] keys; the final level (one chunk left) writes entry ids
+    row = tl.program_id(0).to(tl.int64)
+    chunk = tl.program_id(1)
+    pos = chunk.to(tl.int64) * C + tl.arange(0, C).to(tl.int64)
+    if FROM_SCORES:
+        visible = pos < tl.minimum((start_pos + row + 1) // ratio, T)
+        sc = tl.load(src_ptr + row * T + pos, mask=visible, other=0.0)
+        keys = _keys(sc, pos, visible)
+    else:
+        keys = tl.load(src_ptr + row * W + pos, mask=pos < W, other=-1)
+    best = tl.reshape(tl.topk(tl.reshape(keys, [1, C]), KP, dim=1), [KP])
     cols = tl.arange(0, KP)
-    tl.store(out_ptr + rows[:, None] * K + cols[None, :], ids, mask=(rows < L)[:, None] & (cols < K)[None, :])
+    if FINAL:
+        ids = tl.where(best >= 0, 2147483647 - (best & 2147483647), -1)
+        tl.store(out_ptr + row * K + cols, ids, mask=cols < K)
+    else:
+        tl.store(out_ptr + (row * tl.num_programs(1) + chunk) * KP + cols, best)
 
 
 def index_scores(q: torch.Tensor, entries: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -152,8 +161,8 @@ def indexer_topk(
     `[L, k]` int64 (-1 none), each row in descending score order (ties: ascending id).
 
     `method`: "rank" (all entries of a row compared at once, O(t^2); for short rows and the interpreter) or
-    "merge" (chunks of `chunk` entries merged by bitonic top-k; long rows on the GPU); None picks by the row
-    length. Both give the same ids."""
+    "merge" (a tree of bitonic top-k levels over chunks of up to `chunk` keys; long rows on the GPU); None picks
+    by the row length. Both give the same ids."""
     n = q.shape[0]
     t = entries.shape[0]
     out = torch.empty(n, k, dtype=torch.int64, device=q.device)
@@ -172,6 +181,20 @@ def indexer_topk(
         _topk_rank_kernel[grid](scores, out, n, t, k, start_pos, ratio, TP=tp, BR=br, num_warps=8)
         return out
     kp = max(2, triton.next_power_of_2(k))  # tl.topk needs k >= 2
-    c = max(kp, chunk or 256)
-    _topk_merge_kernel[(n,)](scores, out, n, t, k, start_pos, ratio, KP=kp, C=c, BR=1)
-    return out
+    # a tree of top-k levels: each (row, chunk of `c` keys) program keeps its chunk's top kp, so a long row's
+    # chunks run in parallel and each level divides the candidates by c / kp (the keys are distinct: the top k is
+    # the same set, in the same order, whatever the chunking)
+    widest = max(2 * kp, triton.next_power_of_2(chunk or 4096))
+    src, width, first = scores, t, True
+    while True:
+        c = min(widest, max(kp, triton.next_power_of_2(width)))
+        n_chunks = triton.cdiv(width, c)
+        final = n_chunks == 1
+        dst = out if final else torch.empty(n, n_chunks * kp, dtype=torch.int64, device=q.device)
+        _topk_tree_kernel[(n, n_chunks)](
+            src, dst, t, width, k, start_pos, ratio, KP=kp, C=c, FROM_SCORES=first, FINAL=final,
+            num_warps=4 if c <= 1024 else 8,
+        )  # fmt: skip
+        if final:
+            return out
+        src, width, first = dst, n_chunks * kp, False

@@ -21,15 +21,19 @@ einsum multiplies (e4m3 * 2^k, exact), so both compute sum_d o[t, d] * w[r, d] o
 fp32 accumulation; only the summation order differs (one chained fp32 accumulator over K here, cuBLAS's blocking
 there). Result: within the twin's distance to the float64 einsum plus one bf16 ulp plus a K * 2^-23 fp32
 accumulation allowance of the terms' absolute sum. FP8-quantized activations would halve the MMA time at large M
-but add an FP8 rounding the reference does not have. The weight bytes are what decode pays for, and they are
-halved either way.
+but add an FP8 rounding the reference does not have.
+
+Decode (T <= 64) streams the FP8 weight, half the bytes. Prefill is MMA-bound and reads the bf16 wo_a the model
+holds: the same bf16 values in the same chained accumulation, so a token's bits do not depend on which path its
+batch takes (tests: rows do not depend on batchmates), without dequantizing each weight tile again for every token
+tile. Split-K over the G x rank/64 decode tiles was measured and dropped: 18.0 against 19.3 us at G 8 on the H200,
+for a second accumulator that made the prefill tiles 1.5x slower.
 
 Layout: weight rows (rank outputs of one group) are the MMA's M side, tokens its N side, so the dequantized weight
 tile is wgmma's register operand and the same instruction serves 1 and 4096 tokens. `segments` is ignored: the
 kernel's per-token result does not depend on the rows around it. The CPU interpreter sums each K block as a float64
 dot of the exact bf16 products, rounded once to fp32 (numpy's fp32 GEMM would make a token's bits depend on its
-position in the tile). Unverified without a GPU: the performance targets (>= 1.5x the bf16 einsum at M <= 64,
->= 1.0x at M = 1024) and batch invariance across autotuned tile widths.
+position in the tile). Performance against the issue's targets: docs/perf-h200/triton_gemm.md.
 """
 
 import warnings
@@ -80,6 +84,7 @@ def _o_lora_kernel(
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid: (rank tiles, token tiles, groups); M_BUCKET only keys the autotuner
+    tl.static_assert(BLOCK_K <= 256, "a K step spans at most two 128-column weight scale blocks")
     pid_w = tl.program_id(0)
     pid_t = tl.program_id(1)
     g = tl.program_id(2)
@@ -105,7 +110,13 @@ def _o_lora_kernel(
             # e4m3 * 2^k is exact in fp32 and in bf16: the same bf16 weight values the einsum multiplies
             e = tl.load(s_rows + k0 // 128, mask=mask_r, other=127).to(tl.int32)
             s = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23)).to(tl.float32, bitcast=True)
-            w = (w.to(tl.float32) * s[:, None]).to(tl.bfloat16)
+            if BLOCK_K > 128:  # the step's second 128 columns have their own scale block
+                e = tl.load(s_rows + k0 // 128 + 1, mask=mask_r & (k0 + 128 < KG), other=127).to(tl.int32)
+                s2 = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23))
+                s2 = s2.to(tl.float32, bitcast=True)
+                w = (w.to(tl.float32) * tl.where((offs_k < 128)[None, :], s[:, None], s2[:, None])).to(tl.bfloat16)
+            else:
+                w = (w.to(tl.float32) * s[:, None]).to(tl.bfloat16)
         if DOT_F64:
             # interpreter: numpy's fp32 GEMM sums a column in an order that depends on its position in the tile,
             # which would make a token's bits depend on its batchmates; a float64 dot of the exact bf16 products,
@@ -119,43 +130,61 @@ def _o_lora_kernel(
     tl.store(out_ptrs, acc.to(tl.bfloat16), mask=mask_r[:, None] & mask_t[None, :])
 
 
-def _configs():
+SMALL_M = 64  # decode-sized launches: the FP8 weight, 64-row slices; larger ones the bf16 weight, 128-row tiles
+
+
+def _configs(small_m: bool):
     if runtime.interpreting():
         return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 256, "BLOCK_K": 128}, num_warps=4)]
-    # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages): decode-sized tiles stream the FP8 weight with 64-row slices (G x 16
-    # programs for rank 1024), prefill tiles are 128 x 128/256; wgmma, no spills for sm_90 (bench --compile-check)
-    shapes = [(64, 16, 128, 4, 4), (64, 64, 128, 4, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3)]
+    # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages), all wgmma, from the H200 tile sweep (bench/triton_gemm_sweep.py,
+    # CUDA-graph timing, weights from HBM): decode streams the FP8 weight in 64-row slices, 256-wide K steps ~10 %
+    # faster than 128-wide; prefill 128 x 256 tiles over the bf16 weight
+    if small_m:
+        shapes = [(64, 16, 256, 4, 3), (64, 64, 256, 4, 3), (64, 16, 128, 4, 4)]
+    else:
+        shapes = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 3)]
     return [
         triton.Config({"BLOCK_W": w, "BLOCK_T": t, "BLOCK_K": k}, num_warps=nw, num_stages=st)
         for w, t, k, nw, st in shapes
     ]
 
 
-_kernel = common.autotune(_configs(), ["R", "KG", "M_BUCKET", "W_FP8", "EVEN_K"])(_o_lora_kernel)
+_KEY = ["R", "KG", "M_BUCKET", "W_FP8", "EVEN_K"]
+_small = common.autotune(_configs(True), _KEY)(_o_lora_kernel)
+_large = common.autotune(_configs(False), _KEY)(_o_lora_kernel)
 
 
-def o_lora(o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, segments=None) -> torch.Tensor:
+def o_lora(
+    o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, segments=None, *, _config: dict | None = None
+) -> torch.Tensor:
     """Grouped output LoRA: o bf16 `[T, h*d]`, wo_a bf16 `[g*rank, h*d/g]` -> bf16 `[T, g, rank]`.
-    `segments` is accepted for the op contract and ignored (rows are independent here)."""
+    `segments` is accepted for the op contract and ignored (rows are independent here). `_config` (tests only):
+    launch the kernel with these tile constants (BLOCK_W, BLOCK_T, BLOCK_K) instead of the autotuned ones."""
     t, hd = o.shape
     kg = hd // n_groups
     assert wo_a.shape == (n_groups * rank, kg), f"o_lora: wo_a {tuple(wo_a.shape)} for {n_groups} x {rank} x {kg}"
     assert o.dtype == torch.bfloat16 and wo_a.dtype == torch.bfloat16, (o.dtype, wo_a.dtype)
     o = o if o.stride(-1) == 1 else o.contiguous()
     fp8 = _fp8_weight(wo_a)
-    w, s = (wo_a, wo_a) if fp8 is None else (fp8[0], fp8[1].view(torch.uint8))  # on wo_a's device
+    small = t <= SMALL_M
+    # decode streams the FP8 weight (half the bytes); prefill is MMA-bound and reads the bf16 wo_a the model holds:
+    # the same bf16 values in the same chained accumulation, without dequantizing each weight tile in registers
+    # again for every token tile (H200 sweep, G 8, 1024 tokens: 90 us against 115 us)
+    use_fp8 = fp8 is not None and (small or _config is not None)
+    w, s = (fp8[0], fp8[1].view(torch.uint8)) if use_fp8 else (wo_a, wo_a)  # on wo_a's device
     out = common.empty(t, n_groups, rank, dtype=torch.bfloat16, device=o.device)
     if t == 0:
         return out
+    kernel = _o_lora_kernel if _config is not None else _small if small else _large
 
     def grid(meta):
         return (triton.cdiv(rank, meta["BLOCK_W"]), triton.cdiv(t, meta["BLOCK_T"]), n_groups)
 
     with common.on_device(o):
-        _kernel[grid](
+        kernel[grid](
             o, w, s, out,
             t, rank, kg, common.bucket(t),
             o.stride(0), w.stride(0), s.stride(0), out.stride(0),
-            W_FP8=fp8 is not None, EVEN_K=kg % 128 == 0, DOT_F64=runtime.interpreting(), **common.NO_FMA,
+            W_FP8=use_fp8, EVEN_K=kg % 128 == 0, DOT_F64=runtime.interpreting(), **(_config or {}), **common.NO_FMA,
         )  # fmt: skip
     return out

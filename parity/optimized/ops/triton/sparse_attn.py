@@ -4,10 +4,13 @@ Reference: parity.reference.kernels.sparse_attn (the official TileLang `sparse_a
 op per query on the rows `idx` selects from the virtual concatenation of `sources` (chunk KV, window ring, paged
 compressed entries; -1 = none).
 
-Structure (spec §8), one program per (query token, block of heads), prefill and decode rows in one launch:
+Structure (spec §8), one program per (query token, block of heads[, half of d]), prefill and decode rows in one
+launch:
 - the query's heads `[BH, d]` are loaded once; its index row is walked in 64-slot blocks in list order, up to its
-  last valid slot (the batch pads rows with trailing -1 to its widest list; those blocks are exactly an identity
-  once m is finite, so they are skipped; a row without any valid slot still runs one block and gives the twin's NaN);
+  last valid slot, which the program finds itself from the index row (`n_blocks`: torch ops on the host would be
+  launches, and launches bounded the small decode batches); the batch pads rows with trailing -1 to its widest
+  list; those blocks are exactly an identity once m is finite, so they are skipped; a row without any valid slot
+  still runs one block and gives the twin's NaN;
 - each block's rows are read straight from their source (up to four base pointers, the source picked per slot from
   the virtual row id; no gathered copy; asynchronous copies into shared memory on sm_90), -1 (or any negative id)
   masks the slot, an id past the last source reads zeros like the twin's gather;
@@ -18,9 +21,12 @@ Structure (spec §8), one program per (query token, block of heads), prefill and
 - exp is a portable fp32 Cody-Waite exp (reduction by a split ln 2, degree-7 polynomial, 2^k from the bits):
   ~1 ulp of the correctly rounded exp the twin uses; arguments below -87.3 give 0 (the twin keeps fp32 subnormals,
   < 1.2e-38, which no output can see).
-On the GPU the head block, warps and pipeline depth are fixed per (heads, head dim) (`default_config`; not
-autotuned: a row's bits must not depend on its batch size or on which configuration won a timing race). The CPU
-interpreter runs a second kernel with the same per-query math on up to 128 queries per program (batched 3-D dots):
+On the GPU the head block, warps, pipeline depth and output parts are fixed per (heads, head dim) (`default_config`;
+not autotuned: a row's bits must not depend on its batch size or on which configuration won a timing race). The
+KV list of a row is never split over programs (no flash-decoding split): a split would round each P to bf16
+relative to its piece's running max instead of the twin's running max, a rounding freedom the tolerance below does
+not grant, and choosing the split by batch size would make a row's bits depend on its batch. The CPU interpreter
+runs a second kernel with the same per-query math on up to 128 queries per program (batched 3-D dots):
 it pays per program and per op, not per element; the tests check that both kernels give the same bits.
 
 Not bitwise: the twin takes each MMA as an exact sum rounded once; the tensor cores (and the interpreter's BLAS)
@@ -30,10 +36,10 @@ bf16 ulp of P_i * v_i / l; and outputs that nearly cancel (|o| << sum |P_i v_i| 
 summation orders beyond their own bf16 ulp. The tests check every other output to the twin's error + 1 ulp of the
 float64 math and bound these two cases explicitly (tests/optimized/ops/test_sparse_attn.py).
 
-Unverified without a GPU: speed, and so the choice of `default_config` (the bench times every configuration in
-`CONFIGS` at Flash shapes). Compiled offline for sm_90 (`bench/triton_attention.py --compile-sm90`): at d = 512 the
-head blocks of 16 and 32 with 8 warps fit the registers without spills, a block of 64 (one program for all 64 Flash
-heads, wgmma) spills 24-224 bytes; shared memory 85-197 KB per program.
+Speed on the H200 (docs/perf-h200/triton_attention.md, 2026-12-03): Flash decode CSA ctx 64k K 640 T 256 0.20 ms
+(19.6 % of copy bandwidth on the KV bytes; the target is 50 %), T 1 0.09 ms (0.08 in a CUDA graph: ~8 us per
+64-slot block, one program's serial latency), prefill 4k 2.14 ms (16 % of bf16 peak; target 40 %). The 64-head
+block is the fastest configuration measured; splitting d over two programs (parts 2) was 1.3-1.7x slower.
 """
 
 import torch
@@ -77,26 +83,48 @@ def exp_f32(x):
 
 
 @triton.jit
+def n_blocks(idx_rows, tmask, K, BN: tl.constexpr, CH: tl.constexpr):
+    """64-slot blocks to run per query ([BT] index-row pointers): up to the last valid slot, at least one when the
+    list is not empty (a row without any valid slot runs one block and gives the twin's NaN). Counted here rather
+    than by torch ops on the host: each of those is a launch, and launches bound the small decode batches."""
+    last = tl.zeros(idx_rows.shape, tl.int32)
+    for c0 in range(0, K, CH):
+        sl = c0 + tl.arange(0, CH)
+        r = tl.load(idx_rows[:, None] + sl[None, :], mask=tmask[:, None] & (sl < K)[None, :], other=-1)
+        last = tl.maximum(last, tl.max(tl.where(r >= 0, sl[None, :] + 1, 0), axis=1))
+    return tl.where(tmask, tl.maximum((last + BN - 1) // BN, tl.minimum(K, 1)), 0)
+
+
+@triton.jit
 def _sparse_attn_kernel(
-    q_ptr, o_ptr, idx_ptr, nblk_ptr, sink_ptr,
+    q_ptr, o_ptr, idx_ptr, sink_ptr,
     s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3,
     H, K, q_st, q_sh, idx_st, scale,
-    D: tl.constexpr, DP: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
+    D: tl.constexpr, DP: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr, NPART: tl.constexpr,
 ):  # fmt: skip
-    # one flat grid, the head blocks of a token adjacent: they run together and share its KV rows through L2
+    # one flat grid, the programs of a token adjacent (head blocks, then output parts): they run together and share
+    # its KV rows through L2
     n_hb = tl.cdiv(H, BH)
-    t = (tl.program_id(0) // n_hb).to(tl.int64)
-    heads = (tl.program_id(0) % n_hb) * BH + tl.arange(0, BH)
+    pid = tl.program_id(0)
+    part = pid % NPART
+    t = (pid // NPART // n_hb).to(tl.int64)
+    heads = (pid // NPART % n_hb) * BH + tl.arange(0, BH)
     hmask = heads < H
-    dims = tl.arange(0, DP)
-    dmask = dims < D
-    q = tl.load(q_ptr + t * q_st + heads[:, None] * q_sh + dims[None, :], mask=hmask[:, None] & dmask[None, :],
-                other=0.0)  # fmt: skip
+    # NPART = 2: this program writes the output dims `own` (half of d) and keeps a [BH, d/2] accumulator; the
+    # scores need all of d, so it reads the other half too (`oth`, the twin program's own half: an L2 hit)
+    DV: tl.constexpr = DP // NPART
+    own = part * DV + tl.arange(0, DV)
+    q_rows = q_ptr + t * q_st + heads[:, None] * q_sh
+    q = tl.load(q_rows + own[None, :], mask=hmask[:, None] & (own < D)[None, :], other=0.0)
+    if NPART == 2:
+        oth = (1 - part) * DV + tl.arange(0, DV)
+        q_oth = tl.load(q_rows + oth[None, :], mask=hmask[:, None] & (oth < D)[None, :], other=0.0)
     m = tl.full([BH], float("-inf"), tl.float32)
     den = tl.zeros([BH], tl.float32)
-    acc = tl.zeros([BH, DP], tl.float32)
-    n_blocks = tl.load(nblk_ptr + t)
-    for b in range(0, n_blocks):
+    acc = tl.zeros([BH, DV], tl.float32)
+    one = tl.arange(0, 1)
+    nblk = tl.max(n_blocks(idx_ptr + t * idx_st + one, one < 1, K, BN, 512), axis=0)
+    for b in range(0, nblk):
         slots = b * BN + tl.arange(0, BN)
         r = tl.load(idx_ptr + t * idx_st + slots, mask=slots < K, other=-1).to(tl.int64)
         valid = r >= 0
@@ -105,8 +133,14 @@ def _sparse_attn_kernel(
               tl.where(r < c2, s1 + (r - c1) * st1,
               tl.where(r < c3, s2 + (r - c2) * st2, s3 + (r - c3) * st3)))  # fmt: skip
         inside = valid & (r < c4)
-        kv = tl.load(ptr[:, None] + dims[None, :], mask=inside[:, None] & dmask[None, :], other=0.0)  # [BN, DP]
+        kv = tl.load(ptr[:, None] + own[None, :], mask=inside[:, None] & (own < D)[None, :], other=0.0)  # [BN, DV]
         s = tl.dot(q, tl.trans(kv))  # [BH, BN] fp32
+        if NPART == 2:
+            # the other half's product accumulates onto the own half's (Triton folds a separate fp32 add into the
+            # MMA accumulator anyway): the two programs of a head sum the halves in opposite orders, so a score may
+            # differ by its MMA rounding between them, the same freedom any MMA order has (the tolerance)
+            kv_oth = tl.load(ptr[:, None] + oth[None, :], mask=inside[:, None] & (oth < D)[None, :], other=0.0)
+            s = tl.dot(q_oth, tl.trans(kv_oth), s)
         s = tl.where(valid[None, :], s, float("-inf")) * scale
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = exp_f32(m - m_new)
@@ -117,13 +151,13 @@ def _sparse_attn_kernel(
     sink = tl.load(sink_ptr + heads, mask=hmask, other=0.0)
     den = den + exp_f32(sink - m)
     o = tl.math.div_rn(acc, den[:, None])
-    tl.store(o_ptr + t * H * D + heads[:, None] * D + dims[None, :], o.to(tl.bfloat16),
-             mask=hmask[:, None] & dmask[None, :])  # fmt: skip
+    tl.store(o_ptr + t * H * D + heads[:, None] * D + own[None, :], o.to(tl.bfloat16),
+             mask=hmask[:, None] & (own < D)[None, :])  # fmt: skip
 
 
 @triton.jit
 def _sparse_attn_tokens_kernel(
-    q_ptr, o_ptr, idx_ptr, nblk_ptr, sink_ptr,
+    q_ptr, o_ptr, idx_ptr, sink_ptr,
     s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3,
     T, H, K, q_st, q_sh, idx_st, scale,
     D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, BH: tl.constexpr, BN: tl.constexpr,
@@ -142,7 +176,7 @@ def _sparse_attn_tokens_kernel(
     m = tl.full([BT, BH], float("-inf"), tl.float32)
     den = tl.zeros([BT, BH], tl.float32)
     acc = tl.zeros([BT, BH, DP], tl.float32)
-    nblk = tl.load(nblk_ptr + tok, mask=tmask, other=0)
+    nblk = n_blocks(idx_ptr + tok * idx_st, tmask, K, BN, 512)
     for b in range(0, tl.max(nblk, axis=0)):
         slots = b * BN + tl.arange(0, BN)
         run = tmask & (b < nblk)  # [BT]: queries whose list still has this block
@@ -174,19 +208,28 @@ def _sparse_attn_tokens_kernel(
              mask=qmask)  # fmt: skip
 
 
-# GPU launch configurations (head block BH = MMA rows with a BH x d fp32 accumulator in registers, warps, pipeline
-# stages) that compile for sm_90 at d = 512 without register spills, or nearly (`bench/triton_attention.py
-# --compile-sm90` lists registers, spills and shared memory; `bench/triton_attention.py` times each on the GPU).
-CONFIGS = ((16, 8, 1), (16, 8, 2), (16, 8, 3), (16, 4, 1), (32, 8, 1), (32, 8, 2), (32, 8, 3), (64, 8, 1), (64, 8, 2))
+# GPU launch configurations (head block BH = MMA rows, warps, pipeline stages, output parts: 1 keeps a BH x d fp32
+# accumulator in registers, 2 splits d over two programs of BH x d/2 each) that compile for sm_90 at d = 512
+# (`bench/triton_attention.py --compile-sm90` lists registers, spills and shared memory;
+# `bench/triton_attention.py` times each on the GPU).
+CONFIGS = (
+    (32, 8, 2, 1), (64, 8, 1, 1), (64, 8, 2, 1), (64, 8, 1, 2), (64, 8, 2, 2), (32, 8, 2, 2), (32, 4, 2, 2),
+    (16, 4, 2, 2),
+)  # fmt: skip
 
 
-def default_config(h: int, d: int) -> tuple[int, int, int]:
-    """The configuration the op runs with, fixed per (heads, head dim): not autotuned, because another head block or
-    MMA instruction could round a row differently, and a row's bits must not depend on its batch size or on a
-    timing race between configurations (batch invariance, reproducible runs)."""
+def default_config(h: int, d: int) -> tuple[int, int, int, int]:
+    """The configuration the op runs with, fixed per (heads, head dim): not autotuned, because another head block,
+    output split or MMA instruction could round a row differently, and a row's bits must not depend on its batch
+    size or on a timing race between configurations (batch invariance, reproducible runs)."""
+    if d >= 256 and h >= 64:
+        # one program per 64 heads: each KV block is read once for all of them (MQA); the fastest of `CONFIGS` on
+        # the H200 at Flash decode T 256 and prefill 4k: 0.20 / 2.16 ms against 0.27 / 3.25 ms for the 32-head
+        # block (docs/perf-h200/triton_attention.md); it spills 104 bytes at d = 512, which costs less than it saves
+        return (64, 8, 1, 1)
     if d >= 256:
-        return (32, 8, 2) if h >= 32 else (16, 8, 2)  # no spills at d = 512; two programs per token for 64 heads
-    return (16, 8, 2)  # no spills at d = 64 and 128
+        return (32, 8, 2, 1) if h >= 32 else (16, 8, 2, 1)  # no spills at d = 512
+    return (16, 8, 2, 1)  # no spills at d = 64 and 128
 
 
 def _rows(src: torch.Tensor, d: int) -> torch.Tensor:
@@ -201,7 +244,8 @@ def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: i
 
     `tokens_per_program`: 1 runs the one-query-per-program kernel (the GPU's), more the batched one (the
     interpreter's default); None picks by where it runs. Both compute the same per-query math. `config`: (head
-    block, warps, stages) of the one-query kernel on the GPU instead of `default_config` (the bench's sweep)."""
+    block, warps, stages, output parts) of the one-query kernel instead of `default_config` (the bench's sweep;
+    the interpreter uses the head block and parts)."""
     t, h, d = q.shape
     k = idx.shape[1]
     out = torch.empty(t, h, d, dtype=q.dtype, device=q.device)
@@ -222,19 +266,14 @@ def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: i
     if q.stride(2) != 1:
         q = q.contiguous()
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
-    # blocks to run per row: up to the last valid slot (at least one when the list is not empty, so a row without
-    # any valid slot still runs one block and gives the twin's NaN)
-    if k:
-        last = torch.where(idx >= 0, torch.arange(1, k + 1, device=idx.device), 0).amax(dim=1)
-        nblk = ((last + BLOCK_N - 1) // BLOCK_N).clamp(min=1).to(torch.int32)
-    else:
-        nblk = torch.zeros(t, dtype=torch.int32, device=q.device)
     sink = attn_sink.float().contiguous()
     dp = triton.next_power_of_2(d)
-    args = (q, out, idx, nblk, sink, *srcs, *bounds, *(s.stride(0) for s in srcs))
+    args = (q, out, idx, sink, *srcs, *bounds, *(s.stride(0) for s in srcs))
     if tokens_per_program is None:
         # the interpreter: as many queries per program as the [BT, 64, d] KV tile allows (Triton caps tensors at 2^20)
-        tokens_per_program = max(1, (1 << 20) // (BLOCK_N * dp)) if runtime.interpreting() else 1
+        # (a given `config` is the one-query kernel's)
+        batched = runtime.interpreting() and config is None
+        tokens_per_program = max(1, (1 << 20) // (BLOCK_N * dp)) if batched else 1
     if tokens_per_program > 1:
         bt = min(triton.next_power_of_2(tokens_per_program), triton.next_power_of_2(t))
         _sparse_attn_tokens_kernel[(triton.cdiv(t, bt),)](
@@ -245,12 +284,16 @@ def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: i
         )  # fmt: skip
         return out
     tail = (h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale)
+    if runtime.interpreting() and config is None:
+        config = (max(16, triton.next_power_of_2(h)), 4, 1, 1)  # tl.dot needs 16 rows on the GPU: the same shapes
+    bh, warps, stages, parts = config or default_config(h, d)
+    if parts not in (1, 2) or (parts == 2 and (dp != d or d < 32)):
+        raise ValueError(f"sparse_attn: {parts} output parts of head dim {d} (1, or 2 of a power of two >= 32)")
+    grid = (t * triton.cdiv(h, bh) * parts,)
     if runtime.interpreting():
-        bh = max(16, triton.next_power_of_2(h))  # tl.dot needs 16 rows on the GPU; keep the same shapes here
-        _sparse_attn_kernel[(t * triton.cdiv(h, bh),)](*args, *tail, D=d, DP=dp, BH=bh, BN=BLOCK_N)
+        _sparse_attn_kernel[grid](*args, *tail, D=d, DP=dp, BH=bh, BN=BLOCK_N, NPART=parts)
     else:
-        bh, warps, stages = config or default_config(h, d)
-        _sparse_attn_kernel[(t * triton.cdiv(h, bh),)](
-            *args, *tail, D=d, DP=dp, BH=bh, BN=BLOCK_N, num_warps=warps, num_stages=stages
+        _sparse_attn_kernel[grid](
+            *args, *tail, D=d, DP=dp, BH=bh, BN=BLOCK_N, NPART=parts, num_warps=warps, num_stages=stages
         )
     return out
