@@ -10,9 +10,12 @@ time (user + sys: the machine may be shared) and peak RSS are its own. Sizes are
 dump. Dumps: `a` (the reference), `b` (every record differs a little and passes: compare and bisect read and
 measure everything), `c` (bitwise `a` except the very last record: bisect skips identical records by their bytes).
 
-Limits, measured here: page-cache read of the dump files, bf16 -> float64 cast into a reused buffer (one thread),
-and `dd` + fsync of the same bytes to the same disk. Throughputs are tensor GB per wall second (both dumps for
-compare / bisect), with the share of the relevant limit.
+Limits, measured here: page-cache read of the dump files (one stream, and `--threads` streams at once), bf16 ->
+float64 cast into a reused buffer (one thread, per CPU-second of it), `dd` + fsync of the same bytes to the same
+disk, and with `--device cuda` the pinned host -> GPU copy. Throughputs are tensor GB per wall second (both dumps for
+compare / bisect), with the share of the relevant limit. With several sizes, the steady-state rate of each step
+follows the table: the extra bytes over the extra time from the smallest to the largest size, which leaves out the
+fixed cost (process start, imports, dump checks) that every size pays once.
 """
 
 import argparse
@@ -23,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 RECORD_MIB, RECORDS = 16, 32
@@ -95,27 +99,56 @@ def run_child(args: list[str], repo: Path) -> dict:
     return {"wall": wall, "out": text, "code": code, "cpu": cpu, "rss_mb": usage.ru_maxrss / 1024}
 
 
-def limits(dump_dir: Path, nbytes: int, scratch: Path) -> dict:
-    """This machine's ceilings: page-cache read, bf16 -> float64 cast (reused buffer, one thread), dd + fsync."""
+def read_rate(files: list[Path], streams: int) -> float:
+    """Page-cache read of `files` (bytes / s), split over `streams` threads (file reads release the GIL)."""
+
+    def read(part: list[Path]) -> int:
+        view, total = memoryview(bytearray(64 << 20)), 0
+        for path in part:
+            with open(path, "rb", buffering=0) as f:
+                while k := f.readinto(view):
+                    total += k
+        return total
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(streams) as pool:
+        total = sum(pool.map(read, [files[i::streams] for i in range(streams)]))
+    return total / (time.perf_counter() - start)
+
+
+def h2d_rate() -> float:
+    """Pinned host -> GPU copy (bytes / s), 64 MiB at a time."""
+    import torch
+
+    src = torch.empty(64 << 20, dtype=torch.uint8, pin_memory=True)
+    dst = torch.empty_like(src, device="cuda")
+    dst.copy_(src)
+    torch.cuda.synchronize()
+    start, reps = time.perf_counter(), 32
+    for _ in range(reps):
+        dst.copy_(src, non_blocking=True)
+    torch.cuda.synchronize()
+    return reps * src.numel() / (time.perf_counter() - start)
+
+
+def limits(dump_dir: Path, nbytes: int, scratch: Path, streams: int, device: str) -> dict:
+    """This machine's ceilings: page-cache read (1 and `streams` threads), bf16 -> float64 cast (reused buffer, one
+    thread), dd + fsync, and the pinned host -> GPU copy on `cuda`."""
     import torch
 
     files = sorted((dump_dir / "tensors").iterdir())
-    buf = bytearray(64 << 20)
-    view = memoryview(buf)
-    start, total = time.perf_counter(), 0
-    for path in files:
-        with open(path, "rb", buffering=0) as f:
-            while k := f.readinto(view):
-                total += k
-    read = total / (time.perf_counter() - start)
+    read = read_rate(files, 1)
+    read_par = read_rate(files, streams)
     torch.set_num_threads(1)
     src = torch.randn(8 << 20).bfloat16()
     dst = torch.empty(src.numel(), dtype=torch.float64)
     dst.copy_(src)
-    start, reps = time.perf_counter(), 8
+    # per CPU-second of this thread, as the steps' GB/cpu-s: on a shared machine a wall-clock cast rate would fall
+    # with the load while the steps' CPU-time rates do not, and their share would look better than it is
+    start, reps = time.thread_time(), 8
     for _ in range(reps):
         dst.copy_(src)
-    cast = reps * src.numel() * 2 / (time.perf_counter() - start)
+    cast = reps * src.numel() * 2 / max(time.thread_time() - start, 1e-9)
     target = scratch / "dd.bin"
     count = max(1, nbytes // (16 << 20))
     start = time.perf_counter()
@@ -126,7 +159,10 @@ def limits(dump_dir: Path, nbytes: int, scratch: Path) -> dict:
     )
     dd = count * (16 << 20) / (time.perf_counter() - start)
     target.unlink()
-    return {"read": read, "cast": cast, "dd_fsync": dd}
+    out = {"read": read, "read_par": read_par, "streams": streams, "cast": cast, "dd_fsync": dd}
+    if device != "cpu":
+        out["h2d"] = h2d_rate()
+    return out
 
 
 def bench_size(size_gb: float, root: Path, repo: Path, threads: int | None, device: str) -> list[dict]:
@@ -149,7 +185,7 @@ def bench_size(size_gb: float, root: Path, repo: Path, threads: int | None, devi
         if name in ("a", "stats"):
             rows.append(_row(size_gb, f"write {mode}", r, nbytes, extra=extra))
     shutil.rmtree(root / f"{size_gb}-stats", ignore_errors=True)
-    lim = limits(root / f"{size_gb}-a", nbytes, root)
+    lim = limits(root / f"{size_gb}-a", nbytes, root, threads or min(4, os.cpu_count() or 1), device)
     cli = [py, str(repo / "cli.py")]
     opts = (["--threads", str(threads)] if threads else []) + (["--device", device] if device != "cpu" else [])
     a, b, c = (str(root / f"{size_gb}-{n}") for n in "abc")
@@ -184,6 +220,7 @@ def _row(size_gb, label, r, nbytes, extra=None) -> dict:
         "step": label,
         "wall_s": r["wall"] if extra is None else extra,
         "cpu_s": r["cpu"],
+        "bytes": nbytes,
         "gb_s": nbytes / seconds / 1e9,
         "gb_per_cpu_s": nbytes / max(r["cpu"], 1e-9) / 1e9,
         "rss_mb": r["rss_mb"],
@@ -196,12 +233,19 @@ def report(rows: list[dict], repo: Path, threads, device) -> str:
 
     import torch
 
-    lim = rows[0]["limits"]
     lines = [
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
         f"repo {repo}, threads {threads or 'default'}, device {device}",
-        f"limits: page-cache read {lim['read'] / 1e9:.2f} GB/s, bf16->f64 cast {lim['cast'] / 1e9:.2f} GB/s "
-        f"(1 thread, reused buffer), dd+fsync {lim['dd_fsync'] / 1e9:.2f} GB/s",
+    ]
+    for size in dict.fromkeys(r["size_gb"] for r in rows):
+        lim = next(r["limits"] for r in rows if r["size_gb"] == size)
+        h2d = f", pinned host->GPU {lim['h2d'] / 1e9:.2f} GB/s" if "h2d" in lim else ""
+        lines.append(
+            f"limits at {size} GB: page-cache read {lim['read'] / 1e9:.2f} GB/s (1 stream), "
+            f"{lim['read_par'] / 1e9:.2f} GB/s ({lim['streams']} streams), bf16->f64 cast {lim['cast'] / 1e9:.2f} "
+            f"GB/cpu-s (1 thread, reused buffer), dd+fsync {lim['dd_fsync'] / 1e9:.2f} GB/s{h2d}"
+        )
+    lines += [
         "",
         "| size GB | step | wall s | cpu s | GB/s | GB/cpu-s | % of limit | peak RSS MB |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
@@ -220,7 +264,39 @@ def report(rows: list[dict], repo: Path, threads, device) -> str:
             f"| {r['size_gb']} | {r['step']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | {r['gb_s']:.3f} | "
             f"{r['gb_per_cpu_s']:.3f} | {pct} | {r['rss_mb']:.0f} |"
         )
+    steady = steady_rates(rows)
+    if steady:
+        lines += ["", "steady state (extra bytes / extra time, smallest to largest size: the fixed cost left out):"]
+        lines += [
+            f"- {step}: {r['gb_s']:.3f} GB/s wall, {r['gb_per_cpu_s']:.3f} GB/cpu-s, "
+            f"{100 * r['gb_s'] * 1e9 / r['read_par']:.0f} % of the {r['streams']}-stream read, "
+            f"{100 * r['gb_per_cpu_s'] * 1e9 / r['cast']:.0f} % of cast/core"
+            for step, r in steady.items()
+        ]
     return "\n".join(lines)
+
+
+def steady_rates(rows: list[dict]) -> dict:
+    """Per compare / bisect step measured at two sizes or more: GB/s and GB/cpu-s from the smallest to the largest,
+    i.e. the rate once the fixed cost is paid (both dumps counted, as in the table)."""
+    out = {}
+    for step in dict.fromkeys(r["step"] for r in rows):
+        if not step.startswith(("compare", "bisect")):
+            continue
+        mine = sorted((r for r in rows if r["step"] == step), key=lambda r: r["size_gb"])
+        if len(mine) < 2 or mine[-1]["wall_s"] <= mine[0]["wall_s"]:
+            continue
+        small, large = mine[0], mine[-1]
+        moved = (large["bytes"] - small["bytes"]) / 1e9
+        cpu = max(large["cpu_s"] - small["cpu_s"], 1e-9)
+        out[step] = {
+            "gb_s": moved / (large["wall_s"] - small["wall_s"]),
+            "gb_per_cpu_s": moved / cpu,
+            "read_par": large["limits"]["read_par"],
+            "cast": large["limits"]["cast"],
+            "streams": large["limits"]["streams"],
+        }
+    return out
 
 
 def main() -> None:

@@ -3,13 +3,15 @@
 A pair of shape `[*lead, *inner]` (lead = the token dims) is seen as `R x C` rows. It is cut into tiles that are
 contiguous in memory and in the file (whole rows, or pieces of one row when a row is larger than a tile), so the
 same pass serves in-memory tensors and records streamed from disk. Per tile, in float64 buffers allocated once:
-the products xy, xx, yy and ee (e = x - y) summed per row and per inner position, the per-row / per-position
-largest |e|, max |e| and max |e| / |x|. Worst slices come from those sums: rows give the worst token, inner
-positions summed over the other inner dims give the worst head and channel.
+the products xy, xx, yy and ee (e = x - y) summed per row, xy, xx, yy summed per inner position, the per-row /
+per-position largest |e|, max |e| and max |e| / |x|, with two host syncs (a few scalars each). Worst slices come
+from those sums: rows give the worst token, inner positions summed over the other inner dims give the worst head and
+channel.
 
-Non-finite values are found without a mask pass: a row whose Σx² or Σy² is not finite holds an Inf or NaN (squares
-of finite values below 1e154 cannot overflow float64, and bf16/fp16/fp8/fp32 never reach that), and only such a
-tile takes the masked path (count NaN/Inf, zero the positions not finite on both sides, as the metrics define).
+Non-finite values are found without a mask pass: a tile whose Σ(x² + y²) is not finite holds an Inf or NaN (squares
+of finite values below 1e154 cannot overflow float64, and bf16/fp16/fp8/fp32 never reach that; a finite tile whose
+sum overflows takes the masked path too, which is exact for it, only slower), and only such a tile takes the masked
+path (count NaN/Inf, zero the positions not finite on both sides, as the metrics define).
 
 Accuracy: each sum is a float64 sum of exactly rounded float64 products, so |error| <= n * eps * Σ|terms| (n the
 element count, eps = 2**-53), the bound of any float64 summation order; `rel_diff` is computed as Σe² / Σ(x² + y²),
@@ -78,47 +80,52 @@ class FusedPass:
         self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # whole rows' sums not yet judged
         self.pending_rows, self.pending_first = 0, 0
         if tiling.sliced:
-            self.col_sums = torch.zeros(4, tiling.cols, **f64)
+            self.col_sums = torch.zeros(3, tiling.cols, **f64)  # Σxy, Σxx, Σyy per inner position
             self.col_err = torch.zeros(tiling.cols, **f64)
 
     def add(self, a: torch.Tensor, b: torch.Tensor, row: int, col: int, rows: int, cols: int) -> None:
         """One tile: `a`, `b` flat, `rows * cols` elements each, in any castable dtype."""
-        n = rows * cols
-        x, y, e, p, s = self.buf.get(n)
+        xy, e, p, s = self.buf.get(rows * cols)
+        x, y = xy[0], xy[1]
         _cast(a, x)
         _cast(b, y)
-        torch.sub(x, y, out=e)
-        self._products(x, y, e, p)
-        row_sums = p.view(4, rows, cols).sum(-1)  # [4, rows]
-        finite = bool(row_sums[1:3].isfinite().all())
+        row_sums, row_err, squares, tile_err = self._measure(xy, e, p, rows, cols)
+        finite = math.isfinite(squares)
         if not finite:
-            self._nonfinite(x, y, e, p)
-            row_sums = p.view(4, rows, cols).sum(-1)
-        e.abs_()
+            self._nonfinite(x, y, e)
+            row_sums, row_err, _, tile_err = self._measure(xy, e, p, rows, cols)
         if finite and self.atol is not None:
             self.mismatches += _mismatches_finite(x, e, s, self.atol, self.rtol)
-        row_err = e.view(rows, cols).amax(-1)  # [rows]
-        tile_err = float(row_err.max())
         self.values_equal &= tile_err == 0.0
         self.max_abs = max(self.max_abs, tile_err)
         if tile_err > 0:
             self.max_rel = max(self.max_rel, _max_rel(x, e, s))
         if self.t.sliced:
-            self.col_sums[:, col : col + cols] += p.view(4, rows, cols).sum(1)
+            # per inner position only Σxy, Σxx, Σyy: the worst head / channel cosines need nothing else
+            self.col_sums[:, col : col + cols] += p[:3].view(3, rows, cols).sum(1)
             seg = self.col_err[col : col + cols]
             torch.maximum(seg, e.view(rows, cols).amax(0), out=seg)
             self._rows(row_sums, row_err, row, col, cols)
         else:
             self.sums += row_sums.sum(-1)
 
-    def _products(self, x, y, e, p) -> None:
-        torch.mul(x, y, out=p[0])
-        torch.mul(x, x, out=p[1])
-        torch.mul(y, y, out=p[2])
+    @staticmethod
+    def _measure(xy, e, p, rows: int, cols: int):
+        """e = |x - y|, the products xy, xx, yy, ee and their row sums, each row's max |e|; then one host sync
+        for Σ(x² + y²) over the tile (not finite: an Inf or NaN is in it) and the tile's max |e|."""
+        torch.sub(xy[0], xy[1], out=e)
+        torch.mul(xy[0], xy[1], out=p[0])
+        torch.mul(xy, xy, out=p[1:3])  # both squares in one op
         torch.mul(e, e, out=p[3])
+        row_sums = p.view(4, rows, cols).sum(-1)  # [4, rows]
+        e.abs_()
+        row_err = e.view(rows, cols).amax(-1)  # [rows]
+        squares, tile_err = torch.stack((row_sums[1:3].sum(), row_err.max())).tolist()
+        return row_sums, row_err, squares, tile_err
 
-    def _nonfinite(self, x, y, e, p) -> None:
-        """The rare tile with Inf/NaN: count them, gate mismatches on the raw values, then zero them on both sides."""
+    def _nonfinite(self, x, y, e) -> None:
+        """The rare tile with Inf/NaN (`e` holds the raw |x - y|): count them, gate mismatches on the raw values,
+        then zero them on both sides (the caller measures the tile again)."""
         nan_x, nan_y = x.isnan(), y.isnan()
         fin = x.isfinite() & y.isfinite()
         self.nan_a += int(nan_x.sum())
@@ -128,12 +135,10 @@ class FusedPass:
         self.values_equal &= bool(torch.equal(x, y))
         if self.atol is not None:
             # equal infinities and NaN facing NaN are not mismatches; any other non-finite position is
-            close = (e.abs() <= self.atol + self.rtol * x.abs()) | (x == y) | (nan_x & nan_y)
+            close = (e <= self.atol + self.rtol * x.abs()) | (x == y) | (nan_x & nan_y)
             self.mismatches += int((~close).sum())
         x.masked_fill_(~fin, 0.0)
         y.masked_fill_(~fin, 0.0)
-        torch.sub(x, y, out=e)
-        self._products(x, y, e, p)
 
     def _rows(self, row_sums, row_err, row, col, cols) -> None:
         """Rows this tile completes go to the pending batch; a row split over tiles is completed by its last one."""
@@ -206,7 +211,7 @@ class FusedPass:
         inner = self.t.inner
         keep = len(inner) + dim
         others = tuple(d for d in range(len(inner)) if d != keep)
-        sums = self.col_sums.view(4, *inner).sum(dim=tuple(d + 1 for d in others)) if others else self.col_sums
+        sums = self.col_sums.view(3, *inner).sum(dim=tuple(d + 1 for d in others)) if others else self.col_sums
         err = self.col_err.view(*inner).amax(dim=others) if others else self.col_err
         cos = slice_cosines(sums, err)
         i = int(cos.argmin())
@@ -214,7 +219,7 @@ class FusedPass:
 
 
 def slice_cosines(sums: torch.Tensor, err: torch.Tensor) -> torch.Tensor:
-    """`[4, k]` sums (Σxy, Σxx, Σyy, Σee) and `[k]` max |x - y| -> `[k]` cosines with `rowwise_cosine`'s conventions:
+    """`[3+, k]` sums (Σxy, Σxx, Σyy, ...) and `[k]` max |x - y| -> `[k]` cosines with `rowwise_cosine`'s conventions:
     clamped to [-1, 1], 1 for equal slices, 1 for two zero slices and 0 for one zero slice against a non-zero one."""
     nx, ny = sums[1].sqrt(), sums[2].sqrt()
     cos = (sums[0] / (nx * ny)).clamp(-1.0, 1.0)
@@ -229,15 +234,17 @@ class Buffers:
         self.size, self.device, self.views = 0, torch.device(device), {}
 
     def get(self, n: int):
+        """Views of `n` elements: x and y as the rows of one `[2, n]` buffer (both squares in one op), |x - y|,
+        the four products `[4, n]`, and a scratch buffer."""
         if n > self.size:
             self.size, self.views = n, {}
             f64 = dict(dtype=torch.float64, device=self.device)
-            self.x, self.y, self.e, self.s = (torch.empty(n, **f64) for _ in range(4))
-            self.p = torch.empty(4, n, **f64)
+            self.xy, self.p = torch.empty(2, n, **f64), torch.empty(4, n, **f64)
+            self.e, self.s = torch.empty(n, **f64), torch.empty(n, **f64)
         if n not in self.views:  # most tiles of a record have one size: its views are made once
             if len(self.views) >= 16:  # ragged last tiles of many shapes: keep the cache small
                 self.views = {}
-            self.views[n] = (self.x[:n], self.y[:n], self.e[:n], self.p[:, :n], self.s[:n])
+            self.views[n] = (self.xy[:, :n], self.e[:n], self.p[:, :n], self.s[:n])
         return self.views[n]
 
 
@@ -270,9 +277,9 @@ def _max_rel(x, e, s) -> float:
     """max |e| / |x| over a finite tile (`e` already |e|); 0 / 0 counts as 0, e / 0 as inf. Two passes: the signed
     ratio |e| / x, then its extremes (max |r| = max(-min r, max r))."""
     torch.div(e, x, out=s)
-    lo, hi = (float(v) for v in torch.aminmax(s))
+    lo, hi = torch.stack(torch.aminmax(s)).tolist()
     if math.isnan(lo) or math.isnan(hi):  # only 0 / 0 gives NaN here: those positions are equal
-        lo, hi = (float(v) for v in torch.aminmax(s.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf)))
+        lo, hi = torch.stack(torch.aminmax(s.nan_to_num_(nan=0.0, posinf=math.inf, neginf=-math.inf))).tolist()
     return max(-lo, hi)
 
 

@@ -5,13 +5,17 @@ so memory stays at a few segments per worker whatever the record size, and nothi
 
 Identical records cost a byte comparison: segments are compared bitwise first, and only NaN/Inf are counted on
 them. At the first segment that differs, the fused metrics pass starts over from the first segment (the equal prefix is
-read again, from the page cache). A pair that cannot be streamed (memory dumps, rank shards, layouts to line up, dtypes
-this reader does not know) returns None and is compared from whole tensors by the caller.
+read again, from the page cache; the segment just compared is not read again when the pass starts with it, the usual
+case). A pair that cannot be streamed (memory dumps, rank shards, layouts to line up, dtypes this reader does not know)
+returns None and is compared from whole tensors by the caller.
 
-Device: `cuda` runs the fused pass on the GPU (tiles copied from pinned host segments); written for the H200 and
-verified there by the coordinator only (this CPU machine has no GPU).
+Device: `cuda` runs the fused pass on the GPU: each worker has its own CUDA stream (workers on other threads do not
+queue behind each other's kernels and copies on the default stream), larger segments and tiles (fewer launches and
+host syncs per byte), and segments read into pinned host buffers, copied without blocking the host, the buffer
+refilled only once its copy is done. Written for the H200 and measured there by the coordinator (docs/perf.md).
 """
 
+import contextlib
 import json
 import struct
 from pathlib import Path
@@ -26,8 +30,11 @@ from parity.errors import ParityError
 
 # bytes read per segment: large enough that a read is a few syscalls of page-cache copy, small against the budget
 SEGMENT = 8 << 20
-# tile size on a GPU: per-tile syncs (a few scalars) must be rare against the work
-GPU_TILE = 1 << 22
+# on a GPU: a 16 MiB segment (pinned, per side and worker: 256 MiB of host memory for 8 workers) and tiles of up to
+# 8 Mi elements (512 MiB of float64 buffers per worker), so that per-tile launches and host syncs are rare against
+# the bytes moved
+GPU_SEGMENT = 16 << 20
+GPU_TILE = 1 << 23
 
 _DTYPES = {
     "F64": torch.float64,
@@ -40,13 +47,21 @@ _DTYPES = {
 
 
 class Worker:
-    """One worker's reusable state: raw segment buffers (two sides) and the float64 tile buffers."""
+    """One worker's reusable state: raw segment buffers (two sides), the float64 tile buffers and, on a GPU, its
+    own CUDA stream."""
 
     def __init__(self, device: str = "cpu"):
         self.device = torch.device(device)
-        pin = self.device.type == "cuda"
-        self.raw = [torch.empty(SEGMENT, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        gpu = self.device.type == "cuda"
+        self.segment, self.tile = (GPU_SEGMENT, GPU_TILE) if gpu else (SEGMENT, None)
+        self.raw = [torch.empty(self.segment, dtype=torch.uint8, pin_memory=gpu) for _ in range(2)]
         self.buffers = Buffers(self.device)
+        self.stream = torch.cuda.Stream(self.device) if gpu else None
+        self.copied = None  # on a GPU: the event after the last copies out of `raw`
+
+    def scope(self):
+        """The context the worker's arithmetic runs in: its CUDA stream on a GPU."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
 
 def stream_metrics(
@@ -58,10 +73,9 @@ def stream_metrics(
     sa, sb = _locate(da, ra), _locate(db, rb)
     if sa is None or sb is None:
         return None
-    tile = GPU_TILE if worker.device.type == "cuda" else None
-    tiling = Tiling(ra.shape, token_dims, tile)
-    segments = _segments(tiling, max(sa.itemsize, sb.itemsize))
-    with open(sa.path, "rb", buffering=0) as fa, open(sb.path, "rb", buffering=0) as fb:
+    tiling = Tiling(ra.shape, token_dims, worker.tile)
+    segments = _segments(tiling, max(sa.itemsize, sb.itemsize), worker.segment)
+    with worker.scope(), open(sa.path, "rb", buffering=0) as fa, open(sb.path, "rb", buffering=0) as fb:
         reader = _Reader(fa, sa, fb, sb, worker)
         if sa.dtype == sb.dtype:
             counts, equal = _bitwise(reader, segments)
@@ -77,7 +91,8 @@ def stream_metrics(
             for row, col, rows, cols, start in tiles:
                 n = rows * cols
                 fp.add(a[start : start + n], b[start : start + n], row, col, rows, cols)
-    return metrics_of(fp, numel=tiling.numel, bitwise=False)
+        # on the worker's stream too: the last sums are read on the stream that wrote them
+        return metrics_of(fp, numel=tiling.numel, bitwise=False)
 
 
 class _Where:
@@ -107,10 +122,10 @@ def _locate(dump: Dump, record: Record) -> _Where | None:
     return _Where(path, 8 + n + entry["data_offsets"][0], dtype)
 
 
-def _segments(tiling: Tiling, itemsize: int) -> list[tuple[int, int, list[tuple]]]:
-    """Consecutive tiles grouped into segments of at most SEGMENT bytes: `(first, count, tiles)` with `first` the
+def _segments(tiling: Tiling, itemsize: int, segment: int) -> list[tuple[int, int, list[tuple]]]:
+    """Consecutive tiles grouped into segments of at most `segment` bytes: `(first, count, tiles)` with `first` the
     segment's first flat element and each tile `(row, col, rows, cols, start)`, `start` its offset in the segment."""
-    per = max(tiling.tile, SEGMENT // itemsize)
+    per = max(tiling.tile, segment // itemsize)
     out, cur, size, first = [], [], 0, 0
     for row, col, rows, cols in tiling.tiles():
         n = rows * cols
@@ -129,10 +144,17 @@ class _Reader:
 
     def __init__(self, fa, sa: _Where, fb, sb: _Where, worker: Worker):
         self.sides = ((fa, sa, worker.raw[0]), (fb, sb, worker.raw[1]))
-        self.device = worker.device
+        self.worker = worker
+        self.last = None  # (first, count, a, b) of the last read: asked again at once, it is not read again
 
     def read(self, first: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Elements [first, first + count) of both sides, flat in their dtypes (views of the reused buffers)."""
+        """Elements [first, first + count) of both sides, flat in their dtypes (views of the reused buffers, or
+        their copies on the GPU)."""
+        if self.last is not None and self.last[:2] == (first, count):
+            return self.last[2], self.last[3]
+        w = self.worker
+        if w.copied is not None:
+            w.copied.synchronize()  # the raw buffers are still being copied to the GPU: wait before refilling
         out = []
         for f, where, raw in self.sides:
             nbytes = count * where.itemsize
@@ -145,8 +167,11 @@ class _Reader:
                     raise ParityError(f"{where.path}: file ends inside a tensor (changed after it was loaded?)")
                 got += k
             t = raw[:nbytes].view(where.dtype)
-            # a blocking copy from pinned memory: the raw buffer is refilled by the next read
-            out.append(t if self.device.type == "cpu" else t.to(self.device))
+            out.append(t if w.stream is None else t.to(w.device, non_blocking=True))
+        if w.stream is not None:
+            w.copied = torch.cuda.Event()
+            w.copied.record(w.stream)
+        self.last = (first, count, out[0], out[1])
         return out[0], out[1]
 
 
