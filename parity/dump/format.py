@@ -20,7 +20,7 @@ self-describing.
 """
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -108,13 +108,10 @@ def record_name(module: str, field_name: str) -> str:
     return f"{module}:{field_name}"
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One tensor of a dump: its tags (where and when it was produced) and where its data lives.
-
-    Alignment between two dumps uses `ident` (kind, name, phase, step, call_in_step) plus the rank; `seq` is the
-    execution order inside the writing process.
-    """
+@dataclass(frozen=True)
+class Origin:
+    """Which tensor a record holds: the writing process and its execution order, the module and field, its shape
+    and dtype, and the hook call (none of it depends on what the runner tagged)."""
 
     seq: int
     run: str
@@ -130,13 +127,38 @@ class Record:
     io: str | None = None
     call: int | None = None
     call_in_step: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tags:
+    """The tags a runner puts around a forward (`parity.dump.phase`), stored on every record made inside it.
+
+    `cu_seqlens` ([N+1], for flat ragged `[T, ...]` tensors) and `batch` (N, for `[b, s, ...]` tensors) are the two
+    ways to say how the N sequences of the forward are laid out; `requests` names what each of the N slots holds
+    (equal ids = the same sequence, which is what slot-invariance compares)."""
+
     phase: str | None = None
     step: int | None = None
     cu_seqlens: tuple[int, ...] | None = None
     batch: int | None = None
     requests: tuple[str, ...] | None = None
-    start_pos: tuple[int, ...] | None = None
+    start_pos: tuple[int, ...] | None = None  # [N] position of each sequence's first token in this forward
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_record_fields(self) -> dict[str, Any]:
+        """The tags as keyword arguments of `Record` (`extra` is shared, not copied)."""
+        return {f.name: getattr(self, f.name) for f in fields(Tags)}
+
+
+# dataclass fields come base by base (Origin's, then Tags'), then the class's own: the key order of a manifest line
+@dataclass(frozen=True, slots=True)
+class Record(Tags, Origin):
+    """One tensor of a dump: which tensor (`Origin`), its tags (`Tags`), and where its data lives.
+
+    Alignment between two dumps uses `ident` (kind, name, phase, step, call_in_step) plus the rank; `seq` is the
+    execution order inside the writing process.
+    """
+
     merge: str | None = None  # how the ranks' records merge (module docstring); None: not declared
     rank: int = 0
     world_size: int = 1
@@ -185,7 +207,7 @@ class Record:
         if stats is not None:
             _check_stats(stats, where)
         cu_seqlens = get.int_list("cu_seqlens", optional=True)
-        if cu_seqlens is not None and not _is_cu_seqlens(cu_seqlens):
+        if cu_seqlens is not None and not is_cu_seqlens(cu_seqlens):
             raise ParityError(f"{where}: field 'cu_seqlens' must start at 0 and never decrease, got {cu_seqlens}")
         requests = obj.get("requests")
         if requests is not None and not isinstance(requests, list):
@@ -235,7 +257,8 @@ def _check_stats(stats: dict, where: str) -> None:
         raise ParityError(f"{where}: field 'stats.l2' must be a finite number >= 0, got {l2!r}")
 
 
-def _is_cu_seqlens(cu: list[int]) -> bool:
+def is_cu_seqlens(cu) -> bool:
+    """Cumulative sequence lengths: at least two entries, starting at 0, never decreasing."""
     return len(cu) >= 2 and cu[0] == 0 and all(a <= b for a, b in zip(cu, cu[1:]))
 
 

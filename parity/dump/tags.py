@@ -6,6 +6,8 @@
         with dump.phase("decode", step=1, batch=2, requests=["a", "b"]):
             model(next_tokens)                              # [b, s, ...] activations
 
+The tags themselves are `parity.dump.format.Tags`, the schema every record stores them in.
+
 Why a ContextVar: forward hooks are called deep inside `model.forward` and cannot take extra arguments, so the tag
 has to be ambient. A ContextVar (unlike a module global) is scoped to the `with` block, restored on exit even when
 the forward raises, and private to each thread and asyncio task.
@@ -15,41 +17,13 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
 
-from parity.dump.format import PHASES
+from parity.dump.format import PHASES, Tags, is_cu_seqlens
 from parity.errors import ParityError
-
-
-@dataclass(frozen=True, slots=True)
-class Tags:
-    """The ambient tag. `cu_seqlens` ([N+1], for flat ragged `[T, ...]` tensors) and `batch` (N, for `[b, s, ...]`
-    tensors) are the two ways to say how the N sequences of the forward are laid out; `requests` names what each of
-    the N slots holds (equal ids = the same sequence, which is what slot-invariance compares)."""
-
-    phase: str | None = None
-    step: int | None = None
-    cu_seqlens: tuple[int, ...] | None = None
-    batch: int | None = None
-    requests: tuple[str, ...] | None = None
-    start_pos: tuple[int, ...] | None = None  # [N] position of each sequence's first token in this forward
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def record_fields(self) -> dict[str, Any]:
-        """The tags as the manifest stores them (the `Record` fields of the same names)."""
-        return {
-            "phase": self.phase,
-            "step": self.step,
-            "cu_seqlens": self.cu_seqlens,
-            "batch": self.batch,
-            "requests": self.requests,
-            "start_pos": self.start_pos,
-            "extra": self.extra,
-        }
-
 
 _UNTAGGED = Tags()
 _CURRENT: ContextVar[Tags | None] = ContextVar("parity_dump_tags", default=None)
@@ -134,6 +108,6 @@ def _merge(outer: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def _cu_seqlens(value) -> tuple[int, ...]:
     cu = tuple(int(v) for v in (value.tolist() if isinstance(value, torch.Tensor) else value))
-    if len(cu) < 2 or cu[0] != 0 or any(a > b for a, b in zip(cu, cu[1:])):
+    if not is_cu_seqlens(cu):
         raise ParityError(f"dump.phase: cu_seqlens must start at 0, never decrease and hold >= 2 entries, got {cu}")
     return cu

@@ -26,9 +26,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from parity.dump.format import MANIFEST, TENSOR_DIR, WEIGHT_DIR, Record, dtype_name, merge_rule, record_name
+from parity.dump.format import MANIFEST, TENSOR_DIR, WEIGHT_DIR, Record, Tags, dtype_name, merge_rule, record_name
 from parity.dump.stats import tensor_stats
-from parity.dump.tags import Tags
 from parity.errors import ParityError
 from parity.io import atomic_write
 
@@ -99,7 +98,7 @@ class DumpWriter:
             io=io,
             call=call,
             call_in_step=call_in_step,
-            **tags.record_fields(),
+            **tags.as_record_fields(),
         )
         rel = f"{TENSOR_DIR}/{RUN_ID}-{seq:08d}.safetensors"
         fields = lambda f: {**common, "name": record_name(site.path, f), "field": f, "merge": merge_rule(site.merge, f)}

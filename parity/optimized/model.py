@@ -5,7 +5,8 @@ Same module tree and parameter names as `parity.reference.model` (the modules su
 parameters, so the same checkpoints and state dicts load into both), different execution:
 - activations are `[T, ...]` for all sequences of a step (`Batch`), not `[b, s, ...]` with one start_pos;
 - window KV in a per-request ring, compressed entries in paged blocks, compressor state in per-request slots
-  (`PagedCache`), all passed explicitly;
+  (`PagedCache`), all passed explicitly: the reference's own caches are never allocated (that is its
+  `Transformer.setup_caches`), and the compressor runs the reference's state machine on the request's state rows;
 - a sequence's step may be a prefill (start_pos 0), a decode (one token), or a chunk of several tokens after a
   context (chunked prefill, MTP verification), which the official model cannot run;
 - every compute op goes through the op registry (`ops.<name>`), so one op at a time can be switched to a backend;
@@ -35,14 +36,6 @@ from parity.taps import Tap
 KV_QUANT_BLOCK = ref.KV_QUANT_BLOCK
 
 
-def _drop_buffers(module: nn.Module, keep: tuple[str, ...] = ("freqs_cis",)) -> None:
-    """Remove the reference's per-batch caches/state: the optimized model keeps them in a PagedCache."""
-    for m in module.modules():
-        for name in list(m._buffers):
-            if name not in keep:
-                del m._buffers[name]
-
-
 def run_linear(ops, lin: ref.Linear, x: torch.Tensor) -> torch.Tensor:
     """A reference `Linear`'s weights applied through the selected ops (quantized GEMMs are row-independent)."""
     if lin.weight.dtype == torch.float4_e2m1fn_x2:
@@ -70,13 +63,9 @@ class OptCompressor(ref.Compressor):
 
     def __init__(self, args: ModelArgs, compress_ratio: int, head_dim: int, rotate: bool, ops):
         super().__init__(args, compress_ratio, head_dim, rotate)
-        _drop_buffers(self)
         self.ops = ops
         self.kv_fp8 = args.kv_fp8_sim
         self.entries = Tap()  # (new entries [m, d], token rows [m] of the tokens that completed them)
-
-    def reset_buffers(self) -> None:
-        pass
 
     def compress(self, x, start_pos, state: CompressorState, slot: int, freqs_cis, segments):
         """x: [n, D] tokens at start_pos.. of one request -> (first entry id, new entries [m, d] or None).
@@ -89,14 +78,17 @@ class OptCompressor(ref.Compressor):
         score = ops.dense_linear(xf, self.wgate.weight, segments)
         kv_state, score_state = state.rows(slot)  # [1, coff*r, coff*d]
         if start_pos == 0:
-            entries = self._prefill(kv[None], score[None], kv_state, score_state)  # [1, m, d] or None
+            blocks = self.prefill_blocks(kv[None], score[None], kv_state, score_state)  # [1, m, w, d] each
+            entries = ops.compress_pool(*blocks) if n >= ratio else None  # [1, m, d]
             first = 0
         else:
             # after a context the state machine runs token by token, as the reference decode path does
-            pooled = [
-                self._decode(kv[i : i + 1], score[i : i + 1], start_pos + i, kv_state, score_state) for i in range(n)
-            ]
-            pooled = [p for p in pooled if p is not None]
+            pooled = []
+            for i in range(n):
+                block = self.decode_block(kv[i : i + 1], score[i : i + 1], start_pos + i, kv_state, score_state)
+                # pooled at once: without overlap the block is the state itself, which the next token writes
+                if block is not None:
+                    pooled.append(ops.compress_pool(*block).unsqueeze(1))  # [1, 1, d]
             entries = torch.cat(pooled, dim=1) if pooled else None  # [1, m, d]
             first = start_pos // ratio  # the first entry a token at or after start_pos can complete
         if entries is None:
@@ -117,51 +109,6 @@ class OptCompressor(ref.Compressor):
             )
         return first, entries
 
-    def _prefill(self, kv, score, kv_state, score_state):
-        # reference Compressor.forward, start_pos == 0, one request: kv/score [1, s, coff*d]
-        ratio, overlap = self.compress_ratio, self.overlap
-        seqlen = kv.shape[1]
-        remainder = seqlen % ratio
-        cutoff = seqlen - remainder
-        offset = ratio if overlap else 0
-        if overlap and cutoff >= ratio:
-            kv_state[:, :ratio] = kv[:, cutoff - ratio : cutoff]
-            score_state[:, :ratio] = score[:, cutoff - ratio : cutoff] + self.ape
-        if remainder > 0:
-            kv, kv_state[:, offset : offset + remainder] = kv.split([cutoff, remainder], dim=1)
-            score_state[:, offset : offset + remainder] = score[:, cutoff:] + self.ape[:remainder]
-            score = score[:, :cutoff]
-        if seqlen < ratio:
-            return None
-        kv = kv.unflatten(1, (-1, ratio))
-        score = score.unflatten(1, (-1, ratio)) + self.ape
-        if overlap:
-            kv = self.overlap_transform(kv, 0)
-            score = self.overlap_transform(score, float("-inf"))
-        return self.ops.compress_pool(kv, score)  # [1, n, d]
-
-    def _decode(self, kv, score, pos, kv_state, score_state):
-        # reference Compressor.forward, start_pos = pos > 0, one token: kv/score [1, coff*d]
-        ratio, overlap, d = self.compress_ratio, self.overlap, self.head_dim
-        score = score + self.ape[pos % ratio]
-        if overlap:
-            kv_state[:, ratio + pos % ratio] = kv
-            score_state[:, ratio + pos % ratio] = score
-        else:
-            kv_state[:, pos % ratio] = kv
-            score_state[:, pos % ratio] = score
-        if (pos + 1) % ratio:
-            return None
-        if overlap:
-            window_kv = torch.cat([kv_state[:, :ratio, :d], kv_state[:, ratio:, d:]], dim=1)  # [1, 2r, d]
-            window_score = torch.cat([score_state[:, :ratio, :d], score_state[:, ratio:, d:]], dim=1)
-            pooled = self.ops.compress_pool(window_kv, window_score)
-            kv_state[:, :ratio] = kv_state[:, ratio:]
-            score_state[:, :ratio] = score_state[:, ratio:]
-        else:
-            pooled = self.ops.compress_pool(kv_state, score_state)
-        return pooled.unsqueeze(1)  # [1, 1, d]
-
 
 class OptIndexer(ref.Indexer):
     """CSA indexer over ragged tokens and paged 128-d entries (reference: ref.Indexer)."""
@@ -169,14 +116,10 @@ class OptIndexer(ref.Indexer):
     def __init__(self, args: ModelArgs, compress_ratio: int, ops, tp: TP = ONE_RANK):
         super().__init__(args, compress_ratio)
         self.compressor = OptCompressor(args, compress_ratio, self.head_dim, True, ops)
-        _drop_buffers(self)
         self.ops = ops
         self.tp = tp
         self.n_local_heads = tp.local(self.n_heads, "index_n_heads")  # the weight scale keeps the global count
         self.topk = Tap()  # entry ids [T, k] (-1 = none), k = the widest of the batch
-
-    def reset_buffers(self) -> None:
-        pass
 
     def forward(self, x, qr, batch: Batch, cache: PagedCache, layer: int, freqs_cis, freqs):
         """x: [T, D], qr: [T, q_lora_rank] -> per sequence [n_i, k_i] top-k entry ids (-1 = none)."""
@@ -241,7 +184,6 @@ class OptAttention(ref.Attention):
             self.compressor = OptCompressor(args, self.compress_ratio, self.head_dim, False, ops)
             if self.compress_ratio == 4:
                 self.indexer = OptIndexer(args, self.compress_ratio, ops, tp)
-        _drop_buffers(self)
         self.ops = ops
         self.tp = tp
         # this rank's query heads and output groups (all of them on one rank)
@@ -256,9 +198,6 @@ class OptAttention(ref.Attention):
         # under TP a rank holds its heads of q and its groups of o_lora; the others are the same on every rank
         parallel.declare(self.q, "cat:1")
         parallel.declare(self.o_lora, "cat:1")
-
-    def reset_buffers(self) -> None:
-        self.freqs_cis = self._freqs_cis(self.freqs_cis.device)
 
     def forward(self, x: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
         # x: [T, D] -> [T, D]
@@ -379,50 +318,41 @@ class OptMoE(ref.MoE):
         return self.output(y)
 
 
-def block_forward(block, x: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
-    """ref.Block.forward over ragged tokens. x: [T, hc, D] bf16 streams -> same."""
-    ops = block.ops
-    mix = (batch.segments, block.norm_eps, block.hc_mult, block.hc_sinkhorn_iters, block.hc_eps)
-    residual = x = block.streams_in(x)
-    x, post, comb = block.hc_pre_attn(*ops.hc_pre(x, block.hc_attn_fn, block.hc_attn_scale, block.hc_attn_base, *mix))
-    x = ops.rms_norm(x, block.attn_norm.weight, block.attn_norm.eps, batch.segments)
-    x = block.attn(x, batch, cache)
-    residual = x = block.hc_post_attn(ops.hc_post(x, residual, post, comb))
-
-    x, post, comb = block.hc_pre_ffn(*ops.hc_pre(x, block.hc_ffn_fn, block.hc_ffn_scale, block.hc_ffn_base, *mix))
-    x = ops.rms_norm(x, block.ffn_norm.weight, block.ffn_norm.eps, batch.segments)
-    x = block.ffn(x, batch)
-    return block.hc_post_ffn(ops.hc_post(x, residual, post, comb))
-
-
-def add_block_taps(block: nn.Module) -> None:
-    """The taps of one block: input streams, (y, post, comb) of each mHC pre-mix, streams after each post-mix."""
-    for name in ("streams_in", "hc_pre_attn", "hc_post_attn", "hc_pre_ffn", "hc_post_ffn"):
-        setattr(block, name, Tap())
-
-
 class OptBlock(ref.Block):
+    """ref.Block over ragged tokens, with the taps of its input streams, (y, post, comb) of each mHC pre-mix and the
+    streams after each post-mix."""
+
     def __init__(self, layer_id: int, args: ModelArgs, ops, tp: TP = ONE_RANK):
         super().__init__(layer_id, args)
         self.attn = OptAttention(layer_id, args, ops, tp)
         self.ffn = OptMoE(layer_id, args, ops, tp)
         self.ops = ops
-        add_block_taps(self)
+        for name in ("streams_in", "hc_pre_attn", "hc_post_attn", "hc_pre_ffn", "hc_post_ffn"):
+            setattr(self, name, Tap())
 
     def forward(self, x: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
-        return block_forward(self, x, batch, cache)
+        # x: [T, hc, D] bf16 streams -> same
+        ops = self.ops
+        mix = (batch.segments, self.norm_eps, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps)
+        residual = x = self.streams_in(x)
+        x, post, comb = self.hc_pre_attn(*ops.hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *mix))
+        x = ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps, batch.segments)
+        x = self.attn(x, batch, cache)
+        residual = x = self.hc_post_attn(ops.hc_post(x, residual, post, comb))
+
+        x, post, comb = self.hc_pre_ffn(*ops.hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *mix))
+        x = ops.rms_norm(x, self.ffn_norm.weight, self.ffn_norm.eps, batch.segments)
+        x = self.ffn(x, batch)
+        return self.hc_post_ffn(ops.hc_post(x, residual, post, comb))
 
 
-class OptMTPBlock(ref.MTPBlock):
+# OptBlock first: its __init__ builds the reference MTP block (parameters) and then the ragged attention, MoE and taps
+class OptMTPBlock(OptBlock, ref.MTPBlock):
     """MTP block over ragged tokens: main-model streams at positions i plus the token ids at i+1."""
 
     def __init__(self, layer_id: int, args: ModelArgs, ops, tp: TP = ONE_RANK):
-        super().__init__(layer_id, args)
-        self.attn = OptAttention(layer_id, args, ops, tp)
-        self.ffn = OptMoE(layer_id, args, ops, tp)
-        self.ops = ops
+        super().__init__(layer_id, args, ops, tp)
         self.tp = tp
-        add_block_taps(self)
         self.input = Tap()  # the main model's streams at the batch's positions
         self.output_logits = Tap()
 
@@ -434,7 +364,7 @@ class OptMTPBlock(ref.MTPBlock):
         e = ops.rms_norm(parallel.embed(next_ids, self.embed.weight, self.tp), self.enorm.weight, self.enorm.eps, seg)
         x = ops.rms_norm(h, self.hnorm.weight, self.hnorm.eps, seg)
         x = run_linear(ops, self.e_proj, e).unsqueeze(1) + run_linear(ops, self.h_proj, x)
-        return block_forward(self, x, batch, cache)
+        return super().forward(x, batch, cache)
 
 
 class OptimizedTransformer(nn.Module):

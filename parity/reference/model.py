@@ -8,7 +8,8 @@ Differences from the official file, none of which changes a value:
 - no module-level globals: the quantization policy comes from `ModelArgs`, and tensor parallelism is not ported
   (one rank, so `ColumnParallelLinear`/`RowParallelLinear` are plain `Linear`s and nothing is all-reduced);
 - kernels are called through the `kernels` module (the seam: swap one function to test an op);
-- caches are wired in `__init__` and passed explicitly, not attached lazily on the first forward;
+- caches are allocated in one explicit step (`Transformer.setup_caches`, as gpt-fast does, called by `__init__`) and
+  passed explicitly, not attached lazily on the first forward;
 - index tensors are built on the input's device instead of the default device;
 - `ModelArgs.reset_state_on_prefill` optionally clears the compressor state that the official model carries from
   one sequence into the next (spec §13.1); off by default.
@@ -217,15 +218,22 @@ class Compressor(nn.Module):
         self.wkv = Linear(self.dim, coff * head_dim, args, dtype=torch.float32)
         self.wgate = Linear(self.dim, coff * head_dim, args, dtype=torch.float32)
         self.norm = RMSNorm(head_dim, args.norm_eps)
-        state_shape = (args.max_batch_size, coff * compress_ratio, coff * head_dim)
-        self.register_buffer("kv_state", torch.zeros(state_shape, dtype=torch.float32), persistent=False)
-        self.register_buffer("score_state", torch.zeros(state_shape, dtype=torch.float32), persistent=False)
+        # the decode state of each sequence, allocated by `setup_caches`
+        self.register_buffer("kv_state", None, persistent=False)
+        self.register_buffer("score_state", None, persistent=False)
+
+    def setup_caches(self, max_batch_size: int) -> None:
+        coff = 1 + self.overlap
+        state_shape = (max_batch_size, coff * self.compress_ratio, coff * self.head_dim)
+        self.kv_state = torch.zeros(state_shape, dtype=torch.float32)
+        self.score_state = torch.zeros(state_shape, dtype=torch.float32)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """Empty decode state: kv 0, scores -inf (what the official model starts from)."""
-        self.kv_state.zero_()
-        self.score_state.fill_(float("-inf"))
+        if self.kv_state is not None:
+            self.kv_state.zero_()
+            self.score_state.fill_(float("-inf"))
 
     def overlap_transform(self, tensor: torch.Tensor, value=0) -> torch.Tensor:
         # [b, n, r, 2d] -> [b, n, 2r, d]: block i's B half after block i-1's A half (block 0 gets `value`)
@@ -236,60 +244,75 @@ class Compressor(nn.Module):
         new_tensor[:, 1:, :ratio] = tensor[:, :-1, :, :d]
         return new_tensor
 
+    def prefill_blocks(self, kv, score, kv_state, score_state):
+        """A prefill's blocks. kv, score: [b, s, coff*d] -> the complete blocks to pool, [b, n, w, d] each (w = 2r with
+        overlap, r without); the partial tail (and, with overlap, the last complete block) go into the state."""
+        ratio, overlap = self.compress_ratio, self.overlap
+        seqlen = kv.size(1)
+        remainder = seqlen % ratio
+        cutoff = seqlen - remainder
+        offset = ratio if overlap else 0
+        if overlap and cutoff >= ratio:
+            # the last complete block becomes the "previous block" for decode
+            kv_state[:, :ratio] = kv[:, cutoff - ratio : cutoff]
+            score_state[:, :ratio] = score[:, cutoff - ratio : cutoff] + self.ape
+        if remainder > 0:
+            kv, kv_state[:, offset : offset + remainder] = kv.split([cutoff, remainder], dim=1)
+            score_state[:, offset : offset + remainder] = score[:, cutoff:] + self.ape[:remainder]
+            score = score[:, :cutoff]
+        kv = kv.unflatten(1, (-1, ratio))  # [b, n, r, coff*d]
+        score = score.unflatten(1, (-1, ratio)) + self.ape
+        if overlap:
+            kv = self.overlap_transform(kv, 0)  # [b, n, 2r, d]
+            score = self.overlap_transform(score, float("-inf"))
+        return kv, score
+
+    def decode_block(self, kv, score, pos: int, kv_state, score_state):
+        """One decoded token at pos > 0 into the state. kv, score: [b, coff*d] -> the block it completes, [b, w, d]
+        each, or None. Without overlap the block is the state itself: pool it before the next token is written."""
+        ratio, d = self.compress_ratio, self.head_dim
+        score = score + self.ape[pos % ratio]
+        slot = ratio + pos % ratio if self.overlap else pos % ratio
+        kv_state[:, slot] = kv
+        score_state[:, slot] = score
+        if (pos + 1) % ratio:
+            return None
+        if not self.overlap:
+            return kv_state, score_state
+        block = torch.cat([kv_state[:, :ratio, :d], kv_state[:, ratio:, d:]], dim=1)
+        block_score = torch.cat([score_state[:, :ratio, :d], score_state[:, ratio:, d:]], dim=1)
+        # the completed block becomes the previous one (the block above is a copy)
+        kv_state[:, :ratio] = kv_state[:, ratio:]
+        score_state[:, :ratio] = score_state[:, ratio:]
+        return block, block_score
+
     def forward(self, x: torch.Tensor, start_pos: int, kv_cache: torch.Tensor, freqs_cis: torch.Tensor):
         """x: [b, s, D] -> new entries [b, n, d] (also written to kv_cache), or None if no block completed."""
         bsz, seqlen, _ = x.size()
-        ratio, overlap, d, rd = self.compress_ratio, self.overlap, self.head_dim, self.rope_head_dim
+        ratio, rd = self.compress_ratio, self.rope_head_dim
         dtype = x.dtype
         if start_pos == 0 and self.reset_state_on_prefill:
             self.reset_buffers()
         x = x.float()
         kv = self.wkv(x)  # [b, s, coff*d]
         score = self.wgate(x)
+        kv_state, score_state = self.kv_state[:bsz], self.score_state[:bsz]
         if start_pos == 0:
             should_compress = seqlen >= ratio
-            remainder = seqlen % ratio
-            cutoff = seqlen - remainder
-            offset = ratio if overlap else 0
-            if overlap and cutoff >= ratio:
-                # the last complete block becomes the "previous block" for decode
-                self.kv_state[:bsz, :ratio] = kv[:, cutoff - ratio : cutoff]
-                self.score_state[:bsz, :ratio] = score[:, cutoff - ratio : cutoff] + self.ape
-            if remainder > 0:
-                kv, self.kv_state[:bsz, offset : offset + remainder] = kv.split([cutoff, remainder], dim=1)
-                self.score_state[:bsz, offset : offset + remainder] = score[:, cutoff:] + self.ape[:remainder]
-                score = score[:, :cutoff]
-            kv = kv.unflatten(1, (-1, ratio))  # [b, n, r, coff*d]
-            score = score.unflatten(1, (-1, ratio)) + self.ape
-            if overlap:
-                kv = self.overlap_transform(kv, 0)  # [b, n, 2r, d]
-                score = self.overlap_transform(score, float("-inf"))
+            kv, score = self.prefill_blocks(kv, score, kv_state, score_state)  # [b, n, w, d]
             kv = (kv * score.softmax(dim=2)).sum(dim=2)  # [b, n, d]
         else:
             should_compress = (start_pos + 1) % ratio == 0
-            score += self.ape[start_pos % ratio]
-            if overlap:
-                self.kv_state[:bsz, ratio + start_pos % ratio] = kv.squeeze(1)
-                self.score_state[:bsz, ratio + start_pos % ratio] = score.squeeze(1)
-                if should_compress:
-                    kv_state = torch.cat([self.kv_state[:bsz, :ratio, :d], self.kv_state[:bsz, ratio:, d:]], dim=1)
-                    score_state = torch.cat(
-                        [self.score_state[:bsz, :ratio, :d], self.score_state[:bsz, ratio:, d:]], dim=1
-                    )
-                    kv = (kv_state * score_state.softmax(dim=1)).sum(dim=1, keepdim=True)  # [b, 1, d]
-                    self.kv_state[:bsz, :ratio] = self.kv_state[:bsz, ratio:]
-                    self.score_state[:bsz, :ratio] = self.score_state[:bsz, ratio:]
-            else:
-                self.kv_state[:bsz, start_pos % ratio] = kv.squeeze(1)
-                self.score_state[:bsz, start_pos % ratio] = score.squeeze(1)
-                if should_compress:
-                    kv = (self.kv_state[:bsz] * self.score_state[:bsz].softmax(dim=1)).sum(dim=1, keepdim=True)
+            block = self.decode_block(kv.squeeze(1), score.squeeze(1), start_pos, kv_state, score_state)
+            if should_compress:
+                kv, score = block  # [b, w, d]
+                kv = (kv * score.softmax(dim=1)).sum(dim=1, keepdim=True)  # [b, 1, d]
         if not should_compress:
             return None
         kv = self.norm(kv.to(dtype))
         # an entry's RoPE position is the first token of its own block
         if start_pos == 0:
-            freqs_cis = freqs_cis[:cutoff:ratio]
+            freqs_cis = freqs_cis[: seqlen - seqlen % ratio : ratio]
         else:
             freqs_cis = freqs_cis[start_pos + 1 - ratio].unsqueeze(0)
         apply_rotary_emb(kv[..., -rd:], freqs_cis)
@@ -321,11 +344,17 @@ class Indexer(nn.Module):
         self.softmax_scale = self.head_dim**-0.5
         self.compress_ratio = compress_ratio
         self.compressor = Compressor(args, compress_ratio, self.head_dim, True)
-        cache_shape = (args.max_batch_size, args.max_seq_len // compress_ratio, self.head_dim)
-        self.register_buffer("kv_cache", torch.zeros(cache_shape, dtype=torch.bfloat16), persistent=False)
+        self.max_seq_len = args.max_seq_len
+        # the indexer's own compressed entries, allocated by `setup_caches`
+        self.register_buffer("kv_cache", None, persistent=False)
+
+    def setup_caches(self, max_batch_size: int) -> None:
+        cache_shape = (max_batch_size, self.max_seq_len // self.compress_ratio, self.head_dim)
+        self.kv_cache = torch.zeros(cache_shape, dtype=torch.bfloat16)
 
     def reset_buffers(self) -> None:
-        self.kv_cache.zero_()
+        if self.kv_cache is not None:
+            self.kv_cache.zero_()
 
     def forward(self, x: torch.Tensor, qr: torch.Tensor, start_pos: int, offset: int, freqs_cis: torch.Tensor):
         """x: [b, s, D], qr: [b, s, q_lora_rank] -> top-k entry slots [b, s, k] (+offset, -1 = none)."""
@@ -401,10 +430,8 @@ class Attention(nn.Module):
         else:
             self.rope = (0, args.rope_theta)
         self.rope_args = (args.rope_factor, args.beta_fast, args.beta_slow)
-        # slots [0, window) are the window ring; compressed entries follow
-        cache_len = args.window_size + (args.max_seq_len // self.compress_ratio if self.compress_ratio else 0)
-        cache_shape = (args.max_batch_size, cache_len, self.head_dim)
-        self.register_buffer("kv_cache", torch.zeros(cache_shape, dtype=torch.bfloat16), persistent=False)
+        # allocated by `setup_caches`
+        self.register_buffer("kv_cache", None, persistent=False)
         freqs = self._freqs_cis(None)
         self.register_buffer("freqs_cis", freqs, persistent=False)
 
@@ -415,10 +442,17 @@ class Attention(nn.Module):
             self.rope_head_dim, self.max_seq_len, original_seq_len, theta, factor, beta_fast, beta_slow, device
         )
 
+    def setup_caches(self, max_batch_size: int) -> None:
+        # slots [0, window) are the window ring; compressed entries follow
+        cache_len = self.window_size + (self.max_seq_len // self.compress_ratio if self.compress_ratio else 0)
+        cache_shape = (max_batch_size, cache_len, self.head_dim)
+        self.kv_cache = torch.zeros(cache_shape, dtype=torch.bfloat16)
+
     def reset_buffers(self) -> None:
         """Zero the KV cache and rebuild the RoPE table on the buffers' device (after `.to()` or `to_empty`)."""
-        self.kv_cache.zero_()
-        self.freqs_cis = self._freqs_cis(self.kv_cache.device)
+        if self.kv_cache is not None:
+            self.kv_cache.zero_()
+        self.freqs_cis = self._freqs_cis(self.freqs_cis.device)
 
     def forward(self, x: torch.Tensor, start_pos: int) -> torch.Tensor:
         """x: [b, s, D] -> [b, s, D]. start_pos 0 is a prefill of any length; p > 0 decodes one token at p."""
@@ -547,16 +581,21 @@ class Expert(nn.Module):
         self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        dtype = x.dtype
-        gate = self.w1(x).float()
-        up = self.w3(x).float()
-        if self.swiglu_limit > 0:
-            up = torch.clamp(up, min=-self.swiglu_limit, max=self.swiglu_limit)
-            gate = torch.clamp(gate, max=self.swiglu_limit)
-        x = F.silu(gate) * up
-        if weights is not None:
-            x = weights * x
-        return self.w2(x.to(dtype))
+        return swiglu(x, self.w1, self.w2, self.w3, self.swiglu_limit, weights)
+
+
+def swiglu(x: torch.Tensor, w1, w2, w3, swiglu_limit: float, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Expert.forward's math. w1, w2, w3: the three GEMMs (`Linear`s, or any x -> y with their rounding)."""
+    dtype = x.dtype
+    gate = w1(x).float()
+    up = w3(x).float()
+    if swiglu_limit > 0:
+        up = torch.clamp(up, min=-swiglu_limit, max=swiglu_limit)
+        gate = torch.clamp(gate, max=swiglu_limit)
+    x = F.silu(gate) * up
+    if weights is not None:
+        x = weights * x
+    return w2(x.to(dtype))
 
 
 class MoE(nn.Module):
@@ -581,15 +620,21 @@ class MoE(nn.Module):
         shape = x.size()
         x = x.view(-1, self.dim)  # [N, D]
         weights, indices = self.gate(x, input_ids.flatten())
-        y = torch.zeros_like(x, dtype=torch.float32)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_routed_experts).tolist()
-        for i in range(self.n_routed_experts):
-            if counts[i] == 0:
-                continue
-            idx, top = torch.where(indices == i)
-            y[idx] += self.experts[i](x[idx], weights[idx, top, None])
-        y += self.shared_experts(x)
-        return y.type_as(x).view(shape)
+        return combine_experts(x, weights, indices, self.experts, self.shared_experts).view(shape)
+
+
+def combine_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, experts, shared) -> torch.Tensor:
+    """MoE.forward's expert math. x: [N, D], weights/indices: [N, k] -> [N, D]; experts[i](x, w) and shared(x) are
+    the `Expert`s (or any callables with their math)."""
+    y = torch.zeros_like(x, dtype=torch.float32)
+    counts = torch.bincount(indices.flatten(), minlength=len(experts)).tolist()
+    for i in range(len(experts)):
+        if counts[i] == 0:
+            continue
+        idx, top = torch.where(indices == i)
+        y[idx] += experts[i](x[idx], weights[idx, top, None])
+    y += shared(x)
+    return y.type_as(x)
 
 
 class Block(nn.Module):
@@ -748,6 +793,14 @@ class Transformer(nn.Module):
         self.hc_head_fn = nn.Parameter(torch.empty(hc_mult, hc_dim, dtype=f32))
         self.hc_head_base = nn.Parameter(torch.empty(hc_mult, dtype=f32))
         self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=f32))
+        self.setup_caches(args.max_batch_size)
+
+    def setup_caches(self, max_batch_size: int) -> None:
+        """Allocate every KV cache and compressor state for `max_batch_size` sequences. The modules leave them to this
+        step, so a model that keeps its caches elsewhere (the optimized one) shares their parameters without them."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "setup_caches"):
+                module.setup_caches(max_batch_size)
 
     def reset_buffers(self) -> None:
         """Reset every cache and decode state and rebuild RoPE tables on the current device."""

@@ -47,3 +47,20 @@ def test_phase_rejects_bad_tags(args, kwargs, match):
     with pytest.raises(ParityError, match=match):
         with dump.phase(*args, **kwargs):
             pass
+
+
+def test_one_tag_schema():
+    """The tags of `dump.phase` are the tag fields of every record, in one definition (`format.Tags`)."""
+    from dataclasses import fields
+
+    from parity.dump.format import Origin, Record, Tags
+
+    assert dump.Tags is Tags and issubclass(Record, Tags)
+    names = [f.name for f in fields(Record)]
+    own = ["merge", "rank", "world_size", "file", "key", "stats"]
+    assert names == [f.name for f in fields(Origin)] + [f.name for f in fields(Tags)] + own
+    with dump.phase("decode", step=2, batch=1, requests=["r"], start_pos=[5], impl="x") as t:
+        record = Record(seq=0, run="r", kind="activation", name="m:out", module="m", field="out", shape=(1,),
+                        dtype="float32", **t.as_record_fields(), file="f", key="out")  # fmt: skip
+    assert Record.from_json(record.to_json(), "line 1") == record
+    assert (record.phase, record.step, record.start_pos, record.extra) == ("decode", 2, (5,), {"impl": "x"})

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from parity.reference.model import Transformer
+from parity.reference.model import Attention, Transformer
 
 # official checkpoint names per layer kind (spec §2.1), minus the `layers.L.` prefix
 BLOCK_KEYS = {
@@ -58,6 +58,20 @@ def test_parameter_dtypes(tiny_args):
     assert sd["layers.0.ffn.gate.tid2eid"].dtype == torch.int32
     assert sd["layers.1.attn.compressor.wkv.weight"].dtype == torch.float32
     assert sd["head.weight"].dtype == torch.float32 and sd["embed.weight"].dtype == torch.bfloat16
+
+
+def test_caches_are_allocated_by_setup_caches_only(tiny_args):
+    """The modules declare their caches empty; `Transformer.setup_caches` (called by `__init__`) allocates them all,
+    so a model that subclasses the modules for their parameters holds only the RoPE tables."""
+    with torch.device("meta"):
+        attn = Attention(1, tiny_args)  # CSA: window ring + entries, compressor state, indexer cache
+        model = Transformer(tiny_args)
+    assert [name for name, _ in attn.named_buffers()] == ["freqs_cis"]
+    caches = {name: tuple(b.shape) for name, b in model.named_buffers() if not name.endswith("freqs_cis")}
+    b, win, d = tiny_args.max_batch_size, tiny_args.window_size, tiny_args.head_dim
+    assert caches["layers.1.attn.kv_cache"] == (b, win + tiny_args.max_seq_len // 4, d)
+    assert caches["layers.1.attn.compressor.kv_state"] == (b, 8, 2 * d)
+    assert caches["layers.1.attn.indexer.kv_cache"] == (b, tiny_args.max_seq_len // 4, tiny_args.index_head_dim)
 
 
 def _run(model, tokens, prefill, decode_steps):

@@ -1,17 +1,18 @@
-"""Grouped MoE experts: tokens sorted by expert, one batched SwiGLU FFN per expert, contributions accumulated in
-fp32 per token in ascending expert id, plus the shared expert.
+"""MoE experts over flat tokens: the routed experts' SwiGLU FFNs accumulated in fp32 per token in ascending expert
+id, plus the shared expert.
 
-Reference: parity.reference.model.MoE.forward / Expert.forward. The quantized GEMMs are row-independent, so an
-expert's batch composition does not change any token's result.
+Reference: parity.reference.model.MoE.forward / Expert.forward; the torch backend runs their math
+(`combine_experts`, `swiglu`) on the experts' weights. The quantized GEMMs are row-independent, so an expert's batch
+composition does not change any token's result.
 """
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
-import torch.nn.functional as F
 
 from parity.optimized.ops.registry import Impl
-from parity.reference.model import linear
+from parity.reference.model import combine_experts, linear, swiglu
 
 
 @dataclass(frozen=True)
@@ -25,35 +26,19 @@ class ExpertWeights:
 
 
 def expert_forward(e: ExpertWeights, x, weights, scale_fmt, scale_dtype):
-    dtype = x.dtype
-    gate = linear(x, *e.w1, scale_fmt, scale_dtype).float()
-    up = linear(x, *e.w3, scale_fmt, scale_dtype).float()
-    if e.swiglu_limit > 0:
-        up = torch.clamp(up, min=-e.swiglu_limit, max=e.swiglu_limit)
-        gate = torch.clamp(gate, max=e.swiglu_limit)
-    x = F.silu(gate) * up
-    if weights is not None:
-        x = weights * x
-    return linear(x.to(dtype), *e.w2, scale_fmt, scale_dtype)
+    """ref.Expert.forward with the expert's weights: x [n, D] (routing weights [n, 1] or None) -> [n, D]."""
+    w1, w2, w3 = (
+        partial(linear, weight=w, scale=s, scale_fmt=scale_fmt, scale_dtype=scale_dtype) for w, s in (e.w1, e.w2, e.w3)
+    )
+    return swiglu(x, w1, w2, w3, e.swiglu_limit, weights)
 
 
 def moe_experts_torch(x, weights, indices, experts, shared, scale_fmt, scale_dtype):
     # x: [T, D] bf16, weights/indices: [T, k] -> [T, D] bf16
-    y = torch.zeros_like(x, dtype=torch.float32)
-    flat = indices.flatten().long()
-    order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert, tokens ascending
-    counts = torch.bincount(flat, minlength=len(experts)).tolist()
-    k = indices.shape[1]
-    start = 0
-    for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        pairs = order[start : start + n]
-        start += n
-        rows, slot = pairs // k, pairs % k
-        y[rows] += expert_forward(experts[e], x[rows], weights[rows, slot, None], scale_fmt, scale_dtype)
-    y += expert_forward(shared, x, None, scale_fmt, scale_dtype)
-    return y.type_as(x)
+    def run(e: ExpertWeights):
+        return lambda x, w=None: expert_forward(e, x, w, scale_fmt, scale_dtype)
+
+    return combine_experts(x, weights, indices, [run(e) for e in experts], run(shared))
 
 
 IMPLS = {

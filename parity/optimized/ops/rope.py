@@ -6,18 +6,14 @@ Reference: parity.reference.model.apply_rotary_emb (there the positions are star
 import torch
 
 from parity.optimized.ops.registry import Impl
+from parity.reference.model import apply_rotary_emb
 
 
 def rope_torch(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    # x: [T, r] or [T, h, r] bf16 view; freqs_cis: [T, r/2] complex64 (the rows of each token's position)
-    y = x
-    z = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
-    if inverse:
-        freqs_cis = freqs_cis.conj()
-    if z.ndim == 3:
-        freqs_cis = freqs_cis.unsqueeze(1)
-    y.copy_(torch.view_as_real(z * freqs_cis).flatten(-2))
-    return y
+    # x: [T, r] or [T, h, r] bf16 view; freqs_cis: [T, r/2] complex64 (the rows of each token's position).
+    # The twin rotates a [1, s, ...] view by one table row per token: the flat tokens are that sequence
+    apply_rotary_emb(x[None], freqs_cis, inverse)
+    return x
 
 
 IMPLS = {
