@@ -194,6 +194,12 @@ def parse_case(data: dict, source: str) -> Case:
         calibration = Path(source).parent / calibration if source != "<builtin>" else BUILTIN_DIR / calibration
         if not calibration.is_file():
             raise ParityError(f"{source}: tolerance.calibration: no such file {str(calibration)!r}")
+        from parity.compare.thresholds import NoiseModel  # light: errors and io only
+
+        try:  # read now, also for a decode-exact case (judged bitwise) that never uses it: a broken file is refused
+            NoiseModel.load(calibration)
+        except ParityError as e:
+            raise ParityError(f"{source}: tolerance.calibration: {e}") from None
     name = data.get("name")
     if not isinstance(name, str) or not name or "/" in name or name in (".", ".."):
         raise ParityError(f"{source}: 'name' must be a non-empty string usable as a dir name, got {name!r}")
@@ -229,6 +235,17 @@ def parse_case(data: dict, source: str) -> Case:
                 f"{source}: requests[{i}] needs {need} positions (prompt_len + decode_steps + engine.mtp_draft + 1), "
                 f"more than the model's max_seq_len={args.max_seq_len}"
             )
+    if engine_spec.block_size > args.max_seq_len:
+        raise ParityError(
+            f"{source}: engine.block_size = {engine_spec.block_size} is more than the model's max_seq_len="
+            f"{args.max_seq_len} (a block holds compressed entries of one sequence)"
+        )
+    room = max(len(specs), args.max_batch_size) * args.max_seq_len
+    if engine_spec.num_blocks * engine_spec.block_size > room:
+        raise ParityError(
+            f"{source}: engine.num_blocks = {engine_spec.num_blocks} blocks of {engine_spec.block_size} entries is "
+            f"more than the {room} positions its sequences can hold (max_seq_len x slots); 0 = what the requests need"
+        )
     need = case.blocks_needed()
     if engine_spec.num_blocks and engine_spec.num_blocks < need:
         raise ParityError(

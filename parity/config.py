@@ -21,6 +21,8 @@ from parity.formats import FP8_BLOCK
 REVISIONS = ("initial", "current")
 # integer fields that may be 0 (every other integer field is a size or a count that must be >= 1)
 _MAY_BE_ZERO = {"n_hash_layers", "n_mtp_layers", "original_seq_len", "beta_fast", "beta_slow"}
+# the largest integer field value (sizes, counts, lengths): int32, as the kernels index
+_MAX_INT = 2**31 - 1
 # float fields that may be 0 (every other float field is a scale, base or epsilon that must be > 0)
 _FLOAT_MAY_BE_ZERO = {"swiglu_limit"}
 
@@ -299,6 +301,8 @@ def _expected(name: str, annotation, value) -> str | None:
         return None if isinstance(value, bool) else "true or false"
     if annotation is int:
         low = 0 if name in _MAY_BE_ZERO else 1
+        if is_int and value > _MAX_INT:  # sizes past int32 are no model's: refused here, not by the allocator
+            return f"an integer <= {_MAX_INT}"
         return None if is_int and value >= low else f"an integer >= {low}"
     if annotation is float:
         ok = (is_int or isinstance(value, float)) and math.isfinite(value)

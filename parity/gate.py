@@ -12,7 +12,6 @@ baseline's, above its dtype floor: a kernel change that stays inside the noise m
 still reported.
 """
 
-import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +54,18 @@ def load_suite(path: str | Path) -> Suite:
     cases = []
     for n in names:
         rel = path.parent / n
-        cases.append(load_case(str(rel) if Path(n).suffix else n))
+        try:
+            cases.append(load_case(str(rel) if Path(n).suffix else n))
+        except ParityError as e:
+            raise ParityError(f"{path}: cases entry {n!r}: {e}") from None
+    seen: dict[str, str] = {}
+    for n, c in zip(names, cases):
+        if c.name in seen:
+            raise ParityError(
+                f"{path}: cases {seen[c.name]!r} and {n!r} are both named {c.name!r}: their report folders under "
+                "--out would overwrite each other"
+            )
+        seen[c.name] = n
     name = data.get("name", path.stem)
     if not isinstance(name, str):
         raise ParityError(f"{path}: 'name' must be a string, got {name!r}")
@@ -85,11 +95,13 @@ def load_baseline(path: str | Path) -> dict:
         for j, site in enumerate(c.get("sites", [])):
             err = site.get("max_err") if isinstance(site, dict) else None
             keys_ok = isinstance(site, dict) and all(isinstance(site.get(k), str) for k in ("site", "field", "phase"))
-            if not keys_ok or not isinstance(err, int | float) or isinstance(err, bool) or math.isnan(err):
+            if not keys_ok or not isinstance(err, int | float) or isinstance(err, bool) or not err >= 0:
                 raise ParityError(
                     f"--baseline {path}: cases[{i}].sites[{j}]: expected site, field, phase and a numeric "
-                    f"max_err (not NaN), got {site!r}"[:300]
+                    f"max_err >= 0 (not NaN), got {site!r}"[:300]
                 )
+        if c["name"] in cases:
+            raise ParityError(f"--baseline {path}: cases[{i}]: case {c['name']!r} is listed twice")
         cases[c["name"]] = c
     return cases
 

@@ -46,6 +46,6 @@ def test_bad_case_fields_are_named(patch, message):
 
 
 def test_calibration_is_resolved_next_to_the_case_file(tmp_path):
-    (tmp_path / "noise.json").write_text("{}")
+    (tmp_path / "noise.json").write_text('{"schema": 1}')  # a valid (empty) noise model: the case reads it
     case = parse_case({**BASE, "tolerance": {"calibration": "noise.json"}}, str(tmp_path / "case.toml"))
     assert case.calibration == tmp_path / "noise.json"

@@ -13,6 +13,7 @@ line up record for record; rows the reference has no value for (rejected specula
 values there and are listed in the record's `extra["skip_rows"]`, as in the engine's own record.
 """
 
+import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -95,14 +96,72 @@ def load_run(root: str | Path) -> SavedRun:
     )
     if not ok:
         raise ParityError(f"{path}: field 'layout' must map request ids to [prompt_len, first_chunk]")
+    bad = next((k for k, (p, c) in layout.items() if not 1 <= c <= p), None)
+    if bad is not None:
+        raise ParityError(
+            f"{path}: field 'layout' request {bad!r}: expected 1 <= first_chunk <= prompt_len, got {layout[bad]}"
+        )
+    exact = meta.get("exact", False)
+    if not isinstance(exact, bool):
+        raise ParityError(f"{path}: field 'exact' must be true or false, got {exact!r}")
+    reference = load_dump(root / "reference")
+    _check_meta(path, n_layers, layout, reference)
     golden = load_dump(root / "golden") if (root / "golden").is_dir() else None
+    forced = load_dump(root / "forced") if (root / "forced").is_dir() else None
+    chained = load_dump(root / "chained")
+    _check_aligned(reference, forced if forced is not None else chained)
     return SavedRun(
         root,
         n_layers,
         {k: RequestLayout(*v) for k, v in layout.items()},
-        bool(meta.get("exact", False)),
-        load_dump(root / "reference"),
-        load_dump(root / "forced") if (root / "forced").is_dir() else None,
-        load_dump(root / "chained"),
+        exact,
+        reference,
+        forced,
+        chained,
         golden,
     )
+
+
+_LAYER = re.compile(r"^layers\.(\d+)\.")
+
+
+def _check_meta(path: Path, n_layers: int, layout: dict, reference: Dump) -> None:
+    """run.json must describe the records it came with: `n_layers` the blocks the reference holds, `layout` its
+    requests (each with its first chunk, the span the engine ran from position 0). A wrong value would judge every
+    row under another phase, threshold or block, and an unknown request could not be judged at all."""
+    layers = {int(m.group(1)) for r in reference.records if (m := _LAYER.match(r.name))}
+    if layers and max(layers) + 1 != n_layers:
+        raise ParityError(f"{path}: field 'n_layers' is {n_layers} but {reference.root} holds layers 0..{max(layers)}")
+    first: dict[str, int] = {}
+    for r in reference.records:
+        if r.requests is None or r.start_pos is None or r.cu_seqlens is None:
+            continue
+        for i, (req, pos) in enumerate(zip(r.requests, r.start_pos)):
+            if pos == 0 and req not in first:
+                first[req] = r.cu_seqlens[i + 1] - r.cu_seqlens[i]
+    seen = {req for r in reference.records for req in (r.requests or ())}
+    if seen != set(layout):
+        extra, gone = sorted(seen - set(layout)), sorted(set(layout) - seen)
+        raise ParityError(
+            f"{path}: field 'layout' lists requests {sorted(layout)} but {reference.root} holds {sorted(seen)}"
+            + (f" (not in layout: {extra})" if extra else f" (no records: {gone})")
+        )
+    bad = next((k for k, (_, chunk) in layout.items() if k in first and first[k] != chunk), None)
+    if bad is not None:
+        raise ParityError(
+            f"{path}: field 'layout' request {bad!r}: first_chunk {layout[bad][1]} but its first span in "
+            f"{reference.root} (from position 0) is {first[bad]} tokens"
+        )
+
+
+def _check_aligned(reference: Dump, like: Dump) -> None:
+    """The reference was saved in the engine's layout, record for record (`relayout`): a record it lacks is a
+    damaged or partial dump, whose rows would otherwise go unjudged."""
+    have = {r.ident for r in reference.records}
+    gone = next((r for r in like.records if r.ident not in have), None)
+    if gone is not None:
+        n = sum(1 for r in like.records if r.ident not in have)
+        raise ParityError(
+            f"{reference.root}: no record {gone.name} (phase {gone.phase}, step {gone.step}) of {like.where(gone)}"
+            f"{f' and {n - 1} more' if n > 1 else ''}: the saved reference is incomplete"
+        )

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
+from torch.multiprocessing.spawn import ProcessRaisedException
+
 from parity.capture import forcing
 from parity.capture.runs import RunInputs, Targets, engine_capture, targets
 from parity.compare.diff import PairResult, compare_dumps
@@ -75,7 +77,15 @@ def tp_capture(
     if force is not None:
         load_dump(force)  # a bad forcing dump is refused here, once, before any process starts
     jobs = [(str(out), offset) for out, offset in jobs]
-    parallel.spawn(_rank, world, backend, inp, tg, jobs, None if force is None else str(force), device=inp.device)
+    try:
+        parallel.spawn(_rank, world, backend, inp, tg, jobs, None if force is None else str(force), device=inp.device)
+    except ProcessRaisedException as e:
+        # a rank refused its input (a ParityError): the same one line as in one process, not the rank's traceback
+        last = str(e).strip().splitlines()[-1]
+        prefix = f"{ParityError.__module__}.{ParityError.__name__}: "
+        if not last.startswith(prefix):
+            raise
+        raise ParityError(f"tensor parallel world size {world}: {last.removeprefix(prefix)}") from None
     return [Path(out) for out, _ in jobs]
 
 

@@ -69,10 +69,19 @@ def resolve(args: ModelArgs, root_path: Path, weight_map: dict[str, str], header
 
 
 def _read_root(path: Path) -> dict:
-    """The HF root config.json, or {} when the checkpoint has none or it is not a JSON object (the reference never
-    reads it; only its expert keys are used here)."""
+    """The HF root config.json, or {} when the checkpoint has none (the reference never reads it; only its expert
+    keys are used here). One that is there but damaged, or that states an expert format no V4 checkpoint has, is
+    refused: it would otherwise be ignored without a word."""
     try:
         d = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except FileNotFoundError:
         return {}
-    return d if isinstance(d, dict) else {}
+    except OSError as e:
+        raise ParityError(f"{path}: cannot read ({e.strerror})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ParityError(f"{path}: not a readable JSON config ({e})") from None
+    if not isinstance(d, dict):
+        raise ParityError(f"{path}: expected a JSON object, found {type(d).__name__}")
+    if d.get("expert_dtype") not in (None, "fp4", "fp8"):
+        raise ParityError(f"{path}: key 'expert_dtype': expected 'fp4' or 'fp8', got {d['expert_dtype']!r}")
+    return d

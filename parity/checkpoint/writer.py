@@ -11,6 +11,7 @@ the official layout; readers that follow the index (the official loader, `Checkp
 """
 
 import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from safetensors.torch import save_file
 from parity.checkpoint.layout import INDEX_FILE, hf_root_config, model_param_specs, n_shards, shard_file, shard_index
 from parity.checkpoint.synth import check_init, synth_param
 from parity.config import ModelArgs
+from parity.errors import ParityError
 from parity.io import atomic_write, atomic_write_json
 
 SYNTH_FILE = "parity_synth.json"
@@ -30,11 +32,13 @@ def write_checkpoint(path: str | os.PathLike, args: ModelArgs, seed: int = 0, in
     (`parity.checkpoint.synth`: "chaotic" or "calm")."""
     check_init(init)
     path = Path(path)
+    specs = model_param_specs(args)
+    _check_room(path, args, specs)
     # written last, like a completion mark: a rewrite that dies half-way must not keep claiming the old draw
     (path / SYNTH_FILE).unlink(missing_ok=True)
     total = n_shards(args)
     by_shard: dict[int, list[tuple[str, tuple, torch.dtype]]] = defaultdict(list)
-    for name, (shape, dtype) in model_param_specs(args).items():
+    for name, (shape, dtype) in specs.items():
         by_shard[shard_index(name, args)].append((name, shape, dtype))
 
     weight_map: dict[str, str] = {}
@@ -55,3 +59,41 @@ def write_checkpoint(path: str | os.PathLike, args: ModelArgs, seed: int = 0, in
     atomic_write_json(path / "inference" / "config.json", args.official_dict())
     atomic_write_json(path / SYNTH_FILE, {"seed": seed, "init": init})
     return path
+
+
+def _check_room(path: Path, args: ModelArgs, specs: dict) -> None:
+    """Refuse, before anything is written, a checkpoint that cannot fit: its bytes on the disk under `path`, its
+    largest shard (generated whole) in this machine's memory. A model of absurd sizes is one line, not an allocator
+    error or a full disk half-way."""
+    shards: dict[int, int] = defaultdict(int)
+    biggest = (0, "", ())
+    for name, (shape, dtype) in specs.items():
+        numel = 1
+        for n in shape:
+            numel *= n
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        shards[shard_index(name, args)] += size
+        biggest = max(biggest, (size, name, tuple(shape)))
+    total, largest = sum(shards.values()), max(shards.values(), default=0)
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    try:
+        free = shutil.disk_usage(existing).free
+    except OSError:
+        return  # the write itself names the problem
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
+    what = f"(largest tensor {biggest[1]} {list(biggest[2])}: check the model's sizes)"
+    if total > free:
+        raise ParityError(
+            f"{path}: the synthetic checkpoint of this model needs {_gb(total)}, {existing} has {_gb(free)} free {what}"
+        )
+    if memory and largest > memory:
+        raise ParityError(
+            f"{path}: a shard of this model's synthetic checkpoint needs {_gb(largest)} in memory, this machine has "
+            f"{_gb(memory)} {what}"
+        )
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"

@@ -9,8 +9,9 @@ from rich.markup import escape
 
 from parity.commands._common import EXIT_FAIL, check_device, out
 from parity.errors import ParityError
+from parity.optimized.ops import registry
 from parity.repro import find_repros, run_and_extract, run_script
-from parity.repro.listing import select
+from parity.repro.listing import Repro, select
 
 
 def repro(
@@ -31,14 +32,17 @@ def repro(
     """List the kernel repros under FOLDER and run them against their reference twins."""
     if plant is not None and extract is None:
         raise ParityError("--plant: only with --extract CASE")
+    if device is not None:
+        check_device(device)
     if extract is not None:
-        if device is not None:
-            check_device(device)
         report, paths = run_and_extract(extract, folder, device=device or "cpu", plant=plant)
         out.print(f"{'PASSED' if report.passed else 'FAILED'} {escape(extract)}: {escape(report.location or '-')}")
         out.print(f"{len(paths)} repro(s) written under {escape(str(folder / 'repro'))}")
     repros = find_repros(folder)
+    if not repros and extract is None:
+        raise ParityError(f"{folder}: no kernel repros here (repro_<op>.json with its script, at any depth)")
     chosen = select(repros, run) if run else repros
+    check_backend(chosen, backend)
     for r in repros:
         out.print(escape(r.summary()))
     if list_only:
@@ -48,15 +52,29 @@ def repro(
         code, text = run_script(r, backend, device)
         out.print(f"\n[bold]{escape(r.name)}[/bold] ({escape(str(r.script))})\n{escape(text)}")
         if code != 0:
-            failed.append((r.name, code))
+            failed.append((r.name, code, text))
     if not chosen:
         out.print(f"no repros under {escape(str(folder))}")
-    bad = [name for name, code in failed if code == 2]
+    bad = [(name, text) for name, code, text in failed if code == 2]
     if bad:
-        raise ParityError(f"repro {bad[0]}: the script refused its files or options (exit 2; output above)")
+        name, text = bad[0]
+        said = [line.removeprefix("error: ") for line in text.splitlines() if line.startswith("error: ")]
+        why = said[-1] if said else "(exit 2; output above)"
+        raise ParityError(f"repro {name}: the script refused its files or options: {why}")
     out.print(f"{'FAILED' if failed else 'PASSED'} | {len(chosen) - len(failed)}/{len(chosen)} repros pass")
     if failed:
         raise typer.Exit(EXIT_FAIL)
+
+
+def check_backend(repros: list[Repro], backend: str | None) -> None:
+    """`--backend NAME` must implement the op of every repro that runs (refused before any script starts)."""
+    if backend is None:
+        return
+    for r in repros:
+        impls = registry()[r.op]
+        if backend not in impls:
+            raise ParityError(f"--backend {backend!r}: op {r.op} ({r.name}) has no such backend; valid: "
+                              f"{', '.join(sorted(impls))}")  # fmt: skip
 
 
 def register(app: typer.Typer) -> None:

@@ -74,6 +74,10 @@ def load_dump(path: str | Path, on_progress: Progress | None = None) -> Dump:
     except OSError as e:
         raise ParityError(f"{root}: cannot read the dump dir ({e.strerror})") from None
     rank_dirs = [n for n in entries if re.fullmatch(r"rank\d+", n) and (root / n).is_dir()]
+    if MANIFEST in entries and rank_dirs:
+        raise ParityError(
+            f"{root}: holds both {MANIFEST} and rank dirs ({', '.join(rank_dirs)}): two dumps in one dir; give one"
+        )
     # a rank dir without its manifest is read (and refused with the reason) rather than skipped
     manifests = [root / MANIFEST] if MANIFEST in entries else [root / n / MANIFEST for n in rank_dirs]
     if not manifests:
@@ -97,6 +101,24 @@ def load_dump(path: str | Path, on_progress: Progress | None = None) -> Dump:
     return dump
 
 
+# the manifest's counters and indices: a negative one is a damaged line, not a record to align
+_COUNTS = ("seq", "step", "call", "call_in_step", "layer", "batch", "rank")
+
+
+def _check_tags(r: Record, where: str) -> None:
+    """The layout tags agree with each other: one request id and one start position per sequence, positions >= 0
+    (rows are addressed by them: a short list would silently drop rows, a negative position invent them)."""
+    n = len(r.cu_seqlens) - 1 if r.cu_seqlens is not None else r.batch
+    for name in ("requests", "start_pos"):
+        value = getattr(r, name)
+        if value is not None and n is not None and len(value) != n:
+            raise ParityError(f"{where}: field {name!r} has {len(value)} entries for {n} sequences")
+    if r.start_pos is not None and any(p < 0 for p in r.start_pos):
+        raise ParityError(f"{where}: field 'start_pos' must be >= 0, got {list(r.start_pos)}")
+    if r.file is not None and (Path(r.file).is_absolute() or ".." in Path(r.file).parts):
+        raise ParityError(f"{where}: field 'file' must be a path inside the dump dir, got {r.file!r}")
+
+
 def _read_manifest(manifest: Path):
     try:
         text = manifest.read_bytes().decode()
@@ -115,7 +137,14 @@ def _read_manifest(manifest: Path):
             cut = tail and n == len(lines)
             msg = "cut off mid-line (a killed run?); delete it to use the records above" if cut else "not valid JSON"
             raise ParityError(f"{where}: {msg}") from None
-        yield Record.from_json(obj, where), where
+        record = Record.from_json(obj, where)
+        negative = next((f for f in _COUNTS if isinstance(getattr(record, f), int) and getattr(record, f) < 0), None)
+        if negative is not None:
+            raise ParityError(f"{where}: field {negative!r} must be >= 0, got {getattr(record, negative)}")
+        if record.world_size < 1:
+            raise ParityError(f"{where}: field 'world_size' must be >= 1, got {record.world_size}")
+        _check_tags(record, where)
+        yield record, where
 
 
 def _world_size(records: list[Record], where: dict[int, str]) -> int:

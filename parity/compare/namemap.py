@@ -89,7 +89,14 @@ class NameMap:
             side = rule.get("side", "b")
             if side not in ("a", "b"):
                 raise ParityError(f"{where}: side must be 'a' or 'b', got {side!r}")
-            renames.append(Rename(_regex(rule, "match", where), _str(rule, "to", where), side))
+            pattern, to = _regex(rule, "match", where), _str(rule, "to", where)
+            try:
+                pattern.sub(to, "", count=1)  # the template is parsed even without a match
+            except (re.error, IndexError) as e:
+                raise ParityError(
+                    f"{where}: to {to!r} is not a valid replacement for match {pattern.pattern!r} ({e})"
+                ) from None
+            renames.append(Rename(pattern, to, side))
         for i, rule in enumerate(_tables(data, "shard", path)):
             where = f"{path}: shard[{i}]"
             _only(rule, {"match", "dim", "reduce"}, where)
@@ -97,7 +104,10 @@ class NameMap:
             dim = rule.get("dim")
             is_dim = isinstance(dim, int) and not isinstance(dim, bool)  # TOML `true` is not a dim
             if reduce not in ("cat", "sum") or (reduce == "cat") != is_dim:
-                raise ParityError(f"{where}: give dim = <int> (concatenate shards) or reduce = 'sum' (partial sums)")
+                found = ", ".join(f"{k} = {rule[k]!r}" for k in ("dim", "reduce") if k in rule) or "neither"
+                raise ParityError(
+                    f"{where}: give dim = <int> (concatenate shards) or reduce = 'sum' (partial sums), got {found}"
+                )
             shards.append(Shard(_regex(rule, "match", where), dim, reduce))
         ignore = data.get("ignore", [])
         if not isinstance(ignore, list):

@@ -80,7 +80,11 @@ def calls(dump: Dump, n_layers: int) -> Iterator[Call]:
         if sp.site.rows_field is not None:
             rows = dump.load(by_field[sp.site.rows_field])
         n = head.shape[0] if head.shape else 0
-        yield Call(head.module, sp, by_field, keys_of(head, n, rows), head.step, head.phase)
+        try:
+            keys = keys_of(head, n, rows)
+        except (ParityError, IndexError) as e:  # IndexError: a rows field naming a token the tags do not have
+            raise ParityError(f"{dump.where(head)}: {head.name}: {str(e).removeprefix('rows: ')}") from None
+        yield Call(head.module, sp, by_field, keys, head.step, head.phase)
 
 
 class RowStore:

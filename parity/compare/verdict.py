@@ -189,7 +189,9 @@ class _Judge:
         sp = call.site
         values = {f: call.tensor(dump, f) for f in call.value_fields}
         wanted = {f: self.ref.gather(call.path, f, call.keys, v) for f, v in values.items()}
-        found = next(iter(wanted.values()))[1]
+        # a row is compared only where the reference holds every field of it (a missing field would otherwise be
+        # compared against the candidate's own values and pass); the others count as missing
+        found = torch.stack([w[1] for w in wanted.values()]).all(0)
         self.missing += sum(1 for k, ok in zip(call.keys, found.tolist()) if k is not None and not ok)
         golden = {}
         if self.gold is not None:

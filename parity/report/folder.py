@@ -64,9 +64,12 @@ def render_folder(folder: Path, summary: dict | None = None) -> Path:
     folder = Path(folder)
     summary = summary if summary is not None else load_summary(folder)
     files = repro_files(folder)
-    _write(folder / "metrics.csv", metrics_csv.render(summary["report"]))
-    _write(folder / "report.md", markdown.render(summary, files))
-    return _write(folder / "report.html", html.render(summary, files))
+    # all three rendered before any is written: a summary the renderers cannot draw replaces none of them
+    pages = {"metrics.csv": metrics_csv.render(summary["report"]), "report.md": markdown.render(summary, files),
+             "report.html": html.render(summary, files)}  # fmt: skip
+    for name, text in pages.items():
+        _write(folder / name, text)
+    return folder / "report.html"
 
 
 def _write(path: Path, text: str, mode: int = 0o644) -> Path:

@@ -76,17 +76,100 @@ _REPORT_KEYS = {
 _SITE_KEYS = ("site", "field", "phase", "submodule", "max_err", "threshold", "bitwise", "passed", "flips", "compared")
 
 
+def _num(v) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _count(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _triple(v) -> bool:  # (step, request, position)
+    return v is None or (isinstance(v, list) and len(v) == 3 and _count(v[0]) and _count(v[2]))
+
+
+_STR, _BOOL = (lambda v: isinstance(v, str), "a string"), (lambda v: isinstance(v, bool), "true or false")
+_NUM, _COUNT = (_num, "a number"), (_count, "an integer >= 0")
+_OPT_STR = (lambda v: v is None or isinstance(v, str), "a string or null")
+_OPT_NUM = (lambda v: v is None or _num(v), "a number or null")
+_OPT_COUNT = (lambda v: v is None or _count(v), "an integer >= 0 or null")
+_TRIPLE = (_triple, "[step, request, position] or null")
+# what the renderers read of each row (required) and may read (optional), with its JSON type
+_SITE = {"site": _STR, "field": _STR, "phase": _STR, "submodule": _STR, "layer": _OPT_COUNT, "max_err": _NUM,
+         "threshold": _OPT_NUM, "bitwise": _BOOL, "passed": _BOOL, "flips": _COUNT, "compared": _COUNT,
+         "reasons": _STR}  # fmt: skip
+_SITE_OPTIONAL = {"rows": _COUNT, "worst": _TRIPLE, "first_failure": _TRIPLE, "flip_threshold": _OPT_NUM,
+                  "flip_margins": (lambda v: isinstance(v, list) and all(map(_num, v)), "a list of numbers"),
+                  "threshold_source": _STR, "failures": _COUNT, "golden_ref": _OPT_NUM,
+                  "golden_cand": _OPT_NUM}  # fmt: skip
+_REQUEST = {"index": _COUNT, "prompt_len": _COUNT, "first_chunk": _COUNT, "tokens": _COUNT, "greedy_equal": _BOOL,
+            "logits_max_err": _NUM, "mtp": _STR}  # fmt: skip
+_REPORT_OPTIONAL = {"device": _STR, "wall_s": _NUM, "planted": _OPT_STR, "exact": _BOOL,
+                    "noise_provenance": (lambda v: v is None or isinstance(v, dict), "an object or null"),
+                    "rowmap": (lambda v: v is None or isinstance(v, dict), "an object or null")}  # fmt: skip
+_INVOCATION = {"device": _STR, "golden": _STR, "checkpoint": _OPT_STR, "calibration": _OPT_STR, "plant": _OPT_STR,
+               "threads": _OPT_COUNT, "bisect": _BOOL, "stream": _BOOL, "cwd": _STR, "python": _STR,
+               "env": (lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+                       "an object of strings")}  # fmt: skip
+_ROWMAP = {"site": _STR, "field": _STR, "submodule": _STR, "run": _STR, "measure": _STR, "threshold": _OPT_NUM,
+           "requests": (lambda v: isinstance(v, dict), "an object")}  # fmt: skip
+# the heatmap is as wide as the largest position: bounded as `parity.report.rowmap` bounds it
+MAX_POSITIONS = 4096
+
+
+def _found(v) -> str:
+    return repr(v)[:60] if v is None or isinstance(v, bool | int | float) else type(v).__name__
+
+
+def _check(path: Path, where: str, obj, required: dict, optional: dict | None = None) -> None:
+    """Every key of `required` present in the object `obj` with its type, and those of `optional` it has."""
+    if not isinstance(obj, dict):
+        raise ParityError(f"{path}: {where}: expected an object, found {_found(obj)}")
+    for key, (ok, expected) in {**required, **(optional or {})}.items():
+        if key not in obj:
+            if key in required:
+                raise ParityError(f"{path}: {where}.{key}: expected {expected}, found nothing")
+        elif not ok(obj[key]):
+            raise ParityError(f"{path}: {where}.{key}: expected {expected}, found {_found(obj[key])}")
+
+
+def _check_rowmap(path: Path, rm: dict) -> None:
+    _check(path, "report.rowmap", rm, _ROWMAP)
+    for req, row in rm["requests"].items():
+        where = f"report.rowmap.requests[{req!r}]"
+        if (
+            not isinstance(row, dict)
+            or not isinstance(row.get("positions"), list)
+            or not isinstance(row.get("errors"), list)
+        ):
+            raise ParityError(f"{path}: {where}: expected an object with 'positions' and 'errors' lists")
+        pos, errs = row["positions"], row["errors"]
+        if len(pos) != len(errs):
+            raise ParityError(f"{path}: {where}: {len(pos)} positions but {len(errs)} errors")
+        bad = next((p for p in pos if not _count(p) or p >= MAX_POSITIONS), None)
+        if bad is not None:
+            raise ParityError(f"{path}: {where}.positions: expected integers in [0, {MAX_POSITIONS}), found {bad!r}")
+        bad = next((e for e in errs if not (_num(e) or e == "inf")), None)
+        if bad is not None:
+            raise ParityError(f'{path}: {where}.errors: expected numbers (or "inf"), found {_found(bad)}')
+
+
 def load_summary(folder: Path) -> dict:
-    """The summary.json of a report folder, checked field by field (one line naming the field on error)."""
+    """The summary.json of a report folder, checked field by field against what the renderers read (one line
+    naming the field, expected vs found, on error): a malformed summary is refused, never half-rendered."""
     path = Path(folder) / "summary.json"
     if not Path(folder).is_dir():
-        raise ParityError(f"{folder}: no such report folder")
+        what = "not a directory (expected a report folder)" if Path(folder).exists() else "no such report folder"
+        raise ParityError(f"{folder}: {what}")
     data = read_json(path, f"{path}: no such file (not a report folder)", f"{path}: not readable JSON")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
         raise ParityError(f"{path}: schema: expected {SCHEMA!r}, found {found!r}")
     if not isinstance(data.get("invocation"), dict) or not isinstance(data["invocation"].get("case"), str):
         raise ParityError(f"{path}: invocation: expected an object with a 'case' string")
+    _check(path, "invocation", data["invocation"], {}, _INVOCATION)
+    if not isinstance(data.get("created"), str):
+        raise ParityError(f"{path}: created: expected a string, found {_found(data.get('created'))}")
     report = data.get("report")
     if not isinstance(report, dict):
         raise ParityError(f"{path}: report: expected an object, found {type(report).__name__}")
@@ -94,9 +177,18 @@ def load_summary(folder: Path) -> dict:
         if not isinstance(report.get(key), kind):
             found = type(report.get(key)).__name__ if key in report else "nothing"
             raise ParityError(f"{path}: report.{key}: expected {kind.__name__}, found {found}")
+    _check(path, "report", report, {}, _REPORT_OPTIONAL)
     for run in ("sites", "chained"):
         for i, row in enumerate(report[run]):
             missing = [k for k in _SITE_KEYS if not isinstance(row, dict) or k not in row]
             if missing:
                 raise ParityError(f"{path}: report.{run}[{i}]: expected keys {_SITE_KEYS}, missing {missing}")
+            _check(path, f"report.{run}[{i}]", row, _SITE, _SITE_OPTIONAL)
+    for i, row in enumerate(report["requests"]):
+        _check(path, f"report.requests[{i}]", row, _REQUEST)
+    bad = next((k for k, v in report["timings"].items() if not _num(v)), None)
+    if bad is not None:
+        raise ParityError(f"{path}: report.timings.{bad}: expected a number, found {_found(report['timings'][bad])}")
+    if report.get("rowmap"):
+        _check_rowmap(path, report["rowmap"])
     return data

@@ -61,11 +61,56 @@ def decode(spec: dict, tensors: dict[str, torch.Tensor], device: str = "cpu"):
         return [decode(s, tensors, device) for s in spec["list"]]
     if "dataclass" in spec:
         module, _, qualname = spec["dataclass"].partition(":")
-        cls = importlib.import_module(module)
-        for part in qualname.split("."):
-            cls = getattr(cls, part)
+        try:
+            cls = importlib.import_module(module)
+            for part in qualname.split("."):
+                cls = getattr(cls, part)
+        except (ImportError, AttributeError):
+            raise ParityError(f"repro JSON: dataclass {spec['dataclass']!r} cannot be imported") from None
+        if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+            raise ParityError(f"repro JSON: {spec['dataclass']!r} is not a dataclass")
         return cls(**{k: decode(s, tensors, device) for k, s in spec["fields"].items()})
     raise ParityError(f"repro JSON: unknown argument spec {sorted(spec)}")
+
+
+def check_spec(spec, where: str) -> None:
+    """Refuse, with one line naming `where`, an argument spec `decode` could not rebuild: an unknown form, a dtype
+    torch does not have, a shape that is not a list of sizes, or a dataclass outside the `parity` package (a repro
+    JSON never makes the harness import and call anything else)."""
+    if not isinstance(spec, dict):
+        raise ParityError(f"{where}: expected an argument spec (an object), found {type(spec).__name__}")
+    if "tensor" in spec:
+        dtype, shape = spec.get("dtype"), spec.get("shape")
+        ok_shape = isinstance(shape, list) and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                                   for n in shape)  # fmt: skip
+        if not isinstance(spec["tensor"], str) or not _is_dtype(str(dtype).removeprefix("torch.")) or not ok_shape:
+            raise ParityError(f"{where}: expected a tensor spec (tensor name, torch dtype, shape), found {spec}"[:300])
+    elif "dtype" in spec:
+        if not _is_dtype(spec["dtype"]):
+            raise ParityError(f"{where}: dtype {spec['dtype']!r} is not a torch dtype")
+    elif "value" in spec:
+        if spec["value"] is not None and not isinstance(spec["value"], bool | int | float | str):
+            raise ParityError(f"{where}: value must be a number, string, boolean or null, found {spec['value']!r}")
+    elif "tuple" in spec or "list" in spec:
+        items = spec.get("tuple", spec.get("list"))
+        if not isinstance(items, list):
+            raise ParityError(f"{where}: expected a list of argument specs, found {type(items).__name__}")
+        for i, s in enumerate(items):
+            check_spec(s, f"{where}.{i}")
+    elif "dataclass" in spec:
+        name, fields = spec["dataclass"], spec.get("fields")
+        if not isinstance(name, str) or not name.startswith("parity.") or ":" not in name:
+            raise ParityError(f"{where}: dataclass {name!r}: expected a 'parity.<module>:<class>' of the harness")
+        if not isinstance(fields, dict):
+            raise ParityError(f"{where}: dataclass {name}: expected an object of fields")
+        for k, s in fields.items():
+            check_spec(s, f"{where}.{k}")
+    else:
+        raise ParityError(f"{where}: unknown argument spec {sorted(spec)}")
+
+
+def _is_dtype(name) -> bool:
+    return isinstance(name, str) and isinstance(getattr(torch, name, None), torch.dtype)
 
 
 def nbytes(value) -> int:

@@ -4,13 +4,13 @@ Each repro is run as its own script in a fresh interpreter (`python repro_<op>.p
 the saved script does on its own, not the harness's in-process state.
 """
 
-import json
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from parity.errors import ParityError
+from parity.io import read_json
 
 
 @dataclass(frozen=True)
@@ -36,20 +36,16 @@ def find_repros(folder: Path) -> list[Repro]:
     """Every `repro_<op>.json` under `folder` with its script next to it, by path."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise ParityError(f"{folder}: not a directory")
+        raise ParityError(f"{folder}: {'not a directory' if folder.exists() else 'no such directory'}")
     found = []
     for meta_path in sorted(folder.rglob("repro_*.json")):
         script = meta_path.with_suffix(".py")
         if not script.is_file():
             raise ParityError(f"{meta_path}: its script {script.name} is missing")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ParityError(f"{meta_path}: not a readable repro JSON ({e})") from None
-        for key in ("op", "call_site", "result"):
-            if key not in meta:
-                raise ParityError(f"{meta_path}: missing key {key!r}")
-        found.append(Repro(meta_path.stem, script, meta))
+        from parity.repro.replay import check_meta  # torch and the op registry load only here
+
+        meta = read_json(meta_path, f"{meta_path}: no such repro JSON", f"{meta_path}: not a readable repro JSON")
+        found.append(Repro(meta_path.stem, script, check_meta(meta, meta_path)))
     return found
 
 

@@ -13,7 +13,6 @@ threshold saved with the repro (0: the backend claims bitwise equality with its 
 integer outputs (expert ids, top-k entry ids) by the rows whose id sets differ, which must be none.
 """
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -25,6 +24,7 @@ from safetensors.torch import load_file
 from parity.compare.metrics import compare_tensors
 from parity.compare.verdict import _row_errors, _set_differences  # the verdict's own row metrics
 from parity.errors import ParityError
+from parity.io import read_json
 from parity.optimized.ops import Impl, OpsConfig, registry, resolve_ops
 from parity.repro import codec
 
@@ -189,16 +189,92 @@ def run_call(op: str, fn: Callable, args: tuple, kwargs: dict, threshold: float,
     return ReproResult(op, cand, twin_name, threshold, all(c.passed for c in checks), checks, same)
 
 
+def _is(kind, optional: bool = False):
+    def ok(v) -> bool:
+        return (optional and v is None) or (isinstance(v, kind) and not (kind is not bool and isinstance(v, bool)))
+
+    return ok
+
+
+def _device(v) -> bool:
+    try:
+        return isinstance(v, str) and torch.device(v).type in ("cpu", "cuda")
+    except (RuntimeError, ValueError):
+        return False
+
+
+_COUNT = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+_FIELDS = {  # key: (check, what it must be); every key a repro's listing, script and replay read
+    "op": (_is(str), "an op name"),
+    "ran": (_is(dict), "an object (backend, plant, impl, replaced)"),
+    "n_layers": (lambda v: _COUNT(v) and v >= 1, "an integer >= 1"),
+    "call_site": (_is(dict), "an object (site, step, request, position)"),
+    "result": (_is(dict), "an object with the 'candidate' that ran"),
+    "threshold": (lambda v: _is(int | float)(v) and math.isfinite(v) and v >= 0, "a finite number >= 0"),
+    "tensors": (
+        lambda v: isinstance(v, str) and v == Path(v).name and v not in ("", ".", ".."),
+        "the file name of the safetensors next to it",
+    ),  # fmt: skip
+    "args": (_is(dict), "an argument spec"),
+    "kwargs": (_is(dict), "an object of argument specs"),
+}
+_OPTIONAL = {
+    "device": (lambda v: _device(v), "cpu or cuda[:N]"),
+    "verdict": (_is(dict), "an object"),
+    "output": (_is(dict, optional=True), "an argument spec or null"),
+}
+_PARTS = {  # nested objects: key -> {field: (check, what)}
+    "ran": {"backend": (_is(str), "a backend name"), "plant": (_is(str, True), "a bug name or null"),
+            "impl": (_is(str, True), "'module:function' or null"), "replaced": (_is(str, True), "a name or null")},
+    "call_site": {"site": (_is(str), "a site name"), "step": (_COUNT, "an integer >= 0"),
+                  "request": (_is(str | int), "a request id"), "position": (_COUNT, "an integer >= 0")},
+    "result": {"candidate": (_is(str), "a description")},
+}  # fmt: skip
+
+
+def check_meta(meta, path: Path) -> dict:
+    """A repro JSON checked key by key against what is read from it (one line naming the file and the key); the
+    op and the backend that ran must be in the registry and every argument spec rebuildable."""
+    if not isinstance(meta, dict):
+        raise ParityError(f"{path}: expected a repro JSON object, found {type(meta).__name__}")
+    for table, required in ((_FIELDS, True), (_OPTIONAL, False)):
+        for key, (ok, what) in table.items():
+            if key not in meta:
+                if required:
+                    raise ParityError(f"{path}: missing key {key!r} ({what})")
+            elif not ok(meta[key]):
+                raise ParityError(f"{path}: key {key!r}: expected {what}, found {meta[key]!r}"[:300])
+    for key, parts in _PARTS.items():
+        for sub, (ok, what) in parts.items():
+            if not ok(meta[key].get(sub)):  # a missing optional part reads as null
+                found = repr(meta[key][sub]) if sub in meta[key] else "nothing"
+                raise ParityError(f"{path}: key '{key}.{sub}': expected {what}, found {found}"[:300])
+    impls = registry().get(meta["op"])
+    if impls is None:
+        raise ParityError(f"{path}: key 'op': {meta['op']!r} is not an op of the registry ({', '.join(registry())})")
+    if meta["ran"]["backend"] not in impls:
+        raise ParityError(
+            f"{path}: key 'ran.backend': {meta['ran']['backend']!r} is not a backend of op {meta['op']!r} "
+            f"({', '.join(sorted(impls))})"
+        )
+    verdict = meta.get("verdict", {})
+    if verdict.get("threshold") is not None and not _is(int | float)(verdict["threshold"]):
+        raise ParityError(f"{path}: key 'verdict.threshold': expected a number or null, found {verdict['threshold']!r}")
+    codec.check_spec(meta["args"], f"{path}: args")
+    for k, spec in meta["kwargs"].items():
+        codec.check_spec(spec, f"{path}: kwargs.{k}")
+    if meta.get("output") is not None:
+        codec.check_spec(meta["output"], f"{path}: output")
+    return meta
+
+
 def load(json_path: Path, device: str | None = None) -> tuple[dict, tuple, dict, object]:
     """A saved repro: its JSON, the call's args and kwargs, and the op's output in the run."""
     json_path = Path(json_path)
-    try:
-        meta = json.loads(json_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ParityError(f"{json_path}: not a readable repro JSON ({e})") from None
-    for key in ("op", "ran", "args", "kwargs", "threshold", "tensors"):
-        if key not in meta:
-            raise ParityError(f"{json_path}: missing key {key!r}")
+    meta = check_meta(read_json(json_path, f"{json_path}: no such repro JSON", f"{json_path}: not a readable repro "
+                                "JSON"), json_path)  # fmt: skip
+    if device is not None and not _device(device):
+        raise ParityError(f"--device {device!r}: expected cpu or cuda[:N]")
     st = json_path.parent / meta["tensors"]
     try:
         tensors = load_file(st)

@@ -69,3 +69,30 @@ def as_world(src: Path, dst: Path, world: int) -> Path:
 @pytest.fixture
 def ref(toy_dumps) -> Path:  # noqa: F811  (the fixture, not a redefinition)
     return toy_dumps.ref
+
+
+SMALL_CASE = 'name = "small"\n[model]\npreset = "tiny"\n[[requests]]\nprompt_len = 5\ndecode_steps = 1\n'
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory, tiny_ckpt):
+    """One `parity run --dump` of a one-request tiny case on the session checkpoint (about 20 s on 2 cores): its
+    report folder (`.report`, with summary.json) and its saved runs (`.dump`, for `parity judge`). Tests copy them."""
+    import cli as cli_module
+
+    root = tmp_path_factory.mktemp("small_run")
+    case = root / "small.toml"
+    case.write_text(SMALL_CASE)
+    if not any(c.name == "bisect" for c in cli_module.app.registered_commands):
+        cli_module._register()
+    args = ["run", case, "--checkpoint", tiny_ckpt, "--out", root / "report", "--dump", root / "dump"]
+    code = cli_module.app(list(map(str, args)), standalone_mode=False)
+    assert code in (0, None), code
+
+    class Run:
+        case_file = case
+        checkpoint = tiny_ckpt
+        report = root / "report"
+        dump = root / "dump"
+
+    return Run

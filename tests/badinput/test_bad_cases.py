@@ -95,3 +95,95 @@ def test_calibrate_refuses_a_bad_case_before_its_runs(parity_cli, tmp_path):
     out = tmp_path / "noise.json"
     assert_bad_input(parity_cli("calibrate", case, "--out", out), "engine.block_size", "got 0")
     assert not out.exists()
+
+
+def _model_case(tmp_path, model: str, engine: str = "", top: str = ""):
+    """A case whose [model] table is `model` (instead of `preset = "tiny"`)."""
+    path = tmp_path / "case.toml"
+    path.write_text(top + GOOD.format(model="", request="", engine=engine).replace('preset = "tiny"', model))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("model", "culprits"),
+    [
+        pytest.param('checkpoint = "nosuch"', ("model.checkpoint", "nosuch", "does not exist"), id="ckpt-missing"),
+        pytest.param('checkpoint = "afile"', ("model.checkpoint", "afile", "not a directory"), id="ckpt-file"),
+        pytest.param('checkpoint = "empty"', ("model.checkpoint", "model.safetensors.index.json"), id="not-a-ckpt"),
+        pytest.param("checkpoint = 5", ("model.checkpoint must be a directory name", "5"), id="ckpt-int"),
+        pytest.param('checkpoint = ""', ("model.checkpoint must be a directory name",), id="ckpt-empty"),
+        pytest.param('preset = "tiny"\nlayers = [9]', ("model.layers", "layer 9 does not exist", "0..3"), id="layer-9"),
+        pytest.param('preset = "tiny"\nlayers = [4]', ("model.layers", "layer 4 does not exist"), id="layer-4"),
+        pytest.param('preset = "tiny"\nlayers = [-1]', ("model.layers", "layer -1"), id="layer-negative"),
+        pytest.param('preset = "tiny"\nlayers = [1, 1]', ("model.layers", "without repeats", "[1, 1]"), id="repeat"),
+        pytest.param('preset = "tiny"\nlayers = [2, 0]', ("model.layers", "ascending", "[2, 0]"), id="descending"),
+        pytest.param('preset = "tiny"\nlayers = []', ("model.layers", "non-empty list", "[]"), id="layers-empty"),
+        pytest.param('preset = "tiny"\nlayers = "0"', ("model.layers", "list of layer indices", "'0'"), id="str"),
+        pytest.param('preset = "tiny"\nlayers = [true]', ("model.layers", "[True]"), id="layers-bool"),
+        pytest.param('preset = "tiny"\nlayers = [0.5]', ("model.layers", "[0.5]"), id="layers-float"),
+        pytest.param('preset = "tiny"\nstream = "yes"', ("model.stream must be true or false", "'yes'"), id="stream"),
+        pytest.param('preset = "tiny"\nstream = 1', ("model.stream must be true or false", "1"), id="stream-int"),
+        pytest.param('preset = "huge"', ("unknown model preset 'huge'",), id="preset"),
+        pytest.param(
+            'preset = "tiny"\noverrides = { expert_dtype = "fp16" }', ("'expert_dtype'", "'fp4', 'fp8'", "'fp16'"),
+            id="expert-dtype",
+        ),
+        pytest.param('preset = "tiny"\noverrides = { expert_dtype = 4 }', ("'expert_dtype'", "4"), id="expert-int"),
+        pytest.param('preset = "tiny"\noverrides = { expert_dtype = "FP4" }', ("'expert_dtype'", "'FP4'"), id="FP4"),
+        pytest.param(
+            'preset = "tiny"\noverrides = { vocab_size = 100000000000000 }', ("'vocab_size'", "<= 2147483647"),
+            id="vocab-huge",
+        ),
+    ],
+)  # fmt: skip
+def test_bad_model_sources(parity_cli, tmp_path, model, culprits):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "empty").mkdir()
+    case = _model_case(tmp_path, model)
+    out = tmp_path / "out"
+    assert_bad_input(parity_cli("run", case, "--out", out), str(case), *culprits)
+    assert not out.exists()
+
+
+def test_a_checkpoint_and_a_preset_together(parity_cli, tmp_path, tiny_ckpt):
+    case = _model_case(tmp_path, f'preset = "tiny"\ncheckpoint = "{tiny_ckpt}"')
+    assert_bad_input(parity_cli("run", case), str(case), "model.checkpoint and model.preset are exclusive")
+
+
+@pytest.mark.parametrize(
+    ("top", "culprits"),
+    [
+        pytest.param('candidate = "vllm"\n', ("candidate must be one of", "'vllm'"), id="vllm"),
+        pytest.param("candidate = 5\n", ("candidate must be one of", "5"), id="int"),
+        pytest.param('candidate = "Optimized"\n', ("candidate must be one of", "'Optimized'"), id="case"),
+        pytest.param('quant_sim_off = "kv"\n', ("quant_sim_off must be a list", "'kv'"), id="quant-str"),
+    ],
+)
+def test_bad_candidates(parity_cli, tmp_path, top, culprits):
+    case = _case(tmp_path, top=top)
+    assert_bad_input(parity_cli("run", case, "--out", tmp_path / "out"), str(case), *culprits)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("engine", "culprits"),
+    [
+        pytest.param("block_size = 100000000000", ("engine.block_size = 100000000000", "max_seq_len"), id="block"),
+        pytest.param(
+            "num_blocks = 100000000000", ("engine.num_blocks = 100000000000", "positions its sequences"), id="blocks"
+        ),
+    ],
+)
+def test_engine_sizes_no_machine_could_allocate(parity_cli, tmp_path, engine, culprits):
+    """Refused from the case, not as an allocator error after the checkpoint and the reference run."""
+    case = _case(tmp_path, engine=engine)
+    assert_bad_input(parity_cli("run", case, "--out", tmp_path / "out"), str(case), *culprits)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_broken_calibration_is_refused_even_for_a_decode_exact_case(parity_cli, tmp_path):
+    (tmp_path / "noise.json").write_text('{"schema": 1, "errors": {"x": "big"}}')
+    case = _case(tmp_path, top="")
+    case.write_text(case.read_text() + '[tolerance]\ncalibration = "noise.json"\n')
+    line = assert_bad_input(parity_cli("run", case, "--out", tmp_path / "out"), str(case), "tolerance.calibration")
+    assert "noise.json" in line and "errors['x']" in line

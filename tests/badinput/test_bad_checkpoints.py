@@ -151,3 +151,94 @@ def test_every_fp8_byte_is_judged_as_torch_casts_it(dtype):
 
     codes = torch.arange(256, dtype=torch.uint8).view(dtype)
     assert _non_finite(codes) == int((~torch.isfinite(codes.float())).sum()) > 0
+
+
+def _shard_of(ckpt, name: str):
+    return ckpt / json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+
+def _retensor(ckpt, name: str, edit) -> str:
+    shard = _shard_of(ckpt, name)
+    tensors = load_file(shard)
+    tensors[name] = edit(tensors[name])
+    save_file(tensors, shard, metadata={"format": "pt"})
+    return str(shard)
+
+
+@pytest.mark.parametrize(
+    ("changes", "culprits"),
+    [
+        pytest.param({"dim": -256}, ("key 'dim'", "integer >= 1", "-256"), id="negative-dim"),
+        pytest.param({"n_heads": 0}, ("key 'n_heads'", "got 0"), id="zero-heads"),
+        pytest.param({"dim": 256.0}, ("key 'dim'", "256.0"), id="float-dim"),
+        pytest.param({"n_layers": 2.5}, ("key 'n_layers'", "2.5"), id="fractional-layers"),
+        pytest.param({"vocab_size": -5}, ("key 'vocab_size'", "-5"), id="negative-vocab"),
+        pytest.param({"vocab_size": 2**40}, ("key 'vocab_size'", "<= 2147483647"), id="huge-vocab"),
+        pytest.param({"norm_eps": 0}, ("key 'norm_eps'", "> 0"), id="zero-eps"),
+        pytest.param({"n_routed_experts": True}, ("key 'n_routed_experts'", "True"), id="bool-count"),
+        pytest.param({"compress_ratios": [0]}, ("compress_ratios", "needs 5 entries"), id="short-ratios"),
+    ],
+)
+def test_config_sizes(parity_cli, tmp_path, ckpt, changes, culprits):
+    _edit_config(ckpt, **changes)
+    assert_bad_input(_run(parity_cli, tmp_path, ckpt), str(_config(ckpt)), *culprits)
+
+
+def test_a_partially_written_shard(parity_cli, tmp_path, ckpt):
+    shard = _shard_of(ckpt, "layers.0.attn_norm.weight")
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    assert_bad_input(_run(parity_cli, tmp_path, ckpt), str(shard), "unreadable safetensors file")
+
+
+def test_an_index_naming_a_missing_shard(parity_cli, tmp_path, ckpt):
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["layers.0.attn_norm.weight"] = "model-00099-of-00099.safetensors"
+    index_path.write_text(json.dumps(index))
+    line = assert_bad_input(_run(parity_cli, tmp_path, ckpt), "model-00099-of-00099.safetensors", "missing")
+    assert "model.safetensors.index.json" in line
+
+
+@pytest.mark.parametrize(
+    ("edit", "found"),
+    [
+        pytest.param(lambda t: t.float(), "[256] F32", id="dtype"),
+        pytest.param(lambda t: t[:10].clone(), "[10] BF16", id="shape"),
+    ],
+)
+def test_a_tensor_of_the_wrong_dtype_or_shape(parity_cli, tmp_path, ckpt, edit, found):
+    shard = _retensor(ckpt, "layers.0.attn_norm.weight", edit)
+    assert_bad_input(_run(parity_cli, tmp_path, ckpt), shard, "'layers.0.attn_norm.weight'", found, "expected [256]")
+
+
+@pytest.mark.parametrize(
+    ("text", "culprits"),
+    [
+        pytest.param("{", ("not a readable JSON config",), id="cut"),
+        pytest.param("[1]", ("expected a JSON object", "list"), id="a-list"),
+        pytest.param('{"expert_dtype": "int3"}', ("key 'expert_dtype'", "'int3'"), id="expert-dtype"),
+    ],
+)
+def test_a_damaged_root_config(parity_cli, tmp_path, ckpt, text, culprits):
+    """The HF root config.json is read for its expert format: damaged, it is refused, not silently ignored."""
+    (ckpt / "config.json").write_text(text)
+    assert_bad_input(_run(parity_cli, tmp_path, ckpt), str(ckpt / "config.json"), *culprits)
+
+
+def test_a_root_config_is_optional(parity_cli, tmp_path, ckpt):
+    """The control: the official code never reads it, so a checkpoint without one loads."""
+    (ckpt / "config.json").unlink()
+    build_model(ckpt, Selection(layers=[0], mtp=False, embed_head=False))
+
+
+@pytest.mark.parametrize(
+    ("text", "culprit"),
+    [
+        pytest.param("{}", "no 'weight_map' object", id="no-map"),
+        pytest.param('{"weight_map": []}', "no 'weight_map' object", id="map-list"),
+        pytest.param('{"weight_map": {"a', "not valid JSON", id="cut"),
+    ],
+)
+def test_a_damaged_index(parity_cli, tmp_path, ckpt, text, culprit):
+    (ckpt / "model.safetensors.index.json").write_text(text)
+    assert_bad_input(_run(parity_cli, tmp_path, ckpt), "model.safetensors.index.json", culprit)

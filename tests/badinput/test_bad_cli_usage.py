@@ -96,3 +96,11 @@ def test_a_case_file_without_a_suffix_is_read_as_a_case(parity_cli, tmp_path, mo
     monkeypatch.chdir(tmp_path)
     (tmp_path / "mycase").write_text('name = "x"\n')
     assert_bad_input(parity_cli("run", "mycase", "--out", tmp_path / "out"), "mycase", "[[requests]]")
+
+
+def test_a_thread_count_torch_would_crash_on(tmp_path):
+    """torch's pools die with SIGSEGV on absurd counts: refused first (in a fresh interpreter, so a regression is
+    a failed test, not a crashed test run)."""
+    r = parity_subprocess("run", "--threads", "100000", "--out", tmp_path / "out")
+    assert_bad_input(r, "--threads 100000", "expected at most")
+    assert not (tmp_path / "out").exists()

@@ -92,3 +92,62 @@ def test_a_dump_dir_that_is_a_file(parity_cli, ref, tmp_path):
     f = tmp_path / "file"
     f.write_text("x")
     assert_bad_input(parity_cli("compare", ref, f), str(f), "not a directory")
+
+
+@pytest.mark.parametrize("field", ["step", "call", "call_in_step", "seq", "layer"])
+def test_a_negative_counter_in_a_manifest_line(parity_cli, ref, tmp_path, field):
+    bad = copy_dump(ref, tmp_path / "bad")
+    edit_line(bad, 1, **{field: -1})
+    assert_bad_input(parity_cli("compare", ref, bad), "manifest.jsonl line 2", f"field '{field}' must be >= 0")
+
+
+def test_a_flat_dump_and_rank_dirs_in_one_dir(parity_cli, ref, tmp_path):
+    """Two dumps in one dir: the rank dirs were ignored and the flat one compared as PASSED."""
+    both = copy_dump(ref, tmp_path / "both")
+    as_world(ref, tmp_path / "tp", world=2)
+    shutil.copytree(tmp_path / "tp" / "rank0", both / "rank0")
+    before = tree(both)
+    for args in (("compare", ref, both), ("dump-info", both)):
+        assert_bad_input(parity_cli(*args), str(both), "both manifest.jsonl and rank dirs (rank0)")
+    assert tree(both) == before
+
+
+def test_rank_dirs_of_two_world_sizes_in_one_dump(parity_cli, ref, tmp_path):
+    mixed = as_world(ref, tmp_path / "mixed", world=2)
+    as_world(ref, tmp_path / "w4", world=4)
+    shutil.copytree(tmp_path / "w4" / "rank2", mixed / "rank2")
+    assert_bad_input(parity_cli("compare", ref, mixed), str(mixed), "world_size")
+
+
+def test_dumps_of_two_world_sizes_compare_by_their_merge_rules(parity_cli, ref, tmp_path):
+    """The control of the two above: world size 2 against world size 4, each complete, merge and pass."""
+    r = parity_cli("compare", as_world(ref, tmp_path / "w2", world=2), as_world(ref, tmp_path / "w4", world=4))
+    assert r.code == 0, r.out
+
+
+@pytest.mark.parametrize("command", ["compare", "bisect", "dump-info", "slot-invariance"])
+def test_a_record_file_cut_short(parity_cli, ref, tmp_path, command):
+    bad = copy_dump(ref, tmp_path / "bad")
+    f = bad / manifest(bad)[0]["file"]
+    f.write_bytes(f.read_bytes()[:-7])
+    args = (bad,) if command in ("dump-info", "slot-invariance") else (ref, bad)
+    assert_bad_input(parity_cli(command, *args), str(f), "not a readable safetensors file")
+
+
+@pytest.mark.parametrize(
+    ("fields", "culprit"),
+    [
+        pytest.param({"requests": ["a"]}, "field 'requests' has 1 entries for 2 sequences", id="requests-short"),
+        pytest.param({"start_pos": [0, 0, 0]}, "field 'start_pos' has 3 entries for 2", id="start-pos-long"),
+        pytest.param({"start_pos": [-3, 0]}, "field 'start_pos' must be >= 0", id="start-pos-negative"),
+        pytest.param({"world_size": 0}, "field 'world_size' must be >= 1", id="world-0"),
+        pytest.param({"file": "../../elsewhere.safetensors"}, "field 'file' must be a path inside", id="file-escape"),
+        pytest.param({"file": "/etc/passwd"}, "field 'file' must be a path inside", id="file-absolute"),
+    ],
+)
+def test_tags_that_disagree_or_point_outside(parity_cli, ref, tmp_path, fields, culprit):
+    """Passed before as long as the tensors matched: the tags address the rows judge and slot-invariance compare."""
+    bad = copy_dump(ref, tmp_path / "bad")
+    assert manifest(bad)[0]["batch"] == 2  # two sequences, two request ids
+    edit_line(bad, 0, **fields)
+    assert_bad_input(parity_cli("compare", ref, bad), "manifest.jsonl line 1", culprit)

@@ -48,3 +48,28 @@ def test_a_map_renaming_one_to_one_is_accepted(parity_cli, ref, tmp_path):
     path.write_text("[[rename]]\nmatch = '^layers\\.(\\d+)\\.ffn:'\nto = 'L\\1.ffn:'\n")
     r = parity_cli("compare", ref, ref, "--map", path, "--allow-missing", "ffn:")
     assert r.code == 0, r.out
+
+
+@pytest.mark.parametrize(
+    ("toml", "culprits"),
+    [
+        pytest.param(
+            "[[rename]]\nmatch = '^layers'\nto = '\\9'\n", ("rename[0]", "not a valid replacement", "reference 9"),
+            id="group-9",
+        ),
+        pytest.param(
+            "[[rename]]\nmatch = '(?P<a>x)'\nto = '\\g<b>'\n", ("rename[0]", "unknown group name 'b'"), id="group-name"
+        ),
+        pytest.param("[[shard]]\nmatch = 'x'\ndim = 0\nreduce = 'mean'\n", ("shard[0]", "reduce = 'mean'"), id="mean"),
+        pytest.param("[[shard]]\nmatch = 'x'\nreduce = 'sum'\ndim = 1\n", ("dim = 1, reduce = 'sum'",), id="both"),
+        pytest.param("ignore = ['(']\n", ("ignore[0]", "not a valid regex"), id="ignore-regex"),
+        pytest.param("ignore = [5]\n", ("ignore[0]", "must be a string"), id="ignore-int"),
+        pytest.param("dtype_width = 'yes'\n", ("dtype_width must be true or false",), id="dtype-width"),
+    ],
+)  # fmt: skip
+def test_rules_that_cannot_apply(parity_cli, ref, tmp_path, toml, culprits):
+    """Refused when the map is read, naming the rule: not an exit 1 with every record 'missing'."""
+    path = tmp_path / "map.toml"
+    path.write_text(toml)
+    for command in ("compare", "bisect", "schema"):
+        assert_bad_input(parity_cli(command, ref, ref, "--map", path), str(path), *culprits)

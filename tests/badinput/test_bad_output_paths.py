@@ -105,3 +105,29 @@ def test_an_unwritable_dir_is_found_by_probing(parity_cli, ref, tmp_path, monkey
     monkeypatch.setattr(parity.io.tempfile, "TemporaryFile", refuse)
     line = assert_bad_input(parity_cli("compare", ref, ref, "--out", tmp_path / "r.json"), "--out", "Permission denied")
     assert f"cannot write in {tmp_path}" in line and list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_noise_model_survives_a_refused_calibration(parity_cli, tmp_path):
+    out = tmp_path / "noise.json"
+    out.write_text('{"old": true}')
+    assert_bad_input(parity_cli("calibrate", tmp_path / "nosuch.toml", "--out", out), "nosuch.toml")
+    assert_bad_input(parity_cli("calibrate", "tiny", "--out", out, "--device", "gpu"), "--device 'gpu'")
+    assert out.read_text() == '{"old": true}' and [p.name for p in tmp_path.iterdir()] == ["noise.json"]
+
+
+def test_tp_out_is_checked_before_the_one_process_run(parity_cli, tmp_path):
+    f = tmp_path / "file"
+    f.write_text("keep")
+    assert_bad_input(parity_cli("tp", "--out", f / "sub"), "--out", f"{f} is a file")
+    assert f.read_text() == "keep" and [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_a_synthetic_checkpoint_that_cannot_fit_is_refused_before_a_byte_is_written(tmp_path):
+    """A vocabulary at the int32 bound: a 1 TiB embedding, more than this disk holds or (on a disk that large) than
+    this machine's memory holds for its shard. Refused naming the tensor's shape, the dir left empty."""
+    from parity.checkpoint import write_checkpoint
+    from parity.config import ModelArgs
+
+    with pytest.raises(ParityError, match=r"GiB.*\[2147483647, 256\]") as e:
+        write_checkpoint(tmp_path / "ckpt", ModelArgs.tiny(vocab_size=2**31 - 1))
+    assert "\n" not in str(e.value) and not (tmp_path / "ckpt").exists()
