@@ -3,7 +3,9 @@
 import sys
 
 import torch
+import typer
 from rich.console import Console
+from rich.markup import escape
 
 from parity.errors import ParityError
 
@@ -13,6 +15,15 @@ out = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty()
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+def finish(passed: bool, what: str, console: Console | None = out) -> None:
+    """A judging command's last line, `PASSED | what` or `FAILED | what` (none when `console` is None), and its
+    exit: 1 on a parity failure."""
+    if console is not None:
+        console.print(f"{'PASSED' if passed else 'FAILED'} | {escape(what)}")
+    if not passed:
+        raise typer.Exit(EXIT_FAIL)
 
 
 def check_device(device: str) -> None:

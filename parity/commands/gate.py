@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from parity.commands._common import EXIT_FAIL, err, out
+from parity.commands._common import err, finish, out
 from parity.commands._progress import progress_bars
 from parity.errors import ParityError
 from parity.gate import load_baseline, load_suite, run_gate
@@ -33,9 +33,7 @@ def gate(
         out.print(f"{mark} {escape(c['name'])} ({c['noise']}) {escape(c['location'])} report: {escape(c['report'])}")
     for r in result.regressions:
         out.print(f"[red]regression[/red] {escape(r)}")
-    out.print(f"{'PASSED' if result.passed else 'FAILED'} | gate {spec.name} | {out_dir / 'gate.json'}")
-    if not result.passed:
-        raise typer.Exit(EXIT_FAIL)
+    finish(result.passed, f"gate {spec.name} | {out_dir / 'gate.json'}")
 
 
 def register(app: typer.Typer) -> None:

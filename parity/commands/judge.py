@@ -8,7 +8,7 @@ import typer
 from rich.markup import escape
 
 from parity.capture.save import load_run
-from parity.commands._common import EXIT_FAIL, out
+from parity.commands._common import finish, out
 from parity.commands.run import render_sites
 from parity.compare.thresholds import NoiseModel
 from parity.compare.verdict import judge_run
@@ -35,9 +35,7 @@ def judge(
         render_sites(rows, f"{'chained' if chained else 'own'} error per site ({noise.source})")
         if v.location():
             out.print(f"[red]first divergence[/red]: {escape(v.location())}")
-        out.print(f"{'PASSED' if v.passed else 'FAILED'} | {run_dir}")
-    if not v.passed:
-        raise typer.Exit(EXIT_FAIL)
+    finish(v.passed, str(run_dir), None if as_json else out)  # with --json, the JSON document alone
 
 
 def register(app: typer.Typer) -> None:
