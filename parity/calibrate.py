@@ -25,6 +25,7 @@ from parity.checkpoint import write_checkpoint
 from parity.compare import sites
 from parity.compare.thresholds import NoiseModel
 from parity.compare.verdict import judge_run
+from parity.engines import only_optimized
 from parity.errors import ParityError
 from parity.run import run_inputs
 
@@ -59,11 +60,23 @@ def variations(case: Case, n: int) -> list[Variation]:
     return out[:n]
 
 
+def calibrate_refuses(case: Case) -> None:
+    """One line, before any work, for a case this job does not apply to."""
+    only_optimized(
+        case,
+        "calibrate",
+        "it varies the optimized engine's batching and schedules; measure this candidate's noise with "
+        "`python -m parity.engines.hf_noise CASE --out FILE`",
+    )
+
+
 def calibrate(
     case: Case, work_dir: Path, n: int = 6, device: str = "cpu", progress: Callable[[str], None] | None = None
 ) -> NoiseModel:
     """Run `n` clean variations of `case` (checkpoints written under `work_dir`) on `device` with the ops selected
-    by the environment, and return the measured model."""
+    by the environment, and return the measured model. Refused for a case whose candidate is not the optimized
+    engine: the variations are its batching and schedules (HF's noise model: `python -m parity.engines.hf_noise`)."""
+    calibrate_refuses(case)
     say = progress or (lambda msg: None)
     errors: dict[str, float] = {}
     flips: dict[str, float] = {}

@@ -1,6 +1,7 @@
 """`parity run`: the main job on a case (default: the built-in tiny V4 case, on CPU)."""
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -61,8 +62,9 @@ def render(report: RunReport) -> None:
     out.print(f"ops: {escape(', '.join(f'{o}={b}' for o, b in odd.items()) or 'all torch')}; noise: {report.noise}")
     if report.planted:
         out.print(f"[yellow]planted bug[/yellow]: {escape(report.planted)} (selftest library, optimized side only)")
-    render_sites(report.sites, "own error per site: the optimized engine teacher-forced with the reference")
-    table = Table(title="requests: chained run (the engine on its own)")
+    engine = report.backends.get("candidate", "the optimized engine")  # another candidate: its name and version
+    render_sites(report.sites, f"own error per site: {engine} teacher-forced with the reference")
+    table = Table(title=f"requests: chained run ({engine} on its own)")
     for col in ("req", "prompt", "first chunk", "tokens", "greedy equal", "logits max err", "MTP accepted"):
         table.add_column(col, justify="right")
     for r in report.requests:
@@ -125,6 +127,9 @@ def run(
     if dump_dir is not None:
         check_output_dir(dump_dir, "--dump", must_be_empty=True)
     if threads is not None:
+        most = 4 * (os.cpu_count() or 1)  # torch's thread pools crash (SIGSEGV) on absurd counts
+        if threads > most:
+            raise ParityError(f"--threads {threads}: expected at most {most} (4 x this machine's {most // 4} CPUs)")
         torch.set_num_threads(threads)
     noise = NoiseModel.load(calibration) if calibration is not None else None  # before the minutes of work
     invocation = Invocation.capture(

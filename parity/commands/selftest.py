@@ -17,6 +17,7 @@ from parity.io import check_output_dir
 from parity.run import noise_model, prepare_checkpoint
 from parity.selftest.bugs import library
 from parity.selftest.run import selftest as run_selftest
+from parity.selftest.run import selftest_refuses
 
 
 def selftest(
@@ -32,6 +33,7 @@ def selftest(
 ) -> None:
     """Plant a library of realistic V4 bugs into the optimized side and check the verdict catches each one."""
     spec = load_case(case)
+    selftest_refuses(spec)  # before the checkpoint is written
     check_device(device)
     bugs = library(spec.model_args().n_layers)
     if only is not None:

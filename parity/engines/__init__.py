@@ -16,7 +16,16 @@ from parity.cases import CANDIDATES, Case
 from parity.compare.thresholds import NoiseModel
 from parity.errors import ParityError
 
-__all__ = ["CANDIDATES", "run_candidate"]
+__all__ = ["CANDIDATES", "only_optimized", "run_candidate"]
+
+
+def only_optimized(case: Case, command: str, why: str) -> None:
+    """Refuse, with one line, a job that exists for the optimized engine only (`parity calibrate` varies its
+    batching and schedules, `parity selftest` plants bugs into it) on a case that names another candidate."""
+    if case.candidate != "optimized":
+        raise ParityError(
+            f"parity {command}: case {case.name!r} names candidate {case.candidate!r}; {why} (docs/engines.md)"
+        )
 
 
 def run_candidate(

@@ -21,6 +21,7 @@ from parity.checkpoint import write_checkpoint
 from parity.compare.rows import RowStore
 from parity.compare.thresholds import NoiseModel
 from parity.compare.verdict import Verdict
+from parity.engines import only_optimized
 from parity.run import run_inputs
 from parity.selftest.bugs import Bug
 
@@ -96,6 +97,12 @@ def _expected(bug: Bug) -> str:
     return f"layer {e.layer}, {' or '.join(e.submodules)}, {' or '.join(e.phases)}"
 
 
+def selftest_refuses(case: Case) -> None:
+    """One line, before any work, for a case whose candidate is not the optimized engine: the bugs are planted
+    into the optimized engine's ops and code, and the clean reruns vary its schedules."""
+    only_optimized(case, "selftest", "its bugs are planted into the optimized engine only")
+
+
 def selftest(
     case: Case,
     checkpoint,
@@ -106,6 +113,7 @@ def selftest(
     device: str = "cpu",
     progress=None,
 ) -> SelftestReport:
+    selftest_refuses(case)
     say = progress or (lambda msg: None)
     report = SelftestReport(case.name, noise.source)
     inp = run_inputs(case, checkpoint, device)

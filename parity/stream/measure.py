@@ -6,7 +6,7 @@ import torch
 from parity.checkpoint import Checkpoint
 from parity.reference.model import Linear, Transformer
 from parity.stream import weights
-from parity.stream.memory import PeakRSS, StreamMemory
+from parity.stream.memory import PeakRSS, StreamMemory, rss
 
 
 def model_bytes(args) -> tuple[str, int, int, int]:
@@ -30,18 +30,19 @@ def model_bytes(args) -> tuple[str, int, int, int]:
 
 def decoded_bytes(args) -> int:
     """The largest temporary of a reference GEMM: for its exact emulation, `kernels.fp8_gemm` / `fp4_gemm` decode
-    the whole [N, K] weight to float64 (8 bytes per element) and lay it out block-major in a second float64 copy
-    while the first is alive (parity/reference, frozen): 2 x 8 x N x K bytes. The optimized side's torch backend
-    calls the same kernels. (The block products, K/128 x tokens x N in float64 and fp32, are small next to it at
-    the token counts of a streamed case.)"""
+    the whole [N, K] weight to float64, block-major (parity/reference). FP8: the codes are laid out block-major (1
+    byte per element), then decoded (8 bytes): 9 x N x K bytes. FP4: the codes decode to fp32 [N, K], then to a
+    float64 copy in that layout and a block-major one while it is alive: 16 x N x K bytes. The optimized side's
+    torch backend calls the same kernels. (The block products, K/128 x tokens x N in float64 and fp32, are small
+    next to it at the token counts of a streamed case.)"""
     with torch.device("meta"):
         model = Transformer(args)
-    quantized = (torch.float8_e4m3fn, torch.float4_e2m1fn_x2)
+    per_element = {torch.float8_e4m3fn: 9, torch.float4_e2m1fn_x2: 16}
     return max(
         (
-            2 * 8 * m.out_features * m.in_features
+            per_element[m.weight.dtype] * m.out_features * m.in_features
             for m in model.modules()
-            if isinstance(m, Linear) and m.weight.dtype in quantized
+            if isinstance(m, Linear) and m.weight.dtype in per_element
         ),
         default=0,
     )
@@ -60,8 +61,16 @@ class StreamMeasure:
         self.args = Checkpoint(checkpoint).args.with_(dict(case.overrides))
         self.peak = PeakRSS()
         self.captured = 0
+        self.imports = 0
 
     def __enter__(self) -> "StreamMeasure":
+        # the first model built in a process imports what its construction needs (torch._dynamo, sympy: ~130 MiB
+        # of code and module objects, measured with the Flash-width bench): done here, before the
+        # start, and reported, so the run's RSS is its data (weights, activations), not code loaded once
+        before = rss()
+        with torch.device("meta"):
+            Transformer(self.args)
+        self.imports = max(0, rss() - before)
         weights.reset_totals()
         self.peak.__enter__()
         return self
@@ -73,12 +82,16 @@ class StreamMeasure:
         """The records every run captured (reference, chained, forced, golden): held until the verdict is done."""
         self.captured = sum(_dump_bytes(x) for x in (c.reference, c.chained, c.forced, c.golden))
 
-    def result(self) -> dict:
+    def memory(self) -> StreamMemory:
         name, block, resident, buffers = model_bytes(self.args)
         t = weights.TOTALS
         mem = StreamMemory(
             peak=self.peak.peak, start=self.peak.start, block=block, block_name=name, resident=resident,
-            activations=self.captured + buffers + decoded_bytes(self.args), loads=t.loads, read_bytes=t.bytes,
-            read_s=t.seconds, method=self.peak.method,
+            captures=self.captured, buffers=buffers, decoded=decoded_bytes(self.args), loads=t.loads,
+            read_bytes=t.bytes, read_s=t.seconds, method=self.peak.method, imports=self.imports,
         )  # fmt: skip
+        return mem
+
+    def result(self) -> dict:
+        mem = self.memory()
         return {**mem.to_dict(), "line": mem.line()}

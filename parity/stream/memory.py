@@ -14,6 +14,7 @@ from pathlib import Path
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 GiB = 2**30
+MiB = 2**20
 
 
 def _status_kib(key: str) -> int | None:
@@ -69,39 +70,60 @@ class PeakRSS:
 
 @dataclass
 class StreamMemory:
-    """What a streamed run held, in bytes: `peak` RSS of the run, `start` RSS before it (Python, torch), the largest
-    `block` (one layer's weights, e.g. `layers.2`), the `resident` weights (embedding, head, norms), the run's
-    `activations` (the captured records, one model's buffers (KV caches, state, RoPE tables) and the largest GEMM
-    temporary: the reference kernels decode a weight to float64, twice, for the call), and the reads."""
+    """What a streamed run held, in bytes: `peak` RSS of the run, `start` RSS before it (Python, torch, and the
+    `imports` the first model build makes, done before the start: code, not data), the largest `block` (one layer's
+    weights, e.g. `layers.2`), the `resident` weights (embedding, head, norms: one copy, shared by the run's
+    models), the run's activations: the `captures` (every run's records, held for the verdict), one model's
+    `buffers` (KV caches, state, RoPE tables) and the largest GEMM temporary, `decoded` (the reference kernels
+    decode a weight to float64 for the call), and the reads."""
 
     peak: int
     start: int
     block: int
     block_name: str
     resident: int
-    activations: int
+    captures: int
+    buffers: int
+    decoded: int
     loads: int
     read_bytes: int
     read_s: float
     method: str
+    imports: int = 0
+
+    @property
+    def activations(self) -> int:
+        return self.captures + self.buffers + self.decoded
+
+    @property
+    def added(self) -> int:
+        return self.peak - self.start
 
     @property
     def bound(self) -> int:
         """What the acceptance allows above the start: two blocks' weights, the resident weights, activations."""
         return 2 * self.block + self.resident + self.activations
 
+    @property
+    def layers(self) -> float:
+        """The run's peak over the resident weights and activations, in layers' weights (the bound allows 2)."""
+        return (self.added - self.resident - self.activations) / self.block if self.block else float("inf")
+
     def within(self) -> bool:
-        return self.peak - self.start <= self.bound
+        return self.added <= self.bound
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "bound": self.bound, "within": self.within()}
+        return {**asdict(self), "activations": self.activations, "added": self.added, "bound": self.bound,
+                "layers": self.layers, "within": self.within()}  # fmt: skip
 
     def line(self) -> str:
-        g = lambda n: f"{n / GiB:.2f} GiB"  # noqa: E731
+        m = lambda n: f"{n / MiB:.0f} MiB"  # noqa: E731
         return (
-            f"stream: peak RSS {g(self.peak)} ({self.method}), {g(self.start)} before the run; the run added "
-            f"{g(self.peak - self.start)} {'<=' if self.within() else '>'} 2 x one layer's weights "
-            f"({g(self.block)}, {self.block_name}) + resident weights {g(self.resident)} + activations "
-            f"{g(self.activations)} = {g(self.bound)}; {self.loads} block reads, {g(self.read_bytes)} in "
-            f"{self.read_s:.1f}s"
+            f"stream: peak RSS {self.peak / GiB:.2f} GiB ({self.method}), {self.start / GiB:.2f} GiB before the run "
+            f"({m(self.imports)} of it the first model build's one-time imports); the run added {m(self.added)} "
+            f"{'<=' if self.within() else '>'} bound {m(self.bound)} = 2 x one layer's weights ({m(self.block)}, "
+            f"{self.block_name}) + resident weights {m(self.resident)} + activations {m(self.activations)} "
+            f"(captures {m(self.captures)}, buffers {m(self.buffers)}, largest GEMM weight decoded to float64 "
+            f"{m(self.decoded)}): {self.layers:.2f} x one layer over resident + activations; {self.loads} block "
+            f"reads, {self.read_bytes / GiB:.1f} GiB in {self.read_s:.1f}s"
         )

@@ -86,6 +86,7 @@ class Streamer:
 
     def __init__(self, model: nn.Module, path, device: str | torch.device = "cpu"):
         self.ckpt, self.device = Checkpoint(path), torch.device(device)  # index and configs parsed once
+        self.ckpt.close()  # parsing may open a shard (its header's dtypes): no map held between reads
         self.slots: dict[str, list[_Slot]] = {}
         self.hooks = []
         for name, block in model.named_modules():
@@ -112,12 +113,12 @@ class Streamer:
             # serves one forward per read, so a memo could only hold memory (up to PARITY_REF_CACHE_MB), never help
             with torch.inference_mode():
                 for s in self.slots[name]:
-                    disk = {spec.name: ckpt.read(spec) for spec in disk_tensors_for_param(s.name, s.shape, s.dtype)}
-                    value = to_model_param(s.name, disk, s.dtype).to(self.device, copy=False).clone()
+                    value = read_param(ckpt, s.name, s.shape, s.dtype, self.device)
                     setattr(s.owner, s.leaf, nn.Parameter(value, requires_grad=False))
                     self.stats.bytes += value.numel() * value.element_size()
         finally:
-            ckpt.close()  # unmaps the shard: its pages stop counting in this process's RSS
+            ckpt.close()
+        trim()  # the conversions' temporaries
         self.resident = name
         for stats in (self.stats, TOTALS):
             stats.loads += 1
@@ -147,6 +148,22 @@ class Streamer:
         self.hooks = []
 
 
+def read_param(ckpt: Checkpoint, name: str, shape: tuple[int, ...], dtype: torch.dtype, device) -> torch.Tensor:
+    """One parameter as the model holds it (the disk -> model conversion of `build_model`), in memory of its own.
+
+    The shard is unmapped after each parameter: safetensors maps the whole shard, and every page a read touches
+    counts in this process's RSS until the map is closed, so a block read with the shard open to the end would
+    hold the block twice (its stored bytes and the converted parameters). Reopening costs a header parse."""
+    try:
+        disk = {spec.name: ckpt.read(spec) for spec in disk_tensors_for_param(name, shape, dtype)}
+        # a copy of its own: a parameter that needs no conversion would otherwise keep the map (and its pages)
+        value = to_model_param(name, disk, dtype).to(device, copy=False).clone()
+        del disk  # the last references into the map, before it is closed
+    finally:
+        ckpt.close()
+    return value
+
+
 def block_slots(prefix: str, block: nn.Module) -> list[_Slot]:
     """Every parameter of a block that the checkpoint stores under the block's own name (an MTP block's shared
     embed/head are the model's, resident, and have no disk tensors of their own)."""
@@ -173,10 +190,42 @@ def _trace(name: str, event: str) -> None:
         TRACE.append((name, event, time.perf_counter(), rss()))
 
 
+def _libc():
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _libc()
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+_ALLOCATOR_SET = False
+
+
+def fixed_mmap_threshold(size: int = 1 << 20) -> None:
+    """Serve every allocation of `size` bytes or more with its own mmap, returned to the OS when freed (glibc).
+
+    glibc raises its mmap threshold to the size of each mmapped chunk freed (up to 32 MiB), after which tensors of
+    up to that size come from the heap, where a freed one stays resident until a trim and blocks fragment; a run
+    that frees one block's weights and reads the next, and frees a float64 copy of a weight per GEMM, then holds
+    the freed memory besides what it uses. Setting the threshold fixes it (no more raising). Process-wide, once, by
+    the first streamed model; a no-op where glibc is absent."""
+    global _ALLOCATOR_SET
+    if _ALLOCATOR_SET or _LIBC is None:
+        return
+    try:
+        _LIBC.mallopt(_M_MMAP_THRESHOLD, size)
+        _LIBC.mallopt(_M_TRIM_THRESHOLD, size)
+    except AttributeError:
+        return
+    _ALLOCATOR_SET = True
+
+
 def trim() -> None:
     """glibc keeps freed heap memory for reuse; malloc_trim returns it, so RSS follows what the run holds. A no-op
     where glibc is absent."""
     try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
+    except AttributeError:
         pass

@@ -4,6 +4,7 @@ verdict's captures are identical record for record, one block is resident at a t
 
 from dataclasses import replace
 
+import pytest
 import torch
 
 from parity.capture.session import capture
@@ -15,7 +16,7 @@ from parity.run import prepare_checkpoint, run_inputs
 from parity.stream import build_streamed
 from parity.stream import weights as stream_weights
 from parity.stream.check import first_difference
-from parity.stream.memory import StreamMemory
+from parity.stream.memory import MiB, StreamMemory
 
 CASE = {
     "name": "stream",
@@ -88,11 +89,19 @@ def test_a_streamer_that_never_releases_is_caught(tiny_ckpt, tiny_args, monkeypa
 
 def test_memory_bound_arithmetic():
     # the printed bound: the run may add two blocks' weights, the resident weights and the activations, no more
-    m = StreamMemory(peak=1000 + 215, start=1000, block=100, block_name="layers.2", resident=10, activations=5,
-                     loads=3, read_bytes=300, read_s=0.1, method="VmHWM")  # fmt: skip
-    assert m.bound == 215 and m.within() and "<= 2 x one layer's weights" in m.line()
+    m = StreamMemory(peak=1000 + 215 * MiB, start=1000, block=100 * MiB, block_name="layers.2", resident=10 * MiB,
+                     captures=2 * MiB, buffers=1 * MiB, decoded=2 * MiB, loads=3, read_bytes=300, read_s=0.1,
+                     method="VmHWM", imports=7 * MiB)  # fmt: skip
+    assert m.activations == 5 * MiB and m.bound == 215 * MiB and m.within() and m.layers == 2.0
+    line = m.line()
+    assert "the run added 215 MiB <= bound 215 MiB = 2 x one layer's weights (100 MiB, layers.2)" in line
+    assert "resident weights 10 MiB + activations 5 MiB (captures 2 MiB, buffers 1 MiB, largest GEMM" in line
+    assert "decoded to float64 2 MiB): 2.00 x one layer over resident + activations" in line
+    assert "(7 MiB of it the first model build's one-time imports)" in line
     m.peak += 1
-    assert not m.within() and "> 2 x one layer's weights" in m.line()
+    assert not m.within() and "> bound 215 MiB" in m.line() and m.to_dict()["within"] is False
+    m.peak -= 60 * MiB
+    assert m.within() and m.to_dict()["layers"] == pytest.approx(1.4)
 
 
 def test_stream_case_keys(tmp_path, tiny_ckpt):
