@@ -122,12 +122,14 @@ class Verdict:
 
     @property
     def passed(self) -> bool:
-        return self.first is None and self.reference_nan is None
+        return self.first is None and self.reference_nan is None and self.missing_rows == 0
 
     def location(self) -> str:
         if self.reference_nan is not None:
             return f"the reference produced NaN/Inf at {self.reference_nan}"
         if self.first is None:
+            if self.missing_rows:  # a row judged against nothing is never a pass
+                return f"{self.missing_rows} candidate rows have no reference value: the runs are not aligned"
             return ""
         r = self.first
         step, req, pos = r.first_failure

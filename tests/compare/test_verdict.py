@@ -8,7 +8,7 @@ from torch import nn
 from parity import dump
 from parity.compare.loader import Dump
 from parity.compare.thresholds import NoiseModel
-from parity.compare.verdict import RequestLayout, judge_run
+from parity.compare.verdict import RequestLayout, Verdict, judge_run
 from parity.taps import Tap
 
 N_LAYERS = 2
@@ -184,3 +184,12 @@ def test_noise_model_rejects_non_finite_or_too_small_factors(bad):
 
     with pytest.raises(ParityError):
         NoiseModel(margin=bad)
+
+
+def test_rows_without_a_reference_value_fail_the_verdict():
+    """Candidate rows the reference holds no value for were counted and then ignored by every command: a verdict
+    with any is a failure that says so (clean runs of the shipped cases have none)."""
+    v = Verdict(results=[], first=None, missing_rows=3)
+    assert not v.passed
+    assert v.location() == "3 candidate rows have no reference value: the runs are not aligned"
+    assert Verdict(results=[], first=None).passed
