@@ -12,7 +12,6 @@ choosing the fixed per-shape-class configurations in the kernels' `_configs`. Wr
 # ruff: noqa: B023  (every closure here is called inside the loop iteration that made it)
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -23,42 +22,14 @@ import torch
 import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.triton_gemm import act, fp4_weight, fp8_weight  # noqa: E402
+from bench.triton_gemm import act, copies_for, fp4_weight, fp8_weight, graph_ms  # noqa: E402
 
 DEADLINE_S = float(os.environ.get("SWEEP_DEADLINE_S", 200))
-L2_ROTATE_BYTES = 256 << 20  # weight copies cycled through per timed pass: several times the 60 MB L2
-
-
-def copies_for(nbytes: int) -> int:
-    return max(1, min(64, math.ceil(L2_ROTATE_BYTES / max(1, nbytes))))
 
 
 def graph_us(calls, reps: int = 0) -> float:
-    """Median microseconds per call of `calls` (closures, one per weight copy) replayed from one CUDA graph."""
-    for c in calls:  # compile / autotune outside the capture
-        c()
-    torch.cuda.synchronize()
-    reps = reps or max(1, 64 // len(calls))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(g, stream=stream):
-            for _ in range(reps):
-                for c in calls:
-                    c()
-    torch.cuda.current_stream().wait_stream(stream)
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(5):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / (reps * len(calls)))
-    return sorted(times)[len(times) // 2]
+    """Median microseconds per call of `calls` replayed from one CUDA graph (bench/triton_gemm.py's timing)."""
+    return 1e3 * graph_ms(calls, launches=reps * len(calls) if reps else 64)
 
 
 def eager_us(fn) -> float:

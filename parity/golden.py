@@ -125,6 +125,14 @@ def golden_kernels(quantize_activations: bool = True) -> Iterator[None]:
         swap.update(
             act_quant=_act_quant_identity, act_quant_initial=_act_quant_identity, fp4_act_quant=_fp4_act_quant_identity
         )
+    with swapped_kernels(swap):
+        yield
+
+
+@contextmanager
+def swapped_kernels(swap: dict) -> Iterator[None]:
+    """The reference's kernel seam (`parity.reference.kernels`) with the functions named in `swap` replaced while
+    the block runs, and restored after (the golden's kernels, the quantization switches of other engines)."""
     saved = {name: getattr(kernels, name) for name in swap}
     for name, fn in swap.items():
         setattr(kernels, name, fn)

@@ -23,6 +23,7 @@ from contextlib import contextmanager
 
 from parity.cases import QUANT_SWITCHES as SWITCHES
 from parity.errors import ParityError
+from parity.golden import swapped_kernels
 from parity.reference import kernels
 
 
@@ -70,11 +71,5 @@ def quant_sim_off(off: tuple[str, ...] = SWITCHES) -> Iterator[None]:
         # Hadamard (rotate_activation calls the seam's hadamard_transform) and FP4 of the indexer's q and entries
         swap["hadamard_transform"] = _no_rotation
         swap["fp4_act_quant"] = _fp4_identity(kernels.fp4_act_quant)
-    saved = {name: getattr(kernels, name) for name in swap}
-    for name, fn in swap.items():
-        setattr(kernels, name, fn)
-    try:
+    with swapped_kernels(swap):
         yield
-    finally:
-        for name, fn in saved.items():
-            setattr(kernels, name, fn)
