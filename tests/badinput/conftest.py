@@ -5,6 +5,7 @@ Helpers here edit copies of the toy dumps (tests/commands/conftest.py) line by l
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,15 @@ def assert_bad_input(r: Result, *culprits: str) -> str:
 def tree(path: Path) -> dict[str, bytes]:
     """Every file under `path` with its bytes, to prove a refused command changed nothing."""
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def assert_refused_unchanged(path: Path, command: Callable[[], Result], *culprits: str) -> str:
+    """`command()` is refused as bad input (`assert_bad_input`) and leaves every file under `path` as it was: none
+    rewritten, none lost, no temporary file left behind. Returns the error line."""
+    before = tree(path)
+    line = assert_bad_input(command(), *culprits)
+    assert tree(path) == before
+    return line
 
 
 def copy_dump(src: Path, dst: Path) -> Path:

@@ -9,7 +9,12 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from tests.badinput.conftest import assert_bad_input, edit_line, manifest, tree, write_manifest
+from tests.badinput.conftest import (
+    assert_refused_unchanged,
+    edit_line,
+    manifest,
+    write_manifest,
+)
 
 
 @pytest.fixture
@@ -24,10 +29,7 @@ def _run_json(d, **changes) -> None:
 
 
 def _refused(parity_cli, d, *culprits) -> str:
-    before = tree(d)
-    line = assert_bad_input(parity_cli("judge", d), *culprits)
-    assert tree(d) == before
-    return line
+    return assert_refused_unchanged(d, lambda: parity_cli("judge", d), *culprits)
 
 
 def test_the_copy_judges_clean(parity_cli, run_dir):
