@@ -165,6 +165,7 @@ if ARGS.smoke:
 if ARGS.compile_sm90:
     sys.exit(compile_report(ARGS.out))
 
+from bench.cuda_graph import captured  # noqa: E402
 from parity.optimized.ops import OpsConfig, resolve_ops  # noqa: E402
 
 TRITON = resolve_ops(OpsConfig(overrides=tuple((op, "triton") for op in OPS)))  # sets the runtime up first
@@ -193,16 +194,7 @@ def graph_ms(fn, *args, calls: int = 20) -> float:
     call = functools.partial(fn, *args)
     if ARGS.smoke:
         return bench_ms(call)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        call()  # compiled and warm before the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            call()
-    return bench_ms(graph.replay) / calls
+    return bench_ms(captured([call], calls).replay) / calls
 
 
 def slow_ms(fn, *args) -> float:

@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from bench.cuda_graph import captured
+
 DEADLINE_S = float(os.environ.get("BENCH_DEADLINE_S", 330))  # stop starting new cases after this (s)
 TOKENS = (1, 8, 64, 512, 4096)
 MODELS = {
@@ -80,14 +82,7 @@ def graph_ms(calls, launches=64):
         c()
     torch.cuda.synchronize()
     reps = max(1, launches // len(calls))
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream), torch.cuda.graph(g, stream=stream):
-        for _ in range(reps):
-            for c in calls:
-                c()
-    torch.cuda.current_stream().wait_stream(stream)
+    g = captured(calls, reps)
     g.replay()
     torch.cuda.synchronize()
     times = []

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from bench.cuda_graph import captured
 from parity.optimized.ops import OpsConfig, resolve_ops
 
 OPS = ("hc_pre", "hc_post", "hc_head", "rms_norm", "head_norm", "rope")
@@ -188,16 +189,7 @@ def check(name: str, tri, ref, inp: dict) -> tuple[str, float]:
 def graph_ms(fn, bench, calls: int = 20) -> float:
     """ms per call of `calls` calls captured in one CUDA graph and replayed: the GPU's time without the host's
     per-call launch overhead (Python argument handling, allocations), which bounds the smallest batches."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        fn()  # compiled and warm before the capture
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    return bench(graph.replay) / calls
+    return bench(captured([fn], calls).replay) / calls
 
 
 def passed(claim: str, ratio: float) -> bool:
