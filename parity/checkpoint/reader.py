@@ -225,15 +225,21 @@ def load_params(model: torch.nn.Module, ckpt: Checkpoint, prefixes: Sequence[str
             value = to_model_param(name, disk, param.dtype)
             param.copy_(value if shard is None else shard.narrow(name, value))
             loaded.append(name)
-    # a tensor the index lists under a loaded part that no parameter reads is a checkpoint of another model (or a
-    # misspelt name whose real tensor is then missing): as the official loader's strict load, refuse it. A
-    # tensor-parallel rank holds only its own experts, so it reads a part of each layer by design: the one-process
-    # load of the same checkpoint is where the check is made.
-    unread = [] if shard is not None else sorted(n for n in ckpt.weight_map if _selected(n, prefixes) and n not in read)
+    # a tensor-parallel rank holds only its own experts, so it reads a part of each layer by design: the
+    # one-process load of the same checkpoint is where the check is made
+    if shard is None:
+        refuse_unread(ckpt, prefixes, read)
+    return loaded
+
+
+def refuse_unread(ckpt: Checkpoint, prefixes: Iterable[str], read: set[str]) -> None:
+    """A tensor the index lists under a loaded part (`prefixes`) that no parameter read (`read`) is a checkpoint of
+    another model, or a misspelt name whose real tensor is then missing: as the official loader's strict load,
+    refuse it."""
+    unread = sorted(n for n in ckpt.weight_map if _selected(n, prefixes) and n not in read)
     if unread:
         more = f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""
         raise ParityError(f"{ckpt.path / INDEX_FILE}: tensor {unread[0]!r}{more} is not a parameter of the model")
-    return loaded
 
 
 def _materialize(model: torch.nn.Module, prefixes: Sequence[str], device) -> None:

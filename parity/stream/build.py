@@ -21,7 +21,7 @@ from torch import nn
 
 from parity.checkpoint import Checkpoint, Selection, build_model
 from parity.checkpoint.layout import disk_tensors_for_param
-from parity.errors import ParityError
+from parity.checkpoint.reader import refuse_unread
 from parity.stream.weights import Streamer, fixed_mmap_threshold, read_param, release_all, trim
 
 _STREAMED = re.compile(r"^(layers|mtp)\.\d+(\.|$)")  # a block or a module inside one
@@ -65,11 +65,7 @@ def _load_resident(model: nn.Module, ckpt: Checkpoint, device: torch.device) -> 
                 _RESIDENT[key] = shared
             setattr(module, leaf, shared)
     # as `load_params`: a tensor the index lists under a resident part that no parameter reads is refused
-    prefixes = ("embed.", "norm.", "head.", "hc_head_")
-    unread = sorted(n for n in ckpt.weight_map if n.startswith(prefixes) and n not in read)
-    if unread:
-        more = f" (and {len(unread) - 1} more)" if len(unread) > 1 else ""
-        raise ParityError(f"{ckpt.path}: tensor {unread[0]!r}{more} is not a parameter of the model")
+    refuse_unread(ckpt, ("embed.", "norm.", "head.", "hc_head_"), read)
 
 
 def build_streamed(path, device: str | torch.device = "cpu", factory=None, overrides=None):

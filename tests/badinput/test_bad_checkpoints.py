@@ -134,6 +134,19 @@ def test_an_index_entry_no_parameter_reads_is_refused(ckpt):
     build_model(ckpt, Selection(layers=[0], mtp=False, embed_head=False))  # other layers are not read: no refusal
 
 
+def test_a_streamed_build_refuses_an_index_entry_no_resident_parameter_reads(ckpt):
+    """The streamed model reads its resident parts (embedding, final norm, head) outside `load_params`: the same
+    refusal holds there."""
+    from parity.stream import build_streamed
+
+    index_path = ckpt / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    index["weight_map"]["head.extra"] = index["weight_map"]["head.weight"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(ParityError, match="tensor 'head.extra' is not a parameter of the model"):
+        build_streamed(ckpt)
+
+
 def test_the_clean_checkpoint_loads(ckpt):
     """The control: the unpoisoned copy loads the same selection."""
     build_model(ckpt, Selection(layers=[1], mtp=False))
