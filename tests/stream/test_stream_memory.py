@@ -69,3 +69,20 @@ def test_a_block_read_maps_one_parameter_of_the_shard_at_a_time(tiny_ckpt, monke
     assert open_at_read == [0] * len(open_at_read)
     assert _mapped_shards(tiny_ckpt) == 0
     model.streamer.release()
+
+
+def test_a_span_peak_is_never_below_the_rss_it_began_with(monkeypatch):
+    """The kernel's high-water mark is updated lazily: read after a reset, it can sit a few pages under the RSS read
+    just before the reset. The span's peak counts the RSS it began with (without it, CI saw peak < start)."""
+    from parity.stream import memory
+
+    values = {"VmRSS": 1000, "VmHWM": 990}  # KiB: the mark the reset left, under the RSS read just before it
+    monkeypatch.setattr(memory, "_status_kib", lambda key: values[key])
+    monkeypatch.setattr(memory, "_CLEAR_REFS", type("Refs", (), {"write_text": lambda self, s: None})())
+    with memory.PeakRSS() as p:
+        pass
+    assert p.method == "VmHWM" and p.start == 1000 * 1024 and p.peak == p.start
+    values["VmHWM"] = 1500  # a real rise is kept
+    with memory.PeakRSS() as p:
+        pass
+    assert p.peak == 1500 * 1024
