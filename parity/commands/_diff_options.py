@@ -1,15 +1,18 @@
 """Options shared by the dump-reading commands (`compare`, `bisect`, `slot-invariance`, `schema`, `dump-info`),
 defined once as `Annotated` aliases, and grouped: a group is a function whose parameters are the options and whose
-result is the package object they make (`thresholds`, `selection`). `@with_groups(thresholds=thresholds)` puts the
-group's options into a command's signature in place of its `thresholds` parameter and hands the command the result,
-so a group's option list is written once whichever commands take it."""
+result is the package object they make (`dumps`, `thresholds`, `selection`). `@with_groups(thresholds=thresholds)`
+puts the group's options into a command's signature in place of its `thresholds` parameter and hands the command the
+result, so a group's option list is written once whichever commands take it."""
 
 import functools
 import inspect
+import os
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from parity.compare import NameMap, Selection, Thresholds
@@ -51,6 +54,15 @@ AllowMissing = Annotated[
     str | None, typer.Option("--allow-missing", help="Regex of names that may be missing on one side.")
 ]
 
+# the data path of the commands that measure (`compare`, `bisect`)
+Threads = Annotated[
+    int | None, typer.Option("--threads", help="Records measured at once (default: the usable cores, at most 4).")
+]
+# --device cuda is written for a GPU box and verified there by the coordinator only (no GPU on the dev machine)
+Device = Annotated[
+    str, typer.Option("--device", help="Where the float64 metrics run: cpu, or cuda when a GPU is here.")
+]
+
 
 def thresholds(
     min_cos: MinCos = None,
@@ -90,8 +102,38 @@ def selection(phase: Phase = None, steps: Steps = None, layers: Layers = None, n
     )
 
 
-def name_map(path: Path | None) -> NameMap | None:
-    return None if path is None else NameMap.load(path)
+def data_path(threads: Threads = None, device: Device = "cpu") -> dict:
+    """The data-path option group: `--threads` / `--device` checked and turned into `compare_dumps` arguments."""
+    if threads is not None and threads < 1:
+        raise ParityError(f"--threads {threads}: expected a count >= 1")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ParityError(f"--device {device!r}: expected cpu or cuda") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ParityError(f"--device {device!r}: expected cpu or cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ParityError(f"--device {device}: no CUDA GPU is visible to torch here")
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"threads": threads or min(4, usable), "device": str(dev)}
+
+
+@dataclass(frozen=True)
+class DumpPair:
+    """The two dumps a command reads side by side, and the name map file that aligns them."""
+
+    a: Path
+    b: Path
+    map_file: Path | None
+
+    def name_map(self) -> NameMap | None:
+        """The name map, read when the command asks for it (after its other options are checked)."""
+        return None if self.map_file is None else NameMap.load(self.map_file)
+
+
+def dumps(a: DumpA, b: DumpB, map_file: MapFile = None) -> DumpPair:
+    """Side a, side b and their name map (`compare`, `bisect`, `schema`)."""
+    return DumpPair(a, b, map_file)
 
 
 def with_groups(**groups: Callable) -> Callable:
@@ -115,3 +157,10 @@ def with_groups(**groups: Callable) -> Callable:
         return run
 
     return wrap
+
+
+def measuring(output: Callable) -> Callable:
+    """The option groups of the commands that measure two dumps record by record (`compare`, `bisect`), in their
+    order on the command line: the dumps and name map, the thresholds, the selection, `output` (the command's
+    `_diff_render.output_options`), the data path; a command's own options stand between them in its signature."""
+    return with_groups(dumps=dumps, thresholds=thresholds, select=selection, output=output, data=data_path)

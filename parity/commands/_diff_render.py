@@ -28,6 +28,22 @@ STATUS = {
     "note": "[yellow]NOTE[/yellow]",
 }
 
+# the columns of a table of `PairResult` rows (`compare`, `tp`): {column: header}
+PAIR_COLUMNS = {
+    "status": "",
+    "phase": "phase",
+    "step": "step",
+    "layer": "layer",
+    "name": "record",
+    "shape_a": "shape",
+    "cos": "cos",
+    "max_abs": "max abs",
+    "rel_diff": "rel diff",
+    "norm_ratio": "norm ratio",
+    "worst_token": "worst token",
+    "reasons": "why",
+}
+
 
 def output_options(command: str) -> Callable[..., "Output"]:
     """The --json / --csv / --out option group of `command` (see `_diff_options.with_groups`)."""
@@ -91,11 +107,12 @@ def load(path: Path, label: str) -> Dump:
         return load_dump(path, on_progress)
 
 
-def load_and_compare(a: Path, b: Path, **kwargs) -> list[PairResult]:
-    """Load both dumps (checking every file) and judge every aligned pair, with progress bars."""
-    da, db = load(a, "a"), load(b, "b")
+def load_and_compare(dumps: opt.DumpPair, **kwargs) -> list[PairResult]:
+    """Load the name map and both dumps (checking every file) and judge every aligned pair, with progress bars."""
+    name_map = dumps.name_map()
+    da, db = load(dumps.a, "a"), load(dumps.b, "b")
     with progress("comparing") as on_progress:
-        return compare_dumps(da, db, on_progress=on_progress, **kwargs)
+        return compare_dumps(da, db, name_map=name_map, on_progress=on_progress, **kwargs)
 
 
 def table(title: str, frame: pd.DataFrame, columns: dict[str, str], limit: int = 0) -> Table:

@@ -8,7 +8,6 @@ from rich.markup import escape
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
 from parity.commands._diff_render import Output, load_and_compare, output_options, table
-from parity.commands.compare import data_path
 from parity.compare import PairResult, Selection, Thresholds, bisect
 from parity.compare.report import frame
 
@@ -26,11 +25,9 @@ CURVE = {
 }
 
 
-@opt.with_groups(thresholds=opt.thresholds, select=opt.selection, output=output_options("bisect"), data=data_path)
+@opt.measuring(output_options("bisect"))
 def bisect_command(
-    a: opt.DumpA,
-    b: opt.DumpB,
-    map_file: opt.MapFile = None,
+    dumps: opt.DumpPair = None,
     thresholds: Thresholds = None,
     select: Selection = None,
     allow_missing: opt.AllowMissing = None,
@@ -49,9 +46,7 @@ def bisect_command(
     it are not read unless --curve asks for the whole per-layer curve; weights are not read.
     """
     results = load_and_compare(
-        a,
-        b,
-        name_map=opt.name_map(map_file),
+        dumps,
         thresholds=thresholds,
         select=select,
         allow_missing=allow_missing,
@@ -64,12 +59,12 @@ def bisect_command(
     first = None if report.first is None else report.first.to_row()
     unmatched = [r.to_row() for r in report.unmatched if not r.passed]
     if output.terminal:
-        out.print(table(f"parity bisect {a} {b}: per-layer curve", curve, CURVE, limit))
+        out.print(table(f"parity bisect {dumps.a} {dumps.b}: per-layer curve", curve, CURVE, limit))
         out.print(verdict(report.first), markup=True)
         if unmatched:
             example = escape(unmatched[0]["name"])
             out.print(f"[red]{len(unmatched)} record(s) missing on one side[/red], e.g. {example}")
-    summary = {"a": str(a), "b": str(b), "records": sum(p.records for p in report.curve), "first": first}
+    summary = {"a": str(dumps.a), "b": str(dumps.b), "records": sum(p.records for p in report.curve), "first": first}
     summary["curve"] = "full" if full_curve or report.first is None else "up to the first divergence (--curve: full)"
     detail = "no divergence" if report.first is None else _where(report.first)
     output.finish(report.passed, summary, curve, detail, unmatched=unmatched)

@@ -19,11 +19,9 @@ COLUMNS = {
 }
 
 
-@opt.with_groups(select=opt.selection, output=output_options("schema"))
+@opt.with_groups(dumps=opt.dumps, select=opt.selection, output=output_options("schema"))
 def schema(
-    a: opt.DumpA,
-    b: opt.DumpB,
-    map_file: opt.MapFile = None,
+    dumps: opt.DumpPair = None,
     select: Selection = None,
     output: Output = None,
     limit: opt.Limit = 100,
@@ -33,19 +31,19 @@ def schema(
     Reports records only in A or only in B, and aligned records whose shape, dtype or layer id differ. A shape
     difference that the seq layouts reconcile ([b, s, ...] vs flat [T, ...]) is a note, not a failure.
     """
-    da, db = load(a, "a"), load(b, "b")
-    rows = schema_diff(da, db, opt.name_map(map_file), select)
+    da, db = load(dumps.a, "a"), load(dumps.b, "b")
+    rows = schema_diff(da, db, dumps.name_map(), select)
     diffs = frame(r.to_row() for r in rows)
     failing = sum(len(r.records) for r in rows if r.fails)
     notes = sum(len(r.records) for r in rows if not r.fails)
     if output.terminal:
         if rows:
-            out.print(table(f"parity schema {a} {b}", diffs, COLUMNS, limit))
+            out.print(table(f"parity schema {dumps.a} {dumps.b}", diffs, COLUMNS, limit))
         else:
             out.print("[green]same records[/green] on both sides", markup=True)
     summary = {
-        "a": str(a),
-        "b": str(b),
+        "a": str(dumps.a),
+        "b": str(dumps.b),
         "records_a": len(da.records),
         "records_b": len(db.records),
         "differences": failing,

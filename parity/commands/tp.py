@@ -13,8 +13,7 @@ from parity.cases import load_case
 from parity.checkpoint import Checkpoint
 from parity.commands import _diff_options as opt
 from parity.commands._common import check_device, out
-from parity.commands._diff_render import Output, table
-from parity.commands.compare import COLUMNS
+from parity.commands._diff_render import PAIR_COLUMNS, Output, table
 from parity.compare.report import frame
 from parity.config import ModelArgs
 from parity.errors import ParityError
@@ -60,7 +59,7 @@ def tp(
     g = gate(world_size)
     summary |= {"pairs": len(results), "fail": len(failed), "min_cos": g.min_cos, "max_norm_dev": g.max_norm_dev}
     if output.terminal:
-        out.print(table(f"parity tp: {one_dir} vs {tp_dir} (world size {world_size})", rows, COLUMNS, limit))
+        out.print(table(f"parity tp: {one_dir} vs {tp_dir} (world size {world_size})", rows, PAIR_COLUMNS, limit))
         if failed:
             first = min(failed, key=lambda r: r.order).record
             out.print(f"first divergence: {first.name} (phase {first.phase}, step {first.step}, layer {first.layer})")
