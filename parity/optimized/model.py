@@ -2,7 +2,8 @@
 checks against the reference.
 
 Same module tree and parameter names as `parity.reference.model` (the modules subclass the reference ones for their
-parameters, so the same checkpoints and state dicts load into both), different execution:
+parameters, so the same checkpoints and state dicts load into both; the reference constructors build the optimized
+sub-modules, named by their `*_class` attributes, so each is built once), different execution:
 - activations are `[T, ...]` for all sequences of a step (`Batch`), not `[b, s, ...]` with one start_pos;
 - window KV in a per-request ring, compressed entries in paged blocks, compressor state in per-request slots
   (`PagedCache`), all passed explicitly: the reference's own caches are never allocated (that is its
@@ -18,6 +19,8 @@ Numerics, per sequence: a start_pos-0 step follows the reference prefill and a o
 decode op for op (bitwise equal with the torch backend); a chunk after a context runs the compressor state machine
 token by token like the decode path and gives each token a 128-wide window list like a decode.
 """
+
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +64,7 @@ def _window_idx(start: int, n: int, window: int) -> torch.Tensor:
 class OptCompressor(ref.Compressor):
     """Compressor over one request's tokens with its state rows passed in (reference: ref.Compressor)."""
 
-    def __init__(self, args: ModelArgs, compress_ratio: int, head_dim: int, rotate: bool, ops):
+    def __init__(self, args: ModelArgs, compress_ratio: int, head_dim: int, rotate: bool = False, *, ops):
         super().__init__(args, compress_ratio, head_dim, rotate)
         self.ops = ops
         self.kv_fp8 = args.kv_fp8_sim
@@ -114,8 +117,8 @@ class OptIndexer(ref.Indexer):
     """CSA indexer over ragged tokens and paged 128-d entries (reference: ref.Indexer)."""
 
     def __init__(self, args: ModelArgs, compress_ratio: int, ops, tp: TP = ONE_RANK):
+        self.compressor_class = partial(OptCompressor, ops=ops)  # what the reference constructor builds
         super().__init__(args, compress_ratio)
-        self.compressor = OptCompressor(args, compress_ratio, self.head_dim, True, ops)
         self.ops = ops
         self.tp = tp
         self.n_local_heads = tp.local(self.n_heads, "index_n_heads")  # the weight scale keeps the global count
@@ -179,11 +182,10 @@ class OptAttention(ref.Attention):
     """Sliding window + compressed-entry sparse attention over ragged tokens (reference: ref.Attention)."""
 
     def __init__(self, layer_id: int, args: ModelArgs, ops, tp: TP = ONE_RANK):
+        # the compressor and indexer the reference constructor builds (where the layer has them)
+        self.compressor_class = partial(OptCompressor, ops=ops)
+        self.indexer_class = partial(OptIndexer, ops=ops, tp=tp)
         super().__init__(layer_id, args)
-        if self.compress_ratio:
-            self.compressor = OptCompressor(args, self.compress_ratio, self.head_dim, False, ops)
-            if self.compress_ratio == 4:
-                self.indexer = OptIndexer(args, self.compress_ratio, ops, tp)
         self.ops = ops
         self.tp = tp
         # this rank's query heads and output groups (all of them on one rank)
@@ -323,9 +325,10 @@ class OptBlock(ref.Block):
     streams after each post-mix."""
 
     def __init__(self, layer_id: int, args: ModelArgs, ops, tp: TP = ONE_RANK):
+        # the attention and MoE the reference constructor builds
+        self.attn_class = partial(OptAttention, ops=ops, tp=tp)
+        self.ffn_class = partial(OptMoE, ops=ops, tp=tp)
         super().__init__(layer_id, args)
-        self.attn = OptAttention(layer_id, args, ops, tp)
-        self.ffn = OptMoE(layer_id, args, ops, tp)
         self.ops = ops
         for name in ("streams_in", "hc_pre_attn", "hc_post_attn", "hc_pre_ffn", "hc_post_ffn"):
             setattr(self, name, Tap())
@@ -346,7 +349,7 @@ class OptBlock(ref.Block):
         return self.hc_post_ffn(ops.hc_post(x, residual, post, comb))
 
 
-# OptBlock first: its __init__ builds the reference MTP block (parameters) and then the ragged attention, MoE and taps
+# OptBlock first: the reference MTPBlock constructor then builds OptBlock's attention and MoE; OptBlock adds the taps
 class OptMTPBlock(OptBlock, ref.MTPBlock):
     """MTP block over ragged tokens: main-model streams at positions i plus the token ids at i+1."""
 

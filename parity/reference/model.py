@@ -11,6 +11,9 @@ Differences from the official file, none of which changes a value:
 - caches are allocated in one explicit step (`Transformer.setup_caches`, as gpt-fast does, called by `__init__`) and
   passed explicitly, not attached lazily on the first forward;
 - index tensors are built on the input's device instead of the default device;
+- the sub-module classes a subclass replaces are class attributes (`Indexer.compressor_class`,
+  `Attention.compressor_class` / `indexer_class`, `Block.attn_class` / `ffn_class`), not names in the constructor:
+  the optimized modules build their own there, once, with the same arguments in the same order;
 - `ModelArgs.reset_state_on_prefill` optionally clears the compressor state that the official model carries from
   one sequence into the next (spec §13.1); off by default.
 
@@ -331,6 +334,8 @@ class Compressor(nn.Module):
 class Indexer(nn.Module):
     """Scores compressed entries per query with its own FP4-simulated compressor and picks the top-k (CSA)."""
 
+    compressor_class = Compressor
+
     def __init__(self, args: ModelArgs, compress_ratio: int = 4):
         super().__init__()
         self.dim = args.dim
@@ -343,7 +348,7 @@ class Indexer(nn.Module):
         self.weights_proj = Linear(self.dim, self.n_heads, args, dtype=torch.bfloat16)
         self.softmax_scale = self.head_dim**-0.5
         self.compress_ratio = compress_ratio
-        self.compressor = Compressor(args, compress_ratio, self.head_dim, True)
+        self.compressor = self.compressor_class(args, compress_ratio, self.head_dim, True)
         self.max_seq_len = args.max_seq_len
         # the indexer's own compressed entries, allocated by `setup_caches`
         self.register_buffer("kv_cache", None, persistent=False)
@@ -387,6 +392,9 @@ class Attention(nn.Module):
     """MQA over one 512-d latent (key = value): sliding window + compressed entries (all for HCA, indexer top-k for
     CSA) in one sparse softmax with a per-head sink; q-LoRA in, grouped o-LoRA out."""
 
+    compressor_class = Compressor
+    indexer_class = Indexer
+
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
@@ -421,9 +429,9 @@ class Attention(nn.Module):
 
         self.indexer = None
         if self.compress_ratio:
-            self.compressor = Compressor(args, self.compress_ratio, self.head_dim)
+            self.compressor = self.compressor_class(args, self.compress_ratio, self.head_dim)
             if self.compress_ratio == 4:
-                self.indexer = Indexer(args, self.compress_ratio)
+                self.indexer = self.indexer_class(args, self.compress_ratio)
         # pure sliding-window layers use the base theta without YaRN
         if self.compress_ratio:
             self.rope = (args.original_seq_len, args.compress_rope_theta)
@@ -640,12 +648,15 @@ def combine_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tenso
 class Block(nn.Module):
     """One layer over hc residual streams: mix streams in (hc_pre), sublayer, mix back out (hc_post); twice."""
 
+    attn_class = Attention
+    ffn_class = MoE
+
     def __init__(self, layer_id: int, args: ModelArgs):
         super().__init__()
         self.layer_id = layer_id
         self.norm_eps = args.norm_eps
-        self.attn = Attention(layer_id, args)
-        self.ffn = MoE(layer_id, args)
+        self.attn = self.attn_class(layer_id, args)
+        self.ffn = self.ffn_class(layer_id, args)
         self.attn_norm = RMSNorm(args.dim, self.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, self.norm_eps)
         self.hc_mult = hc_mult = args.hc_mult
