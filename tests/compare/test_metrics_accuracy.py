@@ -8,7 +8,9 @@ bound of any float64 summation order, n = element count). Each metric's toleranc
   reference): relative gamma + 8 u plus 8 u absolute (the reference's own last subtraction);
 - max_abs, max_rel, mismatches, NaN/Inf counts: exact (the same correctly rounded operations on the same elements).
 The tile size is shrunk to a few elements (and the pending-row batch to 3 rows) so that rows split over tiles,
-tiles of whole rows, ragged last tiles and several row batches are all exercised on small tensors.
+tiles of whole rows, ragged last tiles and several row batches are all exercised on small tensors. Every test runs
+twice: with the compiled tile loop (parity/compare/tile_loop.py, taken for CPU pairs of two bf16, fp16 or fp32
+tiles) and with the torch form it replaces there (float64 pairs and mixed dtypes take the torch form in both runs).
 """
 
 import math
@@ -19,6 +21,16 @@ import torch
 from parity.compare import compare_tensors, fused
 
 U = 2.0**-53
+
+
+@pytest.fixture(autouse=True, params=["compiled", "torch"])
+def form(request, monkeypatch):
+    """Which tile arithmetic runs: the compiled loop where it applies, or the torch form everywhere."""
+    if request.param == "compiled":
+        assert fused._tile_loops() is not None, "numba is a dependency: the compiled tile loop must be testable here"
+    else:
+        monkeypatch.setattr(fused, "compiled_loop", lambda a, b: None)
+    return request.param
 
 
 @pytest.fixture(params=[5, 64, 1 << 16], ids=lambda t: f"tile{t}")
@@ -126,6 +138,13 @@ def test_cancellation_near_equal_pairs(tile):
     y = x.clone()
     y[3, 4] = math.nextafter(y[3, 4].item(), math.inf)
     check(x, y)
+    # the dtypes the compiled loop takes: one ulp apart in one element, and everywhere
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        a = x.to(dtype)
+        b = a.clone()
+        b[3, 4] = torch.nextafter(b[3, 4], torch.tensor(math.inf, dtype=dtype))
+        check(a, b, atol=0.0)
+        check(a, torch.nextafter(a, torch.full_like(a, math.inf)), atol=1e-3)
 
 
 def test_ill_conditioned_dot_products(tile):
@@ -145,13 +164,21 @@ def test_huge_dynamic_range(tile):
     check(x, y.flip(0))
     bf = (torch.randn(64, 33, generator=g) * 2.0 ** torch.randint(-120, 120, (64, 33), generator=g)).bfloat16()
     check(bf, (bf.float() * 1.01).bfloat16())
+    # float32 from subnormals to near its largest: products span 1e-90 to 1e76, exact in float64
+    f = torch.randn(50, 21, generator=g) * 2.0 ** torch.randint(-149, 126, (50, 21), generator=g).float()
+    check(f, f * (1 + 1e-4 * torch.randn(f.shape, generator=g)), atol=1e-30)
+    check(f, f.flip(1))
+    h = (torch.randn(40, 17, generator=g) * 2.0 ** torch.randint(-24, 15, (40, 17), generator=g)).half()
+    check(h, (h.float() * 0.999).half(), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("where", ["first", "last", "middle", "tile-edge", "same-spot", "everywhere"])
-def test_nan_inf_positions(tile, where):
+def test_nan_inf_positions(tile, where, dtype):
     g = _gen(3)
     x = torch.randn(6, 3, 5, generator=g, dtype=torch.float64)
     y = x + 1e-3 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+    x, y = x.to(dtype), y.to(dtype)
     fx, fy = x.view(-1), y.view(-1)
     spots = {"first": [0], "last": [89], "middle": [44], "tile-edge": [4, 5, 63, 64], "same-spot": [17]}
     if where == "everywhere":
@@ -176,6 +203,14 @@ def test_all_equal_and_zeros(tile):
     half = x.float().clone()
     half[:5] = 0
     check(half, x.float())
+    # zeros against non-zeros in the compiled loop's dtypes: e / 0 is an infinite max_rel, 0 / 0 no difference
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        zd, xd = z.to(dtype), x.to(dtype)
+        check(zd, xd, atol=0.1)
+        check(xd, zd)
+        signed = zd.clone()
+        signed[::2] = -0.0
+        check(signed, zd)  # -0 and +0 are equal values
 
 
 @pytest.mark.parametrize("shape", [(1,), (2,), (1, 1), (3, 1, 1), (0, 4)], ids=str)
@@ -204,3 +239,25 @@ def test_mixed_and_narrow_dtypes(tile):
     check(x.to(torch.float8_e4m3fn), (x * 1.1).to(torch.float8_e4m3fn))
     check(x.half(), x.bfloat16())
     check(x, x.double() + 1e-9)
+
+
+def test_the_compiled_loop_is_what_runs_for_its_dtypes(form, monkeypatch):
+    """Bf16, fp16 and fp32 CPU pairs go through the compiled loop (finite tiles) and nothing else does; a tile with
+    a NaN or Inf takes the torch form's masked path."""
+    ran = []
+    real = fused.FusedPass._add_compiled
+
+    def spy(self, loop, a, *args):
+        ran.append(a.dtype)
+        return real(self, loop, a, *args)
+
+    monkeypatch.setattr(fused.FusedPass, "_add_compiled", spy)
+    x = torch.randn(4, 6, generator=_gen(8))
+    for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64):
+        compare_tensors(x.to(dtype), (x * 1.01).to(dtype))
+    compare_tensors(x.bfloat16(), x.half())  # mixed dtypes: the torch form
+    y = x.clone()
+    y[1, 2] = math.nan
+    compare_tensors(x, y)  # a non-finite tile: the torch form
+    want = [torch.bfloat16, torch.float16, torch.float32] if form == "compiled" else []
+    assert ran == want

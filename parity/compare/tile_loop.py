@@ -1,0 +1,202 @@
+"""`FusedPass`'s tile arithmetic as one compiled loop (numba) for CPU pairs of bf16, fp16 or fp32 tiles.
+
+The torch form of the tile pass (parity/compare/fused.py) makes about a dozen float64 sweeps over each tile: two
+casts, x - y, the products, their row sums, |x - y|, the maxima, the ratio for max_rel, the column sums. Here every
+element pair is read once from the raw tile, widened to float64 in registers, and every sum and maximum the metrics
+need is updated in the same iteration; the loop is vectorized (AVX2 / AVX-512 where the CPU has them).
+
+Same quantities as the torch form, same accuracy bounds:
+- products x*y, x*x, y*y of bf16, fp16 or fp32 values are exact in float64 (at most 2 x 24 significand bits), so
+  each sum is a float64 sum of exact terms, and x - y is the same rounded float64 difference; the sums are
+  reassociated (the vectorizer keeps several partial sums), which stays within the bound of any float64 summation
+  order, |error| <= n * 2**-53 * Σ|terms| (tests/compare/test_metrics_accuracy.py checks both forms against an exactly
+  rounded reference). So the two forms agree within that bound, not bit for bit.
+- maxima (max |x - y| per row, per column and per tile, max |x - y| / |x|) are exact in both forms: a maximum
+  does not round. They are taken over the float64 bit patterns as int64 (non-negative doubles order as their bits),
+  which the vectorizer reduces where it cannot reduce a float maximum.
+- a tile holding a NaN or Inf on either side is found first from the raw bits (exponent all ones) and left to the
+  torch form's masked path, which defines what non-finite values count as; this loop only ever sees finite values.
+
+Importing this module needs numba (a dependency); `FusedPass` imports it on first use and runs the torch form
+where it cannot (a GPU image running from a source tree): the same metrics within the bound above.
+"""
+
+import functools
+import math
+
+import numba
+import numpy as np
+import torch
+from llvmlite import ir
+from numba import types
+from numba.extending import intrinsic
+
+# reassociation lets the vectorizer keep several partial sums (any order is within the stated bound); no other
+# fast-math flag: NaN and Inf never reach the loop, and products are exact whether or not they are fused
+_FLAGS = {"reassoc"}
+
+
+def loop_for(a: torch.Tensor, b: torch.Tensor) -> "TileLoop | None":
+    """The compiled tile loop for this pair of tiles, or None where the torch form must run (a GPU, or dtypes other
+    than two bf16, two fp16 or two fp32 tiles)."""
+    if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != b.dtype or a.dtype not in _KINDS:
+        return None
+    return _compiled(a.dtype)
+
+
+class TileLoop:
+    """One dtype's compiled loops: `nonfinite(a, b)` from the raw bits, then `measure(...)` on a finite tile."""
+
+    def __init__(self, bits: torch.dtype, nonfinite, measure):
+        self.bits, self._nonfinite, self._measure = bits, nonfinite, measure
+
+    def nonfinite(self, a: torch.Tensor, b: torch.Tensor) -> bool:
+        return bool(self._nonfinite(_raw(a, self.bits), _raw(b, self.bits)))
+
+    def measure(self, a, b, rows: int, cols: int, col: int, col_sums, col_err, atol: float | None, rtol: float):
+        """One finite tile. Returns `(row_sums [4, rows], row_err [rows], tile max |e|, max |e| / |x|, mismatches)`
+        and adds the tile's Σxy, Σxx, Σyy per inner position into `col_sums[:, col:col + cols]` and its max |e| into
+        `col_err` (both None for a pair without inner dims)."""
+        row_sums = np.empty((4, rows))
+        row_err = np.empty(rows)
+        sliced = col_sums is not None
+        cs = col_sums.numpy() if sliced else np.zeros((3, 0))
+        ce = col_err.numpy() if sliced else np.zeros(0)
+        gate = math.inf if atol is None else atol  # atol None: no mismatch is counted (the caller ignores it)
+        err, rel, mism = self._measure(
+            _raw(a, self.bits), _raw(b, self.bits), rows, cols, col, sliced, gate, rtol, row_sums, row_err, cs, ce
+        )
+        return torch.from_numpy(row_sums), torch.from_numpy(row_err), _float(err), _float(rel), int(mism)
+
+
+def _raw(t: torch.Tensor, bits: torch.dtype) -> np.ndarray:
+    return t.view(bits).numpy()
+
+
+def _float(bits: int) -> float:
+    return float(np.array(bits, dtype=np.int64).view(np.float64))
+
+
+@intrinsic
+def _bf16(typingctx, u):
+    """bf16 bits (uint16) -> float64: the bits are the high half of a float32."""
+
+    def codegen(context, builder, signature, args):
+        w = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+        return builder.fpext(builder.bitcast(w, ir.FloatType()), ir.DoubleType())
+
+    return types.float64(types.uint16), codegen
+
+
+@intrinsic
+def _f16(typingctx, u):
+    """IEEE half bits (uint16) -> float64."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
+
+    return types.float64(types.uint16), codegen
+
+
+@intrinsic
+def _f32(typingctx, u):
+    """float32 bits (uint32) -> float64."""
+
+    def codegen(context, builder, signature, args):
+        return builder.fpext(builder.bitcast(args[0], ir.FloatType()), ir.DoubleType())
+
+    return types.float64(types.uint32), codegen
+
+
+@intrinsic
+def _bits(typingctx, x):
+    """A float64's bit pattern as int64 (for a non-negative double, ordered as the value)."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(64))
+
+    return types.int64(types.float64), codegen
+
+
+@intrinsic
+def _float_of(typingctx, b):
+    """int64 bits -> the float64 they encode."""
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.DoubleType())
+
+    return types.float64(types.int64), codegen
+
+
+# dtype -> (the unsigned view of its bits, the widening, the exponent mask: all ones = Inf or NaN)
+_KINDS = {
+    torch.bfloat16: (torch.uint16, _bf16, 0x7F80),
+    torch.float16: (torch.uint16, _f16, 0x7C00),
+    torch.float32: (torch.uint32, _f32, 0x7F800000),
+}
+
+
+@functools.cache
+def _compiled(dtype: torch.dtype) -> TileLoop:
+    """Compiled once per process and dtype (numba caches the machine code on disk across processes)."""
+    bits, widen, mask = _KINDS[dtype]
+    jit = numba.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False)
+
+    @jit
+    def nonfinite(a, b):
+        bad = 0
+        for j in range(a.shape[0]):
+            bad |= (a[j] & mask) == mask
+            bad |= (b[j] & mask) == mask
+        return bad
+
+    def row_loop(sliced: bool):
+        """One row's loop; `sliced` (a constant of this closure) adds the per-inner-position updates, in the same
+        iteration: one loop with the row reductions and the column stores vectorizes (two loops cost 1.6x)."""
+
+        @jit
+        def row(ar, br, atol, rtol, cxy, cxx, cyy, cerr):
+            sxy = sxx = syy = see = 0.0
+            err = rel = mism = 0  # maxima as float64 bits (int64)
+            for j in range(ar.shape[0]):
+                x, y = widen(ar[j]), widen(br[j])
+                e = x - y
+                xy, xx, yy = x * y, x * x, y * y
+                sxy += xy
+                sxx += xx
+                syy += yy
+                see += e * e
+                ae, ax = abs(e), abs(x)
+                err = max(err, _bits(ae))
+                # max |e| / |x| over the positions that differ (0 / 0 is not a difference; e / 0 is inf)
+                rel = max(rel, _bits(ae / ax) if ae != 0.0 else 0)
+                mism += (ae > atol + rtol * ax) & (ae != 0.0)
+                if sliced:
+                    cxy[j] += xy
+                    cxx[j] += xx
+                    cyy[j] += yy
+                    cerr[j] = max(cerr[j], ae)
+            return sxy, sxx, syy, see, err, rel, mism
+
+        return row
+
+    rows_of = {True: row_loop(True), False: row_loop(False)}
+    sliced_row, flat_row = rows_of[True], rows_of[False]
+
+    @jit
+    def measure(a, b, rows, cols, col, sliced, atol, rtol, row_sums, row_err, col_sums, col_err):
+        tile_err = rel = mism = 0
+        cxy, cxx, cyy = col_sums[0, col : col + cols], col_sums[1, col : col + cols], col_sums[2, col : col + cols]
+        cerr = col_err[col : col + cols]
+        for r in range(rows):
+            ar, br = a[r * cols : (r + 1) * cols], b[r * cols : (r + 1) * cols]
+            if sliced:
+                sxy, sxx, syy, see, err, rr, mm = sliced_row(ar, br, atol, rtol, cxy, cxx, cyy, cerr)
+            else:
+                sxy, sxx, syy, see, err, rr, mm = flat_row(ar, br, atol, rtol, cxy, cxx, cyy, cerr)
+            row_sums[0, r], row_sums[1, r], row_sums[2, r], row_sums[3, r] = sxy, sxx, syy, see
+            row_err[r] = _float_of(err)
+            tile_err, rel, mism = max(tile_err, err), max(rel, rr), mism + mm
+        return tile_err, rel, mism
+
+    return TileLoop(bits, nonfinite, measure)
