@@ -21,7 +21,6 @@ Importing this module needs numba (a dependency); `FusedPass` imports it on firs
 where it cannot (a GPU image running from a source tree): the same metrics within the bound above.
 """
 
-import functools
 import math
 
 import numba
@@ -39,19 +38,19 @@ _FLAGS = {"reassoc"}
 def loop_for(a: torch.Tensor, b: torch.Tensor) -> "TileLoop | None":
     """The compiled tile loop for this pair of tiles, or None where the torch form must run (a GPU, or dtypes other
     than two bf16, two fp16 or two fp32 tiles)."""
-    if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != b.dtype or a.dtype not in _KINDS:
+    if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != b.dtype or a.dtype not in _VIEWS:
         return None
-    return _compiled(a.dtype)
+    return TileLoop(*_VIEWS[a.dtype])
 
 
 class TileLoop:
-    """One dtype's compiled loops: `nonfinite(a, b)` from the raw bits, then `measure(...)` on a finite tile."""
+    """The compiled loops for one dtype: `nonfinite(a, b)` from the raw bits, then `measure(...)` on a finite tile."""
 
-    def __init__(self, bits: torch.dtype, nonfinite, measure):
-        self.bits, self._nonfinite, self._measure = bits, nonfinite, measure
+    def __init__(self, view: torch.dtype, mask: int):
+        self.view, self.mask = view, mask
 
     def nonfinite(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        return bool(self._nonfinite(_raw(a, self.bits), _raw(b, self.bits)))
+        return bool(_nonfinite(_raw(a, self.view), _raw(b, self.view), self.mask))
 
     def measure(self, a, b, rows: int, cols: int, col: int, col_sums, col_err, atol: float | None, rtol: float):
         """One finite tile. Returns `(row_sums [4, rows], row_err [rows], tile max |e|, max |e| / |x|, mismatches)`
@@ -63,9 +62,8 @@ class TileLoop:
         cs = col_sums.numpy() if sliced else np.zeros((3, 0))
         ce = col_err.numpy() if sliced else np.zeros(0)
         gate = math.inf if atol is None else atol  # atol None: no mismatch is counted (the caller ignores it)
-        err, rel, mism = self._measure(
-            _raw(a, self.bits), _raw(b, self.bits), rows, cols, col, sliced, gate, rtol, row_sums, row_err, cs, ce
-        )
+        a, b = _raw(a, self.view), _raw(b, self.view)
+        err, rel, mism = _measure(a, b, rows, cols, col, sliced, gate, rtol, row_sums, row_err, cs, ce)
         return torch.from_numpy(row_sums), torch.from_numpy(row_err), _float(err), _float(rel), int(mism)
 
 
@@ -78,34 +76,24 @@ def _float(bits: int) -> float:
 
 
 @intrinsic
-def _bf16(typingctx, u):
-    """bf16 bits (uint16) -> float64: the bits are the high half of a float32."""
+def _widen(typingctx, u):
+    """Raw bits -> float64. The integer type of the view names the format (`_VIEWS`): int16 holds bf16 (the high
+    half of a float32), uint16 IEEE half, uint32 float32."""
+    if u == types.int16:
 
-    def codegen(context, builder, signature, args):
-        w = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-        return builder.fpext(builder.bitcast(w, ir.FloatType()), ir.DoubleType())
+        def codegen(context, builder, signature, args):
+            w = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
+            return builder.fpext(builder.bitcast(w, ir.FloatType()), ir.DoubleType())
 
-    return types.float64(types.uint16), codegen
+    elif u in (types.uint16, types.uint32):
+        kind = ir.HalfType() if u == types.uint16 else ir.FloatType()
 
+        def codegen(context, builder, signature, args):
+            return builder.fpext(builder.bitcast(args[0], kind), ir.DoubleType())
 
-@intrinsic
-def _f16(typingctx, u):
-    """IEEE half bits (uint16) -> float64."""
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.HalfType()), ir.DoubleType())
-
-    return types.float64(types.uint16), codegen
-
-
-@intrinsic
-def _f32(typingctx, u):
-    """float32 bits (uint32) -> float64."""
-
-    def codegen(context, builder, signature, args):
-        return builder.fpext(builder.bitcast(args[0], ir.FloatType()), ir.DoubleType())
-
-    return types.float64(types.uint32), codegen
+    else:
+        return None
+    return types.float64(u), codegen
 
 
 @intrinsic
@@ -128,75 +116,63 @@ def _float_of(typingctx, b):
     return types.float64(types.int64), codegen
 
 
-# dtype -> (the unsigned view of its bits, the widening, the exponent mask: all ones = Inf or NaN)
-_KINDS = {
-    torch.bfloat16: (torch.uint16, _bf16, 0x7F80),
-    torch.float16: (torch.uint16, _f16, 0x7C00),
-    torch.float32: (torch.uint32, _f32, 0x7F800000),
+# dtype -> (the integer view of its bits, which names the format to `_widen`; the exponent mask: all ones = Inf or
+# NaN). The loops below are plain module functions, compiled once per view type and cached on disk by numba.
+_VIEWS = {
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.uint16, 0x7C00),
+    torch.float32: (torch.uint32, 0x7F800000),
 }
 
+_jit = numba.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False)
 
-@functools.cache
-def _compiled(dtype: torch.dtype) -> TileLoop:
-    """Compiled once per process and dtype (numba caches the machine code on disk across processes)."""
-    bits, widen, mask = _KINDS[dtype]
-    jit = numba.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False)
 
-    @jit
-    def nonfinite(a, b):
-        bad = 0
-        for j in range(a.shape[0]):
-            bad |= (a[j] & mask) == mask
-            bad |= (b[j] & mask) == mask
-        return bad
+@_jit
+def _nonfinite(a, b, mask):
+    bad = 0
+    for j in range(a.shape[0]):
+        bad |= (a[j] & mask) == mask
+        bad |= (b[j] & mask) == mask
+    return bad
 
-    def row_loop(sliced: bool):
-        """One row's loop; `sliced` (a constant of this closure) adds the per-inner-position updates, in the same
-        iteration: one loop with the row reductions and the column stores vectorizes (two loops cost 1.6x)."""
 
-        @jit
-        def row(ar, br, atol, rtol, cxy, cxx, cyy, cerr):
-            sxy = sxx = syy = see = 0.0
-            err = rel = mism = 0  # maxima as float64 bits (int64)
-            for j in range(ar.shape[0]):
-                x, y = widen(ar[j]), widen(br[j])
-                e = x - y
-                xy, xx, yy = x * y, x * x, y * y
-                sxy += xy
-                sxx += xx
-                syy += yy
-                see += e * e
-                ae, ax = abs(e), abs(x)
-                err = max(err, _bits(ae))
-                # max |e| / |x| over the positions that differ (0 / 0 is not a difference; e / 0 is inf)
-                rel = max(rel, _bits(ae / ax) if ae != 0.0 else 0)
-                mism += (ae > atol + rtol * ax) & (ae != 0.0)
-                if sliced:
-                    cxy[j] += xy
-                    cxx[j] += xx
-                    cyy[j] += yy
-                    cerr[j] = max(cerr[j], ae)
-            return sxy, sxx, syy, see, err, rel, mism
+@_jit
+def _row(ar, br, atol, rtol, sliced, cxy, cxx, cyy, cerr):
+    """One row (or a row's piece): its sums and maxima, and with `sliced` the per-inner-position updates in the same
+    iteration (one loop with the row reductions and the column stores vectorizes; two loops cost 1.6x). `sliced` is
+    invariant in the loop: the compiler unswitches it into two loops."""
+    sxy = sxx = syy = see = 0.0
+    err = rel = mism = 0  # maxima as float64 bits (int64)
+    for j in range(ar.shape[0]):
+        x, y = _widen(ar[j]), _widen(br[j])
+        e = x - y
+        xy, xx, yy = x * y, x * x, y * y
+        sxy += xy
+        sxx += xx
+        syy += yy
+        see += e * e
+        ae, ax = abs(e), abs(x)
+        err = max(err, _bits(ae))
+        # max |e| / |x| over the positions that differ (0 / 0 is not a difference; e / 0 is inf)
+        rel = max(rel, _bits(ae / ax) if ae != 0.0 else 0)
+        mism += (ae > atol + rtol * ax) & (ae != 0.0)
+        if sliced:
+            cxy[j] += xy
+            cxx[j] += xx
+            cyy[j] += yy
+            cerr[j] = max(cerr[j], ae)
+    return sxy, sxx, syy, see, err, rel, mism
 
-        return row
 
-    rows_of = {True: row_loop(True), False: row_loop(False)}
-    sliced_row, flat_row = rows_of[True], rows_of[False]
-
-    @jit
-    def measure(a, b, rows, cols, col, sliced, atol, rtol, row_sums, row_err, col_sums, col_err):
-        tile_err = rel = mism = 0
-        cxy, cxx, cyy = col_sums[0, col : col + cols], col_sums[1, col : col + cols], col_sums[2, col : col + cols]
-        cerr = col_err[col : col + cols]
-        for r in range(rows):
-            ar, br = a[r * cols : (r + 1) * cols], b[r * cols : (r + 1) * cols]
-            if sliced:
-                sxy, sxx, syy, see, err, rr, mm = sliced_row(ar, br, atol, rtol, cxy, cxx, cyy, cerr)
-            else:
-                sxy, sxx, syy, see, err, rr, mm = flat_row(ar, br, atol, rtol, cxy, cxx, cyy, cerr)
-            row_sums[0, r], row_sums[1, r], row_sums[2, r], row_sums[3, r] = sxy, sxx, syy, see
-            row_err[r] = _float_of(err)
-            tile_err, rel, mism = max(tile_err, err), max(rel, rr), mism + mm
-        return tile_err, rel, mism
-
-    return TileLoop(bits, nonfinite, measure)
+@_jit
+def _measure(a, b, rows, cols, col, sliced, atol, rtol, row_sums, row_err, col_sums, col_err):
+    tile_err = rel = mism = 0
+    cxy, cxx, cyy = col_sums[0, col : col + cols], col_sums[1, col : col + cols], col_sums[2, col : col + cols]
+    cerr = col_err[col : col + cols]
+    for r in range(rows):
+        ar, br = a[r * cols : (r + 1) * cols], b[r * cols : (r + 1) * cols]
+        sxy, sxx, syy, see, err, rr, mm = _row(ar, br, atol, rtol, sliced, cxy, cxx, cyy, cerr)
+        row_sums[0, r], row_sums[1, r], row_sums[2, r], row_sums[3, r] = sxy, sxx, syy, see
+        row_err[r] = _float_of(err)
+        tile_err, rel, mism = max(tile_err, err), max(rel, rr), mism + mm
+    return tile_err, rel, mism
