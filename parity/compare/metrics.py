@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from parity.compare.fused import FusedPass, Tiling, castable
+from parity.compare.fused import FusedPass, Tiling, castable, tile_for
 from parity.dump.format import to_float64
 
 
@@ -114,7 +114,7 @@ def compare_tensors(
         return _bitwise_metrics(a, atol)
     if not castable(a.dtype) or not castable(b.dtype):
         return TensorMetrics(numel=a.numel(), bitwise=bitwise)
-    tiling = Tiling(tuple(a.shape), token_dims)
+    tiling = Tiling(tuple(a.shape), token_dims, tile_for(a.dtype, b.dtype, a.device))
     fused = FusedPass(tiling, atol, rtol)
     fa, fb = a.detach().reshape(-1), b.detach().reshape(-1)
     for row, col, rows, cols in tiling.tiles():

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from parity.compare.fused import Buffers, FusedPass, Tiling
+from parity.compare.fused import Buffers, FusedPass, Tiling, tile_for
 from parity.compare.loader import Dump
 from parity.compare.metrics import TensorMetrics, metrics_of, nonfinite_counts, words
 from parity.dump.format import Record, dtype_name
@@ -73,7 +73,7 @@ def stream_metrics(
     sa, sb = _locate(da, ra), _locate(db, rb)
     if sa is None or sb is None:
         return None
-    tiling = Tiling(ra.shape, token_dims, worker.tile)
+    tiling = Tiling(ra.shape, token_dims, worker.tile or tile_for(sa.dtype, sb.dtype))
     segments = _segments(tiling, max(sa.itemsize, sb.itemsize), worker.segment)
     with worker.scope(), open(sa.path, "rb", buffering=0) as fa, open(sb.path, "rb", buffering=0) as fb:
         reader = _Reader(fa, sa, fb, sb, worker)

@@ -38,9 +38,12 @@ _FLAGS = {"reassoc"}
 def loop_for(a: torch.Tensor, b: torch.Tensor) -> "TileLoop | None":
     """The compiled tile loop for this pair of tiles, or None where the torch form must run (a GPU, or dtypes other
     than two bf16, two fp16 or two fp32 tiles)."""
-    if a.device.type != "cpu" or b.device.type != "cpu" or a.dtype != b.dtype or a.dtype not in _VIEWS:
-        return None
-    return TileLoop(*_VIEWS[a.dtype])
+    return TileLoop(*_VIEWS[a.dtype]) if applies(a.dtype, b.dtype, a.device, b.device) else None
+
+
+def applies(a: torch.dtype, b: torch.dtype, *devices: torch.device) -> bool:
+    """Whether pairs of these dtypes on these devices take the compiled loop (CPU, two bf16, fp16 or fp32)."""
+    return a == b and a in _VIEWS and all(torch.device(d).type == "cpu" for d in devices)
 
 
 class TileLoop:

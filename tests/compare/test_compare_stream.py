@@ -23,6 +23,7 @@ SHAPES = {
 def small_tiles(monkeypatch):
     # a few elements per tile and a few tiles per segment: rows split over tiles and segments, ragged last ones
     monkeypatch.setattr(fused, "TILE", 13)
+    monkeypatch.setattr(fused, "COMPILED_TILE", 13)
     monkeypatch.setattr(stream, "SEGMENT", 64)
 
 

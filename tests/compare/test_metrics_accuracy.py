@@ -36,6 +36,7 @@ def form(request, monkeypatch):
 @pytest.fixture(params=[5, 64, 1 << 16], ids=lambda t: f"tile{t}")
 def tile(request, monkeypatch):
     monkeypatch.setattr(fused, "TILE", request.param)
+    monkeypatch.setattr(fused, "COMPILED_TILE", request.param)
     monkeypatch.setattr(fused, "PENDING", 3 if request.param < 100 else fused.PENDING)  # rows judged in batches
     return request.param
 
