@@ -232,7 +232,12 @@ class FusedPass:
         if self.worst_row is None:
             return None
         i, cos = self.worst_row
-        return tuple(int(j) for j in torch.unravel_index(torch.tensor(i), self.t.lead)), cos
+        # by hand: torch.unravel_index imports sympy on its first call (0.4 s of every compare's start)
+        index = []
+        for n in reversed(self.t.lead):
+            i, j = divmod(i, n)
+            index.append(j)
+        return tuple(reversed(index)), cos
 
     def _worst_inner(self, dim: int):
         """Lowest cosine along one inner dim: the per-position sums summed over the other inner dims."""
