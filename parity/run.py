@@ -16,6 +16,7 @@ Everything is captured through `parity.dump` in memory; `--dump DIR` writes the 
 
 import os
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -201,10 +202,13 @@ def run_case(
     bisect: bool = False,
     plant: str | None = None,
     progress: Progress | None = None,
+    then: Callable[[RunReport, Captures], object] | None = None,
 ) -> RunReport:
     """The optimized engine against the reference on every request of `case` (module docstring). `plant` names a
     bug of the selftest library planted into the optimized side for every engine run (chained, forced, bisect
-    replays), as `parity selftest` plants it: its ops transform and its patch context; the reference is untouched."""
+    replays), as `parity selftest` plants it: its ops transform and its patch context; the reference is untouched.
+    `then(report, captures)` runs last, with the run's captures before they are dropped (a failed run's kernel
+    repros record from them instead of capturing every run again); the planted bug's patch is no longer applied."""
     if case.candidate != "optimized":  # another implementation (HF transformers): its own runs, the same verdict
         return engines.run_candidate(case, checkpoint, device, dump_dir, noise=noise, golden=golden, bisect=bisect,
                                      plant=plant)  # fmt: skip
@@ -212,15 +216,19 @@ def run_case(
     measure = StreamMeasure(case, checkpoint) if case.stream else nullcontext()
     with bug.patch() if bug is not None else nullcontext(), measure:
         planted = _with_bug(transform_ops, bug)
-        report = _run_case(case, checkpoint, device, dump_dir, ops, planted, golden, noise, bisect, measure, progress)
+        report, c = _run_case(
+            case, checkpoint, device, dump_dir, ops, planted, golden, noise, bisect, measure, progress
+        )
     report.planted = plant
     report.memory = measure.result() if case.stream else None
+    if then is not None:
+        then(report, c)
     return report
 
 
 def _run_case(
     case, checkpoint, device, dump_dir, ops, transform_ops, golden, noise, bisect, measure, progress=None
-) -> RunReport:
+) -> tuple[RunReport, Captures]:
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
     inp = run_inputs(case, checkpoint, device, ops=ops)
@@ -268,7 +276,7 @@ def _run_case(
     if isinstance(measure, StreamMeasure):
         measure.held(c)  # the captures and caches every run keeps: the activations of the memory bound
     report.wall_s = time.perf_counter() - t0
-    return report
+    return report, c
 
 
 def write_report(report: RunReport, out_dir: Path) -> Path:

@@ -136,17 +136,28 @@ def run(
         case, device=device, checkpoint=checkpoint, calibration=calibration, golden=golden, bisect=bisect,
         stream=stream, plant=plant, threads=threads,
     )  # fmt: skip
+    # a failed run keeps its captures for its kernel repros (below), which record from them instead of running the
+    # case again. A streamed run writes none: recording runs the engine with every layer loaded.
+    kept = {}
+
+    def keep(report, captures) -> None:
+        if not report.passed and not spec.stream:
+            kept["captures"] = captures
+
     with progress_bars() as progress:  # on stderr, only on a terminal
         ckpt = prepare_checkpoint(spec, checkpoint, ckpt_root, progress)
         report = run_case(
-            spec, ckpt, device, dump_dir, golden=golden, bisect=bisect, noise=noise, plant=plant, progress=progress
-        )
+            spec, ckpt, device, dump_dir, golden=golden, bisect=bisect, noise=noise, plant=plant, progress=progress,
+            then=keep,
+        )  # fmt: skip
     if report.memory is not None:
         (err if as_json else out).print(escape(report.memory["line"]))
     path = write_report(report, folder)
-    # a failed run's first failing op calls, saved with a script each under folder/repro/ (parity repro); before
-    # write_folder, whose pages list them. A streamed run is skipped: recording recaptures with every layer loaded.
-    repros = [] if report.passed or spec.stream else write_kernel_repros(report, folder, case=spec)
+    # the first failing op calls, saved with a script each under folder/repro/ (parity repro); before write_folder,
+    # whose pages list them
+    captures = kept.pop("captures", None)
+    repros = [] if captures is None else write_kernel_repros(report, folder, case=spec, captures=captures)
+    del captures
     page = write_folder(folder, report.to_dict(), invocation)
     if as_json:
         out.print_json(json.dumps(report.to_dict()))

@@ -252,5 +252,9 @@ def run_and_extract(
     folder = Path(folder)
     check_output_dir(folder / "repro", "repro folder")
     ckpt = prepare_checkpoint(case, checkpoint, folder)
-    report = run_case(case, ckpt, device, plant=plant)
-    return report, write_kernel_repros(report, folder, case=case)
+    repros: list[Path] = []
+
+    def extract(report: RunReport, captures: Captures) -> None:
+        repros.extend(write_kernel_repros(report, folder, case=case, captures=captures))
+
+    return run_case(case, ckpt, device, plant=plant, then=extract), repros

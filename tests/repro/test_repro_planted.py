@@ -2,8 +2,9 @@
 one per-tensor scale inside the o_lora op): the verdict names layer 0's `attn.o_lora`; the extraction must pick the
 o_lora call of that block and step, and its saved script must fail with the bug and pass with the real backend.
 
-One failing `parity run` of the tiny case per module and the runs its forced run is forced from (handed to the
-extraction as `captures`), shared by the tests below."""
+One failing `parity run` of the tiny case per module, its repros extracted as `parity run` and `parity repro
+--extract` do it: from the run's own captures (capturing the runs again is refused here), shared by the tests
+below."""
 
 import json
 import shutil
@@ -11,12 +12,10 @@ import shutil
 import pytest
 from safetensors.torch import load_file
 
-from parity.capture.session import capture
 from parity.cases import load_case
 from parity.errors import ParityError
-from parity.repro import find_repros, write_kernel_repros
+from parity.repro import extract, find_repros, run_and_extract, write_kernel_repros
 from parity.repro.extract import first_failure
-from parity.run import planted_bug, prepare_checkpoint, run_case, run_inputs
 from tests.repro.scripts import run_script
 
 BUG = "wo_a-per-tensor-scale"
@@ -24,15 +23,15 @@ BUG = "wo_a-per-tensor-scale"
 
 @pytest.fixture(scope="module")
 def planted(tmp_path_factory, tiny_ckpt):
-    case = load_case("tiny")
     folder = tmp_path_factory.mktemp("planted")
-    ckpt = prepare_checkpoint(case, tiny_ckpt, folder)
-    report = run_case(case, ckpt, plant=BUG)
-    # the runs the forced run is forced from, handed over (the other module lets the extraction capture them)
-    bug = planted_bug(case, BUG)
-    with bug.patch():
-        captures = capture(run_inputs(case, ckpt), bug.ops, forced=False)
-    paths = write_kernel_repros(report, folder, case=case, captures=captures)
+
+    def recapture(*args):
+        raise AssertionError("the repros must be recorded from the run's own captures, not from new runs")
+
+    # the other module (test_repro_replaced.py) lets the extraction capture the runs again
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(extract, "_recaptured", recapture)
+        report, paths = run_and_extract("tiny", folder, checkpoint=tiny_ckpt, plant=BUG)
     return report, folder, paths
 
 
