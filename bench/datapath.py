@@ -15,12 +15,15 @@ float64 cast into a reused buffer (one thread, per CPU-second of it), `dd` + fsy
 disk, and with `--device cuda` the pinned host -> GPU copy. Throughputs are tensor GB per wall second (both dumps for
 compare / bisect), with the share of the relevant limit. With several sizes, the steady-state rate of each step
 follows the table: the extra bytes over the extra time from the smallest to the largest size, which leaves out the
-fixed cost (process start, imports, dump checks) that every size pays once. Each step's dumps are read once, untimed,
-before it runs, so that it starts with its inputs in the page cache where they fit (as the page-cache read limit).
+fixed cost (process start, imports, dump checks) that every size pays once; the row `compare a b, in process
+(steady)` measures that rate directly: the comparison repeated in one process after a warm-up, best of three. Each
+step's dumps are read once, untimed, before it runs, so that it starts with its inputs in the page cache where they
+fit (as the page-cache read limit).
 """
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -81,6 +84,23 @@ def child_write(out: str, forwards: int, mode: str, variant: str, device: str = 
         torch.cuda.synchronize()
     handle.remove()  # drains a background writer, if any
     json.dump({"seconds": time.perf_counter() - start}, sys.stdout)
+
+
+def child_steady(a: str, b: str, threads: str, device: str) -> None:
+    """In a child process: `compare_dumps(a, b)` once to warm up (imports, compiled loop, page cache), then the best
+    of three, wall and CPU (all threads) of the comparison alone: the rate without the process's fixed cost."""
+    from parity.compare.diff import compare_dumps
+    from parity.compare.loader import load_dump
+
+    da, db = load_dump(a), load_dump(b)
+    opts = dict(threads=int(threads), device=device)
+    compare_dumps(da, db, **opts)
+    best = (math.inf, math.inf)
+    for _ in range(3):
+        wall, cpu = time.perf_counter(), time.process_time()
+        compare_dumps(da, db, **opts)
+        best = min(best, (time.process_time() - cpu, time.perf_counter() - wall))
+    print(json.dumps({"cpu": best[0], "wall": best[1]}))
 
 
 def run_child(args: list[str], repo: Path) -> dict:
@@ -210,6 +230,11 @@ def bench_size(size_gb: float, root: Path, repo: Path, threads: int | None, devi
         inputs = [p for d in args[3:5] if Path(d).is_dir() for p in sorted(Path(d).rglob("*")) if p.is_file()]
         read_rate(inputs, 2)
         rows.append(_row(size_gb, label, run_child(args, repo), moved))
+    # the same comparison repeated inside one process: the steady rate, without start, imports and dump checks
+    workers = str(threads or min(4, os.cpu_count() or 1))
+    r = run_child([py, me, "--child-steady", a, b, workers, device], repo)
+    steady = json.loads(r["out"])
+    rows.append(_row(size_gb, "compare a b, in process (steady)", {**r, **steady}, 2 * nbytes))
     for r in rows:
         r["limits"] = lim
     for n in "abc":
@@ -286,7 +311,7 @@ def steady_rates(rows: list[dict]) -> dict:
     i.e. the rate once the fixed cost is paid (both dumps counted, as in the table)."""
     out = {}
     for step in dict.fromkeys(r["step"] for r in rows):
-        if not step.startswith(("compare", "bisect")):
+        if not step.startswith(("compare", "bisect")) or "in process" in step:
             continue
         mine = sorted((r for r in rows if r["step"] == step), key=lambda r: r["size_gb"])
         if len(mine) < 2 or mine[-1]["wall_s"] <= mine[0]["wall_s"]:
@@ -307,6 +332,9 @@ def steady_rates(rows: list[dict]) -> dict:
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child-write":
         child_write(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
+        return
+    if len(sys.argv) > 1 and sys.argv[1] == "--child-steady":
+        child_steady(*sys.argv[2:6])
         return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sizes", default="0.5,2", help="GB of tensor data per dump, comma-separated (e.g. 0.5,2,8)")
