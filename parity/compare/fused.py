@@ -300,6 +300,8 @@ def _tile_loops():
         from parity.compare import tile_loop
     except ImportError:  # numba is a dependency; a source tree on a GPU image may lack it
         return None
+    except (RuntimeError, OSError):  # numba found no writable place for its cache (its decorators raise then)
+        return None
     return tile_loop
 
 

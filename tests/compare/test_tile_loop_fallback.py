@@ -1,0 +1,43 @@
+"""Where the compiled tile loop cannot be imported (numba missing, or no writable place for its cache), compare runs
+the torch form: the same metrics within the summation bound, never an error."""
+
+import importlib.abc
+import sys
+
+import pytest
+import torch
+
+import parity.compare
+from parity.compare import compare_tensors, fused
+
+
+class _Refuse(importlib.abc.MetaPathFinder):
+    def __init__(self, error: Exception):
+        self.error = error
+
+    def find_spec(self, name, path, target=None):
+        if name == "parity.compare.tile_loop":
+            raise self.error
+        return None
+
+
+@pytest.mark.parametrize(
+    "error",
+    [ImportError("No module named 'numba'"), RuntimeError("cannot cache function '_row': no locator available")],
+    ids=["numba-missing", "no-cache-dir"],
+)
+def test_compare_falls_back_to_the_torch_form(monkeypatch, error):
+    x = torch.randn(33, 17, generator=torch.Generator().manual_seed(0)).bfloat16()
+    y = (x.float() * 1.01).bfloat16()
+    want = compare_tensors(x, y)  # the compiled loop
+    monkeypatch.delitem(sys.modules, "parity.compare.tile_loop", raising=False)
+    monkeypatch.delattr(parity.compare, "tile_loop", raising=False)  # else `from parity.compare import` finds it
+    monkeypatch.setattr(sys, "meta_path", [_Refuse(error), *sys.meta_path])
+    fused._tile_loops.cache_clear()
+    try:
+        assert fused.compiled_loop(x, y) is None
+        got = compare_tensors(x, y)
+    finally:
+        fused._tile_loops.cache_clear()
+    assert got.max_abs == want.max_abs and got.max_rel == want.max_rel
+    assert abs(got.cos - want.cos) <= 1e-15 and got.worst_token == want.worst_token
