@@ -48,6 +48,11 @@ class Sweep:
         self.rows.append(row)
         print(json.dumps(row), flush=True)
 
+    def op(self, calls, **info):
+        """The op's own call (autotuned): eager (Python launch overhead included), then replayed from a graph."""
+        self.add(name="op eager", us=round(eager_us(calls[0]), 2), **info)
+        self.try_config("op graph", calls, **info)
+
     def try_config(self, name, calls, **info):
         try:
             us = graph_us(calls)
@@ -81,8 +86,7 @@ def sweep_o_lora(sw: Sweep):
             op = [lambda w=w: mod.o_lora(o, w[0], g, rank, (0, t)) for w in ws]
             ein = [lambda w=w: torch.einsum("sgd,grd->sgr", o.view(t, g, kg), w[0].view(g, rank, kg)) for w in ws]
             info = dict(op="o_lora", G=g, T=t, weight_bytes=nbytes)
-            sw.add(name="op eager", us=round(eager_us(op[0]), 2), **info)
-            sw.try_config("op graph", op, **info)
+            sw.op(op, **info)
             sw.try_config("einsum graph", ein, **info)
             out = torch.empty(t, g, rank, dtype=torch.bfloat16, device="cuda")
             # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages, FP8 weight)
@@ -112,10 +116,17 @@ def sweep_o_lora(sw: Sweep):
 # ---- fp8_gemm ---------------------------------------------------------------------------------------------------
 
 
+def gemm_case(op: str, name: str, n: int, k: int, t: int, nbytes: int):
+    """`t` tokens of FP8 activations (per-128 ue8m0 scales) for a [n, k] weight, and the row fields of the case."""
+    from parity.reference import kernels
+
+    xq, xs = kernels.act_quant(act(t, k), 128, "ue8m0", torch.float8_e8m0fnu)
+    return xq, xs, dict(op=op, shape=name, N=n, K=k, T=t, weight_bytes=nbytes, flops=2 * t * n * k)
+
+
 def sweep_fp8_gemm(sw: Sweep):
     from parity.optimized.ops.triton import _gemm_common as common
     from parity.optimized.ops.triton import fp8_gemm as mod
-    from parity.reference import kernels
 
     shapes = {"flash wq_a": (1024, 4096), "flash wo_b": (4096, 8192), "pro wq_b": (65536, 1536),
               "pro wo_b": (7168, 16384)}  # fmt: skip
@@ -127,12 +138,8 @@ def sweep_fp8_gemm(sw: Sweep):
         for t in (1, 64, 4096):
             if sw.late():
                 return
-            x = act(t, k)
-            xq, xs = kernels.act_quant(x, 128, "ue8m0", torch.float8_e8m0fnu)
-            info = dict(op="fp8_gemm", shape=name, N=n, K=k, T=t, weight_bytes=nbytes, flops=2 * t * n * k)
-            ops = [lambda c=c: mod.fp8_gemm(xq, xs, c[0], c[1], torch.float8_e8m0fnu) for c in copies]
-            sw.add(name="op eager", us=round(eager_us(ops[0]), 2), **info)
-            sw.try_config("op graph", ops, **info)
+            xq, xs, info = gemm_case("fp8_gemm", name, n, k, t, nbytes)
+            sw.op([lambda c=c: mod.fp8_gemm(xq, xs, c[0], c[1], torch.float8_e8m0fnu) for c in copies], **info)
             out = torch.empty(t, n, dtype=torch.bfloat16, device="cuda")
             ws = torch.empty(chunks, t, n, dtype=torch.float32, device="cuda")
             # (BLOCK_W, BLOCK_T, warps, stages, split-K)
@@ -173,7 +180,6 @@ def sweep_fp8_gemm(sw: Sweep):
 def sweep_fp4_gemm(sw: Sweep):
     from parity.optimized.ops.triton import _gemm_common as common
     from parity.optimized.ops.triton import fp4_gemm as mod
-    from parity.reference import kernels
 
     for name, (n, k) in {"flash w1": (2048, 4096), "pro w1": (3072, 7168), "pro w2": (7168, 3072)}.items():
         nbytes = n * k // 2
@@ -181,12 +187,8 @@ def sweep_fp4_gemm(sw: Sweep):
         for t in (1, 64, 4096):
             if sw.late():
                 return
-            x = act(t, k)
-            xq, xs = kernels.act_quant(x, 128, "ue8m0", torch.float8_e8m0fnu)
-            info = dict(op="fp4_gemm", shape=name, N=n, K=k, T=t, weight_bytes=nbytes, flops=2 * t * n * k)
-            ops = [lambda c=c: mod.fp4_gemm(xq, xs, c[0], c[1], torch.float8_e8m0fnu) for c in copies]
-            sw.add(name="op eager", us=round(eager_us(ops[0]), 2), **info)
-            sw.try_config("op graph", ops, **info)
+            xq, xs, info = gemm_case("fp4_gemm", name, n, k, t, nbytes)
+            sw.op([lambda c=c: mod.fp4_gemm(xq, xs, c[0], c[1], torch.float8_e8m0fnu) for c in copies], **info)
             if t > 64:
                 continue
             n_kb = k // 32
@@ -237,8 +239,7 @@ def sweep_moe_experts(sw: Sweep):
         info = dict(op="moe_experts", model="flash", T=t, weight_bytes=touched * per_expert + 3 * inter * d)
         calls = [lambda b=b: mod.moe_experts(x, b[1], b[0], experts, shared, "ue8m0", torch.float8_e8m0fnu)
                  for b in batches]  # fmt: skip
-        sw.add(name="op eager", us=round(eager_us(calls[0]), 2), **info)
-        sw.try_config("op graph", calls, **info)
+        sw.op(calls, **info)
 
 
 def main():
