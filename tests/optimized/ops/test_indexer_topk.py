@@ -165,29 +165,26 @@ def test_all_scores_tied(impl):
     judge(impl, out, expected, twin_score_rows(q, entries, weights, 40), 40)
 
 
-def test_long_rows_through_the_merging_kernel(impl):
-    # the triton backend's chunked bitonic merge (its long-row path on the GPU) on a short row, tiny chunks
+@pytest.mark.parametrize(
+    ("start_pos", "queries", "topk"),
+    [
+        # the triton backend's chunked bitonic merge (its long-row path on the GPU) on a short row, tiny chunks
+        pytest.param(63, 5, 16, id="one-merge"),
+        # rows of ~100 visible entries in chunks of 16 keys, top 8: four levels of the tree (7 chunks -> 56
+        # candidates -> 4 chunks -> 2 -> 1), each keeping its chunks' top 8
+        pytest.param(400, 3, 8, id="tree-levels"),
+    ],
+)
+def test_long_rows_through_the_merging_kernel(impl, start_pos, queries, topk):
+    # the same ids as ranking the whole row at once, and judged against the twin
     if impl.backend != "triton":
         pytest.skip("only the triton backend has two top-k kernels")
-    q, entries, weights = operands(63, 5, 4)
-    rank = run(impl, q, entries, weights, 16, 63, method="rank")
-    merged = run(impl, q, entries, weights, 16, 63, method="merge", chunk=16)
+    q, entries, weights = operands(start_pos, queries, 4)
+    rank = run(impl, q, entries, weights, topk, start_pos, method="rank")
+    merged = run(impl, q, entries, weights, topk, start_pos, method="merge", chunk=16)
     assert torch.equal(rank, merged)
-    judge(impl, merged, reference_decodes(q, entries, weights, 16, 63, 16), twin_score_rows(q, entries, weights, 63),
-          63)  # fmt: skip
-
-
-def test_long_rows_through_several_tree_levels(impl):
-    # rows of ~100 visible entries in chunks of 16 keys, top 8: four levels of the tree (7 chunks -> 56 candidates
-    # -> 4 chunks -> 2 -> 1), each keeping its chunks' top 8; the same ids as ranking the whole row at once
-    if impl.backend != "triton":
-        pytest.skip("only the triton backend has two top-k kernels")
-    q, entries, weights = operands(400, 3, 4)
-    rank = run(impl, q, entries, weights, 8, 400, method="rank")
-    tree = run(impl, q, entries, weights, 8, 400, method="merge", chunk=16)
-    assert torch.equal(rank, tree)
-    judge(impl, tree, reference_decodes(q, entries, weights, 8, 400, 8), twin_score_rows(q, entries, weights, 400),
-          400)  # fmt: skip
+    expected = reference_decodes(q, entries, weights, topk, start_pos, topk)
+    judge(impl, merged, expected, twin_score_rows(q, entries, weights, start_pos), start_pos)
 
 
 def test_output_is_fully_written(impl, monkeypatch):

@@ -352,17 +352,21 @@ def test_requests_do_not_depend_on_batchmates_placement_or_padding(impl):
         assert torch.equal(out[first : first + 37], alone)
 
 
+def two_source_request():
+    """5 queries, 4 heads of 128, KV from two sources (a chunk of 7 rows and the rest), one row's tail unused."""
+    h, d = 4, 128
+    q, kv, idx = request(5, 60, 130, h, d)
+    idx[3, 70:] = -1
+    return q, kv, idx, torch.randn(h), d**-0.5, (kv[:7], kv[7:])
+
+
 def test_one_query_kernel_matches_the_batched_one(impl):
     # the triton backend has a one-query-per-program kernel (the GPU's) and a batched one (the interpreter's):
     # the same math per query, so the same bits where the same matmul runs both (the interpreter's BLAS); compiled,
     # they use different MMA instructions (wgmma vs mma.sync), so each is judged against the twin
     if impl.backend != "triton":
         pytest.skip("only the triton backend has two kernels")
-    h, d = 4, 128
-    q, kv, idx = request(5, 60, 130, h, d)
-    idx[3, 70:] = -1
-    sink, scale = torch.randn(h), d**-0.5
-    sources = (kv[:7], kv[7:])
+    q, kv, idx, sink, scale, sources = two_source_request()
     one = run(impl, q, sources, idx, sink, scale, tokens_per_program=1)
     batched = run(impl, q, sources, idx, sink, scale, tokens_per_program=2)  # 2: fits a GPU's shared memory
     want = reference(q, kv, idx, sink, scale)
@@ -378,11 +382,7 @@ def test_two_output_parts_match_the_twin(impl):
     # one-program kernel
     if impl.backend != "triton":
         pytest.skip("only the triton backend has output parts")
-    h, d = 4, 128
-    q, kv, idx = request(5, 60, 130, h, d)
-    idx[3, 70:] = -1
-    sink, scale = torch.randn(h), d**-0.5
-    sources = (kv[:7], kv[7:])
+    q, kv, idx, sink, scale, sources = two_source_request()
     two = run(impl, q, sources, idx, sink, scale, config=(16, 4, 2, 2))
     judge(impl, two, reference(q, kv, idx, sink, scale), q, sources, idx, sink, scale)
     with pytest.raises(ValueError):  # a head dim the halves cannot split
