@@ -210,26 +210,17 @@ def bench_size(size_gb: float, root: Path, repo: Path, threads: int | None, devi
     cli = [py, str(repo / "cli.py")]
     opts = (["--threads", str(threads)] if threads else []) + (["--device", device] if device != "cpu" else [])
     a, b, c = (str(root / f"{size_gb}-{n}") for n in "abc")
-    steps = [
-        ("compare a b", [*cli, "compare", a, b, "--json", "--out", str(root / "cmp.json"), *opts], 2 * nbytes),
-        (
-            "bisect a b (full read)",
-            [*cli, "bisect", a, b, "--json", "--out", str(root / "bis.json"), *opts],
-            2 * nbytes,
-        ),
-        (
-            "bisect a c (bitwise skip)",
-            [*cli, "bisect", a, c, "--json", "--out", str(root / "bic.json"), *opts],
-            2 * nbytes,
-        ),
-        ("dump-info a", [*cli, "dump-info", a, "--json", "--out", str(root / "info.json")], nbytes),
+    steps = [  # (label, command, tensor bytes moved, the dumps it reads)
+        ("compare a b", ["compare", a, b, "--out", str(root / "cmp.json"), *opts], 2 * nbytes, (a, b)),
+        ("bisect a b (full read)", ["bisect", a, b, "--out", str(root / "bis.json"), *opts], 2 * nbytes, (a, b)),
+        ("bisect a c (bitwise skip)", ["bisect", a, c, "--out", str(root / "bic.json"), *opts], 2 * nbytes, (a, c)),
+        ("dump-info a", ["dump-info", a, "--out", str(root / "info.json")], nbytes, (a,)),
     ]
-    for label, args, moved in steps:
+    for label, args, moved, dumps in steps:
         # the step's dumps are read once, untimed, first: each step starts with its inputs in the page cache where
         # they fit (the writes of the other dumps evict them otherwise, and the step would time this VM's disk)
-        inputs = [p for d in args[3:5] if Path(d).is_dir() for p in sorted(Path(d).rglob("*")) if p.is_file()]
-        read_rate(inputs, 2)
-        rows.append(_row(size_gb, label, run_child(args, repo), moved))
+        read_rate([p for d in dumps for p in sorted(Path(d).rglob("*")) if p.is_file()], 2)
+        rows.append(_row(size_gb, label, run_child([*cli, *args, "--json"], repo), moved))
     # the same comparison repeated inside one process: the steady rate, without start, imports and dump checks
     workers = str(threads or min(4, os.cpu_count() or 1))
     r = run_child([py, me, "--child-steady", a, b, workers, device], repo)

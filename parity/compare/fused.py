@@ -109,8 +109,6 @@ class FusedPass:
             row_sums, row_err, _, tile_err = self._measure(xy, e, p, rows, cols)
         if finite and self.atol is not None:
             self.mismatches += _mismatches_finite(x, e, s, self.atol, self.rtol)
-        self.values_equal &= tile_err == 0.0
-        self.max_abs = max(self.max_abs, tile_err)
         if tile_err > 0:
             self.max_rel = max(self.max_rel, _max_rel(x, e, s))
         if self.t.sliced:
@@ -118,20 +116,24 @@ class FusedPass:
             self.col_sums[:, col : col + cols] += p[:3].view(3, rows, cols).sum(1)
             seg = self.col_err[col : col + cols]
             torch.maximum(seg, e.view(rows, cols).amax(0), out=seg)
-            self._rows(row_sums, row_err, row, col, cols)
-        else:
-            self.sums += row_sums.sum(-1)
+        self._tally(row_sums, row_err, tile_err, row, col, cols)
 
     def _add_compiled(self, loop, a, b, row: int, col: int, rows: int, cols: int) -> None:
         """A finite CPU tile of bf16, fp16 or fp32 pairs: the same quantities from one compiled loop
-        (parity/compare/tile_loop.py), equal to the torch form's within the float64 summation bound."""
+        (parity/compare/tile_loop.py), equal to the torch form's within the float64 summation bound. The loop adds
+        the per-inner-position sums itself."""
         cols_out = (self.col_sums, self.col_err) if self.t.sliced else (None, None)
         row_sums, row_err, tile_err, rel, mism = loop.measure(a, b, rows, cols, col, *cols_out, self.atol, self.rtol)
         if self.atol is not None:
             self.mismatches += mism
+        self.max_rel = max(self.max_rel, rel)
+        self._tally(row_sums, row_err, tile_err, row, col, cols)
+
+    def _tally(self, row_sums, row_err, tile_err: float, row: int, col: int, cols: int) -> None:
+        """What both forms do with a measured tile: equality, max |e|, and its row sums (judged by row when sliced,
+        else added to the totals)."""
         self.values_equal &= tile_err == 0.0
         self.max_abs = max(self.max_abs, tile_err)
-        self.max_rel = max(self.max_rel, rel)
         if self.t.sliced:
             self._rows(row_sums, row_err, row, col, cols)
         else:

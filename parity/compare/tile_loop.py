@@ -38,12 +38,12 @@ _FLAGS = {"reassoc"}
 def loop_for(a: torch.Tensor, b: torch.Tensor) -> "TileLoop | None":
     """The compiled tile loop for this pair of tiles, or None where the torch form must run (a GPU, or dtypes other
     than two bf16, two fp16 or two fp32 tiles)."""
-    return TileLoop(*_VIEWS[a.dtype]) if applies(a.dtype, b.dtype, a.device, b.device) else None
+    return _LOOPS[a.dtype] if applies(a.dtype, b.dtype, a.device, b.device) else None
 
 
 def applies(a: torch.dtype, b: torch.dtype, *devices: torch.device) -> bool:
     """Whether pairs of these dtypes on these devices take the compiled loop (CPU, two bf16, fp16 or fp32)."""
-    return a == b and a in _VIEWS and all(torch.device(d).type == "cpu" for d in devices)
+    return a == b and a in _LOOPS and all(torch.device(d).type == "cpu" for d in devices)
 
 
 class TileLoop:
@@ -80,7 +80,7 @@ def _float(bits: int) -> float:
 
 @intrinsic
 def _widen(typingctx, u):
-    """Raw bits -> float64. The integer type of the view names the format (`_VIEWS`): int16 holds bf16 (the high
+    """Raw bits -> float64. The integer type of the view names the format (`_LOOPS`): int16 holds bf16 (the high
     half of a float32), uint16 IEEE half, uint32 float32."""
     if u == types.int16:
 
@@ -119,12 +119,12 @@ def _float_of(typingctx, b):
     return types.float64(types.int64), codegen
 
 
-# dtype -> (the integer view of its bits, which names the format to `_widen`; the exponent mask: all ones = Inf or
-# NaN). The loops below are plain module functions, compiled once per view type and cached on disk by numba.
-_VIEWS = {
-    torch.bfloat16: (torch.int16, 0x7F80),
-    torch.float16: (torch.uint16, 0x7C00),
-    torch.float32: (torch.uint32, 0x7F800000),
+# dtype -> its loops: the integer view of its bits (which names the format to `_widen`) and the exponent mask (all
+# ones = Inf or NaN). The loops below are plain module functions, compiled once per view type and cached on disk.
+_LOOPS = {
+    torch.bfloat16: TileLoop(torch.int16, 0x7F80),
+    torch.float16: TileLoop(torch.uint16, 0x7C00),
+    torch.float32: TileLoop(torch.uint32, 0x7F800000),
 }
 
 _jit = numba.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False)
