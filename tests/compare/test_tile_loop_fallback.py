@@ -39,5 +39,11 @@ def test_compare_falls_back_to_the_torch_form(monkeypatch, error):
         got = compare_tensors(x, y)
     finally:
         fused._tile_loops.cache_clear()
+    # maxima are exact in both forms; sums differ only in order: each cosine is within 2 gamma + 8 u of the exact one
+    # (tests/compare/test_metrics_accuracy.py), so the two within twice that
+    u = 2.0**-53
+    gamma = x.numel() * u / (1 - x.numel() * u)
     assert got.max_abs == want.max_abs and got.max_rel == want.max_rel
-    assert abs(got.cos - want.cos) <= 1e-15 and got.worst_token == want.worst_token
+    assert abs(got.cos - want.cos) <= 2 * (2 * gamma + 8 * u)
+    assert got.worst_token[0] == want.worst_token[0]
+    assert abs(got.worst_token[1] - want.worst_token[1]) <= 2 * (2 * gamma + 8 * u)
