@@ -410,3 +410,33 @@ def test_triton_plan_tiles_every_routed_row_once(triton_moe):
     for tok in range(t):
         experts_of_rows = indices.view(-1)[order[pos[tok].long()]]
         assert experts_of_rows.tolist() == sorted(indices[tok].tolist())
+
+
+def _shifted(t: torch.Tensor, elements: int) -> torch.Tensor:
+    """A copy of t whose storage begins `elements` elements into a fresh buffer (an address no multiple of 16
+    elements away from another tensor's, for elements in 1..15)."""
+    size = t.element_size()
+    buf = torch.empty((t.numel() + elements) * size, dtype=torch.uint8, device=t.device)
+    out = buf[elements * size :]
+    out.copy_(t.contiguous().view(torch.uint8).reshape(-1))
+    return out.view(t.dtype).view(t.shape)
+
+
+def test_triton_unaligned_expert_tensors_give_the_same_bits(triton_moe, ref_model, tiny_args):
+    # the kernels are told expert offsets are multiples of 16 elements only when the host checked every one: experts
+    # at odd offsets take the other compiled variant (byte loads) and must give the same bits
+    moe = ref_model.layers[1].ffn
+    experts, shared = weights_of(moe)
+    moved = [
+        ExpertWeights(*((_shifted(w, 1 + i % 7), _shifted(s, 3)) for w, s in (e.w1, e.w2, e.w3)), e.swiglu_limit)
+        for i, e in enumerate(experts)
+    ]
+    _, aligned = triton_moe._offset_table(experts, (("w1", 0), ("w3", 0), ("w1", 1), ("w3", 1)))
+    _, moved_aligned = triton_moe._offset_table(moved, (("w1", 0), ("w3", 0), ("w1", 1), ("w3", 1)))
+    assert not moved_aligned, "the shifted experts should not pass the alignment check"
+    x, ids = tokens(7)
+    with ref.default_dtype(torch.bfloat16):
+        weights, indices = route(moe, x, ids, (0, 7))
+        want = triton_moe.moe_experts(x, weights, indices, experts, shared, *policy(tiny_args))
+        got = triton_moe.moe_experts(x, weights, indices, moved, shared, *policy(tiny_args))
+    assert torch.equal(got, want), f"aligned tables: {aligned}"
