@@ -59,33 +59,43 @@ def _fp4_gemm_kernel(
     b_ptrs = b_ptr + offs_w[:, None] * stride_bn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
     a_ptrs = a_ptr + offs_t[None, :] * stride_am + (k0 + offs_k)[:, None]  # [32, BLOCK_T], K-major
     as_row = as_ptr + offs_t * stride_asm
-    bs_ptrs = bs_ptr + offs_w * stride_bsn + kb_begin
+    cols = tl.arange(0, SUB)[None, :]
+    bs_ptrs = bs_ptr + offs_w[:, None] * stride_bsn + cols  # the SUB weight scales of one loop trip, per row
     total = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
     part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    # the scales are read one loop trip ahead: a byte or four a row are too narrow for the pipeliner's async copies,
+    # and a plain load in the trip that uses it waits out a whole memory latency (compiled for sm_90, the loop held
+    # five such loads per trip)
+    sa_next = tl.load(as_row + kb_begin // 4, mask=mask_t)
+    sb_next = tl.load(bs_ptrs + kb_begin, mask=mask_w[:, None])
     # SUB 32-blocks (one 128-group of the activation when SUB = 4) per loop trip: 4x larger loads in flight per
     # trip than one 16-byte weight slice per row; the blocks are still scaled and summed one by one in ascending k
     for kb4 in range(kb_begin, kb_end, SUB):
-        sa = tl.load(as_row + kb4 // 4, mask=mask_t)  # the activation's 128-group holding these 32-blocks
+        sa = sa_next  # the activation's 128-group holding these 32-blocks
+        sb4 = sb_next
+        more = kb4 + SUB < kb_end
+        sa_next = tl.load(as_row + (kb4 + SUB) // 4, mask=mask_t & more)
+        sb_next = tl.load(bs_ptrs + (kb4 + SUB), mask=mask_w[:, None] & more)
         if A_E8M0:
             sa = sa.to(tl.int32)
             sa = tl.where(sa == 0, 0x00400000, tl.where(sa == 255, 0x7FC00000, sa << 23))
             sa = sa.to(tl.float32, bitcast=True)
+        if B_E8M0:
+            sb4 = sb4.to(tl.int32)
+            sb4 = tl.where(sb4 == 0, 0x00400000, tl.where(sb4 == 255, 0x7FC00000, sb4 << 23))
+            sb4 = sb4.to(tl.float32, bitcast=True)
+        sb4 = sb4 * 64.0  # the decoding's 2^-6 undone: a power of two, so (P * sa) * sb rounds as the twin's
         for j in tl.static_range(SUB):
             kb = kb4 + j
             # e2m1 nibble s.e1e0.m -> bits 7 and 4..2 of an e4m3 byte: the value fp4 * 2^-6, exact for every code
-            # (the subnormal 0.5 included); the 2^6 goes into the weight scale below (inline: the interpreter pays
+            # (the subnormal 0.5 included); the 2^6 goes into the weight scale above (inline: the interpreter pays
             # per call)
             packed = tl.load(b_ptrs, mask=mask_w[:, None], other=0)  # [BLOCK_W, 16] uint8
             lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
             hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
             w = tl.reshape(tl.join(lo, hi), (BLOCK_W, BLOCK_K)).to(tl.float8e4nv, bitcast=True)  # low nibble first
             a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
-            sb = tl.load(bs_ptrs, mask=mask_w)
-            if B_E8M0:
-                sb = sb.to(tl.int32)
-                sb = tl.where(sb == 0, 0x00400000, tl.where(sb == 255, 0x7FC00000, sb << 23))
-                sb = sb.to(tl.float32, bitcast=True)
-            sb = sb * 64.0  # the decoding's 2^-6 undone: a power of two, so (P * sa) * sb rounds as the twin's
+            sb = tl.sum(tl.where(cols == j, sb4, 0.0), axis=1)  # column j, exactly (the rest adds zeros)
             if DOT_F64:  # interpreter: an exact block product (see the module docstring), and BLAS-fast
                 p = tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
             else:
@@ -100,7 +110,6 @@ def _fp4_gemm_kernel(
                     part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
             b_ptrs += BLOCK_K // 2
             a_ptrs += BLOCK_K
-            bs_ptrs += 1
     if SPLIT:
         ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * N
         tl.store(ws + offs_t[None, :] * N + offs_w[:, None], total, mask=mask_w[:, None] & mask_t[None, :])
@@ -115,7 +124,9 @@ def _configs(small_m: bool):
     # (BLOCK_W, BLOCK_T, warps, stages): wgmma when compiled for sm_90 (bench --compile-check); decode offers
     # one token tile up to 64 tokens; prefill one warpgroup on 128 x 64 (see fp8_gemm's configurations)
     if small_m:
-        shapes = [(64, 16, 4, 4), (64, 64, 4, 4), (128, 16, 4, 4)]
+        # deeper pipelines since the scales are read a trip ahead (only the weight and activation tiles are in
+        # shared memory: 6 KB a stage at 64 x 16)
+        shapes = [(64, 16, 4, 4), (64, 64, 4, 4), (128, 16, 4, 4), (64, 16, 4, 8), (128, 16, 4, 6)]
     else:
         shapes = [(128, 64, 4, 4), (128, 64, 8, 4), (128, 128, 8, 3)]
     return [triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st) for w, t, nw, st in shapes]

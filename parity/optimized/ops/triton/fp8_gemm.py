@@ -40,22 +40,33 @@ BLOCK_K = tl.constexpr(128)
 
 
 @triton.jit
+def _scales(as_ptrs, bs_ptrs, kb, kb_end, mask_t, FUSE_QUANT: tl.constexpr):
+    """The raw scales of K block kb (nothing past kb_end): the activation's per token (when act_quant is fused it
+    makes its own: the weight's scale stands in, unused) and the weight tile's one."""
+    sb = tl.load(bs_ptrs + kb, mask=kb < kb_end)
+    if FUSE_QUANT:
+        sa = sb
+    else:
+        sa = tl.load(as_ptrs + kb, mask=mask_t & (kb < kb_end))
+    return sa, sb
+
+
+@triton.jit
 def _block_term(
-    w_ptrs, a_ptrs, as_ptrs, bs_ptrs, kb, mask_w, mask_t,
+    w_ptrs, a_ptrs, sa, sb, kb, mask_w, mask_t,
     A_E8M0: tl.constexpr, B_E8M0: tl.constexpr, FUSE_QUANT: tl.constexpr, DOT_F64: tl.constexpr,
 ):  # fmt: skip
-    """P_k * (sa * sb) of K block kb (pointers at block 0): [BLOCK_W, BLOCK_T] fp32, P_k from zero."""
+    """P_k * (sa * sb) of K block kb (pointers at block 0; sa, sb its raw scales from `_scales`): [BLOCK_W, BLOCK_T]
+    fp32, P_k from zero."""
     w = tl.load(w_ptrs + kb * BLOCK_K, mask=mask_w[:, None], other=0.0)
     if FUSE_QUANT:
         a, sa = common.quant_e4m3(tl.load(a_ptrs + kb * BLOCK_K, mask=mask_t[None, :], other=0.0).to(tl.float32), 0)
     else:
         a = tl.load(a_ptrs + kb * BLOCK_K, mask=mask_t[None, :], other=0.0)
-        sa = tl.load(as_ptrs + kb, mask=mask_t)
         if A_E8M0:
             sa = sa.to(tl.int32)
             sa = tl.where(sa == 0, 0x00400000, tl.where(sa == 255, 0x7FC00000, sa << 23))
             sa = sa.to(tl.float32, bitcast=True)
-    sb = tl.load(bs_ptrs + kb)
     if B_E8M0:
         sb = sb.to(tl.int32)
         sb = tl.where(sb == 0, 0x00400000, tl.where(sb == 255, 0x7FC00000, sb << 23))
@@ -101,21 +112,24 @@ def _fp8_gemm_kernel(
     # BLOCK_W divides 128, so the whole tile lies in one 128-row weight scale block
     bs_ptrs = bs_ptr + (pid_w * BLOCK_W // 128) * stride_bsn
     total = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    # each block's scales are read one block ahead: a byte per token and one per tile are too narrow for the
+    # pipeliner's async copies, and a plain load in the iteration that uses it waits out a whole memory latency
+    sa_next, sb_next = _scales(as_ptrs, bs_ptrs, kb_begin, kb_end, mask_t, FUSE_QUANT)
     if CHUNKED:
         # chunks as the outer loop, a branch-free inner loop over the chunk's blocks (the same additions as
         # flushing the chunk sum inside one loop, measured 1.6-1.8x faster at 4096 tokens on the H200)
         for c0 in range(kb_begin, kb_end, CHUNK_KB):
             part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
             for kb in range(c0, tl.minimum(c0 + CHUNK_KB, kb_end)):
-                part += _block_term(
-                    w_ptrs, a_ptrs, as_ptrs, bs_ptrs, kb, mask_w, mask_t, A_E8M0, B_E8M0, FUSE_QUANT, DOT_F64
-                )
+                sa, sb = sa_next, sb_next
+                sa_next, sb_next = _scales(as_ptrs, bs_ptrs, kb + 1, kb_end, mask_t, FUSE_QUANT)
+                part += _block_term(w_ptrs, a_ptrs, sa, sb, kb, mask_w, mask_t, A_E8M0, B_E8M0, FUSE_QUANT, DOT_F64)
             total += part
     else:  # one block per chunk: the twin's own order, one accumulator fewer
         for kb in range(kb_begin, kb_end):
-            total += _block_term(
-                w_ptrs, a_ptrs, as_ptrs, bs_ptrs, kb, mask_w, mask_t, A_E8M0, B_E8M0, FUSE_QUANT, DOT_F64
-            )
+            sa, sb = sa_next, sb_next
+            sa_next, sb_next = _scales(as_ptrs, bs_ptrs, kb + 1, kb_end, mask_t, FUSE_QUANT)
+            total += _block_term(w_ptrs, a_ptrs, sa, sb, kb, mask_w, mask_t, A_E8M0, B_E8M0, FUSE_QUANT, DOT_F64)
     if SPLIT:
         ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * N
         tl.store(ws + offs_t[None, :] * N + offs_w[:, None], total, mask=mask_w[:, None] & mask_t[None, :])
@@ -134,7 +148,7 @@ def _configs(small_m: bool):
     # Prefill: one warpgroup on 128 x 64 (1.6-2.8x the 8-warp 128 x 128 tiles: the per-block scaling holds three
     # fp32 accumulators, which 128 x 128 x 8 warps or larger tiles cannot keep in registers)
     if small_m:
-        shapes = [(64, 16, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4)]
+        shapes = [(64, 16, 4, 4), (64, 64, 4, 4), (128, 64, 4, 4), (64, 16, 4, 6), (64, 32, 4, 6)]
     else:
         shapes = [(128, 64, 4, 4), (128, 64, 4, 3), (64, 128, 4, 4), (128, 128, 4, 3)]
     return [triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st) for w, t, nw, st in shapes]

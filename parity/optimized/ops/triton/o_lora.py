@@ -98,6 +98,13 @@ def _o_lora_kernel(
     o_ptrs = o_ptr + offs_t[None, :] * stride_ot + (g * KG + offs_k)[:, None]  # [BLOCK_K, BLOCK_T], K-major
     s_rows = s_ptr + (rows // 128) * stride_sr  # the weight's 128-row scale block, per row (groups may straddle)
     acc = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    # the weight scales are read one K step ahead: a byte a row is too narrow for the pipeliner's async copies, and
+    # a plain load in the step that uses it waits out a whole memory latency (compiled for sm_90, each step held one
+    # or two such loads; at one 64-row program per SM that latency was most of the decode time)
+    if W_FP8:
+        e_next = tl.load(s_rows, mask=mask_r, other=127)
+        if BLOCK_K > 128:
+            e2_next = tl.load(s_rows + 1, mask=mask_r & (128 < KG), other=127)
     for k0 in range(0, KG, BLOCK_K):
         if EVEN_K:
             w = tl.load(w_ptrs, mask=mask_r[:, None], other=0.0)
@@ -108,10 +115,13 @@ def _o_lora_kernel(
             o = tl.load(o_ptrs, mask=mask_k[:, None] & mask_t[None, :], other=0.0)
         if W_FP8:
             # e4m3 * 2^k is exact in fp32 and in bf16: the same bf16 weight values the einsum multiplies
-            e = tl.load(s_rows + k0 // 128, mask=mask_r, other=127).to(tl.int32)
+            e = e_next.to(tl.int32)
+            k1 = k0 + BLOCK_K
+            e_next = tl.load(s_rows + k1 // 128, mask=mask_r & (k1 < KG), other=127)
             s = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23)).to(tl.float32, bitcast=True)
             if BLOCK_K > 128:  # the step's second 128 columns have their own scale block
-                e = tl.load(s_rows + k0 // 128 + 1, mask=mask_r & (k0 + 128 < KG), other=127).to(tl.int32)
+                e = e2_next.to(tl.int32)
+                e2_next = tl.load(s_rows + k1 // 128 + 1, mask=mask_r & (k1 + 128 < KG), other=127)
                 s2 = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23))
                 s2 = s2.to(tl.float32, bitcast=True)
                 w = (w.to(tl.float32) * tl.where((offs_k < 128)[None, :], s[:, None], s2[:, None])).to(tl.bfloat16)
@@ -140,7 +150,9 @@ def _configs(small_m: bool):
     # CUDA-graph timing, weights from HBM): decode streams the FP8 weight in 64-row slices, 256-wide K steps ~10 %
     # faster than 128-wide; prefill 128 x 256 tiles over the bf16 weight
     if small_m:
+        # (deeper pipelines since the scales are read a step ahead)
         shapes = [(64, 16, 256, 4, 3), (64, 64, 256, 4, 3), (64, 16, 128, 4, 4)]
+        shapes += [(64, 16, 256, 4, 5), (64, 16, 128, 4, 8)]
     else:
         shapes = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 3)]
     return [

@@ -213,8 +213,8 @@ def _sparse_attn_tokens_kernel(
 # (`bench/triton_attention.py --compile-sm90` lists registers, spills and shared memory;
 # `bench/triton_attention.py` times each on the GPU).
 CONFIGS = (
-    (32, 8, 2, 1), (64, 8, 1, 1), (64, 8, 2, 1), (64, 8, 1, 2), (64, 8, 2, 2), (32, 8, 2, 2), (32, 4, 2, 2),
-    (16, 4, 2, 2),
+    (32, 8, 2, 1), (64, 8, 1, 1), (64, 8, 2, 1), (64, 8, 3, 1), (64, 8, 1, 2), (64, 8, 2, 2), (32, 8, 2, 2),
+    (32, 4, 2, 2), (16, 4, 2, 2),
 )  # fmt: skip
 
 
