@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from bench.cuda_graph import captured
+from bench.ttgir import sync_loads_in_loops
 
 DEADLINE_S = float(os.environ.get("BENCH_DEADLINE_S", 330))  # stop starting new cases after this (s)
 TOKENS = (1, 8, 64, 512, 4096)
@@ -94,6 +95,21 @@ def graph_ms(calls, launches=64):
         end.synchronize()
         times.append(start.elapsed_time(end) / (reps * len(calls)))
     return statistics.median(times)
+
+
+_READ_FLOOR: dict = {}
+
+
+def read_floor_ms(nbytes):
+    """Graph time of one torch reduction over `nbytes` of HBM (int32 sum, copies rotated like the ops' weights):
+    the time any single kernel launch needs to read that many bytes on this GPU, launch and ramp included. For the
+    decode GEMMs over a few MB this floor, not the bandwidth, bounds what a kernel can reach (cached per size)."""
+    if nbytes not in _READ_FLOOR:
+        n = -(-nbytes // 4)
+        bufs = [torch.ones(n, dtype=torch.int32, device="cuda") for _ in range(copies_for(nbytes))]
+        _READ_FLOOR[nbytes] = graph_ms([lambda b=b: b.sum() for b in bufs])
+        del bufs
+    return _READ_FLOOR[nbytes]
 
 
 def _copy_ms(nbytes):
@@ -193,6 +209,9 @@ class Bench:
         if graph is not None:  # decode: the same op replayed from a CUDA graph, weights from HBM
             row["graph_ms"] = round(graph, 4)
             row["pct_copy_bw_weights_graph"] = round(100 * weight_bytes / r["copy_bytes_per_s"] / (graph * 1e-3), 1)
+            floor = read_floor_ms(weight_bytes)
+            row["read_floor_ms"] = round(floor, 4)  # one reduction over the same bytes, graph-timed
+            row["pct_of_read_floor"] = round(100 * floor / graph, 1)
         row["torch_ms"] = None if torch_ms is None else round(torch_ms, 3)
         row["speedup_vs_torch"] = None if torch_ms is None else round(torch_ms / tri_ms, 1)
         ideal = max(bytes_ / r["copy_bytes_per_s"], flops / r[peak]) * 1e3
@@ -558,7 +577,12 @@ def compile_check(only: str = "") -> int:
         err = res.stderr.decode()
         regs = re.findall(r"Used (\d+) registers", err)
         spills = re.findall(r"(\d+) bytes spill stores", err)
-        return dict(wgmma="wgmma" in ptx, regs=int(regs[0]) if regs else None, spill=int(spills[0]) if spills else None)
+        return dict(
+            wgmma="wgmma" in ptx,
+            regs=int(regs[0]) if regs else None,
+            spill=int(spills[0]) if spills else None,
+            sync_loads=sync_loads_in_loops(out.asm["ttgir"]),
+        )
 
     def cfgs(tuner):
         return [(c.kwargs, c.num_warps, c.num_stages) for c in tuner.configs]
@@ -602,20 +626,21 @@ def compile_check(only: str = "") -> int:
             for kw, nw, ns in cfgs(tuner):
                 c = dict(SPLIT=split, IEEE=ieee, DOT_F64=False, **kw)
                 jobs.append((f"dense_linear {dt}", dense_linear._linear_kernel, s, c, nw, ns))
-    sg = dict(x_ptr="*bf16", plan_ptr="*i32", row_tok_ptr="*i32", row_w_ptr="*fp32", h_ptr="*bf16", w1_ptr="*u8",
-              w3_ptr="*u8", s1_ptr="*u8", s3_ptr="*u8", off_ptr="*i64", sw1_ptr="*fp8e4nv", sw3_ptr="*fp8e4nv",
-              ss1_ptr="*u8", ss3_ptr="*u8", N_PLAN=i32, E=i32, D=i32, INTER=i32, stride_x=i32, stride_h=i32,
-              stride_w=i32, stride_s=i32, stride_sw=i32, stride_ss=i32, LIMIT="fp32", SHARED_LIMIT="fp32")  # fmt: skip
-    sn = dict(h_ptr="*bf16", plan_ptr="*i32", out_ptr="*bf16", w2_ptr="*u8", s2_ptr="*u8", off_ptr="*i64",
-              sw2_ptr="*fp8e4nv", ss2_ptr="*u8", N_PLAN=i32, E=i32, D=i32, INTER=i32, stride_h=i32, stride_out=i32,
-              stride_w=i32, stride_s=i32, stride_sw=i32, stride_ss=i32)  # fmt: skip
+    sg = dict(xq_ptr="*fp8e4nv", xs_ptr="*fp32", plan_ptr="*i32", row_tok_ptr="*i32", row_w_ptr="*fp32",
+              h_ptr="*bf16", w1_ptr="*u8", w3_ptr="*u8", s1_ptr="*u8", s3_ptr="*u8", off_ptr="*i64",
+              sw1_ptr="*fp8e4nv", sw3_ptr="*fp8e4nv", ss1_ptr="*u8", ss3_ptr="*u8", N_PLAN=i32, E=i32, D=i32,
+              INTER=i32, stride_xq=i32, stride_xs=i32, stride_h=i32, stride_w=i32, stride_s=i32, stride_sw=i32,
+              stride_ss=i32, LIMIT="fp32", SHARED_LIMIT="fp32")  # fmt: skip
+    sn = dict(hq_ptr="*fp8e4nv", hs_ptr="*fp32", plan_ptr="*i32", out_ptr="*bf16", w2_ptr="*u8", s2_ptr="*u8",
+              off_ptr="*i64", sw2_ptr="*fp8e4nv", ss2_ptr="*u8", N_PLAN=i32, E=i32, D=i32, INTER=i32, stride_hq=i32,
+              stride_hs=i32, stride_out=i32, stride_w=i32, stride_s=i32, stride_sw=i32, stride_ss=i32)  # fmt: skip
     for fp4 in (True, False):
         w = "*u8" if fp4 else "*fp8e4nv"
         for bt in (16, 32):
             for tuner, fn, sig in ((moe_experts._gate_up, moe_experts._gate_up_kernel, dict(sg, w1_ptr=w, w3_ptr=w)),
                                    (moe_experts._down, moe_experts._down_kernel, dict(sn, w2_ptr=w))):  # fmt: skip
                 for kw, nw, ns in cfgs(tuner):
-                    c = dict(ROUTED_FP4=fp4, W_E8M0=True, SH_E8M0=True, ROUND=True, DOT_F64=False, BLOCK_T=bt, **kw)
+                    c = dict(ROUTED_FP4=fp4, W_E8M0=True, SH_E8M0=True, DOT_F64=False, ALIGNED=True, BLOCK_T=bt, **kw)
                     jobs.append((f"moe {fn.__name__} {'fp4' if fp4 else 'fp8'}", fn, sig, c, nw, ns))
     jobs.append(("moe combine", moe_experts._combine_kernel, dict(y_ptr="*bf16", pos_ptr="*i32", out_ptr="*bf16", T=i32,
                  D=i32, R=i32), dict(TOPK=6, BLOCK_T=16, BLOCK_D=256), 4, 1))  # fmt: skip

@@ -1,0 +1,85 @@
+"""One Triton op call at a bench shape, for Nsight Compute: the op runs (and autotunes) first, then once between
+`cudaProfilerStart` / `cudaProfilerStop`, so `ncu --profile-from-start off` sees that call's kernels alone.
+
+    ncu --clock-control none --profile-from-start off --section SpeedOfLight --section WarpStateStats \\
+        python3 bench/ncu_ops.py sparse_attn --t 64
+
+Shapes (V4-Flash): sparse_attn decode at context 64k (CSA: 128 window rows + 512 entries of a 1 Mi-row pool),
+moe_experts (256 FP4 experts, top-6), fp4_gemm (expert w1, N 2048 K 4096), o_lora (G 8, K 4096, rank 1024). Needs a
+CUDA device.
+"""
+
+import argparse
+
+import torch
+
+from parity.formats import dequantize_fp8_blocks, quantize_fp8_blocks
+from parity.optimized.ops import OpsConfig, resolve_ops
+from parity.optimized.ops.moe_experts import ExpertWeights
+
+BF16 = torch.bfloat16
+
+
+def _fp4(n, k):
+    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda").view(torch.float4_e2m1fn_x2)
+    s = torch.randint(118, 124, (n, k // 32), dtype=torch.uint8, device="cuda").view(torch.float8_e8m0fnu)
+    return w, s
+
+
+def _fp8(n, k):
+    q, s = quantize_fp8_blocks(torch.randn(n, k, device="cuda") * k**-0.5)
+    return q, s
+
+
+def call(op: str, t: int, ops):
+    """A closure running `op` at its bench shape with `t` tokens."""
+    if op == "sparse_attn":
+        d, h, window, n_ent = 512, 64, 128, 512
+        pool = torch.randn(1 << 20, d, dtype=BF16, device="cuda")
+        chunk = torch.randn(t, d, dtype=BF16, device="cuda")
+        ring = torch.randn(t * window, d, dtype=BF16, device="cuda")
+        ring_idx = t + torch.arange(t, device="cuda")[:, None] * window + torch.arange(window - 1, device="cuda")
+        ent = torch.randint(0, pool.shape[0], (t, n_ent), device="cuda")
+        idx = torch.cat([ring_idx, torch.arange(t, device="cuda")[:, None], t + t * window + ent], dim=1)
+        q, sink = torch.randn(t, h, d, dtype=BF16, device="cuda"), torch.randn(h, device="cuda")
+        return lambda: ops.sparse_attn(q, (chunk, ring, pool), idx, sink, d**-0.5)
+    if op == "moe_experts":
+        d, inter, n_exp = 4096, 2048, 256
+        experts = [ExpertWeights(_fp4(inter, d), _fp4(d, inter), _fp4(inter, d), 10.0) for _ in range(n_exp)]
+        shared = ExpertWeights(_fp8(inter, d), _fp8(d, inter), _fp8(inter, d), 10.0)
+        x = torch.randn(t, d, dtype=BF16, device="cuda") * 0.5
+        indices = torch.rand(t, n_exp, device="cuda").topk(6, dim=-1).indices
+        weights = torch.rand(t, 6, device="cuda") * 0.5
+        return lambda: ops.moe_experts(x, weights, indices, experts, shared, "ue8m0", torch.float8_e8m0fnu)
+    if op == "fp4_gemm":
+        (w, s), a = _fp4(2048, 4096), torch.randn(t, 4096, dtype=BF16, device="cuda")
+        aq, a_s = ops.act_quant(a, 128, "ue8m0", torch.float8_e8m0fnu)
+        return lambda: ops.fp4_gemm(aq, a_s, w, s, torch.float8_e8m0fnu)
+    if op == "o_lora":
+        g, rank, kg = 8, 1024, 4096
+        q, s = quantize_fp8_blocks(torch.randn(g * rank, kg, device="cuda") * kg**-0.5)
+        wo_a = dequantize_fp8_blocks(q, s).to(BF16)
+        o = torch.randn(t, g * kg, dtype=BF16, device="cuda")
+        return lambda: ops.o_lora(o, wo_a, g, rank)
+    raise SystemExit(f"ncu_ops: unknown op {op!r} (sparse_attn, moe_experts, fp4_gemm, o_lora)")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("op")
+    p.add_argument("--t", type=int, default=64, help="tokens")
+    args = p.parse_args()
+    torch.set_default_dtype(BF16)
+    ops = resolve_ops(OpsConfig(overrides=((args.op, "triton"), ("act_quant", "triton"))))
+    fn = call(args.op, args.t, ops)
+    for _ in range(3):  # compile, autotune, warm
+        fn()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStart()
+    fn()
+    torch.cuda.synchronize()
+    torch.cuda.cudart().cudaProfilerStop()
+
+
+if __name__ == "__main__":
+    main()
