@@ -94,10 +94,15 @@ class RowStore:
         self.rows: dict[tuple[str, str], dict[Key, torch.Tensor]] = {}
 
     @classmethod
-    def from_dump(cls, dump: Dump, n_layers: int) -> "RowStore":
+    def from_dump(cls, dump: Dump, n_layers: int, only: tuple[str, str] | None = None) -> "RowStore":
+        """Every row of `dump`, or only those of one (site path, field)."""
         store = cls()
         for call in calls(dump, n_layers):
+            if only is not None and call.path != only[0]:
+                continue
             for field in call.value_fields:
+                if only is not None and field != only[1]:
+                    continue
                 t = call.tensor(dump, field)
                 table = store.rows.setdefault((call.path, field), {})
                 for i, key in enumerate(call.keys):

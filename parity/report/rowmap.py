@@ -7,10 +7,8 @@ run's dumps are still in memory, and bounded (`MAX_POSITIONS` per request): a fe
 
 import math
 
-import torch
-
 from parity.compare.loader import Dump
-from parity.compare.rows import calls
+from parity.compare.rows import RowStore, calls
 from parity.compare.verdict import SiteResult, Verdict, _row_errors, _set_differences
 
 MAX_POSITIONS = 4096  # per request: keeps summary.json small on long prompts (the positions past it are dropped)
@@ -34,23 +32,21 @@ def site_rows(reference: Dump, candidate: Dump, n_layers: int, site: SiteResult,
     """Every row error of `site` (its path and field, all phases) in `candidate` against `reference`, keyed by
     request and position; a row computed twice (a replay) keeps its larger error. The measure is the verdict's:
     the relative L2 error of a row, or for id fields the number of ids that differ as sets."""
-    ref: dict = {}
-    for call in calls(reference, n_layers):
-        if call.path == site.path and site.field in call.records:
-            t = call.tensor(reference, site.field)
-            ref.update({k: t[i] for i, k in enumerate(call.keys) if k is not None})
+    # the reference rows gathered as the verdict gathers them (id lists of another top-k width fitted to the
+    # candidate's: rows of ragged widths do not stack)
+    ref = RowStore.from_dump(reference, n_layers, only=(site.path, site.field))
     ids = not _is_float(site)
     errors: dict[str, dict[int, float]] = {}
     for call in calls(candidate, n_layers):
         if call.path != site.path or site.field not in call.records:
             continue
         got = call.tensor(candidate, site.field)
-        idx = [i for i, k in enumerate(call.keys) if k is not None and k in ref and k[1] < MAX_POSITIONS]
+        want, found = ref.gather(site.path, site.field, call.keys, got)
+        idx = [i for i, k in enumerate(call.keys) if bool(found[i]) and k[1] < MAX_POSITIONS]
         if not idx:
             continue
-        want = torch.stack([ref[call.keys[i]] for i in idx])
-        c = got[idx].to(want.device)
-        err = _set_differences(c, want).double() if ids else _row_errors(c, want)
+        c, w = got[idx], want[idx]
+        err = _set_differences(c, w).double() if ids else _row_errors(c, w)
         for j, i in enumerate(idx):
             req, pos = call.keys[i]
             row = errors.setdefault(str(req), {})
