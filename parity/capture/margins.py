@@ -13,6 +13,13 @@ values: the q-LoRA latent (`attn.qr`), the attention input (`attn.input`) and th
 that request completed up to the position (the entries its cache held). A row with no more visible entries than
 top-k slots cannot flip legitimately: it has no margin. The block's weights are loaded from the checkpoint on the
 first flip there (`build_model` of that block alone).
+
+Ties: a flipped row whose candidate ids and reference ids are both a top-k of those rescored scores (every id
+taken scores at least as high as every visible id left out) chose among exactly tied scores. Neither choice is
+wrong, so the judge counts such a row as a tie, not a flip. The indexer's relu-weighted scores tie exactly at 0
+whenever fewer than k visible entries score above 0. A row is excused only when both choices are exact top-k sets of
+the rescored scores: where the rescoring does not reproduce the reference's own choice exactly, the row stays a
+flip.
 """
 
 import functools
@@ -27,6 +34,8 @@ from parity.reference import kernels
 from parity.reference import model as ref
 
 Margin = Callable[[str, Key], float | None]
+Tie = Callable[[str, Key, torch.Tensor, torch.Tensor], bool]
+Scores = Callable[[str, Key], tuple[torch.Tensor, int] | None]
 
 
 def boundary_gap(scores: torch.Tensor, k: int) -> float:
@@ -35,9 +44,35 @@ def boundary_gap(scores: torch.Tensor, k: int) -> float:
     return float(top[-2] - top[-1])
 
 
+def is_top_k(scores: torch.Tensor, ids: torch.Tensor, k: int) -> bool:
+    """Whether the valid ids (>= 0) of `ids` are k distinct indices of `scores` [n] scoring at least as high as
+    every index left out (a top-k of `scores`, ties broken any way)."""
+    chosen = ids[ids >= 0].long().unique()
+    if chosen.numel() != k or int(chosen.max()) >= scores.numel():
+        return False
+    taken = torch.zeros(scores.numel(), dtype=torch.bool)
+    taken[chosen] = True
+    return bool((~taken).sum() == 0 or scores[taken].min() >= scores[~taken].max())
+
+
+def _margin(scores: Scores) -> Margin:
+    return lambda path, key: None if (s := scores(path, key)) is None else boundary_gap(*s)
+
+
 def route_margins(ckpt_path, args, reference: RowStore) -> Margin:
-    """`margin(site path, key)` for `<prefix>.ffn.route` sites; None where it does not apply. `reference`: the
-    reference's rows (the judge's own); the gate weights are read on the first flip."""
+    """`margin(site path, key)` for `<prefix>.ffn.route` sites; None where it does not apply."""
+    return _margin(route_scores(ckpt_path, args, reference))
+
+
+def indexer_margins(ckpt_path, reference: RowStore, overrides=()) -> Margin:
+    """`margin(site path, key)` for `<block>.attn.indexer.topk` sites; None where it does not apply."""
+    return _margin(indexer_scores(ckpt_path, reference, overrides))
+
+
+def route_scores(ckpt_path, args, reference: RowStore) -> Scores:
+    """`scores(site path, key)`: the reference's biased gate scores [E] of a `<prefix>.ffn.route` row and its k;
+    None where they do not apply. `reference`: the reference's rows (the judge's own); the gate weights are read on
+    the first flip."""
     ckpt = Checkpoint(ckpt_path)
 
     @functools.cache  # read once per layer, on its first flip
@@ -50,7 +85,7 @@ def route_margins(ckpt_path, args, reference: RowStore) -> Margin:
         (b,) = disk_tensors_for_param(name, (e,), torch.float32)
         return ckpt.read(w), ckpt.read(b).float()
 
-    def margin(path: str, key: Key) -> float | None:
+    def row_scores(path: str, key: Key):
         if not path.endswith(".ffn.route"):
             return None
         prefix = path[: -len(".route")]
@@ -59,14 +94,15 @@ def route_margins(ckpt_path, args, reference: RowStore) -> Margin:
         if x is None or g is None:
             return None
         scores = ref.gate_scores(x[None].cpu(), g[0], args.score_func)[0] + g[1]  # [E]
-        return boundary_gap(scores, args.n_activated_experts)
+        return scores, args.n_activated_experts
 
-    return margin
+    return row_scores
 
 
-def indexer_margins(ckpt_path, reference: RowStore, overrides=()) -> Margin:
-    """`margin(site path, key)` for `<block>.attn.indexer.topk` sites; None where it does not apply. `overrides`:
-    the run's ModelArgs overrides, so the rescoring block is the one the run built."""
+def indexer_scores(ckpt_path, reference: RowStore, overrides=()) -> Scores:
+    """`scores(site path, key)`: the reference's index scores [n] over the entries visible to a
+    `<block>.attn.indexer.topk` row and its k; None where they do not apply. `overrides`: the run's ModelArgs
+    overrides, so the rescoring block is the one the run built."""
 
     @functools.cache  # built once per block, on its first flip
     def attention(block: str) -> ref.Attention:
@@ -76,7 +112,7 @@ def indexer_margins(ckpt_path, reference: RowStore, overrides=()) -> Margin:
         model, _ = build_model(ckpt_path, sel, overrides=dict(overrides))
         return model.get_submodule(f"{block}.attn")
 
-    def margin(path: str, key: Key) -> float | None:
+    def row_scores(path: str, key: Key):
         if not path.endswith(".attn.indexer.topk"):
             return None
         block = path[: -len(".attn.indexer.topk")]
@@ -94,9 +130,9 @@ def indexer_margins(ckpt_path, reference: RowStore, overrides=()) -> Margin:
             return None
         # the block is built on the CPU (rows may live on the run's device)
         scores = index_scores(attn, qr.cpu(), x.cpu(), torch.stack([e.cpu() for e in entries]), pos)
-        return boundary_gap(scores.float(), k)
+        return scores.float(), k
 
-    return margin
+    return row_scores
 
 
 @torch.no_grad()
@@ -114,8 +150,19 @@ def index_scores(attn: ref.Attention, qr, x, entries, pos: int) -> torch.Tensor:
         return (score.relu_() * weights.unsqueeze(-1)).sum(dim=2)[0, 0]  # [n]
 
 
-def flip_margins(ckpt_path, args, reference: RowStore, overrides=()) -> Margin:
-    """The routing margin for `ffn.route` flips, the index-score margin for indexer top-k flips (`args`: the run's
-    ModelArgs, `overrides` what it changed from the checkpoint's)."""
-    route, index = route_margins(ckpt_path, args, reference), indexer_margins(ckpt_path, reference, overrides)
-    return lambda path, key: route(path, key) if path.endswith(".ffn.route") else index(path, key)
+def flip_judges(ckpt_path, args, reference: RowStore, overrides=()) -> tuple[Margin, Tie]:
+    """For the judge's flipped rows: `margin(path, key)`, the reference's top-k boundary gap (routing or indexer),
+    and `tie(path, key, got ids, want ids)`, whether both choices are top-k sets of the reference's rescored scores
+    (module docstring). `args`: the run's ModelArgs, `overrides` what it changed from the checkpoint's. The scores
+    of a row are computed once for both."""
+    route, index = route_scores(ckpt_path, args, reference), indexer_scores(ckpt_path, reference, overrides)
+
+    @functools.lru_cache(maxsize=4096)
+    def scores(path: str, key: Key):
+        return route(path, key) if path.endswith(".ffn.route") else index(path, key)
+
+    def tie(path: str, key: Key, got: torch.Tensor, want: torch.Tensor) -> bool:
+        s = scores(path, key)
+        return s is not None and is_top_k(s[0], want.cpu(), s[1]) and is_top_k(s[0], got.cpu(), s[1])
+
+    return _margin(scores), tie

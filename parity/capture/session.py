@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass
 
 from parity.capture import runs
-from parity.capture.margins import flip_margins
+from parity.capture.margins import flip_judges
 from parity.compare.rows import RowStore
 from parity.compare.thresholds import NoiseModel
 from parity.compare.verdict import RequestLayout, Verdict, judge_run
@@ -97,8 +97,8 @@ def judge(
         add_golden(c, timings, progress)
     g = c.golden.dump if c.golden is not None else None
     rows = RowStore.from_dump(c.reference.dump, c.n_layers)  # read once: the judge's and the margins'
-    margin = flip_margins(c.inputs.ckpt, c.inputs.args(), rows, c.inputs.overrides)
-    kw = dict(margin=margin, reference_rows=rows)
+    margin, tie = flip_judges(c.inputs.ckpt, c.inputs.args(), rows, c.inputs.overrides)
+    kw = dict(margin=margin, tie=tie, reference_rows=rows)
     verdict = judge_run(c.reference.dump, c.forced.dump, c.layout, c.n_layers, noise, golden=g, **kw)
     # the golden judges rows over the envelope, and rows within it taken together (verdict.floats)
     if golden == "auto" and c.golden is None and any(r.failures or r.suspects for r in verdict.results):

@@ -69,6 +69,7 @@ class SiteResult:
     threshold: float | None = None
     threshold_source: str = ""
     flips: int = 0
+    ties: int = 0  # rows that chose other ids among exactly tied reference scores: not flips
     flip_threshold: float | None = None
     flip_margins: list[float] = field(default_factory=list)
     golden_ref: float | None = None  # relative distance of the reference to the golden over the failing rows
@@ -101,6 +102,7 @@ class SiteResult:
             "threshold": self.threshold,
             "threshold_source": self.threshold_source,
             "flips": self.flips,
+            "ties": self.ties,
             "flip_threshold": self.flip_threshold,
             # the reference's top-k boundary gap of each flipped row (near-tie vs real), the smallest first
             "flip_margins": sorted(self.flip_margins)[:32],
@@ -149,13 +151,16 @@ def judge_run(
     *,
     golden: Dump | None = None,
     margin: Callable[[str, Key], float | None] | None = None,
+    tie: Callable[[str, Key, torch.Tensor, torch.Tensor], bool] | None = None,
     reference_rows: RowStore | None = None,
 ) -> Verdict:
     """Compare every tap record of `candidate` with `reference` row by row; see the module docstring.
     `margin(site path, key)` gives the score margin of a flipped row (routing or indexer), if the caller can compute it;
-    `reference_rows`, the reference's rows if the caller already has them (else they are read from `reference`)."""
+    `tie(site path, key, candidate ids, reference ids)` says a flipped row chose among exactly tied reference scores
+    (counted as a tie, not a flip; parity.capture.margins); `reference_rows`, the reference's rows if the caller
+    already has them (else they are read from `reference`)."""
     rows = reference_rows if reference_rows is not None else RowStore.from_dump(reference, n_layers)
-    j = _Judge(rows, layout, n_layers, noise, margin)
+    j = _Judge(rows, layout, n_layers, noise, margin, tie)
     j.gold = RowStore.from_dump(golden, n_layers) if golden is not None else None
     for call in calls(candidate, n_layers):
         j.call(call, candidate)
@@ -168,8 +173,9 @@ def judge_run(
 
 
 class _Judge:
-    def __init__(self, ref: RowStore, layout, n_layers: int, noise: NoiseModel, margin):
+    def __init__(self, ref: RowStore, layout, n_layers: int, noise: NoiseModel, margin, tie=None):
         self.ref, self.layout, self.n_layers, self.noise, self.margin = ref, layout, n_layers, noise, margin
+        self.tie = tie
         self.gold: RowStore | None = None
         self.results: dict[tuple[str, str, str], SiteResult] = {}
         self.reference_nan: str | None = None
@@ -240,6 +246,9 @@ class _Judge:
         if not torch.equal(got[ids], want[ids]):
             res.bitwise = False
         for i in flipped.nonzero().flatten().tolist():
+            if self.tie is not None and self.tie(sp.path, keys[i], got[ids][i], want[ids][i]):
+                res.ties += 1
+                continue
             res.flips += 1
             m = self.margin(sp.path, keys[i]) if self.margin is not None else None
             if m is not None:
@@ -314,7 +323,10 @@ def _judge(r: SiteResult, golden_factor: float) -> None:
         limit = r.flip_threshold or 0.0
         if r.flips > limit * r.compared:
             near = f"; score margins {_margins(r.flip_margins)}" if r.flip_margins else ""
-            r.reasons.append(f"{r.flips} of {r.compared} rows chose other ids (allowed {limit:.3g} of rows){near}")
+            tied = f" ({r.ties} more chose among exactly tied scores: not counted)" if r.ties else ""
+            r.reasons.append(
+                f"{r.flips} of {r.compared} rows chose other ids (allowed {limit:.3g} of rows){tied}{near}"
+            )
     if r.failures:
         msg = f"{r.failures} rows beyond the noise threshold {r.threshold:.3g} (worst {r.max_err:.3g})"
         if r.golden_cand is not None:

@@ -101,7 +101,7 @@ _SITE = {"site": _STR, "field": _STR, "phase": _STR, "submodule": _STR, "layer":
 _SITE_OPTIONAL = {"rows": _COUNT, "worst": _TRIPLE, "first_failure": _TRIPLE, "flip_threshold": _OPT_NUM,
                   "flip_margins": (lambda v: isinstance(v, list) and all(map(_num, v)), "a list of numbers"),
                   "threshold_source": _STR, "failures": _COUNT, "golden_ref": _OPT_NUM,
-                  "golden_cand": _OPT_NUM}  # fmt: skip
+                  "golden_cand": _OPT_NUM, "ties": _COUNT}  # fmt: skip
 _REQUEST = {"index": _COUNT, "prompt_len": _COUNT, "first_chunk": _COUNT, "tokens": _COUNT, "greedy_equal": _BOOL,
             "logits_max_err": _NUM, "mtp": _STR}  # fmt: skip
 _REPORT_OPTIONAL = {"device": _STR, "wall_s": _NUM, "planted": _OPT_STR, "exact": _BOOL,

@@ -125,3 +125,17 @@ def test_indexer_margin_rebuilds_the_block_with_the_runs_overrides(make_model, t
     assert indexer_margins(tiny_ckpt, rows)(site, ("0", pos)) is None
     got = indexer_margins(tiny_ckpt, rows, overrides=(("index_topk", k),))(site, ("0", pos))
     assert got is not None and got >= 0
+
+
+def test_a_top_k_set_is_judged_modulo_exact_ties():
+    from parity.capture.margins import is_top_k
+
+    scores = torch.tensor([3.0, 0.0, 0.0, 0.0, 2.0])
+    k = 3  # the k-th and (k+1)-th scores tie at 0: any one of the three zeros completes the set
+    for tied in (1, 2, 3):
+        assert is_top_k(scores, torch.tensor([0, 4, tied]), k)
+    assert is_top_k(scores, torch.tensor([tied, -1, 4, 0]), k)  # -1 padding is no id
+    assert not is_top_k(scores, torch.tensor([0, 1, 2]), k)  # left out 4, which scores above a taken 0: a real flip
+    assert not is_top_k(scores, torch.tensor([0, 4]), k)  # too few
+    assert not is_top_k(scores, torch.tensor([0, 4, 4]), k)  # a duplicate is not a set of k
+    assert not is_top_k(scores, torch.tensor([0, 4, 7]), k)  # an id past the visible entries

@@ -155,6 +155,34 @@ def test_flipped_expert_ids_are_counted_and_weights_compared_in_id_order():
     assert not v.passed and "chose other ids" in "; ".join(row.reasons)
 
 
+def test_rows_that_chose_among_exact_ties_are_ties_not_flips():
+    # the judge asks `tie` about each flipped row (parity.capture.margins rescoring the reference's own scores):
+    # a yes makes it a tie, not a flip; a no (every other row) stays a flip and fails the site as before
+    cand = values()
+    w, ids = cand["route0"]
+    ids = ids.clone()
+    ids[:, 0] = 5 - ids[:, 0]
+    cand = {**cand, "route0": (w, ids)}
+    asked = []
+
+    def run(answer):
+        def tie(path, key, got, want):
+            asked.append((path, key))
+            assert not torch.equal(got, want)
+            return answer
+
+        return judge_run(record(values(), STEPS), record(cand, STEPS), LAYOUT, N_LAYERS, NoiseModel(), tie=tie)
+
+    v = run(True)
+    rows = [r for r in v.results if r.path == "layers.0.ffn.route" and r.field == "out.1"]  # prefill, decode
+    assert v.passed and sum(r.flips for r in rows) == 0
+    assert sum(r.ties for r in rows) == sum(r.compared for r in rows) == 4 == sum(r.to_row()["ties"] for r in rows)
+    assert {p for p, _ in asked} == {"layers.0.ffn.route"}
+    v = run(False)
+    row = next(r for r in v.results if r.path == "layers.0.ffn.route" and r.field == "out.1" and r.flips)
+    assert not v.passed and row.ties == 0 and "chose other ids" in "; ".join(row.reasons)
+
+
 def test_nan_in_the_candidate_fails_and_in_the_reference_is_named():
     cand = values()
     cand["attn0"] = cand["attn0"].clone()
