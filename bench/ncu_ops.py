@@ -5,30 +5,20 @@
         python3 bench/ncu_ops.py sparse_attn --t 64
 
 Shapes (V4-Flash): sparse_attn decode at context 64k (CSA: 128 window rows + 512 entries of a 1 Mi-row pool),
-moe_experts (256 FP4 experts, top-6), fp4_gemm (expert w1, N 2048 K 4096), o_lora (G 8, K 4096, rank 1024). Needs a
-CUDA device.
+moe_experts (256 FP4 experts, top-6), fp4_gemm (expert w1, N 2048 K 4096), o_lora (G 8, K 4096, rank 1024); the
+FP4/FP8 weights are bench/triton_gemm.py's. Needs a CUDA device (run from the repo root with PYTHONPATH=.).
 """
 
 import argparse
 
 import torch
 
+from bench.triton_gemm import fp4_weight, fp8_weight
 from parity.formats import dequantize_fp8_blocks, quantize_fp8_blocks
 from parity.optimized.ops import OpsConfig, resolve_ops
 from parity.optimized.ops.moe_experts import ExpertWeights
 
 BF16 = torch.bfloat16
-
-
-def _fp4(n, k):
-    w = torch.randint(0, 256, (n, k // 2), dtype=torch.uint8, device="cuda").view(torch.float4_e2m1fn_x2)
-    s = torch.randint(118, 124, (n, k // 32), dtype=torch.uint8, device="cuda").view(torch.float8_e8m0fnu)
-    return w, s
-
-
-def _fp8(n, k):
-    q, s = quantize_fp8_blocks(torch.randn(n, k, device="cuda") * k**-0.5)
-    return q, s
 
 
 def call(op: str, t: int, ops):
@@ -45,14 +35,15 @@ def call(op: str, t: int, ops):
         return lambda: ops.sparse_attn(q, (chunk, ring, pool), idx, sink, d**-0.5)
     if op == "moe_experts":
         d, inter, n_exp = 4096, 2048, 256
-        experts = [ExpertWeights(_fp4(inter, d), _fp4(d, inter), _fp4(inter, d), 10.0) for _ in range(n_exp)]
-        shared = ExpertWeights(_fp8(inter, d), _fp8(d, inter), _fp8(inter, d), 10.0)
+        expert = lambda: ExpertWeights(fp4_weight(inter, d), fp4_weight(d, inter), fp4_weight(inter, d), 10.0)  # noqa: E731
+        experts = [expert() for _ in range(n_exp)]
+        shared = ExpertWeights(fp8_weight(inter, d), fp8_weight(d, inter), fp8_weight(inter, d), 10.0)
         x = torch.randn(t, d, dtype=BF16, device="cuda") * 0.5
         indices = torch.rand(t, n_exp, device="cuda").topk(6, dim=-1).indices
         weights = torch.rand(t, 6, device="cuda") * 0.5
         return lambda: ops.moe_experts(x, weights, indices, experts, shared, "ue8m0", torch.float8_e8m0fnu)
     if op == "fp4_gemm":
-        (w, s), a = _fp4(2048, 4096), torch.randn(t, 4096, dtype=BF16, device="cuda")
+        (w, s), a = fp4_weight(2048, 4096), torch.randn(t, 4096, dtype=BF16, device="cuda")
         aq, a_s = ops.act_quant(a, 128, "ue8m0", torch.float8_e8m0fnu)
         return lambda: ops.fp4_gemm(aq, a_s, w, s, torch.float8_e8m0fnu)
     if op == "o_lora":
