@@ -67,6 +67,7 @@ def _site(i, **kw):
         pytest.param(_site(0, passed="no"), ("report.sites[0].passed", "true or false"), id="passed-str"),
         pytest.param(_site(1, field=3), ("report.sites[1].field", "a string", "found 3"), id="field-int"),
         pytest.param(_site(0, flips=-1), ("report.sites[0].flips", "integer >= 0", "found -1"), id="flips-neg"),
+        pytest.param(_site(0, ties=-1), ("report.sites[0].ties", "integer >= 0", "found -1"), id="ties-neg"),
         pytest.param(_site(0, worst="x"), ("report.sites[0].worst", "[step, request, position]"), id="worst-str"),
         pytest.param(_site(0, layer="0"), ("report.sites[0].layer", "found str"), id="layer-str"),
         pytest.param(lambda s: s["report"]["sites"][0].pop("reasons"), ("sites[0].reasons", "nothing"), id="no-why"),
