@@ -1,7 +1,7 @@
 """Whole-step time of the optimized engine per backend on a Flash-shaped model (one CUDA GPU).
 
-    PYTHONPATH=. python3 bench/layer_speed.py --out DIR [--backends torch triton] [--prefill 512 2048]
-                                              [--decode 1 8 64] [--repeat 5]
+    PYTHONPATH=. python3 bench/layer_speed.py --out DIR [--backends torch triton] [--prefill [512 2048]]
+                                              [--decode [1 8 64]] [--repeat 5] [--breakdown] [--smoke]
 
 The model is `bench/gpu_checks.py flash`'s: V4-Flash widths (dim 4096, 64 heads of 512, q-LoRA 1024, o-LoRA 8 x 1024,
 indexer 64 x 128, top-k 512, expert 2048, window 128) with 16 routed experts (of 256) and two layers, one CSA
@@ -12,7 +12,18 @@ indexer 64 x 128, top-k 512, expert 2048, window 128) with 16 routed experts (of
 - decode B: B requests of 64 prompt tokens, prefilled, then one-token decode steps with all B in the batch.
 "Per layer" is the step divided by the two layers, an upper bound (the step also embeds, runs the head and
 schedules). The ops of a backend come from `OpsConfig(default=backend)`; ops a backend does not register fall back
-to torch (listed in the output). Writes layer_speed.json and layer_speed.md to --out.
+to torch (listed in the output). `--prefill` / `--decode` with no sizes skip that phase. Writes layer_speed.json and
+layer_speed.md to --out.
+
+`--breakdown` adds, per size, two more steps that the medians do not include (`bench/op_timer.py`): one with
+CUDA events around each layer's forward (the per-layer time), then one with events around every call of every op
+of the model's `Ops` too: per op calls, GPU ms and share of that step's wall, and the rest ("outside ops": host
+scheduling, Python, the torch glue between the ops). With the bytes each layer must read (weights as stored, the
+routed experts the step selected, the KV rows gathered) and the measured device copy rate, each layer gets a
+"% of HBM roofline"; the assumptions are written into the markdown.
+
+`--smoke` runs the same code on CPU on `ModelArgs.tiny()` with the torch backend (decode 2, prefill 16, repeat 1
+unless given), timing with `time.perf_counter`: a check of the code path, not a measurement.
 """
 
 import argparse
@@ -24,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from bench.op_timer import ASSUMPTIONS, StepProbe, bytes_model, copy_rate, sync
 from parity.checkpoint import build_model, write_checkpoint
 from parity.config import ModelArgs
 from parity.optimized.engine import Engine, EngineConfig
@@ -40,62 +52,152 @@ def flash_shaped() -> ModelArgs:
     )
 
 
-def timed_step(engine: Engine) -> float:
-    torch.cuda.synchronize()
+def timed_step(engine: Engine, device: torch.device) -> float:
+    sync(device)
     t0 = time.perf_counter()
     engine.step()
-    torch.cuda.synchronize()
+    sync(device)
     return (time.perf_counter() - t0) * 1e3
 
 
-def prefill_ms(model, tokens: int, repeat: int, gen: torch.Generator) -> list[float]:
+def prefill_engine(model, tokens: int, gen: torch.Generator) -> Engine:
     config = EngineConfig(max_requests=1, num_blocks=tokens // 16 + 8, chunk_size=tokens, token_budget=tokens)
+    engine = Engine(model, config)
+    engine.add_request(torch.randint(0, model.args.vocab_size, (tokens,), generator=gen), 1)
+    return engine
+
+
+def prefill_ms(model, tokens: int, repeat: int, gen: torch.Generator, device, rate=None):
     times = []
     for i in range(repeat + 1):
-        engine = Engine(model, config)
-        engine.add_request(torch.randint(0, model.args.vocab_size, (tokens,), generator=gen), 1)
-        t = timed_step(engine)
+        t = timed_step(prefill_engine(model, tokens, gen), device)
         if i:  # the first one compiles
             times.append(t)
-    return times
+    if rate is None:
+        return times, None
+    own = torch.Generator().manual_seed(tokens)  # leaves `gen` (the next sizes' prompts) as without --breakdown
+    return times, breakdown(model, lambda: prefill_engine(model, tokens, own), tokens, device, rate)
 
 
-def decode_ms(model, batch: int, repeat: int, gen: torch.Generator) -> list[float]:
+def decode_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None):
     steps = repeat + 1
+    extra = 0 if rate is None else 2  # the breakdown's two steps, after the timed ones
     config = EngineConfig(
         max_requests=batch,
-        num_blocks=batch * ((PROMPT_FOR_DECODE + steps + 2) // 16 + 2),
+        num_blocks=batch * ((PROMPT_FOR_DECODE + steps + extra + 2) // 16 + 2),
         chunk_size=PROMPT_FOR_DECODE,
         token_budget=PROMPT_FOR_DECODE * batch,
     )
     engine = Engine(model, config)
     for _ in range(batch):
-        engine.add_request(torch.randint(0, model.args.vocab_size, (PROMPT_FOR_DECODE,), generator=gen), steps + 1)
+        prompt = torch.randint(0, model.args.vocab_size, (PROMPT_FOR_DECODE,), generator=gen)
+        engine.add_request(prompt, steps + extra + 1)
     engine.step()  # every prompt in one step (the budget holds them all)
     if any(r.in_prefill for r in engine.running):
         raise RuntimeError("decode bench: prompts not prefilled in one step")
-    times = [timed_step(engine) for _ in range(steps)]
-    return times[1:]
+    times = [timed_step(engine, device) for _ in range(steps)]
+    if rate is None:
+        return times[1:], None
+    return times[1:], breakdown(model, lambda: engine, batch, device, rate)
+
+
+def breakdown(model, next_engine, n_tokens: int, device, rate: float) -> dict:
+    """One step with the layers timed (their clean time, and the bytes the step read), then one with every op timed."""
+    with StepProbe(model, time_ops=False) as probe:
+        timed_step(next_engine(), device)
+    clean = probe.summary()
+    with StepProbe(model, time_ops=True) as probe:
+        wall = timed_step(next_engine(), device)
+    timed = probe.summary()
+    op_sum = sum(o["ms"] for o in timed["ops"].values())
+    layers = {}
+    for i, b in bytes_model(model, clean, n_tokens).items():
+        ms = clean["layers"][i]["ms"]
+        roof = b["total"] / rate * 1e3
+        in_timed = {"timed_ms": timed["layers"][i]["ms"], "op_ms": timed["layers"][i]["op_ms"]}
+        layers[i] = dict(b, ms=ms, **in_timed, roofline_ms=roof, pct_roofline=100 * roof / ms)
+    total_bytes = sum(v["total"] for v in layers.values())
+    layer_ms = sum(v["ms"] for v in layers.values())
+    return dict(
+        wall_ms=wall,
+        ops=dict(sorted(timed["ops"].items(), key=lambda kv: -kv[1]["ms"])),
+        op_ms=op_sum,
+        outside_ops_ms=wall - op_sum,
+        op_ms_outside_layers=timed["op_ms_outside_layers"],
+        layers=layers,
+        copy_rate_gbs=rate / 1e9,
+        pct_roofline_all_layers=100 * total_bytes / rate * 1e3 / layer_ms,
+    )
+
+
+def breakdown_md(r: dict) -> list[str]:
+    b = r["breakdown"]
+    head = f"### {r['backend']} {r['phase']} {r['size']}: op-timed step {b['wall_ms']:.2f} ms"
+    lines = ["", head, "", "| op | calls | GPU ms | % of step |", "|---|---|---|---|"]
+    for name, o in b["ops"].items():
+        lines.append(f"| {name} | {o['calls']} | {o['ms']:.3f} | {100 * o['ms'] / b['wall_ms']:.1f} |")
+    lines.append(f"| (sum of ops) | | {b['op_ms']:.3f} | {100 * b['op_ms'] / b['wall_ms']:.1f} |")
+    lines.append(f"| outside ops | | {b['outside_ops_ms']:.3f} | {100 * b['outside_ops_ms'] / b['wall_ms']:.1f} |")
+    lines.append(f"| step wall | | {b['wall_ms']:.3f} | 100.0 |")
+    mb = 1 / 2**20
+    lines += [
+        "",
+        "Layer ms: the layer-only step (events around each block); op-timed: the same layer in the op-timed step "
+        "and the part of it inside ops.",
+        "",
+        "| layer | layer ms | op-timed layer ms | op-timed ops ms | dense MiB | experts touched | expert MiB | "
+        "KV + indexer MiB | total MiB | roofline ms | % roofline |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, v in b["layers"].items():
+        kv = (v["kv_bytes"] + v["indexer_bytes"]) * mb
+        lines.append(
+            f"| {i} | {v['ms']:.3f} | {v['timed_ms']:.3f} | {v['op_ms']:.3f} | {v['dense'] * mb:.1f} | "
+            f"{v['experts_touched']}/"
+            f"{v['n_experts']} | {v['expert_bytes'] * mb:.1f} | {kv:.2f} | {v['total'] * mb:.1f} | "
+            f"{v['roofline_ms']:.3f} | {v['pct_roofline']:.1f} |"
+        )
+    lines += [
+        "",
+        f"All layers: {b['pct_roofline_all_layers']:.1f} % of the HBM roofline (copy {b['copy_rate_gbs']:.0f} GB/s).",
+    ]
+    return lines
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--backends", nargs="+", default=["torch", "triton"])
-    p.add_argument("--prefill", nargs="+", type=int, default=[512, 2048])
-    p.add_argument("--decode", nargs="+", type=int, default=[1, 8, 64])
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--backends", nargs="+")
+    p.add_argument("--prefill", nargs="*", type=int, help="prompt sizes; none given: no prefill")
+    p.add_argument("--decode", nargs="*", type=int, help="batch sizes; none given: no decode")
+    p.add_argument("--repeat", type=int)
+    p.add_argument("--breakdown", action="store_true", help="per-op and per-layer breakdown, % of HBM roofline")
+    p.add_argument("--smoke", action="store_true", help="tiny model on CPU, torch backend: checks the code path")
     opts = p.parse_args()
-    assert torch.cuda.is_available(), "layer_speed needs a CUDA device"
+    # unset options take the run's defaults: the GPU measurement's, or the smoke run's small ones
+    defaults = (["torch"], [16], [2], 1) if opts.smoke else (["torch", "triton"], [512, 2048], [1, 8, 64], 5)
+    for name, value in zip(("backends", "prefill", "decode", "repeat"), defaults):
+        if getattr(opts, name) is None:
+            setattr(opts, name, value)
+    if opts.smoke:
+        device, args = torch.device("cpu"), ModelArgs.tiny()
+        model_name = "ModelArgs.tiny() on CPU (smoke: checks the code path; the times mean nothing)"
+    else:
+        assert torch.cuda.is_available(), "layer_speed needs a CUDA device (or --smoke)"
+        device, args = torch.device("cuda"), flash_shaped()
+        model_name = "Flash-shaped: V4-Flash widths, 16 routed experts, layers CSA(4) + HCA(128), MTP not drafted"
     opts.out.mkdir(parents=True, exist_ok=True)
-    args = flash_shaped()
     meta = {
-        "device": torch.cuda.get_device_name(),
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "triton": __import__("triton").__version__,
-        "model": "Flash-shaped: V4-Flash widths, 16 routed experts, layers CSA(4) + HCA(128), MTP not drafted",
+        "model": model_name,
     }
     print(meta, flush=True)
+    # 1 GiB each way on the GPU: large against L2, long against the event resolution
+    rate = copy_rate(device, 1 << 30 if device.type == "cuda" else 1 << 26) if opts.breakdown else None
+    if rate is not None:
+        print(f"copy rate {rate / 1e9:.0f} GB/s", flush=True)
     rows = []
     gen = torch.Generator().manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
@@ -105,18 +207,22 @@ def main() -> None:
         for backend in opts.backends:
             config = OpsConfig(default=backend)
             ops = resolve_ops(config)
-            model, _ = build_model(ckpt, device="cuda", factory=lambda a, ops=ops: OptimizedTransformer(a, ops))
+            model, _ = build_model(ckpt, device=device, factory=lambda a, ops=ops: OptimizedTransformer(a, ops))
             fallback = sorted(op for op, b in config.backends().items() if b != backend)
             for kind, sizes, fn in (("prefill", opts.prefill, prefill_ms), ("decode", opts.decode, decode_ms)):
                 for n in sizes:
-                    times = fn(model, n, opts.repeat, gen)
+                    times, parts = fn(model, n, opts.repeat, gen, device, rate)
                     med = statistics.median(times)
                     row = dict(backend=backend, phase=kind, size=n, median_ms=med, per_layer_ms=med / args.n_layers,
                                min_ms=min(times), fallback=fallback)  # fmt: skip
-                    rows.append(row)
                     print(json.dumps(row), flush=True)
+                    if parts is not None:
+                        row["breakdown"] = parts
+                        print("\n".join(breakdown_md(row)), flush=True)
+                    rows.append(row)
             del model
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     (opts.out / "layer_speed.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     lines = [
         f"{meta}",
@@ -127,6 +233,11 @@ def main() -> None:
     for r in rows:
         ms = f"{r['median_ms']:.2f} | {r['per_layer_ms']:.2f}"
         lines.append(f"| {r['backend']} | {r['phase']} | {r['size']} | {ms} |")
+    if opts.breakdown:
+        lines += ["", "## Per-op breakdown", "", "Bytes model and roofline:"]
+        lines += [f"- {a}" for a in ASSUMPTIONS]
+        for r in rows:
+            lines += breakdown_md(r)
     (opts.out / "layer_speed.md").write_text("\n".join(lines) + "\n")
 
 
