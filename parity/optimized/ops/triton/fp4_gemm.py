@@ -91,8 +91,11 @@ def _fp4_gemm_kernel(
             # (the subnormal 0.5 included); the 2^6 goes into the weight scale above (inline: the interpreter pays
             # per call)
             packed = tl.load(b_ptrs, mask=mask_w[:, None], other=0)  # [BLOCK_W, 16] uint8
-            lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
-            hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+            if DOT_F64:
+                lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
+                hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+            else:
+                lo, hi = common.fp4_to_e4m3_words(packed)
             w = tl.reshape(tl.join(lo, hi), (BLOCK_W, BLOCK_K)).to(tl.float8e4nv, bitcast=True)  # low nibble first
             a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
             sb = tl.sum(tl.where(cols == j, sb4, 0.0), axis=1)  # column j, exactly (the rest adds zeros)

@@ -92,8 +92,11 @@ def _mm_fp4(
         for j in tl.static_range(4):
             xq = tl.load(xq_ptrs + (k0 + 32 * j), mask=mask_x, other=0.0)
             packed = tl.load(w_ptrs + (k0 + 32 * j) // 2, mask=mask_w, other=0)  # [ROWS, 16] uint8
-            lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
-            hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+            if DOT_F64:
+                lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
+                hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+            else:
+                lo, hi = common.fp4_to_e4m3_words(packed)
             w = tl.reshape(tl.join(lo, hi), (ROWS, 32)).to(tl.float8e4nv, bitcast=True)
             sw = tl.sum(tl.where(cols4 == j, s4, 0.0), axis=1)[:, None]  # column j, exactly (the rest adds zeros)
             if DOT_F64:  # interpreter: an exact block product (see fp8_gemm's docstring), and BLAS-fast
