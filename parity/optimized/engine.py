@@ -238,15 +238,25 @@ class Engine:
     def _commit(self, plan: list[Scheduled], batch: Batch, h: torch.Tensor) -> list[Scheduled]:
         """Greedy tokens for every scheduled request; returns the committed tokens to replay (rejected drafts)."""
         replay = []
+        # the logits of every request that samples, in one head call: the hc head and norm run over the whole batch
+        # in any call, so one call per request redid them once per request (64 times at 64 decodes); each logits
+        # row is still its own fp32 GEMM, the same bits
+        wants = {
+            i: [batch.rows(i).stop - 1 - s.n_draft + j for j in range(s.n_draft + 1)]
+            for i, s in enumerate(plan)
+            if not (s.prefill and s.end < len(s.req.prompt))
+        }
+        rows_all = [r for want in wants.values() for r in want]
+        head = self.model.head_logits(h, batch, rows_all).split([len(w) for w in wants.values()]) if wants else ()
+        logits_of = dict(zip(wants, head))
         for i, s in enumerate(plan):
             req, tokens, n_draft = s.req, s.tokens, s.n_draft
             rows = batch.rows(i)
-            if s.prefill and s.end < len(req.prompt):
+            if i not in logits_of:  # a prefill chunk before the prompt's end: nothing to sample
                 req.num_computed = s.end
                 self._keep_streams(req, h[rows])
                 continue
-            want = [rows.stop - 1 - n_draft + j for j in range(n_draft + 1)]
-            logits = self.model.head_logits(h, batch, want)
+            logits = logits_of[i]
             greedy = logits.argmax(-1).tolist()
             if req.forced is not None:
                 n_out = len(req.output)

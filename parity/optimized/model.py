@@ -70,15 +70,18 @@ class OptCompressor(ref.Compressor):
         self.kv_fp8 = args.kv_fp8_sim
         self.entries = Tap()  # (new entries [m, d], token rows [m] of the tokens that completed them)
 
-    def compress(self, x, start_pos, state: CompressorState, slot: int, freqs_cis, segments):
-        """x: [n, D] tokens at start_pos.. of one request -> (first entry id, new entries [m, d] or None).
-        `segments`: the request's op segments (rows that run the fp32 projections together)."""
-        ops, ratio = self.ops, self.compress_ratio
-        n = x.shape[0]
-        dtype = x.dtype
+    def project(self, x, segments):
+        """x: [T, D] -> (kv, score) [T, coff*d] fp32: the wkv and wgate projections of every token of the batch in
+        one call each (`segments`: the batch's op segments, so each request's rows run as they would alone)."""
         xf = x.float()
-        kv = ops.dense_linear(xf, self.wkv.weight, segments)  # [n, coff*d]
-        score = ops.dense_linear(xf, self.wgate.weight, segments)
+        kv = self.ops.dense_linear(xf, self.wkv.weight, segments)
+        return kv, self.ops.dense_linear(xf, self.wgate.weight, segments)
+
+    def compress(self, kv, score, dtype, start_pos, state: CompressorState, slot: int, freqs_cis):
+        """kv, score: [n, coff*d] projections (`project`) of one request's tokens at start_pos.. -> (first entry
+        id, new entries [m, d] in `dtype`, or None)."""
+        ops, ratio = self.ops, self.compress_ratio
+        n = kv.shape[0]
         kv_state, score_state = state.rows(slot)  # [1, coff*r, coff*d]
         if start_pos == 0:
             blocks = self.prefill_blocks(kv[None], score[None], kv_state, score_state)  # [1, m, w, d] each
@@ -101,7 +104,7 @@ class OptCompressor(ref.Compressor):
         # the reference normalizes a prefill's entries together and a decode's entry alone
         alone = None if start_pos == 0 else tuple(range(m + 1))
         entries = ops.rms_norm(entries, self.norm.weight, self.norm.eps, alone)
-        positions = torch.arange(first, first + m, device=x.device) * ratio
+        positions = torch.arange(first, first + m, device=kv.device) * ratio
         ops.rope(entries[..., -self.rope_head_dim :], freqs_cis[positions])
         if self.rotate:
             entries = ops.hadamard(entries, entries.size(-1) ** -0.5)
@@ -153,9 +156,14 @@ def compress_all(compressor, x, batch: Batch, state, freqs_cis, flat_pool, cache
     """Run the compressor of every sequence (each its own state row), pass the new entries through the
     compressor's `entries` tap (token rows of the tokens that completed them), write them to the paged pool."""
     done = []  # (sequence, first entry id, entries [m, d])
+    # the projections of all requests at once: one launch each instead of one per request (a decode step of 64
+    # requests made 385 dense_linear calls, 31 % of its time on the H200: docs/perf.md); segments keep the per-request
+    # bits of the torch backend
+    kv, score = compressor.project(x, batch.segments)
     for i in range(batch.num_seqs):
+        rows = batch.rows(i)
         first, new = compressor.compress(
-            x[batch.rows(i)], batch.start_pos[i], state, batch.slots[i], freqs_cis, batch.seq_segments(i)
+            kv[rows], score[rows], x.dtype, batch.start_pos[i], state, batch.slots[i], freqs_cis
         )
         if new is not None:
             done.append((i, first, new))
