@@ -18,6 +18,7 @@ from parity.commands._progress import progress_bars
 from parity.compare.thresholds import NoiseModel
 from parity.errors import ParityError
 from parity.io import check_output_dir
+from parity.report import tables
 from parity.report.folder import default_folder, write_folder
 from parity.report.summary import Invocation
 from parity.repro import write_kernel_repros
@@ -60,6 +61,9 @@ def render(report: RunReport) -> None:
     out.print(f"machine: {escape(machine.summary())}")
     odd = {op: b for op, b in report.backends.items() if b != "torch"}
     out.print(f"ops: {escape(', '.join(f'{o}={b}' for o, b in odd.items()) or 'all torch')}; noise: {report.noise}")
+    mismatch = tables.noise_mismatch(report.to_dict())
+    if mismatch:
+        out.print(f"[yellow]noise model[/yellow]: {escape(mismatch)}")
     if report.planted:
         out.print(f"[yellow]planted bug[/yellow]: {escape(report.planted)} (selftest library, optimized side only)")
     engine = report.backends.get("candidate", "the optimized engine")  # another candidate: its name and version

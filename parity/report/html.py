@@ -99,6 +99,9 @@ def _thresholds(rep: dict) -> str:
         if rep.get("exact") and rep["noise"] == "decode-exact"
         else "</p>"
     )
+    mismatch = tables.noise_mismatch(rep)
+    if mismatch:
+        out.append(f"<p id='noise-mismatch' class='fail'>Not measured for this run: {_e(mismatch)}</p>")
     if prov:
         out.append(_table(["provenance", "value"], [[k, json.dumps(v)[:300]] for k, v in prov.items()]))
     out.append(_table(["threshold source", "(site, field, phase) rows"], [[k, n] for k, n in sources.items()]))

@@ -34,6 +34,9 @@ def render(summary: dict, repro_files: list[str]) -> str:
                           pos]])  # fmt: skip
         lines += ["", rep["location"], ""]
     lines += ["## Thresholds", "", f"Noise model: {rep['noise']}", ""]
+    mismatch = tables.noise_mismatch(rep)
+    if mismatch:
+        lines += [f"**Not measured for this run**: {mismatch}", ""]
     for k, v in (rep.get("noise_provenance") or {}).items():
         lines.append(f"- provenance {k}: {json.dumps(v)[:300]}")
     sources = tables.threshold_sources(rep["sites"])

@@ -104,3 +104,30 @@ def fmt(v) -> str:
     if isinstance(v, float):
         return "inf" if math.isinf(v) else f"{v:.3g}"
     return str(v)
+
+
+def noise_mismatch(rep: dict) -> str:
+    """One line when the run is judged by thresholds that were not measured for it, '' otherwise: a calibration made
+    with other backends for some ops or on another device (its provenance says which), or the default allowances with
+    non-bitwise kernels selected. Such thresholds describe another mix: a clean failure may be this mix's own noise
+    (an FP4 rounding edge crossed, near-tied top-k entries reordered), a pass says little. The fix is a calibration
+    of this mix; the line names the command."""
+    prov = rep.get("noise_provenance") or {}
+    backends = {op: b for op, b in (rep.get("backends") or {}).items() if op != "candidate"}
+    calibrated = prov.get("backends")
+    odd = []
+    if isinstance(calibrated, dict):
+        odd = [f"{op}={b} (calibrated: {calibrated[op]})" for op, b in backends.items() if calibrated.get(op, b) != b]
+    device, cal_device = rep.get("device"), prov.get("device")
+    if device and cal_device and device.split(":")[0] != str(cal_device).split(":")[0]:
+        odd.append(f"device {device} (calibrated: {cal_device})")
+    if odd:
+        why = "the noise model was calibrated for another mix: " + ", ".join(odd)
+    elif str(rep.get("noise", "")).startswith("defaults (non-bitwise"):
+        why = "non-bitwise kernels are judged by the default allowances, which were not measured for them"
+    else:
+        return ""
+    mix = ",".join(f"{op}={b}" for op, b in backends.items() if b != "torch")
+    env = f"PARITY_OPS={mix} " if mix else ""
+    dev = f" --device {device}" if device and device != "cpu" else ""
+    return f"{why}; calibrate this mix: {env}parity calibrate CASE --out FILE{dev}, then run with --calibration FILE"

@@ -192,3 +192,21 @@ def test_a_calibrated_run_renders_ratios_and_provenance(failing, tmp_path):
     rows = csv.DictReader((folder / "metrics.csv").read_text().splitlines())
     worst = max(float(r["ratio"]) for r in rows if r["run"] == "forced")
     assert worst == pytest.approx(max(r["max_err"] for r in rep["sites"]) / 0.01)
+
+
+def test_a_calibration_of_another_mix_is_named_in_both_pages(failing, tmp_path):
+    s = _summary(failing)
+    rep = s["report"]
+    rep["noise"] = "cases/batched.triton-h200.noise.json"
+    rep["noise_provenance"] = {"device": "cuda", "backends": {op: "triton" for op in rep["backends"]}}
+    folder = tmp_path / "other-mix"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(s))
+    page = render_folder(folder).read_text()
+    assert "id='noise-mismatch'" in page and "fp8_gemm=torch (calibrated: triton)" in page
+    md = (folder / "report.md").read_text()
+    assert "**Not measured for this run**: the noise model was calibrated for another mix" in md
+    assert "device cpu (calibrated: cuda)" in md
+    # the run's own pages (no calibration) carry no such line
+    assert "noise-mismatch" not in (failing.folder / "report.html").read_text()
+    assert "Not measured for this run" not in (failing.folder / "report.md").read_text()
