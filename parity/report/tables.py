@@ -2,6 +2,7 @@
 per-block curves per phase, flip counts, the worst slices. No rendering here."""
 
 import math
+from collections import Counter
 
 PHASES = ("prefill", "chunk", "decode", "mtp")
 
@@ -127,7 +128,10 @@ def noise_mismatch(rep: dict) -> str:
         why = "non-bitwise kernels are judged by the default allowances, which were not measured for them"
     else:
         return ""
-    mix = ",".join(f"{op}={b}" for op, b in backends.items() if b != "torch")
-    env = f"PARITY_OPS={mix} " if mix else ""
+    # the mix as the environment selects it: the most common backend as the default, the others per op
+    counts = Counter(backends.values())
+    default = max(counts, key=lambda b: (counts[b], b == "torch")) if counts else "torch"
+    mix = ",".join(f"{op}={b}" for op, b in backends.items() if b != default)
+    env = (f"PARITY_BACKEND={default} " if default != "torch" else "") + (f"PARITY_OPS={mix} " if mix else "")
     dev = f" --device {device}" if device and device != "cpu" else ""
     return f"{why}; calibrate this mix: {env}parity calibrate CASE --out FILE{dev}, then run with --calibration FILE"

@@ -3,7 +3,7 @@
 
 from parity.report.tables import noise_mismatch
 
-TORCH = {"fp8_gemm": "torch", "moe_experts": "torch", "sparse_attn": "torch"}
+TORCH = {"fp8_gemm": "torch", "moe_experts": "torch", "sparse_attn": "torch", "rope": "torch", "hc_pre": "torch"}
 CPU_TORCH = {"backends": TORCH, "device": "cpu", "machine": {"cpu": "AMD EPYC"}}
 
 
@@ -33,9 +33,15 @@ def test_the_device_alone_is_a_mismatch():
 
 
 def test_defaults_with_non_bitwise_kernels_ask_for_a_calibration():
-    line = noise_mismatch(rep({"fp8_gemm": "triton"}, noise="defaults (non-bitwise ops selected: fp8_gemm)",
+    line = noise_mismatch(rep(dict(TORCH, fp8_gemm="triton"), noise="defaults (non-bitwise ops selected: fp8_gemm)",
                               provenance={}))  # fmt: skip
     assert line.startswith("non-bitwise kernels are judged by the default allowances")
     assert "PARITY_OPS=fp8_gemm=triton parity calibrate CASE" in line
     assert noise_mismatch(rep(TORCH, noise="defaults", provenance={})) == ""
     assert noise_mismatch(rep(TORCH, noise="decode-exact", provenance={})) == ""
+
+
+def test_a_mix_mostly_on_one_backend_is_selected_by_default_plus_exceptions():
+    mix = {op: "triton" for op in TORCH} | {"o_lora": "aiter"}
+    line = noise_mismatch(rep(mix, device="cuda", provenance={"backends": TORCH, "device": "cuda"}))
+    assert "PARITY_BACKEND=triton PARITY_OPS=o_lora=aiter parity calibrate CASE" in line
