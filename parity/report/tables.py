@@ -118,7 +118,13 @@ def noise_mismatch(rep: dict) -> str:
     calibrated = prov.get("backends")
     odd = []
     if isinstance(calibrated, dict):
-        odd = [f"{op}={b} (calibrated: {calibrated[op]})" for op, b in backends.items() if calibrated.get(op, b) != b]
+        moved: dict[tuple, list[str]] = {}  # (this run's backend, the calibration's) -> ops
+        for op, b in backends.items():
+            if calibrated.get(op, b) != b:
+                moved.setdefault((b, calibrated[op]), []).append(op)
+        for (b, cal), ops in moved.items():
+            named = ", ".join(ops) if len(ops) <= 4 else f"{len(ops)} ops"
+            odd.append(f"{named} on {b} (calibrated: {cal})")
     device, cal_device = rep.get("device"), prov.get("device")
     if device and cal_device and device.split(":")[0] != str(cal_device).split(":")[0]:
         odd.append(f"device {device} (calibrated: {cal_device})")

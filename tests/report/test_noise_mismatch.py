@@ -20,7 +20,7 @@ def test_a_calibration_of_this_mix_says_nothing():
 def test_other_backends_and_device_are_named_with_the_calibrate_command():
     mix = dict(TORCH, fp8_gemm="triton", moe_experts="triton")
     line = noise_mismatch(rep(mix, device="cuda"))
-    assert "fp8_gemm=triton (calibrated: torch)" in line and "moe_experts=triton (calibrated: torch)" in line
+    assert "fp8_gemm, moe_experts on triton (calibrated: torch)" in line
     assert "sparse_attn" not in line.split(";")[0]  # the op that matches is not listed
     assert "device cuda (calibrated: cpu)" in line
     assert "PARITY_OPS=fp8_gemm=triton,moe_experts=triton parity calibrate CASE --out FILE --device cuda" in line
@@ -45,3 +45,10 @@ def test_a_mix_mostly_on_one_backend_is_selected_by_default_plus_exceptions():
     mix = {op: "triton" for op in TORCH} | {"o_lora": "aiter"}
     line = noise_mismatch(rep(mix, device="cuda", provenance={"backends": TORCH, "device": "cuda"}))
     assert "PARITY_BACKEND=triton PARITY_OPS=o_lora=aiter parity calibrate CASE" in line
+
+
+def test_many_ops_moved_together_are_counted_not_listed():
+    everything = {op: "triton" for op in TORCH}
+    line = noise_mismatch(rep(everything))
+    assert line.startswith("the noise model was calibrated for another mix: 5 ops on triton (calibrated: torch);")
+    assert "PARITY_BACKEND=triton parity calibrate CASE --out FILE, then" in line
