@@ -159,16 +159,11 @@ def reduce_chunks(ws: torch.Tensor, out: torch.Tensor) -> None:
     _reduce_chunks_kernel[(triton.cdiv(numel, block),)](ws, out, numel, N_CHUNKS=ws.shape[0], BLOCK=block)
 
 
-@triton.jit
-def fp4_to_e4m3_words(packed):
-    """Packed e2m1 pairs [..] uint8 -> (low nibbles, high nibbles) as e4m3 bytes holding fp4 * 2^-6: the nibble
-    s.e1e0.m moved to bits 7 and 4..2 (exact for every code, the subnormal 0.5 included; the kernels fold the 2^6
-    into the power-of-two weight scale). The same bit moves as the kernels' uint8 expressions (which the CPU
-    interpreter runs: it has no PTX), done on four bytes per 32-bit register op: Triton's uint8 arithmetic compiled
-    for sm_90 spent ~12 instructions per packed byte on byte extraction and repacking (SASS of the FP4 MoE gate-up
-    loop: 1054 instructions per 128-K step, 630 with this)."""
-    return tl.inline_asm_elementwise(
-        asm="""{
+# The decoding of `fp4_to_e4m3_words` as PTX on 32-bit words: $2 holds four packed bytes, $0 gets the low nibbles'
+# e4m3 bytes and $1 the high nibbles'. A constexpr so that compiled kernels can read it; the CPU cannot run PTX, so
+# tests/optimized/ops/test_fp4_decode_ptx.py executes this very text (its integer ops) against the uint8 expressions
+# the interpreter runs and against the e2m1 values.
+FP4_WORDS_PTX = tl.constexpr("""{
         .reg .b32 t0, t1;
         shl.b32 t0, $2, 2;
         and.b32 t0, t0, 0x1C1C1C1C;
@@ -179,7 +174,19 @@ def fp4_to_e4m3_words(packed):
         and.b32 t0, t0, 0x1C1C1C1C;
         and.b32 t1, $2, 0x80808080;
         or.b32 $1, t0, t1;
-        }""",
+        }""")
+
+
+@triton.jit
+def fp4_to_e4m3_words(packed):
+    """Packed e2m1 pairs [..] uint8 -> (low nibbles, high nibbles) as e4m3 bytes holding fp4 * 2^-6: the nibble
+    s.e1e0.m moved to bits 7 and 4..2 (exact for every code, the subnormal 0.5 included; the kernels fold the 2^6
+    into the power-of-two weight scale). The same bit moves as the kernels' uint8 expressions (which the CPU
+    interpreter runs: it has no PTX), done on four bytes per 32-bit register op (`FP4_WORDS_PTX`): Triton's uint8
+    arithmetic compiled for sm_90 spent ~12 instructions per packed byte on byte extraction and repacking (SASS of
+    the FP4 MoE gate-up loop: 1054 instructions per 128-K step, 630 with this)."""
+    return tl.inline_asm_elementwise(
+        asm=FP4_WORDS_PTX,
         constraints="=r,=r,r",
         args=[packed],
         dtype=(tl.uint8, tl.uint8),
