@@ -31,7 +31,7 @@ from parity.capture.session import Captures, add_forced, capture, judge
 from parity.cases import Case
 from parity.checkpoint import Checkpoint, write_checkpoint
 from parity.checkpoint.subset import write_subset
-from parity.compare.thresholds import NoiseModel
+from parity.compare.thresholds import NON_BITWISE_DEFAULTS, NoiseModel
 from parity.compare.verdict import judge_run
 from parity.errors import ParityError
 from parity.io import atomic_write_json
@@ -144,8 +144,7 @@ def noise_model(case: Case, ops: OpsConfig | None = None) -> NoiseModel:
         return NoiseModel(exact=True, source="decode-exact")
     if case.calibration is not None:
         return NoiseModel.load(case.calibration)
-    note = f" (non-bitwise ops selected: {', '.join(approx)})" if approx else ""
-    return NoiseModel(source=f"defaults{note}")
+    return NoiseModel(source=f"{NON_BITWISE_DEFAULTS}{', '.join(approx)})" if approx else "defaults")
 
 
 def non_bitwise_ops(ops: OpsConfig) -> list[str]:

@@ -37,6 +37,9 @@ FP32_FIELDS = {("mix", "out.1"), ("mix", "out.2"), ("choice", "out.0")}
 # to ~5e-7), with headroom; fp32 fields by their own default
 DEFAULTS = {"stream": 0.02, "mix": 0.02, "act": 0.05, "entry": 0.02, "logits": 0.02, "choice": 0.02}
 FP32_DEFAULT = 1e-5
+# the source name of the defaults when non-bitwise kernels are selected (`parity.run.noise_model` names them after
+# it; the report's noise-mismatch line recognizes it)
+NON_BITWISE_DEFAULTS = "defaults (non-bitwise ops selected: "
 
 
 def _key(template: str, field_name: str, phase: str) -> str:

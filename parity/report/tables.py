@@ -4,6 +4,8 @@ per-block curves per phase, flip counts, the worst slices. No rendering here."""
 import math
 from collections import Counter
 
+from parity.compare.thresholds import NON_BITWISE_DEFAULTS
+
 PHASES = ("prefill", "chunk", "decode", "mtp")
 
 
@@ -130,7 +132,7 @@ def noise_mismatch(rep: dict) -> str:
         odd.append(f"device {device} (calibrated: {cal_device})")
     if odd:
         why = "the noise model was calibrated for another mix: " + ", ".join(odd)
-    elif str(rep.get("noise", "")).startswith("defaults (non-bitwise"):
+    elif str(rep.get("noise", "")).startswith(NON_BITWISE_DEFAULTS):
         why = "non-bitwise kernels are judged by the default allowances, which were not measured for them"
     else:
         return ""

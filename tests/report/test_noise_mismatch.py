@@ -1,7 +1,13 @@
 """The line that says a run is judged by thresholds measured for another backend mix or device
 (`parity.report.tables.noise_mismatch`), shown by `parity run` and in the report pages."""
 
+from dataclasses import replace
+
+from parity.cases import load_case
+from parity.compare.thresholds import NoiseModel
+from parity.optimized.ops import OpsConfig
 from parity.report.tables import noise_mismatch
+from parity.run import noise_model
 
 TORCH = {"fp8_gemm": "torch", "moe_experts": "torch", "sparse_attn": "torch", "rope": "torch", "hc_pre": "torch"}
 CPU_TORCH = {"backends": TORCH, "device": "cpu", "machine": {"cpu": "AMD EPYC"}}
@@ -52,3 +58,13 @@ def test_many_ops_moved_together_are_counted_not_listed():
     line = noise_mismatch(rep(everything))
     assert line.startswith("the noise model was calibrated for another mix: 5 ops on triton (calibrated: torch);")
     assert "PARITY_BACKEND=triton parity calibrate CASE --out FILE, then" in line
+
+
+def test_the_run_s_own_defaults_source_is_recognized():
+    # the source string parity.run.noise_model gives a non-exact case with non-bitwise kernels, not a copy of it
+    case = load_case("tiny")
+    case = replace(case, engine=replace(case.engine, decode_exact_chunks=False))
+    noise = noise_model(case, OpsConfig(default="torch", overrides=(("fp8_gemm", "triton"),)))
+    assert isinstance(noise, NoiseModel) and noise.source.endswith("fp8_gemm)")
+    line = noise_mismatch(rep(dict(TORCH, fp8_gemm="triton"), noise=noise.source, provenance={}))
+    assert line.startswith("non-bitwise kernels are judged by the default allowances")
