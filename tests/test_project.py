@@ -85,9 +85,9 @@ def test_main_job_names_a_planted_bug_and_exits_1(tmp_path, monkeypatch):
 
     window_idx = opt_model._window_idx
 
-    def off_by_one(start, n, window):
+    def off_by_one(positions, window):
         # every window entry reads the position before the one it names
-        idx = window_idx(start, n, window)
+        idx = window_idx(positions, window)
         return torch.where(idx > 0, idx - 1, idx)
 
     monkeypatch.setattr(opt_model, "_window_idx", off_by_one)

@@ -4,8 +4,10 @@ Tokens of all sequences are flattened into `[T]`; sequence i owns tokens `cu_seq
 positions `start_pos[i] .. context_len(i) - 1`. Letters: T tokens, N sequences.
 """
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import NamedTuple
 
 import torch
 
@@ -18,6 +20,14 @@ class Chunk:
     slot: int  # state slot: window ring and compressor state rows
     start_pos: int  # context already in the cache before these tokens
     tokens: tuple[int, ...]
+
+
+class PerToken(NamedTuple):
+    """Sequence metadata repeated per token, on the tokens' device: [T] int64 each."""
+
+    seq: torch.Tensor  # the sequence each token belongs to
+    start: torch.Tensor  # its sequence's start_pos
+    slot: torch.Tensor  # its sequence's state slot
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +44,8 @@ class Batch:
     op_segments: tuple[int, ...] = ()
     # drafting past the committed positions (chained MTP): the step's activations are thrown away afterwards
     speculative: bool = False
+    # index tensors derived from the fields above, built on first use and shared by every layer (`derived`)
+    _derived: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         n = len(self.start_pos)
@@ -71,6 +83,37 @@ class Batch:
     def last_rows(self) -> list[int]:
         """Index of every sequence's last token (where its next-token logits come from)."""
         return [b - 1 for b in self.cu_seqlens[1:]]
+
+    # derived index tensors: the host metadata above as tensors on the tokens' device, copied once per batch (not
+    # once per layer, nor once per request) and without waiting for the device (non-blocking host-to-device copies)
+
+    def to_device(self, values) -> torch.Tensor:
+        """Host ints (a list or a host tensor) as an int64 tensor on the tokens' device."""
+        return torch.as_tensor(values, dtype=torch.int64).to(self.tokens.device, non_blocking=True)
+
+    @cached_property
+    def seq_of_token(self) -> torch.Tensor:
+        """[T] int64 on the host: the sequence each token belongs to."""
+        lens = torch.tensor([self.seq_len(i) for i in range(self.num_seqs)])
+        return torch.repeat_interleave(torch.arange(self.num_seqs), lens)
+
+    @cached_property
+    def per_token(self) -> PerToken:
+        seq = self.seq_of_token
+        rows = [seq, torch.tensor(self.start_pos)[seq], torch.tensor(self.slots)[seq]]
+        return PerToken(*self.to_device(torch.stack(rows)))  # one copy for the three
+
+    @cached_property
+    def device_tables(self) -> dict[int, torch.Tensor]:
+        """`block_tables` on the tokens' device."""
+        return {r: t.to(self.tokens.device, non_blocking=True) for r, t in self.block_tables.items()}
+
+    def derived(self, key, build: Callable):
+        """`build()` on the first call with `key`, the same value afterwards: for index tensors the model derives
+        from this batch alone (the same in every layer)."""
+        if key not in self._derived:
+            self._derived[key] = build()
+        return self._derived[key]
 
 
 def make_batch(

@@ -115,8 +115,9 @@ class PagedCache:
                     ipool[idx] = float("nan")
         self.free_blocks[ratio].extend(ids)
 
-    def ring_rows(self, slot: int, positions: torch.Tensor) -> torch.Tensor:
-        """Flat rows (`window[L].view(-1, d)`) of a slot's ring that hold `positions`."""
+    def ring_rows(self, slot, positions: torch.Tensor) -> torch.Tensor:
+        """Flat rows (`window[L].view(-1, d)`) of a slot's ring that hold `positions` (`slot`: an int, or a tensor of
+        slots broadcast with `positions`)."""
         win = self.args.window_size
         return slot * win + positions % win
 
@@ -124,6 +125,15 @@ class PagedCache:
         """Flat pool rows (`pool.view(-1, d)`) of entry ids `entries` of one request with block table `table`."""
         bs = self.block_size
         return table.long()[entries // bs] * bs + entries % bs
+
+    def entry_rows_of(self, tables: torch.Tensor, seqs: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
+        """`entry_rows` for many requests at once: entry ids `entries` of the requests `seqs` (broadcast together)
+        whose block tables are the rows of `tables` ([N, max_blocks]).
+
+        The tables laid end to end are one long table, in which entry e of request i is entry
+        i * max_blocks * block_size + e, so `entry_rows` itself does the math (one definition of the layout)."""
+        per_request = tables.shape[1] * self.block_size
+        return self.entry_rows(tables.flatten(), seqs * per_request + entries)
 
     def blocks_needed(self, ratio: int, positions: int) -> int:
         """Blocks a request needs to hold the entries of its first `positions` tokens."""

@@ -18,8 +18,15 @@ sub-modules, named by their `*_class` attributes, so each is built once), differ
 Numerics, per sequence: a start_pos-0 step follows the reference prefill and a one-token step the reference
 decode op for op (bitwise equal with the torch backend); a chunk after a context runs the compressor state machine
 token by token like the decode path and gives each token a 128-wide window list like a decode.
+
+Per-request bookkeeping runs for all requests of a step at once, on the tokens' device, with no host round trip:
+the attention index lists (`OptAttention._sparse_idx`), the ring writes, the compressor state machine after a
+context and the norm / RoPE / fake-quant of new entries (`compress_all`). Its index tensors are derived from the
+batch's host metadata once per forward (`Batch.derived`) and shared by the layers. Each request's values are the
+ones it gets alone: the ops whose torch form is shape-sensitive get the requests' row groups (`segments`).
 """
 
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -50,19 +57,19 @@ def run_linear(ops, lin: ref.Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, lin.weight)
 
 
-def _window_idx(start: int, n: int, window: int) -> torch.Tensor:
-    """Absolute positions each of n queries (at start..start+n-1) reads from the window, -1 = none.
-
-    A start_pos-0 step lists min(n, window) columns (the reference prefill); any later step lists `window` columns
-    (the reference decode order: oldest to newest, -1 padding at the end)."""
-    width = min(n, window) if start == 0 else window
-    t = torch.arange(start, start + n).unsqueeze(1)  # [n, 1]
-    u = (t - window + 1).clamp(min=0) + torch.arange(width)  # [n, width]
+def _window_idx(positions: torch.Tensor, window: int) -> torch.Tensor:
+    """positions [T] -> [T, window] absolute positions each query reads from the window, -1 = none: the reference
+    decode order (oldest to newest, -1 padding at the end). A query's list depends on its position alone; a
+    prefill's list (the reference prefill: min(n, window) columns) is the first min(n, window) columns of its
+    queries' lists (the rest is -1 there: a prefill query at t < window sees 0..t)."""
+    t = positions.unsqueeze(1)  # [T, 1]
+    u = (t - window + 1).clamp(min=0) + torch.arange(window, device=t.device)  # [T, window]
     return torch.where(u > t, -1, u)
 
 
 class OptCompressor(ref.Compressor):
-    """Compressor over one request's tokens with its state rows passed in (reference: ref.Compressor)."""
+    """Compressor over the batch's tokens with the requests' state rows passed in (reference: ref.Compressor); the
+    driver is `compress_all`."""
 
     def __init__(self, args: ModelArgs, compress_ratio: int, head_dim: int, rotate: bool = False, *, ops):
         super().__init__(args, compress_ratio, head_dim, rotate)
@@ -77,43 +84,47 @@ class OptCompressor(ref.Compressor):
         kv = self.ops.dense_linear(xf, self.wkv.weight, segments)
         return kv, self.ops.dense_linear(xf, self.wgate.weight, segments)
 
-    def compress(self, kv, score, dtype, start_pos, state: CompressorState, slot: int, freqs_cis):
-        """kv, score: [n, coff*d] projections (`project`) of one request's tokens at start_pos.. -> (first entry
-        id, new entries [m, d] in `dtype`, or None)."""
-        ops, ratio = self.ops, self.compress_ratio
-        n = kv.shape[0]
+    def prefill(self, kv, score, state: CompressorState, slot: int):
+        """kv, score: [n, coff*d] projections of one request's prompt (start_pos 0) -> its entries 0..m-1 pooled,
+        [m, d] fp32, or None (n < ratio); the partial tail goes into the request's state rows."""
         kv_state, score_state = state.rows(slot)  # [1, coff*r, coff*d]
-        if start_pos == 0:
-            blocks = self.prefill_blocks(kv[None], score[None], kv_state, score_state)  # [1, m, w, d] each
-            entries = ops.compress_pool(*blocks) if n >= ratio else None  # [1, m, d]
-            first = 0
-        else:
-            # after a context the state machine runs token by token, as the reference decode path does
-            pooled = []
-            for i in range(n):
-                block = self.decode_block(kv[i : i + 1], score[i : i + 1], start_pos + i, kv_state, score_state)
-                # pooled at once: without overlap the block is the state itself, which the next token writes
-                if block is not None:
-                    pooled.append(ops.compress_pool(*block).unsqueeze(1))  # [1, 1, d]
-            entries = torch.cat(pooled, dim=1) if pooled else None  # [1, m, d]
-            first = start_pos // ratio  # the first entry a token at or after start_pos can complete
-        if entries is None:
-            return first, None
-        m = entries.shape[1]
-        entries = entries.to(dtype)[0]  # [m, d]
-        # the reference normalizes a prefill's entries together and a decode's entry alone
-        alone = None if start_pos == 0 else tuple(range(m + 1))
-        entries = ops.rms_norm(entries, self.norm.weight, self.norm.eps, alone)
-        positions = torch.arange(first, first + m, device=kv.device) * ratio
-        ops.rope(entries[..., -self.rope_head_dim :], freqs_cis[positions])
+        blocks = self.prefill_blocks(kv[None], score[None], kv_state, score_state)  # [1, m, w, d] each
+        return self.ops.compress_pool(*blocks)[0] if kv.shape[0] >= self.compress_ratio else None
+
+    def decode_step(self, kv, score, step: "_DecodeStep", state: CompressorState):
+        """The reference `decode_block` for one token of each of D requests at once, each at its own position and
+        in its own state slot (`step`). kv, score: [T, coff*d] projections of the batch -> the blocks these tokens
+        complete, (kv, score) [M, w, d] each, or None."""
+        ratio, d = self.compress_ratio, self.head_dim
+        kv, score = kv[step.rows], score[step.rows] + self.ape[step.phase]  # [D, coff*d]
+        state_row = step.phase + ratio if self.overlap else step.phase
+        state.kv[step.slots, state_row] = kv
+        state.score[step.slots, state_row] = score
+        if step.done_slots is None:
+            return None
+        s = step.done_slots  # [M]
+        if not self.overlap:
+            return state.kv[s], state.score[s]  # gathered copies: a later token of the step rewrites the state
+        block = torch.cat([state.kv[s, :ratio, :d], state.kv[s, ratio:, d:]], dim=1)  # [M, 2r, d]
+        block_score = torch.cat([state.score[s, :ratio, :d], state.score[s, ratio:, d:]], dim=1)
+        # the completed block becomes the previous one
+        state.kv[s, :ratio] = state.kv[s, ratio:]
+        state.score[s, :ratio] = state.score[s, ratio:]
+        return block, block_score
+
+    def finish(self, pooled, dtype, segments: tuple[int, ...], freqs_cis):
+        """pooled: [m, d] fp32 new entries of any requests -> the entries in `dtype`: norm, RoPE (`freqs_cis`: [m]
+        rows, each entry's position), fake-quant, one call each. `segments`: the norm's row groups (the reference
+        normalizes a prefill's entries together and a decode's entry alone); the other ops are row-independent."""
+        ops, rd = self.ops, self.rope_head_dim
+        entries = ops.rms_norm(pooled.to(dtype), self.norm.weight, self.norm.eps, segments)
+        ops.rope(entries[..., -rd:], freqs_cis)
         if self.rotate:
             entries = ops.hadamard(entries, entries.size(-1) ** -0.5)
             ops.fp4_fake_quant(entries, ref.FP4_BLOCK_SIZE)
         else:
-            ops.kv_fake_quant(
-                entries[..., : -self.rope_head_dim], KV_QUANT_BLOCK, self.scale_fmt, self.scale_dtype, self.kv_fp8
-            )
-        return first, entries
+            ops.kv_fake_quant(entries[..., :-rd], KV_QUANT_BLOCK, self.scale_fmt, self.scale_dtype, self.kv_fp8)
+        return entries
 
 
 class OptIndexer(ref.Indexer):
@@ -128,7 +139,8 @@ class OptIndexer(ref.Indexer):
         self.topk = Tap()  # entry ids [T, k] (-1 = none), k = the widest of the batch
 
     def forward(self, x, qr, batch: Batch, cache: PagedCache, layer: int, freqs_cis, freqs):
-        """x: [T, D], qr: [T, q_lora_rank] -> per sequence [n_i, k_i] top-k entry ids (-1 = none)."""
+        """x: [T, D], qr: [T, q_lora_rank] -> [T, k] top-k entry ids (-1 = none; k: the widest of the batch, each
+        sequence's own k_i = min(index_topk, its entries) columns then -1)."""
         ops, ratio = self.ops, self.compress_ratio
         q = run_linear(ops, self.wq_b, qr).unflatten(-1, (self.n_local_heads, self.head_dim))  # [T, h, d]
         ops.rope(q[..., -self.rope_head_dim :], freqs)
@@ -139,51 +151,123 @@ class OptIndexer(ref.Indexer):
         pool = cache.index_entries[layer]
         flat_pool = pool.view(-1, pool.shape[-1])
         compress_all(self.compressor, x, batch, cache.index_state[layer], freqs_cis, flat_pool, cache, ratio)
+        # every request's entries 0..n_i-1 in one gather (per request, a host index made each gather wait for the
+        # device); the top-k itself is a per-request op
+        gather, counts = batch.derived(("indexer entries", ratio), lambda: _entry_gather(batch, cache, ratio))
+        entries = flat_pool[gather].split(counts)  # [n_i, d] each
         out = []
         for i in range(batch.num_seqs):
-            rows, start, end = batch.rows(i), batch.start_pos[i], batch.context_len(i)
-            n_entries = end // ratio
-            entries = flat_pool[cache.entry_rows(batch.block_tables[ratio][i], torch.arange(n_entries))]  # [t, d]
-            k = min(self.index_topk, n_entries)
+            rows, start = batch.rows(i), batch.start_pos[i]
+            k = min(self.index_topk, counts[i])
             if self.tp.world > 1:  # the ranks' head sums are all-reduced before the top-k
-                out.append(parallel.indexer_topk(q[rows], entries, weights[rows], k, start, ratio, self.tp))
+                out.append(parallel.indexer_topk(q[rows], entries[i], weights[rows], k, start, ratio, self.tp))
             else:
-                out.append(ops.indexer_topk(q[rows], entries, weights[rows], k, start, ratio))
-        return _split_rows(self.topk(_pad_cat(out)), out)
+                out.append(ops.indexer_topk(q[rows], entries[i], weights[rows], k, start, ratio))
+        return self.topk(_pad_cat(out))  # [T, max k]
+
+
+def _pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-sequence [n_i, K_i] index lists into [T, max K], padding with -1 (trailing -1 cost nothing)."""
+    width = max(r.shape[1] for r in rows)
+    return torch.cat([F.pad(r, (0, width - r.shape[1]), value=-1) for r in rows])
+
+
+def _entry_gather(batch: Batch, cache: PagedCache, ratio: int) -> tuple[torch.Tensor, list[int]]:
+    """Flat pool rows of every request's entries 0..n_i-1, request after request ([sum n_i]), and the n_i (the
+    entries its context has completed)."""
+    counts = [batch.context_len(i) // ratio for i in range(batch.num_seqs)]
+    seq = torch.repeat_interleave(torch.arange(batch.num_seqs), torch.tensor(counts))  # [sum n_i]
+    ids = torch.arange(seq.numel()) - torch.tensor([0, *counts]).cumsum(0)[seq]  # 0..n_i-1 per request
+    rows = cache.entry_rows_of(batch.device_tables[ratio], batch.to_device(seq), batch.to_device(ids))
+    return rows, counts
+
+
+@dataclass(frozen=True)
+class _DecodeStep:
+    """One token of each of D requests after a context, for `OptCompressor.decode_step` (device tensors)."""
+
+    rows: torch.Tensor  # [D] token rows
+    phase: torch.Tensor  # [D] position % ratio: the ape row and the block row
+    slots: torch.Tensor  # [D] state slots
+    done_slots: torch.Tensor | None  # [M] slots of those whose token completes a block (None: none does)
+
+
+@dataclass(frozen=True)
+class _CompressPlan:
+    """Where a step's compressor work goes, the same for every layer of one ratio (built once per batch)."""
+
+    prefill: list[tuple[int, int]]  # (sequence, slot) of the requests at start_pos 0: pooled one by one
+    steps: list[_DecodeStep]  # the tokens after a context, token offset j = 0, 1, ...: one step each
+    # the new entries: pooled rows come prefills first, then the steps' blocks; `order` (None: already) puts them in
+    # request order, ascending ids, as the entries tap and the norm segments expect
+    order: torch.Tensor | None  # [M]
+    segments: tuple[int, ...]  # norm row groups: a prefill's entries together, every other entry alone
+    positions: torch.Tensor  # [M] RoPE position of each entry: the first token of its block
+    token_rows: torch.Tensor  # [M] row of the token that completed it
+    pool_rows: torch.Tensor  # [M] flat pool row it goes to
+
+
+def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan:
+    """Host bookkeeping of the compressor state machine for every request of the batch (ints only; the tensors are
+    copied to the device once). A prefill (start_pos 0) pools its blocks as one call, like the reference prefill;
+    after a context the state machine runs token by token like the reference decode, for all requests at once."""
+    n_seqs, cu, start = batch.num_seqs, batch.cu_seqlens, batch.start_pos
+    prefill = [(i, batch.slots[i]) for i in range(n_seqs) if start[i] == 0]
+    made = [(i, e) for i, _ in prefill for e in range(batch.seq_len(i) // ratio)]  # (sequence, entry id) as pooled
+    after = [i for i in range(n_seqs) if start[i] > 0]
+    steps = []
+    for j in range(max((batch.seq_len(i) for i in after), default=0)):
+        seqs = [i for i in after if batch.seq_len(i) > j]
+        pos = [start[i] + j for i in seqs]
+        done = [(i, p) for i, p in zip(seqs, pos) if (p + 1) % ratio == 0]
+        made += [(i, p // ratio) for i, p in done]
+        steps.append(_DecodeStep(
+            batch.to_device([cu[i] + j for i in seqs]),
+            batch.to_device([p % ratio for p in pos]),
+            batch.to_device([batch.slots[i] for i in seqs]),
+            batch.to_device([batch.slots[i] for i, _ in done]) if done else None,
+        ))  # fmt: skip
+    order = sorted(range(len(made)), key=made.__getitem__)
+    made = [made[k] for k in order]
+    group = [(i, -1) if start[i] == 0 else (i, e) for i, e in made]  # a prefill's entries form one group
+    seq, ids = batch.to_device([i for i, _ in made]), batch.to_device([e for _, e in made])
+    return _CompressPlan(
+        prefill=prefill,
+        steps=steps,
+        order=None if order == list(range(len(order))) else batch.to_device(order),
+        segments=(0, *(k for k in range(1, len(made)) if group[k] != group[k - 1]), len(made)),
+        positions=ids * ratio,
+        token_rows=batch.to_device([cu[i] - start[i] + (e + 1) * ratio - 1 for i, e in made]),
+        pool_rows=cache.entry_rows_of(batch.device_tables[ratio], seq, ids),
+    )
 
 
 def compress_all(compressor, x, batch: Batch, state, freqs_cis, flat_pool, cache: PagedCache, ratio: int) -> None:
-    """Run the compressor of every sequence (each its own state row), pass the new entries through the
-    compressor's `entries` tap (token rows of the tokens that completed them), write them to the paged pool."""
-    done = []  # (sequence, first entry id, entries [m, d])
+    """Run the compressor of every sequence (each its own state rows), pass the new entries through the
+    compressor's `entries` tap (token rows of the tokens that completed them), write them to the paged pool.
+
+    One call per op for the whole batch where the reference's per-request call is row-independent or takes
+    segments: the projections, the pooling of the blocks completed after a context, the norm, RoPE and
+    fake-quant of all new entries. A prefill's state update and pooling stay per request (one call per prompt:
+    the reference pools its [1, m, w, d] blocks as one tensor)."""
+    plan = batch.derived(("compress", ratio), lambda: _compress_plan(batch, cache, ratio))
     # the projections of all requests at once: one launch each instead of one per request (a decode step of 64
     # requests made 385 dense_linear calls, 31 % of its time on the H200: docs/perf.md); segments keep the per-request
     # bits of the torch backend
     kv, score = compressor.project(x, batch.segments)
-    for i in range(batch.num_seqs):
-        rows = batch.rows(i)
-        first, new = compressor.compress(
-            kv[rows], score[rows], x.dtype, batch.start_pos[i], state, batch.slots[i], freqs_cis
-        )
-        if new is not None:
-            done.append((i, first, new))
-    if not done:
+    pooled = [compressor.prefill(kv[batch.rows(i)], score[batch.rows(i)], state, slot) for i, slot in plan.prefill]
+    blocks = [b for b in (compressor.decode_step(kv, score, step, state) for step in plan.steps) if b is not None]
+    if blocks:
+        pooled.append(compressor.ops.compress_pool(*(torch.cat(part) for part in zip(*blocks))))  # [M, d]
+    pooled = [p for p in pooled if p is not None]
+    if not pooled:
         return
-    # entry j is completed by the token at position (j+1)*ratio - 1
-    token_rows = torch.cat([
-        batch.cu_seqlens[i] - batch.start_pos[i] + (torch.arange(first, first + new.shape[0]) + 1) * ratio - 1
-        for i, first, new in done
-    ])  # fmt: skip
-    entries, _ = compressor.entries(torch.cat([new for _, _, new in done]), token_rows.to(x.device))
-    for (i, first, new), part in zip(done, entries.split([new.shape[0] for _, _, new in done])):
-        ids = torch.arange(first, first + new.shape[0])
-        flat_pool[cache.entry_rows(batch.block_tables[ratio][i], ids)] = part
-
-
-def _split_rows(padded: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Inverse of `_pad_cat`: per sequence [n_i, k_i] from the padded [T, max k]."""
-    parts = padded.split([t.shape[0] for t in like])
-    return [p[:, : t.shape[1]] for p, t in zip(parts, like)]
+    pooled = torch.cat(pooled) if len(pooled) > 1 else pooled[0]  # [M, d] fp32
+    if plan.order is not None:
+        pooled = pooled[plan.order]
+    entries = compressor.finish(pooled, x.dtype, plan.segments, freqs_cis[plan.positions])
+    entries, _ = compressor.entries(entries, plan.token_rows)
+    flat_pool[plan.pool_rows] = entries
 
 
 class OptAttention(ref.Attention):
@@ -231,27 +315,11 @@ class OptAttention(ref.Attention):
         if ratio:
             flat_pool = pool.view(-1, self.head_dim)
             compress_all(self.compressor, x, batch, cache.state[layer], self.freqs_cis, flat_pool, cache, ratio)
-        n_tokens, ring_rows = x.shape[0], ring.shape[0] * win
-        idx_rows = []
-        for i in range(batch.num_seqs):
-            start, n = batch.start_pos[i], batch.seq_len(i)
-            # window: this step's tokens come from kv itself, earlier ones from the ring (read before it is written)
-            u = _window_idx(start, n, win)
-            chunk_row = batch.cu_seqlens[i] + (u - start)
-            ring_row = n_tokens + cache.ring_rows(batch.slots[i], u)
-            idx = torch.where(u < 0, -1, torch.where(u >= start, chunk_row, ring_row))
-            if ratio:
-                table = batch.block_tables[ratio][i]
-                # index math runs on the host: block tables are host metadata
-                entry_ids = index_topk[i].cpu() if index_topk is not None else self._hca_entries(start, n, ratio)
-                entry_row = n_tokens + ring_rows + cache.entry_rows(table, entry_ids.clamp(min=0))
-                idx = torch.cat([idx, torch.where(entry_ids < 0, -1, entry_row)], dim=1)
-            idx_rows.append(idx)
-        idx = _pad_cat(idx_rows)  # [T, K]
+        idx = self._sparse_idx(batch, cache, index_topk, ring.shape[0] * win)  # [T, K]
         o = ops.sparse_attn(
             q,
             (kv, ring.view(-1, self.head_dim), pool.view(-1, self.head_dim) if ratio else kv[:0]),
-            idx.to(x.device),
+            idx,
             self.attn_sink,
             self.softmax_scale,
         )
@@ -261,27 +329,90 @@ class OptAttention(ref.Attention):
         # wo_b is row-parallel: the ranks' partial outputs are all-reduced (nothing to do on one rank)
         return self.output(parallel.row_parallel(run_linear(ops, self.wo_b, self.o_lora(o.flatten(1))), self.tp))
 
+    def _sparse_idx(self, batch: Batch, cache: PagedCache, index_topk, ring_rows: int) -> torch.Tensor:
+        """-> [T, K] rows each query reads from its sources (this step's kv [T], the window rings [ring_rows], the
+        entry pool), -1 = none: per query its window list, then from the sequence's window width on (`window`;
+        min(n, window) in a prefill) its entry list, -1 up to the widest list of the batch. The same [T, K] as the
+        per-sequence lists padded and stacked, built for all queries at once on the tokens' device (the block
+        tables are copied there once per batch)."""
+        win, ratio = self.window_size, self.compress_ratio
+        pos, tok = batch.positions, batch.per_token
+        n_tokens = pos.shape[0]
+        topk = self.indexer.index_topk if index_topk is not None else None
+        plan = batch.derived(("index", win, ratio, topk), lambda: _index_plan(batch, win, ratio, topk))
+        # window: this step's tokens come from kv itself, earlier ones from the ring (read before it is written)
+        u = _window_idx(pos, win)  # [T, win] absolute positions
+        rows = torch.arange(n_tokens, device=pos.device).unsqueeze(1)
+        chunk_row = rows - (pos.unsqueeze(1) - u)
+        ring_row = n_tokens + cache.ring_rows(tok.slot.unsqueeze(1), u)
+        idx = torch.where(u < 0, -1, torch.where(u >= tok.start.unsqueeze(1), chunk_row, ring_row))
+        if not ratio:
+            return idx[:, : plan.width]
+        if index_topk is None:  # HCA: every completed entry
+            entry_ids = self._hca_entries(pos, ratio, plan.n_entries)  # [T, E]
+        else:  # the ids past a sequence's own k are -1 (forced ones too, as when cut per sequence)
+            cols = torch.arange(index_topk.shape[1], device=pos.device)
+            entry_ids = torch.where(cols >= plan.k.unsqueeze(1), -1, index_topk)  # [T, E]
+        entry_row = cache.entry_rows_of(batch.device_tables[ratio], tok.seq.unsqueeze(1), entry_ids.clamp(min=0))
+        entry_idx = torch.where(entry_ids < 0, -1, n_tokens + ring_rows + entry_row)
+        if plan.entry_col is None:  # every list's window part is `window` wide
+            return torch.cat([idx, entry_idx], dim=1)[:, : plan.width]
+        out = idx.new_full((n_tokens, win + entry_idx.shape[1]), -1)
+        out[:, :win] = idx  # past a prefill's window width: -1, where its entries go
+        cols = plan.entry_col.unsqueeze(1) + torch.arange(entry_idx.shape[1], device=pos.device)
+        return out.scatter_(1, cols, entry_idx)[:, : plan.width]
+
     @staticmethod
-    def _hca_entries(start: int, n: int, ratio: int) -> torch.Tensor:
-        # every completed entry; entry j is visible to the query at t iff j < (t+1) // ratio
-        t = torch.arange(start, start + n).unsqueeze(1)
-        j = torch.arange((start + n) // ratio).expand(n, -1)
+    def _hca_entries(positions: torch.Tensor, ratio: int, width: int) -> torch.Tensor:
+        """positions [T] -> [T, width] completed entries each query sees, -1 past them: entry j is visible to the
+        query at t iff j < (t+1) // ratio (a sequence's own list is its queries' first (start+n) // ratio columns)."""
+        t = positions.unsqueeze(1)  # [T, 1]
+        j = torch.arange(width, device=t.device).expand(t.shape[0], -1)
         return torch.where(j >= (t + 1) // ratio, -1, j)
 
     def _write_ring(self, kv: torch.Tensor, batch: Batch, cache: PagedCache, ring: torch.Tensor) -> None:
-        flat = ring.view(-1, self.head_dim)
-        for i in range(batch.num_seqs):
-            rows, start, n = batch.rows(i), batch.start_pos[i], batch.seq_len(i)
-            # only the last `window` tokens survive; writing more would give one slot two positions at once
-            keep = min(n, self.window_size)
-            pos = torch.arange(start + n - keep, start + n)
-            flat[cache.ring_rows(batch.slots[i], pos)] = kv[rows][n - keep :]
+        """This step's window KV into the rings, one indexed write for all sequences."""
+        win = self.window_size
+        rows = cache.ring_rows(batch.per_token.slot, batch.positions)  # [T]
+        # only the last `window` tokens of a sequence survive: writing more would give one ring row two positions in
+        # one write (which one lands is undefined)
+        keep = batch.derived(("ring keep", win), lambda: _ring_keep(batch, win))
+        if keep is not None:
+            rows, kv = rows[keep], kv[keep]
+        ring.view(-1, self.head_dim)[rows] = kv
 
 
-def _pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Stack per-sequence [n_i, K_i] index lists into [T, max K], padding with -1 (trailing -1 cost nothing)."""
-    width = max(r.shape[1] for r in rows)
-    return torch.cat([F.pad(r, (0, width - r.shape[1]), value=-1) for r in rows])
+@dataclass(frozen=True)
+class _IndexPlan:
+    """Widths of a batch's attention lists in a layer (the same in every layer of the kind)."""
+
+    width: int  # K: the widest list of the batch
+    n_entries: int  # the widest entry list (HCA: every entry the longest context completed)
+    entry_col: torch.Tensor | None  # [T] column where each query's entries start; None: `window` for all
+    k: torch.Tensor | None  # [T] each query's top-k width (CSA)
+
+
+def _index_plan(batch: Batch, window: int, ratio: int, topk: int | None) -> _IndexPlan:
+    n = [batch.seq_len(i) for i in range(batch.num_seqs)]
+    cols = [min(m, window) if s == 0 else window for m, s in zip(n, batch.start_pos)]
+    entries = [batch.context_len(i) // ratio if ratio else 0 for i in range(batch.num_seqs)]
+    if topk is not None:
+        entries = [min(topk, e) for e in entries]
+    per_token = lambda v: batch.to_device(torch.tensor(v)[batch.seq_of_token])  # noqa: E731
+    return _IndexPlan(
+        width=max(c + e for c, e in zip(cols, entries)),
+        n_entries=max(entries),
+        entry_col=None if min(cols) == window else per_token(cols),
+        k=per_token(entries) if topk is not None else None,
+    )
+
+
+def _ring_keep(batch: Batch, window: int) -> torch.Tensor | None:
+    """Token rows among the last `window` of their sequence, or None when that is all of them."""
+    if all(batch.seq_len(i) <= window for i in range(batch.num_seqs)):
+        return None
+    ends = torch.tensor(batch.cu_seqlens[1:])[batch.seq_of_token]  # [T] the row after each token's sequence
+    return batch.to_device(torch.nonzero(torch.arange(ends.numel()) >= ends - window).flatten())
 
 
 class OptMoE(ref.MoE):

@@ -148,24 +148,23 @@ def _ring_neighbour_row(ops: Ops):
 
 
 def _window_127():
-    # the window list drops its oldest slot after a context (127 instead of 128 columns): wrong from position 127 on
+    # the window list drops its oldest slot (127 instead of 128 columns): wrong from position 127 on, after a context
+    # (a prefill's queries list at most their own position + 1 <= 127 slots there)
     window_idx = opt_model._window_idx
 
-    def buggy(start, n, window):
-        idx = window_idx(start, n, window)
-        if start == 0:
-            return idx
-        t = torch.arange(start, start + n).unsqueeze(1)
-        return torch.where(idx <= t - window + 1, -1, idx)
+    def buggy(positions, window):
+        idx = window_idx(positions, window)
+        return torch.where(idx <= positions.unsqueeze(1) - window + 1, -1, idx)
 
     return _setattr(opt_model, "_window_idx", buggy)
 
 
 def _hca_entry_early():
-    # an HCA entry becomes visible one token before its block is complete
-    def buggy(start, n, ratio):
-        t = torch.arange(start, start + n).unsqueeze(1)
-        j = torch.arange((start + n + 1) // ratio).expand(n, -1)
+    # an HCA entry becomes visible one token before its block is complete (in a prefill or chunk, where that block
+    # completes later in the same step and is already in the pool)
+    def buggy(positions, ratio, width):
+        t = positions.unsqueeze(1)
+        j = torch.arange(width, device=t.device).expand(t.shape[0], -1)
         return torch.where(j >= (t + 2) // ratio, -1, j)
 
     return _setattr(opt_model.OptAttention, "_hca_entries", staticmethod(buggy))
@@ -198,14 +197,15 @@ def _paged_block_stride():
 
 def _compressor_reset_between_chunks():
     # a chunk after a context starts from an empty compressor state (the state was keyed by step, not by request)
-    compress = opt_model.OptCompressor.compress
+    compress_all = opt_model.compress_all
 
-    def buggy(self, x, start_pos, state, slot, freqs_cis, segments):
-        if start_pos > 0 and x.shape[0] > 1:
-            state.reset(slot)
-        return compress(self, x, start_pos, state, slot, freqs_cis, segments)
+    def buggy(compressor, x, batch, state, *rest):
+        for i in range(batch.num_seqs):
+            if batch.start_pos[i] > 0 and batch.seq_len(i) > 1:
+                state.reset(batch.slots[i])
+        return compress_all(compressor, x, batch, state, *rest)
 
-    return _setattr(opt_model.OptCompressor, "compress", buggy)
+    return _setattr(opt_model, "compress_all", buggy)
 
 
 # --- mHC and MTP ---------------------------------------------------------------------------------------------------

@@ -34,6 +34,22 @@ def test_planted_bugs_are_caught_and_localized(case, tiny_ckpt):
     assert report.passed
 
 
+# bugs this small case cannot show: its positions stay below 127 (the window's last slot, the first HCA block) and
+# its requests fill few cache blocks
+NEEDS_LONGER_CASE = {"window-127", "hca-entry-early", "paged-block-stride"}
+
+
+def test_every_planted_bug_still_applies_to_the_engine(case, tiny_ckpt):
+    # a patch bug names optimized-model code by attribute: when that code changes shape, the patch must change with
+    # it, or `parity selftest` reports the bug as a broken run (compressor-reset-between-chunks did, unnoticed, after
+    # the engine batched the compressor projections)
+    report = selftest(case, tiny_ckpt, library(4), NoiseModel(), repeats=0)
+    errors = [(b.name, b.location) for b in report.bugs if b.location.startswith("error")]
+    assert not errors
+    missed = {b.name for b in report.bugs if not b.caught}
+    assert missed <= NEEDS_LONGER_CASE, missed
+
+
 def test_a_loosened_gate_lets_the_bugs_escape_and_fails(case, tiny_ckpt):
     loose = NoiseModel().loosened(1e9)
     report = selftest(case, tiny_ckpt, _bugs("sink-scaled"), loose, repeats=0)
