@@ -12,6 +12,7 @@ Backends that are not bitwise are judged by `gemm_check.check_gemm` (fp32 accumu
 import itertools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -20,6 +21,7 @@ from parity.checkpoint.reader import Checkpoint
 from parity.formats import dequantize_fp8_blocks, quantize_fp8_blocks
 from parity.optimized.ops import OpsConfig, resolve_ops
 from tests.optimized.ops.gemm_check import check_gemm, fp32_sum_allowance
+from tests.optimized.ops.ptx_exec import all_byte_words, run_ptx
 
 OP = "o_lora"
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -243,7 +245,7 @@ def test_planted_fp8_weight_bugs_are_caught(triton_o_lora, ref_model, monkeypatc
         # rolled as bytes: CUDA has no roll for float8 tensors
         q = q.view(torch.uint8).roll(-rank, dims=0).view(q.dtype)
         s = s.roll(-(rank // 128), dims=0)
-    monkeypatch.setattr(triton_o_lora, "_fp8_weight", lambda w: (q, s.view(torch.float8_e8m0fnu)))
+    monkeypatch.setattr(triton_o_lora, "_fp8_weight", lambda w: (q, s, True))
     o = activations(63, hd)
     buggy = triton_o_lora.o_lora(o, wo_a, g, rank)
     with pytest.raises(AssertionError):
@@ -292,8 +294,86 @@ def test_planted_bug_one_scale_per_256_wide_step_is_caught(triton_o_lora, monkey
     q, s = triton_o_lora.quantize_wo_a(wo_a)
     s = s.view(torch.uint8).clone()
     s[:, 1::2] = s[:, 0::2]
-    monkeypatch.setattr(triton_o_lora, "_fp8_weight", lambda w: (q, s.view(torch.float8_e8m0fnu)))
+    monkeypatch.setattr(triton_o_lora, "_fp8_weight", lambda w: (q, s, True))
     o = activations(7, hd)
     buggy = triton_o_lora.o_lora(o, wo_a, g, rank, _config=dict(BLOCK_W=64, BLOCK_T=16, BLOCK_K=256))
     with pytest.raises(AssertionError):
         check_gemm(_triton_impl(), buggy, reference(o, wo_a, g, rank), *golden_and_allowance(o, wo_a, g, rank))
+
+
+# ---- the compiled kernel's e4m3 -> bf16 dequantization (inline PTX), executed on the CPU ----------------------------
+
+# scale bytes from the smallest e8m0 (2^-127: bf16 subnormal results) to the largest the kernel takes
+PTX_SCALES = [0, 1, 9, 60, 100, 117, 127, 130, 134]
+
+
+def ptx_dequant(text: str, words: np.ndarray, e: int) -> torch.Tensor:
+    """The asm block on uint32 words of four e4m3 bytes with scale byte e -> bf16 [4 * len(words)]."""
+    factor = np.uint32(((e + 120) << 7) * 0x10001)  # 2^(e - 7) in both bf16 lanes, as the kernel builds it
+    lo, hi = run_ptx(text, {"$2": words, "$3": factor, "$4": factor}, ("$0", "$1"))
+    pairs = np.stack([lo, hi], -1).astype(np.uint32)  # [n, 2] words of two bf16 each, bytes 0-1 then 2-3
+    return torch.from_numpy(pairs.view(np.int16).copy()).view(torch.bfloat16).reshape(-1)
+
+
+def dequant_mismatches(text: str) -> int:
+    """Weights whose PTX value differs from the checkpoint dequantization (e4m3 * 2^(e - 127) rounded to bf16, as
+    `dequantize_fp8_blocks` and convert.py make the model's wo_a), over every byte in every word position; the
+    e4m3fn NaN codes (never in an FP8-made weight: `quantize_wo_a` refuses them) are left out."""
+    words = all_byte_words()
+    codes = torch.from_numpy(words.view(np.uint8).copy())
+    finite = (codes & 0x7F) != 0x7F
+    bad = 0
+    for e in PTX_SCALES:
+        want = (codes.view(torch.float8_e4m3fn).float() * 2.0 ** (e - 127)).to(torch.bfloat16)
+        got = ptx_dequant(text, words, e)
+        bad += int((got.view(torch.int16) != want.view(torch.int16))[finite].sum())
+    return bad
+
+
+def test_the_kernels_ptx_dequantization_is_the_checkpoints_bf16_weight(triton_o_lora):
+    assert dequant_mismatches(triton_o_lora.E4M3_BF16_PTX.value) == 0
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [
+        ("0x9180", "0x1180"),  # the low pair without its sign replicated: negative weights come out positive
+        ("shl.b32 t1, t1, 4", "shl.b32 t1, t1, 3"),  # the high pair's magnitude one bit off
+        ("and.b32 t0, t0, 0x87F087F0", "and.b32 t0, t0, 0x8FF08FF0"),  # the sign bit leaks into the exponent
+    ],
+    ids=["sign", "shift", "mask"],
+)
+def test_planted_ptx_dequantization_bugs_are_caught(triton_o_lora, old, new):
+    text = triton_o_lora.E4M3_BF16_PTX.value
+    assert old in text
+    assert dequant_mismatches(text.replace(old, new, 1)) > 0
+
+
+def test_scales_beyond_the_bit_path_take_the_fp32_path(triton_o_lora):
+    # a block scale byte above MAX_BITS_SCALE has no normal bf16 factor 2^(E - 7): such a weight is flagged for the
+    # fp32 dequantization (same values), once, when its FP8 form is made
+    g, rank, hd = LAYOUTS["g4-r64"]
+    w = torch.randn(g * rank, hd // g) * (hd // g) ** -0.5
+    assert triton_o_lora._recover_fp8(fp8_made(w))[2]
+    w[:128, :128] *= 2.0**40  # one block's amax ~2^40: its scale byte is ~127 + 40 - 8
+    q, s, bits = triton_o_lora._recover_fp8(fp8_made(w))
+    assert int(s.max()) > triton_o_lora.MAX_BITS_SCALE and not bits
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the bit dequantization is compiled PTX: the interpreter runs the fp32 path")
+def test_compiled_bit_dequantization_equals_the_fp32_path_on_every_code(triton_o_lora, monkeypatch):
+    # every finite e4m3 code under scale bytes from 0 (bf16 subnormal weights) to MAX_BITS_SCALE, through the whole
+    # kernel: the same bits with the PTX dequantization as with the fp32 multiply
+    g, rank, kg = 2, 128, 1024
+    codes = torch.arange(256, dtype=torch.uint8).repeat(g * rank * kg // 256).view(g * rank, kg)
+    codes[(codes & 0x7F) == 0x7F] = 0  # the NaN codes: never in an FP8-made weight
+    q = codes.view(torch.float8_e4m3fn).to(DEV)
+    s = torch.linspace(0, triton_o_lora.MAX_BITS_SCALE, g * rank // 128 * kg // 128).round().to(torch.uint8)
+    s = s.view(g * rank // 128, kg // 128).to(DEV)
+    wo_a = dequantize_fp8_blocks(q, s.view(torch.float8_e8m0fnu)).to(torch.bfloat16)
+    o = activations(64, g * kg)
+    outs = []
+    for bits in (False, True):
+        monkeypatch.setattr(triton_o_lora, "_fp8_weight", lambda w, bits=bits: (q, s, bits))
+        outs.append(triton_o_lora.o_lora(o, wo_a, g, rank))
+    assert torch.equal(outs[0], outs[1])

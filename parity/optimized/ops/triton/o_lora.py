@@ -23,11 +23,19 @@ there). Result: within the twin's distance to the float64 einsum plus one bf16 u
 accumulation allowance of the terms' absolute sum. FP8-quantized activations would halve the MMA time at large M
 but add an FP8 rounding the reference does not have.
 
+The compiled kernel dequantizes with bit moves (`E4M3_BF16_PTX`: e4m3 bits placed in a bf16, one bf16 multiply
+by the scale, 2 instructions per weight against 3 through fp16 and fp32); weights with a scale byte above
+MAX_BITS_SCALE, and the interpreter (no PTX), take the fp32 multiply. Both give the same bf16 for every e4m3 code
+(tests: the PTX text executed on the CPU against the checkpoint dequantization; on the H200 both paths bitwise).
+
 Decode (T <= 64) streams the FP8 weight, half the bytes. Prefill is MMA-bound and reads the bf16 wo_a the model
 holds: the same bf16 values in the same chained accumulation, so a token's bits do not depend on which path its
 batch takes (tests: rows do not depend on batchmates), without dequantizing each weight tile again for every token
 tile. Split-K over the G x rank/64 decode tiles was measured and dropped: 18.0 against 19.3 us at G 8 on the H200,
-for a second accumulator that made the prefill tiles 1.5x slower.
+for a second accumulator that made the prefill tiles 1.5x slower. Also measured and dropped (session 5): the
+operands swapped for decode (tokens on wgmma's M side, 16- and 32-row weight tiles, 256-512 programs: 1.3-3x
+slower, each program's 64-token tile is most of its shared-memory traffic) and 8 warps per 64-row tile (slower at
+every shape).
 
 Layout: weight rows (rank outputs of one group) are the MMA's M side, tokens its N side, so the dequantized weight
 tile is wgmma's register operand and the same instruction serves 1 and 4096 tokens. `segments` is ignored: the
@@ -59,8 +67,15 @@ def quantize_wo_a(w: torch.Tensor):
     return q, s
 
 
+# the largest e8m0 scale byte the bit-level dequantization takes: its bf16 factor 2^(E - 7) (the scale 2^(E - 127)
+# times the 2^120 the bit move leaves out) must be a normal bf16, E + 120 <= 254; any real weight is far below
+# (E 134 is a scale of 128: weights up to 57344)
+MAX_BITS_SCALE = 134
+
+
 def _fp8_weight(w: torch.Tensor):
-    """The cached FP8 form of a bf16 wo_a (None: use the bf16 weight), computed once per tensor and version."""
+    """The cached FP8 form of a bf16 wo_a (None: use the bf16 weight), computed once per tensor and version:
+    (e4m3 weight, e8m0 scale bytes, whether every scale byte is <= MAX_BITS_SCALE)."""
     return weight_cache.converted("o_lora/triton fp8", w, _recover_fp8)
 
 
@@ -72,7 +87,43 @@ def _recover_fp8(w: torch.Tensor):
             "(not made from an FP8 checkpoint); the kernel reads it as bf16 instead (same math, twice the bytes)",
             stacklevel=4,
         )
-    return fp8
+        return None
+    q, s = fp8
+    s = s.view(torch.uint8)
+    return q, s, bool(s.max() <= MAX_BITS_SCALE)  # once per weight: the host sync is not per call
+
+
+# e4m3 bytes -> bf16 e4m3 * 2^(E - 127), four bytes per asm instance (two bf16x2 results). Per byte pair: `prmt`
+# puts each byte in the low half of a 16-bit lane with its sign replicated over the high half; `shl` 4 and the mask
+# keep the sign at bit 15 and the 7 magnitude bits at 10..4, which makes the bf16 e4m3 * 2^-120 for every finite
+# code (bf16's exponent field takes e4m3's, so normals and subnormals both land 120 binades lower); `mul.rn.bf16x2`
+# by 2^(E - 7) (exact: a power of two, bf16 keeps subnormals) gives the weight value. Compiled for sm_90: 635 against
+# 825 instructions per 256-wide K step of the 64 x 16 decode tile (fp8 -> f16 -> f32, fp32 multiply, -> bf16 before)
+E4M3_BF16_PTX = tl.constexpr("""{
+        .reg .b32 t0, t1;
+        prmt.b32 t0, $2, 0, 0x9180;
+        shl.b32 t0, t0, 4;
+        and.b32 t0, t0, 0x87F087F0;
+        mul.rn.bf16x2 $0, t0, $3;
+        prmt.b32 t1, $2, 0, 0xB3A2;
+        shl.b32 t1, t1, 4;
+        and.b32 t1, t1, 0x87F087F0;
+        mul.rn.bf16x2 $1, t1, $4;
+        }""")
+
+
+@triton.jit
+def e4m3_to_bf16_scaled(w, e):
+    """e4m3 w [R, K] times 2^(e - 127) (e: e8m0 bytes [R, K] as int32, <= MAX_BITS_SCALE) -> bf16, exact."""
+    factor = ((e + 120) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)  # 2^(e - 7)
+    return tl.inline_asm_elementwise(
+        asm=E4M3_BF16_PTX,
+        constraints="=r,=r,r,r,r",
+        args=[w.to(tl.uint8, bitcast=True), factor],
+        dtype=tl.bfloat16,
+        is_pure=True,
+        pack=4,
+    )
 
 
 @triton.jit(do_not_specialize=["T", "M_BUCKET"])
@@ -80,7 +131,7 @@ def _o_lora_kernel(
     o_ptr, w_ptr, s_ptr, out_ptr,
     T, R, KG, M_BUCKET,
     stride_ot, stride_wr, stride_sr, stride_outt,
-    W_FP8: tl.constexpr, EVEN_K: tl.constexpr, DOT_F64: tl.constexpr,
+    W_FP8: tl.constexpr, BITS: tl.constexpr, EVEN_K: tl.constexpr, DOT_F64: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid: (rank tiles, token tiles, groups); M_BUCKET only keys the autotuner
@@ -118,15 +169,17 @@ def _o_lora_kernel(
             e = e_next.to(tl.int32)
             k1 = k0 + BLOCK_K
             e_next = tl.load(s_rows + k1 // 128, mask=mask_r & (k1 < KG), other=127)
-            s = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23)).to(tl.float32, bitcast=True)
             if BLOCK_K > 128:  # the step's second 128 columns have their own scale block
-                e = e2_next.to(tl.int32)
+                e2 = e2_next.to(tl.int32)
                 e2_next = tl.load(s_rows + k1 // 128 + 1, mask=mask_r & (k1 + 128 < KG), other=127)
-                s2 = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23))
-                s2 = s2.to(tl.float32, bitcast=True)
-                w = (w.to(tl.float32) * tl.where((offs_k < 128)[None, :], s[:, None], s2[:, None])).to(tl.bfloat16)
+                e = tl.where((offs_k < 128)[None, :], e[:, None], e2[:, None])  # [BLOCK_W, BLOCK_K]
             else:
-                w = (w.to(tl.float32) * s[:, None]).to(tl.bfloat16)
+                e = tl.broadcast_to(e[:, None], (BLOCK_W, BLOCK_K))
+            if BITS:  # compiled: bit moves and one bf16 multiply (the interpreter runs no PTX)
+                w = e4m3_to_bf16_scaled(w, e)
+            else:
+                s = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23)).to(tl.float32, bitcast=True)
+                w = (w.to(tl.float32) * s).to(tl.bfloat16)
         if DOT_F64:
             # interpreter: numpy's fp32 GEMM sums a column in an order that depends on its position in the tile,
             # which would make a token's bits depend on its batchmates; a float64 dot of the exact bf16 products,
@@ -153,6 +206,7 @@ def _configs(small_m: bool):
         # (deeper pipelines since the scales are read a step ahead)
         shapes = [(64, 16, 256, 4, 3), (64, 64, 256, 4, 3), (64, 16, 128, 4, 4)]
         shapes += [(64, 16, 256, 4, 5), (64, 16, 128, 4, 8)]
+        shapes += [(64, 64, 128, 4, 4)]  # Pro (G 16) at 64 tokens: 39 against 45 us (bit dequantization, session 5)
     else:
         shapes = [(128, 256, 64, 8, 4), (128, 256, 64, 8, 3), (128, 128, 64, 8, 3)]
     return [
@@ -161,7 +215,7 @@ def _configs(small_m: bool):
     ]
 
 
-_KEY = ["R", "KG", "M_BUCKET", "W_FP8", "EVEN_K"]
+_KEY = ["R", "KG", "M_BUCKET", "W_FP8", "BITS", "EVEN_K"]
 _small = common.autotune(_configs(True), _KEY)(_o_lora_kernel)
 _large = common.autotune(_configs(False), _KEY)(_o_lora_kernel)
 
@@ -183,7 +237,8 @@ def o_lora(
     # the same bf16 values in the same chained accumulation, without dequantizing each weight tile in registers
     # again for every token tile (H200 sweep, G 8, 1024 tokens: 90 us against 115 us)
     use_fp8 = fp8 is not None and (small or _config is not None)
-    w, s = (fp8[0], fp8[1].view(torch.uint8)) if use_fp8 else (wo_a, wo_a)  # on wo_a's device
+    w, s = (fp8[0], fp8[1]) if use_fp8 else (wo_a, wo_a)  # on wo_a's device
+    bits = use_fp8 and fp8[2] and not runtime.interpreting()
     out = common.empty(t, n_groups, rank, dtype=torch.bfloat16, device=o.device)
     if t == 0:
         return out
@@ -197,6 +252,7 @@ def o_lora(
             o, w, s, out,
             t, rank, kg, common.bucket(t),
             o.stride(0), w.stride(0), s.stride(0), out.stride(0),
-            W_FP8=use_fp8, EVEN_K=kg % 128 == 0, DOT_F64=runtime.interpreting(), **(_config or {}), **common.NO_FMA,
+            W_FP8=use_fp8, BITS=bits, EVEN_K=kg % 128 == 0, DOT_F64=runtime.interpreting(),
+            **(_config or {}), **common.NO_FMA,
         )  # fmt: skip
     return out
