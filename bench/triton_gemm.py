@@ -591,25 +591,29 @@ def compile_check(only: str = "") -> int:
 
     i32 = "i32"
     jobs = []
-    g8 = dict(a_ptr="*fp8e4nv", as_ptr="*u8", b_ptr="*fp8e4nv", bs_ptr="*u8", c_ptr="*bf16", ws_ptr="*fp32", M=i32,
-              N=i32, K=i32, N_KB=i32, CHUNK_KB=i32, M_BUCKET=i32, stride_am=i32, stride_asm=i32, stride_bn=i32,
-              stride_bsn=i32, stride_cm=i32)  # fmt: skip
+    g8 = dict(a_ptr="*fp8e4nv", as_ptr="*u8", b_ptr="*fp8e4nv", bs_ptr="*u8", c_ptr="*bf16", ws_ptr="*fp32",
+              cnt_ptr="*i32", M=i32, N=i32, K=i32, N_KB=i32, CHUNK_KB=i32, M_BUCKET=i32, stride_am=i32,
+              stride_asm=i32, stride_bn=i32, stride_bsn=i32, stride_cm=i32)  # fmt: skip
     for mod, fn, sig in (
         (fp8_gemm, fp8_gemm._fp8_gemm_kernel, g8),
         (fp4_gemm, fp4_gemm._fp4_gemm_kernel, dict(g8, b_ptr="*u8")),
     ):
         name = mod.__name__.rsplit(".", 1)[1]
-        for tuner, split in ((mod._small, True), (mod._small, False), (mod._large, False)):
+        for tuner, split, in_launch in (
+            (mod._small, True, True), (mod._small, True, False), (mod._small, False, False), (mod._large, False, False)
+        ):  # fmt: skip
             for chunked in (True, False):
                 for kw, nw, ns in cfgs(tuner):
-                    c = dict(A_E8M0=True, B_E8M0=True, CHUNKED=chunked, SPLIT=split, DOT_F64=False, **kw)
+                    c = dict(A_E8M0=True, B_E8M0=True, CHUNKED=chunked, SPLIT=split, IN_LAUNCH=in_launch, DOT_F64=False)
+                    c.update(kw)
                     if mod is fp8_gemm:
                         c.update(FUSE_QUANT=False, T_FAST=tuner is mod._large)
                     else:
                         c["SUB"] = 4
                     jobs.append((name, fn, sig, c, nw, ns))
     kw, nw, ns = cfgs(fp8_gemm._small)[0]
-    c = dict(A_E8M0=False, B_E8M0=True, FUSE_QUANT=True, CHUNKED=True, SPLIT=False, DOT_F64=False, T_FAST=False, **kw)
+    c = dict(A_E8M0=False, B_E8M0=True, FUSE_QUANT=True, CHUNKED=True, SPLIT=False, IN_LAUNCH=False, DOT_F64=False)
+    c.update(T_FAST=False, **kw)
     jobs.append(
         ("fp8_linear (fused act_quant)", fp8_gemm._fp8_gemm_kernel, dict(g8, a_ptr="*bf16", as_ptr="*bf16"), c, nw, ns)
     )

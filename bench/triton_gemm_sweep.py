@@ -144,9 +144,11 @@ def sweep_fp8_gemm(sw: Sweep):
             ws = torch.empty(chunks, t, n, dtype=torch.float32, device="cuda")
             # (BLOCK_W, BLOCK_T, warps, stages, split-K)
             if t == 1:
-                cfgs = [(64, 16, 4, 4, True), (64, 16, 4, 3, True), (64, 16, 4, 4, False)]
+                cfgs = [(64, 16, 4, 4, True), (64, 16, 4, 3, True), (64, 16, 4, 4, False), (64, 16, 8, 4, True),
+                        (64, 16, 8, 3, True), (64, 16, 8, 4, False)]  # fmt: skip
             elif t <= 64:
-                cfgs = [(64, 64, 4, 4, True), (128, 64, 4, 4, True), (64, 32, 4, 4, True), (64, 64, 4, 4, False)]
+                cfgs = [(64, 64, 4, 4, True), (128, 64, 4, 4, True), (64, 32, 4, 4, True), (64, 64, 4, 4, False),
+                        (64, 64, 8, 4, True), (64, 32, 8, 4, True), (128, 64, 8, 4, True)]  # fmt: skip
             else:
                 cfgs = [(128, 64, 4, 4, False), (128, 64, 4, 3, False), (128, 64, 4, 5, False), (64, 128, 4, 4, False),
                         (128, 32, 4, 4, False), (64, 64, 4, 4, False), (128, 128, 4, 3, False)]  # fmt: skip
@@ -156,18 +158,23 @@ def sweep_fp8_gemm(sw: Sweep):
                 if split and chunks == 1:
                     continue
                 tfast = t > 64
+                # split launches reduce as the op does (in the launch up to IN_LAUNCH_MAX_M tokens); the tiles'
+                # arrival counters are the op's own buffer, sized before any graph capture
+                in_launch = common.reduce_in_launch(t)
+                cnt = common.tile_counters(xq.device, triton.cdiv(n, bw) * triton.cdiv(t, bt)) if split else out
 
-                def call(c, bw=bw, bt=bt, nw=nw, ns=ns, split=split, tfast=tfast):
+                def call(c, bw=bw, bt=bt, nw=nw, ns=ns, split=split, tfast=tfast, cnt=cnt):
                     nw_, nt_ = triton.cdiv(n, bw), triton.cdiv(t, bt)
                     grid = (nt_, nw_, 1) if tfast else (nw_, nt_, chunks if split else 1)
                     mod._fp8_gemm_kernel[grid](
-                        xq, xs.view(torch.uint8), c[0], c[1].view(torch.uint8), out, ws,
+                        xq, xs.view(torch.uint8), c[0], c[1].view(torch.uint8), out, ws, cnt,
                         t, n, k, n_kb, chunk, 1,
                         xq.stride(0), xs.stride(0), c[0].stride(0), c[1].stride(0), out.stride(0),
-                        A_E8M0=True, B_E8M0=True, FUSE_QUANT=False, CHUNKED=chunk > 1, SPLIT=split, DOT_F64=False,
-                        T_FAST=tfast, BLOCK_W=bw, BLOCK_T=bt, num_warps=nw, num_stages=ns, enable_fp_fusion=False,
+                        A_E8M0=True, B_E8M0=True, FUSE_QUANT=False, CHUNKED=chunk > 1, SPLIT=split,
+                        IN_LAUNCH=split and in_launch, DOT_F64=False, T_FAST=tfast, BLOCK_W=bw, BLOCK_T=bt,
+                        num_warps=nw, num_stages=ns, enable_fp_fusion=False,
                     )  # fmt: skip
-                    if split:
+                    if split and not in_launch:
                         common.reduce_chunks(ws, out)
 
                 sw.try_config(f"cfg {bw}x{bt} w{nw} s{ns} split={split}", [lambda c=c, f=call: f(c) for c in copies],
@@ -196,21 +203,27 @@ def sweep_fp4_gemm(sw: Sweep):
             out = torch.empty(t, n, dtype=torch.bfloat16, device="cuda")
             ws = torch.empty(chunks, t, n, dtype=torch.float32, device="cuda")
             bt = 16 if t == 1 else 64
-            for bw, nw, ns, split in ((64, 4, 4, True), (128, 4, 4, True), (64, 4, 3, True), (64, 4, 4, False)):
+            cfgs = [(64, 4, 4, True), (128, 4, 4, True), (64, 4, 3, True), (64, 4, 4, False), (64, 8, 4, True),
+                    (64, 8, 3, True), (128, 8, 4, True), (64, 8, 4, False)]  # fmt: skip
+            for bw, nw, ns, split in cfgs:
                 if sw.late():
                     return
+                # split launches reduce as the op does (in the launch up to IN_LAUNCH_MAX_M tokens); the tiles'
+                # arrival counters are the op's own buffer, sized before any graph capture
+                in_launch = common.reduce_in_launch(t)
+                cnt = common.tile_counters(xq.device, triton.cdiv(n, bw) * triton.cdiv(t, bt)) if split else out
 
-                def call(c, bw=bw, nw=nw, ns=ns, split=split, bt=bt):
+                def call(c, bw=bw, nw=nw, ns=ns, split=split, bt=bt, cnt=cnt):
                     grid = (triton.cdiv(n, bw), triton.cdiv(t, bt), chunks if split else 1)
                     mod._fp4_gemm_kernel[grid](
-                        xq, xs.view(torch.uint8), c[0].view(torch.uint8), c[1].view(torch.uint8), out, ws,
+                        xq, xs.view(torch.uint8), c[0].view(torch.uint8), c[1].view(torch.uint8), out, ws, cnt,
                         t, n, k, n_kb, chunk, 1,
                         xq.stride(0), xs.stride(0), c[0].stride(0), c[1].stride(0), out.stride(0),
-                        A_E8M0=True, B_E8M0=True, CHUNKED=chunk > 1, SPLIT=split, DOT_F64=False,
-                        SUB=4 if not split or chunk % 4 == 0 else 1,
+                        A_E8M0=True, B_E8M0=True, CHUNKED=chunk > 1, SPLIT=split, IN_LAUNCH=split and in_launch,
+                        DOT_F64=False, SUB=4 if not split or chunk % 4 == 0 else 1,
                         BLOCK_W=bw, BLOCK_T=bt, num_warps=nw, num_stages=ns, enable_fp_fusion=False,
                     )  # fmt: skip
-                    if split:
+                    if split and not in_launch:
                         common.reduce_chunks(ws, out)
 
                 sw.try_config(f"cfg {bw}x{bt} w{nw} s{ns} split={split}", [lambda c=c, f=call: f(c) for c in copies],

@@ -1,7 +1,8 @@
 """Pieces shared by the GEMM-side Triton kernels (fp8_gemm, fp4_gemm, dense_linear, moe_experts, o_lora, moe_gate):
-the exact act_quant recipe as a tile function, the ordered reduction of split-K partials, the K-only chunking,
-autotuning with short timing runs, NaN-poisonable output buffers for the tests, and launch helpers. (Format decoding
-is written out inline in each kernel's hot loop: the CPU interpreter pays milliseconds per nested jit call.)
+the exact act_quant recipe as a tile function, the ordered reduction of split-K partials (in the GEMM launch itself
+or as a second launch), the K-only chunking, autotuning with short timing runs, NaN-poisonable output buffers for
+the tests, and launch helpers. (Format decoding is written out inline in each kernel's hot loop: the CPU
+interpreter pays milliseconds per nested jit call.)
 
 Layout convention of every kernel here ("swap AB"): the weight rows (output features) are the MMA's M side in
 tiles of 64 or 128, the tokens are its N side in tiles of 16 to 256. wgmma needs M >= 64, its N may be as small
@@ -13,10 +14,12 @@ partial products P_k * s_k into one fp32 accumulator in ascending k (spec §3.4/
 into at most `MAX_CHUNKS` chunks of `chunk_blocks(n)` consecutive blocks, a function of K alone; each chunk is
 accumulated from zero in ascending k, and the chunk sums are added in ascending order. A program that owns the
 whole K does exactly that in registers; a split-K launch (small M, too few tiles for the GPU) writes each chunk's
-sum to a float32 workspace and `_reduce_chunks_kernel` adds them in the same order. Both give the same bits, so
-the split decision (a function of M) never changes a token's result. When K has at most `MAX_CHUNKS` blocks every
-chunk is one block and the order is exactly the official one; otherwise the fp32 additions are grouped
-differently (an fp32-rounding-level difference, far below the bf16 output step).
+sum to a float32 workspace, and the sums are added in the same order: by the last program to finish each output
+tile, in the same launch (fp8_gemm, fp4_gemm: `store_tile` and `tile_counters`), or by a second launch
+(dense_linear: `reduce_chunks`). All give the same bits, so the split decision (a function of M) never changes a
+token's result. When K has at most `MAX_CHUNKS` blocks every chunk is one block and the order is exactly the
+official one; otherwise the fp32 additions are grouped differently (an fp32-rounding-level difference, far below
+the bf16 output step).
 """
 
 import contextlib
@@ -136,7 +139,7 @@ def quant_e4m3(x, AXIS: tl.constexpr):
     return y.to(tl.float8e4nv), s
 
 
-# ---- ordered reduction of split-K chunk partials ------------------------------------------------------------
+# ---- ordered reduction of split-K chunk partials as a second launch (dense_linear; fp8/fp4_gemm above 16 tokens) --
 
 
 @triton.jit(do_not_specialize=["numel"])
@@ -157,6 +160,90 @@ def reduce_chunks(ws: torch.Tensor, out: torch.Tensor) -> None:
     numel = out.numel()
     block = 4096 if runtime.interpreting() else 1024
     _reduce_chunks_kernel[(triton.cdiv(numel, block),)](ws, out, numel, N_CHUNKS=ws.shape[0], BLOCK=block)
+
+
+# ---- split-K reduced in the same launch: the last program of an output tile adds the chunk sums -----------------
+#
+# A split-K launch of fp8_gemm / fp4_gemm has a grid (weight tiles, token tiles, chunks). Each program stores its
+# chunk sum to the workspace, then adds 1 (acq_rel, GPU scope) to its output tile's int32 arrival counter; the
+# program that reads n_chunks - 1 arrived last, so every other chunk sum of the tile is visible to it: it adds them
+# in chunk order (the additions of `_reduce_chunks_kernel`, bit for bit), stores bf16 and puts the counter back to 0.
+# This saves the second launch (measured on the H200: fp4_gemm Flash w1 at one token, a 5.3 us reduction launch
+# after a 10.2 us GEMM).
+#
+# The counters: one zero-filled int32 buffer per device, shared by every split launch of these ops. Invariant: all
+# counters are 0 between launches (each launch's last programs restore the zeros they found), so neither a call
+# nor a CUDA-graph replay, which keeps the buffer's address, has to clear them. The buffer is allocated by a
+# device's first split launch (normally the eager warm-up before a capture; allocated inside a capture, its zero fill
+# is captured too and repeated by each replay, which is harmless) and only grows, to a power of two; an outgrown
+# buffer stays allocated, because a captured graph may still count into it. Consequences: split launches on one
+# device must be ordered on one stream (two running at once on two streams would count into the same counters); a
+# launch that starts but does not finish leaves counters non-zero and every later split launch wrong. On the GPU
+# that is a device fault, after which the CUDA context is unusable anyway; in the interpreter an exception in the
+# middle of the grid: the wrappers call `reset_tile_counters` when a launch raises.
+
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OUTGROWN: list[torch.Tensor] = []  # kept alive: CUDA graphs captured with them may still replay
+
+
+def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
+    """The arrival counters of `device` (all zero between launches), at least `tiles` of them."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < tiles:
+        if buf is not None:
+            _OUTGROWN.append(buf)
+        buf = torch.zeros(max(1024, triton.next_power_of_2(tiles)), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
+
+
+def reset_tile_counters(device: torch.device) -> None:
+    """Restore the all-zero invariant after a launch that did not run to completion."""
+    if device in _COUNTERS:
+        _COUNTERS[device].zero_()
+
+
+# Split launches of at most this many tokens reduce in the launch; larger ones keep the second launch. H200, graph
+# times (docs/perf.md, session 5): in-launch was faster at one token everywhere (fp8_gemm Flash wq_a 6.71 -> 5.52
+# us, wo_b 13.31 -> 12.16; fp4_gemm Flash w1 10.35 -> 8.73) and at 64 tokens even or slower (Flash wo_b's 128 x 64
+# tiles 17.6 -> 29.2 us: the tile's last program reads eight 32 KiB partials alone)
+IN_LAUNCH_MAX_M = 16
+
+
+def reduce_in_launch(m: int) -> bool:
+    return m <= IN_LAUNCH_MAX_M
+
+
+@triton.jit
+def store_tile(
+    total, c_ptr, ws_ptr, cnt_ptr, offs_w, offs_t, mask, M, N, stride_cm, SPLIT: tl.constexpr,
+    IN_LAUNCH: tl.constexpr,
+):  # fmt: skip
+    """Store a program's [BLOCK_W, BLOCK_T] fp32 K sum `total` of the output tile (rows offs_w, tokens offs_t):
+    as bf16 to c when the program owns the whole K; in a split-K launch (grid axis 2: the chunks) to its chunk's
+    fp32 workspace slice ws[chunk, t, n], and with IN_LAUNCH the last program of the tile to arrive adds ws[0] +
+    ws[1] + ... in chunk order into c (see the counters above; without, `reduce_chunks` does after the launch)."""
+    c_ptrs = c_ptr + offs_t[None, :] * stride_cm + offs_w[:, None]
+    if SPLIT and not IN_LAUNCH:
+        ws_ptrs = ws_ptr + tl.program_id(2) * M.to(tl.int64) * N + offs_t[None, :] * N + offs_w[:, None]
+        tl.store(ws_ptrs, total, mask=mask)
+    elif SPLIT:
+        chunk_numel = M.to(tl.int64) * N
+        ws_ptrs = ws_ptr + offs_t[None, :] * N + offs_w[:, None]
+        tl.store(ws_ptrs + tl.program_id(2) * chunk_numel, total, mask=mask)
+        # every thread's stores before the one thread's release of the counter (the CUTLASS semaphore pattern)
+        tl.debug_barrier()
+        n_split = tl.num_programs(2)
+        cnt = cnt_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if tl.atomic_add(cnt, 1, sem="acq_rel") == n_split - 1:
+            # the other programs' sums, read from L2 (.cg: not a stale L1 line), in chunk order
+            total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            for c in range(1, n_split):
+                total += tl.load(ws_ptrs + c * chunk_numel, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
+            tl.store(cnt, 0)  # every program of the tile has counted: no other access follows in this launch
+    else:
+        tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 # The decoding of `fp4_to_e4m3_words` as PTX on 32-bit words: $2 holds four packed bytes, $0 gets the low nibbles'

@@ -10,7 +10,8 @@ per-128 scale and the weight's per-32 scale; bf16 (round to nearest even) at the
 grouped in K-only chunks (`_gemm_common`), which keeps split-K batch-invariant.
 
 Layout as in `fp8_gemm`: weight rows on the MMA's M side (BLOCK_W), tokens on its N side (BLOCK_T), split K over
-chunks for small-M launches that would leave SMs idle. A loop trip handles four 32-blocks (one activation
+chunks for small-M launches that would leave SMs idle, the chunk sums added in order by the last program to finish
+each output tile, in the same launch (`_gemm_common.store_tile`). A loop trip handles four 32-blocks (one activation
 128-group: one scale load, 64 weight bytes per row in flight instead of 16), still scaled and added one by one.
 
 Numerics vs the twin: each 32-wide block product is one FP8 MMA on the GPU (an exact float64 dot rounded once to
@@ -33,11 +34,11 @@ BLOCK_K = tl.constexpr(32)
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one compile for every token count
 def _fp4_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr,
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, cnt_ptr,
     M, N, K, N_KB, CHUNK_KB, M_BUCKET,
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     A_E8M0: tl.constexpr, B_E8M0: tl.constexpr,
-    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr, SUB: tl.constexpr,
+    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, IN_LAUNCH: tl.constexpr, DOT_F64: tl.constexpr, SUB: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid_w = tl.program_id(0)
@@ -113,12 +114,8 @@ def _fp4_gemm_kernel(
                     part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
             b_ptrs += BLOCK_K // 2
             a_ptrs += BLOCK_K
-    if SPLIT:
-        ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * N
-        tl.store(ws + offs_t[None, :] * N + offs_w[:, None], total, mask=mask_w[:, None] & mask_t[None, :])
-    else:
-        c_ptrs = c_ptr + offs_t[None, :] * stride_cm + offs_w[:, None]
-        tl.store(c_ptrs, total.to(tl.bfloat16), mask=mask_w[:, None] & mask_t[None, :])
+    mask = mask_w[:, None] & mask_t[None, :]
+    common.store_tile(total, c_ptr, ws_ptr, cnt_ptr, offs_w, offs_t, mask, M, N, stride_cm, SPLIT, IN_LAUNCH)
 
 
 def _configs(small_m: bool):
@@ -135,9 +132,12 @@ def _configs(small_m: bool):
     return [triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st) for w, t, nw, st in shapes]
 
 
-_KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "SPLIT"]
+_KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "SPLIT", "IN_LAUNCH"]
 _small = common.autotune(_configs(True), _KEY)(_fp4_gemm_kernel)
 _large = common.autotune(_configs(False), _KEY)(_fp4_gemm_kernel)
+# the smallest tiles of any configuration: bounds a split launch's output tiles (one arrival counter each)
+_MIN_W = min(c.kwargs["BLOCK_W"] for c in _small.configs + _large.configs)
+_MIN_T = min(c.kwargs["BLOCK_T"] for c in _small.configs + _large.configs)
 
 SMALL_M = 64
 
@@ -183,22 +183,32 @@ def fp4_gemm(
         if split is None:
             split = small and triton.cdiv(n, 128) * triton.cdiv(m, 16) < common.sm_count(a.device)
         split = split and chunks > 1
+        in_launch = split and common.reduce_in_launch(m)
         # 4 blocks per loop trip need every program's K range to start and end on a 128-group (K % 128 == 0 makes
         # the whole range do; a split chunk must be a multiple of 4 blocks)
         sub = 4 if not split or chunk % 4 == 0 else 1
-        ws = common.empty(chunks, m, n, dtype=torch.float32, device=a.device) if split else out  # out: unused
+        if split:
+            ws = common.empty(chunks, m, n, dtype=torch.float32, device=a.device)
+            cnt = common.tile_counters(a.device, triton.cdiv(n, _MIN_W) * triton.cdiv(m, _MIN_T))
+        else:
+            ws = cnt = out  # unused dummies
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
 
         with common.on_device(a):
-            (_small if small else _large)[grid](
-                a2, asc, bytes_, bsc, out, ws,
-                m, n, k, n_kb, chunk, common.bucket(m),
-                a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
-                A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNKED=chunk > 1, SPLIT=split, DOT_F64=runtime.interpreting(),
-                SUB=sub, **common.NO_FMA,
-            )  # fmt: skip
-            if split:
+            try:
+                (_small if small else _large)[grid](
+                    a2, asc, bytes_, bsc, out, ws, cnt,
+                    m, n, k, n_kb, chunk, common.bucket(m),
+                    a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
+                    A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNKED=chunk > 1, SPLIT=split, IN_LAUNCH=in_launch,
+                    DOT_F64=runtime.interpreting(), SUB=sub, **common.NO_FMA,
+                )  # fmt: skip
+            except BaseException:
+                if in_launch:  # a launch stopped part way (interpreter) may have left arrival counters non-zero
+                    common.reset_tile_counters(a.device)
+                raise
+            if split and not in_launch:
                 common.reduce_chunks(ws, out)
     return out.view(*a.shape[:-1], n).to(torch.get_default_dtype())

@@ -9,8 +9,9 @@ the fp32 sum is grouped in K-only chunks (`_gemm_common` docstring), which keeps
 
 Layout: weight rows are the MMA's M side (BLOCK_W 64/128, inside one 128-row scale block, so sb is one scalar per
 tile and K block), tokens its N side (BLOCK_T 16..128); small-M launches split K over chunks when the tile grid
-would leave most SMs idle, and `_gemm_common.reduce_chunks` adds the chunk sums in order. Prefill launches order
-the grid token tiles first, so the CTAs resident together share a weight tile in L2.
+would leave most SMs idle, and the last program to finish an output tile adds the tile's chunk sums in order, in
+the same launch (`_gemm_common.store_tile`). Prefill launches order the grid token tiles first, so the CTAs
+resident together share a weight tile in L2.
 
 `fp8_linear(x, b, b_s, ...)` is the same kernel with act_quant fused in front: bf16 activations are quantized per
 (token, 128-group) in registers with the exact act_quant recipe (spec §3.2), so it equals act_quant + fp8_gemm bit
@@ -80,11 +81,11 @@ def _block_term(
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one compile for every token count
 def _fp8_gemm_kernel(
-    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr,
+    a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, cnt_ptr,
     M, N, K, N_KB, CHUNK_KB, M_BUCKET,
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     A_E8M0: tl.constexpr, B_E8M0: tl.constexpr, FUSE_QUANT: tl.constexpr,
-    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, DOT_F64: tl.constexpr, T_FAST: tl.constexpr,
+    CHUNKED: tl.constexpr, SPLIT: tl.constexpr, IN_LAUNCH: tl.constexpr, DOT_F64: tl.constexpr, T_FAST: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     # M_BUCKET only keys the autotuner (size class of M)
@@ -130,12 +131,8 @@ def _fp8_gemm_kernel(
             sa, sb = sa_next, sb_next
             sa_next, sb_next = _scales(as_ptrs, bs_ptrs, kb + 1, kb_end, mask_t, FUSE_QUANT)
             total += _block_term(w_ptrs, a_ptrs, sa, sb, kb, mask_w, mask_t, A_E8M0, B_E8M0, FUSE_QUANT, DOT_F64)
-    if SPLIT:
-        ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * N
-        tl.store(ws + offs_t[None, :] * N + offs_w[:, None], total, mask=mask_w[:, None] & mask_t[None, :])
-    else:
-        c_ptrs = c_ptr + offs_t[None, :] * stride_cm + offs_w[:, None]
-        tl.store(c_ptrs, total.to(tl.bfloat16), mask=mask_w[:, None] & mask_t[None, :])
+    mask = mask_w[:, None] & mask_t[None, :]
+    common.store_tile(total, c_ptr, ws_ptr, cnt_ptr, offs_w, offs_t, mask, M, N, stride_cm, SPLIT, IN_LAUNCH)
 
 
 def _configs(small_m: bool):
@@ -154,9 +151,13 @@ def _configs(small_m: bool):
     return [triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st) for w, t, nw, st in shapes]
 
 
-_KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "FUSE_QUANT", "SPLIT"]
+_KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "FUSE_QUANT", "SPLIT", "IN_LAUNCH"]
 _small = common.autotune(_configs(True), _KEY)(_fp8_gemm_kernel)
 _large = common.autotune(_configs(False), _KEY)(_fp8_gemm_kernel)
+# the smallest tiles of any configuration: a split launch's output tiles (one arrival counter each) are at most
+# cdiv(N, _MIN_W) * cdiv(M, _MIN_T)
+_MIN_W = min(c.kwargs["BLOCK_W"] for c in _small.configs + _large.configs)
+_MIN_T = min(c.kwargs["BLOCK_T"] for c in _small.configs + _large.configs)
 
 SMALL_M = 64  # decode-sized launches: K split over chunks when the tiles leave SMs idle
 
@@ -185,7 +186,12 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
         # split K only where the largest small-M tiles cannot occupy the SMs
         split = small and chunks > 1 and triton.cdiv(n, 128) * triton.cdiv(m, 16) < common.sm_count(a.device)
     split = split and chunks > 1
-    ws = common.empty(chunks, m, n, dtype=torch.float32, device=a.device) if split else out  # out: unused dummy
+    in_launch = split and common.reduce_in_launch(m)
+    if split:
+        ws = common.empty(chunks, m, n, dtype=torch.float32, device=a.device)
+        cnt = common.tile_counters(a.device, triton.cdiv(n, _MIN_W) * triton.cdiv(m, _MIN_T))
+    else:
+        ws = cnt = out  # unused dummies
     kernel = _small if small else _large
     t_fast = not small and not split  # prefill: the CTAs resident at once share weight tiles
 
@@ -194,14 +200,20 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
         return (t_tiles, w_tiles, 1) if t_fast else (w_tiles, t_tiles, chunks if split else 1)
 
     with common.on_device(a):
-        kernel[grid](
-            a, as_, b, bs, out, ws,
-            m, n, k, n_kb, chunk, common.bucket(m),
-            a.stride(0), stride_asm, b.stride(0), bs.stride(0), out.stride(0),
-            A_E8M0=a_e8m0, B_E8M0=b_e8m0, FUSE_QUANT=fuse_quant,
-            CHUNKED=chunk > 1, SPLIT=split, DOT_F64=runtime.interpreting(), T_FAST=t_fast, **common.NO_FMA,
-        )  # fmt: skip
-        if split:
+        try:
+            kernel[grid](
+                a, as_, b, bs, out, ws, cnt,
+                m, n, k, n_kb, chunk, common.bucket(m),
+                a.stride(0), stride_asm, b.stride(0), bs.stride(0), out.stride(0),
+                A_E8M0=a_e8m0, B_E8M0=b_e8m0, FUSE_QUANT=fuse_quant,
+                CHUNKED=chunk > 1, SPLIT=split, IN_LAUNCH=in_launch, DOT_F64=runtime.interpreting(), T_FAST=t_fast,
+                **common.NO_FMA,
+            )  # fmt: skip
+        except BaseException:
+            if in_launch:  # a launch stopped part way (interpreter) may have left arrival counters non-zero
+                common.reset_tile_counters(a.device)
+            raise
+        if split and not in_launch:
             common.reduce_chunks(ws, out)
     return out
 
