@@ -55,7 +55,7 @@ def exp_f64(x):
     return tl.where(x != x, x, y)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # the blocks a step completes: a per-step count
 def _pool_kernel(
     kv_ptr, sc_ptr, out_ptr, N, W, C,
     kv_sn, kv_sw, sc_sn, sc_sw,

@@ -40,7 +40,9 @@ from parity.optimized.ops.triton import runtime
 IDX_BITS = 31  # low key bits: ~entry id (entries < 2^31)
 
 
-@triton.jit
+# per-step counts (entries, rows, k, position) are not specialized: a decode would compile a variant each time one
+# crossed 1 or a multiple of 16 (H200 decode steps compiled kernels mid-run)
+@triton.jit(do_not_specialize=["L", "T"])
 def _scores_kernel(
     q_ptr, e_ptr, w_ptr, out_ptr, L, H, T, D,
     q_sl, q_sh, e_st, w_sl, w_sh,
@@ -83,7 +85,7 @@ def _visible(start_pos, rows, ratio, L, T):
     return tl.where(rows < L, vis, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["L", "T", "K", "start_pos"])
 def _topk_rank_kernel(sc_ptr, out_ptr, L, T, K, start_pos, ratio, TP: tl.constexpr, BR: tl.constexpr):
     # all of a row's entries at once: each key's rank is the number of larger keys (keys are distinct: the entry id
     # is in them), and the entry goes to output column rank if rank < k. O(t^2) compares, no sorting network.
@@ -101,7 +103,7 @@ def _topk_rank_kernel(sc_ptr, out_ptr, L, T, K, start_pos, ratio, TP: tl.constex
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], tl.full([BR, TP], -1, tl.int64), mask=pad)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "W", "K", "start_pos"])
 def _topk_tree_kernel(
     src_ptr, out_ptr, T, W, K, start_pos, ratio,
     KP: tl.constexpr, C: tl.constexpr, FROM_SCORES: tl.constexpr, FINAL: tl.constexpr,

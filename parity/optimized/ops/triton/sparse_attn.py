@@ -95,7 +95,9 @@ def n_blocks(idx_rows, tmask, K, BN: tl.constexpr, CH: tl.constexpr):
     return tl.where(tmask, tl.maximum((last + BN - 1) // BN, tl.minimum(K, 1)), 0)
 
 
-@triton.jit
+# the index width K (and its row stride) grows with the context: not specialized, or decode steps would compile
+# a variant whenever it crossed a multiple of 16
+@triton.jit(do_not_specialize=["K", "idx_st"])
 def _sparse_attn_kernel(
     q_ptr, o_ptr, idx_ptr, sink_ptr,
     s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3,
@@ -155,7 +157,7 @@ def _sparse_attn_kernel(
              mask=hmask[:, None] & (own < D)[None, :])  # fmt: skip
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "K", "idx_st"])
 def _sparse_attn_tokens_kernel(
     q_ptr, o_ptr, idx_ptr, sink_ptr,
     s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3,
