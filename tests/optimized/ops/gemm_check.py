@@ -8,6 +8,7 @@ first accepts every element whose distance to the float64 math exceeds the twin'
 (`allowance`, computed by the test from |A| . |B|^T), and hands the rest to `check` unchanged.
 """
 
+import pytest
 import torch
 
 from tests.optimized.ops.conftest import BackendImpl, check
@@ -51,3 +52,60 @@ def rounding_span(center: torch.Tensor, delta: torch.Tensor, dtype=torch.bfloat1
     lo = (center - delta).float().to(dtype).double()
     hi = (center + delta).float().to(dtype).double()
     return hi - lo
+
+
+# ---- split-K launches (fp8_gemm, fp4_gemm): the chunk sums added in chunk order, in or after the launch ------------
+
+SPLIT_BUGS = ["stale counts of an aborted launch", "counters not reset", "a chunk skipped"]
+
+
+def check_split_launch(run, monkeypatch, n_chunks: int):
+    """`run(split)` calls the op with K split (True) or not; with NaN-filled output and workspace this asserts (a)
+    the split output is the bf16 of the workspace's `n_chunks` chunk sums added in chunk order (computed here in
+    torch) and the unsplit launch's, (b) the arrival counters are all zero afterwards, (c) a second launch on the
+    same counters gives the same bits. Returns the workspace and the output."""
+    from parity.optimized.ops.triton import _gemm_common as common
+    from parity.reference import model as ref
+
+    workspaces, empty = [], common.empty
+
+    def spy(*shape, dtype, device):
+        t = empty(*shape, dtype=dtype, device=device)
+        if dtype == torch.float32:
+            workspaces.append(t)
+        return t
+
+    monkeypatch.setattr(common, "POISON", True)
+    monkeypatch.setattr(common, "empty", spy)
+    with ref.default_dtype(torch.bfloat16):
+        out = run(True)
+        (ws,) = workspaces
+        assert ws.shape == (n_chunks, *out.shape) and not ws.isnan().any()
+        total = ws[0].clone()
+        for part in ws[1:]:
+            total += part  # fp32, IEEE round to nearest: the kernel's additions
+        assert torch.equal(out, total.to(torch.bfloat16))
+        assert torch.equal(out, run(False))
+        assert not common.tile_counters(out.device, 0).any(), "arrival counters left non-zero"
+        assert torch.equal(run(True), out)
+    return ws, out
+
+
+def check_planted_split_bug(run, monkeypatch, n_chunks: int, bug: str, device) -> None:
+    """One of SPLIT_BUGS planted into an in-launch reduction (`run` at <= 16 tokens) must fail `check_split_launch`."""
+    from parity.optimized.ops.triton import _gemm_common as common
+
+    if bug == "a chunk skipped":
+        # a last program that left out chunk j would store bf16 of the other chunks' sum: never what the check wants
+        ws, out = check_split_launch(run, monkeypatch, n_chunks)
+        for j in range(n_chunks):
+            skipped = sum((ws[c] for c in range(n_chunks) if c != j), torch.zeros_like(ws[0]))
+            assert not torch.equal(out, skipped.to(torch.bfloat16))
+        return
+    # counters that start at 1 (a launch stopped after one program counted) make a program other than the last one
+    # reduce; counters left at n_chunks by a launch that did not reset them make no program reduce
+    planted = torch.full((1024,), 1 if bug.startswith("stale") else n_chunks, dtype=torch.int32, device=device)
+    monkeypatch.setattr(common, "tile_counters", lambda device, tiles: planted)
+    with pytest.raises(AssertionError):
+        check_split_launch(run, monkeypatch, n_chunks)
+    assert planted.any()  # and the counters are not back to zero

@@ -15,7 +15,13 @@ import torch
 from parity.formats import e8m0_to_float, fp4_to_float, quantize_fp4_groups
 from parity.optimized.ops import OpsConfig, resolve_ops
 from parity.reference import model as ref
-from tests.optimized.ops.gemm_check import check_gemm, fp8_block_allowance
+from tests.optimized.ops.gemm_check import (
+    SPLIT_BUGS,
+    check_gemm,
+    check_planted_split_bug,
+    check_split_launch,
+    fp8_block_allowance,
+)
 
 OP = "fp4_gemm"
 OPS = resolve_ops()  # act_quant (torch)
@@ -204,59 +210,18 @@ def split_inputs(m, k=1024):
     return *quantize(activations(m, k)), w, s
 
 
-def check_split_launch(module, monkeypatch, xq, xs, w, s):
-    """Runs the split-K launch with NaN-filled output and workspace and asserts (a) its output is the bf16 of the
-    workspace's chunk sums added in chunk order (computed here in torch) and the unsplit launch's, (b) the arrival
-    counters are all zero afterwards, (c) a second launch on the same counters gives the same bits. Returns the
-    workspace and the output."""
-    from parity.optimized.ops.triton import _gemm_common as common
-
-    workspaces, empty = [], common.empty
-
-    def spy(*shape, dtype, device):
-        t = empty(*shape, dtype=dtype, device=device)
-        if dtype == torch.float32:
-            workspaces.append(t)
-        return t
-
-    monkeypatch.setattr(common, "POISON", True)
-    monkeypatch.setattr(common, "empty", spy)
-    with ref.default_dtype(torch.bfloat16):
-        out = module.fp4_gemm(xq, xs, w, s, _split=True)
-        (ws,) = workspaces
-        assert ws.shape == (8, xq.shape[0], w.shape[0]) and not ws.isnan().any()
-        total = ws[0].clone()
-        for part in ws[1:]:
-            total += part  # fp32, IEEE round to nearest: the kernel's additions
-        assert torch.equal(out, total.to(torch.bfloat16))
-        assert torch.equal(out, module.fp4_gemm(xq, xs, w, s, _split=False))
-        assert not common.tile_counters(xq.device, 0).any(), "arrival counters left non-zero"
-        assert torch.equal(module.fp4_gemm(xq, xs, w, s, _split=True), out)
-    return ws, out
+def split_run(module, xq, xs, w, s):
+    """The op on these inputs with K split (True) or not."""
+    return lambda split: module.fp4_gemm(xq, xs, w, s, _split=split)
 
 
 @pytest.mark.parametrize("k", [512, 1024])
 @pytest.mark.parametrize("m", [1, 7, 64, 300])
-def test_triton_split_k_reduced_in_launch(triton_fp4, monkeypatch, m, k):
-    check_split_launch(triton_fp4, monkeypatch, *split_inputs(m, k))
+def test_triton_split_k_adds_the_chunk_sums_in_order(triton_fp4, monkeypatch, m, k):
+    check_split_launch(split_run(triton_fp4, *split_inputs(m, k)), monkeypatch, 8)
 
 
-@pytest.mark.parametrize("bug", ["stale counts of an aborted launch", "counters not reset", "a chunk skipped"])
+@pytest.mark.parametrize("bug", SPLIT_BUGS)
 def test_planted_split_k_reduction_bugs_are_caught(triton_fp4, monkeypatch, bug):
-    from parity.optimized.ops.triton import _gemm_common as common
-
     xq, xs, w, s = split_inputs(7)
-    if bug == "a chunk skipped":
-        # a last program that left out chunk j would store bf16 of the other chunks' sum: never what the check wants
-        ws, out = check_split_launch(triton_fp4, monkeypatch, xq, xs, w, s)
-        for j in range(ws.shape[0]):
-            skipped = sum((ws[c] for c in range(ws.shape[0]) if c != j), torch.zeros_like(ws[0]))
-            assert not torch.equal(out, skipped.to(torch.bfloat16))
-        return
-    # counters that start at 1 (a launch stopped after one program counted) make a program other than the last one
-    # reduce; counters left at n_chunks by a launch that did not reset them make no program reduce
-    planted = torch.full((1024,), 1 if bug.startswith("stale") else 8, dtype=torch.int32, device=xq.device)
-    monkeypatch.setattr(common, "tile_counters", lambda device, tiles: planted)
-    with pytest.raises(AssertionError):
-        check_split_launch(triton_fp4, monkeypatch, xq, xs, w, s)
-    assert planted.any()  # and the counters are not back to zero
+    check_planted_split_bug(split_run(triton_fp4, xq, xs, w, s), monkeypatch, 8, bug, xq.device)

@@ -203,6 +203,28 @@ def reset_tile_counters(device: torch.device) -> None:
         _COUNTERS[device].zero_()
 
 
+def split_buffers(split: bool, chunks: int, m: int, n: int, out: torch.Tensor, tiles: int):
+    """(fp32 workspace [chunks, m, n], arrival counters for `tiles` output tiles) of a split-K launch writing `out`;
+    `out` twice (unused arguments) when K is not split."""
+    if not split:
+        return out, out
+    return empty(chunks, m, n, dtype=torch.float32, device=out.device), tile_counters(out.device, tiles)
+
+
+@contextlib.contextmanager
+def split_reduction(ws: torch.Tensor, out: torch.Tensor, split: bool, in_launch: bool):
+    """Around a split-capable launch: a launch that raises part way (the interpreter) may leave arrival counters
+    non-zero, so they are reset; a split launch that does not reduce in the launch gets `reduce_chunks` after it."""
+    try:
+        yield
+    except BaseException:
+        if in_launch:
+            reset_tile_counters(out.device)
+        raise
+    if split and not in_launch:
+        reduce_chunks(ws, out)
+
+
 # Split launches of at most this many tokens reduce in the launch; larger ones keep the second launch. H200, graph
 # times (docs/perf.md, session 5): in-launch was faster at one token everywhere (fp8_gemm Flash wq_a 6.71 -> 5.52
 # us, wo_b 13.31 -> 12.16; fp4_gemm Flash w1 10.35 -> 8.73) and at 64 tokens even or slower (Flash wo_b's 128 x 64

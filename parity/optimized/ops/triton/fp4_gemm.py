@@ -187,28 +187,17 @@ def fp4_gemm(
         # 4 blocks per loop trip need every program's K range to start and end on a 128-group (K % 128 == 0 makes
         # the whole range do; a split chunk must be a multiple of 4 blocks)
         sub = 4 if not split or chunk % 4 == 0 else 1
-        if split:
-            ws = common.empty(chunks, m, n, dtype=torch.float32, device=a.device)
-            cnt = common.tile_counters(a.device, triton.cdiv(n, _MIN_W) * triton.cdiv(m, _MIN_T))
-        else:
-            ws = cnt = out  # unused dummies
+        ws, cnt = common.split_buffers(split, chunks, m, n, out, triton.cdiv(n, _MIN_W) * triton.cdiv(m, _MIN_T))
 
         def grid(meta):
             return (triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
 
-        with common.on_device(a):
-            try:
-                (_small if small else _large)[grid](
-                    a2, asc, bytes_, bsc, out, ws, cnt,
-                    m, n, k, n_kb, chunk, common.bucket(m),
-                    a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
-                    A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNKED=chunk > 1, SPLIT=split, IN_LAUNCH=in_launch,
-                    DOT_F64=runtime.interpreting(), SUB=sub, **common.NO_FMA,
-                )  # fmt: skip
-            except BaseException:
-                if in_launch:  # a launch stopped part way (interpreter) may have left arrival counters non-zero
-                    common.reset_tile_counters(a.device)
-                raise
-            if split and not in_launch:
-                common.reduce_chunks(ws, out)
+        with common.on_device(a), common.split_reduction(ws, out, split, in_launch):
+            (_small if small else _large)[grid](
+                a2, asc, bytes_, bsc, out, ws, cnt,
+                m, n, k, n_kb, chunk, common.bucket(m),
+                a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
+                A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNKED=chunk > 1, SPLIT=split, IN_LAUNCH=in_launch,
+                DOT_F64=runtime.interpreting(), SUB=sub, **common.NO_FMA,
+            )  # fmt: skip
     return out.view(*a.shape[:-1], n).to(torch.get_default_dtype())

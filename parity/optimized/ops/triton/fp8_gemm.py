@@ -187,11 +187,7 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
         split = small and chunks > 1 and triton.cdiv(n, 128) * triton.cdiv(m, 16) < common.sm_count(a.device)
     split = split and chunks > 1
     in_launch = split and common.reduce_in_launch(m)
-    if split:
-        ws = common.empty(chunks, m, n, dtype=torch.float32, device=a.device)
-        cnt = common.tile_counters(a.device, triton.cdiv(n, _MIN_W) * triton.cdiv(m, _MIN_T))
-    else:
-        ws = cnt = out  # unused dummies
+    ws, cnt = common.split_buffers(split, chunks, m, n, out, triton.cdiv(n, _MIN_W) * triton.cdiv(m, _MIN_T))
     kernel = _small if small else _large
     t_fast = not small and not split  # prefill: the CTAs resident at once share weight tiles
 
@@ -199,22 +195,15 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
         w_tiles, t_tiles = triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"])
         return (t_tiles, w_tiles, 1) if t_fast else (w_tiles, t_tiles, chunks if split else 1)
 
-    with common.on_device(a):
-        try:
-            kernel[grid](
-                a, as_, b, bs, out, ws, cnt,
-                m, n, k, n_kb, chunk, common.bucket(m),
-                a.stride(0), stride_asm, b.stride(0), bs.stride(0), out.stride(0),
-                A_E8M0=a_e8m0, B_E8M0=b_e8m0, FUSE_QUANT=fuse_quant,
-                CHUNKED=chunk > 1, SPLIT=split, IN_LAUNCH=in_launch, DOT_F64=runtime.interpreting(), T_FAST=t_fast,
-                **common.NO_FMA,
-            )  # fmt: skip
-        except BaseException:
-            if in_launch:  # a launch stopped part way (interpreter) may have left arrival counters non-zero
-                common.reset_tile_counters(a.device)
-            raise
-        if split and not in_launch:
-            common.reduce_chunks(ws, out)
+    with common.on_device(a), common.split_reduction(ws, out, split, in_launch):
+        kernel[grid](
+            a, as_, b, bs, out, ws, cnt,
+            m, n, k, n_kb, chunk, common.bucket(m),
+            a.stride(0), stride_asm, b.stride(0), bs.stride(0), out.stride(0),
+            A_E8M0=a_e8m0, B_E8M0=b_e8m0, FUSE_QUANT=fuse_quant,
+            CHUNKED=chunk > 1, SPLIT=split, IN_LAUNCH=in_launch, DOT_F64=runtime.interpreting(), T_FAST=t_fast,
+            **common.NO_FMA,
+        )  # fmt: skip
     return out
 
 
