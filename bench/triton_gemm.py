@@ -622,7 +622,7 @@ def compile_check(only: str = "") -> int:
     # decode tiles read the FP8 weight, prefill tiles the bf16 one (o_lora's launch)
     for tuner, fp8, w_type in ((o_lora._small, True, "*fp8e4nv"), (o_lora._large, False, "*bf16")):
         for kw, nw, ns in cfgs(tuner):
-            c = dict(W_FP8=fp8, EVEN_K=True, DOT_F64=False, **kw)
+            c = dict(W_FP8=fp8, BITS=fp8, EVEN_K=True, DOT_F64=False, **kw)  # decode: the PTX dequantization
             jobs.append(("o_lora", o_lora._o_lora_kernel, dict(so, w_ptr=w_type), c, nw, ns))
     sd = dict(x_ptr="*fp32", w_ptr="*fp32", y_ptr="*fp32", ws_ptr="*fp32", M=i32, N=i32, K=i32, CHUNK_K=i32,
               M_BUCKET=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32)  # fmt: skip
