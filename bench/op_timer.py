@@ -83,6 +83,9 @@ class StepProbe:
             self.kv_idx[self.scope].append((args[2], ring.shape[-1] * ring.element_size()))
         elif name == "indexer_topk":
             self.index_bytes[self.scope] += args[1].numel() * args[1].element_size()
+        elif name == "indexer_topk_ragged":  # the entries it reads: one pool row per entry row id
+            pool, entry_rows = args[1], args[2]
+            self.index_bytes[self.scope] += entry_rows.numel() * pool.shape[-1] * pool.element_size()
 
     def _enter_layer(self, i):
         def hook(module, args):

@@ -71,18 +71,22 @@ ATTN_SIG = _sig(
     "c1:i64 c2:i64 c3:i64 c4:i64 st0:i32 st1:i32 st2:i32 st3:i32 H:i32 K:i32 q_st:i32 q_sh:i32 idx_st:i32 "
     "scale:fp32"
 )
-TOPK_SIG = _sig("sc_ptr:*fp32 out_ptr:*i64 L:i32 T:i32 K:i32 start_pos:i32 ratio:i32")
-TREE_SIG = _sig("src_ptr:*fp32 out_ptr:*i64 T:i32 W:i32 K:i32 start_pos:i32 ratio:i32")
+TOPK_SIG = _sig("sc_ptr:*fp32 meta_ptr:*i64 out_ptr:*i64 L:i32 T:i32 K:i32 start_pos:i32 ratio:i32")
+TREE_SIG = _sig("src_ptr:*fp32 meta_ptr:*i64 out_ptr:*i64 T:i32 W:i32 K:i32 start_pos:i32 ratio:i32")
 POOL_SIG = _sig("kv_ptr:*fp32 sc_ptr:*fp32 out_ptr:*fp32 N:i32 W:i32 C:i32 kv_sn:i32 kv_sw:i32 sc_sn:i32 sc_sw:i32")
 SCORES_SIG = _sig(
     "q_ptr:*bf16 e_ptr:*bf16 w_ptr:*bf16 out_ptr:*fp32 L:i32 H:i32 T:i32 D:i32 q_sl:i32 q_sh:i32 e_st:i32 w_sl:i32 "
     "w_sh:i32"
 )
+RAGGED_SCORES_SIG = _sig(
+    "q_ptr:*bf16 pool_ptr:*bf16 rows_ptr:*i64 meta_ptr:*i64 w_ptr:*bf16 out_ptr:*fp32 L:i32 H:i32 E:i32 D:i32 "
+    "ratio:i32 q_sl:i32 q_sh:i32 p_st:i32 w_sl:i32 w_sh:i32"
+)
 FP8_SIG = _sig("x_ptr:*bf16 y_ptr:*fp8e4nv s_ptr:*u8 R:i32 NG:i32 x_row_stride:i32 y_row_stride:i32")
 FP4_SIG = _sig("x_ptr:*bf16 R:i32 NG:i32 row_stride:i32")
 HAD_SIG = _sig("x_ptr:*bf16 y_ptr:*bf16 R:i32 x_row_stride:i32 scale:fp32")
 # sizes and counts: not specialized as multiples of 16 (strides and pointers are)
-NOT_DIVISIBLE = {"H", "K", "c1", "c2", "c3", "c4", "R", "NG", "N", "W", "C", "L", "T", "start_pos"}
+NOT_DIVISIBLE = {"H", "K", "c1", "c2", "c3", "c4", "R", "NG", "N", "W", "C", "L", "T", "E", "start_pos"}
 
 
 def cases():
@@ -108,12 +112,16 @@ def cases():
         yield f"compress_pool w {w} d 512", compress_pool._pool_kernel, POOL_SIG, dict(WP=w, BN=1, BC=bc), 4, 3
     scores = dict(HP=64, DP=128, BR=1, BT=64, W_BF16=True)
     yield "indexer scores h 64", indexer_topk._scores_kernel, SCORES_SIG, scores, 4, 3
-    yield "indexer top-k rank t <= 128", indexer_topk._topk_rank_kernel, TOPK_SIG, dict(TP=128, BR=1), 8, 3
-    for kp in (512, 1024):
-        for first, src in ((True, "*fp32"), (False, "*i64")):
-            tree = dict(KP=kp, C=4096, FROM_SCORES=first, FINAL=not first)
-            sig = {**TREE_SIG, "src_ptr": src}
-            yield f"indexer top-k tree k {kp} C 4096 first {first}", indexer_topk._topk_tree_kernel, sig, tree, 8, 3
+    yield "indexer ragged scores h 64", indexer_topk._ragged_scores_kernel, RAGGED_SCORES_SIG, scores, 4, 3
+    for ragged in (False, True):
+        rank = dict(TP=128, BR=1, RAGGED=ragged)
+        yield f"indexer top-k rank t <= 128 ragged {ragged}", indexer_topk._topk_rank_kernel, TOPK_SIG, rank, 8, 3
+        for kp in (512, 1024):
+            for first, src in ((True, "*fp32"), (False, "*i64")):
+                tree = dict(KP=kp, C=4096, FROM_SCORES=first, FINAL=not first, RAGGED=ragged)
+                sig = {**TREE_SIG, "src_ptr": src}
+                name = f"indexer top-k tree k {kp} C 4096 first {first} ragged {ragged}"
+                yield name, indexer_topk._topk_tree_kernel, sig, tree, 8, 3
     for bh, warps, stages, parts in sparse_attn.CONFIGS:
         consts = dict(D=512, DP=512, BN=64, BH=bh, NPART=parts)
         name = f"sparse_attn d 512 BH {bh} warps {warps} stages {stages} parts {parts}"
@@ -423,6 +431,46 @@ def bench_indexer(roof, gen):
                    gms)  # fmt: skip
 
 
+def _per_request_indexer(q, pool, entry_rows, w, cu_seqlens, cu_entries, ks, starts, ratio):
+    # what the engine did before the ragged op: one gather, then one indexer_topk call per request, -1 padded
+    ent = pool[entry_rows]
+    outs = [TRITON.indexer_topk(q[a:b], ent[e0:e1], w[a:b], k, s, ratio) for a, b, e0, e1, k, s in
+            zip(cu_seqlens, cu_seqlens[1:], cu_entries, cu_entries[1:], ks, starts)]  # fmt: skip
+    return torch.cat([torch.nn.functional.pad(o, (0, max(ks) - o.shape[1]), value=-1) for o in outs])
+
+
+def bench_indexer_ragged(roof, gen):
+    """A decode step of B requests as the engine calls it on one rank: one `indexer_topk_ragged` over the paged
+    pool (row ids, blocks shuffled) against B per-request `indexer_topk` calls on gathered entries (what the engine
+    did before); the same ids required (torch.equal)."""
+    from parity.reference import kernels
+
+    bs, h, d = (16, 4, 128) if ARGS.smoke else (16, INDEX_HEADS, INDEX_DIM)
+    runs = [(4, 512)] if ARGS.smoke else [(64, 4096), (64, 16384)] if ARGS.quick else [(16, 4096), (64, 4096),
+                                                                                        (64, 16384)]  # fmt: skip
+    for model, cfg in MODELS.items():
+        for b, ctx in runs:
+            ctxs = torch.randint(ctx // 2, ctx + 1, (b,), generator=gen).tolist()  # mixed lengths up to ctx
+            counts = [c // 4 for c in ctxs]
+            need = [-(-c // bs) for c in counts]
+            perm = torch.randperm(sum(need), generator=gen)  # each request's blocks scattered over the pool
+            first = torch.tensor([0, *need]).cumsum(0).tolist()
+            rows = [perm[first[i] :][torch.arange(n) // bs] * bs + torch.arange(n) % bs for i, n in enumerate(counts)]
+            pool = kernels.fp4_act_quant(torch.randn(sum(need) * bs, d, device=DEV).to(BF16), 32, True)
+            q = kernels.fp4_act_quant(torch.randn(b, h, d, device=DEV).to(BF16), 32, True)
+            w = (torch.randn(b, h, device=DEV) * (d**-0.5 * h**-0.5)).to(BF16)
+            ks = tuple(min(cfg["topk"], n) for n in counts)
+            cu_e = tuple(torch.tensor([0, *counts]).cumsum(0).tolist())
+            args = (q, pool, torch.cat(rows).to(DEV), w, tuple(range(b + 1)), cu_e, ks, tuple(c - 1 for c in ctxs), 4)
+            got, want = TRITON.indexer_topk_ragged(*args), _per_request_indexer(*args)
+            check = "ids equal" if torch.equal(got, want) else fail(f"indexer_topk_ragged {model}: ids differ")
+            loop = bench_ms(_per_request_indexer, *args)
+            name = f"decode B {b} ctx <= {ctx // 1024}k (loop {loop:.3f} ms)"
+            nbytes = sum(counts) * d * 2
+            record("indexer_ragged", model, name, bench_ms(TRITON.indexer_topk_ragged, *args), None, nbytes,
+                   2 * h * nbytes, check, roof, "(no target)", graph_ms(TRITON.indexer_topk_ragged, *args))  # fmt: skip
+
+
 def bench_memory_ops(roof):
     tokens = 256 if ARGS.smoke else 4096
     big = 512 if ARGS.smoke else 16384
@@ -526,6 +574,7 @@ def main():
         bench_memory_ops(roof)
     if "indexer_topk" in ARGS.ops:
         bench_indexer(roof, gen)
+        bench_indexer_ragged(roof, gen)
     if "sparse_attn" in ARGS.ops:
         bench_sparse_attn(roof, gen)
     write(roof, time.perf_counter() - t0)

@@ -21,11 +21,14 @@ token by token like the decode path and gives each token a 128-wide window list 
 
 Per-request bookkeeping runs for all requests of a step at once, on the tokens' device, with no host round trip:
 the attention index lists (`OptAttention._sparse_idx`), the ring writes, the compressor state machine after a
-context and the norm / RoPE / fake-quant of new entries (`compress_all`). Its index tensors are derived from the
-batch's host metadata once per forward (`Batch.derived`) and shared by the layers. Each request's values are the
-ones it gets alone: the ops whose torch form is shape-sensitive get the requests' row groups (`segments`).
+context and the norm / RoPE / fake-quant of new entries (`compress_all`), the indexer top-k on one rank
+(`ops.indexer_topk_ragged`, reading each request's entries from the pool by row ids). Its index tensors are
+derived from the batch's host metadata once per forward (`Batch.derived`) and shared by the layers. Each request's
+values are the ones it gets alone: the ops whose torch form is shape-sensitive get the requests' row groups
+(`segments`).
 """
 
+import itertools
 from dataclasses import dataclass
 from functools import partial
 
@@ -151,18 +154,24 @@ class OptIndexer(ref.Indexer):
         pool = cache.index_entries[layer]
         flat_pool = pool.view(-1, pool.shape[-1])
         compress_all(self.compressor, x, batch, cache.index_state[layer], freqs_cis, flat_pool, cache, ratio)
-        # every request's entries 0..n_i-1 in one gather (per request, a host index made each gather wait for the
-        # device); the top-k itself is a per-request op
+        # the pool rows of every request's entries 0..n_i-1, request after request (built once per batch: per
+        # request, a host index made each gather wait for the device)
         gather, counts = batch.derived(("indexer entries", ratio), lambda: _entry_gather(batch, cache, ratio))
+        ks = tuple(min(self.index_topk, c) for c in counts)
+        if self.tp.world == 1:
+            # the whole batch in one call, reading the pool through the row ids (one launch per layer, where a call
+            # per request was the step's largest op)
+            cu_entries = (0, *itertools.accumulate(counts))
+            out = ops.indexer_topk_ragged(
+                q, flat_pool, gather, weights, batch.cu_seqlens, cu_entries, ks, batch.start_pos, ratio
+            )
+            return self.topk(out)  # [T, max k]
+        # tensor parallel: per request, the ranks' head sums are all-reduced before the top-k
         entries = flat_pool[gather].split(counts)  # [n_i, d] each
         out = []
         for i in range(batch.num_seqs):
             rows, start = batch.rows(i), batch.start_pos[i]
-            k = min(self.index_topk, counts[i])
-            if self.tp.world > 1:  # the ranks' head sums are all-reduced before the top-k
-                out.append(parallel.indexer_topk(q[rows], entries[i], weights[rows], k, start, ratio, self.tp))
-            else:
-                out.append(ops.indexer_topk(q[rows], entries[i], weights[rows], k, start, ratio))
+            out.append(parallel.indexer_topk(q[rows], entries[i], weights[rows], ks[i], start, ratio, self.tp))
         return self.topk(_pad_cat(out))  # [T, max k]
 
 

@@ -170,19 +170,38 @@ def _hca_entry_early():
     return _setattr(opt_model.OptAttention, "_hca_entries", staticmethod(buggy))
 
 
+def _plant_entry_ahead(out, start_pos: int, n_entries: int, ratio: int):
+    # out: one request's [L, k] ids -> a copy with the entry one step ahead (where it exists) in the last column of
+    # the rows whose own block is still building it
+    t = torch.arange(start_pos, start_pos + out.shape[0], device=out.device)
+    extra = ((t + 2) // ratio).clamp(max=n_entries) - 1  # the entry one step ahead, where it exists
+    ahead = (extra >= (t + 1) // ratio) & (extra >= 0)
+    if out.shape[1] and bool(ahead.any()):
+        out = out.clone()
+        out[ahead, -1] = extra[ahead]
+    return out
+
+
 def _indexer_causal_off_by_one(ops: Ops):
     # the indexer lets a query see the entry its own block is still building (limit (t+2)//r instead of (t+1)//r)
     def indexer_topk(q, entries, weights, k, start_pos, ratio):
         out = ops.indexer_topk(q, entries, weights, k, start_pos, ratio)
-        t = torch.arange(start_pos, start_pos + q.shape[0], device=q.device)
-        extra = ((t + 2) // ratio).clamp(max=entries.shape[0]) - 1  # the entry one step ahead, where it exists
-        ahead = (extra >= (t + 1) // ratio) & (extra >= 0)
-        if out.shape[1] and bool(ahead.any()):
-            out = out.clone()
-            out[ahead, -1] = extra[ahead]
-        return out
+        return _plant_entry_ahead(out, start_pos, entries.shape[0], ratio)
 
     return indexer_topk
+
+
+def _indexer_ragged_causal_off_by_one(ops: Ops):
+    # the same mistake in the batched form the engine calls on one rank: each sequence's rows, within its own k
+    def indexer_topk_ragged(q, pool, entry_rows, weights, cu_seqlens, cu_entries, k, start_pos, ratio):
+        out = ops.indexer_topk_ragged(q, pool, entry_rows, weights, cu_seqlens, cu_entries, k, start_pos, ratio)
+        out = out.clone()
+        for i, (ki, start) in enumerate(zip(k, start_pos)):
+            rows = slice(cu_seqlens[i], cu_seqlens[i + 1])
+            out[rows, :ki] = _plant_entry_ahead(out[rows, :ki], start, cu_entries[i + 1] - cu_entries[i], ratio)
+        return out
+
+    return indexer_topk_ragged
 
 
 def _paged_block_stride():
@@ -275,7 +294,8 @@ def library(n_layers: int) -> list[Bug]:
         Bug("hca-entry-early", "HCA entry visible one token before its block completes (compress boundary)",
             Expect(2, (ATTN,)), patch=_hca_entry_early),
         Bug("indexer-causal-off-by-one", "indexer sees the entry its own block is still building",
-            Expect(1, ("indexer",)), ops=_replace(indexer_topk=_indexer_causal_off_by_one)),
+            Expect(1, ("indexer",)), ops=_replace(indexer_topk=_indexer_causal_off_by_one,
+                                                  indexer_topk_ragged=_indexer_ragged_causal_off_by_one)),
         Bug("paged-block-stride", "paged KV block ids scaled by the wrong stride (block-table offset)",
             Expect(1, (ATTN, "indexer", "compressor", "indexer compressor")), patch=_paged_block_stride),
         Bug("compressor-reset-between-chunks", "compressor state reset at every prefill chunk",

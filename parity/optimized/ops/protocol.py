@@ -107,6 +107,15 @@ class IndexerTopk(Protocol):
         """One request: q bf16 `[L, h, d]`, entries bf16 `[t, d]`, weights `[L, h]` -> entry ids `[L, k]` (-1 none)."""
 
 
+class IndexerTopkRagged(Protocol):
+    def __call__(
+        self, q: Tensor, pool: Tensor, entry_rows: Tensor, weights: Tensor, cu_seqlens: Segments,
+        cu_entries: Segments, k: Segments, start_pos: Segments, ratio: int,
+    ) -> Tensor:  # fmt: skip
+        """A batch: q bf16 `[T, h, d]`, the flat entry pool `[P, d]` read at rows `entry_rows` (sequence i's entries
+        at `[cu_entries[i], cu_entries[i+1])`), host ints per sequence -> `[T, max k]` (-1 none / past its k)."""
+
+
 class SparseAttn(Protocol):
     def __call__(
         self, q: Tensor, sources: tuple[Tensor, ...], idx: Tensor, attn_sink: Tensor, softmax_scale: float
@@ -154,6 +163,7 @@ class Ops:
     hc_head: HcHead
     compress_pool: CompressPool
     indexer_topk: IndexerTopk
+    indexer_topk_ragged: IndexerTopkRagged
     sparse_attn: SparseAttn
     o_lora: OLora
     moe_gate: MoeGate

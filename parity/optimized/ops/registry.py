@@ -15,7 +15,8 @@ A string target (`"module:function"`) is imported only when its backend is selec
 Triton's `@jit` must see `TRITON_INTERPRET` before it decorates a kernel.
 
 Selection: `OpsConfig(default="torch", overrides=(("sparse_attn", "triton"),))`, or from the environment:
-`PARITY_BACKEND=torch` and `PARITY_OPS="sparse_attn=triton,fp8_gemm=torch"` (docs/ENVS.md).
+`PARITY_BACKEND=torch` and `PARITY_OPS="sparse_attn=triton,fp8_gemm=torch"` (docs/ENVS.md). An op in `FOLLOWS` (a
+second entry point of another op) runs on that op's backend unless an override names it.
 """
 
 import importlib
@@ -29,6 +30,9 @@ from parity.optimized.ops.protocol import Ops
 
 BACKENDS = ("torch", "triton", "aiter")
 OP_MODULES = tuple(f.name for f in fields(Ops) if f.name != "config")
+# op -> the op whose backend it takes when no override names it: the batched form of a per-request op, so that
+# `PARITY_OPS=indexer_topk=triton` moves the engine's call (the ragged form) and the tensor-parallel path's alike
+FOLLOWS = MappingProxyType({"indexer_topk_ragged": "indexer_topk"})
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,10 @@ class OpsConfig:
                 raise ParityError(f"unknown op {op!r} in backend overrides; ops: {list(OP_MODULES)}")
 
     def backend_of(self, op: str) -> str:
-        return dict(self.overrides).get(op, self.default)
+        overrides = dict(self.overrides)
+        if op in overrides:
+            return overrides[op]
+        return self.backend_of(FOLLOWS[op]) if op in FOLLOWS else self.default
 
     def backends(self) -> dict[str, str]:
         """op -> the backend it runs on (what a report records: which kernel actually ran)."""

@@ -195,3 +195,20 @@ def test_resolution_prepares_a_backend_before_loading_its_kernels(monkeypatch):
     monkeypatch.setattr(reg, "registry", lambda: table)
     ops = resolve_ops(OpsConfig(overrides=(("rope", "triton"),)))
     assert events == [("setup", "triton")] and ops.rope is fake.target
+
+
+# ---- second entry points ---------------------------------------------------------------------------------------
+
+
+def test_the_ragged_indexer_follows_the_per_request_ops_backend():
+    # the engine calls indexer_topk_ragged on one rank: PARITY_OPS=indexer_topk=... must still choose its kernel
+    follows = OpsConfig.from_env({"PARITY_OPS": "indexer_topk=triton"})
+    assert follows.backend_of("indexer_topk_ragged") == "triton"
+    assert follows.backends()["indexer_topk_ragged"] == "triton"
+    back = OpsConfig.from_env({"PARITY_BACKEND": "triton", "PARITY_OPS": "indexer_topk=torch"})
+    assert back.backend_of("indexer_topk_ragged") == "torch" and back.backend_of("rope") == "triton"
+    named = OpsConfig(overrides=(("indexer_topk", "triton"), ("indexer_topk_ragged", "torch")))
+    assert named.backend_of("indexer_topk_ragged") == "torch"
+    assert OpsConfig().backend_of("indexer_topk_ragged") == "torch"
+    ops = resolve_ops(follows)
+    assert ops.indexer_topk_ragged is registry()["indexer_topk_ragged"]["triton"].load()

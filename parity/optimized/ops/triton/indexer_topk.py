@@ -21,6 +21,14 @@ Two kernels:
    after chunk was serial). Output: the first k keys as entry ids in descending score order, -1 where a query sees
    fewer than k entries.
 
+The ragged form (`indexer_topk_ragged`, the engine's call on one rank) serves a whole batch of sequences with the
+same two steps, one scores launch and one top-k pass for all query rows: each row carries its sequence's (first
+slot in the entry row table, entry count, k, position) in a `[T, 4]` meta table, and its scores kernel reads the
+entries it sees straight from the flat paged pool through their row ids (no gathered copy of any sequence's
+entries; one query row per program on the GPU, the heads as the MMA's M, as the per-request kernel at h 64). The
+scores are the per-request kernel's bits (exact FP4-grid dot products; padded heads add zeros to the head sum), the
+keys the same keys, so each row's ids are the per-request op's, ties included.
+
 Ties: equal scores come out in ascending entry id (the key's low bits). torch.topk's order among equal values is
 implementation-defined (CUDA gave descending ids on one row, spec §7.2 step 10; the CPU kernel differs by row
 width): so the ids equal the twin's up to the order and choice among entries whose scores tie, which the tests
@@ -57,16 +65,21 @@ def _scores_kernel(
                 mask=rmask[:, None, None] & hmask[None, :, None] & dmask[None, None, :], other=0.0)  # fmt: skip
     e = tl.load(e_ptr + ents[:, None] * e_st + dims[None, :], mask=emask[:, None] & dmask[None, :], other=0.0)
     s = tl.dot(tl.reshape(q, [BR * HP, DP]), tl.trans(e))  # [BR*HP, BT] fp32
-    s = tl.reshape(s, [BR, HP, BT]).to(tl.bfloat16)  # the einsum's bf16 output
-    s = tl.maximum(s, 0.0).to(tl.float32)
     w = tl.load(w_ptr + rows[:, None] * w_sl + heads[None, :] * w_sh, mask=rmask[:, None] & hmask[None, :], other=0.0)
+    total = _weighted_head_sum(tl.reshape(s, [BR, HP, BT]), w, W_BF16)
+    tl.store(out_ptr + rows[:, None] * T + ents[None, :], total, mask=rmask[:, None] & emask[None, :])
+
+
+@triton.jit
+def _weighted_head_sum(s, w, W_BF16: tl.constexpr):
+    # fp32 q . k [BR, HP, BT], weights [BR, HP] -> [BR, BT]: the twin's bf16 einsum output, relu, times the weights,
+    # summed over heads (in bf16 steps when the weights are bf16)
+    s = tl.maximum(s.to(tl.bfloat16), 0.0).to(tl.float32)
     prod = s * w.to(tl.float32)[:, :, None]
     if W_BF16:
         prod = prod.to(tl.bfloat16).to(tl.float32)  # the bf16 x bf16 product
-        total = tl.sum(prod, axis=1).to(tl.bfloat16).to(tl.float32)
-    else:
-        total = tl.sum(prod, axis=1)
-    tl.store(out_ptr + rows[:, None] * T + ents[None, :], total, mask=rmask[:, None] & emask[None, :])
+        return tl.sum(prod, axis=1).to(tl.bfloat16).to(tl.float32)
+    return tl.sum(prod, axis=1)
 
 
 @triton.jit
@@ -80,42 +93,89 @@ def _keys(scores, ents, visible):
 
 
 @triton.jit
-def _visible(start_pos, rows, ratio, L, T):
-    vis = tl.minimum((start_pos + rows + 1) // ratio, T)
-    return tl.where(rows < L, vis, 0)
+def _row_limits(meta_ptr, rows, L, T, K, start_pos, ratio, RAGGED: tl.constexpr):
+    # (entries a query row sees, its k) for rows (a block, or one row): one request derives them from the scalars
+    # (row r at position start_pos + r, t = T entries, k = K); a ragged batch reads its row of meta (entry count,
+    # k, position) since its rows belong to different sequences
+    live = rows < L
+    if RAGGED:
+        n = tl.load(meta_ptr + rows * 4 + 1, mask=live, other=0)
+        k = tl.load(meta_ptr + rows * 4 + 2, mask=live, other=0)
+        vis = tl.minimum((tl.load(meta_ptr + rows * 4 + 3, mask=live, other=0) + 1) // ratio, n)
+    else:
+        vis = tl.minimum((start_pos + rows + 1) // ratio, T)
+        k = K + 0 * rows
+    return tl.where(live, vis, 0), k
+
+
+# the ragged form: every query row scores its own sequence's entries, read through row ids into the flat pool
+@triton.jit(do_not_specialize=["L", "E"])
+def _ragged_scores_kernel(
+    q_ptr, pool_ptr, rows_ptr, meta_ptr, w_ptr, out_ptr, L, H, E, D, ratio,
+    q_sl, q_sh, p_st, w_sl, w_sh,
+    HP: tl.constexpr, DP: tl.constexpr, BR: tl.constexpr, BT: tl.constexpr, W_BF16: tl.constexpr,
+):  # fmt: skip
+    # one program per block of BR query rows x BT entry slots; row r reads entry e of its sequence from pool row
+    # rows_ptr[base_r + e], only the entries it can see (e < min((pos_r + 1) // ratio, n_r)); rows of one block may
+    # belong to different sequences, so each row's entries are its own operand (a batched dot; one row per program
+    # on the GPU, where the MMA's M is the heads)
+    rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
+    ents = tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT).to(tl.int64)
+    heads = tl.arange(0, HP)
+    dims = tl.arange(0, DP)
+    rmask, hmask, dmask = rows < L, heads < H, dims < D
+    base = tl.load(meta_ptr + rows * 4, mask=rmask, other=0)
+    vis, _ = _row_limits(meta_ptr, rows, L, E, 0, 0, ratio, True)
+    emask = ents[None, :] < vis[:, None]  # [BR, BT]
+    pool_row = tl.load(rows_ptr + base[:, None] + ents[None, :], mask=emask, other=0)  # [BR, BT]
+    q = tl.load(q_ptr + rows[:, None, None] * q_sl + heads[None, :, None] * q_sh + dims[None, None, :],
+                mask=rmask[:, None, None] & hmask[None, :, None] & dmask[None, None, :], other=0.0)  # fmt: skip
+    # [BR, DP, BT]: each row's entries, transposed for the dot
+    et = tl.load(pool_ptr + pool_row[:, None, :] * p_st + dims[None, :, None],
+                 mask=emask[:, None, :] & dmask[None, :, None], other=0.0)  # fmt: skip
+    if BR == 1:
+        s = tl.reshape(tl.dot(tl.reshape(q, [HP, DP]), tl.reshape(et, [DP, BT])), [1, HP, BT])  # fp32
+    else:
+        s = tl.dot(q, et)  # [BR, HP, BT] fp32
+    w = tl.load(w_ptr + rows[:, None] * w_sl + heads[None, :] * w_sh, mask=rmask[:, None] & hmask[None, :], other=0.0)
+    tl.store(out_ptr + rows[:, None] * E + ents[None, :], _weighted_head_sum(s, w, W_BF16), mask=emask)
 
 
 @triton.jit(do_not_specialize=["L", "T", "K", "start_pos"])
-def _topk_rank_kernel(sc_ptr, out_ptr, L, T, K, start_pos, ratio, TP: tl.constexpr, BR: tl.constexpr):
+def _topk_rank_kernel(
+    sc_ptr, meta_ptr, out_ptr, L, T, K, start_pos, ratio, TP: tl.constexpr, BR: tl.constexpr, RAGGED: tl.constexpr
+):
     # all of a row's entries at once: each key's rank is the number of larger keys (keys are distinct: the entry id
     # is in them), and the entry goes to output column rank if rank < k. O(t^2) compares, no sorting network.
+    # Scores are [L, T] (T: the widest row), the output [L, K] (K: the widest k).
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
-    vis = _visible(start_pos, rows, ratio, L, T)
+    vis, k = _row_limits(meta_ptr, rows, L, T, K, start_pos, ratio, RAGGED)
     ents = tl.arange(0, TP).to(tl.int64)
     visible = ents[None, :] < vis[:, None]
     sc = tl.load(sc_ptr + rows[:, None] * T + ents[None, :], mask=visible, other=0.0)
     keys = _keys(sc, ents[None, :], visible)  # [BR, TP]
     rank = tl.sum((keys[:, None, :] > keys[:, :, None]).to(tl.int32), axis=2)  # [BR, TP]
-    tl.store(out_ptr + rows[:, None] * K + rank, ents[None, :], mask=visible & (rank < K))
-    # columns past the row's visible count: none
+    tl.store(out_ptr + rows[:, None] * K + rank, ents[None, :], mask=visible & (rank < k[:, None]))
+    # columns past the row's visible count or its own k (a ragged row narrower than the batch's K): none
     cols = tl.arange(0, TP)
-    pad = (cols[None, :] >= vis[:, None]) & (cols < K)[None, :] & (rows < L)[:, None]
+    pad = (cols[None, :] >= tl.minimum(vis, k)[:, None]) & (cols < K)[None, :] & (rows < L)[:, None]
     tl.store(out_ptr + rows[:, None] * K + cols[None, :], tl.full([BR, TP], -1, tl.int64), mask=pad)
 
 
 @triton.jit(do_not_specialize=["T", "W", "K", "start_pos"])
 def _topk_tree_kernel(
-    src_ptr, out_ptr, T, W, K, start_pos, ratio,
-    KP: tl.constexpr, C: tl.constexpr, FROM_SCORES: tl.constexpr, FINAL: tl.constexpr,
+    src_ptr, meta_ptr, out_ptr, T, W, K, start_pos, ratio,
+    KP: tl.constexpr, C: tl.constexpr, FROM_SCORES: tl.constexpr, FINAL: tl.constexpr, RAGGED: tl.constexpr,
 ):  # fmt: skip
     # one program per (query row, chunk of C keys): the chunk's top KP keys, sorted descending (Triton's bitonic
     # top-k). The first level makes the keys from a row's scores (width T), later ones read the previous level's
-    # [rows, W] keys; the final level (one chunk left) writes entry ids
+    # [rows, W] keys; the final level (one chunk left) writes entry ids, -1 past the row's own k
     row = tl.program_id(0).to(tl.int64)
     chunk = tl.program_id(1)
     pos = chunk.to(tl.int64) * C + tl.arange(0, C).to(tl.int64)
+    vis, k = _row_limits(meta_ptr, row, row + 1, T, K, start_pos, ratio, RAGGED)
     if FROM_SCORES:
-        visible = pos < tl.minimum((start_pos + row + 1) // ratio, T)
+        visible = pos < vis
         sc = tl.load(src_ptr + row * T + pos, mask=visible, other=0.0)
         keys = _keys(sc, pos, visible)
     else:
@@ -123,7 +183,7 @@ def _topk_tree_kernel(
     best = tl.reshape(tl.topk(tl.reshape(keys, [1, C]), KP, dim=1), [KP])
     cols = tl.arange(0, KP)
     if FINAL:
-        ids = tl.where(best >= 0, 2147483647 - (best & 2147483647), -1)
+        ids = tl.where((best >= 0) & (cols < k), 2147483647 - (best & 2147483647), -1)
         tl.store(out_ptr + row * K + cols, ids, mask=cols < K)
     else:
         tl.store(out_ptr + (row * tl.num_programs(1) + chunk) * KP + cols, best)
@@ -172,6 +232,70 @@ def indexer_topk(
         return out
     assert t < 2**IDX_BITS, "indexer_topk: too many entries for the 31-bit key"
     scores = index_scores(q, entries, weights)
+    return _topk(scores, out, start_pos, ratio, None, method, chunk)
+
+
+def _ragged_meta(q, cu_seqlens, cu_entries, k, start_pos) -> torch.Tensor:
+    """`[T, 4]` int64 on q's device, per query row: (its sequence's first slot in entry_rows, entry count, k,
+    position); built on the host and copied once (the sizes are host ints)."""
+    cu, ce = torch.tensor(cu_seqlens), torch.tensor(cu_entries)
+    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu.diff())
+    pos = torch.tensor(start_pos)[seq] + torch.arange(seq.numel()) - cu[seq]
+    meta = torch.stack([ce[seq], ce.diff()[seq], torch.tensor(k)[seq], pos], dim=1)
+    return meta.to(q.device, non_blocking=True)
+
+
+def index_scores_ragged(q, pool, entry_rows, weights, meta, width: int, ratio: int) -> torch.Tensor:
+    """`[T, width]` fp32 scores of a ragged batch (`indexer_topk_ragged`; `meta` from `_ragged_meta`): row r's
+    columns 0..v_r-1 are the twin's scores against the entries it sees, the other columns are not written."""
+    n, h, d = q.shape
+    out = torch.empty(n, width, dtype=torch.float32, device=q.device)
+    if n == 0 or width == 0:
+        return out
+    if q.stride(2) != 1:
+        q = q.contiguous()
+    assert pool.stride(1) == 1, "indexer_topk_ragged: pool rows must be contiguous"
+    hp, dp = max(16, triton.next_power_of_2(h)), max(16, triton.next_power_of_2(d))  # dot operands >= 16
+    if runtime.interpreting():  # few, wide programs (the interpreter pays per program and per op)
+        bt = min(max(16, triton.next_power_of_2(width)), 256)
+        br = min(triton.next_power_of_2(n), max(1, 4096 // bt))
+    else:
+        br, bt = 1, 64  # M = the heads (64 in Flash and Pro), as the per-request kernel at h 64
+    grid = (triton.cdiv(n, br), triton.cdiv(width, bt))
+    _ragged_scores_kernel[grid](
+        q, pool, entry_rows, meta, weights, out, n, h, width, d, ratio,
+        q.stride(0), q.stride(1), pool.stride(0), weights.stride(0), weights.stride(1),
+        HP=hp, DP=dp, BR=br, BT=bt, W_BF16=weights.dtype == torch.bfloat16,
+    )  # fmt: skip
+    return out
+
+
+def indexer_topk_ragged(
+    q, pool, entry_rows, weights, cu_seqlens, cu_entries, k, start_pos, ratio: int, method: str | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """The `IndexerTopkRagged` contract: a batch of sequences in one scores launch and one top-k pass. q bf16
+    `[T, h, d]`, pool bf16 `[P, d]` (the flat entry pool), entry_rows int64: sequence i's entry e is pool row
+    `entry_rows[cu_entries[i] + e]`, weights `[T, h]`, host ints cu_seqlens `[N+1]`, cu_entries `[N+1]`, k `[N]`,
+    start_pos `[N]` -> `[T, max k]` int64: each sequence's rows as `indexer_topk` gives them, -1 past its own k."""
+    n = q.shape[0]
+    kmax = max(k, default=0)
+    out = torch.empty(n, kmax, dtype=torch.int64, device=q.device)
+    if n == 0 or kmax == 0:
+        return out
+    width = max(b - a for a, b in zip(cu_entries[:-1], cu_entries[1:]))
+    assert width < 2**IDX_BITS, "indexer_topk_ragged: too many entries for the 31-bit key"
+    meta = _ragged_meta(q, cu_seqlens, cu_entries, k, start_pos)
+    scores = index_scores_ragged(q, pool, entry_rows, weights, meta, width, ratio)
+    return _topk(scores, out, 0, ratio, meta, method, chunk)
+
+
+def _topk(scores, out, start_pos, ratio, meta, method, chunk) -> torch.Tensor:
+    # scores [L, t] -> out [L, K]: one request (meta None: row r at start_pos + r, k = K) or a ragged batch (per-row
+    # entry count, k and position in meta)
+    (n, t), k = scores.shape, out.shape[1]
+    ragged = meta is not None
+    meta = meta if ragged else out  # an unread pointer of the right type
     tp = max(16, triton.next_power_of_2(max(t, k)))
     if method is None:
         # the GPU keeps a row's TP x TP comparisons in registers (16K per program at most); the interpreter pays
@@ -180,7 +304,7 @@ def indexer_topk(
     if method == "rank":
         br = max(1, min(triton.next_power_of_2(n), (1 << 20 if runtime.interpreting() else 1 << 13) // (tp * tp)))
         grid = (triton.cdiv(n, br),)
-        _topk_rank_kernel[grid](scores, out, n, t, k, start_pos, ratio, TP=tp, BR=br, num_warps=8)
+        _topk_rank_kernel[grid](scores, meta, out, n, t, k, start_pos, ratio, TP=tp, BR=br, RAGGED=ragged, num_warps=8)
         return out
     kp = max(2, triton.next_power_of_2(k))  # tl.topk needs k >= 2
     # a tree of top-k levels: each (row, chunk of `c` keys) program keeps its chunk's top kp, so a long row's
@@ -192,10 +316,10 @@ def indexer_topk(
         c = min(widest, max(kp, triton.next_power_of_2(width)))
         n_chunks = triton.cdiv(width, c)
         final = n_chunks == 1
-        dst = out if final else torch.empty(n, n_chunks * kp, dtype=torch.int64, device=q.device)
+        dst = out if final else torch.empty(n, n_chunks * kp, dtype=torch.int64, device=scores.device)
         _topk_tree_kernel[(n, n_chunks)](
-            src, dst, t, width, k, start_pos, ratio, KP=kp, C=c, FROM_SCORES=first, FINAL=final,
-            num_warps=4 if c <= 1024 else 8,
+            src, meta, dst, t, width, k, start_pos, ratio, KP=kp, C=c, FROM_SCORES=first, FINAL=final,
+            RAGGED=ragged, num_warps=4 if c <= 1024 else 8,
         )  # fmt: skip
         if final:
             return out
