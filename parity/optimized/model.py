@@ -41,6 +41,7 @@ from parity.optimized import parallel
 from parity.optimized.batch import Batch
 from parity.optimized.cache import CompressorState, PagedCache
 from parity.optimized.ops import resolve_ops
+from parity.optimized.ops.indexer_topk_ragged import pad_cat
 from parity.optimized.ops.moe_experts import ExpertWeights
 from parity.optimized.parallel import ONE_RANK, TP
 from parity.reference import model as ref
@@ -172,13 +173,7 @@ class OptIndexer(ref.Indexer):
         for i in range(batch.num_seqs):
             rows, start = batch.rows(i), batch.start_pos[i]
             out.append(parallel.indexer_topk(q[rows], entries[i], weights[rows], ks[i], start, ratio, self.tp))
-        return self.topk(_pad_cat(out))  # [T, max k]
-
-
-def _pad_cat(rows: list[torch.Tensor]) -> torch.Tensor:
-    """Stack per-sequence [n_i, K_i] index lists into [T, max K], padding with -1 (trailing -1 cost nothing)."""
-    width = max(r.shape[1] for r in rows)
-    return torch.cat([F.pad(r, (0, width - r.shape[1]), value=-1) for r in rows])
+        return self.topk(pad_cat(out, max(ks)))  # [T, max k]
 
 
 def _entry_gather(batch: Batch, cache: PagedCache, ratio: int) -> tuple[torch.Tensor, list[int]]:

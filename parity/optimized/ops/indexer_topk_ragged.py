@@ -29,7 +29,12 @@ def indexer_topk_ragged_torch(q, pool, entry_rows, weights, cu_seqlens, cu_entri
     width = max(k, default=0)
     if not out:
         return torch.empty(0, width, dtype=torch.int64, device=q.device)
-    return torch.cat([F.pad(r, (0, width - r.shape[1]), value=-1) for r in out])
+    return pad_cat(out, width)
+
+
+def pad_cat(parts: list[torch.Tensor], width: int) -> torch.Tensor:
+    """Per-sequence [n_i, k_i] id lists stacked into [T, width], -1 past each list (the batch's id layout)."""
+    return torch.cat([F.pad(r, (0, width - r.shape[1]), value=-1) for r in parts])
 
 
 IMPLS = {

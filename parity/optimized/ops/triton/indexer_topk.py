@@ -39,6 +39,8 @@ k 512) / 0.15 ms (Pro, k 1024), 2.6x / 1.7x the torch backend (the single-progra
 the scores and top-k of one row are latency bound (1 % of copy bandwidth), a 4k prefill is at ~40 %.
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -58,16 +60,32 @@ def _scores_kernel(
 ):  # fmt: skip
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
     ents = tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT).to(tl.int64)
+    dims = tl.arange(0, DP)
+    q = _query_rows(q_ptr, rows, L, H, D, q_sl, q_sh, HP, DP)
+    emask = ents < T
+    e = tl.load(e_ptr + ents[:, None] * e_st + dims[None, :], mask=emask[:, None] & (dims < D)[None, :], other=0.0)
+    s = tl.dot(tl.reshape(q, [BR * HP, DP]), tl.trans(e))  # [BR*HP, BT] fp32
+    w = _head_weights(w_ptr, rows, L, H, w_sl, w_sh, HP)
+    total = _weighted_head_sum(tl.reshape(s, [BR, HP, BT]), w, W_BF16)
+    tl.store(out_ptr + rows[:, None] * T + ents[None, :], total, mask=(rows < L)[:, None] & emask[None, :])
+
+
+@triton.jit
+def _query_rows(q_ptr, rows, L, H, D, q_sl, q_sh, HP: tl.constexpr, DP: tl.constexpr):
+    # query rows `rows` of q [L, H, D], padded to [BR, HP, DP] with zeros
     heads = tl.arange(0, HP)
     dims = tl.arange(0, DP)
-    rmask, hmask, dmask, emask = rows < L, heads < H, dims < D, ents < T
-    q = tl.load(q_ptr + rows[:, None, None] * q_sl + heads[None, :, None] * q_sh + dims[None, None, :],
-                mask=rmask[:, None, None] & hmask[None, :, None] & dmask[None, None, :], other=0.0)  # fmt: skip
-    e = tl.load(e_ptr + ents[:, None] * e_st + dims[None, :], mask=emask[:, None] & dmask[None, :], other=0.0)
-    s = tl.dot(tl.reshape(q, [BR * HP, DP]), tl.trans(e))  # [BR*HP, BT] fp32
-    w = tl.load(w_ptr + rows[:, None] * w_sl + heads[None, :] * w_sh, mask=rmask[:, None] & hmask[None, :], other=0.0)
-    total = _weighted_head_sum(tl.reshape(s, [BR, HP, BT]), w, W_BF16)
-    tl.store(out_ptr + rows[:, None] * T + ents[None, :], total, mask=rmask[:, None] & emask[None, :])
+    return tl.load(q_ptr + rows[:, None, None] * q_sl + heads[None, :, None] * q_sh + dims[None, None, :],
+                   mask=(rows < L)[:, None, None] & (heads < H)[None, :, None] & (dims < D)[None, None, :],
+                   other=0.0)  # fmt: skip
+
+
+@triton.jit
+def _head_weights(w_ptr, rows, L, H, w_sl, w_sh, HP: tl.constexpr):
+    # the rows' head weights [BR, HP], zeros past the ends (loaded after the dot: fewer registers live across it)
+    heads = tl.arange(0, HP)
+    mask = (rows < L)[:, None] & (heads < H)[None, :]
+    return tl.load(w_ptr + rows[:, None] * w_sl + heads[None, :] * w_sh, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -121,23 +139,20 @@ def _ragged_scores_kernel(
     # on the GPU, where the MMA's M is the heads)
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
     ents = tl.program_id(1).to(tl.int64) * BT + tl.arange(0, BT).to(tl.int64)
-    heads = tl.arange(0, HP)
     dims = tl.arange(0, DP)
-    rmask, hmask, dmask = rows < L, heads < H, dims < D
-    base = tl.load(meta_ptr + rows * 4, mask=rmask, other=0)
+    base = tl.load(meta_ptr + rows * 4, mask=rows < L, other=0)
     vis, _ = _row_limits(meta_ptr, rows, L, E, 0, 0, ratio, True)
     emask = ents[None, :] < vis[:, None]  # [BR, BT]
     pool_row = tl.load(rows_ptr + base[:, None] + ents[None, :], mask=emask, other=0)  # [BR, BT]
-    q = tl.load(q_ptr + rows[:, None, None] * q_sl + heads[None, :, None] * q_sh + dims[None, None, :],
-                mask=rmask[:, None, None] & hmask[None, :, None] & dmask[None, None, :], other=0.0)  # fmt: skip
+    q = _query_rows(q_ptr, rows, L, H, D, q_sl, q_sh, HP, DP)
     # [BR, DP, BT]: each row's entries, transposed for the dot
     et = tl.load(pool_ptr + pool_row[:, None, :] * p_st + dims[None, :, None],
-                 mask=emask[:, None, :] & dmask[None, :, None], other=0.0)  # fmt: skip
+                 mask=emask[:, None, :] & (dims < D)[None, :, None], other=0.0)  # fmt: skip
     if BR == 1:
         s = tl.reshape(tl.dot(tl.reshape(q, [HP, DP]), tl.reshape(et, [DP, BT])), [1, HP, BT])  # fp32
     else:
         s = tl.dot(q, et)  # [BR, HP, BT] fp32
-    w = tl.load(w_ptr + rows[:, None] * w_sl + heads[None, :] * w_sh, mask=rmask[:, None] & hmask[None, :], other=0.0)
+    w = _head_weights(w_ptr, rows, L, H, w_sl, w_sh, HP)
     tl.store(out_ptr + rows[:, None] * E + ents[None, :], _weighted_head_sum(s, w, W_BF16), mask=emask)
 
 
@@ -237,12 +252,18 @@ def indexer_topk(
 
 def _ragged_meta(q, cu_seqlens, cu_entries, k, start_pos) -> torch.Tensor:
     """`[T, 4]` int64 on q's device, per query row: (its sequence's first slot in entry_rows, entry count, k,
-    position); built on the host and copied once (the sizes are host ints)."""
+    position); built on the host and copied once per batch: every CSA layer of a forward passes the same sizes, so
+    the table is cached on them (a function of its arguments alone; the kernels only read it)."""
+    return _meta_table(*(tuple(v) for v in (cu_seqlens, cu_entries, k, start_pos)), q.device)
+
+
+@functools.lru_cache(maxsize=8)
+def _meta_table(cu_seqlens, cu_entries, k, start_pos, device) -> torch.Tensor:
     cu, ce = torch.tensor(cu_seqlens), torch.tensor(cu_entries)
     seq = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu.diff())
     pos = torch.tensor(start_pos)[seq] + torch.arange(seq.numel()) - cu[seq]
     meta = torch.stack([ce[seq], ce.diff()[seq], torch.tensor(k)[seq], pos], dim=1)
-    return meta.to(q.device, non_blocking=True)
+    return meta.to(device, non_blocking=True)
 
 
 def index_scores_ragged(q, pool, entry_rows, weights, meta, width: int, ratio: int) -> torch.Tensor:
