@@ -105,7 +105,7 @@ def sweep_o_lora(sw: Sweep):
                     grid = (triton.cdiv(rank, bw), triton.cdiv(t, bt), g)
                     mod._o_lora_kernel[grid](
                         o, wt, st, out, t, rank, kg, 1, o.stride(0), wt.stride(0), st.stride(0), out.stride(0),
-                        W_FP8=fp8, EVEN_K=True, DOT_F64=False, BLOCK_W=bw, BLOCK_T=bt, BLOCK_K=bk,
+                        W_FP8=fp8, BITS=fp8, EVEN_K=True, DOT_F64=False, BLOCK_W=bw, BLOCK_T=bt, BLOCK_K=bk,
                         num_warps=nw, num_stages=ns, enable_fp_fusion=False,
                     )  # fmt: skip
 
