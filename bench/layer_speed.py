@@ -171,7 +171,7 @@ def main() -> None:
     p.add_argument("--prefill", nargs="*", type=int, help="prompt sizes; none given: no prefill")
     p.add_argument("--decode", nargs="*", type=int, help="batch sizes; none given: no decode")
     p.add_argument("--repeat", type=int)
-    p.add_argument("--breakdown", action="store_true", help="per-op and per-layer breakdown, % of HBM roofline")
+    p.add_argument("--breakdown", action="store_true", help="per-op and per-layer breakdown, %% of HBM roofline")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, torch backend: checks the code path")
     opts = p.parse_args()
     # unset options take the run's defaults: the GPU measurement's, or the smoke run's small ones

@@ -91,17 +91,22 @@ class Batch:
         """Host ints (a list or a host tensor) as an int64 tensor on the tokens' device."""
         return torch.as_tensor(values, dtype=torch.int64).to(self.tokens.device, non_blocking=True)
 
+    # host ints stay Python ints: small CPU tensor ops cost microseconds each (milliseconds when the CPU thread
+    # pool is busy: measured on the H200's host, 6 `repeat_interleave` calls took 0.6-14 ms of a decode step)
+
     @cached_property
-    def seq_of_token(self) -> torch.Tensor:
-        """[T] int64 on the host: the sequence each token belongs to."""
-        lens = torch.tensor([self.seq_len(i) for i in range(self.num_seqs)])
-        return torch.repeat_interleave(torch.arange(self.num_seqs), lens)
+    def seq_of_token(self) -> tuple[int, ...]:
+        """[T] on the host: the sequence each token belongs to."""
+        return tuple(i for i in range(self.num_seqs) for _ in range(self.seq_len(i)))
+
+    def spread(self, values: Sequence) -> list:
+        """One value per sequence -> one per token (host)."""
+        return [values[i] for i in self.seq_of_token]
 
     @cached_property
     def per_token(self) -> PerToken:
-        seq = self.seq_of_token
-        rows = [seq, torch.tensor(self.start_pos)[seq], torch.tensor(self.slots)[seq]]
-        return PerToken(*self.to_device(torch.stack(rows)))  # one copy for the three
+        rows = [list(self.seq_of_token), self.spread(self.start_pos), self.spread(self.slots)]
+        return PerToken(*self.to_device(rows))  # one copy for the three
 
     @cached_property
     def device_tables(self) -> dict[int, torch.Tensor]:
@@ -129,16 +134,17 @@ def make_batch(
     `per_token_after_context` gives every token of a chunk after a context its own op segment (decode-exact)."""
     tokens, positions, cu, segments = [], [], [0], [0]
     for c in chunks:
-        ids = torch.as_tensor(c.tokens, dtype=torch.int64)
-        tokens.append(ids)
-        positions.append(torch.arange(c.start_pos, c.start_pos + ids.numel()))
+        ids = c.tokens.tolist() if isinstance(c.tokens, torch.Tensor) else list(c.tokens)
+        tokens += ids
+        positions += range(c.start_pos, c.start_pos + len(ids))
         if per_token_after_context and c.start_pos > 0:
-            segments += [cu[-1] + j for j in range(1, ids.numel())]
-        cu.append(cu[-1] + ids.numel())
+            segments += [cu[-1] + j for j in range(1, len(ids))]
+        cu.append(cu[-1] + len(ids))
         segments.append(cu[-1])
+    both = torch.tensor([tokens, positions], dtype=torch.int64).to(device)  # one copy for the two
     return Batch(
-        tokens=torch.cat(tokens).to(device),
-        positions=torch.cat(positions).to(device),
+        tokens=both[0],
+        positions=both[1],
         cu_seqlens=tuple(cu),
         start_pos=tuple(c.start_pos for c in chunks),
         slots=tuple(c.slot for c in chunks),

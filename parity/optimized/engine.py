@@ -247,8 +247,11 @@ class Engine:
             if not (s.prefill and s.end < len(s.req.prompt))
         }
         rows_all = [r for want in wants.values() for r in want]
-        head = self.model.head_logits(h, batch, rows_all).split([len(w) for w in wants.values()]) if wants else ()
-        logits_of = dict(zip(wants, head))
+        head = self.model.head_logits(h, batch, rows_all) if wants else None
+        sizes = [len(w) for w in wants.values()]
+        logits_of = dict(zip(wants, head.split(sizes))) if wants else {}
+        # one device -> host read of every greedy token (argmax per row: the same ids as per request)
+        greedy_of = dict(zip(wants, _split_list(head.argmax(-1).tolist(), sizes))) if wants else {}
         for i, s in enumerate(plan):
             req, tokens, n_draft = s.req, s.tokens, s.n_draft
             rows = batch.rows(i)
@@ -256,8 +259,7 @@ class Engine:
                 req.num_computed = s.end
                 self._keep_streams(req, h[rows])
                 continue
-            logits = logits_of[i]
-            greedy = logits.argmax(-1).tolist()
+            logits, greedy = logits_of[i], greedy_of[i]
             if req.forced is not None:
                 n_out = len(req.output)
                 greedy = [req.forced[min(n_out + j, len(req.forced) - 1)] for j in range(len(greedy))]
@@ -303,12 +305,12 @@ class Engine:
         with self._scope("mtp-draft", batch):
             x, logits = self.model.mtp_logits(torch.cat(streams), batch.tokens, batch, self.cache, batch.last_rows)
         drafting = []
-        for i, (s, row) in enumerate(zip(plan, logits)):
+        for i, (s, token) in enumerate(zip(plan, logits.argmax(-1).tolist())):
             req = s.req
             req.mtp_computed = s.end
             req.pending_streams = []
             if req.num_computed == len(req.tokens) - 1:
-                req.drafts = [int(row.argmax())]
+                req.drafts = [token]
                 req.mtp_drafts.append(req.drafts[0])
                 drafting.append((req, x[batch.last_rows[i]]))
         self._chain(drafting)
@@ -331,8 +333,8 @@ class Engine:
             batch = self._batch([Scheduled(req, req.num_computed + j - 1, (req.drafts[-1],)) for req in reqs], True)
             with self._scope("mtp-draft", batch):
                 x, logits = self.model.mtp_logits(x, batch.tokens, batch, self.cache, batch.last_rows)
-            for req, row in zip(reqs, logits):
-                req.drafts.append(int(row.argmax()))
+            for req, token in zip(reqs, logits.argmax(-1).tolist()):
+                req.drafts.append(token)
         for req, _ in drafting:
             self.cache.restore(req.slot, snapshots[req.id])
 
@@ -348,3 +350,11 @@ class Engine:
         while self.step():
             pass
         return self.finished
+
+
+def _split_list(items: list, sizes: list[int]) -> list[list]:
+    out, at = [], 0
+    for n in sizes:
+        out.append(items[at : at + n])
+        at += n
+    return out

@@ -180,10 +180,12 @@ def _entry_gather(batch: Batch, cache: PagedCache, ratio: int) -> tuple[torch.Te
     """Flat pool rows of every request's entries 0..n_i-1, request after request ([sum n_i]), and the n_i (the
     entries its context has completed)."""
     counts = [batch.context_len(i) // ratio for i in range(batch.num_seqs)]
-    seq = torch.repeat_interleave(torch.arange(batch.num_seqs), torch.tensor(counts))  # [sum n_i]
-    ids = torch.arange(seq.numel()) - torch.tensor([0, *counts]).cumsum(0)[seq]  # 0..n_i-1 per request
-    rows = cache.entry_rows_of(batch.device_tables[ratio], batch.to_device(seq), batch.to_device(ids))
-    return rows, counts
+    # built on the device from one copy of the counts (the index is as long as all the contexts' entries)
+    counts_d, first = batch.to_device([counts, list(itertools.accumulate(counts, initial=0))[:-1]])
+    total, dev = sum(counts), counts_d.device
+    seq = torch.repeat_interleave(torch.arange(batch.num_seqs, device=dev), counts_d, output_size=total)  # [sum n_i]
+    ids = torch.arange(total, device=dev) - first[seq]  # 0..n_i-1 per request
+    return cache.entry_rows_of(batch.device_tables[ratio], seq, ids), counts
 
 
 @dataclass(frozen=True)
@@ -402,7 +404,7 @@ def _index_plan(batch: Batch, window: int, ratio: int, topk: int | None) -> _Ind
     entries = [batch.context_len(i) // ratio if ratio else 0 for i in range(batch.num_seqs)]
     if topk is not None:
         entries = [min(topk, e) for e in entries]
-    per_token = lambda v: batch.to_device(torch.tensor(v)[batch.seq_of_token])  # noqa: E731
+    per_token = lambda v: batch.to_device(batch.spread(v))  # noqa: E731
     return _IndexPlan(
         width=max(c + e for c, e in zip(cols, entries)),
         n_entries=max(entries),
@@ -415,8 +417,8 @@ def _ring_keep(batch: Batch, window: int) -> torch.Tensor | None:
     """Token rows among the last `window` of their sequence, or None when that is all of them."""
     if all(batch.seq_len(i) <= window for i in range(batch.num_seqs)):
         return None
-    ends = torch.tensor(batch.cu_seqlens[1:])[batch.seq_of_token]  # [T] the row after each token's sequence
-    return batch.to_device(torch.nonzero(torch.arange(ends.numel()) >= ends - window).flatten())
+    ends = batch.spread(batch.cu_seqlens[1:])  # [T] the row after each token's sequence
+    return batch.to_device([r for r, end in enumerate(ends) if r >= end - window])
 
 
 class OptMoE(ref.MoE):
@@ -559,8 +561,8 @@ class OptimizedTransformer(nn.Module):
     @torch.inference_mode()
     def head_logits(self, h: torch.Tensor, batch: Batch, rows, owner: nn.Module | None = None):
         """Logits [len(rows), vocab] fp32 of token rows `rows` with the head of `owner` (the model, or an MTP block):
-        the hc head runs per request over all its tokens and the fp32 head GEMM one row at a time, as the reference
-        does for one request (`get_logits` on [1, D])."""
+        the hc head runs per request over all its tokens and the fp32 head GEMM is `dense_linear` with one row per
+        segment, as the reference does for one request (`get_logits` on [1, D])."""
         owner = self if owner is None else owner
         norm = self.norm if owner is self else owner.norm
         with ref.default_dtype(torch.bfloat16):
@@ -569,9 +571,11 @@ class OptimizedTransformer(nn.Module):
                 self.hc_eps,
             )  # fmt: skip
             y = self.ops.rms_norm(y, norm.weight, norm.eps, batch.segments)
-            logits = torch.cat([F.linear(y[r : r + 1].float(), self.head.weight) for r in rows])
+            # one row per segment: the torch backend's F.linear per row is the reference's [1, D] GEMM bit for bit
+            rows = torch.as_tensor(list(rows), device=h.device)
+            logits = self.ops.dense_linear(y[rows].float(), self.head.weight, tuple(range(len(rows) + 1)))
             logits = self.tp.all_gather(logits, -1)  # each rank holds a vocab slice of the head
-            return owner.output_logits(logits, torch.as_tensor(list(rows), device=h.device))[0]
+            return owner.output_logits(logits, rows)[0]
 
     @torch.inference_mode()
     def mtp_logits(self, h: torch.Tensor, next_ids: torch.Tensor, batch: Batch, cache: PagedCache, rows, depth=0):

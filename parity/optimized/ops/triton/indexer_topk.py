@@ -259,11 +259,13 @@ def _ragged_meta(q, cu_seqlens, cu_entries, k, start_pos) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _meta_table(cu_seqlens, cu_entries, k, start_pos, device) -> torch.Tensor:
-    cu, ce = torch.tensor(cu_seqlens), torch.tensor(cu_entries)
-    seq = torch.repeat_interleave(torch.arange(cu.numel() - 1), cu.diff())
-    pos = torch.tensor(start_pos)[seq] + torch.arange(seq.numel()) - cu[seq]
-    meta = torch.stack([ce[seq], ce.diff()[seq], torch.tensor(k)[seq], pos], dim=1)
-    return meta.to(device, non_blocking=True)
+    # host ints, not small CPU tensor ops (see parity.optimized.batch)
+    rows = [
+        (cu_entries[i], cu_entries[i + 1] - cu_entries[i], k[i], start_pos[i] + j)
+        for i in range(len(cu_seqlens) - 1)
+        for j in range(cu_seqlens[i + 1] - cu_seqlens[i])
+    ]
+    return torch.tensor(rows, dtype=torch.int64).view(-1, 4).to(device, non_blocking=True)
 
 
 def index_scores_ragged(q, pool, entry_rows, weights, meta, width: int, ratio: int) -> torch.Tensor:
