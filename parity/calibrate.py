@@ -27,7 +27,8 @@ from parity.compare.thresholds import NoiseModel
 from parity.compare.verdict import judge_run
 from parity.engines import only_optimized
 from parity.errors import ParityError
-from parity.run import run_inputs
+from parity.optimized.ops import OpsConfig
+from parity.run import non_bitwise_ops, run_inputs
 
 
 @dataclass(frozen=True)
@@ -39,8 +40,6 @@ class Variation:
 
 def variations(case: Case, n: int) -> list[Variation]:
     """The case itself, then admission orders, schedules and seeds, interleaved, `n` in all."""
-    if case.engine.decode_exact_chunks:
-        raise ParityError(f"case {case.name!r} is decode-exact: it is judged bitwise and has no noise to calibrate")
     k = len(case.requests)
     orders = [p for p in itertools.permutations(range(k)) if list(p) != list(range(k))]
     e = case.engine
@@ -60,14 +59,21 @@ def variations(case: Case, n: int) -> list[Variation]:
     return out[:n]
 
 
-def calibrate_refuses(case: Case) -> None:
-    """One line, before any work, for a case this job does not apply to."""
+def calibrate_refuses(case: Case, ops: OpsConfig | None = None) -> None:
+    """One line, before any work, for a case this job does not apply to: another candidate, or a decode-exact case
+    whose selected ops all claim bitwise equality (judged bitwise: nothing to measure). A decode-exact case with a
+    non-bitwise kernel selected is judged by a noise model (`run.noise_model`), so it is calibrated like any other."""
     only_optimized(
         case,
         "calibrate",
         "it varies the optimized engine's batching and schedules; measure this candidate's noise with "
         "`python -m parity.engines.hf_noise CASE --out FILE`",
     )
+    if case.engine.decode_exact_chunks and not non_bitwise_ops(ops or OpsConfig.from_env()):
+        raise ParityError(
+            f"case {case.name!r} is decode-exact and every selected op is bitwise: it is judged bitwise and has no "
+            "noise to calibrate (select the kernels to measure with PARITY_BACKEND or PARITY_OPS)"
+        )
 
 
 def calibrate(

@@ -13,7 +13,9 @@ from parity.io import check_output_file
 
 
 def calibrate(
-    case: Annotated[str, typer.Argument(help="Built-in case name or a .toml case file (not decode-exact).")],
+    case: Annotated[
+        str, typer.Argument(help="Built-in case name or .toml case file (decode-exact: with a non-bitwise kernel).")
+    ],
     out_file: Annotated[Path, typer.Option("--out", help="Noise model JSON to write (atomically).")],
     variations: Annotated[int, typer.Option(min=1, help="Clean runs: the case, other orders, schedules, seeds.")] = 6,
     device: Annotated[str, typer.Option(help="torch device for both models.")] = "cpu",
