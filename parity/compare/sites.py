@@ -37,6 +37,9 @@ class Site:
     kind: str  # stream | mix | act | entry | choice | logits
     submodule: str  # what a failure here is blamed on
     rows_field: str | None = None  # field holding token-row indices (taps called with a trailing `rows`)
+    # the coarsest dtype the site's own computation rounds to before its output, where coarser than the output's:
+    # the golden's second opinion cannot tell a kernel's legitimate rounding there from a loss below that unit
+    inner_dtype: str | None = None
 
 
 BLOCK_SITES = (
@@ -61,9 +64,12 @@ BLOCK_SITES = (
 MTP_SITES = (
     Site("input", "stream", "MTP input streams"),
     *BLOCK_SITES,
-    Site("output_logits", "logits", "MTP head", rows_field="out.1"),
+    Site("output_logits", "logits", "MTP head", rows_field="out.1", inner_dtype="bfloat16"),
 )
-MODEL_SITES = (Site("output_logits", "logits", "head", rows_field="out.1"),)
+# the head's fp32 logits come from its normed streams rounded to bf16 (hc head, then the norm in the streams'
+# dtype), and the golden's head is the reference's own fp32 code: a kernel whose norm rounds one midpoint the other
+# way moves the logits by bf16's unit roundoff, measured on the H200 (1.35e-3 on one row) against a golden at 0
+MODEL_SITES = (Site("output_logits", "logits", "head", rows_field="out.1", inner_dtype="bfloat16"),)
 
 _BLOCK = re.compile(r"^(layers|mtp)\.(\d+)\.(.+)$")
 

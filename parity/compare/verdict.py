@@ -82,6 +82,7 @@ class SiteResult:
     suspect_first: tuple | None = None
     suspect_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0], repr=False)  # |c-g|^2, |w-g|^2, |g|^2
     suspect_eps: float = 0.0  # the unit roundoff of the field's dtype (rows over the floor set it)
+    inner_eps: float = 0.0  # the unit roundoff of the site's own inner rounding, where coarser (`Site.inner_dtype`)
 
     @property
     def passed(self) -> bool:
@@ -189,6 +190,8 @@ class _Judge:
                 sp.path, f, phase, sp.site.kind, sp.site.submodule, sp.layer, sites.order_key(sp, self.n_layers)
             )
             res.threshold, res.threshold_source = self.noise.threshold(sp.template, f, phase, sp.site.kind)
+            if sp.site.inner_dtype is not None:
+                res.inner_eps = torch.finfo(getattr(torch, sp.site.inner_dtype)).eps
             res.flip_threshold = self.noise.flip_threshold(sp.template, f, phase)
             self.results[key] = res
         return res
@@ -290,14 +293,21 @@ class _Judge:
         if g is not None:
             # the golden's second opinion on the rows over the envelope: no further from the truth than the reference
             # is, where the reference is exact to the golden (a segment of plain fp32 torch), no further than the
-            # stored dtype's rounding: a kernel may round its output differently, never by more
+            # stored dtype's rounding (or the site's coarser inner one): a kernel may round differently, never by more
             dr, dc = _rel(w[bad], g[bad]), _rel(c[bad], g[bad])
             res.golden_ref, res.golden_cand = max(res.golden_ref or 0.0, dr), max(res.golden_cand or 0.0, dc)
-            if dc <= self.noise.golden_factor * max(dr, torch.finfo(c.dtype).eps / 2):
+            if dc <= _golden_allowed(res, dr, torch.finfo(c.dtype).eps, self.noise.golden_factor):
                 return
         for i in bad.nonzero().flatten().tolist():
             res.failures += 1
             _first(res, (step, *keys[i]))
+
+
+def _golden_allowed(res: SiteResult, dr: float, eps: float, factor: float) -> float:
+    """How far from the golden the candidate may be: `factor` times the reference's distance, or the output dtype's
+    rounding where the reference is exact to the golden; at a site with a coarser inner rounding (`Site.inner_dtype`)
+    at least that rounding's unit, the most a kernel moves its values by rounding each element there the other way."""
+    return max(factor * max(dr, eps / 2), res.inner_eps)
 
 
 def _first(res: SiteResult, where: tuple) -> None:
@@ -309,10 +319,11 @@ def _judge(r: SiteResult, golden_factor: float) -> None:
     sc, sr, sg = r.suspect_sums
     if r.suspects and sg > 0:
         dc, dr = math.sqrt(sc / sg), math.sqrt(sr / sg)
-        if dc > golden_factor * max(dr, r.suspect_eps / 2):
+        if dc > _golden_allowed(r, dr, r.suspect_eps, golden_factor):
             r.reasons.append(
                 f"{r.suspects} rows within the noise threshold are together {dc:.3g} from the float64 golden, "
-                f"the reference {dr:.3g} (allowed {golden_factor:g}x)"
+                f"the reference {dr:.3g} (allowed {golden_factor:g}x"
+                + (f", at least its inner {r.inner_eps:.3g})" if r.inner_eps else ")")
             )
             _first(r, r.suspect_first)
     if r.compared == 0:

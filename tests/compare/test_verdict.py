@@ -28,13 +28,15 @@ class Toy(nn.Module):
             block.ffn = nn.Module()
             block.ffn.route = Tap()
             self.layers.append(block)
+        self.output_logits = Tap()
 
 
 def record(values: dict, layout=((0, 4, "0", 0),)) -> Dump:
     """Run the toy's taps once per layout step (cu rows a:b of request r at start position p) with `values`."""
     model = Toy()
     writer = dump.MemoryWriter()
-    handle = dump.install(model, dump.DumpConfig(modules=r"(hc_pre_attn|attn\.output|ffn\.route)$"), writer=writer)
+    modules = r"(hc_pre_attn|attn\.output|ffn\.route|output_logits)$"
+    handle = dump.install(model, dump.DumpConfig(modules=modules), writer=writer)
     for step, (a, b, req, start) in enumerate(layout):
         with dump.phase("prefill" if start == 0 else "decode", step, cu_seqlens=[0, b - a], requests=[req],
                         start_pos=[start]):  # fmt: skip
@@ -42,6 +44,8 @@ def record(values: dict, layout=((0, 4, "0", 0),)) -> Dump:
                 block.hc_pre_attn(*(t[a:b] for t in values[f"hc{i}"]))
                 block.attn.output(values[f"attn{i}"][a:b])
                 block.ffn.route(*(t[a:b] for t in values[f"route{i}"]))
+            if "logits" in values:  # fp32 [rows, vocab], tapped with the step's token rows as the models' heads are
+                model.output_logits(values["logits"][a:b], torch.arange(b - a))
     handle.remove()
     return Dump.from_memory(writer, "toy")
 
@@ -141,6 +145,33 @@ def test_rows_within_the_envelope_are_judged_together_against_the_golden():
     assert v.first is row and "together" in v.location()
     golden["attn0"] = ref["attn0"].double() * 1.02
     assert verdict(ref, cand, golden=golden).passed
+
+
+def _head(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(y.float(), w)  # the head's fp32 GEMM over its bf16 normed streams
+
+
+def test_logits_moved_by_the_heads_bf16_rounding_pass_and_a_small_systematic_error_fails():
+    # The golden's head is the reference's own fp32 code, so the golden sits on the reference's logits. A kernel whose
+    # norm rounds the streams' bf16 midpoints the other way (each element still within one bf16 ulp of the truth)
+    # moves fp32 logits by up to bf16's unit roundoff: judged against fp32's it failed (seen on the H200); a 1 %
+    # logits scale, inside the 2 % row envelope, is a loss the aggregate must still catch.
+    g = torch.Generator().manual_seed(3)
+    y = torch.randn(4, 256, generator=g).bfloat16()
+    w = torch.randn(512, 256, generator=g) / 16
+    up = (y.float() * (1 + 2**-8)).bfloat16()  # one ulp above, element by element
+    y_other = torch.where(torch.rand(y.shape, generator=g) < 0.5, y, up)  # half the elements rounded the other way
+    ref, cand, golden = values(), values(), values()
+    ref["logits"] = golden["logits"] = _head(y, w)
+    cand["logits"] = torch.cat([ref["logits"][:2], _head(y_other, w)[2:]])
+    v = verdict(ref, cand, golden=golden)
+    row = next(r for r in v.results if r.path == "output_logits" and r.phase == "chunk")
+    assert row.suspects == 2 and 1e-4 < row.max_err < row.threshold, row
+    assert v.passed, v.location()
+    cand["logits"] = ref["logits"].clone()
+    cand["logits"][2:] *= 1.01  # the decoded rows (prefill rows have the dtype floor as their envelope)
+    v = verdict(ref, cand, golden=golden)
+    assert not v.passed and "together" in v.location() and "output_logits" in v.location()
 
 
 def test_flipped_expert_ids_are_counted_and_weights_compared_in_id_order():
