@@ -22,6 +22,10 @@ scheduling, Python, the torch glue between the ops). With the bytes each layer m
 routed experts the step selected, the KV rows gathered) and the measured device copy rate, each layer gets a
 "% of HBM roofline"; the assumptions are written into the markdown.
 
+The breakdown ends with one step under torch.profiler: its GPU kernel time, kernel launches, host synchronizations
+and device-to-host copies. Whole-step times of this host-bound engine moved up to 2x between the H200 hosts of one
+session; these counts do not depend on the host.
+
 `--smoke` runs the same code on CPU on `ModelArgs.tiny()` with the torch backend (decode 2, prefill 16, repeat 1
 unless given), timing with `time.perf_counter`: a check of the code path, not a measurement.
 """
@@ -35,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from bench.op_timer import ASSUMPTIONS, StepProbe, bytes_model, copy_rate, sync
+from bench.op_timer import ASSUMPTIONS, StepProbe, bytes_model, copy_rate, host_profile, sync
 from parity.checkpoint import build_model, write_checkpoint
 from parity.config import ModelArgs
 from parity.optimized.engine import Engine, EngineConfig
@@ -81,7 +85,7 @@ def prefill_ms(model, tokens: int, repeat: int, gen: torch.Generator, device, ra
 
 def decode_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None):
     steps = repeat + 1
-    extra = 0 if rate is None else 2  # the breakdown's two steps, after the timed ones
+    extra = 0 if rate is None else 3  # the breakdown's three steps, after the timed ones
     config = EngineConfig(
         max_requests=batch,
         num_blocks=batch * ((PROMPT_FOR_DECODE + steps + extra + 2) // 16 + 2),
@@ -102,13 +106,15 @@ def decode_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate
 
 
 def breakdown(model, next_engine, n_tokens: int, device, rate: float) -> dict:
-    """One step with the layers timed (their clean time, and the bytes the step read), then one with every op timed."""
+    """One step with the layers timed (their clean time, and the bytes the step read), one with every op timed, then
+    one under the profiler (what the step cost the host: GPU kernel time, launches, syncs)."""
     with StepProbe(model, time_ops=False) as probe:
         timed_step(next_engine(), device)
     clean = probe.summary()
     with StepProbe(model, time_ops=True) as probe:
         wall = timed_step(next_engine(), device)
     timed = probe.summary()
+    host = host_profile(lambda: timed_step(next_engine(), device), device)
     op_sum = sum(o["ms"] for o in timed["ops"].values())
     layers = {}
     for i, b in bytes_model(model, clean, n_tokens).items():
@@ -120,6 +126,7 @@ def breakdown(model, next_engine, n_tokens: int, device, rate: float) -> dict:
     layer_ms = sum(v["ms"] for v in layers.values())
     return dict(
         wall_ms=wall,
+        host=host,
         ops=dict(sorted(timed["ops"].items(), key=lambda kv: -kv[1]["ms"])),
         op_ms=op_sum,
         outside_ops_ms=wall - op_sum,
@@ -157,9 +164,16 @@ def breakdown_md(r: dict) -> list[str]:
             f"{v['n_experts']} | {v['expert_bytes'] * mb:.1f} | {kv:.2f} | {v['total'] * mb:.1f} | "
             f"{v['roofline_ms']:.3f} | {v['pct_roofline']:.1f} |"
         )
+    h = b["host"]
     lines += [
         "",
         f"All layers: {b['pct_roofline_all_layers']:.1f} % of the HBM roofline (copy {b['copy_rate_gbs']:.0f} GB/s).",
+        "",
+        f"Host profile (one more step, under torch.profiler; counts that do not depend on the host): step "
+        f"{h['wall_ms']:.2f} ms, GPU kernels {h['gpu_kernel_ms']:.3f} ms "
+        f"({100 * h['gpu_kernel_ms'] / h['wall_ms']:.1f} % of it), {h['launches']} kernel launches, "
+        f"{h['syncs']} synchronizations, {h['device_to_host_copies']} device-to-host copies, "
+        f"{h['aten_calls']} aten calls.",
     ]
     return lines
 

@@ -208,3 +208,35 @@ ASSUMPTIONS = (
     "roofline rate: the measured device-to-device copy (read + write bytes / time); % roofline = (bytes / rate) / "
     "layer ms, layer ms from the layer-only timed step (events around each block's forward, glue included)",
 )
+
+
+# ---- what a step costs the host (`layer_speed.py --breakdown`) -----------------------------------------------------
+# Step medians of this host-bound engine moved up to 2x between H200 hosts of one session; these counts do not
+# depend on the host: the GPU's kernel time, the kernels the host launched, and the times it waited for the GPU.
+
+LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
+
+
+def host_profile(run_step, device: torch.device) -> dict:
+    """One step under torch.profiler: its wall ms, the summed GPU kernel ms, the kernel launches and the host waits
+    (explicit synchronizations; a blocking device-to-host copy waits inside cudaMemcpyAsync and is counted apart)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        wall = run_step()
+    events = prof.key_averages()
+    count = {e.key: e.count for e in events}
+    return dict(
+        wall_ms=wall,
+        gpu_kernel_ms=sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
+        if cuda
+        else 0.0,
+        launches=sum(count.get(k, 0) for k in LAUNCHES),
+        syncs=sum(count.get(k, 0) for k in SYNCS),
+        device_to_host_copies=count.get("Memcpy DtoH (Device -> Pageable)", 0)
+        + count.get("Memcpy DtoH (Device -> Pinned)", 0),
+        aten_calls=sum(e.count for e in events if e.key.startswith("aten::")),  # nested calls included
+    )
