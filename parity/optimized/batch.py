@@ -110,8 +110,9 @@ class Batch:
 
     @cached_property
     def device_tables(self) -> dict[int, torch.Tensor]:
-        """`block_tables` on the tokens' device."""
-        return {r: t.to(self.tokens.device, non_blocking=True) for r, t in self.block_tables.items()}
+        """`block_tables` on the tokens' device, as int64 (what the row arithmetic takes: converted once per batch,
+        not in every layer's `PagedCache.entry_rows`)."""
+        return {r: t.to(self.tokens.device, torch.int64, non_blocking=True) for r, t in self.block_tables.items()}
 
     def derived(self, key, build: Callable):
         """`build()` on the first call with `key`, the same value afterwards: for index tensors the model derives

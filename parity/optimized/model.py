@@ -342,31 +342,21 @@ class OptAttention(ref.Attention):
         per-sequence lists padded and stacked, built for all queries at once on the tokens' device (the block
         tables are copied there once per batch)."""
         win, ratio = self.window_size, self.compress_ratio
-        pos, tok = batch.positions, batch.per_token
-        n_tokens = pos.shape[0]
         topk = self.indexer.index_topk if index_topk is not None else None
         plan = batch.derived(("index", win, ratio, topk), lambda: _index_plan(batch, win, ratio, topk))
-        # window: this step's tokens come from kv itself, earlier ones from the ring (read before it is written)
-        u = _window_idx(pos, win)  # [T, win] absolute positions
-        rows = torch.arange(n_tokens, device=pos.device).unsqueeze(1)
-        chunk_row = rows - (pos.unsqueeze(1) - u)
-        ring_row = n_tokens + cache.ring_rows(tok.slot.unsqueeze(1), u)
-        idx = torch.where(u < 0, -1, torch.where(u >= tok.start.unsqueeze(1), chunk_row, ring_row))
+        # the window lists, and an HCA layer's whole lists, are functions of the batch alone: built once per batch,
+        # not once per layer (the kernels only read them)
+        idx = batch.derived(("window idx", win, ring_rows), lambda: _window_rows(batch, cache, win))
         if not ratio:
             return idx[:, : plan.width]
         if index_topk is None:  # HCA: every completed entry
-            entry_ids = self._hca_entries(pos, ratio, plan.n_entries)  # [T, E]
-        else:  # the ids past a sequence's own k are -1 (forced ones too, as when cut per sequence)
-            cols = torch.arange(index_topk.shape[1], device=pos.device)
-            entry_ids = torch.where(cols >= plan.k.unsqueeze(1), -1, index_topk)  # [T, E]
-        entry_row = cache.entry_rows_of(batch.device_tables[ratio], tok.seq.unsqueeze(1), entry_ids.clamp(min=0))
-        entry_idx = torch.where(entry_ids < 0, -1, n_tokens + ring_rows + entry_row)
-        if plan.entry_col is None:  # every list's window part is `window` wide
-            return torch.cat([idx, entry_idx], dim=1)[:, : plan.width]
-        out = idx.new_full((n_tokens, win + entry_idx.shape[1]), -1)
-        out[:, :win] = idx  # past a prefill's window width: -1, where its entries go
-        cols = plan.entry_col.unsqueeze(1) + torch.arange(entry_idx.shape[1], device=pos.device)
-        return out.scatter_(1, cols, entry_idx)[:, : plan.width]
+            key = ("hca idx", win, ratio, ring_rows)
+            entries = lambda: self._hca_entries(batch.positions, ratio, plan.n_entries)  # noqa: E731
+            return batch.derived(key, lambda: _with_entries(batch, cache, plan, idx, entries(), ratio, ring_rows))
+        # the ids past a sequence's own k are -1 (forced ones too, as when cut per sequence)
+        cols = torch.arange(index_topk.shape[1], device=idx.device)
+        entry_ids = torch.where(cols >= plan.k.unsqueeze(1), -1, index_topk)  # [T, E]
+        return _with_entries(batch, cache, plan, idx, entry_ids, ratio, ring_rows)
 
     @staticmethod
     def _hca_entries(positions: torch.Tensor, ratio: int, width: int) -> torch.Tensor:
@@ -379,13 +369,39 @@ class OptAttention(ref.Attention):
     def _write_ring(self, kv: torch.Tensor, batch: Batch, cache: PagedCache, ring: torch.Tensor) -> None:
         """This step's window KV into the rings, one indexed write for all sequences."""
         win = self.window_size
-        rows = cache.ring_rows(batch.per_token.slot, batch.positions)  # [T]
         # only the last `window` tokens of a sequence survive: writing more would give one ring row two positions in
         # one write (which one lands is undefined)
         keep = batch.derived(("ring keep", win), lambda: _ring_keep(batch, win))
-        if keep is not None:
-            rows, kv = rows[keep], kv[keep]
-        ring.view(-1, self.head_dim)[rows] = kv
+        rows = batch.derived(("ring rows", win), lambda: _ring_write_rows(batch, cache, keep))  # [T] or [kept]
+        ring.view(-1, self.head_dim)[rows] = kv if keep is None else kv[keep]
+
+
+def _window_rows(batch: Batch, cache: PagedCache, win: int) -> torch.Tensor:
+    """[T, win] rows each query reads from the window, -1 = none: this step's tokens from kv itself ([T] rows), the
+    earlier ones from the rings after them (read before this step writes them)."""
+    pos, tok = batch.positions, batch.per_token
+    n_tokens = pos.shape[0]
+    u = _window_idx(pos, win)  # [T, win] absolute positions
+    rows = torch.arange(n_tokens, device=pos.device).unsqueeze(1)
+    chunk_row = rows - (pos.unsqueeze(1) - u)
+    ring_row = n_tokens + cache.ring_rows(tok.slot.unsqueeze(1), u)
+    return torch.where(u < 0, -1, torch.where(u >= tok.start.unsqueeze(1), chunk_row, ring_row))
+
+
+def _with_entries(batch: Batch, cache: PagedCache, plan, idx, entry_ids, ratio: int, ring_rows: int) -> torch.Tensor:
+    """The window lists `idx` [T, win] followed by each query's entries (`entry_ids` [T, E], -1 = none) as rows of the
+    pool after the chunk's and the rings' rows: from the sequence's window width on, -1 up to `plan.width`."""
+    n_tokens, win = idx.shape
+    entry_row = cache.entry_rows_of(
+        batch.device_tables[ratio], batch.per_token.seq.unsqueeze(1), entry_ids.clamp(min=0)
+    )
+    entry_idx = torch.where(entry_ids < 0, -1, n_tokens + ring_rows + entry_row)
+    if plan.entry_col is None:  # every list's window part is `window` wide
+        return torch.cat([idx, entry_idx], dim=1)[:, : plan.width]
+    out = idx.new_full((n_tokens, win + entry_idx.shape[1]), -1)
+    out[:, :win] = idx  # past a prefill's window width: -1, where its entries go
+    cols = plan.entry_col.unsqueeze(1) + torch.arange(entry_idx.shape[1], device=idx.device)
+    return out.scatter_(1, cols, entry_idx)[:, : plan.width]
 
 
 @dataclass(frozen=True)
@@ -411,6 +427,11 @@ def _index_plan(batch: Batch, window: int, ratio: int, topk: int | None) -> _Ind
         entry_col=None if min(cols) == window else per_token(cols),
         k=per_token(entries) if topk is not None else None,
     )
+
+
+def _ring_write_rows(batch: Batch, cache: PagedCache, keep: torch.Tensor | None) -> torch.Tensor:
+    rows = cache.ring_rows(batch.per_token.slot, batch.positions)  # [T]
+    return rows if keep is None else rows[keep]
 
 
 def _ring_keep(batch: Batch, window: int) -> torch.Tensor | None:
