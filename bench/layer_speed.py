@@ -1,12 +1,13 @@
 """Whole-step time of the optimized engine per backend on a Flash-shaped model (one CUDA GPU).
 
     PYTHONPATH=. python3 bench/layer_speed.py --out DIR [--backends torch triton] [--prefill [512 2048]]
-                                              [--decode [1 8 64]] [--repeat 5] [--breakdown] [--smoke]
+                                              [--decode [1 8 64]] [--repeat 5] [--breakdown] [--layers 2] [--smoke]
 
 The model is `bench/gpu_checks.py flash`'s: V4-Flash widths (dim 4096, 64 heads of 512, q-LoRA 1024, o-LoRA 8 x 1024,
 indexer 64 x 128, top-k 512, expert 2048, window 128) with 16 routed experts (of 256) and two layers, one CSA
-(compress ratio 4) and one HCA (128); the engine drafts no MTP tokens. Each number is one engine step
-(`Engine.step`: scheduling, the forward of both layers, the head, the commit), CUDA-synchronized, median of
+(compress ratio 4) and one HCA (128), or `--layers N` alternating them; the engine drafts no MTP tokens. Each
+number is one engine step (`Engine.step`: scheduling, the forward of every layer, the head, the commit),
+CUDA-synchronized, median of
 `--repeat` after one warm-up step that compiles the Triton kernels:
 - prefill T: one request of T prompt tokens in one chunk (a fresh engine per repeat);
 - decode B: B requests of 64 prompt tokens, prefilled, then one-token decode steps with all B in the batch.
@@ -49,10 +50,12 @@ from parity.optimized.ops import OpsConfig, resolve_ops
 PROMPT_FOR_DECODE = 64
 
 
-def flash_shaped() -> ModelArgs:
-    # the MTP layer is in the checkpoint (as in gpu_checks.py) but the engine drafts nothing (mtp_draft 0)
+def flash_shaped(layers: int = 2) -> ModelArgs:
+    """V4-Flash widths, 16 routed experts, `layers` layers alternating CSA (4) and HCA (128), the first hash-routed.
+    The MTP layer is in the checkpoint (as in gpu_checks.py) but the engine drafts nothing (mtp_draft 0)."""
+    ratios = tuple(4 if i % 2 == 0 else 128 for i in range(layers)) + (0,)
     return ModelArgs.flash(
-        n_layers=2, n_hash_layers=1, n_routed_experts=16, vocab_size=16384, compress_ratios=(4, 128, 0)
+        n_layers=layers, n_hash_layers=1, n_routed_experts=16, vocab_size=16384, compress_ratios=ratios
     )
 
 
@@ -187,6 +190,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int)
     p.add_argument("--breakdown", action="store_true", help="per-op and per-layer breakdown, %% of HBM roofline")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, torch backend: checks the code path")
+    p.add_argument("--layers", type=int, default=2, help="layers of the Flash-shaped model (the host's per-layer "
+                   "work shows at depth: V4-Flash has 43; ~0.4 GB of checkpoint each)")  # fmt: skip
     opts = p.parse_args()
     # unset options take the run's defaults: the GPU measurement's, or the smoke run's small ones
     defaults = (["torch"], [16], [2], 1) if opts.smoke else (["torch", "triton"], [512, 2048], [1, 8, 64], 5)
@@ -198,8 +203,11 @@ def main() -> None:
         model_name = "ModelArgs.tiny() on CPU (smoke: checks the code path; the times mean nothing)"
     else:
         assert torch.cuda.is_available(), "layer_speed needs a CUDA device (or --smoke)"
-        device, args = torch.device("cuda"), flash_shaped()
-        model_name = "Flash-shaped: V4-Flash widths, 16 routed experts, layers CSA(4) + HCA(128), MTP not drafted"
+        device, args = torch.device("cuda"), flash_shaped(opts.layers)
+        model_name = (
+            f"Flash-shaped: V4-Flash widths, 16 routed experts, {opts.layers} layers alternating CSA(4) and HCA(128), "
+            "MTP not drafted"
+        )
     opts.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
