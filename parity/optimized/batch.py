@@ -142,7 +142,7 @@ def make_batch(
             segments += [cu[-1] + j for j in range(1, len(ids))]
         cu.append(cu[-1] + len(ids))
         segments.append(cu[-1])
-    both = torch.tensor([tokens, positions], dtype=torch.int64).to(device)  # one copy for the two
+    both = torch.tensor([tokens, positions], dtype=torch.int64).to(device, non_blocking=True)  # one copy for the two
     return Batch(
         tokens=both[0],
         positions=both[1],

@@ -593,7 +593,7 @@ class OptimizedTransformer(nn.Module):
             )  # fmt: skip
             y = self.ops.rms_norm(y, norm.weight, norm.eps, batch.segments)
             # one row per segment: the torch backend's F.linear per row is the reference's [1, D] GEMM bit for bit
-            rows = torch.as_tensor(list(rows), device=h.device)
+            rows = batch.to_device(list(rows))  # without waiting for the forward queued before it
             logits = self.ops.dense_linear(y[rows].float(), self.head.weight, tuple(range(len(rows) + 1)))
             logits = self.tp.all_gather(logits, -1)  # each rank holds a vocab slice of the head
             return owner.output_logits(logits, rows)[0]
