@@ -247,19 +247,22 @@ class Engine:
             if not (s.prefill and s.end < len(s.req.prompt))
         }
         rows_all = [r for want in wants.values() for r in want]
-        head = self.model.head_logits(h, batch, rows_all) if wants else None
-        sizes = [len(w) for w in wants.values()]
-        logits_of = dict(zip(wants, head.split(sizes))) if wants else {}
-        # one device -> host read of every greedy token (argmax per row: the same ids as per request)
-        greedy_of = dict(zip(wants, _split_list(head.argmax(-1).tolist(), sizes))) if wants else {}
+        taken = {}  # request index -> (its logits rows, its greedy tokens)
+        if wants:
+            head = self.model.head_logits(h, batch, rows_all)
+            greedy_all = head.argmax(-1).tolist()  # one device -> host read (argmax per row: per-request calls' ids)
+            at = 0
+            for i, want in wants.items():
+                taken[i] = head[at : at + len(want)], greedy_all[at : at + len(want)]
+                at += len(want)
         for i, s in enumerate(plan):
             req, tokens, n_draft = s.req, s.tokens, s.n_draft
             rows = batch.rows(i)
-            if i not in logits_of:  # a prefill chunk before the prompt's end: nothing to sample
+            if i not in taken:  # a prefill chunk before the prompt's end: nothing to sample
                 req.num_computed = s.end
                 self._keep_streams(req, h[rows])
                 continue
-            logits, greedy = logits_of[i], greedy_of[i]
+            logits, greedy = taken[i]
             if req.forced is not None:
                 n_out = len(req.output)
                 greedy = [req.forced[min(n_out + j, len(req.forced) - 1)] for j in range(len(greedy))]
@@ -350,11 +353,3 @@ class Engine:
         while self.step():
             pass
         return self.finished
-
-
-def _split_list(items: list, sizes: list[int]) -> list[list]:
-    out, at = [], 0
-    for n in sizes:
-        out.append(items[at : at + n])
-        at += n
-    return out
