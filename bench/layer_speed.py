@@ -193,6 +193,8 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=2, help="layers of the Flash-shaped model (the host's per-layer "
                    "work shows at depth: V4-Flash has 43; ~0.4 GB of checkpoint each)")  # fmt: skip
     opts = p.parse_args()
+    if opts.layers < 1:
+        p.error(f"--layers: expected at least 1, got {opts.layers}")
     # unset options take the run's defaults: the GPU measurement's, or the smoke run's small ones
     defaults = (["torch"], [16], [2], 1) if opts.smoke else (["torch", "triton"], [512, 2048], [1, 8, 64], 5)
     for name, value in zip(("backends", "prefill", "decode", "repeat"), defaults):

@@ -231,9 +231,7 @@ def host_profile(run_step, device: torch.device) -> dict:
     count = {e.key: e.count for e in events}
     return dict(
         wall_ms=wall,
-        gpu_kernel_ms=sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
-        if cuda
-        else 0.0,
+        gpu_kernel_ms=sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3,  # CPU: 0
         launches=sum(count.get(k, 0) for k in LAUNCHES),
         syncs=sum(count.get(k, 0) for k in SYNCS),
         device_to_host_copies=count.get("Memcpy DtoH (Device -> Pageable)", 0)
