@@ -98,7 +98,7 @@ def decode_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate
     engine = Engine(model, config)
     for _ in range(batch):
         prompt = torch.randint(0, model.args.vocab_size, (PROMPT_FOR_DECODE,), generator=gen)
-        engine.add_request(prompt, steps + extra + 1)
+        engine.add_request(prompt, steps + extra + 2)  # no request finishes (and frees its cache) in a measured step
     engine.step()  # every prompt in one step (the budget holds them all)
     if any(r.in_prefill for r in engine.running):
         raise RuntimeError("decode bench: prompts not prefilled in one step")

@@ -31,9 +31,10 @@ class CompressorState:
         self.kv[slot].zero_()
         self.score[slot].fill_(float("-inf"))
 
-    def poison(self, slot: int) -> None:
-        self.kv[slot].fill_(float("nan"))
-        self.score[slot].fill_(float("nan"))
+    def poison(self, slots: torch.Tensor) -> None:
+        """NaN into the state of `slots` (an index tensor on the state's device)."""
+        self.kv.index_fill_(0, slots, float("nan"))
+        self.score.index_fill_(0, slots, float("nan"))
 
     def rows(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The slot's state as [1, coff*r, coff*d] views (the reference's `state[:bsz]` for a batch of one)."""
@@ -89,13 +90,6 @@ class PagedCache:
             st.reset(slot)
         return slot
 
-    def free_slot(self, slot: int) -> None:
-        for ring in self.window:
-            ring[slot].fill_(float("nan"))
-        for st in filter(None, self.state + self.index_state):
-            st.poison(slot)
-        self.free_slots.append(slot)
-
     # blocks
     def alloc_blocks(self, ratio: int, n: int) -> list[int]:
         free = self.free_blocks[ratio]
@@ -104,16 +98,33 @@ class PagedCache:
         taken, self.free_blocks[ratio] = free[:n], free[n:]
         return taken
 
-    def free_block_ids(self, ratio: int, ids: list[int]) -> None:
-        if not ids:
-            return
-        idx = torch.tensor(ids, device=self.window[0].device)
-        for r, pool, ipool in zip(self.ratios, self.entries, self.index_entries):
-            if r == ratio:
-                pool[idx] = float("nan")
-                if ipool is not None:
-                    ipool[idx] = float("nan")
-        self.free_blocks[ratio].extend(ids)
+    def release(self, slots: list[int], blocks: dict[int, list[int]]) -> None:
+        """Free request slots and pool blocks (`blocks`: ratio -> block ids), any number of requests at once,
+        NaN-poisoning what they held so that a stale read shows. One index copy per kind and one fill per tensor,
+        whatever the number of requests: released one request at a time, every request cost a host sync (a blocking
+        index copy) and a few launches per layer (measured on the H200: 580 syncs in the step where 64 requests
+        finished, 8 layers)."""
+        if slots:
+            idx = self._device_index(slots)
+            for ring in self.window:
+                ring.index_fill_(0, idx, float("nan"))
+            for st in filter(None, self.state + self.index_state):
+                st.poison(idx)
+            self.free_slots.extend(slots)
+        for ratio, ids in blocks.items():
+            if not ids:
+                continue
+            idx = self._device_index(ids)
+            for r, pool, ipool in zip(self.ratios, self.entries, self.index_entries):
+                if r == ratio:
+                    pool.index_fill_(0, idx, float("nan"))
+                    if ipool is not None:
+                        ipool.index_fill_(0, idx, float("nan"))
+            self.free_blocks[ratio].extend(ids)
+
+    def _device_index(self, ids: list[int]) -> torch.Tensor:
+        # staged through pageable memory without waiting for the device (the host list is copied before return)
+        return torch.tensor(ids, dtype=torch.long).to(self.window[0].device, non_blocking=True)
 
     def ring_rows(self, slot, positions: torch.Tensor) -> torch.Tensor:
         """Flat rows (`window[L].view(-1, d)`) of a slot's ring that hold `positions` (`slot`: an int, or a tensor of

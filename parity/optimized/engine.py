@@ -156,12 +156,6 @@ class Engine:
             if need > 0:
                 req.blocks[r] += self.cache.alloc_blocks(r, need)
 
-    def _release(self, req: Request) -> None:
-        for r, ids in req.blocks.items():
-            self.cache.free_block_ids(r, ids)
-        self.cache.free_slot(req.slot)
-        req.blocks, req.slot = {}, -1
-
     def _tables(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
         tables = {}
         for r in self.ratios:
@@ -342,11 +336,19 @@ class Engine:
             self.cache.restore(req.slot, snapshots[req.id])
 
     def _finish(self) -> None:
-        for req in list(self.running):
-            if req.done:
-                self.running.remove(req)
-                self._release(req)
-                self.finished[req.id] = req
+        done = [req for req in self.running if req.done]
+        if not done:
+            return
+        blocks: dict[int, list[int]] = {}
+        for req in done:
+            for r, ids in req.blocks.items():
+                blocks.setdefault(r, []).extend(ids)
+        # every request finishing in this step released together: one index copy and one fill per cache tensor
+        self.cache.release([req.slot for req in done], blocks)
+        for req in done:
+            self.running.remove(req)
+            req.blocks, req.slot = {}, -1
+            self.finished[req.id] = req
 
     def run(self) -> dict[int, Request]:
         """Step until every request has finished; returns the finished requests by id."""
