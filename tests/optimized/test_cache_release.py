@@ -51,3 +51,27 @@ def test_release_of_nothing_changes_nothing(tiny_args):
     cache.release([], {r: [] for r in cache.free_blocks})
     for t in cache.window + cache.entries + cache.index_entries:
         assert t is None or _nan_rows(t) == []
+
+
+def test_release_cost_does_not_grow_with_the_requests(tiny_args):
+    # per-request release made a blocking index copy (a host sync on CUDA) and a fill per tensor per request: the
+    # aten calls of one release must be the same for 1 and for 3 requests finishing together
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    costs = []
+    for n in (1, 3):
+        cache = PagedCache(tiny_args, max_requests=4, num_blocks=16, block_size=4)
+        slots = [cache.alloc_slot() for _ in range(n)]
+        blocks = {r: cache.alloc_blocks(r, 2 * n) for r in cache.free_blocks}
+        Count.calls = 0
+        with Count():
+            cache.release(slots, blocks)
+        costs.append(Count.calls)
+    assert costs[0] == costs[1], costs
