@@ -18,10 +18,11 @@ layer_speed.md to --out.
 
 `--breakdown` adds, per size, two more steps that the medians do not include (`bench/op_timer.py`): one with
 CUDA events around each layer's forward (the per-layer time), then one with events around every call of every op
-of the model's `Ops` too: per op calls, GPU ms and share of that step's wall, and the rest ("outside ops": host
-scheduling, Python, the torch glue between the ops). With the bytes each layer must read (weights as stored, the
-routed experts the step selected, the KV rows gathered) and the measured device copy rate, each layer gets a
-"% of HBM roofline"; the assumptions are written into the markdown.
+of the model's `Ops` too: per op calls, GPU ms (between the call's events) and share of that step's wall, host ms
+(the host's own time inside the calls: where GPU ms is about host ms, the GPU waited on the host's launches), and
+the rest ("outside ops": host scheduling, Python, the torch glue between the ops). With the bytes each layer must
+read (weights as stored, the routed experts the step selected, the KV rows gathered) and the measured device copy
+rate, each layer gets a "% of HBM roofline"; the assumptions are written into the markdown.
 
 The breakdown ends with one step under torch.profiler: its GPU kernel time, kernel launches, host synchronizations
 and device-to-host copies. Whole-step times of this host-bound engine moved up to 2x between the H200 hosts of one
@@ -143,12 +144,16 @@ def breakdown(model, next_engine, n_tokens: int, device, rate: float) -> dict:
 def breakdown_md(r: dict) -> list[str]:
     b = r["breakdown"]
     head = f"### {r['backend']} {r['phase']} {r['size']}: op-timed step {b['wall_ms']:.2f} ms"
-    lines = ["", head, "", "| op | calls | GPU ms | % of step |", "|---|---|---|---|"]
+    lines = ["", head, ""]
+    lines += ["| op | calls | GPU ms | host ms | host us / call | % of step |", "|---|---|---|---|---|---|"]
     for name, o in b["ops"].items():
-        lines.append(f"| {name} | {o['calls']} | {o['ms']:.3f} | {100 * o['ms'] / b['wall_ms']:.1f} |")
-    lines.append(f"| (sum of ops) | | {b['op_ms']:.3f} | {100 * b['op_ms'] / b['wall_ms']:.1f} |")
-    lines.append(f"| outside ops | | {b['outside_ops_ms']:.3f} | {100 * b['outside_ops_ms'] / b['wall_ms']:.1f} |")
-    lines.append(f"| step wall | | {b['wall_ms']:.3f} | 100.0 |")
+        per_call = 1e3 * o["host_ms"] / o["calls"]
+        share = 100 * o["ms"] / b["wall_ms"]
+        lines.append(f"| {name} | {o['calls']} | {o['ms']:.3f} | {o['host_ms']:.3f} | {per_call:.0f} | {share:.1f} |")
+    host_sum = sum(o["host_ms"] for o in b["ops"].values())
+    lines.append(f"| (sum of ops) | | {b['op_ms']:.3f} | {host_sum:.3f} | | {100 * b['op_ms'] / b['wall_ms']:.1f} |")
+    lines.append(f"| outside ops | | {b['outside_ops_ms']:.3f} | | | {100 * b['outside_ops_ms'] / b['wall_ms']:.1f} |")
+    lines.append(f"| step wall | | {b['wall_ms']:.3f} | | | 100.0 |")
     mb = 1 / 2**20
     lines += [
         "",

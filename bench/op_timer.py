@@ -65,9 +65,10 @@ class StepProbe:
                 return fn(*args, **kwargs)
             self.depth += 1
             try:
-                start = self.clock.mark()
+                start, host = self.clock.mark(), time.perf_counter()
                 out = fn(*args, **kwargs)
-                self.calls.append((name, self.scope, start, self.clock.mark()))
+                host = time.perf_counter() - host  # the host's own time in the call: its Python and launches
+                self.calls.append((name, self.scope, start, self.clock.mark(), host))
             finally:
                 self.depth -= 1
             return out
@@ -120,14 +121,16 @@ class StepProbe:
         return False
 
     def summary(self) -> dict:
-        """Per op (calls, ms), per layer (layer ms, ms inside ops, experts routed to, KV / indexer bytes read)."""
+        """Per op (calls, ms between the call's events, host_ms the host spent in the call), per layer (layer ms, ms
+        inside ops, experts routed to, KV / indexer bytes read)."""
         sync(self.device)
-        ops = defaultdict(lambda: {"calls": 0, "ms": 0.0})
+        ops = defaultdict(lambda: {"calls": 0, "ms": 0.0, "host_ms": 0.0})
         op_ms_in = defaultdict(float)
-        for name, scope, start, stop in self.calls:
+        for name, scope, start, stop, host in self.calls:
             ms = self.clock.ms(start, stop)
             ops[name]["calls"] += 1
             ops[name]["ms"] += ms
+            ops[name]["host_ms"] += host * 1e3
             op_ms_in[scope] += ms
         layers = {}
         for i, (start, stop) in self.layer_marks.items():
