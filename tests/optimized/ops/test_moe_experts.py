@@ -440,3 +440,24 @@ def test_triton_unaligned_expert_tensors_give_the_same_bits(triton_moe, ref_mode
         want = triton_moe.moe_experts(x, weights, indices, experts, shared, *policy(tiny_args))
         got = triton_moe.moe_experts(x, weights, indices, moved, shared, *policy(tiny_args))
     assert torch.equal(got, want), f"aligned tables: {aligned}"
+
+
+@pytest.mark.parametrize(
+    "t, k, n_exp, bt, case",
+    [(1, 1, 4, 16, "one row"), (1, 6, 16, 16, "one token"), (45, 3, 16, 8, "empty expert, repeats"),
+     (64, 6, 256, 16, "decode batch"), (7, 6, 384, 32, "Pro experts"), (170, 6, 16, 32, "at the row limit"),
+     (9, 2, 3, 4, "one expert for all")],
+)  # fmt: skip
+def test_triton_plan_one_launch_equals_the_torch_plan(triton_moe, t, k, n_exp, bt, case):
+    # the one-program plan kernel and its twin, the torch ops: the same four tensors, element for element
+    g = torch.Generator().manual_seed(t * 131 + n_exp)
+    indices = torch.stack([torch.randperm(n_exp, generator=g)[: min(k, n_exp)] for _ in range(t)])
+    if case == "empty expert, repeats":
+        indices[indices == 5] = 6
+    if case == "one expert for all":
+        indices[:] = 1
+    weights = torch.rand(t, indices.shape[1], generator=g)
+    got = triton_moe._plan_one_launch(indices, weights, n_exp, t, bt)
+    want = triton_moe._plan_torch(indices, weights, n_exp, t, bt)
+    for name, a, b in zip(("plan", "row_tok", "row_w", "pos"), got, want):
+        assert a.dtype == b.dtype and torch.equal(a, b), name

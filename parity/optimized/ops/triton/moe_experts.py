@@ -4,9 +4,10 @@ launches, and the per-token fp32 combine in ascending expert id.
 Reference: parity.reference.model.MoE.forward (with Expert.forward; spec §9.2, §9.3).
 
 Steps (all on the device, no host sync):
-1. Plan (torch ops): the (token, slot) pairs sorted by expert id (stable, so tokens ascend inside an expert), cut
-   into tiles of BLOCK_T rows that never straddle two experts; empty experts get no tile. The shared expert's
-   tiles (all T tokens in order) follow the routed ones in the same plan.
+1. Plan: the (token, slot) pairs sorted by expert id (stable, so tokens ascend inside an expert), cut into tiles
+   of BLOCK_T rows that never straddle two experts; empty experts get no tile. The shared expert's tiles (all T
+   tokens in order) follow the routed ones in the same plan. Up to PLAN_KERNEL_MAX_ROWS routed rows (decode) one
+   program builds it (`_plan_kernel`); above, torch ops (`_plan_torch`, ~50 launches), the same values.
 2. x quantized once per (token, 128-group) by the Triton act_quant (bit for bit the official recipe, spec §3.2:
    what `linear()` feeds the expert GEMM; quantizing in every program's K loop instead redid the same work once per
    feature slice, 16-32 times). Gate-up kernel, one program per (tile, 64/128-feature slice of the inter dim): the
@@ -347,11 +348,122 @@ def _block_t(rows_per_expert: float) -> int:
     return 16 if rows_per_expert <= 16 else 32
 
 
+# routed rows (tokens x top-k) up to which one program builds the plan (`_plan_kernel`): decode batches and short
+# chunks; above it the torch ops (one program would hold [rows] sort networks too large for its registers)
+PLAN_KERNEL_MAX_ROWS = 1024
+PLAN_KERNEL_MAX_EXPERTS = 1024
+
+
 def _plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, t: int, bt: int):
     """Sorted rows and the tile plan, all device tensors (no host sync). Rows [0, R) are the routed (token, slot)
     pairs sorted by expert id (tokens ascending within an expert), rows [R, R + T) the shared expert's tokens.
     Returns (plan int32 [3, n_plan]: expert, first row, row count; row -> token; row -> routing weight; position of
-    each token's slots in ascending expert order [T, k])."""
+    each token's slots in ascending expert order [T, k]). Up to PLAN_KERNEL_MAX_ROWS routed rows one launch builds
+    it (`_plan_kernel`, the same values as `_plan_torch`, its twin): the torch form is ~50 launches, about a third of
+    a decode layer's, and a decode step is bound by the host's launches."""
+    r = t * indices.shape[1]
+    if 0 < r <= PLAN_KERNEL_MAX_ROWS and n_experts <= PLAN_KERNEL_MAX_EXPERTS:
+        return _plan_one_launch(indices, weights, n_experts, t, bt)
+    return _plan_torch(indices, weights, n_experts, t, bt)
+
+
+def _n_plan(r: int, t: int, n_experts: int, bt: int) -> tuple[int, int]:
+    """(routed plan entries, shared plan entries): the routed count is an upper bound of the tiles the experts need
+    (each expert's last tile may be partial), known without reading the counts back."""
+    return triton.cdiv(r, bt) + min(n_experts, r), triton.cdiv(t, bt)
+
+
+@triton.jit
+def _plan_kernel(
+    idx_ptr, w_ptr, plan_ptr, row_tok_ptr, row_w_ptr, pos_ptr, inv_ptr, sorted_e_ptr, first_ptr, last_ptr,
+    T, R, E, N_ROUTED, N_PLAN,
+    K: tl.constexpr, KP: tl.constexpr, TP: tl.constexpr, RP: tl.constexpr, EP: tl.constexpr, LP: tl.constexpr,
+    NP: tl.constexpr, BT: tl.constexpr,
+):  # fmt: skip
+    # one program: a stable sort of the routed rows by expert, then every output from the sorted order
+    q = tl.arange(0, RP)
+    valid = q < R
+    e = tl.load(idx_ptr + q, mask=valid, other=0).to(tl.int32)
+    key = tl.where(valid, e, E) * RP + q  # expert-major, row index minor: the sort is stable; padding sorts last
+    skey = tl.sort(key)
+    order = skey % RP  # sorted position -> row (token * K + slot)
+    es = skey // RP
+    tl.store(row_tok_ptr + q, order // K, mask=valid)
+    tl.store(row_w_ptr + q, tl.load(w_ptr + order, mask=valid, other=0.0).to(tl.float32), mask=valid)
+    tl.store(inv_ptr + order, q, mask=valid)  # row -> sorted position
+    tl.store(sorted_e_ptr + q, es, mask=valid)
+    ex = tl.arange(0, EP)
+    tl.store(first_ptr + ex, 0, mask=ex < E)
+    tl.store(last_ptr + ex, -1, mask=ex < E)  # an empty expert: count = last - first + 1 = 0
+    tl.debug_barrier()  # the stores above are read back by other threads of this program below
+    prev = tl.load(sorted_e_ptr + q - 1, mask=valid & (q > 0), other=-1)
+    nxt = tl.load(sorted_e_ptr + q + 1, mask=q + 1 < R, other=-1)
+    tl.store(first_ptr + es, q, mask=valid & (es != prev))
+    tl.store(last_ptr + es, q, mask=valid & (es != nxt))
+    tl.debug_barrier()
+    emask = ex < E
+    counts = tl.load(last_ptr + ex, mask=emask, other=-1) - tl.load(first_ptr + ex, mask=emask, other=0) + 1
+    starts = tl.cumsum(counts, 0) - counts
+    tiles = (counts + BT - 1) // BT
+    tile_start = tl.cumsum(tiles, 0) - tiles
+    # each expert's tiles at plan entries tile_start[e] + l, l < tiles[e] (a loop over l: an [experts, tiles] block
+    # spilled at 1024 experts)
+    for lt in range(0, LP):
+        own = emask & (lt < tiles)
+        at = tile_start + lt
+        tl.store(plan_ptr + at, ex, mask=own)
+        tl.store(plan_ptr + N_PLAN + at, starts + lt * BT, mask=own)
+        tl.store(plan_ptr + 2 * N_PLAN + at, tl.minimum(counts - lt * BT, BT), mask=own)
+    # entries past the routed tiles (the bound is loose): expert E, no rows, the first row the torch form computes
+    # (the last expert's start + its local tile offset); then the shared expert's tiles
+    last_e = ex == E - 1
+    start_last = tl.sum(tl.where(last_e, starts, 0), axis=0)
+    tile_start_last = tl.sum(tl.where(last_e, tile_start, 0), axis=0)
+    total = tl.sum(tiles, axis=0)
+    i = tl.arange(0, NP)
+    pad = (i >= total) & (i < N_ROUTED)
+    sh = i - N_ROUTED
+    shared = (i >= N_ROUTED) & (i < N_PLAN)
+    tl.store(plan_ptr + i, tl.where(pad | shared, E, 0), mask=pad | shared)
+    tl.store(plan_ptr + N_PLAN + i, tl.where(pad, start_last + (i - tile_start_last) * BT, R + sh * BT),
+             mask=pad | shared)  # fmt: skip
+    tl.store(plan_ptr + 2 * N_PLAN + i, tl.where(pad, 0, tl.minimum(T - sh * BT, BT)), mask=pad | shared)
+    tok = tl.arange(0, TP)
+    tl.store(row_tok_ptr + R + tok, tok, mask=tok < T)
+    tl.store(row_w_ptr + R + tok, tl.full([TP], 1.0, tl.float32), mask=tok < T)
+    # a token's slots in ascending (expert, slot) order = its rows' sorted positions, ascending
+    slot = tl.arange(0, KP)
+    tmask = (tok < T)[:, None] & (slot < K)[None, :]
+    ranks = tl.load(inv_ptr + tok[:, None] * K + slot[None, :], mask=tmask, other=2147483647)
+    tl.store(pos_ptr + tok[:, None] * K + slot[None, :], tl.sort(ranks, dim=1), mask=tmask)
+
+
+def _plan_one_launch(indices, weights, n_experts, t, bt):
+    dev = indices.device
+    k = indices.shape[1]
+    r = t * k
+    n_routed, n_shared = _n_plan(r, t, n_experts, bt)
+    n_plan = n_routed + n_shared
+    plan = torch.empty(3, n_plan, dtype=torch.int32, device=dev)
+    row_tok = torch.empty(r + t, dtype=torch.int32, device=dev)
+    row_w = torch.empty(r + t, dtype=torch.float32, device=dev)
+    pos = torch.empty(t, k, dtype=torch.int32, device=dev)
+    scratch = torch.empty(2 * r + 2 * n_experts, dtype=torch.int32, device=dev)
+    inv, sorted_e, first, last = scratch.split([r, r, n_experts, n_experts])
+    p2 = triton.next_power_of_2  # (sorted axes padded to at least 2: a sort network of one element is none)
+    with common.on_device(indices):
+        _plan_kernel[(1,)](
+            indices.contiguous(), weights.contiguous(), plan, row_tok, row_w, pos, inv, sorted_e, first, last,
+            t, r, n_experts, n_routed, n_plan,
+            K=k, KP=max(2, p2(k)), TP=p2(t), RP=max(2, p2(r)), EP=p2(n_experts), LP=p2(triton.cdiv(r, bt)),
+            NP=p2(n_plan), BT=bt,
+            num_warps=4,
+        )  # fmt: skip
+    return plan, row_tok, row_w, pos
+
+
+def _plan_torch(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, t: int, bt: int):
+    """`_plan` in torch ops (any size)."""
     dev = indices.device
     k = indices.shape[1]
     r = t * k
@@ -363,14 +475,14 @@ def _plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, t: int, 
     starts = torch.cumsum(counts, 0) - counts
     tiles = (counts + bt - 1) // bt
     tile_end = torch.cumsum(tiles, 0)
-    n_routed = triton.cdiv(r, bt) + min(n_experts, r)  # an upper bound of sum(tiles): no sync to know it
+    n_routed, n_shared = _n_plan(r, t, n_experts, bt)
     i = torch.arange(n_routed, device=dev)
     e = torch.searchsorted(tile_end, i, right=True)
     ec = e.clamp(max=n_experts - 1)
     local = i - (tile_end - tiles)[ec]
     n_rows = torch.where(e < n_experts, (counts[ec] - local * bt).clamp(0, bt), 0)
     row0 = starts[ec] + local * bt
-    i_sh = torch.arange(triton.cdiv(t, bt), device=dev)
+    i_sh = torch.arange(n_shared, device=dev)
     plan = torch.stack(
         [
             torch.cat([e, torch.full_like(i_sh, n_experts)]),
