@@ -654,9 +654,7 @@ def compile_check(only: str = "") -> int:
               inv_ptr="*i32", sorted_e_ptr="*i32", first_ptr="*i32", last_ptr="*i32", T=i32, R=i32, E=i32,
               N_ROUTED=i32, N_PLAN=i32)  # fmt: skip
     for t, e in ((1, 256), (64, 256), (64, 384), (170, 1024)):  # decode sizes up to the one-launch plan's limits
-        r, n_plan = 6 * t, triton.cdiv(6 * t, 16) + min(e, 6 * t) + triton.cdiv(t, 16)
-        c = dict(K=6, KP=8, TP=triton.next_power_of_2(t), RP=triton.next_power_of_2(r), EP=triton.next_power_of_2(e),
-                 LP=triton.next_power_of_2(triton.cdiv(r, 16)), NP=triton.next_power_of_2(n_plan), BT=16)  # fmt: skip
+        c = moe_experts.plan_constants(t, 6, e, 16)
         jobs.append((f"moe plan T {t} E {e}", moe_experts._plan_kernel, sp, c, 4, 1))
     sr = dict(s_ptr="*fp32", bias_ptr="*fp32", tid_ptr="*i32", ids_ptr="*i64", w_ptr="*fp32", i_ptr="*i64", T=i32,
               E=i32, stride_s=i32, ROUTE_SCALE="fp32")  # fmt: skip

@@ -450,16 +450,22 @@ def _plan_one_launch(indices, weights, n_experts, t, bt):
     pos = torch.empty(t, k, dtype=torch.int32, device=dev)
     scratch = torch.empty(2 * r + 2 * n_experts, dtype=torch.int32, device=dev)
     inv, sorted_e, first, last = scratch.split([r, r, n_experts, n_experts])
-    p2 = triton.next_power_of_2  # (sorted axes padded to at least 2: a sort network of one element is none)
     with common.on_device(indices):
         _plan_kernel[(1,)](
             indices.contiguous(), weights.contiguous(), plan, row_tok, row_w, pos, inv, sorted_e, first, last,
-            t, r, n_experts, n_routed, n_plan,
-            K=k, KP=max(2, p2(k)), TP=p2(t), RP=max(2, p2(r)), EP=p2(n_experts), LP=p2(triton.cdiv(r, bt)),
-            NP=p2(n_plan), BT=bt,
-            num_warps=4,
+            t, r, n_experts, n_routed, n_plan, **plan_constants(t, k, n_experts, bt), num_warps=4,
         )  # fmt: skip
     return plan, row_tok, row_w, pos
+
+
+def plan_constants(t: int, k: int, n_experts: int, bt: int) -> dict:
+    """`_plan_kernel`'s compile-time sizes for t tokens of top-k over n_experts, tiles of bt rows (also what the sm_90
+    compile check builds). Sorted axes are padded to at least 2: a sort network of one element is none."""
+    p2 = triton.next_power_of_2
+    r = t * k
+    n_plan = sum(_n_plan(r, t, n_experts, bt))
+    return dict(K=k, KP=max(2, p2(k)), TP=p2(t), RP=max(2, p2(r)), EP=p2(n_experts), LP=p2(triton.cdiv(r, bt)),
+                NP=p2(n_plan), BT=bt)  # fmt: skip
 
 
 def _plan_torch(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, t: int, bt: int):
