@@ -1,7 +1,8 @@
 """Whole-step time of the optimized engine per backend on a Flash-shaped model (one CUDA GPU).
 
     PYTHONPATH=. python3 bench/layer_speed.py --out DIR [--backends torch triton] [--prefill [512 2048]]
-                                              [--decode [1 8 64]] [--repeat 5] [--breakdown] [--layers 2] [--smoke]
+                                              [--decode [1 8 64]] [--repeat 5] [--breakdown] [--layers 2] [--graphs]
+                                              [--smoke]
 
 The model is `bench/gpu_checks.py flash`'s: V4-Flash widths (dim 4096, 64 heads of 512, q-LoRA 1024, o-LoRA 8 x 1024,
 indexer 64 x 128, top-k 512, expert 2048, window 128) with 16 routed experts (of 256) and two layers, one CSA
@@ -28,6 +29,11 @@ The breakdown ends with one step under torch.profiler: its GPU kernel time, kern
 and device-to-host copies. Whole-step times of this host-bound engine moved up to 2x between the H200 hosts of one
 session; these counts do not depend on the host.
 
+`--graphs` adds the decode sizes again with `EngineConfig(graphs=True)`: each layer's per-token work replayed from
+CUDA graphs, the per-request middle of the attention eager (`parity.optimized.graphs`); with `--breakdown`, such a
+row reports the bytes its layers read (from one eager step), its % of the roofline over the whole step, and one
+graphed step under the profiler (the per-op timers cannot see inside a graph).
+
 `--smoke` runs the same code on CPU on `ModelArgs.tiny()` with the torch backend (decode 2, prefill 16, repeat 1
 unless given), timing with `time.perf_counter`: a check of the code path, not a measurement.
 """
@@ -37,6 +43,7 @@ import json
 import statistics
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -87,7 +94,7 @@ def prefill_ms(model, tokens: int, repeat: int, gen: torch.Generator, device, ra
     return times, breakdown(model, lambda: prefill_engine(model, tokens, own), tokens, device, rate)
 
 
-def decode_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None):
+def decode_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs: bool = False):
     steps = repeat + 1
     extra = 0 if rate is None else 3  # the breakdown's three steps, after the timed ones
     config = EngineConfig(
@@ -95,6 +102,7 @@ def decode_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate
         num_blocks=batch * ((PROMPT_FOR_DECODE + steps + extra + 2) // 16 + 2),
         chunk_size=PROMPT_FOR_DECODE,
         token_budget=PROMPT_FOR_DECODE * batch,
+        graphs=graphs,
     )
     engine = Engine(model, config)
     for _ in range(batch):
@@ -103,9 +111,11 @@ def decode_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate
     engine.step()  # every prompt in one step (the budget holds them all)
     if any(r.in_prefill for r in engine.running):
         raise RuntimeError("decode bench: prompts not prefilled in one step")
-    times = [timed_step(engine, device) for _ in range(steps)]
+    times = [timed_step(engine, device) for _ in range(steps)]  # with graphs, the first one captures
     if rate is None:
         return times[1:], None
+    if graphs:
+        return times[1:], graphed_breakdown(model, engine, batch, device, rate, statistics.median(times[1:]))
     return times[1:], breakdown(model, lambda: engine, batch, device, rate)
 
 
@@ -141,7 +151,53 @@ def breakdown(model, next_engine, n_tokens: int, device, rate: float) -> dict:
     )
 
 
+def graphed_breakdown(model, engine: Engine, n_tokens: int, device, rate: float, step_ms: float) -> dict:
+    """For a step replayed from graphs: the bytes its layers must read (from one eager step: the probe's hooks keep
+    the graphs off, and the bytes do not depend on how the ops were launched), the % of the roofline of the whole
+    graphed step (an upper bound on the layers' time), and one graphed step under the profiler."""
+    with StepProbe(model, time_ops=False) as probe:
+        timed_step(engine, device)
+    total = sum(b["total"] for b in bytes_model(model, probe.summary(), n_tokens).values())
+    host = host_profile(lambda: timed_step(engine, device), device)
+    pieces = engine.graphs
+    return dict(
+        graphed=True,
+        host=host,
+        bytes=total,
+        copy_rate_gbs=rate / 1e9,
+        pct_roofline_step=100 * total / rate * 1e3 / step_ms,
+        pieces=len(pieces.pieces),
+        eager_pieces=sorted(str(k[:2]) for k in pieces.eager),
+    )
+
+
+def host_line(h: dict) -> str:
+    return (
+        f"Host profile (one more step, under torch.profiler; counts that do not depend on the host): step "
+        f"{h['wall_ms']:.2f} ms, GPU kernels {h['gpu_kernel_ms']:.3f} ms "
+        f"({100 * h['gpu_kernel_ms'] / h['wall_ms']:.1f} % of it), {h['launches']} kernel launches, "
+        f"{h['syncs']} synchronizations, {h['device_to_host_copies']} device-to-host copies, "
+        f"{h['aten_calls']} aten calls."
+    )
+
+
+def graphed_md(r: dict) -> list[str]:
+    b = r["breakdown"]
+    eager = "eager: " + ", ".join(b["eager_pieces"]) if b["eager_pieces"] else "all captured"
+    return [
+        "",
+        f"### {r['backend']} {r['phase']} {r['size']}: step median {r['median_ms']:.2f} ms",
+        "",
+        f"{b['pieces']} graph pieces ({eager}); the layers must read {b['bytes'] / 2**20:.1f} MiB: "
+        f"{b['pct_roofline_step']:.1f} % of the HBM roofline over the whole step (copy {b['copy_rate_gbs']:.0f} GB/s).",
+        "",
+        host_line(b["host"]),
+    ]
+
+
 def breakdown_md(r: dict) -> list[str]:
+    if r["breakdown"].get("graphed"):
+        return graphed_md(r)
     b = r["breakdown"]
     head = f"### {r['backend']} {r['phase']} {r['size']}: op-timed step {b['wall_ms']:.2f} ms"
     lines = ["", head, ""]
@@ -177,11 +233,7 @@ def breakdown_md(r: dict) -> list[str]:
         "",
         f"All layers: {b['pct_roofline_all_layers']:.1f} % of the HBM roofline (copy {b['copy_rate_gbs']:.0f} GB/s).",
         "",
-        f"Host profile (one more step, under torch.profiler; counts that do not depend on the host): step "
-        f"{h['wall_ms']:.2f} ms, GPU kernels {h['gpu_kernel_ms']:.3f} ms "
-        f"({100 * h['gpu_kernel_ms'] / h['wall_ms']:.1f} % of it), {h['launches']} kernel launches, "
-        f"{h['syncs']} synchronizations, {h['device_to_host_copies']} device-to-host copies, "
-        f"{h['aten_calls']} aten calls.",
+        host_line(h),
     ]
     return lines
 
@@ -195,6 +247,8 @@ def main() -> None:
     p.add_argument("--repeat", type=int)
     p.add_argument("--breakdown", action="store_true", help="per-op and per-layer breakdown, %% of HBM roofline")
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, torch backend: checks the code path")
+    p.add_argument("--graphs", action="store_true", help="decode also with the layers' per-token work replayed from "
+                   "graphs (EngineConfig.graphs)")  # fmt: skip
     p.add_argument("--layers", type=int, default=2, help="layers of the Flash-shaped model (the host's per-layer "
                    "work shows at depth: V4-Flash has 43; ~0.4 GB of checkpoint each)")  # fmt: skip
     opts = p.parse_args()
@@ -238,7 +292,10 @@ def main() -> None:
             ops = resolve_ops(config)
             model, _ = build_model(ckpt, device=device, factory=lambda a, ops=ops: OptimizedTransformer(a, ops))
             fallback = sorted(op for op, b in config.backends().items() if b != backend)
-            for kind, sizes, fn in (("prefill", opts.prefill, prefill_ms), ("decode", opts.decode, decode_ms)):
+            runs = [("prefill", opts.prefill, prefill_ms), ("decode", opts.decode, decode_ms)]
+            if opts.graphs:
+                runs.append(("decode graphs", opts.decode, partial(decode_ms, graphs=True)))
+            for kind, sizes, fn in runs:
                 for n in sizes:
                     times, parts = fn(model, n, opts.repeat, gen, device, rate)
                     med = statistics.median(times)

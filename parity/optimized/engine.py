@@ -26,6 +26,7 @@ import torch
 from parity.errors import ParityError
 from parity.optimized.batch import Batch, Chunk, make_batch
 from parity.optimized.cache import PagedCache
+from parity.optimized.graphs import DecodeGraphs
 from parity.optimized.model import OptimizedTransformer
 
 # step callbacks see (phase, step index, batch) before each forward: the dump tags hang on this
@@ -96,6 +97,9 @@ class EngineConfig:
     # run every token of a chunk after a context through the shape-sensitive ops alone, so the chunk computes
     # exactly like that many official decodes (slower; for telling chunking bugs from batching numerics)
     decode_exact_chunks: bool = False
+    # decode steps replay each layer's per-token work from graphs (CUDA graphs on a GPU; `parity.optimized.graphs`):
+    # the same values, less of the host's per-op cost; off while any module has hooks (dumps, teacher forcing)
+    graphs: bool = False
 
 
 class Engine:
@@ -126,6 +130,7 @@ class Engine:
         self._next_id = 0
         self.on_phase = on_phase
         self.draft_fn = draft_fn
+        self.graphs = DecodeGraphs() if config.graphs else None
 
     # requests
     def add_request(self, tokens, max_new_tokens: int, forced: list[int] | None = None) -> int:
@@ -196,7 +201,7 @@ class Engine:
             self._reserve(s.req, s.end)
         batch = self._batch(plan)
         with self._scope(phase, batch):
-            return batch, self.model(batch, self.cache)
+            return batch, self.model(batch, self.cache, self.graphs)
 
     def _scope(self, phase: str, batch: Batch):
         scope = self.on_phase(phase, self.step_index, batch) if self.on_phase is not None else None

@@ -31,6 +31,7 @@ values are the ones it gets alone: the ops whose torch form is shape-sensitive g
 import itertools
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +41,7 @@ from parity.config import ModelArgs
 from parity.optimized import parallel
 from parity.optimized.batch import Batch
 from parity.optimized.cache import CompressorState, PagedCache
+from parity.optimized.graphs import DecodeGraphs
 from parity.optimized.ops import resolve_ops
 from parity.optimized.ops.indexer_topk_ragged import pad_cat
 from parity.optimized.ops.moe_experts import ExpertWeights
@@ -83,7 +85,9 @@ class OptCompressor(ref.Compressor):
 
     def project(self, x, segments):
         """x: [T, D] -> (kv, score) [T, coff*d] fp32: the wkv and wgate projections of every token of the batch in
-        one call each (`segments`: the batch's op segments, so each request's rows run as they would alone)."""
+        one call each (`segments`: the batch's op segments, so each request's rows run as they would alone; one
+        launch each where a call per request made a decode step of 64 requests 385 dense_linear calls, 31 % of its
+        time on the H200: docs/perf.md)."""
         xf = x.float()
         kv = self.ops.dense_linear(xf, self.wkv.weight, segments)
         return kv, self.ops.dense_linear(xf, self.wgate.weight, segments)
@@ -142,19 +146,27 @@ class OptIndexer(ref.Indexer):
         self.n_local_heads = tp.local(self.n_heads, "index_n_heads")  # the weight scale keeps the global count
         self.topk = Tap()  # entry ids [T, k] (-1 = none), k = the widest of the batch
 
-    def forward(self, x, qr, batch: Batch, cache: PagedCache, layer: int, freqs_cis, freqs):
-        """x: [T, D], qr: [T, q_lora_rank] -> [T, k] top-k entry ids (-1 = none; k: the widest of the batch, each
-        sequence's own k_i = min(index_topk, its entries) columns then -1)."""
-        ops, ratio = self.ops, self.compress_ratio
+    def queries(self, x, qr, freqs, segments) -> "IndexerIn":
+        """x: [T, D], qr: [T, q_lora_rank] -> the step's per-token inputs of the top-k: the queries, their head
+        weights and the compressor's projections (functions of the tokens alone)."""
+        ops = self.ops
         q = run_linear(ops, self.wq_b, qr).unflatten(-1, (self.n_local_heads, self.head_dim))  # [T, h, d]
         ops.rope(q[..., -self.rope_head_dim :], freqs)
         q = ops.hadamard(q, q.size(-1) ** -0.5)
         ops.fp4_fake_quant(q, ref.FP4_BLOCK_SIZE)
-        weights = ops.dense_linear(x, self.weights_proj.weight, batch.segments)
+        weights = ops.dense_linear(x, self.weights_proj.weight, segments)
         weights = weights * (self.softmax_scale * self.n_heads**-0.5)  # [T, h]
+        return IndexerIn(q, weights, *self.compressor.project(x, segments))
+
+    def select(self, inputs: "IndexerIn", batch: Batch, cache: PagedCache, layer: int, freqs_cis, dtype):
+        """-> [T, k] top-k entry ids (-1 = none; k: the widest of the batch, each sequence's own k_i = min(index_topk,
+        its entries) columns then -1), after this step's new entries are pooled into the request's pages."""
+        ops, ratio = self.ops, self.compress_ratio
+        q, weights = inputs.q, inputs.weights
         pool = cache.index_entries[layer]
         flat_pool = pool.view(-1, pool.shape[-1])
-        compress_all(self.compressor, x, batch, cache.index_state[layer], freqs_cis, flat_pool, cache, ratio)
+        state = cache.index_state[layer]
+        compress_all(self.compressor, inputs.kv, inputs.score, batch, state, freqs_cis, flat_pool, cache, ratio, dtype)
         # the pool rows of every request's entries 0..n_i-1, request after request (built once per batch: per
         # request, a host index made each gather wait for the device)
         gather, counts = batch.derived(("indexer entries", ratio), lambda: _entry_gather(batch, cache, ratio))
@@ -174,6 +186,15 @@ class OptIndexer(ref.Indexer):
             rows, start = batch.rows(i), batch.start_pos[i]
             out.append(parallel.indexer_topk(q[rows], entries[i], weights[rows], ks[i], start, ratio, self.tp))
         return self.topk(pad_cat(out, max(ks)))  # [T, max k]
+
+
+class IndexerIn(NamedTuple):
+    """The indexer's per-token inputs of one step (`OptIndexer.queries`)."""
+
+    q: torch.Tensor  # [T, h, d] rotated, Hadamard-transformed, FP4-simulated queries
+    weights: torch.Tensor  # [T, h] head weights, softmax and head-count scales applied
+    kv: torch.Tensor  # [T, coff*d] fp32: its compressor's projections
+    score: torch.Tensor
 
 
 def _entry_gather(batch: Batch, cache: PagedCache, ratio: int) -> tuple[torch.Tensor, list[int]]:
@@ -248,19 +269,19 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
     )
 
 
-def compress_all(compressor, x, batch: Batch, state, freqs_cis, flat_pool, cache: PagedCache, ratio: int) -> None:
-    """Run the compressor of every sequence (each its own state rows), pass the new entries through the
-    compressor's `entries` tap (token rows of the tokens that completed them), write them to the paged pool.
+def compress_all(
+    compressor, kv, score, batch: Batch, state, freqs_cis, flat_pool, cache: PagedCache, ratio: int, dtype
+) -> None:
+    """Run the compressor of every sequence (each its own state rows) on this step's projections (`kv`, `score`:
+    [T, coff*d] fp32, `OptCompressor.project` of all requests at once), pass the new entries through the
+    compressor's `entries` tap (token rows of the tokens that completed them) in `dtype` (the activations'), write
+    them to the paged pool.
 
     One call per op for the whole batch where the reference's per-request call is row-independent or takes
-    segments: the projections, the pooling of the blocks completed after a context, the norm, RoPE and
+    segments: the pooling of the blocks completed after a context, the norm, RoPE and
     fake-quant of all new entries. A prefill's state update and pooling stay per request (one call per prompt:
     the reference pools its [1, m, w, d] blocks as one tensor)."""
     plan = batch.derived(("compress", ratio), lambda: _compress_plan(batch, cache, ratio))
-    # the projections of all requests at once: one launch each instead of one per request (a decode step of 64
-    # requests made 385 dense_linear calls, 31 % of its time on the H200: docs/perf.md); segments keep the per-request
-    # bits of the torch backend
-    kv, score = compressor.project(x, batch.segments)
     pooled = [compressor.prefill(kv[batch.rows(i)], score[batch.rows(i)], state, slot) for i, slot in plan.prefill]
     blocks = [b for b in (compressor.decode_step(kv, score, step, state) for step in plan.steps) if b is not None]
     if blocks:
@@ -271,9 +292,20 @@ def compress_all(compressor, x, batch: Batch, state, freqs_cis, flat_pool, cache
     pooled = torch.cat(pooled) if len(pooled) > 1 else pooled[0]  # [M, d] fp32
     if plan.order is not None:
         pooled = pooled[plan.order]
-    entries = compressor.finish(pooled, x.dtype, plan.segments, freqs_cis[plan.positions])
+    entries = compressor.finish(pooled, dtype, plan.segments, freqs_cis[plan.positions])
     entries, _ = compressor.entries(entries, plan.token_rows)
     flat_pool[plan.pool_rows] = entries
+
+
+class AttnIn(NamedTuple):
+    """The attention's per-token work of one step (`OptAttention.tokens_in`)."""
+
+    x: torch.Tensor  # [T, D] the attention input
+    q: torch.Tensor  # [T, h, d] normed, rotated queries
+    kv: torch.Tensor  # [T, d] this step's window KV, rotated and fake-quantized
+    freqs: torch.Tensor  # [T, rd/2] complex RoPE factors at the tokens' positions
+    index: IndexerIn | None  # the indexer's inputs (CSA layers)
+    comp: tuple[torch.Tensor, torch.Tensor] | None  # the compressor's (kv, score) projections (compressed layers)
 
 
 class OptAttention(ref.Attention):
@@ -301,36 +333,60 @@ class OptAttention(ref.Attention):
 
     def forward(self, x: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
         # x: [T, D] -> [T, D]
+        a = self.tokens_in(x, batch.positions, batch.segments)
+        return self.tokens_out(self.requests(a, batch, cache), a.freqs, batch.segments)
+
+    # three phases: `tokens_in` and `tokens_out` are functions of the step's tokens alone (their values, positions
+    # and the op segments), the same work whatever the requests' contexts; `requests` is the per-request work
+    # between them (compressor state, indexer top-k, index lists, the attention core, the ring write), whose shapes
+    # follow the contexts. Decode steps can replay the first two from graphs (`parity.optimized.graphs`)
+
+    def tokens_in(self, x: torch.Tensor, positions: torch.Tensor, seg: tuple[int, ...]) -> "AttnIn":
+        """x: [T, D], positions: [T] -> the projections, norms, RoPE and fake-quant of the queries and the window KV,
+        the indexer's queries and the compressors' projections."""
         x = self.input(x)
-        ops, layer = self.ops, self.layer_id
-        win, ratio, rd = self.window_size, self.compress_ratio, self.rope_head_dim
-        freqs = self.freqs_cis[batch.positions]  # [T, rd/2]
-        seg = batch.segments
+        ops, rd = self.ops, self.rope_head_dim
+        freqs = self.freqs_cis[positions]  # [T, rd/2]
         qr = q = self.qr(ops.rms_norm(run_linear(ops, self.wq_a, x), self.q_norm.weight, self.eps, seg))
         q = run_linear(ops, self.wq_b, q).unflatten(-1, (self.n_local_heads, self.head_dim))  # [T, h, d]
-        ops.head_norm(q, self.eps, batch.segments)
+        ops.head_norm(q, self.eps, seg)
         ops.rope(q[..., -rd:], freqs)
         q = self.q(q)
         kv = self.kv(ops.rms_norm(run_linear(ops, self.wkv, x), self.kv_norm.weight, self.eps, seg))  # [T, d]
         ops.rope(kv[..., -rd:], freqs)
         ops.kv_fake_quant(kv[..., :-rd], KV_QUANT_BLOCK, self.scale_fmt, self.scale_dtype, self.kv_fp8)
+        index = self.indexer.queries(x, qr, freqs, seg) if self.indexer else None
+        comp = self.compressor.project(x, seg) if self.compress_ratio else None
+        return AttnIn(x, q, kv, freqs, index, comp)
 
-        index_topk = self.indexer(x, qr, batch, cache, layer, self.freqs_cis, freqs) if self.indexer else None
+    def requests(self, a: "AttnIn", batch: Batch, cache: PagedCache) -> torch.Tensor:
+        """-> o [T, h, d]: new entries pooled into the requests' pages, the indexer's top-k, every query's index
+        list, the sparse attention over this step's KV, the rings and the pool, then this step's KV into the rings."""
+        ops, layer, ratio = self.ops, self.layer_id, self.compress_ratio
+        index_topk = None
+        if self.indexer:
+            index_topk = self.indexer.select(a.index, batch, cache, layer, self.freqs_cis, a.x.dtype)
         ring = cache.window[layer]  # [slots, win, d]
         pool = cache.entries[layer]
         if ratio:
             flat_pool = pool.view(-1, self.head_dim)
-            compress_all(self.compressor, x, batch, cache.state[layer], self.freqs_cis, flat_pool, cache, ratio)
-        idx = self._sparse_idx(batch, cache, index_topk, ring.shape[0] * win)  # [T, K]
+            kv, score, state = *a.comp, cache.state[layer]
+            compress_all(self.compressor, kv, score, batch, state, self.freqs_cis, flat_pool, cache, ratio, a.x.dtype)
+        idx = self._sparse_idx(batch, cache, index_topk, ring.shape[0] * self.window_size)  # [T, K]
         o = ops.sparse_attn(
-            q,
-            (kv, ring.view(-1, self.head_dim), pool.view(-1, self.head_dim) if ratio else kv[:0]),
+            a.q,
+            (a.kv, ring.view(-1, self.head_dim), pool.view(-1, self.head_dim) if ratio else a.kv[:0]),
             idx,
             self.attn_sink,
             self.softmax_scale,
         )
-        self._write_ring(kv, batch, cache, ring)
-        ops.rope(o[..., -rd:], freqs, True)
+        self._write_ring(a.kv, batch, cache, ring)
+        return o
+
+    def tokens_out(self, o: torch.Tensor, freqs: torch.Tensor, seg: tuple[int, ...]) -> torch.Tensor:
+        """o: [T, h, d] -> [T, D]: inverse RoPE, the grouped wo_a and wo_b."""
+        ops = self.ops
+        ops.rope(o[..., -self.rope_head_dim :], freqs, True)
         o = ops.o_lora(o.flatten(1), self.wo_a.weight, self.n_local_groups, self.o_lora_rank, seg)  # [T, g, rank]
         # wo_b is row-parallel: the ranks' partial outputs are all-reduced (nothing to do on one rank)
         return self.output(parallel.row_parallel(run_linear(ops, self.wo_b, self.o_lora(o.flatten(1))), self.tp))
@@ -459,8 +515,8 @@ class OptMoE(ref.MoE):
             (e.w1.weight, e.w1.scale), (e.w2.weight, e.w2.scale), (e.w3.weight, e.w3.scale), e.swiglu_limit
         )
 
-    def forward(self, x: torch.Tensor, batch: Batch) -> torch.Tensor:
-        # x: [T, D] -> [T, D]
+    def forward(self, x: torch.Tensor, tokens: torch.Tensor, seg: tuple[int, ...]) -> torch.Tensor:
+        # x: [T, D], tokens: [T] ids (the hash-routed layers' key) -> [T, D]
         x = self.input(x)
         g = self.gate
         weights, indices = self.ops.moe_gate(
@@ -468,11 +524,11 @@ class OptMoE(ref.MoE):
             g.weight,
             g.bias,
             getattr(g, "tid2eid", None) if g.hash else None,
-            batch.tokens,
+            tokens,
             g.topk,
             g.score_func,
             g.route_scale,
-            batch.segments,
+            seg,
         )
         weights, indices = self.route(weights, indices)
         if self.tp.world > 1:  # this rank's experts only (the others are None), all-reduced before the shared one
@@ -501,18 +557,41 @@ class OptBlock(ref.Block):
 
     def forward(self, x: torch.Tensor, batch: Batch, cache: PagedCache) -> torch.Tensor:
         # x: [T, hc, D] bf16 streams -> same
+        s = self.tokens_in(x, batch.positions, batch.segments)
+        o = self.attn.requests(s.attn, batch, cache)
+        return self.tokens_out(o, s.residual, s.post, s.comb, s.attn.freqs, batch.tokens, batch.segments)
+
+    # the attention's three phases (`OptAttention.forward`), the block's per-token work on either side of its middle
+
+    def tokens_in(self, x: torch.Tensor, positions: torch.Tensor, seg: tuple[int, ...]) -> "BlockIn":
+        """The attention's mHC pre-mix and norm, then its per-token work (`OptAttention.tokens_in`)."""
         ops = self.ops
-        mix = (batch.segments, self.norm_eps, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps)
+        mix = (seg, self.norm_eps, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps)
         residual = x = self.streams_in(x)
         x, post, comb = self.hc_pre_attn(*ops.hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *mix))
-        x = ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps, batch.segments)
-        x = self.attn(x, batch, cache)
-        residual = x = self.hc_post_attn(ops.hc_post(x, residual, post, comb))
+        x = ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps, seg)
+        return BlockIn(residual, post, comb, self.attn.tokens_in(x, positions, seg))
 
+    def tokens_out(self, o, residual, post, comb, freqs, tokens, seg: tuple[int, ...]) -> torch.Tensor:
+        """o: [T, h, d] the attention core's output -> the block's output streams [T, hc, D]: the attention's output
+        projections, its mHC post-mix, then the whole MoE half (`tokens`: [T] ids, the hash-routed layers' key)."""
+        ops = self.ops
+        mix = (seg, self.norm_eps, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps)
+        x = self.attn.tokens_out(o, freqs, seg)
+        residual = x = self.hc_post_attn(ops.hc_post(x, residual, post, comb))
         x, post, comb = self.hc_pre_ffn(*ops.hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *mix))
-        x = ops.rms_norm(x, self.ffn_norm.weight, self.ffn_norm.eps, batch.segments)
-        x = self.ffn(x, batch)
+        x = ops.rms_norm(x, self.ffn_norm.weight, self.ffn_norm.eps, seg)
+        x = self.ffn(x, tokens, seg)
         return self.hc_post_ffn(ops.hc_post(x, residual, post, comb))
+
+
+class BlockIn(NamedTuple):
+    """A block's per-token work before its attention's middle (`OptBlock.tokens_in`)."""
+
+    residual: torch.Tensor  # [T, hc, D] the input streams
+    post: torch.Tensor  # the attention's mHC post-mix weights
+    comb: torch.Tensor  # and combination matrix
+    attn: AttnIn
 
 
 # OptBlock first: the reference MTPBlock constructor then builds OptBlock's attention and MoE; OptBlock adds the taps
@@ -570,11 +649,14 @@ class OptimizedTransformer(nn.Module):
         self.weight_shard = tp if tp.world > 1 else None
 
     @torch.inference_mode()
-    def forward(self, batch: Batch, cache: PagedCache) -> torch.Tensor:
-        """-> final residual streams [T, hc, D] of every token of the batch."""
+    def forward(self, batch: Batch, cache: PagedCache, graphs: DecodeGraphs | None = None) -> torch.Tensor:
+        """-> final residual streams [T, hc, D] of every token of the batch; a decode step replays the layers'
+        per-token work from `graphs` where given (`parity.optimized.graphs`)."""
         with ref.default_dtype(torch.bfloat16):
             h = parallel.embed(batch.tokens, self.embed.weight, self.tp)
             h = h.unsqueeze(1).repeat(1, self.hc_mult, 1)  # [T, hc, D]
+            if graphs is not None and graphs.applies(self, batch):
+                return graphs.forward(self.layers, h, batch, cache)
             for layer in self.layers:
                 h = layer(h, batch, cache)
             return h

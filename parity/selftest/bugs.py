@@ -218,11 +218,11 @@ def _compressor_reset_between_chunks():
     # a chunk after a context starts from an empty compressor state (the state was keyed by step, not by request)
     compress_all = opt_model.compress_all
 
-    def buggy(compressor, x, batch, state, *rest):
+    def buggy(compressor, kv, score, batch, state, *rest):
         for i in range(batch.num_seqs):
             if batch.start_pos[i] > 0 and batch.seq_len(i) > 1:
                 state.reset(batch.slots[i])
-        return compress_all(compressor, x, batch, state, *rest)
+        return compress_all(compressor, kv, score, batch, state, *rest)
 
     return _setattr(opt_model, "compress_all", buggy)
 

@@ -1,0 +1,155 @@
+"""Piecewise graphs of a decode step: each layer's per-token work replayed from a graph, the per-request work run as
+it is.
+
+In a decode step (one token per request after its context) every op of a layer has shapes fixed by the number of
+tokens, except in the middle of the attention (`OptAttention.requests`: the compressor state machine, the indexer's
+top-k over each context's entries, the index lists, the attention core, the ring write), whose widths follow the
+contexts. The rest (mHC, norms, projections, RoPE, fake-quant, wo_a / wo_b, the whole MoE half) is a function of
+the step's tokens alone: `OptBlock.tokens_in` / `tokens_out`. Each stretch between two middles (one layer's
+`tokens_out` and the next layer's `tokens_in`) is captured once per (layer, op segments) and replayed afterwards,
+which takes the host's per-op cost (Python and a launch per kernel: ~100-300 us per op call on the H200's host,
+docs/perf.md) off most of a layer's ops. The middle stays eager; vLLM's piecewise CUDA graphs cut around the
+attention the same way.
+
+The buffer discipline, the same on every device: a piece's inputs are copied into its own static buffers before a
+replay, except an input that was another piece's static output at capture time and is that same tensor again (the
+streams and mixes between pieces; were it another tensor, it would be copied into that buffer, which no other
+piece reads after this one); a replay returns the piece's static outputs, which its next replay overwrites,
+so the forward hands back a copy of the last streams. A piece may read only its inputs: a tensor it reads from the
+capture-time batch (a closure) would be replayed stale, and host values (the op segments) are part of its key. On
+a CUDA device a piece is a `torch.cuda.CUDAGraph` (its own memory pool: no reasoning about which outputs another
+graph's intermediates may reuse); elsewhere `_Rerun` calls the capture-time function again on the static inputs
+and copies the results into the static outputs: the same discipline, so the CPU tests fail on a stale input or an
+aliasing mistake as a GPU replay would.
+
+Only steps of one token per request after a context use the pieces, and only while no module of the model has
+forward hooks (dumps, teacher forcing and the reference's taps are hooks, and a hook inside a captured piece would
+run once, at capture). Ops replaced after a capture (selftest's planted bugs) are not seen by the replays: build
+the engine after them.
+"""
+
+import warnings
+from collections.abc import Callable
+from functools import partial
+
+import torch
+from torch import nn
+from torch.nn.modules import module
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride() and a.dtype == b.dtype
+
+
+class _Rerun:
+    """The CPU stand-in of a captured graph: calls the capture-time function on the static inputs (a CPU has no
+    graphs; the same buffer discipline keeps the model's use of the pieces tested)."""
+
+    def __init__(self, fn: Callable, inputs):
+        self.fn, self.inputs = fn, inputs
+        self.outputs = tree_map_clone(fn(*tree_map_clone(inputs)))  # like a capture: runs nothing on the inputs
+
+    def replay(self) -> None:
+        out_leaves, _ = tree_flatten(self.fn(*self.inputs))
+        for static, value in zip(tree_flatten(self.outputs)[0], out_leaves):
+            if static is not None:
+                static.copy_(value)
+
+
+def tree_map_clone(tree):
+    leaves, spec = tree_flatten(tree)
+    return tree_unflatten([t if t is None else t.clone() for t in leaves], spec)  # None: a layer without the part
+
+
+class _CudaGraph:
+    """A CUDA graph of `fn` on static inputs; warmed up once on a side stream (Triton's compiling and autotuning,
+    lazy workspaces) on copies of the inputs, since a piece may change its inputs in place."""
+
+    def __init__(self, fn: Callable, inputs):
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(*tree_map_clone(inputs))
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*inputs)
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+
+class _Piece:
+    def __init__(self, fn: Callable, args: tuple, owned: list[torch.Tensor]):
+        leaves, self.spec = tree_flatten(args)
+        # an input that is another piece's static output is read in place; the rest get static buffers
+        self.leaves = [t if t is None or any(_same(t, o) for o in owned) else t.clone() for t in leaves]
+        inputs = tree_unflatten(self.leaves, self.spec)
+        self.graph = (_CudaGraph if self.leaves[0].is_cuda else _Rerun)(fn, inputs)
+        self.out_leaves = [t for t in tree_flatten(self.graph.outputs)[0] if t is not None]
+
+    def __call__(self, args: tuple):
+        leaves, spec = tree_flatten(args)
+        assert spec == self.spec, "graph piece called with inputs of another structure"
+        for static, value in zip(self.leaves, leaves):
+            if static is not None and not _same(static, value):
+                static.copy_(value)
+        self.graph.replay()
+        return self.graph.outputs
+
+
+class DecodeGraphs:
+    """The pieces of one model's decode steps, keyed by (layer, op segments); `forward` runs the layers with them."""
+
+    def __init__(self):
+        self.pieces: dict[tuple, _Piece] = {}
+        self.eager: set[tuple] = set()  # pieces whose capture failed (an op that syncs with the host): run eagerly
+
+    @staticmethod
+    def applies(model: nn.Module, batch) -> bool:
+        """A decode step of a model without hooks."""
+        decode = all(batch.seq_len(i) == 1 and batch.start_pos[i] > 0 for i in range(batch.num_seqs))
+        return decode and not batch.speculative and not _hooked(model)
+
+    def forward(self, layers: nn.ModuleList, h: torch.Tensor, batch, cache) -> torch.Tensor:
+        """h: [T, hc, D] embedded streams -> the last layer's streams (a copy), as `layer(h, batch, cache)` in turn."""
+        seg, tokens, positions = batch.segments, batch.tokens, batch.positions
+        s = self._run(("in", 0, seg), partial(_first, layers[0], seg), (h, positions))
+        for i, layer in enumerate(layers):
+            o = layer.attn.requests(s.attn, batch, cache)
+            nxt = layers[i + 1] if i + 1 < len(layers) else None
+            args = (o, s.residual, s.post, s.comb, s.attn.freqs, tokens, positions)
+            s = self._run(("out", i, seg), partial(_between, layer, nxt, seg), args)
+        return s.clone()
+
+    def _run(self, key: tuple, fn: Callable, args: tuple):
+        if key in self.eager:
+            return fn(*args)
+        piece = self.pieces.get(key)
+        if piece is None:
+            owned = [t for p in self.pieces.values() for t in p.out_leaves]
+            try:
+                piece = self.pieces[key] = _Piece(fn, args, owned)
+            except RuntimeError as e:  # e.g. an op that reads a device value on the host cannot be captured
+                warnings.warn(f"decode graphs: piece {key[:2]} runs eagerly: its capture failed ({e})", stacklevel=2)
+                self.eager.add(key)
+                return fn(*args)
+        return piece(args)
+
+
+def _first(layer, seg, h, positions):
+    return layer.tokens_in(h, positions, seg)
+
+
+def _between(layer, nxt, seg, o, residual, post, comb, freqs, tokens, positions):
+    """One layer's work after its attention's middle, then the next layer's before its middle (the last layer: its
+    output streams)."""
+    h = layer.tokens_out(o, residual, post, comb, freqs, tokens, seg)
+    return h if nxt is None else nxt.tokens_in(h, positions, seg)
+
+
+def _hooked(model: nn.Module) -> bool:
+    if module._global_forward_hooks or module._global_forward_pre_hooks:
+        return True
+    return any(mod._forward_hooks or mod._forward_pre_hooks for mod in model.modules())

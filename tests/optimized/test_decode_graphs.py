@@ -1,0 +1,110 @@
+"""Decode steps with each layer's per-token work replayed from graphs (`parity.optimized.graphs`) against the same
+engine run eagerly: every step's output streams, the emitted tokens and every cache tensor, bit for bit (the same
+ops on the same values in the same order; a replay only moves where the inputs and outputs live).
+
+On CPU the pieces are `_Rerun`s (the capture-time function called again on the static buffers), so a stale input or
+an aliasing mistake shows here as it would in a CUDA graph; the `gpu` test replays real CUDA graphs of the Triton
+backend. The contexts straddle the compress ratios (a CSA block completes every 4 positions, an HCA block at 127)
+and the window (128), so the middle's shapes change between replays of the same pieces.
+"""
+
+import pytest
+import torch
+
+from parity.checkpoint import build_model
+from parity.optimized import graphs
+from parity.optimized.engine import Engine, EngineConfig
+from parity.optimized.model import OptimizedTransformer
+from parity.optimized.ops import OpsConfig, resolve_ops
+
+LENGTHS = (150, 37, 4, 124)  # the last one completes an HCA block at its fourth decode
+STEPS = 7
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    # the pools' poisoned rows are NaN: compared by their bits
+    return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32) if t.element_size() == 4 else t
+
+
+def run(model, prompts, use_graphs: bool):
+    """-> (the engine, each step's output streams, each request's tokens)."""
+    config = EngineConfig(max_requests=len(prompts), chunk_size=512, token_budget=1024, graphs=use_graphs)
+    engine = Engine(model, config)
+    for p in prompts:
+        engine.add_request(p, STEPS)
+    streams, forward = [], engine._forward
+
+    def recorded(phase, plan):
+        batch, h = forward(phase, plan)
+        streams.append(h.clone())
+        return batch, h
+
+    engine._forward = recorded
+    outputs = engine.run()
+    return engine, streams, [outputs[i].output for i in sorted(outputs)]
+
+
+def cache_tensors(engine) -> dict[str, torch.Tensor]:
+    c, out = engine.cache, {}
+    for name in ("window", "entries", "index_entries", "state", "index_state"):
+        for layer, t in enumerate(getattr(c, name)):
+            if t is None:
+                continue
+            parts = {"": t} if isinstance(t, torch.Tensor) else {".kv": t.kv, ".score": t.score}
+            out.update({f"{name}[{layer}]{k}": _bits(v) for k, v in parts.items()})
+    return out
+
+
+def assert_same_runs(model, prompts):
+    eager = run(model, prompts, False)
+    graphed = run(model, prompts, True)
+    assert len(eager[1]) == len(graphed[1]) == STEPS  # the prefill (the first token), then a decode per token
+    for step, (a, b) in enumerate(zip(eager[1], graphed[1])):
+        assert torch.equal(_bits(a), _bits(b)), f"step {step}: output streams differ"
+    assert eager[2] == graphed[2]
+    ca, cb = cache_tensors(eager[0]), cache_tensors(graphed[0])
+    assert [k for k in ca if not torch.equal(ca[k], cb[k])] == []
+    return graphed[0]
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_args):
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, tiny_args.vocab_size, (n,), generator=g) for n in LENGTHS]
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt):
+    return build_model(tiny_ckpt, factory=OptimizedTransformer)[0]
+
+
+def test_replayed_decode_steps_equal_eager_ones(model, prompts):
+    engine = assert_same_runs(model, prompts)
+    # one piece before the first layer's middle and one after each layer's, all replayed (none fell back)
+    assert len(engine.graphs.pieces) == model.args.n_layers + 1
+    assert engine.graphs.eager == set()
+
+
+def test_planted_stale_inputs_are_caught(model, prompts, monkeypatch):
+    # a replay that never copies its inputs computes every step on the capture step's values
+    monkeypatch.setattr(graphs, "_same", lambda a, b: True)
+    with pytest.raises(AssertionError, match="output streams differ"):
+        assert_same_runs(model, prompts)
+
+
+def test_no_pieces_while_a_module_has_hooks(model, prompts):
+    handle = model.layers[1].attn.q.register_forward_hook(lambda m, args, out: None)
+    try:
+        engine = assert_same_runs(model, prompts)
+    finally:
+        handle.remove()
+    assert engine.graphs.pieces == {}
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_of_the_triton_backend_equal_eager_steps(tiny_ckpt, prompts):
+    ops = resolve_ops(OpsConfig(default="triton"))
+    model, _ = build_model(tiny_ckpt, device="cuda", factory=lambda a: OptimizedTransformer(a, ops))
+    engine = assert_same_runs(model, [p.cuda() for p in prompts])
+    assert len(engine.graphs.pieces) == model.args.n_layers + 1
+    assert engine.graphs.eager == set(), "every piece of the Triton backend is captured"
