@@ -159,15 +159,13 @@ def graphed_breakdown(model, engine: Engine, n_tokens: int, device, rate: float,
         timed_step(engine, device)
     total = sum(b["total"] for b in bytes_model(model, probe.summary(), n_tokens).values())
     host = host_profile(lambda: timed_step(engine, device), device)
-    pieces = engine.graphs
     return dict(
         graphed=True,
         host=host,
         bytes=total,
         copy_rate_gbs=rate / 1e9,
         pct_roofline_step=100 * total / rate * 1e3 / step_ms,
-        pieces=len(pieces.pieces),
-        eager_pieces=sorted(str(k[:2]) for k in pieces.eager),
+        pieces=len(engine.graphs.pieces),
     )
 
 
@@ -183,15 +181,18 @@ def host_line(h: dict) -> str:
 
 def graphed_md(r: dict) -> list[str]:
     b = r["breakdown"]
-    eager = "eager: " + ", ".join(b["eager_pieces"]) if b["eager_pieces"] else "all captured"
     return [
         "",
         f"### {r['backend']} {r['phase']} {r['size']}: step median {r['median_ms']:.2f} ms",
         "",
-        f"{b['pieces']} graph pieces ({eager}); the layers must read {b['bytes'] / 2**20:.1f} MiB: "
+        f"{b['pieces']} graph pieces; the layers must read {b['bytes'] / 2**20:.1f} MiB: "
         f"{b['pct_roofline_step']:.1f} % of the HBM roofline over the whole step (copy {b['copy_rate_gbs']:.0f} GB/s).",
         "",
-        host_line(b["host"]),
+        host_line(b["host"]) + f" {b['host']['graph_launches']} graph launches.",
+        "",
+        "| kernel (the step's 15 longest in GPU time) | runs | GPU ms |",
+        "|---|---|---|",
+        *(f"| `{name}` | {n} | {ms:.3f} |" for name, n, ms in b["host"]["top_kernels"]),
     ]
 
 

@@ -218,6 +218,7 @@ ASSUMPTIONS = (
 # depend on the host: the GPU's kernel time, the kernels the host launched, and the times it waited for the GPU.
 
 LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+GRAPH_LAUNCHES = ("cudaGraphLaunch",)
 SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")
 
 
@@ -232,6 +233,7 @@ def host_profile(run_step, device: torch.device) -> dict:
         wall = run_step()
     events = prof.key_averages()
     count = {e.key: e.count for e in events}
+    gpu = sorted((e for e in events if e.device_type.name == "CUDA"), key=lambda e: -e.self_device_time_total)
     return dict(
         wall_ms=wall,
         gpu_kernel_ms=sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3,  # CPU: 0
@@ -240,4 +242,7 @@ def host_profile(run_step, device: torch.device) -> dict:
         device_to_host_copies=count.get("Memcpy DtoH (Device -> Pageable)", 0)
         + count.get("Memcpy DtoH (Device -> Pinned)", 0),
         aten_calls=sum(e.count for e in events if e.key.startswith("aten::")),  # nested calls included
+        graph_launches=sum(count.get(k, 0) for k in GRAPH_LAUNCHES),
+        # where the GPU's time goes: the kernels with the most of it (name, runs, ms), graph-replayed ones included
+        top_kernels=[(e.key[:90], e.count, e.self_device_time_total / 1e3) for e in gpu[:15]],
     )

@@ -28,7 +28,6 @@ run once, at capture). Ops replaced after a capture (selftest's planted bugs) ar
 the engine after them.
 """
 
-import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -36,6 +35,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from parity.errors import ParityError
 
 
 def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -104,7 +105,6 @@ class DecodeGraphs:
 
     def __init__(self):
         self.pieces: dict[tuple, _Piece] = {}
-        self.eager: set[tuple] = set()  # pieces whose capture failed (an op that syncs with the host): run eagerly
 
     @staticmethod
     def applies(model: nn.Module, batch) -> bool:
@@ -124,17 +124,19 @@ class DecodeGraphs:
         return s.clone()
 
     def _run(self, key: tuple, fn: Callable, args: tuple):
-        if key in self.eager:
-            return fn(*args)
         piece = self.pieces.get(key)
         if piece is None:
             owned = [t for p in self.pieces.values() for t in p.out_leaves]
             try:
                 piece = self.pieces[key] = _Piece(fn, args, owned)
-            except RuntimeError as e:  # e.g. an op that reads a device value on the host cannot be captured
-                warnings.warn(f"decode graphs: piece {key[:2]} runs eagerly: its capture failed ({e})", stacklevel=2)
-                self.eager.add(key)
-                return fn(*args)
+            except RuntimeError as e:
+                # no eager fallback: a failed capture can leave the device unusable (measured on the H200: the torch
+                # backend's host-to-device copies failed a capture, and the next eager op hit an illegal address)
+                raise ParityError(
+                    f"EngineConfig.graphs: layer {key[1]}'s per-token ops cannot be captured in a CUDA graph ({e}); "
+                    "graphs need ops that neither copy host tensors nor read device values on the host (the Triton "
+                    "backend's; the torch backend's do not qualify): run without graphs"
+                ) from e
         return piece(args)
 
 

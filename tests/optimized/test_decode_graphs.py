@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from parity.checkpoint import build_model
+from parity.errors import ParityError
 from parity.optimized import graphs
 from parity.optimized.engine import Engine, EngineConfig
 from parity.optimized.model import OptimizedTransformer
@@ -82,7 +83,6 @@ def test_replayed_decode_steps_equal_eager_ones(model, prompts):
     engine = assert_same_runs(model, prompts)
     # one piece before the first layer's middle and one after each layer's, all replayed (none fell back)
     assert len(engine.graphs.pieces) == model.args.n_layers + 1
-    assert engine.graphs.eager == set()
 
 
 def test_planted_stale_inputs_are_caught(model, prompts, monkeypatch):
@@ -106,5 +106,16 @@ def test_cuda_graphs_of_the_triton_backend_equal_eager_steps(tiny_ckpt, prompts)
     ops = resolve_ops(OpsConfig(default="triton"))
     model, _ = build_model(tiny_ckpt, device="cuda", factory=lambda a: OptimizedTransformer(a, ops))
     engine = assert_same_runs(model, [p.cuda() for p in prompts])
-    assert len(engine.graphs.pieces) == model.args.n_layers + 1
-    assert engine.graphs.eager == set(), "every piece of the Triton backend is captured"
+    assert len(engine.graphs.pieces) == model.args.n_layers + 1  # every piece captured (a failure raises)
+
+
+def test_a_piece_that_cannot_be_captured_stops_the_run(model, prompts, monkeypatch):
+    # what a CUDA capture of an op that copies a host tensor raises; the run must stop, not go on eagerly
+    def refuse(self, fn, inputs):
+        raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+
+    monkeypatch.setattr(graphs._Rerun, "__init__", refuse)
+    engine = Engine(model, EngineConfig(max_requests=1, graphs=True))
+    engine.add_request(prompts[1], 3)
+    with pytest.raises(ParityError, match="layer 0's per-token ops cannot be captured in a CUDA graph"):
+        engine.run()
