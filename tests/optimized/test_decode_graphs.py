@@ -101,6 +101,25 @@ def test_no_pieces_while_a_module_has_hooks(model, prompts):
     assert engine.graphs.pieces == {}
 
 
+def test_a_hook_added_between_steps_turns_the_pieces_off(model, prompts):
+    engine = Engine(model, EngineConfig(max_requests=len(prompts), graphs=True, token_budget=1024, chunk_size=512))
+    for p in prompts:
+        engine.add_request(p, STEPS)
+    for _ in range(3):  # the prefill, then two replayed decode steps
+        engine.step()
+    replays = lambda: sum(p.replays for p in engine.graphs.pieces.values())  # noqa: E731
+    before = replays()
+    assert before == 2 * (model.args.n_layers + 1)
+    seen = []
+    handle = model.layers[2].ffn.register_forward_hook(lambda m, args, out: seen.append(out.shape[0]))
+    try:
+        engine.step()
+    finally:
+        handle.remove()
+    assert seen == [len(prompts)], "the hooked step ran through the hook"
+    assert replays() == before, "the hooked step ran eagerly"  # (the CPU stand-in would run a hook in a replay)
+
+
 @pytest.mark.gpu
 def test_cuda_graphs_of_the_triton_backend_equal_eager_steps(tiny_ckpt, prompts):
     ops = resolve_ops(OpsConfig(default="triton"))
