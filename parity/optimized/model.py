@@ -104,20 +104,25 @@ class OptCompressor(ref.Compressor):
         in its own state slot (`step`). kv, score: [T, coff*d] projections of the batch -> the blocks these tokens
         complete, (kv, score) [M, w, d] each, or None."""
         ratio, d = self.compress_ratio, self.head_dim
-        kv, score = kv[step.rows], score[step.rows] + self.ape[step.phase]  # [D, coff*d]
+        if step.rows is not None:  # None: every token of the batch, in order (a decode step)
+            kv, score = kv[step.rows], score[step.rows]
+        score = score + self.ape[step.phase]  # [D, coff*d]
         state_row = step.phase + ratio if self.overlap else step.phase
         state.kv[step.slots, state_row] = kv
         state.score[step.slots, state_row] = score
         if step.done_slots is None:
             return None
         s = step.done_slots  # [M]
+        # gathered copies (a later token of the step rewrites the state), each slot's whole state once: the block
+        # and the shift below are slices of it (one gather per tensor, where slicing the state itself made three)
+        kv_s, score_s = state.kv[s], state.score[s]  # [M, coff*r, coff*d]
         if not self.overlap:
-            return state.kv[s], state.score[s]  # gathered copies: a later token of the step rewrites the state
-        block = torch.cat([state.kv[s, :ratio, :d], state.kv[s, ratio:, d:]], dim=1)  # [M, 2r, d]
-        block_score = torch.cat([state.score[s, :ratio, :d], state.score[s, ratio:, d:]], dim=1)
+            return kv_s, score_s
+        block = torch.cat([kv_s[:, :ratio, :d], kv_s[:, ratio:, d:]], dim=1)  # [M, 2r, d]
+        block_score = torch.cat([score_s[:, :ratio, :d], score_s[:, ratio:, d:]], dim=1)
         # the completed block becomes the previous one
-        state.kv[s, :ratio] = state.kv[s, ratio:]
-        state.score[s, :ratio] = state.score[s, ratio:]
+        state.kv[s, :ratio] = kv_s[:, ratio:]
+        state.score[s, :ratio] = score_s[:, ratio:]
         return block, block_score
 
     def finish(self, pooled, dtype, segments: tuple[int, ...], freqs_cis):
@@ -213,7 +218,7 @@ def _entry_gather(batch: Batch, cache: PagedCache, ratio: int) -> tuple[torch.Te
 class _DecodeStep:
     """One token of each of D requests after a context, for `OptCompressor.decode_step` (device tensors)."""
 
-    rows: torch.Tensor  # [D] token rows
+    rows: torch.Tensor | None  # [D] token rows; None: all T rows in order
     phase: torch.Tensor  # [D] position % ratio: the ape row and the block row
     slots: torch.Tensor  # [D] state slots
     done_slots: torch.Tensor | None  # [M] slots of those whose token completes a block (None: none does)
@@ -248,8 +253,9 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
         pos = [start[i] + j for i in seqs]
         done = [(i, p) for i, p in zip(seqs, pos) if (p + 1) % ratio == 0]
         made += [(i, p // ratio) for i, p in done]
+        rows = [cu[i] + j for i in seqs]
         steps.append(_DecodeStep(
-            batch.to_device([cu[i] + j for i in seqs]),
+            None if rows == list(range(len(batch.seq_of_token))) else batch.to_device(rows),
             batch.to_device([p % ratio for p in pos]),
             batch.to_device([batch.slots[i] for i in seqs]),
             batch.to_device([batch.slots[i] for i, _ in done]) if done else None,
@@ -285,7 +291,8 @@ def compress_all(
     pooled = [compressor.prefill(kv[batch.rows(i)], score[batch.rows(i)], state, slot) for i, slot in plan.prefill]
     blocks = [b for b in (compressor.decode_step(kv, score, step, state) for step in plan.steps) if b is not None]
     if blocks:
-        pooled.append(compressor.ops.compress_pool(*(torch.cat(part) for part in zip(*blocks))))  # [M, d]
+        parts = (part[0] if len(part) == 1 else torch.cat(part) for part in zip(*blocks))  # a decode: one step
+        pooled.append(compressor.ops.compress_pool(*parts))  # [M, d]
     pooled = [p for p in pooled if p is not None]
     if not pooled:
         return
