@@ -457,26 +457,46 @@ class Bench:
     # -- dense_linear ---------------------------------------------------------------------------------------------
 
     def dense_linear(self, model, cfg):
+        from parity.optimized.ops.triton.dense_linear import linear
+
         d = cfg["D"]
         cases = {"compressor wkv fp32": (1024, torch.float32), "indexer weights_proj bf16": (cfg["IH"], torch.bfloat16)}
         for name, (n, dtype) in cases.items():
             w = (torch.randn(n, d, device="cuda") * d**-0.5).to(dtype)
+            es = w.element_size()
+            copies = [w] + [w.clone() for _ in range(copies_for(n * d * es) - 1)]
 
-            def one(t, name=name, n=n, dtype=dtype, w=w):
+            def one(t, name=name, n=n, dtype=dtype, w=w, copies=copies, es=es):
                 x = torch.randn(t, d, device="cuda").to(dtype)
                 tri = lambda: self.triton.dense_linear(x, w, (0, t))  # noqa: E731
                 ms = bench_ms(tri)
                 torch_ms = bench_ms(lambda: self.torch["dense_linear"](x, w, (0, t)))
+                # decode sizes: also replayed from a CUDA graph over weight copies (streamed from HBM)
+                small = t <= 64
+                calls = [lambda c=c: self.triton.dense_linear(x, c, (0, t)) for c in copies]
+                graph = graph_ms(calls) if small else None
                 sub = min(t, 64)
                 got, want = tri()[:sub], self.torch["dense_linear"](x[:sub], w, (0, sub))
                 xd, wd = x[:sub].double(), w.double()
-                exc = gemm_excess(got, want, xd @ wd.T, (xd.abs() @ wd.abs().T) * (d * 2.0**-23))
-                es = x.element_size()
+                golden, absum = xd @ wd.T, xd.abs() @ wd.abs().T
+                exc = gemm_excess(got, want, golden, absum * (d * 2.0**-23))
                 peak = "fp32_flops" if dtype == torch.float32 else "bf16_flops"
                 self.record(
                     "dense_linear", model, t, f"{name} N={n} K={d}", ms, torch_ms, n * d * es + t * (d + n) * es,
-                    2 * t * n * d, peak, weight_bytes=n * d * es,
+                    2 * t * n * d, peak, weight_bytes=n * d * es, graph=graph,
                     check=("gemm excess over allowance", exc, 0.0, exc <= 0),
+                )  # fmt: skip
+                if dtype != torch.float32:
+                    return
+                # the candidate for the fp32 dot's FMA form: three TF32 tensor-core products; its error is reported
+                # in units of 2^-23 of each output's absolute term sum (the exact form's bound is K such units)
+                tf = lambda: linear(x, w, _tf32x3=True)  # noqa: E731
+                units = ((tf()[:sub].double() - golden).abs() / (absum * 2.0**-23)).max().item()
+                graph = graph_ms([lambda c=c: linear(x, c, _tf32x3=True) for c in copies]) if small else None
+                self.record(
+                    "dense_linear", model, t, f"{name} tf32x3 candidate N={n} K={d}", bench_ms(tf), torch_ms,
+                    n * d * es + t * (d + n) * es, 2 * t * n * d, peak, weight_bytes=n * d * es, graph=graph,
+                    check=("max error / (2^-23 abs term sum); the exact form's bound: K", units, float(d), True),
                 )  # fmt: skip
 
             for t in TOKENS:
@@ -627,10 +647,10 @@ def compile_check(only: str = "") -> int:
     sd = dict(x_ptr="*fp32", w_ptr="*fp32", y_ptr="*fp32", ws_ptr="*fp32", M=i32, N=i32, K=i32, CHUNK_K=i32,
               M_BUCKET=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32)  # fmt: skip
     for tuner, split in ((dense_linear._small, True), (dense_linear._large, False)):
-        for dt, ieee in (("fp32", True), ("bf16", False)):
-            s = dict(sd, x_ptr=f"*{dt}", w_ptr=f"*{dt}", y_ptr=f"*{dt}")
+        for dt, ieee, tf32x3 in (("fp32", True, False), ("fp32 tf32x3", True, True), ("bf16", False, False)):
+            s = dict(sd, x_ptr=f"*{dt[:4]}", w_ptr=f"*{dt[:4]}", y_ptr=f"*{dt[:4]}")
             for kw, nw, ns in cfgs(tuner):
-                c = dict(SPLIT=split, IEEE=ieee, DOT_F64=False, **kw)
+                c = dict(SPLIT=split, IEEE=ieee, DOT_F64=False, TF32X3=tf32x3, **kw)
                 jobs.append((f"dense_linear {dt}", dense_linear._linear_kernel, s, c, nw, ns))
     sg = dict(xq_ptr="*fp8e4nv", xs_ptr="*fp32", plan_ptr="*i32", row_tok_ptr="*i32", row_w_ptr="*fp32",
               h_ptr="*bf16", w1_ptr="*u8", w3_ptr="*u8", s1_ptr="*u8", s3_ptr="*u8", off_ptr="*i64",

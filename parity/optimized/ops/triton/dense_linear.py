@@ -32,7 +32,7 @@ def _linear_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr,
     M, N, K, CHUNK_K, M_BUCKET,
     stride_xm, stride_wn, stride_ym,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, DOT_F64: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, DOT_F64: tl.constexpr, TF32X3: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_w = tl.program_id(0)
@@ -61,6 +61,8 @@ def _linear_kernel(
             # (OpenBLAS edge kernels), which would make a row's bits depend on its batchmates; a float64 dot of
             # the exact products, rounded once per K block, does not
             part += tl.dot(w.to(tl.float64), x.to(tl.float64), input_precision="ieee").to(tl.float32)
+        elif TF32X3:  # the benchmark's candidate (`_tf32x3`): fp32 operands as three TF32 tensor-core products
+            part = tl.dot(w, x, part, input_precision="tf32x3")
         elif IEEE:
             part = tl.dot(w, x, part, input_precision="ieee")  # fp32 products and sums, never TF32
         else:
@@ -93,7 +95,7 @@ def _configs(small_m: bool):
 
 
 # K-chunk boundaries must not depend on the tuned BLOCK_K: chunks are multiples of 128, BLOCK_K divides 128
-_KEY = ["N", "K", "M_BUCKET", "SPLIT", "IEEE"]
+_KEY = ["N", "K", "M_BUCKET", "SPLIT", "IEEE", "TF32X3"]
 _small = common.autotune(_configs(True), _KEY)(_linear_kernel)
 _large = common.autotune(_configs(False), _KEY)(_linear_kernel)
 SMALL_M = 64
@@ -104,9 +106,17 @@ def chunk_k(k: int) -> int:
     return 128 * common.chunk_blocks(triton.cdiv(k, 128))
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, *, _split=None):
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, *, _split=None, _tf32x3=False
+):  # fmt: skip
     """x `[M, K]` . weight `[N, K]`^T with fp32 accumulation; fp32 operands (both) or bf16 operands (both).
-    Returns `[M, N]` in `out_dtype` (default: x's dtype)."""
+    Returns `[M, N]` in `out_dtype` (default: x's dtype).
+
+    `_tf32x3` (benchmark only, not the op): fp32 operands through `tl.dot(input_precision="tf32x3")`, each operand
+    split into a TF32 head and a TF32 tail and three tensor-core products summed (the tail x tail term dropped),
+    instead of the FMA units' exact products. The fp32 dot at decode sizes is the largest kernel time of a graphed
+    Flash-shaped decode step (docs/perf.md, eighth pass); the benchmark times this candidate and measures its error
+    against float64 before it may replace the exact form (its error bound is not stated here: unmeasured)."""
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k, (tuple(x.shape), tuple(weight.shape))
@@ -134,7 +144,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None 
             x, weight, out, ws,
             m, n, k, ck, common.bucket(m),
             x.stride(0), weight.stride(0), out.stride(0),
-            SPLIT=split, IEEE=ieee, DOT_F64=runtime.interpreting(),
+            SPLIT=split, IEEE=ieee, DOT_F64=runtime.interpreting(), TF32X3=bool(_tf32x3) and ieee,
         )  # fmt: skip
         if split:
             common.reduce_chunks(ws, out)
