@@ -8,6 +8,8 @@ backend. The contexts straddle the compress ratios (a CSA block completes every 
 and the window (128), so the middle's shapes change between replays of the same pieces.
 """
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -27,10 +29,11 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int16) if t.element_size() == 2 else t.view(torch.int32) if t.element_size() == 4 else t
 
 
-def run(model, prompts, use_graphs: bool):
-    """-> (the engine, each step's output streams, each request's tokens)."""
+def run(model, prompts, use_graphs: bool, **engine_kw):
+    """-> (the engine, each forward's output streams, each request's tokens)."""
     config = EngineConfig(max_requests=len(prompts), chunk_size=512, token_budget=1024, graphs=use_graphs)
-    engine = Engine(model, config)
+    engine = Engine(model, replace(config, **{k: v for k, v in engine_kw.items() if k != "draft_fn"}),
+                    draft_fn=engine_kw.get("draft_fn"))  # fmt: skip
     for p in prompts:
         engine.add_request(p, STEPS)
     streams, forward = [], engine._forward
@@ -56,10 +59,11 @@ def cache_tensors(engine) -> dict[str, torch.Tensor]:
     return out
 
 
-def assert_same_runs(model, prompts):
-    eager = run(model, prompts, False)
-    graphed = run(model, prompts, True)
-    assert len(eager[1]) == len(graphed[1]) == STEPS  # the prefill (the first token), then a decode per token
+def assert_same_runs(model, prompts, forwards=STEPS, **engine_kw):
+    eager = run(model, prompts, False, **engine_kw)
+    graphed = run(model, prompts, True, **engine_kw)
+    assert len(eager[1]) == len(graphed[1])
+    assert forwards is None or len(eager[1]) == forwards  # default: the prefill (the first token), then a decode each
     for step, (a, b) in enumerate(zip(eager[1], graphed[1])):
         assert torch.equal(_bits(a), _bits(b)), f"step {step}: output streams differ"
     assert eager[2] == graphed[2]
@@ -118,6 +122,16 @@ def test_a_hook_added_between_steps_turns_the_pieces_off(model, prompts):
         handle.remove()
     assert seen == [len(prompts)], "the hooked step ran through the hook"
     assert replays() == before, "the hooked step ran eagerly"  # (the CPU stand-in would run a hook in a replay)
+
+
+def test_mtp_replays_after_rejected_drafts_are_graphed_and_equal(model, prompts):
+    # with a draft per step, a step verifies [token, draft] (two tokens: eager); a rejected draft's committed token
+    # is replayed as a one-token step after a context, which the pieces run. Every second draft is made wrong.
+    def drafts(request, mtp_drafts):
+        return [(t + 1) % model.args.vocab_size for t in mtp_drafts] if request.drafts_proposed % 2 else mtp_drafts
+
+    engine = assert_same_runs(model, prompts, forwards=None, mtp_draft=1, draft_fn=drafts)
+    assert sum(p.replays for p in engine.graphs.pieces.values()) > 0
 
 
 @pytest.mark.gpu
