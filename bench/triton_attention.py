@@ -37,7 +37,10 @@ from pathlib import Path
 
 import torch
 
-OPS = ("sparse_attn", "indexer_topk", "compress_pool", "kv_fake_quant", "fp4_fake_quant", "hadamard", "act_quant")
+OPS = (
+    "sparse_attn", "indexer_topk", "compress_pool", "compress_state", "kv_fake_quant", "fp4_fake_quant", "hadamard",
+    "act_quant",
+)  # fmt: skip
 MODELS = {"flash": dict(heads=64, topk=512), "pro": dict(heads=128, topk=1024)}
 HEAD_DIM, ROPE, WINDOW, INDEX_HEADS, INDEX_DIM = 512, 64, 128, 64, 128
 
@@ -85,15 +88,22 @@ RAGGED_SCORES_SIG = _sig(
 FP8_SIG = _sig("x_ptr:*bf16 y_ptr:*fp8e4nv s_ptr:*u8 R:i32 NG:i32 x_row_stride:i32 y_row_stride:i32")
 FP4_SIG = _sig("x_ptr:*bf16 R:i32 NG:i32 row_stride:i32")
 HAD_SIG = _sig("x_ptr:*bf16 y_ptr:*bf16 R:i32 x_row_stride:i32 scale:fp32")
+STATE_SIG = _sig(
+    "kv_ptr:*fp32 sc_ptr:*fp32 ape_ptr:*fp32 rows_ptr:*i64 phase_ptr:*i64 slot_ptr:*i64 skv_ptr:*fp32 "
+    "ssc_ptr:*fp32 bkv_ptr:*fp32 bsc_ptr:*fp32 N:i32 stride_kv:i32 stride_sc:i32"
+)
 # sizes and counts: not specialized as multiples of 16 (strides and pointers are)
 NOT_DIVISIBLE = {"H", "K", "c1", "c2", "c3", "c4", "R", "NG", "N", "W", "C", "L", "T", "E", "start_pos"}
 
 
 def cases():
     """(name, kernel, signature, constexprs, num_warps, num_stages) at the ops' GPU launch configurations."""
+    import triton
+
     from parity.optimized.ops.triton import (
         act_quant,
         compress_pool,
+        compress_state,
         fp4_fake_quant,
         hadamard,
         indexer_topk,
@@ -110,6 +120,12 @@ def cases():
     yield "hadamard d 128", hadamard._hadamard_kernel, HAD_SIG, dict(D=128, LOG_D=7, BR=16, REVERSED=False), 4, 3
     for w, bc in ((8, 256), (128, 16)):
         yield f"compress_pool w {w} d 512", compress_pool._pool_kernel, POOL_SIG, dict(WP=w, BN=1, BC=bc), 4, 3
+    for ratio, overlap, hd in ((4, True, 512), (4, True, 128), (128, False, 512)):
+        rows, cd = (2 if overlap else 1) * ratio, (2 if overlap else 1) * hd
+        wr = triton.next_power_of_2(rows)
+        consts = dict(RATIO=ratio, HD=hd, CD=cd, ROWS=rows, OVERLAP=overlap, HAS_ROWS=False, EMIT=True, NP=64, WR=wr,
+                      BC=min(triton.next_power_of_2(cd), max(16, 4096 // wr)), PLANT=0)  # fmt: skip
+        yield f"compress_state r {ratio} d {hd}", compress_state._state_kernel, STATE_SIG, consts, 4, 3
     scores = dict(HP=64, DP=128, BR=1, BT=64, W_BF16=True)
     yield "indexer scores h 64", indexer_topk._scores_kernel, SCORES_SIG, scores, 4, 3
     yield "indexer ragged scores h 64", indexer_topk._ragged_scores_kernel, RAGGED_SCORES_SIG, scores, 4, 3
@@ -506,6 +522,8 @@ def bench_memory_ops(roof):
         record("compress_pool", "-", f"{name} {list(shape)}", tri, ref_ms, nbytes, 0,
                pool_check(f"compress_pool {name}", got, want, kv, score), roof, "copy bw >= 60%", cold)  # fmt: skip
 
+    bench_compress_state(roof)
+
     for t in (tokens, big):
         kv = torch.randn(t, d, device=DEV).to(BF16)
         a, b = kv.clone(), kv.clone()
@@ -553,6 +571,39 @@ def bench_memory_ops(roof):
             nbytes = x.nbytes + yt.nbytes + st.nbytes
             cold = cold_ms(TRITON.act_quant, (x,), 128, "ue8m0", torch.float8_e8m0fnu, nbytes=nbytes)
             record("act_quant", model, f"[{t}, {dim_}]", tri, ref_ms, nbytes, 0, ok, roof, "copy bw >= 60%", cold)
+
+
+def bench_compress_state(roof):
+    """A decode step's compressor state machine (one token per request): the Triton op's one launch against the
+    torch form's ~10, at CSA (ratio 4, overlap; a quarter of the requests complete a block) and HCA (ratio 128, one in
+    64 completes); bytes: the projections read, the state rows written, and for the completing requests their
+    state read, the blocks written and (overlap) the shift."""
+    for name, ratio, overlap, hd in (("CSA main", 4, True, HEAD_DIM), ("CSA indexer", 4, True, INDEX_DIM),
+                                     ("HCA", 128, False, HEAD_DIM)):  # fmt: skip
+        for n in (64, 256):
+            coff = 2 if overlap else 1
+            rows, cd = coff * ratio, coff * hd
+            gen = torch.Generator(device=DEV).manual_seed(n)
+            kv, score = (torch.randn(n, cd, device=DEV, generator=gen) for _ in range(2))
+            ape = torch.randn(ratio, cd, device=DEV, generator=gen)
+            pos = torch.arange(n, device=DEV) if ratio == 4 else 1001 + 2 * torch.arange(n, device=DEV)
+            slots = torch.randperm(n, device=DEV, generator=gen)
+            done_slots = slots[(pos + 1) % ratio == 0]
+            state = [torch.randn(n, rows, cd, device=DEV, generator=gen) for _ in range(2)]
+            args = (kv, score, ape, None, pos % ratio, slots, done_slots if done_slots.numel() else None)
+            a, b = [s.clone() for s in state], [s.clone() for s in state]
+            got, want = TRITON.compress_state(*args, *a, overlap), TORCH.compress_state(*args, *b, overlap)
+            ok = same_bits("compress_state kv state", a[0], b[0])
+            if ok == "bitwise" and want is not None:
+                ok = same_bits("compress_state blocks", torch.cat(got), torch.cat(want))
+            work = [s.clone() for s in state]  # timed in place: each call writes the same rows again
+            tri = bench_ms(TRITON.compress_state, *args, *work, overlap)
+            ref_ms = bench_ms(TORCH.compress_state, *args, *work, overlap)
+            m = done_slots.numel()
+            nbytes = 4 * (2 * n * cd + 2 * n * cd + m * (2 * rows * cd + 2 * rows * hd + (rows * cd if overlap else 0)))
+            graph = graph_ms(TRITON.compress_state, *args, *work, overlap)
+            record("compress_state", "-", f"{name} decode {n} ({m} complete)", tri, ref_ms, nbytes, 0, ok, roof,
+                   "one launch", graph)  # fmt: skip
 
 
 def write(roof, wall):

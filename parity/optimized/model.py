@@ -101,29 +101,11 @@ class OptCompressor(ref.Compressor):
 
     def decode_step(self, kv, score, step: "_DecodeStep", state: CompressorState):
         """The reference `decode_block` for one token of each of D requests at once, each at its own position and
-        in its own state slot (`step`). kv, score: [T, coff*d] projections of the batch -> the blocks these tokens
-        complete, (kv, score) [M, w, d] each, or None."""
-        ratio, d = self.compress_ratio, self.head_dim
-        if step.rows is not None:  # None: every token of the batch, in order (a decode step)
-            kv, score = kv[step.rows], score[step.rows]
-        score = score + self.ape[step.phase]  # [D, coff*d]
-        state_row = step.phase + ratio if self.overlap else step.phase
-        state.kv[step.slots, state_row] = kv
-        state.score[step.slots, state_row] = score
-        if step.done_slots is None:
-            return None
-        s = step.done_slots  # [M]
-        # gathered copies (a later token of the step rewrites the state), each slot's whole state once: the block
-        # and the shift below are slices of it (one gather per tensor, where slicing the state itself made three)
-        kv_s, score_s = state.kv[s], state.score[s]  # [M, coff*r, coff*d]
-        if not self.overlap:
-            return kv_s, score_s
-        block = torch.cat([kv_s[:, :ratio, :d], kv_s[:, ratio:, d:]], dim=1)  # [M, 2r, d]
-        block_score = torch.cat([score_s[:, :ratio, :d], score_s[:, ratio:, d:]], dim=1)
-        # the completed block becomes the previous one
-        state.kv[s, :ratio] = kv_s[:, ratio:]
-        state.score[s, :ratio] = score_s[:, ratio:]
-        return block, block_score
+        in its own state slot (`step`), one `compress_state` call. kv, score: [T, coff*d] projections of the batch
+        -> the blocks these tokens complete, (kv, score) [M, w, d] each, or None."""
+        return self.ops.compress_state(
+            kv, score, self.ape, step.rows, step.phase, step.slots, step.done_slots, state.kv, state.score, self.overlap
+        )
 
     def finish(self, pooled, dtype, segments: tuple[int, ...], freqs_cis):
         """pooled: [m, d] fp32 new entries of any requests -> the entries in `dtype`: norm, RoPE (`freqs_cis`: [m]

@@ -97,6 +97,17 @@ class HcHead(Protocol):
         """Final streams bf16 `[T, hc, D]` -> bf16 `[T, D]` with sigmoid stream weights."""
 
 
+class CompressState(Protocol):
+    def __call__(
+        self, kv: Tensor, score: Tensor, ape: Tensor, rows: Tensor | None, phase: Tensor, slots: Tensor,
+        done_slots: Tensor | None, state_kv: Tensor, state_score: Tensor, overlap: bool,
+    ) -> Any:  # fmt: skip
+        """One decode token of each of D requests into its compressor state, in place: projections kv / score fp32
+        `[T, coff*d]` (`rows` `[D]` picks the tokens, None: all T in order), ape `[r, coff*d]`, `phase` `[D]`
+        position % r, `slots` `[D]`, state `[slots, coff*r, coff*d]` x2 -> the blocks the tokens complete, (kv,
+        score) `[M, w, d]` each in request order (`done_slots` `[M]` their slots), or None when `done_slots` is."""
+
+
 class CompressPool(Protocol):
     def __call__(self, kv: Tensor, score: Tensor) -> Tensor:
         """fp32 `[..., w, d]` x2 -> `[..., d]`: per channel, softmax over the w positions weights kv, summed."""
@@ -161,6 +172,7 @@ class Ops:
     hc_pre: HcPre
     hc_post: HcPost
     hc_head: HcHead
+    compress_state: CompressState
     compress_pool: CompressPool
     indexer_topk: IndexerTopk
     indexer_topk_ragged: IndexerTopkRagged

@@ -1,0 +1,113 @@
+"""Triton `compress_state`: one program per request writes its decode token into the compressor state and, when the
+token completes a block, emits the block and shifts the state, in one launch for the whole step.
+
+Reference: parity.reference.model.Compressor.decode_block (per request); the torch op (`ops/compress_state.py`) does
+the same for all requests with ~10 launches at a step that completes blocks (the ape gather and addition, the state
+writes, the gathers, the overlap concatenations, the shift writes), which the decode step's host pays per
+compressor and layer.
+
+Per program (request i, state slot s, phase p = position % r):
+1. the token's kv and score + ape[p] (one fp32 addition, as the twin) into state row p (r + p with the ratio-4
+   overlap), column chunk by column chunk;
+2. if p == r - 1 (the token completes a block): its output row m = the completing requests before it (request
+   order, as `done_slots`); the state rows are read back with the new row taken from registers (another thread may
+   not have stored it yet), the block written out (overlap: rows < r keep columns [0, d), rows >= r columns
+   [d, 2d)), then, after a barrier (every read of the chunk done), rows r..2r-1 copied to rows 0..r-1 (overlap).
+Each request owns its slot's rows, so programs never touch each other's state. Only copies and the twin's addition:
+bit for bit the twin on every device.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from parity.optimized.ops.triton import runtime
+
+
+@triton.jit
+def _state_kernel(
+    kv_ptr, sc_ptr, ape_ptr, rows_ptr, phase_ptr, slot_ptr, skv_ptr, ssc_ptr, bkv_ptr, bsc_ptr, N,
+    stride_kv, stride_sc,
+    RATIO: tl.constexpr, HD: tl.constexpr, CD: tl.constexpr, ROWS: tl.constexpr, OVERLAP: tl.constexpr,
+    HAS_ROWS: tl.constexpr, EMIT: tl.constexpr, NP: tl.constexpr, WR: tl.constexpr, BC: tl.constexpr,
+    PLANT: tl.constexpr,
+):  # fmt: skip
+    # PLANT (tests only): 1 = the overlap shift skipped, 2 = the overlap's new row written at p instead of r + p
+    i = tl.program_id(0)
+    p = tl.load(phase_ptr + i).to(tl.int64)
+    base = tl.load(slot_ptr + i).to(tl.int64) * (ROWS * CD)
+    if HAS_ROWS:
+        src = tl.load(rows_ptr + i).to(tl.int64)
+    else:
+        src = i.to(tl.int64)
+    new_row = p
+    if OVERLAP:
+        if PLANT != 2:
+            new_row = p + RATIO
+    for c0 in range(0, CD, BC):
+        c = c0 + tl.arange(0, BC)
+        cm = c < CD
+        kvn = tl.load(kv_ptr + src * stride_kv + c, mask=cm)
+        scn = tl.load(sc_ptr + src * stride_sc + c, mask=cm) + tl.load(ape_ptr + p * CD + c, mask=cm)
+        tl.store(skv_ptr + base + new_row * CD + c, kvn, mask=cm)
+        tl.store(ssc_ptr + base + new_row * CD + c, scn, mask=cm)
+    if EMIT:
+        if p == RATIO - 1:
+            j = tl.arange(0, NP)
+            m = tl.sum((tl.load(phase_ptr + j, mask=j < i, other=-1) == RATIO - 1).to(tl.int64))
+            r = tl.arange(0, WR)
+            hi = (r >= RATIO)[:, None]
+            for c0 in range(0, CD, BC):
+                c = c0 + tl.arange(0, BC)
+                cm = c < CD
+                kvn = tl.load(kv_ptr + src * stride_kv + c, mask=cm)
+                scn = tl.load(sc_ptr + src * stride_sc + c, mask=cm) + tl.load(ape_ptr + p * CD + c, mask=cm)
+                mask = (r < ROWS)[:, None] & cm[None, :]
+                offs = base + r[:, None] * CD + c[None, :]
+                is_new = (r == new_row)[:, None]
+                tkv = tl.where(is_new, kvn[None, :], tl.load(skv_ptr + offs, mask=mask))
+                tsc = tl.where(is_new, scn[None, :], tl.load(ssc_ptr + offs, mask=mask))
+                if OVERLAP:
+                    bcol = c[None, :] - tl.where(hi, HD, 0)
+                    bmask = mask & ((c[None, :] < HD) != hi)
+                else:
+                    bcol = c[None, :] + tl.zeros([WR, 1], dtype=tl.int64)
+                    bmask = mask
+                boffs = m * (ROWS * HD) + r[:, None] * HD + bcol
+                tl.store(bkv_ptr + boffs, tkv, mask=bmask)
+                tl.store(bsc_ptr + boffs, tsc, mask=bmask)
+                if OVERLAP:
+                    if PLANT != 1:
+                        tl.debug_barrier()  # the chunk's reads of rows 0..r-1 before the shift overwrites them
+                        tl.store(skv_ptr + offs - RATIO * CD, tkv, mask=mask & hi)
+                        tl.store(ssc_ptr + offs - RATIO * CD, tsc, mask=mask & hi)
+
+
+def compress_state(kv, score, ape, rows, phase, slots, done_slots, state_kv, state_score, overlap):
+    """The `CompressState` contract (see `ops/compress_state.py`)."""
+    return launch(kv, score, ape, rows, phase, slots, done_slots, state_kv, state_score, overlap)
+
+
+def launch(kv, score, ape, rows, phase, slots, done_slots, state_kv, state_score, overlap, plant: int = 0):
+    """The kernel behind `compress_state`; `plant` (tests only): 1 skips the overlap shift, 2 writes the overlap's
+    new row at p instead of r + p."""
+    n = phase.shape[0]
+    ratio, cd = ape.shape
+    coff = 2 if overlap else 1
+    hd, rows_n = cd // coff, coff * ratio
+    assert state_kv.is_contiguous() and state_score.is_contiguous(), "compress_state: state must be contiguous"
+    assert state_kv.shape[1:] == (rows_n, cd) == state_score.shape[1:], (tuple(state_kv.shape), ratio, cd)
+    assert kv.stride(-1) == 1 and score.stride(-1) == 1 and kv.shape[-1] == cd == score.shape[-1]
+    m = 0 if done_slots is None else done_slots.shape[0]
+    blocks = [torch.empty(m, rows_n, hd, dtype=torch.float32, device=kv.device) for _ in range(2)]
+    if n:
+        wr = triton.next_power_of_2(rows_n)
+        budget = 1 << 16 if runtime.interpreting() else 4096
+        bc = min(triton.next_power_of_2(cd), max(16, budget // wr))
+        _state_kernel[(n,)](
+            kv, score, ape.contiguous(), phase if rows is None else rows, phase, slots, state_kv, state_score,
+            *blocks, n, kv.stride(0), score.stride(0),
+            RATIO=ratio, HD=hd, CD=cd, ROWS=rows_n, OVERLAP=bool(overlap), HAS_ROWS=rows is not None,
+            EMIT=done_slots is not None, NP=triton.next_power_of_2(n), WR=wr, BC=bc, PLANT=plant,
+        )  # fmt: skip
+    return None if done_slots is None else tuple(blocks)
