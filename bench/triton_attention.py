@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 OPS = (
-    "sparse_attn", "indexer_topk", "compress_pool", "compress_state", "kv_fake_quant", "fp4_fake_quant", "hadamard",
-    "act_quant",
+    "sparse_attn", "indexer_topk", "compress_pool", "compress_state", "compress_finish", "kv_fake_quant",
+    "fp4_fake_quant", "hadamard", "act_quant", "rms_norm", "rope",
 )  # fmt: skip
 MODELS = {"flash": dict(heads=64, topk=512), "pro": dict(heads=128, topk=1024)}
 HEAD_DIM, ROPE, WINDOW, INDEX_HEADS, INDEX_DIM = 512, 64, 128, 64, 128
@@ -88,12 +88,15 @@ RAGGED_SCORES_SIG = _sig(
 FP8_SIG = _sig("x_ptr:*bf16 y_ptr:*fp8e4nv s_ptr:*u8 R:i32 NG:i32 x_row_stride:i32 y_row_stride:i32")
 FP4_SIG = _sig("x_ptr:*bf16 R:i32 NG:i32 row_stride:i32")
 HAD_SIG = _sig("x_ptr:*bf16 y_ptr:*bf16 R:i32 x_row_stride:i32 scale:fp32")
+FINISH_SIG = _sig(
+    "pooled_ptr:*fp32 w_ptr:*fp32 f_ptr:*fp32 pos_ptr:*i64 out_ptr:*bf16 M:i32 N:i32 eps:fp32 h_scale:fp32 stride_f:i32"
+)
 STATE_SIG = _sig(
     "kv_ptr:*fp32 sc_ptr:*fp32 ape_ptr:*fp32 rows_ptr:*i64 phase_ptr:*i64 slot_ptr:*i64 skv_ptr:*fp32 "
     "ssc_ptr:*fp32 bkv_ptr:*fp32 bsc_ptr:*fp32 N:i32 stride_kv:i32 stride_sc:i32"
 )
 # sizes and counts: not specialized as multiples of 16 (strides and pointers are)
-NOT_DIVISIBLE = {"H", "K", "c1", "c2", "c3", "c4", "R", "NG", "N", "W", "C", "L", "T", "E", "start_pos"}
+NOT_DIVISIBLE = {"H", "K", "c1", "c2", "c3", "c4", "R", "NG", "N", "W", "C", "L", "T", "E", "M", "start_pos"}
 
 
 def cases():
@@ -102,6 +105,7 @@ def cases():
 
     from parity.optimized.ops.triton import (
         act_quant,
+        compress_finish,
         compress_pool,
         compress_state,
         fp4_fake_quant,
@@ -126,6 +130,10 @@ def cases():
         consts = dict(RATIO=ratio, HD=hd, CD=cd, ROWS=rows, OVERLAP=overlap, HAS_ROWS=False, EMIT=True, NP=64, WR=wr,
                       BC=min(triton.next_power_of_2(cd), max(16, 4096 // wr)), PLANT=0)  # fmt: skip
         yield f"compress_state r {ratio} d {hd}", compress_state._state_kernel, STATE_SIG, consts, 4, 3
+    for d, rotate in ((512, False), (128, True)):
+        consts = dict(D=d, RD=64, BM=1, ROTATE=rotate, LOG_D=d.bit_length() - 1, ROUND_SCALE=True, FP8=True,
+                      FUSED=True, PLANT=0)  # fmt: skip
+        yield f"compress_finish d {d} rotate {rotate}", compress_finish._finish_kernel, FINISH_SIG, consts, 4, 3
     scores = dict(HP=64, DP=128, BR=1, BT=64, W_BF16=True)
     yield "indexer scores h 64", indexer_topk._scores_kernel, SCORES_SIG, scores, 4, 3
     yield "indexer ragged scores h 64", indexer_topk._ragged_scores_kernel, RAGGED_SCORES_SIG, scores, 4, 3
@@ -523,6 +531,7 @@ def bench_memory_ops(roof):
                pool_check(f"compress_pool {name}", got, want, kv, score), roof, "copy bw >= 60%", cold)  # fmt: skip
 
     bench_compress_state(roof)
+    bench_compress_finish(roof)
 
     for t in (tokens, big):
         kv = torch.randn(t, d, device=DEV).to(BF16)
@@ -604,6 +613,37 @@ def bench_compress_state(roof):
             graph = graph_ms(TRITON.compress_state, *args, *work, overlap)
             record("compress_state", "-", f"{name} decode {n} ({m} complete)", tri, ref_ms, nbytes, 0, ok, roof,
                    "one launch", graph)  # fmt: skip
+
+
+def _finish_chain(pooled, w, table, pos, rotate, fmt):
+    """The Triton ops compress_finish fuses, in sequence."""
+    e = TRITON.rms_norm(pooled.to(BF16), w, 1e-6)
+    TRITON.rope(e[..., -ROPE:], table[pos])
+    if rotate:
+        return TRITON.fp4_fake_quant(TRITON.hadamard(e, e.shape[-1] ** -0.5), 32)
+    TRITON.kv_fake_quant(e[..., :-ROPE], 64, *fmt, True)
+    return e
+
+
+def bench_compress_finish(roof):
+    """New entries from pooled values (norm, RoPE, Hadamard + FP4 or FP8 fake-quant) for the entries of one decode
+    step: the fused kernel against the Triton ops it replaces run in sequence (and their bits)."""
+    for name, d, rotate in (("CSA main", HEAD_DIM, False), ("CSA indexer", INDEX_DIM, True)):
+        for m in (16, 64):
+            pooled = torch.randn(m, d, device=DEV)
+            w = 1 + 0.1 * torch.randn(d, device=DEV)
+            table = torch.polar(torch.ones(4096, ROPE // 2, device=DEV), torch.rand(4096, ROPE // 2, device=DEV) * 6)
+            pos = torch.randint(0, 4096, (m,), device=DEV)
+            fmt = ("ue8m0", torch.float8_e8m0fnu)
+            args = (pooled, w, 1e-6, (0, m), table, pos, rotate, *fmt, True)
+
+            chain = functools.partial(_finish_chain, pooled, w, table, pos, rotate, fmt)
+            ok = same_bits("compress_finish", TRITON.compress_finish(*args), chain())
+            tri = bench_ms(TRITON.compress_finish, *args)
+            nbytes = m * d * (4 + 2) + m * ROPE * 4
+            record("compress_finish", "-", f"{name} {m} entries (chain {bench_ms(chain):.4f} ms)", tri,
+                   bench_ms(TORCH.compress_finish, *args), nbytes, 0, ok, roof, "one launch",
+                   graph_ms(TRITON.compress_finish, *args))  # fmt: skip
 
 
 def write(roof, wall):

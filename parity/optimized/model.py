@@ -107,19 +107,15 @@ class OptCompressor(ref.Compressor):
             kv, score, self.ape, step.rows, step.phase, step.slots, step.done_slots, state.kv, state.score, self.overlap
         )
 
-    def finish(self, pooled, dtype, segments: tuple[int, ...], freqs_cis):
-        """pooled: [m, d] fp32 new entries of any requests -> the entries in `dtype`: norm, RoPE (`freqs_cis`: [m]
-        rows, each entry's position), fake-quant, one call each. `segments`: the norm's row groups (the reference
-        normalizes a prefill's entries together and a decode's entry alone); the other ops are row-independent."""
-        ops, rd = self.ops, self.rope_head_dim
-        entries = ops.rms_norm(pooled.to(dtype), self.norm.weight, self.norm.eps, segments)
-        ops.rope(entries[..., -rd:], freqs_cis)
-        if self.rotate:
-            entries = ops.hadamard(entries, entries.size(-1) ** -0.5)
-            ops.fp4_fake_quant(entries, ref.FP4_BLOCK_SIZE)
-        else:
-            ops.kv_fake_quant(entries[..., :-rd], KV_QUANT_BLOCK, self.scale_fmt, self.scale_dtype, self.kv_fp8)
-        return entries
+    def finish(self, pooled, segments: tuple[int, ...], freqs_cis, positions):
+        """pooled: [m, d] fp32 new entries of any requests -> the bf16 entries (the activations' dtype): norm, RoPE
+        (`positions` [m]: each entry's row of the `freqs_cis` table), fake-quant, one `compress_finish` call.
+        `segments`: the norm's row groups (the reference normalizes a prefill's entries together and a decode's entry
+        alone); the other stages are row-independent."""
+        return self.ops.compress_finish(
+            pooled, self.norm.weight, self.norm.eps, segments, freqs_cis, positions, self.rotate, self.scale_fmt,
+            self.scale_dtype, self.kv_fp8,
+        )  # fmt: skip
 
 
 class OptIndexer(ref.Indexer):
@@ -145,7 +141,7 @@ class OptIndexer(ref.Indexer):
         weights = weights * (self.softmax_scale * self.n_heads**-0.5)  # [T, h]
         return IndexerIn(q, weights, *self.compressor.project(x, segments))
 
-    def select(self, inputs: "IndexerIn", batch: Batch, cache: PagedCache, layer: int, freqs_cis, dtype):
+    def select(self, inputs: "IndexerIn", batch: Batch, cache: PagedCache, layer: int, freqs_cis):
         """-> [T, k] top-k entry ids (-1 = none; k: the widest of the batch, each sequence's own k_i = min(index_topk,
         its entries) columns then -1), after this step's new entries are pooled into the request's pages."""
         ops, ratio = self.ops, self.compress_ratio
@@ -153,7 +149,7 @@ class OptIndexer(ref.Indexer):
         pool = cache.index_entries[layer]
         flat_pool = pool.view(-1, pool.shape[-1])
         state = cache.index_state[layer]
-        compress_all(self.compressor, inputs.kv, inputs.score, batch, state, freqs_cis, flat_pool, cache, ratio, dtype)
+        compress_all(self.compressor, inputs.kv, inputs.score, batch, state, freqs_cis, flat_pool, cache, ratio)
         # the pool rows of every request's entries 0..n_i-1, request after request (built once per batch: per
         # request, a host index made each gather wait for the device)
         gather, counts = batch.derived(("indexer entries", ratio), lambda: _entry_gather(batch, cache, ratio))
@@ -258,12 +254,11 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
 
 
 def compress_all(
-    compressor, kv, score, batch: Batch, state, freqs_cis, flat_pool, cache: PagedCache, ratio: int, dtype
+    compressor, kv, score, batch: Batch, state, freqs_cis, flat_pool, cache: PagedCache, ratio: int
 ) -> None:
     """Run the compressor of every sequence (each its own state rows) on this step's projections (`kv`, `score`:
     [T, coff*d] fp32, `OptCompressor.project` of all requests at once), pass the new entries through the
-    compressor's `entries` tap (token rows of the tokens that completed them) in `dtype` (the activations'), write
-    them to the paged pool.
+    compressor's `entries` tap (token rows of the tokens that completed them), write them to the paged pool.
 
     One call per op for the whole batch where the reference's per-request call is row-independent or takes
     segments: the pooling of the blocks completed after a context, the norm, RoPE and
@@ -281,7 +276,7 @@ def compress_all(
     pooled = torch.cat(pooled) if len(pooled) > 1 else pooled[0]  # [M, d] fp32
     if plan.order is not None:
         pooled = pooled[plan.order]
-    entries = compressor.finish(pooled, dtype, plan.segments, freqs_cis[plan.positions])
+    entries = compressor.finish(pooled, plan.segments, freqs_cis, plan.positions)
     entries, _ = compressor.entries(entries, plan.token_rows)
     flat_pool[plan.pool_rows] = entries
 
@@ -354,13 +349,13 @@ class OptAttention(ref.Attention):
         ops, layer, ratio = self.ops, self.layer_id, self.compress_ratio
         index_topk = None
         if self.indexer:
-            index_topk = self.indexer.select(a.index, batch, cache, layer, self.freqs_cis, a.x.dtype)
+            index_topk = self.indexer.select(a.index, batch, cache, layer, self.freqs_cis)
         ring = cache.window[layer]  # [slots, win, d]
         pool = cache.entries[layer]
         if ratio:
             flat_pool = pool.view(-1, self.head_dim)
             kv, score, state = *a.comp, cache.state[layer]
-            compress_all(self.compressor, kv, score, batch, state, self.freqs_cis, flat_pool, cache, ratio, a.x.dtype)
+            compress_all(self.compressor, kv, score, batch, state, self.freqs_cis, flat_pool, cache, ratio)
         idx = self._sparse_idx(batch, cache, index_topk, ring.shape[0] * self.window_size)  # [T, K]
         o = ops.sparse_attn(
             a.q,

@@ -108,6 +108,16 @@ class CompressState(Protocol):
         score) `[M, w, d]` each in request order (`done_slots` `[M]` their slots), or None when `done_slots` is."""
 
 
+class CompressFinish(Protocol):
+    def __call__(
+        self, pooled: Tensor, weight: Tensor, eps: float, segments: Segments, freqs_cis: Tensor, positions: Tensor,
+        rotate: bool, scale_fmt: str | None, scale_dtype: torch.dtype, fp8: bool,
+    ) -> Tensor:  # fmt: skip
+        """A compressor's pooled entries fp32 `[M, d]` -> bf16 `[M, d]`: RMSNorm (weight `[d]`, `segments` its row
+        groups), RoPE at table rows `positions` `[M]` of `freqs_cis` `[S, rd/2]`, then Hadamard + FP4 fake-quant
+        (`rotate`) or FP8 fake-quant of the non-rope dims (`fp8` False: the initial revision's bf16 identity)."""
+
+
 class CompressPool(Protocol):
     def __call__(self, kv: Tensor, score: Tensor) -> Tensor:
         """fp32 `[..., w, d]` x2 -> `[..., d]`: per channel, softmax over the w positions weights kv, summed."""
@@ -174,6 +184,7 @@ class Ops:
     hc_head: HcHead
     compress_state: CompressState
     compress_pool: CompressPool
+    compress_finish: CompressFinish
     indexer_topk: IndexerTopk
     indexer_topk_ragged: IndexerTopkRagged
     sparse_attn: SparseAttn
