@@ -31,6 +31,33 @@ QUANTIZE, FAKE_E4M3, FAKE_BF16 = 0, 1, 2
 
 
 @triton.jit
+def fp8_scaled(x, ROUND_SCALE: tl.constexpr, SCALE_SHIFT: tl.constexpr):
+    """Groups x fp32 `[R, G, BLOCK]` -> (x / s clamped to +-448, s `[R, G]`, e `[R, G]` the exponent of s = 2^e when
+    ROUND_SCALE): the exact amax (floor 1e-4), the fp32-literal reciprocal multiply, the power-of-two scale from the
+    IEEE bits (or s = amax / 448 and the IEEE division)."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=2), 1e-4)  # [R, G]
+    v = amax * (1.0 / 448.0)
+    if ROUND_SCALE:
+        e = pow2_ceil_exp(v) + SCALE_SHIFT
+        s = exp2i(e)
+        y = x * exp2i(-e)[:, :, None]
+    else:
+        e = tl.zeros(v.shape, dtype=tl.int64)  # unused: no power-of-two scale
+        s = v
+        y = tl.math.div_rn(x, s[:, :, None])
+    return tl.minimum(tl.maximum(y, -448.0), 448.0), s, e
+
+
+@triton.jit
+def fake_round(y, MODE: tl.constexpr):
+    """The fake-quant's rounding of scaled values: to e4m3 (`FAKE_E4M3`) or to bf16 (`FAKE_BF16`), back to fp32."""
+    if MODE == 1:
+        return y.to(tl.float8e4nv).to(tl.float32)
+    else:
+        return y.to(tl.bfloat16).to(tl.float32)
+
+
+@triton.jit
 def _fp8_group_kernel(
     x_ptr, y_ptr, s_ptr, R, NG, x_row_stride, y_row_stride,
     BLOCK: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr,
@@ -46,16 +73,7 @@ def _fp8_group_kernel(
     x_offs = rows[:, None, None] * x_row_stride + within
     x = tl.load(x_ptr + x_offs, mask=mask, other=0.0).to(tl.float32)  # [BR, BG, BLOCK]
 
-    amax = tl.maximum(tl.max(tl.abs(x), axis=2), 1e-4)  # [BR, BG]
-    v = amax * (1.0 / 448.0)
-    if ROUND_SCALE:
-        e = pow2_ceil_exp(v) + SCALE_SHIFT
-        s = exp2i(e)
-        y = x * exp2i(-e)[:, :, None]
-    else:
-        s = v
-        y = tl.math.div_rn(x, s[:, :, None])
-    y = tl.minimum(tl.maximum(y, -448.0), 448.0)
+    y, s, e = fp8_scaled(x, ROUND_SCALE, SCALE_SHIFT)
 
     if MODE == 0:
         y_offs = rows[:, None, None] * y_row_stride + within
@@ -67,11 +85,7 @@ def _fp8_group_kernel(
         else:
             tl.store(s_ptr + s_offs, s, mask=s_mask)
     else:
-        if MODE == 1:
-            q = y.to(tl.float8e4nv).to(tl.float32)
-        else:
-            q = y.to(tl.bfloat16).to(tl.float32)
-        tl.store(x_ptr + x_offs, (q * s[:, :, None]).to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(x_ptr + x_offs, (fake_round(y, MODE) * s[:, :, None]).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def _check(x: torch.Tensor, block_size: int, scale_fmt, scale_dtype) -> None:

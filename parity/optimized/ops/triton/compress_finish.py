@@ -4,7 +4,8 @@ unfused path launches five to six kernels and a table gather per compressor and 
 
 Reference: parity.reference.model.Compressor.forward after the pooling; the op's torch form (`ops/compress_finish.py`)
 is that code. Each stage is the arithmetic of the registered Triton op it replaces, in the same order, with the
-same roundings, and the values pass between stages rounded to bf16 as they do through memory there:
+same roundings (the shared `@triton.jit` helpers of those kernels: `rotate_pairs`, `butterflies`, `fp8_scaled` and
+`fake_round`, `fp4_fake`), and the values pass between stages rounded to bf16 as they do through memory there:
 - `rms_norm`: float64 sum of squares (exact for bf16 inputs), r = 1/sqrt(ss/d + eps) in float64 rounded once to
   fp32, `w * (x * r)` unfused, to bf16 (eps and d as run-time arguments, as there);
 - `rope`: interleaved pairs of the last rd dims, `fma(xr, c, -(xi*s))` / `fma(xr, s, xi*c)` on CUDA and the unfused
@@ -23,8 +24,10 @@ import triton
 import triton.language as tl
 
 from parity.optimized.ops.triton import runtime
-from parity.optimized.ops.triton._quant import exp2i, pow2_ceil_exp, round_e2m1
-from parity.optimized.ops.triton.hadamard import _stride
+from parity.optimized.ops.triton.act_quant import fake_round, fp8_scaled
+from parity.optimized.ops.triton.fp4_fake_quant import fp4_fake
+from parity.optimized.ops.triton.hadamard import butterflies
+from parity.optimized.ops.triton.rope import rotate_pairs
 
 
 @triton.jit
@@ -60,43 +63,17 @@ def _finish_kernel(
     f_row = f_ptr + tl.load(pos_ptr + rows, mask=rows < M, other=0).to(tl.int64)[:, None] * stride_f
     c = tl.load(f_row + 2 * fj, mask=rope & rmask, other=0.0)
     s = tl.load(f_row + 2 * fj + 1, mask=rope & rmask, other=0.0)
-    if FUSED:
-        re = tl.fma(xr, c, -(xi * s))
-        im = tl.fma(xr, s, xi * c)
-    else:
-        re = xr * c - xi * s
-        im = xr * s + xi * c
+    re, im = rotate_pairs(xr, xi, c, s, FUSED)
     re = tl.where(rope, re.to(tl.bfloat16).to(tl.float32), xr)
     im = tl.where(rope, im.to(tl.bfloat16).to(tl.float32), xi)
     y = tl.reshape(tl.join(re, im), [BM, D])
     if ROTATE:
-        for i in tl.static_range(LOG_D):
-            t = tl.reshape(y, [BM, D // (2 * _stride(i, LOG_D, False)), 2, _stride(i, LOG_D, False)])
-            t = tl.permute(t, (0, 1, 3, 2))
-            lo, hi = tl.split(t)
-            t = tl.permute(tl.join(lo + hi, lo - hi), (0, 1, 3, 2))
-            y = tl.reshape(t, [BM, D])
-        g = tl.reshape((y * h_scale).to(tl.bfloat16).to(tl.float32), [BM, D // 32, 32])
-        amax = tl.maximum(tl.max(tl.abs(g), axis=2), 6.0 * 2.0**-126)
-        e = pow2_ceil_exp(amax * (1.0 / 6.0))
-        q = tl.minimum(tl.maximum(g * exp2i(-e)[:, :, None], -6.0), 6.0)
-        y = round_e2m1(q) * exp2i(e)[:, :, None]
+        y = butterflies(y, BM, D, LOG_D, False)
+        y = fp4_fake(tl.reshape((y * h_scale).to(tl.bfloat16).to(tl.float32), [BM, D // 32, 32]), 0)
     else:
         g = tl.reshape(y, [BM, D // 64, 64])
-        amax = tl.maximum(tl.max(tl.abs(g), axis=2), 1e-4)
-        v = amax * (1.0 / 448.0)
-        if ROUND_SCALE:
-            e = pow2_ceil_exp(v)
-            sc = exp2i(e)
-            q = g * exp2i(-e)[:, :, None]
-        else:
-            sc = v
-            q = tl.math.div_rn(g, sc[:, :, None])
-        q = tl.minimum(tl.maximum(q, -448.0), 448.0)
-        if FP8:
-            q = q.to(tl.float8e4nv).to(tl.float32)
-        else:
-            q = q.to(tl.bfloat16).to(tl.float32)
+        q, sc, _ = fp8_scaled(g, ROUND_SCALE, 0)
+        q = fake_round(q, 1 if FP8 else 2)
         nope = (tl.arange(0, D // 64) < (D - RD) // 64)[None, :, None]
         y = tl.where(nope, q * sc[:, :, None], g)
     tl.store(out_ptr + rows[:, None] * D + cols, tl.reshape(y, [BM, D]).to(tl.bfloat16), mask=rmask)

@@ -21,6 +21,16 @@ from parity.optimized.ops.triton._quant import as_rows, exp2i, group_tiles, pow2
 
 
 @triton.jit
+def fp4_fake(x, SCALE_SHIFT: tl.constexpr):
+    """Groups x fp32 `[R, G, BLOCK]` -> on the e2m1 grid times the group scale 2^ceil(log2(amax / 6)) (amax floor
+    6 * 2^-126), round to nearest even, saturating at 6."""
+    amax = tl.maximum(tl.max(tl.abs(x), axis=2), 6.0 * 2.0**-126)
+    e = pow2_ceil_exp(amax * (1.0 / 6.0)) + SCALE_SHIFT
+    y = tl.minimum(tl.maximum(x * exp2i(-e)[:, :, None], -6.0), 6.0)
+    return round_e2m1(y) * exp2i(e)[:, :, None]
+
+
+@triton.jit
 def _fp4_group_kernel(
     x_ptr, R, NG, row_stride, BLOCK: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr, SCALE_SHIFT: tl.constexpr = 0
 ):
@@ -31,11 +41,7 @@ def _fp4_group_kernel(
     mask = (rows < R)[:, None, None] & (groups < NG)[None, :, None]
     offs = rows[:, None, None] * row_stride + groups[None, :, None] * BLOCK + cols[None, None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BR, BG, BLOCK]
-    amax = tl.maximum(tl.max(tl.abs(x), axis=2), 6.0 * 2.0**-126)
-    e = pow2_ceil_exp(amax * (1.0 / 6.0)) + SCALE_SHIFT
-    y = tl.minimum(tl.maximum(x * exp2i(-e)[:, :, None], -6.0), 6.0)
-    q = round_e2m1(y) * exp2i(e)[:, :, None]
-    tl.store(x_ptr + offs, q.to(x_ptr.dtype.element_ty), mask=mask)
+    tl.store(x_ptr + offs, fp4_fake(x, SCALE_SHIFT).to(x_ptr.dtype.element_ty), mask=mask)
 
 
 def fp4_fake_quant(x: torch.Tensor, block: int = 32) -> torch.Tensor:

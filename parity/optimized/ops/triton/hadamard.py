@@ -28,6 +28,20 @@ def _stride(i, log_d, reversed_stages):
 
 
 @triton.jit
+def butterflies(x, BR: tl.constexpr, D: tl.constexpr, LOG_D: tl.constexpr, REVERSED: tl.constexpr):
+    """x fp32 `[BR, D]` -> its unnormalized Walsh-Hadamard transform per row: LOG_D butterfly stages (lo + hi,
+    lo - hi), lowest stride first (REVERSED: highest first, the tests' planted bug)."""
+    for i in tl.static_range(LOG_D):
+        # stage i: stride s = 2^i, blocks of 2s; the pair axis moved last
+        y = tl.reshape(x, [BR, D // (2 * _stride(i, LOG_D, REVERSED)), 2, _stride(i, LOG_D, REVERSED)])
+        y = tl.permute(y, (0, 1, 3, 2))
+        lo, hi = tl.split(y)
+        y = tl.permute(tl.join(lo + hi, lo - hi), (0, 1, 3, 2))
+        x = tl.reshape(y, [BR, D])
+    return x
+
+
+@triton.jit
 def _hadamard_kernel(
     x_ptr, y_ptr, R, x_row_stride, scale, D: tl.constexpr, LOG_D: tl.constexpr, BR: tl.constexpr,
     REVERSED: tl.constexpr = False,
@@ -37,13 +51,7 @@ def _hadamard_kernel(
     cols = tl.arange(0, D).to(tl.int64)
     mask = (rows < R)[:, None]
     x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    for i in tl.static_range(LOG_D):
-        # stage i: stride s = 2^i, blocks of 2s; the pair axis moved last
-        y = tl.reshape(x, [BR, D // (2 * _stride(i, LOG_D, REVERSED)), 2, _stride(i, LOG_D, REVERSED)])
-        y = tl.permute(y, (0, 1, 3, 2))
-        lo, hi = tl.split(y)
-        y = tl.permute(tl.join(lo + hi, lo - hi), (0, 1, 3, 2))
-        x = tl.reshape(y, [BR, D])
+    x = butterflies(x, BR, D, LOG_D, REVERSED)
     tl.store(y_ptr + rows[:, None] * D + cols[None, :], (x * scale).to(y_ptr.dtype.element_ty), mask=mask)
 
 

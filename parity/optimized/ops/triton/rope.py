@@ -22,6 +22,16 @@ from parity.optimized.ops.triton import runtime
 
 
 @triton.jit
+def rotate_pairs(xr, xi, c, s, FUSED: tl.constexpr):
+    """The pairs (xr, xi) times (c + i s), fp32: as fma's on CUDA (FUSED: the complex64 multiply CUDA's torch runs),
+    the separately rounded products elsewhere (what CPU torch computes; launched with fp contraction off)."""
+    if FUSED:
+        return tl.fma(xr, c, -(xi * s)), tl.fma(xr, s, xi * c)
+    else:
+        return xr * c - xi * s, xr * s + xi * c
+
+
+@triton.jit
 def _rope_kernel(
     x_ptr, f_ptr, R, H, stride_t, stride_h, stride_f,
     HALF: tl.constexpr, BR: tl.constexpr, INVERSE: tl.constexpr, FUSED: tl.constexpr, PLANT: tl.constexpr,
@@ -45,12 +55,7 @@ def _rope_kernel(
     c, s = tl.split(tl.reshape(tl.load(f_row, mask=mask, other=0.0), [BR, HALF, 2]))
     if INVERSE:
         s = -s
-    if FUSED:
-        re = tl.fma(xr, c, -(xi * s))
-        im = tl.fma(xr, s, xi * c)
-    else:
-        re = xr * c - xi * s
-        im = xr * s + xi * c
+    re, im = rotate_pairs(xr, xi, c, s, FUSED)
     if PLANT == 1:
         tl.store(x_row + i, re.to(tl.bfloat16), mask=mask)
         tl.store(x_row + i + HALF, im.to(tl.bfloat16), mask=mask)
