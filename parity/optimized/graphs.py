@@ -12,9 +12,10 @@ docs/perf.md) off most of a layer's ops. The middle stays eager; vLLM's piecewis
 attention the same way.
 
 The buffer discipline, the same on every device: a piece's inputs are copied into its own static buffers before a
-replay, except an input that was another piece's static output at capture time and is that same tensor again (the
-streams and mixes between pieces; were it another tensor, it would be copied into that buffer, which no other
-piece reads after this one); a replay returns the piece's static outputs, which its next replay overwrites,
+replay, except an input that was another piece's static output (or the step's token ids and positions, copied
+once per step into buffers of their own) at capture time and is that same tensor again (the streams and mixes
+between pieces; were it another tensor, it would be copied into that buffer, which no other piece reads after this
+one); a replay returns the piece's static outputs, which its next replay overwrites,
 so the forward hands back a copy of the last streams. A piece may read only its inputs: a tensor it reads from the
 capture-time batch (a closure) would be replayed stale, and host values (the op segments) are part of its key. On
 a CUDA device a piece is a `torch.cuda.CUDAGraph` (its own memory pool: no reasoning about which outputs another
@@ -107,6 +108,7 @@ class DecodeGraphs:
 
     def __init__(self):
         self.pieces: dict[tuple, _Piece] = {}
+        self.step_inputs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # op segments -> (tokens, positions)
         self._hook_dicts: tuple[nn.Module, list[dict]] | None = None
 
     def applies(self, model: nn.Module, batch) -> bool:
@@ -126,7 +128,12 @@ class DecodeGraphs:
 
     def forward(self, layers: nn.ModuleList, h: torch.Tensor, batch, cache) -> torch.Tensor:
         """h: [T, hc, D] embedded streams -> the last layer's streams (a copy), as `layer(h, batch, cache)` in turn."""
-        seg, tokens, positions = batch.segments, batch.tokens, batch.positions
+        seg = batch.segments
+        # the step's token ids and positions, copied once into buffers every piece reads in place (a copy per piece
+        # and layer otherwise: two launches per layer)
+        tokens, positions = self.step_inputs.setdefault(seg, (batch.tokens.clone(), batch.positions.clone()))
+        tokens.copy_(batch.tokens)
+        positions.copy_(batch.positions)
         s = self._run(("in", 0, seg), partial(_first, layers[0], seg), (h, positions))
         for i, layer in enumerate(layers):
             o = layer.attn.requests(s.attn, batch, cache)
@@ -139,6 +146,7 @@ class DecodeGraphs:
         piece = self.pieces.get(key)
         if piece is None:
             owned = [t for p in self.pieces.values() for t in p.out_leaves]
+            owned += [t for pair in self.step_inputs.values() for t in pair]
             try:
                 piece = self.pieces[key] = _Piece(fn, args, owned)
             except RuntimeError as e:
