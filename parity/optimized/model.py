@@ -192,6 +192,14 @@ def _entry_gather(batch: Batch, cache: PagedCache, ratio: int) -> tuple[torch.Te
     return cache.entry_rows_of(batch.device_tables[ratio], seq, ids), counts
 
 
+def _entry_lookup(batch: Batch, cache: PagedCache, ratio: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(rows, first, spare): `_entry_gather`'s pool rows with one spare row appended (what an id of -1 reads before
+    it is masked), each token's offset of its request's entries in them ([T]), and the spare's index."""
+    gather, counts = batch.derived(("indexer entries", ratio), lambda: _entry_gather(batch, cache, ratio))
+    first = list(itertools.accumulate(counts, initial=0))[:-1]
+    return torch.cat([gather, gather.new_zeros(1)]), batch.to_device(batch.spread(first)), gather.shape[0]
+
+
 @dataclass(frozen=True)
 class _DecodeStep:
     """One token of each of D requests after a context, for `OptCompressor.decode_step` (device tensors)."""
@@ -393,9 +401,13 @@ class OptAttention(ref.Attention):
             key = ("hca idx", win, ratio, ring_rows)
             entries = lambda: self._hca_entries(batch.positions, ratio, plan.n_entries)  # noqa: E731
             return batch.derived(key, lambda: _with_entries(batch, cache, plan, idx, entries(), ratio, ring_rows))
-        # the ids past a sequence's own k are -1 (forced ones too, as when cut per sequence)
-        cols = torch.arange(index_topk.shape[1], device=idx.device)
-        entry_ids = torch.where(cols >= plan.k.unsqueeze(1), -1, index_topk)  # [T, E]
+        # the ids past a sequence's own k are -1 (forced ones too, as when cut per sequence); the mask is the same in
+        # every CSA layer of the batch
+        width = index_topk.shape[1]
+        past_k = batch.derived(
+            ("past k", win, ratio, width), lambda: torch.arange(width, device=idx.device) >= plan.k[:, None]
+        )
+        entry_ids = torch.where(past_k, -1, index_topk)  # [T, E]
         return _with_entries(batch, cache, plan, idx, entry_ids, ratio, ring_rows)
 
     @staticmethod
@@ -432,10 +444,12 @@ def _with_entries(batch: Batch, cache: PagedCache, plan, idx, entry_ids, ratio: 
     """The window lists `idx` [T, win] followed by each query's entries (`entry_ids` [T, E], -1 = none) as rows of the
     pool after the chunk's and the rings' rows: from the sequence's window width on, -1 up to `plan.width`."""
     n_tokens, win = idx.shape
-    entry_row = cache.entry_rows_of(
-        batch.device_tables[ratio], batch.per_token.seq.unsqueeze(1), entry_ids.clamp(min=0)
-    )
-    entry_idx = torch.where(entry_ids < 0, -1, n_tokens + ring_rows + entry_row)
+    # each id's pool row read from the requests' entry rows (built once per batch), not recomputed from the block
+    # tables in every layer: 6 launches per CSA layer where the table arithmetic made 11
+    rows, first, spare = batch.derived(("entry lookup", ratio), lambda: _entry_lookup(batch, cache, ratio))
+    valid = entry_ids >= 0
+    at = torch.where(valid, first.unsqueeze(1) + entry_ids, spare)
+    entry_idx = torch.where(valid, rows[at] + (n_tokens + ring_rows), -1)
     if plan.entry_col is None:  # every list's window part is `window` wide
         return torch.cat([idx, entry_idx], dim=1)[:, : plan.width]
     out = idx.new_full((n_tokens, win + entry_idx.shape[1]), -1)
