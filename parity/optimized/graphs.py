@@ -12,16 +12,16 @@ docs/perf.md) off most of a layer's ops. The middle stays eager; vLLM's piecewis
 attention the same way.
 
 The buffer discipline, the same on every device: a piece's inputs are copied into its own static buffers before a
-replay, except an input that was another piece's static output (or the step's token ids and positions, copied
-once per step into buffers of their own) at capture time and is that same tensor again (the streams and mixes
-between pieces; were it another tensor, it would be copied into that buffer, which no other piece reads after this
-one); a replay returns the piece's static outputs, which its next replay overwrites,
-so the forward hands back a copy of the last streams. A piece may read only its inputs: a tensor it reads from the
-capture-time batch (a closure) would be replayed stale, and host values (the op segments) are part of its key. On
-a CUDA device a piece is a `torch.cuda.CUDAGraph` (its own memory pool: no reasoning about which outputs another
-graph's intermediates may reuse); elsewhere `_Rerun` calls the capture-time function again on the static inputs
-and copies the results into the static outputs: the same discipline, so the CPU tests fail on a stale input or an
-aliasing mistake as a GPU replay would.
+replay, except an input that was another piece's static output (or the step's token ids and positions, copied once
+per step into buffers of their own) at capture time and is that same tensor again (the streams and mixes between
+pieces; were it another tensor, it would be copied into that buffer, which no other piece reads after this one); a
+replay returns the piece's static outputs, which its next replay overwrites, so the forward hands back a copy of the
+last streams. A piece may read only its inputs: a tensor it reads from the capture-time batch (a closure) would be
+replayed stale, and host values (the op segments) are part of its key. On a CUDA device a piece is a
+`torch.cuda.CUDAGraph` (its own memory pool: no reasoning about which outputs another graph's intermediates may
+reuse); elsewhere `_Rerun` calls the capture-time function again on the static inputs and copies the results into
+the static outputs: the same discipline, so the CPU tests fail on a stale input or an aliasing mistake as a GPU
+replay would.
 
 Only steps of one token per request after a context use the pieces, and only while no module of the model has
 forward hooks (dumps, teacher forcing and the reference's taps are hooks, and a hook inside a captured piece would
