@@ -31,8 +31,9 @@ session; these counts do not depend on the host.
 
 `--graphs` adds the decode sizes again with `EngineConfig(graphs=True)`: each layer's per-token work replayed from
 CUDA graphs, the per-request middle of the attention eager (`parity.optimized.graphs`); with `--breakdown`, such a
-row reports the bytes its layers read (from one eager step), its % of the roofline over the whole step, and one
-graphed step under the profiler (the per-op timers cannot see inside a graph).
+row reports the bytes its layers read (from one eager step), its % of the roofline over the whole step, one graphed
+step under the profiler (the per-op timers cannot see inside a graph), and one more with the host's own time split
+into the attention middles, the piece replays, the head and the rest.
 
 `--smoke` runs the same code on CPU on `ModelArgs.tiny()` with the torch backend (decode 2, prefill 16, repeat 1
 unless given), timing with `time.perf_counter`: a check of the code path, not a measurement.
@@ -162,11 +163,47 @@ def graphed_breakdown(model, engine: Engine, n_tokens: int, device, rate: float,
     return dict(
         graphed=True,
         host=host,
+        split=host_split(engine, device),
         bytes=total,
         copy_rate_gbs=rate / 1e9,
         pct_roofline_step=100 * total / rate * 1e3 / step_ms,
         pieces=len(engine.graphs.pieces),
     )
+
+
+def host_split(engine: Engine, device) -> dict:
+    """One more graphed step with the host's own time inside the attention middles (`OptAttention.requests`), the
+    piece replays (input copies and graph launches) and the head, timed by wrapping those methods (no hooks, so the
+    graphs stay on); the rest of the step's wall is scheduling, the batch's metadata and the commit (and, at the end,
+    the wait for the GPU)."""
+    from unittest import mock
+
+    from parity.optimized import graphs
+    from parity.optimized.model import OptAttention
+
+    spent = {"middles": [0.0, 0], "replays": [0.0, 0], "head": [0.0, 0]}
+
+    def timed(name, fn):
+        def call(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name][0] += (time.perf_counter() - t0) * 1e3
+                spent[name][1] += 1
+
+        return call
+
+    with (
+        mock.patch.object(OptAttention, "requests", timed("middles", OptAttention.requests)),
+        mock.patch.object(graphs._Piece, "__call__", timed("replays", graphs._Piece.__call__)),
+        mock.patch.object(OptimizedTransformer, "head_logits", timed("head", OptimizedTransformer.head_logits)),
+    ):
+        wall = timed_step(engine, device)
+    out = {name: {"ms": ms, "calls": n} for name, (ms, n) in spent.items()}
+    out["rest"] = {"ms": wall - sum(ms for ms, _ in spent.values()), "calls": 1}
+    out["wall_ms"] = wall
+    return out
 
 
 def host_line(h: dict) -> str:
@@ -189,6 +226,12 @@ def graphed_md(r: dict) -> list[str]:
         f"{b['pct_roofline_step']:.1f} % of the HBM roofline over the whole step (copy {b['copy_rate_gbs']:.0f} GB/s).",
         "",
         host_line(b["host"]) + f" {b['host']['graph_launches']} graph launches.",
+        "",
+        f"Host time of one more graphed step ({b['split']['wall_ms']:.2f} ms; method wrappers, no hooks):",
+        "",
+        "| part | calls | host ms |",
+        "|---|---|---|",
+        *(f"| {k} | {v['calls']} | {v['ms']:.3f} |" for k, v in b["split"].items() if k != "wall_ms"),
         "",
         "| kernel (the step's 15 longest in GPU time) | runs | GPU ms |",
         "|---|---|---|",
