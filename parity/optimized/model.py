@@ -563,8 +563,7 @@ class OptBlock(ref.Block):
 
     def tokens_in(self, x: torch.Tensor, positions: torch.Tensor, seg: tuple[int, ...]) -> "BlockIn":
         """The attention's mHC pre-mix and norm, then its per-token work (`OptAttention.tokens_in`)."""
-        ops = self.ops
-        mix = (seg, self.norm_eps, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps)
+        ops, mix = self.ops, self._mix(seg)
         residual = x = self.streams_in(x)
         x, post, comb = self.hc_pre_attn(*ops.hc_pre(x, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *mix))
         x = ops.rms_norm(x, self.attn_norm.weight, self.attn_norm.eps, seg)
@@ -573,14 +572,17 @@ class OptBlock(ref.Block):
     def tokens_out(self, o, residual, post, comb, freqs, tokens, seg: tuple[int, ...]) -> torch.Tensor:
         """o: [T, h, d] the attention core's output -> the block's output streams [T, hc, D]: the attention's output
         projections, its mHC post-mix, then the whole MoE half (`tokens`: [T] ids, the hash-routed layers' key)."""
-        ops = self.ops
-        mix = (seg, self.norm_eps, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps)
+        ops, mix = self.ops, self._mix(seg)
         x = self.attn.tokens_out(o, freqs, seg)
         residual = x = self.hc_post_attn(ops.hc_post(x, residual, post, comb))
         x, post, comb = self.hc_pre_ffn(*ops.hc_pre(x, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *mix))
         x = ops.rms_norm(x, self.ffn_norm.weight, self.ffn_norm.eps, seg)
         x = self.ffn(x, tokens, seg)
         return self.hc_post_ffn(ops.hc_post(x, residual, post, comb))
+
+    def _mix(self, seg: tuple[int, ...]) -> tuple:
+        """hc_pre's arguments after its weights: the row groups, the norm's eps and the Sinkhorn settings."""
+        return seg, self.norm_eps, self.hc_mult, self.hc_sinkhorn_iters, self.hc_eps
 
 
 class BlockIn(NamedTuple):

@@ -53,13 +53,11 @@ class Count(TorchDispatchMode):
 if os.environ.get("PLANT") == "per-request":
     step = opt_model.OptCompressor.decode_step
     def looped(self, kv, score, s, state):
-        # the state machine called once per request (what the batched op replaced)
-        out = None
+        # the state machine's writes made once per request (what the batched op replaced), then the batch's
         for i in range(s.phase.shape[0]):
             rows = s.rows[i : i + 1] if s.rows is not None else torch.tensor([i])
-            one = opt_model._DecodeStep(rows, s.phase[i : i + 1], s.slots[i : i + 1], None)
-            step(self, kv, score, one, state)
-        return step(self, kv, score, s, state) if s.done_slots is not None else out
+            step(self, kv, score, opt_model._DecodeStep(rows, s.phase[i : i + 1], s.slots[i : i + 1], None), state)
+        return step(self, kv, score, s, state)
     opt_model.OptCompressor.decode_step = looped
 
 torch.set_num_threads(1)

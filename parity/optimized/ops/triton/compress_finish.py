@@ -4,8 +4,9 @@ unfused path launches five to six kernels and a table gather per compressor and 
 
 Reference: parity.reference.model.Compressor.forward after the pooling; the op's torch form (`ops/compress_finish.py`)
 is that code. Each stage is the arithmetic of the registered Triton op it replaces, in the same order, with the
-same roundings (the shared `@triton.jit` helpers of those kernels: `rotate_pairs`, `butterflies`, `fp8_scaled` and
-`fake_round`, `fp4_fake`), and the values pass between stages rounded to bf16 as they do through memory there:
+same roundings (the shared `@triton.jit` helpers of those kernels: `inv_rms`, `rotate_pairs`, `butterflies`,
+`fp8_scaled` and `fake_round`, `fp4_fake`), and the values pass between stages rounded to bf16 as they do through
+memory there:
 - `rms_norm`: float64 sum of squares (exact for bf16 inputs), r = 1/sqrt(ss/d + eps) in float64 rounded once to
   fp32, `w * (x * r)` unfused, to bf16 (eps and d as run-time arguments, as there);
 - `rope`: interleaved pairs of the last rd dims, `fma(xr, c, -(xi*s))` / `fma(xr, s, xi*c)` on CUDA and the unfused
@@ -27,6 +28,7 @@ from parity.optimized.ops.triton import runtime
 from parity.optimized.ops.triton.act_quant import fake_round, fp8_scaled
 from parity.optimized.ops.triton.fp4_fake_quant import fp4_fake
 from parity.optimized.ops.triton.hadamard import butterflies
+from parity.optimized.ops.triton.rms_norm import inv_rms
 from parity.optimized.ops.triton.rope import rotate_pairs
 
 
@@ -44,7 +46,7 @@ def _finish_kernel(
     # rms_norm: [BM, D]
     x64 = x.to(tl.float64)
     ss = tl.sum(x64 * x64, axis=1)
-    r = (1.0 / tl.sqrt(ss / N + eps)).to(tl.float32)[:, None]
+    r = inv_rms(ss, N, eps)[:, None]
     w = tl.load(w_ptr + cols).to(tl.float32)
     y = w * (x * r)
     if PLANT != 2:

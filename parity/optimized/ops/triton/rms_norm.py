@@ -23,6 +23,13 @@ from parity.optimized.ops.triton import runtime
 
 
 @triton.jit
+def inv_rms(ss, n, eps):
+    """1 / sqrt(ss / n + eps) of a float64 sum of squares `ss` over n values, in float64 (IEEE sqrt and division),
+    rounded once to fp32."""
+    return (1.0 / tl.sqrt(ss / n + eps)).to(tl.float32)
+
+
+@triton.jit
 def _rms_norm_kernel(
     x_ptr, w_ptr, out_ptr, M, N, eps, BM: tl.constexpr, BN: tl.constexpr, ONE_CHUNK: tl.constexpr,
     PLANT: tl.constexpr,
@@ -43,9 +50,9 @@ def _rms_norm_kernel(
             x64 = tl.load(x_ptr + base + cols, mask=rmask[:, None] & (cols < N), other=0.0).to(tl.float64)
             ss += tl.sum(x64 * x64, axis=1)
     if PLANT == 1:  # planted bug: the mean taken over the padded block width instead of the row length
-        r = (1.0 / tl.sqrt(ss / BN + eps)).to(tl.float32)[:, None]
+        r = inv_rms(ss, BN, eps)[:, None]
     else:
-        r = (1.0 / tl.sqrt(ss / N + eps)).to(tl.float32)[:, None]
+        r = inv_rms(ss, N, eps)[:, None]
     if ONE_CHUNK:
         w = tl.load(w_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
         tl.store(out_ptr + base + cols, (w * (x * r)).to(out_ptr.dtype.element_ty), mask=mask)
