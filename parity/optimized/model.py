@@ -152,7 +152,7 @@ class OptIndexer(ref.Indexer):
         compress_all(self.compressor, inputs.kv, inputs.score, batch, state, freqs_cis, flat_pool, cache, ratio)
         # the pool rows of every request's entries 0..n_i-1, request after request (built once per batch: per
         # request, a host index made each gather wait for the device)
-        gather, counts = batch.derived(("indexer entries", ratio), lambda: _entry_gather(batch, cache, ratio))
+        gather, _, counts = batch.derived(("indexer entries", ratio), lambda: _entry_gather(batch, cache, ratio))
         ks = tuple(min(self.index_topk, c) for c in counts)
         if self.tp.world == 1:
             # the whole batch in one call, reading the pool through the row ids (one launch per layer, where a call
@@ -180,24 +180,34 @@ class IndexerIn(NamedTuple):
     score: torch.Tensor
 
 
-def _entry_gather(batch: Batch, cache: PagedCache, ratio: int) -> tuple[torch.Tensor, list[int]]:
-    """Flat pool rows of every request's entries 0..n_i-1, request after request ([sum n_i]), and the n_i (the
-    entries its context has completed)."""
+class _Entries(NamedTuple):
+    """Every request's entries 0..n_i-1, request after request (`_entry_gather`)."""
+
+    rows: torch.Tensor  # [sum n_i] flat pool rows
+    seq: torch.Tensor  # [sum n_i] the request each belongs to
+    counts: list[int]  # n_i: the entries its context has completed
+
+
+def _entry_gather(batch: Batch, cache: PagedCache, ratio: int) -> _Entries:
     counts = [batch.context_len(i) // ratio for i in range(batch.num_seqs)]
     # built on the device from one copy of the counts (the index is as long as all the contexts' entries)
     counts_d, first = batch.to_device([counts, list(itertools.accumulate(counts, initial=0))[:-1]])
     total, dev = sum(counts), counts_d.device
     seq = torch.repeat_interleave(torch.arange(batch.num_seqs, device=dev), counts_d, output_size=total)  # [sum n_i]
     ids = torch.arange(total, device=dev) - first[seq]  # 0..n_i-1 per request
-    return cache.entry_rows_of(batch.device_tables[ratio], seq, ids), counts
+    return _Entries(cache.entry_rows_of(batch.device_tables[ratio], seq, ids), seq, counts)
 
 
-def _entry_lookup(batch: Batch, cache: PagedCache, ratio: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(rows, first, spare): `_entry_gather`'s pool rows with one spare row appended (what an id of -1 reads before
-    it is masked), each token's offset of its request's entries in them ([T]), and the spare's index."""
-    gather, counts = batch.derived(("indexer entries", ratio), lambda: _entry_gather(batch, cache, ratio))
-    first = list(itertools.accumulate(counts, initial=0))[:-1]
-    return torch.cat([gather, gather.new_zeros(1)]), batch.to_device(batch.spread(first)), gather.shape[0]
+def _entry_lookup(batch: Batch, cache: PagedCache, ratio: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(lut, first): per request a -1 then its entries' pool rows + `offset` ([sum n_i + N]), and each token's
+    place of its request's entry 0 in it ([T]): a token's entry id e (-1 = none) is `lut[first + e]`, one gather
+    whatever the sign of e (a masked lookup took five launches per CSA layer)."""
+    e = batch.derived(("indexer entries", ratio), lambda: _entry_gather(batch, cache, ratio))
+    total = e.rows.shape[0]
+    lut = e.rows.new_full((total + batch.num_seqs,), -1)
+    lut[torch.arange(total, device=lut.device) + e.seq + 1] = e.rows + offset
+    first = [c + i + 1 for i, c in enumerate(itertools.accumulate(e.counts, initial=0))][:-1]
+    return lut, batch.to_device(batch.spread(first))
 
 
 @dataclass(frozen=True)
@@ -444,12 +454,11 @@ def _with_entries(batch: Batch, cache: PagedCache, plan, idx, entry_ids, ratio: 
     """The window lists `idx` [T, win] followed by each query's entries (`entry_ids` [T, E], -1 = none) as rows of the
     pool after the chunk's and the rings' rows: from the sequence's window width on, -1 up to `plan.width`."""
     n_tokens, win = idx.shape
-    # each id's pool row read from the requests' entry rows (built once per batch), not recomputed from the block
-    # tables in every layer: 6 launches per CSA layer where the table arithmetic made 11
-    rows, first, spare = batch.derived(("entry lookup", ratio), lambda: _entry_lookup(batch, cache, ratio))
-    valid = entry_ids >= 0
-    at = torch.where(valid, first.unsqueeze(1) + entry_ids, spare)
-    entry_idx = torch.where(valid, rows[at] + (n_tokens + ring_rows), -1)
+    # each id's row read from the requests' entry rows (built once per batch), not recomputed from the block tables
+    # in every layer
+    offset = n_tokens + ring_rows  # the pool's rows come after the chunk's and the rings'
+    lut, first = batch.derived(("entry lookup", ratio, offset), lambda: _entry_lookup(batch, cache, ratio, offset))
+    entry_idx = lut[first.unsqueeze(1) + entry_ids]  # [T, E]
     if plan.entry_col is None:  # every list's window part is `window` wide
         return torch.cat([idx, entry_idx], dim=1)[:, : plan.width]
     out = idx.new_full((n_tokens, win + entry_idx.shape[1]), -1)
