@@ -38,8 +38,8 @@ from pathlib import Path
 import torch
 
 OPS = (
-    "sparse_attn", "indexer_topk", "compress_pool", "compress_state", "compress_finish", "kv_fake_quant",
-    "fp4_fake_quant", "hadamard", "act_quant", "rms_norm", "rope",
+    "sparse_attn", "indexer_topk", "compress_pool", "compress_state", "compress_finish", "compress_decode",
+    "kv_fake_quant", "fp4_fake_quant", "hadamard", "act_quant", "rms_norm", "rope",
 )  # fmt: skip
 MODELS = {"flash": dict(heads=64, topk=512), "pro": dict(heads=128, topk=1024)}
 HEAD_DIM, ROPE, WINDOW, INDEX_HEADS, INDEX_DIM = 512, 64, 128, 64, 128
@@ -95,6 +95,11 @@ STATE_SIG = _sig(
     "kv_ptr:*fp32 sc_ptr:*fp32 ape_ptr:*fp32 rows_ptr:*i64 phase_ptr:*i64 slot_ptr:*i64 skv_ptr:*fp32 "
     "ssc_ptr:*fp32 bkv_ptr:*fp32 bsc_ptr:*fp32 N:i32 stride_kv:i32 stride_sc:i32"
 )
+DECODE_SIG = _sig(
+    "kv_ptr:*fp32 sc_ptr:*fp32 ape_ptr:*fp32 rows_ptr:*i64 phase_ptr:*i64 slot_ptr:*i64 skv_ptr:*fp32 "
+    "ssc_ptr:*fp32 ws_ptr:*fp32 out_ptr:*bf16 pool_ptr:*bf16 prow_ptr:*i64 w_ptr:*fp32 f_ptr:*fp32 pos_ptr:*i64 "
+    "eps:fp32 h_scale:fp32 stride_kv:i32 stride_sc:i32 stride_f:i32 stride_pool:i32"
+)
 # sizes and counts: not specialized as multiples of 16 (strides and pointers are)
 NOT_DIVISIBLE = {"H", "K", "c1", "c2", "c3", "c4", "R", "NG", "N", "W", "C", "L", "T", "E", "M", "start_pos"}
 
@@ -105,6 +110,7 @@ def cases():
 
     from parity.optimized.ops.triton import (
         act_quant,
+        compress_decode,
         compress_finish,
         compress_pool,
         compress_state,
@@ -130,6 +136,10 @@ def cases():
         consts = dict(RATIO=ratio, HD=hd, CD=cd, ROWS=rows, OVERLAP=overlap, HAS_ROWS=False, EMIT=True, NP=64, WR=wr,
                       BC=min(triton.next_power_of_2(cd), max(16, 4096 // wr)), PLANT=0)  # fmt: skip
         yield f"compress_state r {ratio} d {hd}", compress_state._state_kernel, STATE_SIG, consts, 4, 3
+        consts = {k: v for k, v in consts.items() if k != "PLANT"}
+        consts.update(PC=min(hd, max(16, 1024 // wr)), RD=64, ROTATE=hd == 128, LOG_D=hd.bit_length() - 1,
+                      ROUND_SCALE=True, FP8=True, FUSED=True, PLANT=0)  # fmt: skip
+        yield f"compress_decode r {ratio} d {hd}", compress_decode._decode_kernel, DECODE_SIG, consts, 4, 3
     for d, rotate in ((512, False), (128, True)):
         consts = dict(D=d, RD=64, BM=1, ROTATE=rotate, LOG_D=d.bit_length() - 1, ROUND_SCALE=True, FP8=True,
                       FUSED=True, PLANT=0)  # fmt: skip
@@ -532,6 +542,7 @@ def bench_memory_ops(roof):
 
     bench_compress_state(roof)
     bench_compress_finish(roof)
+    bench_compress_decode(roof)
 
     for t in (tokens, big):
         kv = torch.randn(t, d, device=DEV).to(BF16)
@@ -644,6 +655,62 @@ def bench_compress_finish(roof):
             record("compress_finish", "-", f"{name} {m} entries (chain {bench_ms(chain):.4f} ms)", tri,
                    bench_ms(TORCH.compress_finish, *args), nbytes, 0, ok, roof, "one launch",
                    graph_ms(TRITON.compress_finish, *args))  # fmt: skip
+
+
+def _decode_chain(args, overlap, tail, prow, state, pool):
+    """The Triton ops compress_decode fuses, in sequence, and the indexed write."""
+    blocks = TRITON.compress_state(*args, *state, overlap)
+    if blocks is None:
+        return None
+    pooled = TRITON.compress_pool(*blocks)
+    entries = TRITON.compress_finish(pooled, tail[0], tail[1], (0, pooled.shape[0]), *tail[2:])
+    pool[prow] = entries
+    return entries
+
+
+def bench_compress_decode(roof):
+    """A compressor's whole decode step (state machine, pooling, norm / RoPE / fake-quant, paged write) for one token
+    per request: the fused kernel against the three Triton ops and the indexed write it replaces, in sequence (and
+    their bits); bytes: compress_state's, the completed blocks read once more for the pooling, the entries written
+    twice (output and pool)."""
+    fmt = ("ue8m0", torch.float8_e8m0fnu)
+    for name, ratio, overlap, hd in (("CSA main", 4, True, HEAD_DIM), ("CSA indexer", 4, True, INDEX_DIM),
+                                     ("HCA", 128, False, HEAD_DIM)):  # fmt: skip
+        for n in (1, 64):
+            coff = 2 if overlap else 1
+            rows, cd = coff * ratio, coff * hd
+            gen = torch.Generator(device=DEV).manual_seed(n)
+            kv, score = (torch.randn(n, cd, device=DEV, generator=gen) for _ in range(2))
+            ape = torch.randn(ratio, cd, device=DEV, generator=gen)
+            # CSA: every fourth request completes a block (the first always); HCA: the first
+            pos = 3 + torch.arange(n, device=DEV) if ratio == 4 else 127 + 3 * torch.arange(n, device=DEV)
+            slots = torch.randperm(n, device=DEV, generator=gen)
+            done = (pos + 1) % ratio == 0
+            m = int(done.sum())
+            args = (kv, score, ape, None, pos % ratio, slots, slots[done] if m else None)
+            w = 1 + 0.1 * torch.randn(hd, device=DEV, generator=gen)
+            table = torch.polar(torch.ones(4096, ROPE // 2, device=DEV), torch.rand(4096, ROPE // 2, device=DEV) * 6)
+            epos = (pos[done] // ratio * ratio) % 4096
+            pool = torch.zeros(4 * n, hd, dtype=BF16, device=DEV)
+            prow = torch.randperm(4 * n, device=DEV, generator=gen)[:m]
+            tail = (w, 1e-6, table, epos, hd == INDEX_DIM, *fmt, True)
+            state = [torch.randn(n, rows, cd, device=DEV, generator=gen) for _ in range(2)]
+
+            chain = functools.partial(_decode_chain, args, overlap, tail, prow)
+            a, b = [s.clone() for s in state], [s.clone() for s in state]
+            pa, pb = pool.clone(), pool.clone()
+            TRITON.compress_decode(*args, *a, overlap, *tail, pa, prow)
+            chain(b, pb)
+            ok = same_bits("compress_decode kv state", a[0], b[0])
+            if ok == "bitwise":
+                ok = same_bits("compress_decode pool", pa, pb)
+            work, wp = [s.clone() for s in state], pool.clone()  # timed in place: each call writes the same rows
+            fused = functools.partial(TRITON.compress_decode, *args, *work, overlap, *tail, wp, prow)
+            nbytes = 4 * (4 * n * cd + m * (2 * rows * cd + (rows * cd if overlap else 0))) + 2 * 2 * m * hd
+            record("compress_decode", "-", f"{name} decode {n} ({m} complete; chain "
+                   f"{bench_ms(chain, work, wp):.4f} ms, graph {graph_ms(chain, work, wp):.4f})", bench_ms(fused),
+                   bench_ms(TORCH.compress_decode, *args, *work, overlap, *tail, wp, prow), nbytes, 0, ok, roof,
+                   "one launch", graph_ms(fused))  # fmt: skip
 
 
 def write(roof, wall):

@@ -107,6 +107,16 @@ class OptCompressor(ref.Compressor):
             kv, score, self.ape, step.rows, step.phase, step.slots, step.done_slots, state.kv, state.score, self.overlap
         )
 
+    def decode(self, kv, score, step: "_DecodeStep", state: CompressorState, freqs_cis, plan: "_CompressPlan", pool):
+        """A decode step (one token per request after its context): `decode_step`, the pooling of the blocks its
+        tokens complete and `finish`, their entries written to pool rows `plan.pool_rows` of the flat `pool`, one
+        `compress_decode` call -> the entries [M, d] bf16 in request order, or None."""
+        return self.ops.compress_decode(
+            kv, score, self.ape, step.rows, step.phase, step.slots, step.done_slots, state.kv, state.score,
+            self.overlap, self.norm.weight, self.norm.eps, freqs_cis, plan.positions, self.rotate, self.scale_fmt,
+            self.scale_dtype, self.kv_fp8, pool, plan.pool_rows,
+        )  # fmt: skip
+
     def finish(self, pooled, segments: tuple[int, ...], freqs_cis, positions):
         """pooled: [m, d] fp32 new entries of any requests -> the bf16 entries (the activations' dtype): norm, RoPE
         (`positions` [m]: each entry's row of the `freqs_cis` table), fake-quant, one `compress_finish` call.
@@ -278,11 +288,19 @@ def compress_all(
     [T, coff*d] fp32, `OptCompressor.project` of all requests at once), pass the new entries through the
     compressor's `entries` tap (token rows of the tokens that completed them), write them to the paged pool.
 
-    One call per op for the whole batch where the reference's per-request call is row-independent or takes
-    segments: the pooling of the blocks completed after a context, the norm, RoPE and
+    A decode step (one token per request after its context) is one `compress_decode` call, which also writes the
+    entries. Other batches: one call per op for the whole batch where the reference's per-request call is
+    row-independent or takes segments: the pooling of the blocks completed after a context, the norm, RoPE and
     fake-quant of all new entries. A prefill's state update and pooling stay per request (one call per prompt:
     the reference pools its [1, m, w, d] blocks as one tensor)."""
     plan = batch.derived(("compress", ratio), lambda: _compress_plan(batch, cache, ratio))
+    if not plan.prefill and len(plan.steps) == 1:  # a decode step: the whole compressor in one call
+        entries = compressor.decode(kv, score, plan.steps[0], state, freqs_cis, plan, flat_pool)
+        if entries is not None:
+            tapped, _ = compressor.entries(entries, plan.token_rows)
+            if tapped is not entries:  # replaced by a hook (teacher forcing): the pool holds what the tap gives
+                flat_pool[plan.pool_rows] = tapped
+        return
     pooled = [compressor.prefill(kv[batch.rows(i)], score[batch.rows(i)], state, slot) for i, slot in plan.prefill]
     blocks = [b for b in (compressor.decode_step(kv, score, step, state) for step in plan.steps) if b is not None]
     if blocks:

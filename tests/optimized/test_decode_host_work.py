@@ -51,14 +51,14 @@ class Count(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 if os.environ.get("PLANT") == "per-request":
-    step = opt_model.OptCompressor.decode_step
-    def looped(self, kv, score, s, state):
+    step, decode = opt_model.OptCompressor.decode_step, opt_model.OptCompressor.decode
+    def looped(self, kv, score, s, state, *rest):
         # the state machine's writes made once per request (what the batched op replaced), then the batch's
         for i in range(s.phase.shape[0]):
             rows = s.rows[i : i + 1] if s.rows is not None else torch.tensor([i])
             step(self, kv, score, opt_model._DecodeStep(rows, s.phase[i : i + 1], s.slots[i : i + 1], None), state)
-        return step(self, kv, score, s, state)
-    opt_model.OptCompressor.decode_step = looped
+        return decode(self, kv, score, s, state, *rest)
+    opt_model.OptCompressor.decode = looped
 
 torch.set_num_threads(1)
 args = ModelArgs.tiny()

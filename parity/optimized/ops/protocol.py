@@ -118,6 +118,19 @@ class CompressFinish(Protocol):
         (`rotate`) or FP8 fake-quant of the non-rope dims (`fp8` False: the initial revision's bf16 identity)."""
 
 
+class CompressDecode(Protocol):
+    def __call__(
+        self, kv: Tensor, score: Tensor, ape: Tensor, rows: Tensor | None, phase: Tensor, slots: Tensor,
+        done_slots: Tensor | None, state_kv: Tensor, state_score: Tensor, overlap: bool, weight: Tensor, eps: float,
+        freqs_cis: Tensor, positions: Tensor, rotate: bool, scale_fmt: str | None, scale_dtype: torch.dtype, fp8: bool,
+        pool: Tensor, pool_rows: Tensor,
+    ) -> Tensor | None:  # fmt: skip
+        """`compress_state` (the first ten arguments), the pooling of the blocks it completes, `compress_finish` of
+        the pooled entries (each normalized alone; `positions` `[M]`), and the entries written to rows `pool_rows`
+        `[M]` of the flat paged pool `[P, d]` bf16 -> the entries bf16 `[M, d]` in request order, or None when
+        `done_slots` is."""
+
+
 class CompressPool(Protocol):
     def __call__(self, kv: Tensor, score: Tensor) -> Tensor:
         """fp32 `[..., w, d]` x2 -> `[..., d]`: per channel, softmax over the w positions weights kv, summed."""
@@ -185,6 +198,7 @@ class Ops:
     compress_state: CompressState
     compress_pool: CompressPool
     compress_finish: CompressFinish
+    compress_decode: CompressDecode
     indexer_topk: IndexerTopk
     indexer_topk_ragged: IndexerTopkRagged
     sparse_attn: SparseAttn

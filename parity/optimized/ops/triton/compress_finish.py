@@ -38,11 +38,27 @@ def _finish_kernel(
     D: tl.constexpr, RD: tl.constexpr, BM: tl.constexpr, ROTATE: tl.constexpr, LOG_D: tl.constexpr,
     ROUND_SCALE: tl.constexpr, FP8: tl.constexpr, FUSED: tl.constexpr, PLANT: tl.constexpr,
 ):  # fmt: skip
-    # PLANT (tests only): 1 = RoPE on the first rd dims instead of the last, 2 = no bf16 rounding after the norm
     rows = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)  # entries
     rmask = (rows < M)[:, None]
     cols = tl.arange(0, D)[None, :]
-    x = tl.load(pooled_ptr + rows[:, None] * D + cols, mask=rmask, other=0.0).to(tl.bfloat16).to(tl.float32)
+    x = tl.load(pooled_ptr + rows[:, None] * D + cols, mask=rmask, other=0.0)
+    y = finish_rows(x, rows, rows < M, w_ptr, f_ptr, pos_ptr, N, eps, h_scale, stride_f,
+                    D, RD, BM, ROTATE, LOG_D, ROUND_SCALE, FP8, FUSED, PLANT)  # fmt: skip
+    tl.store(out_ptr + rows[:, None] * D + cols, y.to(tl.bfloat16), mask=rmask)
+
+
+@triton.jit
+def finish_rows(
+    x, rows, valid, w_ptr, f_ptr, pos_ptr, N, eps, h_scale, stride_f,
+    D: tl.constexpr, RD: tl.constexpr, BM: tl.constexpr, ROTATE: tl.constexpr, LOG_D: tl.constexpr,
+    ROUND_SCALE: tl.constexpr, FP8: tl.constexpr, FUSED: tl.constexpr, PLANT: tl.constexpr,
+):  # fmt: skip
+    """pooled fp32 `[BM, D]` (entries `rows`, those in use `valid`, RoPE positions at `pos_ptr[rows]`) -> the
+    entries `[BM, D]`, fp32 holding bf16 values. PLANT (tests only): 1 = RoPE on the first rd dims instead of the
+    last, 2 = no bf16 rounding after the norm."""
+    x = x.to(tl.bfloat16).to(tl.float32)
+    rmask = valid[:, None]
+    cols = tl.arange(0, D)[None, :]
     # rms_norm: [BM, D]
     x64 = x.to(tl.float64)
     ss = tl.sum(x64 * x64, axis=1)
@@ -62,7 +78,7 @@ def _finish_kernel(
     else:
         rope = j >= FIRST
         fj = j - FIRST
-    f_row = f_ptr + tl.load(pos_ptr + rows, mask=rows < M, other=0).to(tl.int64)[:, None] * stride_f
+    f_row = f_ptr + tl.load(pos_ptr + rows, mask=valid, other=0).to(tl.int64)[:, None] * stride_f
     c = tl.load(f_row + 2 * fj, mask=rope & rmask, other=0.0)
     s = tl.load(f_row + 2 * fj + 1, mask=rope & rmask, other=0.0)
     re, im = rotate_pairs(xr, xi, c, s, FUSED)
@@ -78,7 +94,7 @@ def _finish_kernel(
         q = fake_round(q, 1 if FP8 else 2)
         nope = (tl.arange(0, D // 64) < (D - RD) // 64)[None, :, None]
         y = tl.where(nope, q * sc[:, :, None], g)
-    tl.store(out_ptr + rows[:, None] * D + cols, tl.reshape(y, [BM, D]).to(tl.bfloat16), mask=rmask)
+    return tl.reshape(y, [BM, D])
 
 
 def compress_finish(pooled, weight, eps, segments, freqs_cis, positions, rotate, scale_fmt, scale_dtype, fp8):

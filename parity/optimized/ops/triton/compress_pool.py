@@ -55,6 +55,14 @@ def exp_f64(x):
     return tl.where(x != x, x, y)
 
 
+@triton.jit
+def softmax_pool(kv, s, AXIS: tl.constexpr):
+    """float64 kv and scores -> per channel, sum over the positions (axis AXIS) of kv * e / sum e, e = exp(s - max):
+    the pooling in float64, not yet rounded."""
+    e = exp_f64(s - tl.expand_dims(tl.max(s, axis=AXIS), AXIS))
+    return tl.sum(kv * e, axis=AXIS) / tl.sum(e, axis=AXIS)
+
+
 @triton.jit(do_not_specialize=["N"])  # the blocks a step completes: a per-step count
 def _pool_kernel(
     kv_ptr, sc_ptr, out_ptr, N, W, C,
@@ -70,9 +78,7 @@ def _pool_kernel(
                 other=float("-inf")).to(tl.float64)  # fmt: skip
     kv = tl.load(kv_ptr + n[:, None, None] * kv_sn + w[None, :, None] * kv_sw + c[None, None, :], mask=mask,
                  other=0.0).to(tl.float64)  # fmt: skip
-    m = tl.max(s, axis=1)  # [BN, BC]
-    e = exp_f64(s - m[:, None, :])
-    out = tl.sum(kv * e, axis=1) / tl.sum(e, axis=1)
+    out = softmax_pool(kv, s, 1)  # [BN, BC]
     omask = (n < N)[:, None] & (c < C)[None, :]
     tl.store(out_ptr + n[:, None] * C + c[None, :], out.to(tl.float32), mask=omask)
 

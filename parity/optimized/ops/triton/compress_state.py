@@ -12,7 +12,8 @@ Per program (request i, state slot s, phase p = position % r):
 2. if p == r - 1 (the token completes a block): its output row m = the completing requests before it (request
    order, as `done_slots`); the state rows are read back with the new row taken from registers (another thread may
    not have stored it yet), the block written out (overlap: rows < r keep columns [0, d), rows >= r columns
-   [d, 2d)), then, after a barrier (every read of the chunk done), rows r..2r-1 copied to rows 0..r-1 (overlap).
+   [d, 2d)), then, after a barrier (every read done), rows r..2r-1 copied to rows 0..r-1 (overlap).
+The stages are `@triton.jit` helpers that `compress_decode`'s kernel shares.
 Each request owns its slot's rows, so programs never touch each other's state. Only copies and the twin's addition:
 bit for bit the twin on every device.
 """
@@ -25,15 +26,18 @@ from parity.optimized.ops.triton import runtime
 
 
 @triton.jit
-def _state_kernel(
-    kv_ptr, sc_ptr, ape_ptr, rows_ptr, phase_ptr, slot_ptr, skv_ptr, ssc_ptr, bkv_ptr, bsc_ptr, N,
-    stride_kv, stride_sc,
-    RATIO: tl.constexpr, HD: tl.constexpr, CD: tl.constexpr, ROWS: tl.constexpr, OVERLAP: tl.constexpr,
-    HAS_ROWS: tl.constexpr, EMIT: tl.constexpr, NP: tl.constexpr, WR: tl.constexpr, BC: tl.constexpr,
-    PLANT: tl.constexpr,
-):  # fmt: skip
-    # PLANT (tests only): 1 = the overlap shift skipped, 2 = the overlap's new row written at p instead of r + p
-    i = tl.program_id(0)
+def token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, c, cm, CD: tl.constexpr):
+    """Columns `c` of the token's state row: its kv, and its score + ape[p] (the twin's one fp32 addition)."""
+    kvn = tl.load(kv_ptr + src * stride_kv + c, mask=cm)
+    scn = tl.load(sc_ptr + src * stride_sc + c, mask=cm) + tl.load(ape_ptr + p * CD + c, mask=cm)
+    return kvn, scn
+
+
+@triton.jit
+def request_state(phase_ptr, slot_ptr, rows_ptr, i, RATIO: tl.constexpr, ROWS: tl.constexpr, CD: tl.constexpr,
+                  OVERLAP: tl.constexpr, HAS_ROWS: tl.constexpr, PLANT: tl.constexpr):  # fmt: skip
+    """Request i's phase p, its slot's first state element, its token's row and the state row the token goes to
+    (r + p with the overlap). PLANT 2 (tests only): the overlap's new row at p."""
     p = tl.load(phase_ptr + i).to(tl.int64)
     base = tl.load(slot_ptr + i).to(tl.int64) * (ROWS * CD)
     if HAS_ROWS:
@@ -44,24 +48,68 @@ def _state_kernel(
     if OVERLAP:
         if PLANT != 2:
             new_row = p + RATIO
+    return p, base, src, new_row
+
+
+@triton.jit
+def write_token(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, src, p, base, new_row, stride_kv, stride_sc,
+                CD: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    """The token's kv and score + ape into its state row, column chunk by column chunk."""
     for c0 in range(0, CD, BC):
         c = c0 + tl.arange(0, BC)
         cm = c < CD
-        kvn = tl.load(kv_ptr + src * stride_kv + c, mask=cm)
-        scn = tl.load(sc_ptr + src * stride_sc + c, mask=cm) + tl.load(ape_ptr + p * CD + c, mask=cm)
+        kvn, scn = token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, c, cm, CD)
         tl.store(skv_ptr + base + new_row * CD + c, kvn, mask=cm)
         tl.store(ssc_ptr + base + new_row * CD + c, scn, mask=cm)
+
+
+@triton.jit
+def done_before(phase_ptr, i, RATIO: tl.constexpr, NP: tl.constexpr):
+    """The output row of request i's block: the requests before it whose tokens complete a block."""
+    j = tl.arange(0, NP)
+    return tl.sum((tl.load(phase_ptr + j, mask=j < i, other=-1) == RATIO - 1).to(tl.int64))
+
+
+@triton.jit
+def shift_state(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, src, p, base, new_row, stride_kv, stride_sc,
+                RATIO: tl.constexpr, CD: tl.constexpr, BC: tl.constexpr):  # fmt: skip
+    """The overlap's shift after a completed block: state rows r..2r-1 copied to rows 0..r-1 (the completed block
+    becomes the previous one), the token's row taken from registers (another thread may not have stored it yet).
+    The caller's reads of rows 0..r-1 must be done (a barrier before)."""
+    r = tl.arange(0, RATIO)
+    for c0 in range(0, CD, BC):
+        c = c0 + tl.arange(0, BC)
+        cm = c < CD
+        kvn, scn = token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, c, cm, CD)
+        offs = base + (r + RATIO)[:, None] * CD + c[None, :]
+        is_new = (r + RATIO == new_row)[:, None]
+        tkv = tl.where(is_new, kvn[None, :], tl.load(skv_ptr + offs, mask=cm[None, :]))
+        tsc = tl.where(is_new, scn[None, :], tl.load(ssc_ptr + offs, mask=cm[None, :]))
+        tl.store(skv_ptr + offs - RATIO * CD, tkv, mask=cm[None, :])
+        tl.store(ssc_ptr + offs - RATIO * CD, tsc, mask=cm[None, :])
+
+
+@triton.jit
+def _state_kernel(
+    kv_ptr, sc_ptr, ape_ptr, rows_ptr, phase_ptr, slot_ptr, skv_ptr, ssc_ptr, bkv_ptr, bsc_ptr, N,
+    stride_kv, stride_sc,
+    RATIO: tl.constexpr, HD: tl.constexpr, CD: tl.constexpr, ROWS: tl.constexpr, OVERLAP: tl.constexpr,
+    HAS_ROWS: tl.constexpr, EMIT: tl.constexpr, NP: tl.constexpr, WR: tl.constexpr, BC: tl.constexpr,
+    PLANT: tl.constexpr,
+):  # fmt: skip
+    # PLANT (tests only): 1 = the overlap shift skipped, 2 = the overlap's new row written at p instead of r + p
+    i = tl.program_id(0)
+    p, base, src, new_row = request_state(phase_ptr, slot_ptr, rows_ptr, i, RATIO, ROWS, CD, OVERLAP, HAS_ROWS, PLANT)
+    write_token(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, src, p, base, new_row, stride_kv, stride_sc, CD, BC)
     if EMIT:
         if p == RATIO - 1:
-            j = tl.arange(0, NP)
-            m = tl.sum((tl.load(phase_ptr + j, mask=j < i, other=-1) == RATIO - 1).to(tl.int64))
+            m = done_before(phase_ptr, i, RATIO, NP)
             r = tl.arange(0, WR)
             hi = (r >= RATIO)[:, None]
             for c0 in range(0, CD, BC):
                 c = c0 + tl.arange(0, BC)
                 cm = c < CD
-                kvn = tl.load(kv_ptr + src * stride_kv + c, mask=cm)
-                scn = tl.load(sc_ptr + src * stride_sc + c, mask=cm) + tl.load(ape_ptr + p * CD + c, mask=cm)
+                kvn, scn = token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, c, cm, CD)
                 mask = (r < ROWS)[:, None] & cm[None, :]
                 offs = base + r[:, None] * CD + c[None, :]
                 is_new = (r == new_row)[:, None]
@@ -76,11 +124,11 @@ def _state_kernel(
                 boffs = m * (ROWS * HD) + r[:, None] * HD + bcol
                 tl.store(bkv_ptr + boffs, tkv, mask=bmask)
                 tl.store(bsc_ptr + boffs, tsc, mask=bmask)
-                if OVERLAP:
-                    if PLANT != 1:
-                        tl.debug_barrier()  # the chunk's reads of rows 0..r-1 before the shift overwrites them
-                        tl.store(skv_ptr + offs - RATIO * CD, tkv, mask=mask & hi)
-                        tl.store(ssc_ptr + offs - RATIO * CD, tsc, mask=mask & hi)
+            if OVERLAP:
+                if PLANT != 1:
+                    tl.debug_barrier()  # every read of rows 0..r-1 above before the shift overwrites them
+                    shift_state(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, src, p, base, new_row, stride_kv,
+                                stride_sc, RATIO, CD, BC)  # fmt: skip
 
 
 def compress_state(kv, score, ape, rows, phase, slots, done_slots, state_kv, state_score, overlap):
