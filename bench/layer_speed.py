@@ -2,11 +2,12 @@
 
     PYTHONPATH=. python3 bench/layer_speed.py --out DIR [--backends torch triton] [--prefill [512 2048]]
                                               [--decode [1 8 64]] [--repeat 5] [--breakdown] [--layers 2] [--graphs]
-                                              [--smoke]
+                                              [--mtp] [--smoke]
 
 The model is `bench/gpu_checks.py flash`'s: V4-Flash widths (dim 4096, 64 heads of 512, q-LoRA 1024, o-LoRA 8 x 1024,
 indexer 64 x 128, top-k 512, expert 2048, window 128) with 16 routed experts (of 256) and two layers, one CSA
-(compress ratio 4) and one HCA (128), or `--layers N` alternating them; the engine drafts no MTP tokens. Each
+(compress ratio 4) and one HCA (128), or `--layers N` alternating them; the engine drafts no MTP tokens but in
+`--mtp`'s rows (one draft per step: each step verifies [token, draft], replays rejected ones, drafts). Each
 number is one engine step (`Engine.step`: scheduling, the forward of every layer, the head, the commit),
 CUDA-synchronized, median of
 `--repeat` after one warm-up step that compiles the Triton kernels:
@@ -61,7 +62,7 @@ PROMPT_FOR_DECODE = 64
 
 def flash_shaped(layers: int = 2) -> ModelArgs:
     """V4-Flash widths, 16 routed experts, `layers` layers alternating CSA (4) and HCA (128), the first hash-routed.
-    The MTP layer is in the checkpoint (as in gpu_checks.py) but the engine drafts nothing (mtp_draft 0)."""
+    The MTP layer is in the checkpoint (as in gpu_checks.py); the engine drafts only in `--mtp`'s rows."""
     ratios = tuple(4 if i % 2 == 0 else 128 for i in range(layers)) + (0,)
     return ModelArgs.flash(
         n_layers=layers, n_hash_layers=1, n_routed_experts=16, vocab_size=16384, compress_ratios=ratios
@@ -95,20 +96,27 @@ def prefill_ms(model, tokens: int, repeat: int, gen: torch.Generator, device, ra
     return times, breakdown(model, lambda: prefill_engine(model, tokens, own), tokens, device, rate)
 
 
-def decode_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs: bool = False):
+def decode_ms(
+    model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs: bool = False, mtp: bool = False
+):  # fmt: skip
+    """Decode steps of `batch` requests after a 64-token prompt each. `mtp`: one MTP draft per step, so a step
+    verifies [token, draft] per request, replays the committed token where the draft was rejected (with the bench's
+    random weights: nearly always) and drafts the next one."""
     steps = repeat + 1
     extra = 0 if rate is None else 3  # the breakdown's three steps, after the timed ones
+    new_tokens = (steps + extra + 2) * (2 if mtp else 1)  # a step commits up to two tokens with a draft
     config = EngineConfig(
         max_requests=batch,
-        num_blocks=batch * ((PROMPT_FOR_DECODE + steps + extra + 2) // 16 + 2),
+        num_blocks=batch * ((PROMPT_FOR_DECODE + new_tokens) // 16 + 2),
         chunk_size=PROMPT_FOR_DECODE,
         token_budget=PROMPT_FOR_DECODE * batch,
         graphs=graphs,
+        mtp_draft=1 if mtp else 0,
     )
     engine = Engine(model, config)
     for _ in range(batch):
         prompt = torch.randint(0, model.args.vocab_size, (PROMPT_FOR_DECODE,), generator=gen)
-        engine.add_request(prompt, steps + extra + 2)  # no request finishes (and frees its cache) in a measured step
+        engine.add_request(prompt, new_tokens)  # no request finishes (and frees its cache) in a measured step
     engine.step()  # every prompt in one step (the budget holds them all)
     if any(r.in_prefill for r in engine.running):
         raise RuntimeError("decode bench: prompts not prefilled in one step")
@@ -118,6 +126,10 @@ def decode_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate
     if graphs:
         return times[1:], graphed_breakdown(model, engine, batch, device, rate, statistics.median(times[1:]))
     return times[1:], breakdown(model, lambda: engine, batch, device, rate)
+
+
+def mtp_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs: bool = False):
+    return decode_ms(model, batch, repeat, gen, device, None, graphs=graphs, mtp=True)
 
 
 def breakdown(model, next_engine, n_tokens: int, device, rate: float) -> dict:
@@ -293,6 +305,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, torch backend: checks the code path")
     p.add_argument("--graphs", action="store_true", help="decode also with the layers' per-token work replayed from "
                    "graphs (EngineConfig.graphs)")  # fmt: skip
+    p.add_argument("--mtp", action="store_true", help="decode also with one MTP draft per step (verification, "
+                   "replays, drafting; with --graphs also graphed)")  # fmt: skip
     p.add_argument("--layers", type=int, default=2, help="layers of the Flash-shaped model (the host's per-layer "
                    "work shows at depth: V4-Flash has 43; ~0.4 GB of checkpoint each)")  # fmt: skip
     opts = p.parse_args()
@@ -311,7 +325,7 @@ def main() -> None:
         device, args = torch.device("cuda"), flash_shaped(opts.layers)
         model_name = (
             f"Flash-shaped: V4-Flash widths, 16 routed experts, {opts.layers} layers alternating CSA(4) and HCA(128), "
-            "MTP not drafted"
+            "MTP drafted only in the mtp rows"
         )
     opts.out.mkdir(parents=True, exist_ok=True)
     meta = {
@@ -339,6 +353,10 @@ def main() -> None:
             runs = [("prefill", opts.prefill, prefill_ms), ("decode", opts.decode, decode_ms)]
             if opts.graphs:
                 runs.append(("decode graphs", opts.decode, partial(decode_ms, graphs=True)))
+            if opts.mtp:  # no breakdown: its probes time plain decode steps
+                runs.append(("mtp decode", opts.decode, partial(mtp_ms, graphs=False)))
+                if opts.graphs:
+                    runs.append(("mtp decode graphs", opts.decode, partial(mtp_ms, graphs=True)))
             for kind, sizes, fn in runs:
                 for n in sizes:
                     times, parts = fn(model, n, opts.repeat, gen, device, rate)

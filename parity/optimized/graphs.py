@@ -23,10 +23,12 @@ reuse); elsewhere `_Rerun` calls the capture-time function again on the static i
 the static outputs: the same discipline, so the CPU tests fail on a stale input or an aliasing mistake as a GPU
 replay would.
 
-Only steps of one token per request after a context use the pieces, and only while no module of the model has
-forward hooks (dumps, teacher forcing and the reference's taps are hooks, and a hook inside a captured piece would
-run once, at capture). Ops replaced after a capture (selftest's planted bugs) are not seen by the replays: build
-the engine after them.
+Only steps in which every request is after its context use the pieces (decode steps, MTP verification chunks and
+their replays; not prefills, not the speculative steps of chained drafts), at most `MAX_SHAPES` distinct op
+segmentations per engine (each is captured once per layer: a step of another segmentation beyond them runs
+eagerly), and only while no module of the model has forward hooks (dumps, teacher forcing and the reference's taps
+are hooks, and a hook inside a captured piece would run once, at capture). Ops replaced after a capture (selftest's
+planted bugs) are not seen by the replays: build the engine after them.
 """
 
 from collections.abc import Callable
@@ -106,15 +108,22 @@ class _Piece:
 class DecodeGraphs:
     """The pieces of one model's decode steps, keyed by (layer, op segments); `forward` runs the layers with them."""
 
+    # distinct op segmentations captured (each holds L + 1 graphs and their memory): a decode batch of B requests has
+    # one; MTP verification adds one per pattern of draft counts, of which steady serving sees few
+    MAX_SHAPES = 16
+
     def __init__(self):
         self.pieces: dict[tuple, _Piece] = {}
         self.step_inputs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}  # op segments -> (tokens, positions)
         self._hook_dicts: tuple[nn.Module, list[dict]] | None = None
 
     def applies(self, model: nn.Module, batch) -> bool:
-        """A decode step of a model without hooks."""
-        decode = all(batch.seq_len(i) == 1 and batch.start_pos[i] > 0 for i in range(batch.num_seqs))
-        return decode and not batch.speculative and not self._hooked(model)
+        """A step of requests all after their contexts, of a model without hooks, whose op segments are captured or
+        may still be."""
+        if batch.speculative or not all(s > 0 for s in batch.start_pos):
+            return False
+        known = batch.segments in self.step_inputs or len(self.step_inputs) < self.MAX_SHAPES
+        return known and not self._hooked(model)
 
     def _hooked(self, model: nn.Module) -> bool:
         if module._global_forward_hooks or module._global_forward_pre_hooks:

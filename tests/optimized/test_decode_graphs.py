@@ -124,14 +124,30 @@ def test_a_hook_added_between_steps_turns_the_pieces_off(model, prompts):
     assert replays() == before, "the hooked step ran eagerly"  # (the CPU stand-in would run a hook in a replay)
 
 
-def test_mtp_replays_after_rejected_drafts_are_graphed_and_equal(model, prompts):
-    # with a draft per step, a step verifies [token, draft] (two tokens: eager); a rejected draft's committed token
-    # is replayed as a one-token step after a context, which the pieces run. Every second draft is made wrong.
+def _wrong_every_second_draft(model):
     def drafts(request, mtp_drafts):
         return [(t + 1) % model.args.vocab_size for t in mtp_drafts] if request.drafts_proposed % 2 else mtp_drafts
 
-    engine = assert_same_runs(model, prompts, forwards=None, mtp_draft=1, draft_fn=drafts)
-    assert sum(p.replays for p in engine.graphs.pieces.values()) > 0
+    return drafts
+
+
+def _verifies(seg: tuple[int, ...]) -> bool:
+    return any(b - a > 1 for a, b in zip(seg, seg[1:]))  # a request with more than one token: [token, draft]
+
+
+def test_mtp_verification_and_replays_are_graphed_and_equal(model, prompts):
+    # with a draft per step, a step verifies [token, draft] (two tokens per request); a rejected draft's committed
+    # token is replayed as a one-token step. Both run the pieces. Every second draft is made wrong.
+    engine = assert_same_runs(model, prompts, forwards=None, mtp_draft=1, draft_fn=_wrong_every_second_draft(model))
+    replayed = {key[2] for key, p in engine.graphs.pieces.items() if p.replays}
+    assert any(_verifies(seg) for seg in replayed), "no verification step was replayed"
+    assert any(not _verifies(seg) for seg in replayed), "no one-token step was replayed"
+
+
+def test_segmentations_past_the_cap_run_eagerly(model, prompts, monkeypatch):
+    monkeypatch.setattr(graphs.DecodeGraphs, "MAX_SHAPES", 1)
+    engine = assert_same_runs(model, prompts, forwards=None, mtp_draft=1, draft_fn=_wrong_every_second_draft(model))
+    assert len(engine.graphs.step_inputs) == 1 and len({key[2] for key in engine.graphs.pieces}) == 1
 
 
 @pytest.mark.gpu
