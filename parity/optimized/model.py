@@ -171,14 +171,25 @@ class OptIndexer(ref.Indexer):
             out = ops.indexer_topk_ragged(
                 q, flat_pool, gather, weights, batch.cu_seqlens, cu_entries, ks, batch.start_pos, ratio
             )
-            return self.topk(out)  # [T, max k]
-        # tensor parallel: per request, the ranks' head sums are all-reduced before the top-k
-        entries = flat_pool[gather].split(counts)  # [n_i, d] each
-        out = []
-        for i in range(batch.num_seqs):
-            rows, start = batch.rows(i), batch.start_pos[i]
-            out.append(parallel.indexer_topk(q[rows], entries[i], weights[rows], ks[i], start, ratio, self.tp))
-        return self.topk(pad_cat(out, max(ks)))  # [T, max k]
+        else:
+            # tensor parallel: per request, the ranks' head sums are all-reduced before the top-k
+            entries = flat_pool[gather].split(counts)  # [n_i, d] each
+            parts = []
+            for i in range(batch.num_seqs):
+                rows, start = batch.rows(i), batch.start_pos[i]
+                parts.append(parallel.indexer_topk(q[rows], entries[i], weights[rows], ks[i], start, ratio, self.tp))
+            out = pad_cat(parts, max(ks))
+        ids = self.topk(out)  # [T, max k]
+        if ids is out:
+            return ids
+        # ids a hook put in their place (teacher forcing): -1 past each sequence's own k, as the op's own are (the
+        # mask is the same in every CSA layer of the batch)
+        width = ids.shape[1]
+        past_k = batch.derived(
+            ("past k", ks, width),
+            lambda: torch.arange(width, device=ids.device) >= batch.to_device(batch.spread(ks))[:, None],
+        )
+        return torch.where(past_k, -1, ids)
 
 
 class IndexerIn(NamedTuple):
@@ -429,14 +440,7 @@ class OptAttention(ref.Attention):
             key = ("hca idx", win, ratio, ring_rows)
             entries = lambda: self._hca_entries(batch.positions, ratio, plan.n_entries)  # noqa: E731
             return batch.derived(key, lambda: _with_entries(batch, cache, plan, idx, entries(), ratio, ring_rows))
-        # the ids past a sequence's own k are -1 (forced ones too, as when cut per sequence); the mask is the same in
-        # every CSA layer of the batch
-        width = index_topk.shape[1]
-        past_k = batch.derived(
-            ("past k", win, ratio, width), lambda: torch.arange(width, device=idx.device) >= plan.k[:, None]
-        )
-        entry_ids = torch.where(past_k, -1, index_topk)  # [T, E]
-        return _with_entries(batch, cache, plan, idx, entry_ids, ratio, ring_rows)
+        return _with_entries(batch, cache, plan, idx, index_topk, ratio, ring_rows)
 
     @staticmethod
     def _hca_entries(positions: torch.Tensor, ratio: int, width: int) -> torch.Tensor:
@@ -492,7 +496,6 @@ class _IndexPlan:
     width: int  # K: the widest list of the batch
     n_entries: int  # the widest entry list (HCA: every entry the longest context completed)
     entry_col: torch.Tensor | None  # [T] column where each query's entries start; None: `window` for all
-    k: torch.Tensor | None  # [T] each query's top-k width (CSA)
 
 
 def _index_plan(batch: Batch, window: int, ratio: int, topk: int | None) -> _IndexPlan:
@@ -501,12 +504,10 @@ def _index_plan(batch: Batch, window: int, ratio: int, topk: int | None) -> _Ind
     entries = [batch.context_len(i) // ratio if ratio else 0 for i in range(batch.num_seqs)]
     if topk is not None:
         entries = [min(topk, e) for e in entries]
-    per_token = lambda v: batch.to_device(batch.spread(v))  # noqa: E731
     return _IndexPlan(
         width=max(c + e for c, e in zip(cols, entries)),
         n_entries=max(entries),
-        entry_col=None if min(cols) == window else per_token(cols),
-        k=per_token(entries) if topk is not None else None,
+        entry_col=None if min(cols) == window else batch.to_device(batch.spread(cols)),
     )
 
 
