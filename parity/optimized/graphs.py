@@ -85,20 +85,22 @@ class _CudaGraph:
 
 
 class _Piece:
-    def __init__(self, fn: Callable, args: tuple, owned: list[torch.Tensor]):
-        leaves, self.spec = tree_flatten(args)
+    """One captured stretch; its inputs are a flat tuple of tensors (no tree walk per replay: the host's cost of a
+    replay is the point of the pieces)."""
+
+    def __init__(self, fn: Callable, args: tuple[torch.Tensor, ...], owned: list[torch.Tensor]):
+        assert all(isinstance(t, torch.Tensor) for t in args), "graph piece inputs: a flat tuple of tensors"
         # an input that is another piece's static output is read in place; the rest get static buffers
-        self.leaves = [t if t is None or any(_same(t, o) for o in owned) else t.clone() for t in leaves]
-        inputs = tree_unflatten(self.leaves, self.spec)
-        self.graph = (_CudaGraph if self.leaves[0].is_cuda else _Rerun)(fn, inputs)
+        self.inputs = tuple(t if any(_same(t, o) for o in owned) else t.clone() for t in args)
+        self.graph = (_CudaGraph if self.inputs[0].is_cuda else _Rerun)(fn, self.inputs)
         self.out_leaves = [t for t in tree_flatten(self.graph.outputs)[0] if t is not None]
         self.replays = 0
 
-    def __call__(self, args: tuple):
-        leaves, spec = tree_flatten(args)
-        assert spec == self.spec, "graph piece called with inputs of another structure"
-        for static, value in zip(self.leaves, leaves):
-            if static is not None and not _same(static, value):
+    def __call__(self, args: tuple[torch.Tensor, ...]):
+        assert len(args) == len(self.inputs), "graph piece called with another number of inputs"
+        for static, value in zip(self.inputs, args):
+            # the same tensor object (a piece's output, the step's buffers) is read in place without a look
+            if value is not static and not _same(static, value):
                 static.copy_(value)
         self.graph.replay()
         self.replays += 1
