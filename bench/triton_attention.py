@@ -593,24 +593,33 @@ def bench_memory_ops(roof):
             record("act_quant", model, f"[{t}, {dim_}]", tri, ref_ms, nbytes, 0, ok, roof, "copy bw >= 60%", cold)
 
 
+COMPRESSORS = (("CSA main", 4, True, HEAD_DIM), ("CSA indexer", 4, True, INDEX_DIM), ("HCA", 128, False, HEAD_DIM))
+
+
+def _state_case(n: int, ratio: int, overlap: bool, hd: int, pos: torch.Tensor):
+    """One decode token of n requests at positions `pos` (scattered slots, a random state) -> (`compress_state`'s
+    arguments before the state, the state [kv, score], the number of requests that complete a block)."""
+    rows, cd = (1 + overlap) * ratio, (1 + overlap) * hd
+    gen = torch.Generator(device=DEV).manual_seed(n)
+    kv, score = (torch.randn(n, cd, device=DEV, generator=gen) for _ in range(2))
+    ape = torch.randn(ratio, cd, device=DEV, generator=gen)
+    slots = torch.randperm(n, device=DEV, generator=gen)
+    done = slots[(pos + 1) % ratio == 0]
+    state = [torch.randn(n, rows, cd, device=DEV, generator=gen) for _ in range(2)]
+    m = done.numel()
+    return (kv, score, ape, None, pos % ratio, slots, done if m else None), state, m
+
+
 def bench_compress_state(roof):
     """A decode step's compressor state machine (one token per request): the Triton op's one launch against the
     torch form's ~10, at CSA (ratio 4, overlap; a quarter of the requests complete a block) and HCA (ratio 128, one in
     64 completes); bytes: the projections read, the state rows written, and for the completing requests their
     state read, the blocks written and (overlap) the shift."""
-    for name, ratio, overlap, hd in (("CSA main", 4, True, HEAD_DIM), ("CSA indexer", 4, True, INDEX_DIM),
-                                     ("HCA", 128, False, HEAD_DIM)):  # fmt: skip
+    for name, ratio, overlap, hd in COMPRESSORS:
         for n in (64, 256):
-            coff = 2 if overlap else 1
-            rows, cd = coff * ratio, coff * hd
-            gen = torch.Generator(device=DEV).manual_seed(n)
-            kv, score = (torch.randn(n, cd, device=DEV, generator=gen) for _ in range(2))
-            ape = torch.randn(ratio, cd, device=DEV, generator=gen)
+            rows, cd = (1 + overlap) * ratio, (1 + overlap) * hd
             pos = torch.arange(n, device=DEV) if ratio == 4 else 1001 + 2 * torch.arange(n, device=DEV)
-            slots = torch.randperm(n, device=DEV, generator=gen)
-            done_slots = slots[(pos + 1) % ratio == 0]
-            state = [torch.randn(n, rows, cd, device=DEV, generator=gen) for _ in range(2)]
-            args = (kv, score, ape, None, pos % ratio, slots, done_slots if done_slots.numel() else None)
+            args, state, m = _state_case(n, ratio, overlap, hd, pos)
             a, b = [s.clone() for s in state], [s.clone() for s in state]
             got, want = TRITON.compress_state(*args, *a, overlap), TORCH.compress_state(*args, *b, overlap)
             ok = same_bits("compress_state kv state", a[0], b[0])
@@ -619,7 +628,6 @@ def bench_compress_state(roof):
             work = [s.clone() for s in state]  # timed in place: each call writes the same rows again
             tri = bench_ms(TRITON.compress_state, *args, *work, overlap)
             ref_ms = bench_ms(TORCH.compress_state, *args, *work, overlap)
-            m = done_slots.numel()
             nbytes = 4 * (2 * n * cd + 2 * n * cd + m * (2 * rows * cd + 2 * rows * hd + (rows * cd if overlap else 0)))
             graph = graph_ms(TRITON.compress_state, *args, *work, overlap)
             record("compress_state", "-", f"{name} decode {n} ({m} complete)", tri, ref_ms, nbytes, 0, ok, roof,
@@ -674,27 +682,18 @@ def bench_compress_decode(roof):
     their bits); bytes: compress_state's, the completed blocks read once more for the pooling, the entries written
     twice (output and pool)."""
     fmt = ("ue8m0", torch.float8_e8m0fnu)
-    for name, ratio, overlap, hd in (("CSA main", 4, True, HEAD_DIM), ("CSA indexer", 4, True, INDEX_DIM),
-                                     ("HCA", 128, False, HEAD_DIM)):  # fmt: skip
+    for name, ratio, overlap, hd in COMPRESSORS:
         for n in (1, 64):
-            coff = 2 if overlap else 1
-            rows, cd = coff * ratio, coff * hd
-            gen = torch.Generator(device=DEV).manual_seed(n)
-            kv, score = (torch.randn(n, cd, device=DEV, generator=gen) for _ in range(2))
-            ape = torch.randn(ratio, cd, device=DEV, generator=gen)
+            rows, cd = (1 + overlap) * ratio, (1 + overlap) * hd
             # CSA: every fourth request completes a block (the first always); HCA: the first
             pos = 3 + torch.arange(n, device=DEV) if ratio == 4 else 127 + 3 * torch.arange(n, device=DEV)
-            slots = torch.randperm(n, device=DEV, generator=gen)
-            done = (pos + 1) % ratio == 0
-            m = int(done.sum())
-            args = (kv, score, ape, None, pos % ratio, slots, slots[done] if m else None)
-            w = 1 + 0.1 * torch.randn(hd, device=DEV, generator=gen)
+            args, state, m = _state_case(n, ratio, overlap, hd, pos)
+            w = 1 + 0.1 * torch.randn(hd, device=DEV)
             table = torch.polar(torch.ones(4096, ROPE // 2, device=DEV), torch.rand(4096, ROPE // 2, device=DEV) * 6)
-            epos = (pos[done] // ratio * ratio) % 4096
+            epos = (pos[(pos + 1) % ratio == 0] // ratio * ratio) % 4096
             pool = torch.zeros(4 * n, hd, dtype=BF16, device=DEV)
-            prow = torch.randperm(4 * n, device=DEV, generator=gen)[:m]
+            prow = torch.randperm(4 * n, device=DEV)[:m]
             tail = (w, 1e-6, table, epos, hd == INDEX_DIM, *fmt, True)
-            state = [torch.randn(n, rows, cd, device=DEV, generator=gen) for _ in range(2)]
 
             chain = functools.partial(_decode_chain, args, overlap, tail, prow)
             a, b = [s.clone() for s in state], [s.clone() for s in state]

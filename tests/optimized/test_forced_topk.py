@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from parity.checkpoint import build_model
-from parity.optimized.engine import Engine, EngineConfig
 from parity.optimized.model import OptimizedTransformer
+from tests.optimized.test_decode_graphs import run as engine_run
 
 LENGTHS = (20, 100)  # 5 and 25 CSA entries at the first decode: k = 5 and 16 (index_topk)
 
@@ -25,6 +25,7 @@ def model(tiny_ckpt):
 
 
 def run(model, garbage: bool) -> tuple[list[torch.Tensor], int]:
+    """Each forward's output streams (eager engine), and how many ids the hook changed."""
     changed = [0]
 
     def hook(module, args, out):
@@ -37,20 +38,10 @@ def run(model, garbage: bool) -> tuple[list[torch.Tensor], int]:
     handles = [
         layer.attn.indexer.topk.register_forward_hook(hook) for layer in model.layers if layer.attn.indexer is not None
     ]
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, model.args.vocab_size, (n,), generator=g) for n in LENGTHS]
     try:
-        engine = Engine(model, EngineConfig(max_requests=len(LENGTHS), chunk_size=512, token_budget=1024))
-        g = torch.Generator().manual_seed(3)
-        for n in LENGTHS:
-            engine.add_request(torch.randint(0, model.args.vocab_size, (n,), generator=g), 4)
-        streams, forward = [], engine._forward
-
-        def recorded(phase, plan):
-            batch, h = forward(phase, plan)
-            streams.append(h.clone())
-            return batch, h
-
-        engine._forward = recorded
-        engine.run()
+        _, streams, _ = engine_run(model, prompts, False)
     finally:
         for h in handles:
             h.remove()

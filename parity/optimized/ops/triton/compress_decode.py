@@ -7,7 +7,7 @@ Reference: parity.reference.model.Compressor.decode_block, then the pooling and 
 request; the op's torch form (`ops/compress_decode.py`) runs the three ops' torch forms and the write.
 
 Per program (request i; the stages are the `@triton.jit` helpers of the three kernels, the same arithmetic):
-1. the token's kv and score + ape into its state row (`write_token`, as `compress_state`);
+1. the token's kv and score + ape into its state row (`token_into_state`, as `compress_state`);
 2. if the token completes a block (output row m = the completing requests before it, `done_before`): the block read
    back column chunk by column chunk (overlap: rows < r from state columns [0, d), rows >= r from [d, 2d); the
    token's row from registers), pooled in float64 and rounded once to fp32 (`softmax_pool`, as `compress_pool`) into
@@ -28,7 +28,7 @@ import triton.language as tl
 from parity.optimized.ops.triton import runtime
 from parity.optimized.ops.triton.compress_finish import finish_rows
 from parity.optimized.ops.triton.compress_pool import softmax_pool
-from parity.optimized.ops.triton.compress_state import done_before, request_state, shift_state, token_row, write_token
+from parity.optimized.ops.triton.compress_state import done_before, shift_state, state_tile, token_into_state, token_row
 
 
 @triton.jit
@@ -44,8 +44,10 @@ def _decode_kernel(
     # PLANT (tests only): 1 = the overlap shift skipped, 2 = the entry written to pool row m, 3 = RoPE on the first
     # rd dims
     i = tl.program_id(0)
-    p, base, src, new_row = request_state(phase_ptr, slot_ptr, rows_ptr, i, RATIO, ROWS, CD, OVERLAP, HAS_ROWS, 0)
-    write_token(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, src, p, base, new_row, stride_kv, stride_sc, CD, BC)
+    p, base, src, new_row = token_into_state(
+        kv_ptr, sc_ptr, ape_ptr, rows_ptr, phase_ptr, slot_ptr, skv_ptr, ssc_ptr, i, stride_kv, stride_sc,
+        RATIO, ROWS, CD, OVERLAP, HAS_ROWS, BC, 0,
+    )  # fmt: skip
     if EMIT:
         if p == RATIO - 1:
             m = done_before(phase_ptr, i, RATIO, NP)
@@ -62,10 +64,7 @@ def _decode_kernel(
                     newc = c
                 kvn, scn = token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, newc, cm, CD)
                 mask = (r < ROWS)[:, None] & cm[None, :]
-                offs = base + r[:, None] * CD + col
-                is_new = (r == new_row)[:, None]
-                tkv = tl.where(is_new, kvn[None, :], tl.load(skv_ptr + offs, mask=mask, other=0.0))
-                tsc = tl.where(is_new, scn[None, :], tl.load(ssc_ptr + offs, mask=mask, other=float("-inf")))
+                tkv, tsc = state_tile(skv_ptr, ssc_ptr, base, r, col, mask, new_row, kvn, scn, CD)
                 pooled = softmax_pool(tkv.to(tl.float64), tsc.to(tl.float64), 0)  # [PC]
                 tl.store(ws_ptr + m * HD + c, pooled.to(tl.float32), mask=cm)
             tl.debug_barrier()  # the block's reads of rows 0..r-1 before the shift; the pooled row before its reads

@@ -34,10 +34,12 @@ def token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, c, cm, CD: 
 
 
 @triton.jit
-def request_state(phase_ptr, slot_ptr, rows_ptr, i, RATIO: tl.constexpr, ROWS: tl.constexpr, CD: tl.constexpr,
-                  OVERLAP: tl.constexpr, HAS_ROWS: tl.constexpr, PLANT: tl.constexpr):  # fmt: skip
-    """Request i's phase p, its slot's first state element, its token's row and the state row the token goes to
-    (r + p with the overlap). PLANT 2 (tests only): the overlap's new row at p."""
+def token_into_state(kv_ptr, sc_ptr, ape_ptr, rows_ptr, phase_ptr, slot_ptr, skv_ptr, ssc_ptr, i, stride_kv, stride_sc,
+                     RATIO: tl.constexpr, ROWS: tl.constexpr, CD: tl.constexpr, OVERLAP: tl.constexpr,
+                     HAS_ROWS: tl.constexpr, BC: tl.constexpr, PLANT: tl.constexpr):  # fmt: skip
+    """Request i's token (kv, and score + ape) into its state row (r + p with the overlap), column chunk by column
+    chunk -> its phase p, its slot's first state element, its token's row and the state row. PLANT 2 (tests only):
+    the overlap's new row at p."""
     p = tl.load(phase_ptr + i).to(tl.int64)
     base = tl.load(slot_ptr + i).to(tl.int64) * (ROWS * CD)
     if HAS_ROWS:
@@ -48,19 +50,24 @@ def request_state(phase_ptr, slot_ptr, rows_ptr, i, RATIO: tl.constexpr, ROWS: t
     if OVERLAP:
         if PLANT != 2:
             new_row = p + RATIO
-    return p, base, src, new_row
-
-
-@triton.jit
-def write_token(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, src, p, base, new_row, stride_kv, stride_sc,
-                CD: tl.constexpr, BC: tl.constexpr):  # fmt: skip
-    """The token's kv and score + ape into its state row, column chunk by column chunk."""
     for c0 in range(0, CD, BC):
         c = c0 + tl.arange(0, BC)
         cm = c < CD
         kvn, scn = token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, c, cm, CD)
         tl.store(skv_ptr + base + new_row * CD + c, kvn, mask=cm)
         tl.store(ssc_ptr + base + new_row * CD + c, scn, mask=cm)
+    return p, base, src, new_row
+
+
+@triton.jit
+def state_tile(skv_ptr, ssc_ptr, base, r, col, mask, new_row, kvn, scn, CD: tl.constexpr):
+    """Rows `r` x state columns `col` of one slot's state (kv, score), the token's row (`new_row`) taken from
+    registers (another thread may not have stored it yet); masked elements read as kv 0, score -inf."""
+    offs = base + r[:, None] * CD + col
+    is_new = (r == new_row)[:, None]
+    tkv = tl.where(is_new, kvn[None, :], tl.load(skv_ptr + offs, mask=mask, other=0.0))
+    tsc = tl.where(is_new, scn[None, :], tl.load(ssc_ptr + offs, mask=mask, other=float("-inf")))
+    return tkv, tsc
 
 
 @triton.jit
@@ -81,12 +88,10 @@ def shift_state(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, src, p, base, new_row
         c = c0 + tl.arange(0, BC)
         cm = c < CD
         kvn, scn = token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, c, cm, CD)
-        offs = base + (r + RATIO)[:, None] * CD + c[None, :]
-        is_new = (r + RATIO == new_row)[:, None]
-        tkv = tl.where(is_new, kvn[None, :], tl.load(skv_ptr + offs, mask=cm[None, :]))
-        tsc = tl.where(is_new, scn[None, :], tl.load(ssc_ptr + offs, mask=cm[None, :]))
-        tl.store(skv_ptr + offs - RATIO * CD, tkv, mask=cm[None, :])
-        tl.store(ssc_ptr + offs - RATIO * CD, tsc, mask=cm[None, :])
+        tkv, tsc = state_tile(skv_ptr, ssc_ptr, base, r + RATIO, c[None, :], cm[None, :], new_row, kvn, scn, CD)
+        dst = base + r[:, None] * CD + c[None, :]
+        tl.store(skv_ptr + dst, tkv, mask=cm[None, :])
+        tl.store(ssc_ptr + dst, tsc, mask=cm[None, :])
 
 
 @triton.jit
@@ -99,8 +104,10 @@ def _state_kernel(
 ):  # fmt: skip
     # PLANT (tests only): 1 = the overlap shift skipped, 2 = the overlap's new row written at p instead of r + p
     i = tl.program_id(0)
-    p, base, src, new_row = request_state(phase_ptr, slot_ptr, rows_ptr, i, RATIO, ROWS, CD, OVERLAP, HAS_ROWS, PLANT)
-    write_token(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, src, p, base, new_row, stride_kv, stride_sc, CD, BC)
+    p, base, src, new_row = token_into_state(
+        kv_ptr, sc_ptr, ape_ptr, rows_ptr, phase_ptr, slot_ptr, skv_ptr, ssc_ptr, i, stride_kv, stride_sc,
+        RATIO, ROWS, CD, OVERLAP, HAS_ROWS, BC, PLANT,
+    )  # fmt: skip
     if EMIT:
         if p == RATIO - 1:
             m = done_before(phase_ptr, i, RATIO, NP)
@@ -111,10 +118,7 @@ def _state_kernel(
                 cm = c < CD
                 kvn, scn = token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, c, cm, CD)
                 mask = (r < ROWS)[:, None] & cm[None, :]
-                offs = base + r[:, None] * CD + c[None, :]
-                is_new = (r == new_row)[:, None]
-                tkv = tl.where(is_new, kvn[None, :], tl.load(skv_ptr + offs, mask=mask))
-                tsc = tl.where(is_new, scn[None, :], tl.load(ssc_ptr + offs, mask=mask))
+                tkv, tsc = state_tile(skv_ptr, ssc_ptr, base, r, c[None, :], mask, new_row, kvn, scn, CD)
                 if OVERLAP:
                     bcol = c[None, :] - tl.where(hi, HD, 0)
                     bmask = mask & ((c[None, :] < HD) != hi)
