@@ -264,31 +264,41 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
     prefill = [(i, batch.slots[i]) for i in range(n_seqs) if start[i] == 0]
     made = [(i, e) for i, _ in prefill for e in range(batch.seq_len(i) // ratio)]  # (sequence, entry id) as pooled
     after = [i for i in range(n_seqs) if start[i] > 0]
-    steps = []
+    host: list[list[int]] = []  # every index list of the plan, copied to the device in one copy
+
+    def put(values: list[int]) -> int:
+        host.append(values)
+        return len(host) - 1
+
+    steps = []  # per token offset: list numbers of (rows or None, phase, slots, done slots or None)
     for j in range(max((batch.seq_len(i) for i in after), default=0)):
         seqs = [i for i in after if batch.seq_len(i) > j]
         pos = [start[i] + j for i in seqs]
         done = [(i, p) for i, p in zip(seqs, pos) if (p + 1) % ratio == 0]
         made += [(i, p // ratio) for i, p in done]
         rows = [cu[i] + j for i in seqs]
-        steps.append(_DecodeStep(
-            None if rows == list(range(len(batch.seq_of_token))) else batch.to_device(rows),
-            batch.to_device([p % ratio for p in pos]),
-            batch.to_device([batch.slots[i] for i in seqs]),
-            batch.to_device([batch.slots[i] for i, _ in done]) if done else None,
+        steps.append((
+            None if rows == list(range(len(batch.seq_of_token))) else put(rows),
+            put([p % ratio for p in pos]),
+            put([batch.slots[i] for i in seqs]),
+            put([batch.slots[i] for i, _ in done]) if done else None,
         ))  # fmt: skip
     order = sorted(range(len(made)), key=made.__getitem__)
     made = [made[k] for k in order]
     group = [(i, -1) if start[i] == 0 else (i, e) for i, e in made]  # a prefill's entries form one group
-    seq, ids = batch.to_device([i for i, _ in made]), batch.to_device([e for _, e in made])
+    n_order = None if order == list(range(len(order))) else put(order)
+    n_seq, n_ids = put([i for i, _ in made]), put([e for _, e in made])
+    n_rows = put([cu[i] - start[i] + (e + 1) * ratio - 1 for i, e in made])
+    dev = batch.to_device_many(host)
+    ids = dev[n_ids]
     return _CompressPlan(
         prefill=prefill,
-        steps=steps,
-        order=None if order == list(range(len(order))) else batch.to_device(order),
+        steps=[_DecodeStep(*(None if k is None else dev[k] for k in step)) for step in steps],
+        order=None if n_order is None else dev[n_order],
         segments=(0, *(k for k in range(1, len(made)) if group[k] != group[k - 1]), len(made)),
         positions=ids * ratio,
-        token_rows=batch.to_device([cu[i] - start[i] + (e + 1) * ratio - 1 for i, e in made]),
-        pool_rows=cache.entry_rows_of(batch.device_tables[ratio], seq, ids),
+        token_rows=dev[n_rows],
+        pool_rows=cache.entry_rows_of(batch.device_tables[ratio], dev[n_seq], ids),
     )
 
 
