@@ -162,7 +162,7 @@ class OptIndexer(ref.Indexer):
         compress_all(self.compressor, inputs.kv, inputs.score, batch, state, freqs_cis, flat_pool, cache, ratio)
         # the pool rows of every request's entries 0..n_i-1, request after request (built once per batch: per
         # request, a host index made each gather wait for the device)
-        gather, _, counts = batch.derived(("indexer entries", ratio), lambda: _entry_gather(batch, cache, ratio))
+        gather, _, counts = batch.derived(("entries", ratio), lambda: _entry_gather(batch, cache, ratio))
         ks = tuple(min(self.index_topk, c) for c in counts)
         if self.tp.world == 1:
             # the whole batch in one call, reading the pool through the row ids (one launch per layer, where a call
@@ -223,7 +223,7 @@ def _entry_lookup(batch: Batch, cache: PagedCache, ratio: int, offset: int) -> t
     """(lut, first): per request a -1 then its entries' pool rows + `offset` ([sum n_i + N]), and each token's
     place of its request's entry 0 in it ([T]): a token's entry id e (-1 = none) is `lut[first + e]`, one gather
     whatever the sign of e (a masked lookup took five launches per CSA layer)."""
-    e = batch.derived(("indexer entries", ratio), lambda: _entry_gather(batch, cache, ratio))
+    e = batch.derived(("entries", ratio), lambda: _entry_gather(batch, cache, ratio))
     total = e.rows.shape[0]
     lut = e.rows.new_full((total + batch.num_seqs,), -1)
     lut[torch.arange(total, device=lut.device) + e.seq + 1] = e.rows + offset
@@ -287,18 +287,22 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
     made = [made[k] for k in order]
     group = [(i, -1) if start[i] == 0 else (i, e) for i, e in made]  # a prefill's entries form one group
     n_order = None if order == list(range(len(order))) else put(order)
-    n_seq, n_ids = put([i for i, _ in made]), put([e for _, e in made])
+    n_ids = put([e for _, e in made])
     n_rows = put([cu[i] - start[i] + (e + 1) * ratio - 1 for i, e in made])
+    # the new entries' pool rows: read from the rows of every request's entries (which the index lists gather once
+    # per batch anyway, this step's new entries included), not recomputed from the block tables
+    entries = batch.derived(("entries", ratio), lambda: _entry_gather(batch, cache, ratio))
+    first = list(itertools.accumulate(entries.counts, initial=0))
+    n_at = put([first[i] + e for i, e in made])
     dev = batch.to_device_many(host)
-    ids = dev[n_ids]
     return _CompressPlan(
         prefill=prefill,
         steps=[_DecodeStep(*(None if k is None else dev[k] for k in step)) for step in steps],
         order=None if n_order is None else dev[n_order],
         segments=(0, *(k for k in range(1, len(made)) if group[k] != group[k - 1]), len(made)),
-        positions=ids * ratio,
+        positions=dev[n_ids] * ratio,
         token_rows=dev[n_rows],
-        pool_rows=cache.entry_rows_of(batch.device_tables[ratio], dev[n_seq], ids),
+        pool_rows=entries.rows[dev[n_at]],
     )
 
 
