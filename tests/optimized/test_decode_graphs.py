@@ -156,6 +156,11 @@ def test_cuda_graphs_of_the_triton_backend_equal_eager_steps(tiny_ckpt, prompts)
     model, _ = build_model(tiny_ckpt, device="cuda", factory=lambda a: OptimizedTransformer(a, ops))
     engine = assert_same_runs(model, [p.cuda() for p in prompts])
     assert len(engine.graphs.pieces) == model.args.n_layers + 1  # every piece captured (a failure raises)
+    # MTP: verification chunks and the replays after rejected drafts, captured and replayed as real graphs
+    draft_fn = _wrong_every_second_draft(model)
+    engine = assert_same_runs(model, [p.cuda() for p in prompts], forwards=None, mtp_draft=1, draft_fn=draft_fn)
+    replayed = {key[2] for key, p in engine.graphs.pieces.items() if p.replays}
+    assert any(_verifies(seg) for seg in replayed) and any(not _verifies(seg) for seg in replayed)
 
 
 def test_a_piece_that_cannot_be_captured_stops_the_run(model, prompts, monkeypatch):
