@@ -9,9 +9,9 @@ request; the op's torch form (`ops/compress_decode.py`) runs the three ops' torc
 Per program (request i; the stages are the `@triton.jit` helpers of the three kernels, the same arithmetic):
 1. the token's kv and score + ape into its state row (`token_into_state`, as `compress_state`);
 2. if the token completes a block (output row m = the completing requests before it, `done_before`): the block read
-   back column chunk by column chunk (overlap: rows < r from state columns [0, d), rows >= r from [d, 2d); the
-   token's row from registers), pooled in float64 and rounded once to fp32 (`softmax_pool`, as `compress_pool`) into
-   a workspace row; after a barrier the overlap's shift (`shift_state`) and the workspace row read back whole;
+   back column chunk by column chunk (`block_tile`, as `compress_state`), pooled in float64 and rounded once to fp32
+   (`softmax_pool`, as `compress_pool`) into a workspace row; after a barrier the overlap's shift (`shift_state`)
+   and the workspace row read back whole;
 3. `finish_rows` (compress_finish's norm, RoPE and fake-quant), stored to the entries output and to pool row
    `pool_rows[m]`.
 The state is bit for bit the twin's (copies and its one addition). The pooled values equal `compress_pool`'s
@@ -28,7 +28,7 @@ import triton.language as tl
 from parity.optimized.ops.triton import runtime
 from parity.optimized.ops.triton.compress_finish import finish_rows
 from parity.optimized.ops.triton.compress_pool import softmax_pool
-from parity.optimized.ops.triton.compress_state import done_before, shift_state, state_tile, token_into_state, token_row
+from parity.optimized.ops.triton.compress_state import block_tile, done_before, shift_state, token_into_state
 
 
 @triton.jit
@@ -52,21 +52,14 @@ def _decode_kernel(
         if p == RATIO - 1:
             m = done_before(phase_ptr, i, RATIO, NP)
             r = tl.arange(0, WR)
-            hi = (r >= RATIO)[:, None]
-            for c0 in range(0, HD, PC):
+            for c0 in range(0, HD, PC):  # the block's columns
                 c = c0 + tl.arange(0, PC)
-                cm = c < HD
-                if OVERLAP:
-                    col = c[None, :] + tl.where(hi, HD, 0)  # [WR, PC] state columns of the block's columns c
-                    newc = c + HD  # the token's row is in the upper half
-                else:
-                    col = c[None, :] + tl.zeros([WR, 1], dtype=tl.int64)
-                    newc = c
-                kvn, scn = token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, newc, cm, CD)
-                mask = (r < ROWS)[:, None] & cm[None, :]
-                tkv, tsc = state_tile(skv_ptr, ssc_ptr, base, r, col, mask, new_row, kvn, scn, CD)
+                tkv, tsc, _ = block_tile(
+                    kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, src, p, base, new_row, stride_kv, stride_sc, c,
+                    c < HD, r, RATIO, HD, CD, ROWS, OVERLAP, WR,
+                )  # fmt: skip
                 pooled = softmax_pool(tkv.to(tl.float64), tsc.to(tl.float64), 0)  # [PC]
-                tl.store(ws_ptr + m * HD + c, pooled.to(tl.float32), mask=cm)
+                tl.store(ws_ptr + m * HD + c, pooled.to(tl.float32), mask=c < HD)
             tl.debug_barrier()  # the block's reads of rows 0..r-1 before the shift; the pooled row before its reads
             if OVERLAP:
                 if PLANT != 1:

@@ -10,9 +10,9 @@ Per program (request i, state slot s, phase p = position % r):
 1. the token's kv and score + ape[p] (one fp32 addition, as the twin) into state row p (r + p with the ratio-4
    overlap), column chunk by column chunk;
 2. if p == r - 1 (the token completes a block): its output row m = the completing requests before it (request
-   order, as `done_slots`); the state rows are read back with the new row taken from registers (another thread may
-   not have stored it yet), the block written out (overlap: rows < r keep columns [0, d), rows >= r columns
-   [d, 2d)), then, after a barrier (every read done), rows r..2r-1 copied to rows 0..r-1 (overlap).
+   order, as `done_slots`); the block read back column by column of it (overlap: rows < r from state columns
+   [0, d), rows >= r from [d, 2d)) with the new row taken from registers (another thread may not have stored it
+   yet) and written out, then, after a barrier (every read done), rows r..2r-1 copied to rows 0..r-1 (overlap).
 The stages are `@triton.jit` helpers that `compress_decode`'s kernel shares.
 Each request owns its slot's rows, so programs never touch each other's state. Only copies and the twin's addition:
 bit for bit the twin on every device.
@@ -71,6 +71,25 @@ def state_tile(skv_ptr, ssc_ptr, base, r, col, mask, new_row, kvn, scn, CD: tl.c
 
 
 @triton.jit
+def block_tile(kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, src, p, base, new_row, stride_kv, stride_sc, c, cm, r,
+               RATIO: tl.constexpr, HD: tl.constexpr, CD: tl.constexpr, ROWS: tl.constexpr, OVERLAP: tl.constexpr,
+               WR: tl.constexpr):  # fmt: skip
+    """Columns `c` (mask `cm`) of the block request's token completes, rows `r` [WR] -> (kv, score, mask) `[WR,
+    len(c)]`: rows < r from state columns c and rows >= r from c + d with the overlap (the token's row is in the
+    upper half, its values at c + d), the token's row from registers."""
+    if OVERLAP:
+        col = c[None, :] + tl.where((r >= RATIO)[:, None], HD, 0)
+        newc = c + HD
+    else:
+        col = c[None, :] + tl.zeros([WR, 1], dtype=tl.int64)
+        newc = c
+    kvn, scn = token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, newc, cm, CD)
+    mask = (r < ROWS)[:, None] & cm[None, :]
+    tkv, tsc = state_tile(skv_ptr, ssc_ptr, base, r, col, mask, new_row, kvn, scn, CD)
+    return tkv, tsc, mask
+
+
+@triton.jit
 def done_before(phase_ptr, i, RATIO: tl.constexpr, NP: tl.constexpr):
     """The output row of request i's block: the requests before it whose tokens complete a block."""
     j = tl.arange(0, NP)
@@ -112,22 +131,15 @@ def _state_kernel(
         if p == RATIO - 1:
             m = done_before(phase_ptr, i, RATIO, NP)
             r = tl.arange(0, WR)
-            hi = (r >= RATIO)[:, None]
-            for c0 in range(0, CD, BC):
+            for c0 in range(0, HD, BC):  # the block's columns
                 c = c0 + tl.arange(0, BC)
-                cm = c < CD
-                kvn, scn = token_row(kv_ptr, sc_ptr, ape_ptr, src, p, stride_kv, stride_sc, c, cm, CD)
-                mask = (r < ROWS)[:, None] & cm[None, :]
-                tkv, tsc = state_tile(skv_ptr, ssc_ptr, base, r, c[None, :], mask, new_row, kvn, scn, CD)
-                if OVERLAP:
-                    bcol = c[None, :] - tl.where(hi, HD, 0)
-                    bmask = mask & ((c[None, :] < HD) != hi)
-                else:
-                    bcol = c[None, :] + tl.zeros([WR, 1], dtype=tl.int64)
-                    bmask = mask
-                boffs = m * (ROWS * HD) + r[:, None] * HD + bcol
-                tl.store(bkv_ptr + boffs, tkv, mask=bmask)
-                tl.store(bsc_ptr + boffs, tsc, mask=bmask)
+                tkv, tsc, mask = block_tile(
+                    kv_ptr, sc_ptr, ape_ptr, skv_ptr, ssc_ptr, src, p, base, new_row, stride_kv, stride_sc, c,
+                    c < HD, r, RATIO, HD, CD, ROWS, OVERLAP, WR,
+                )  # fmt: skip
+                boffs = m * (ROWS * HD) + r[:, None] * HD + c[None, :]
+                tl.store(bkv_ptr + boffs, tkv, mask=mask)
+                tl.store(bsc_ptr + boffs, tsc, mask=mask)
             if OVERLAP:
                 if PLANT != 1:
                     tl.debug_barrier()  # every read of rows 0..r-1 above before the shift overwrites them
