@@ -162,12 +162,11 @@ class OptIndexer(ref.Indexer):
         compress_all(self.compressor, inputs.kv, inputs.score, batch, state, freqs_cis, flat_pool, cache, ratio)
         # the pool rows of every request's entries 0..n_i-1, request after request (built once per batch: per
         # request, a host index made each gather wait for the device)
-        gather, _, counts = batch.derived(("entries", ratio), lambda: _entry_gather(batch, cache, ratio))
+        gather, _, counts, cu_entries = batch.derived(("entries", ratio), lambda: _entry_gather(batch, cache, ratio))
         ks = tuple(min(self.index_topk, c) for c in counts)
         if self.tp.world == 1:
             # the whole batch in one call, reading the pool through the row ids (one launch per layer, where a call
             # per request was the step's largest op)
-            cu_entries = (0, *itertools.accumulate(counts))
             out = ops.indexer_topk_ragged(
                 q, flat_pool, gather, weights, batch.cu_seqlens, cu_entries, ks, batch.start_pos, ratio
             )
@@ -207,16 +206,18 @@ class _Entries(NamedTuple):
     rows: torch.Tensor  # [sum n_i] flat pool rows
     seq: torch.Tensor  # [sum n_i] the request each belongs to
     counts: list[int]  # n_i: the entries its context has completed
+    cu: tuple[int, ...]  # [N+1] where each request's entries start in `rows`, then their total
 
 
 def _entry_gather(batch: Batch, cache: PagedCache, ratio: int) -> _Entries:
     counts = [batch.context_len(i) // ratio for i in range(batch.num_seqs)]
+    cu = tuple(itertools.accumulate(counts, initial=0))
     # built on the device from one copy of the counts (the index is as long as all the contexts' entries)
-    counts_d, first = batch.to_device([counts, list(itertools.accumulate(counts, initial=0))[:-1]])
-    total, dev = sum(counts), counts_d.device
+    counts_d, first = batch.to_device([counts, cu[:-1]])
+    total, dev = cu[-1], counts_d.device
     seq = torch.repeat_interleave(torch.arange(batch.num_seqs, device=dev), counts_d, output_size=total)  # [sum n_i]
     ids = torch.arange(total, device=dev) - first[seq]  # 0..n_i-1 per request
-    return _Entries(cache.entry_rows_of(batch.device_tables[ratio], seq, ids), seq, counts)
+    return _Entries(cache.entry_rows_of(batch.device_tables[ratio], seq, ids), seq, counts, cu)
 
 
 def _entry_lookup(batch: Batch, cache: PagedCache, ratio: int, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -227,7 +228,7 @@ def _entry_lookup(batch: Batch, cache: PagedCache, ratio: int, offset: int) -> t
     total = e.rows.shape[0]
     lut = e.rows.new_full((total + batch.num_seqs,), -1)
     lut[torch.arange(total, device=lut.device) + e.seq + 1] = e.rows + offset
-    first = [c + i + 1 for i, c in enumerate(itertools.accumulate(e.counts, initial=0))][:-1]
+    first = [c + i + 1 for i, c in enumerate(e.cu[:-1])]
     return lut, batch.to_device(batch.spread(first))
 
 
@@ -292,8 +293,7 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
     # the new entries' pool rows: read from the rows of every request's entries (which the index lists gather once
     # per batch anyway, this step's new entries included), not recomputed from the block tables
     entries = batch.derived(("entries", ratio), lambda: _entry_gather(batch, cache, ratio))
-    first = list(itertools.accumulate(entries.counts, initial=0))
-    n_at = put([first[i] + e for i, e in made])
+    n_at = put([entries.cu[i] + e for i, e in made])
     dev = batch.to_device_many(host)
     return _CompressPlan(
         prefill=prefill,
