@@ -234,7 +234,7 @@ def _entry_lookup(batch: Batch, cache: PagedCache, ratio: int, offset: int) -> t
 
 @dataclass(frozen=True)
 class _DecodeStep:
-    """One token of each of D requests after a context, for `OptCompressor.decode_step` (device tensors)."""
+    """One token of each of D requests after a context (device tensors): `OptCompressor.decode_step`, `decode`."""
 
     rows: torch.Tensor | None  # [D] token rows; None: all T rows in order
     phase: torch.Tensor  # [D] position % ratio: the ape row and the block row
