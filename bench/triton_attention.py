@@ -100,8 +100,16 @@ DECODE_SIG = _sig(
     "ssc_ptr:*fp32 ws_ptr:*fp32 out_ptr:*bf16 pool_ptr:*bf16 prow_ptr:*i64 w_ptr:*fp32 f_ptr:*fp32 pos_ptr:*i64 "
     "eps:fp32 h_scale:fp32 stride_kv:i32 stride_sc:i32 stride_f:i32 stride_pool:i32"
 )
+HC_PRE_SIG = _sig(
+    "x_ptr:*bf16 fn_ptr:*fp32 scale_ptr:*fp32 base_ptr:*fp32 y_ptr:*bf16 post_ptr:*fp32 comb_ptr:*fp32 ws_ptr:*fp64 "
+    "cnt_ptr:*i32 T:i32 D:i32 norm_eps:fp32 hc_eps:fp32 iters:i32"
+)
+HC_HEAD_SIG = _sig(
+    "x_ptr:*bf16 fn_ptr:*fp32 scale_ptr:*fp32 base_ptr:*fp32 y_ptr:*bf16 ws_ptr:*fp64 cnt_ptr:*i32 T:i32 D:i32 "
+    "norm_eps:fp32 hc_eps:fp32"
+)
 # sizes and counts: not specialized as multiples of 16 (strides and pointers are)
-NOT_DIVISIBLE = {"H", "K", "c1", "c2", "c3", "c4", "R", "NG", "N", "W", "C", "L", "T", "E", "M", "start_pos"}
+NOT_DIVISIBLE = {"H", "K", "c1", "c2", "c3", "c4", "R", "NG", "N", "W", "C", "L", "T", "E", "M", "start_pos", "iters"}
 
 
 def cases():
@@ -109,6 +117,7 @@ def cases():
     import triton
 
     from parity.optimized.ops.triton import (
+        _mhc,
         act_quant,
         compress_decode,
         compress_finish,
@@ -156,6 +165,18 @@ def cases():
                 sig = {**TREE_SIG, "src_ptr": src}
                 name = f"indexer top-k tree k {kp} C 4096 first {first} ragged {ragged}"
                 yield name, indexer_topk._topk_tree_kernel, sig, tree, 8, 3
+    from parity.optimized.ops.triton import hc_head, hc_pre
+
+    for d in (4096, 7168):  # the mHC mixers at their launch tiles: decode (the narrow finisher) to prefill
+        for t in (1, 4, 64, 4096):
+            cfg = _mhc.config(t, d)
+            tiles = {k: cfg[k] for k in ("BT", "BK", "KSPLIT", "BD", "BTF", "BDF", "ROWWISE")}
+            splits = triton.cdiv(4 * d, cfg["KSPLIT"])
+            name = f"D {d} T {t} BTF {cfg['BTF']} BDF {cfg['BDF']}"
+            consts = dict(HC=4, R=8, SPLITS=splits, PLANT=0, **tiles)
+            yield f"hc_pre {name}", hc_pre._hc_pre_kernel, HC_PRE_SIG, consts, cfg["num_warps"], 3
+            consts = dict(HC=4, NP=16, SPLITS=splits, **tiles)
+            yield f"hc_head {name}", hc_head._hc_head_kernel, HC_HEAD_SIG, consts, cfg["num_warps"], 3
     for bh, warps, stages, parts in sparse_attn.CONFIGS:
         consts = dict(D=512, DP=512, BN=64, BH=bh, NPART=parts)
         name = f"sparse_attn d 512 BH {bh} warps {warps} stages {stages} parts {parts}"

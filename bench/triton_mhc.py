@@ -206,6 +206,8 @@ def copy_bandwidth(bench, dev) -> float:
 
 SWEEP = [dict(BT=16, BD=256, num_warps=4), dict(BT=32, BD=256, num_warps=4), dict(BT=32, BD=128, num_warps=2),
          dict(BT=64, BD=128, num_warps=4), dict(BT=16, BD=128, num_warps=2)]  # fmt: skip
+# below 16 tokens also the whole 16-row block's finish (the default before the narrow finisher, `_mhc.finisher`)
+WHOLE_BLOCK = dict(BT=16, BD=256, BTF=16, num_warps=4)
 
 
 def sweep(tri, bench, models, tokens, dev):
@@ -221,13 +223,15 @@ def sweep(tri, bench, models, tokens, dev):
                 _mhc.TUNING.clear()
                 base = fn()
                 base = base if isinstance(base, tuple) else (base,)
-                for cfg in SWEEP:
+                for cfg in SWEEP + ([WHOLE_BLOCK] if t < 16 else []):
                     _mhc.TUNING.update(cfg)
                     out = fn()
                     out = out if isinstance(out, tuple) else (out,)
                     same = all(torch.equal(a, b) for a, b in zip(out, base))
                     ms = bench(fn)
-                    rows.append(dict(op=name, model=model, tokens=t, **cfg, ms=ms, same_bits=same))
+                    btf = _mhc.config(t, inp["x4"].shape[-1])["BTF"]
+                    _mhc.TUNING.clear()
+                    rows.append(dict(op=name, model=model, tokens=t, **cfg, BTF_used=btf, ms=ms, same_bits=same))
                     print(f"sweep {name:8s} {model:5s} T={t:5d} {cfg}  {ms:8.4f} ms  bits "
                           f"{'same' if same else 'DIFFER'}", flush=True)  # fmt: skip
                 _mhc.TUNING.clear()
@@ -253,12 +257,12 @@ def markdown(rows, checks, info, sweep_rows=()) -> str:
     if sweep_rows:
         out += [
             "",
-            "| op | model | T | BT | BD | warps | ms | bits as default |",
-            "|---|---|---:|---:|---:|---:|---:|---|",
+            "| op | model | T | BT | BD | finisher rows | warps | ms | bits as default |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in sweep_rows:
-            out.append(f"| {r['op']} | {r['model']} | {r['tokens']} | {r['BT']} | {r['BD']} | {r['num_warps']} | "
-                       f"{r['ms']:.4f} | {'yes' if r['same_bits'] else 'NO'} |")  # fmt: skip
+            out.append(f"| {r['op']} | {r['model']} | {r['tokens']} | {r['BT']} | {r['BD']} | {r['BTF_used']} | "
+                       f"{r['num_warps']} | {r['ms']:.4f} | {'yes' if r['same_bits'] else 'NO'} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
 

@@ -99,13 +99,13 @@ def test_ragged_matches_reference_per_sequence(impl, ref_model, lengths, which):
     judge(impl, out, reference_per_sequence(ref_model, which, x, cu), golden(x, *params(ref_model, which)))
 
 
-def test_larger_dim(impl):
-    # D 512 and a peaked sigmoid (scale 4): more K splits than the tiny model (the split path on the GPU too)
+@pytest.mark.parametrize("lengths", [(5, 1, 37), (1,), (2, 1)])
+def test_larger_dim(impl, lengths):
+    # D 512 and a peaked sigmoid (scale 4): more K splits than the tiny model (the split path on the GPU too); 1-3
+    # tokens: the triton kernel's narrow finisher (`_mhc.finisher`)
     dev = device_of(impl)
-    g = torch.Generator().manual_seed(5)
-    fn = torch.randn(4, 2048, generator=g) * 2048**-0.5
-    scale, base = torch.tensor([4.0]), torch.randn(4, generator=g) * 0.1
-    cu = cu_of((5, 1, 37))
+    fn, scale, base = larger_mixer()
+    cu = cu_of(lengths)
     x = streams(cu[-1], d=512)
     args = [t.to(dev) for t in (x, fn, scale, base)]
     out = impl(*args, cu, 1e-6, 1e-6)
@@ -113,6 +113,12 @@ def test_larger_dim(impl):
 
     want = torch.cat([twin(args[0][None, a:b], *args[1:], 1e-6, 1e-6)[0] for a, b in zip(cu[:-1], cu[1:])])
     judge(impl, out, want, golden(x, fn, scale, base))
+
+
+def larger_mixer():
+    g = torch.Generator().manual_seed(5)
+    fn = torch.randn(4, 2048, generator=g) * 2048**-0.5
+    return fn, torch.tensor([4.0]), torch.randn(4, generator=g) * 0.1
 
 
 def test_segments_do_not_depend_on_batchmates_or_position(impl, ref_model):
@@ -169,3 +175,23 @@ def test_planted_bug_weights_on_the_wrong_streams_is_caught(triton_head, ref_mod
     judge(triton_head, triton_head(x, fn, scale, base, (0, 63), 1e-6, 1e-6), want, golden(x, fn, scale, base))
     with pytest.raises(AssertionError):
         judge(triton_head, buggy, want, golden(x, fn, scale, base))
+
+
+@pytest.mark.parametrize("t", [1, 3, 9])
+def test_narrow_finisher_has_the_block_finishers_bits(triton_head, t):
+    # a launch of fewer tokens than a block finishes only the next power of two of them (`_mhc.finisher`): the same
+    # bits as the whole block's finish, every element written (a NaN-poisoned buffer); D 512 takes the split path
+    from parity.optimized.ops.triton import _mhc
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x, (fn, scale, base) = streams(t, d=512).to(dev), (u.to(dev) for u in larger_mixer())
+
+    def launch(**tuning):
+        out = torch.full((t, 512), float("nan"), dtype=torch.bfloat16, device=dev)
+        _mhc.TUNING.update(tuning)
+        try:
+            return triton_head(x, fn, scale, base, (0, t), 1e-6, 1e-6, out=out)
+        finally:
+            _mhc.TUNING.clear()
+
+    assert torch.equal(launch(), launch(BTF=_mhc.config(t, 512)["BT"]))

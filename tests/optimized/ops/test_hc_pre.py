@@ -166,10 +166,14 @@ def twin_synthetic(x, fn, scale, base, cu, iters=20):
     return tuple(torch.cat([o[i][0] for o in outs]) for i in range(3))
 
 
-@pytest.mark.parametrize(("d", "comb_scale", "lengths"), [(512, 1.0, (5, 37)), (256, 6.0, (63, 1, 2))])
+@pytest.mark.parametrize(
+    ("d", "comb_scale", "lengths"),
+    [(512, 1.0, (5, 37)), (256, 6.0, (63, 1, 2)), (512, 6.0, (1,)), (512, 1.0, (2, 1)), (512, 6.0, (3, 1, 1))],
+)
 def test_larger_dim_and_slow_sinkhorn(impl, d, comb_scale, lengths):
     # D 512: more K splits than the tiny model (the split path on the GPU too); comb scale 6: a peaked softmax whose
-    # Sinkhorn is still moving at iteration 20, where the fp32 divisions and the logit errors weigh most
+    # Sinkhorn is still moving at iteration 20, where the fp32 divisions and the logit errors weigh most; 1-5 tokens:
+    # the triton kernel's narrow finisher (`_mhc.finisher`)
     dev = device_of(impl)
     fn, scale, base = synthetic_mixer(d, comb_scale)
     cu = cu_of(lengths)
@@ -233,6 +237,36 @@ def test_planted_bug_one_segment_for_the_batch_is_not_bitwise(ref_model, lengths
         torch.cat([t.flatten() for t in expected]), torch.cat([t.flatten() for t in whole]), "hc_pre"
     )
     assert not all(torch.equal(g, w) for g, w in zip(run(block, "attn", x, (0, cu[-1])), expected))
+
+
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 9])
+def test_narrow_finisher_has_the_block_finishers_bits(kernel, t):
+    # a launch of fewer tokens than a block finishes only the next power of two of them (`_mhc.finisher`): the same
+    # bits as the whole block's finish, every output written (NaN-poisoned buffers); D 512 takes the split path
+    from parity.optimized.ops.triton import _mhc
+
+    _, module = kernel
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fn, scale, base = synthetic_mixer(512, 6.0)
+    args = [u.to(dev) for u in (streams(t, d=512), fn, scale, base)]
+
+    def launch(**tuning):
+        nan = float("nan")
+        out = (torch.full((t, 512), nan, dtype=torch.bfloat16, device=dev), torch.full((t, 4), nan, device=dev),
+               torch.full((t, 4, 4), nan, device=dev))  # fmt: skip
+        _mhc.TUNING.update(tuning)
+        try:
+            return module.launch(*args, 1e-6, 4, 20, 1e-6, out=out)
+        finally:
+            _mhc.TUNING.clear()
+
+    block = _mhc.config(t, 512)
+    assert block["BTF"] == min(block["BT"], _mhc.next_pow2(t))
+    for narrow, whole in zip(launch(), launch(BTF=block["BT"])):
+        assert torch.equal(narrow, whole)
+    if t > 2:  # a finisher narrower than the launch's tokens would leave rows unwritten: refused
+        with pytest.raises(ValueError, match="cannot finish"):
+            launch(BTF=2)
 
 
 # ---- planted bugs of the triton kernel: each must fail the tolerance the correct kernel passes on the same inputs

@@ -14,8 +14,9 @@ pre-weighted collapse `y = sum_j pre[j] * x[j]` (spec §4.3 step 5). What lives 
 - The K split: a token block's K range is cut into SPLITS fixed pieces, one program each, so decode-sized batches
   still spread the 24 x 4D fp32 mixer matrix over many SMs. Each program writes its float64 partials, and the last
   of the SPLITS programs to arrive (an acq_rel atomic counter; nobody waits) sums them in split order and finishes
-  the block. The split is the fastest grid dimension, so a block's pieces run side by side and its finishing
-  program re-reads the block's streams from L2. The counters live in a per-device buffer that every finishing
+  the block (only its first BTF rows when the launch has no more tokens than that: `finisher`). The split is the
+  fastest grid dimension, so a block's pieces run side by side and its finishing program re-reads the block's
+  streams from L2. The counters live in a per-device buffer that every finishing
   program resets to zero, so a launch needs no memset (the kernels assume one stream at a time, as the engine).
 - `exp_f32` / `sigmoid_f32`: exp evaluated in float64 and rounded once to fp32, which is how the twin
   (`parity.reference.kernels._exp`) evaluates it; CUDA's `expf` (the official TileLang kernel) is within 2 ulp.
@@ -93,12 +94,20 @@ def gather_partials(
     n = tl.arange(0, NP)
     acc = tl.zeros([BT, NP], dtype=tl.float64)
     sq = tl.zeros([BT], dtype=tl.float64)
-    for split in range(SPLITS):
+    for split in tl.static_range(SPLITS):  # unrolled: every split's loads in flight at once, summed in split order
         row_base = ws_ptr + (split * T + rows) * (MIX + 1)
         mask = rmask[:, None] & (n < MIX)[None, :]
         acc += tl.load(row_base[:, None] + n[None, :], mask=mask, other=0.0, cache_modifier=".cg")
         sq += tl.load(row_base + MIX, mask=rmask, other=0.0, cache_modifier=".cg")
     return acc, sq
+
+
+@triton.jit
+def finish_rows(tb, T, BT: tl.constexpr, BTF: tl.constexpr):
+    """The rows the finishing program of token block `tb` works on: the block's first BTF rows (int64) and their
+    mask. BTF < BT only when the whole launch has at most BTF tokens (`config`), so those are all of its rows."""
+    rows = tb * BT + tl.arange(0, BTF)
+    return rows.to(tl.int64), rows < T
 
 
 @triton.jit
@@ -135,22 +144,40 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-# block-size overrides for tuning runs (bench/triton_mhc.py sweeps them): BT, BD and num_warps only regroup tokens
-# and columns into programs, so they never change a bit; BK and KSPLIT fix the summation and are not overridable
+# block-size overrides for tuning runs (bench/triton_mhc.py sweeps them): BT, BD, BTF and num_warps only regroup
+# tokens and columns into programs, so they never change a bit; BK and KSPLIT fix the summation and are not
+# overridable
 TUNING: dict = {}
+_REGROUP = ("BT", "BD", "BTF", "num_warps")
 
 
 def config(n_tokens: int, dim: int) -> dict:
-    """Block sizes. The numerics depend only on BK and KSPLIT (fixed per platform); BT and BD only change how
-    tokens and columns are grouped into programs. Interpreted: few, big programs (the interpreter pays ~0.5 ms per
+    """Block sizes. The numerics depend only on BK and KSPLIT (fixed per platform); BT, BD, BTF and BDF only change
+    how tokens and columns are grouped into programs. Interpreted: few, big programs (the interpreter pays ~0.5 ms per
     tensor op of every program); the tiny model's 4 x 256 streams then take one K piece, a 512-wide model two."""
     if runtime.interpreting():
         bt = min(max(next_pow2(n_tokens), 16), 256)
-        return dict(BT=bt, BK=128, KSPLIT=1024, BD=min(next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
-    # 16 tokens: the smallest FMA dot tile; 32 halves the mixer-matrix reads from L2 once there are many blocks
-    cfg = dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=1024, BD=256, num_warps=4, ROWWISE=False)
-    cfg.update({k: v for k, v in TUNING.items() if k in ("BT", "BD", "num_warps")})
-    return cfg
+        cfg = dict(BT=bt, BK=128, KSPLIT=1024, BD=min(next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
+    else:
+        # 16 tokens: the smallest FMA dot tile; 32 halves the mixer-matrix reads from L2 once there are many blocks
+        cfg = dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=1024, BD=256, num_warps=4, ROWWISE=False)
+    cfg.update({k: v for k, v in TUNING.items() if k in _REGROUP})
+    return finisher(cfg, n_tokens, dim)
+
+
+def finisher(cfg: dict, n_tokens: int, dim: int) -> dict:
+    """The split path's finishing tile (`BTF` rows, `BDF` columns of the collapse): a launch of fewer tokens than
+    BT (decode) finishes only the next power of two of them, its collapse columns widened to keep the tile's size.
+    Why: the finish (mixes from the partials, the Sinkhorn's 40 fp32 divisions and float64 sums, the collapse) runs
+    for every row of its tile, valid or not; on the H200 (docs/perf-h200/triton_mhc.md, block sweep at T 64) hc_pre
+    took 95 / 147 / 280 us with 16 / 32 / 64-row blocks, ~4 us more per row, and a one-token call 73 us with a 16-row
+    tile (the narrow tile is not yet timed there). Rows are independent, so the tile never changes a bit. Without a
+    split (SPLITS 1: the mixes stay in the GEMV's registers) the finish keeps the block's BT x BD."""
+    bt = cfg["BT"]
+    btf = cfg.get("BTF") or min(bt, next_pow2(n_tokens))
+    if btf < bt and n_tokens > btf:
+        raise ValueError(f"hc mixers: a finisher of {btf} rows cannot finish blocks of {bt} ({n_tokens} tokens)")
+    return dict(cfg, BTF=btf, BDF=min(next_pow2(dim), max(cfg["BD"], cfg["BD"] * bt // btf)))
 
 
 def workspace(splits: int, n_tokens: int, mix: int, device) -> torch.Tensor:

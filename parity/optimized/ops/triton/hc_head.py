@@ -42,7 +42,7 @@ def _finish(
 def _hc_head_kernel(
     x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, ws_ptr, cnt_ptr, T, D, norm_eps, hc_eps,
     HC: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
-    SPLITS: tl.constexpr, BD: tl.constexpr, ROWWISE: tl.constexpr,
+    SPLITS: tl.constexpr, BD: tl.constexpr, BTF: tl.constexpr, BDF: tl.constexpr, ROWWISE: tl.constexpr,
 ):  # fmt: skip
     split = tl.program_id(0)
     tb = tl.program_id(1)
@@ -60,10 +60,11 @@ def _hc_head_kernel(
         tl.debug_barrier()  # every thread's partial stores precede the release below
         arrived = tl.atomic_add(cnt_ptr + tb, 1, sem="acq_rel")
         if arrived == SPLITS - 1:
-            acc, sq = _mhc.gather_partials(ws_ptr, T, rows, rmask, NP, HC, SPLITS, BT)
             tl.atomic_xchg(cnt_ptr + tb, 0)  # leave the counter zero for the next launch
-            _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, rows, rmask, K, D, K, norm_eps, hc_eps, HC, NP, BT,
-                    BD)  # fmt: skip
+            frows, fmask = _mhc.finish_rows(tb, T, BT, BTF)
+            facc, fsq = _mhc.gather_partials(ws_ptr, T, frows, fmask, NP, HC, SPLITS, BTF)
+            _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, frows, fmask, K, D, K, norm_eps, hc_eps, HC, NP, BTF,
+                    BDF)  # fmt: skip
 
 
 def hc_head(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_eps, out=None):
@@ -87,6 +88,6 @@ def hc_head(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_eps, out=None)
         x, fn, hc_scale.float().contiguous(), hc_base.float().contiguous(), y,
         _mhc.workspace(splits, T, hc, x.device), _mhc.counters(x.device, n_blocks), T, D, float(norm_eps),
         float(hc_eps), HC=hc, NP=np_, BT=cfg["BT"], BK=cfg["BK"], KSPLIT=cfg["KSPLIT"], SPLITS=splits, BD=cfg["BD"],
-        ROWWISE=cfg["ROWWISE"], num_warps=cfg["num_warps"], enable_fp_fusion=False,
+        BTF=cfg["BTF"], BDF=cfg["BDF"], ROWWISE=cfg["ROWWISE"], num_warps=cfg["num_warps"], enable_fp_fusion=False,
     )  # fmt: skip
     return y

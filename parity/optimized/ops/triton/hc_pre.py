@@ -92,7 +92,8 @@ def _finish(
 def _hc_pre_kernel(
     x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, ws_ptr, cnt_ptr, T, D, norm_eps, hc_eps, iters,
     HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
-    SPLITS: tl.constexpr, BD: tl.constexpr, ROWWISE: tl.constexpr, PLANT: tl.constexpr,
+    SPLITS: tl.constexpr, BD: tl.constexpr, BTF: tl.constexpr, BDF: tl.constexpr, ROWWISE: tl.constexpr,
+    PLANT: tl.constexpr,
 ):  # fmt: skip
     NP: tl.constexpr = R * HC
     MIX: tl.constexpr = (2 + HC) * HC
@@ -130,10 +131,11 @@ def _hc_pre_kernel(
             tl.debug_barrier()  # every thread's partial stores precede the release below
             arrived = tl.atomic_add(cnt_ptr + tb, 1, sem="acq_rel")
             if arrived == SPLITS - 1:
-                acc, sq = _mhc.gather_partials(ws_ptr, T, rows, rmask, NP, MIX, SPLITS, BT)
                 tl.atomic_xchg(cnt_ptr + tb, 0)  # leave the counter zero for the next launch
-                _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, rows, rmask, stride_t, D,
-                        K, norm_eps, hc_eps, iters, HC, R, BT, BD, PLANT)  # fmt: skip
+                frows, fmask = _mhc.finish_rows(tb, T, BT, BTF)
+                facc, fsq = _mhc.gather_partials(ws_ptr, T, frows, fmask, NP, MIX, SPLITS, BTF)
+                _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, frows, fmask, stride_t, D,
+                        K, norm_eps, hc_eps, iters, HC, R, BTF, BDF, PLANT)  # fmt: skip
 
 
 def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps, out=None, plant=0):
@@ -166,7 +168,8 @@ def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_ep
         x, fn, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, comb, ws, cnt, T, D,
         float(norm_eps), float(hc_eps), int(sinkhorn_iters),
         HC=hc, R=R, BT=cfg["BT"], BK=cfg["BK"], KSPLIT=cfg["KSPLIT"], SPLITS=splits, BD=cfg["BD"],
-        ROWWISE=cfg["ROWWISE"], PLANT=plant, num_warps=cfg["num_warps"], enable_fp_fusion=False,
+        BTF=cfg["BTF"], BDF=cfg["BDF"], ROWWISE=cfg["ROWWISE"], PLANT=plant, num_warps=cfg["num_warps"],
+        enable_fp_fusion=False,
     )  # fmt: skip
     return y, post, comb
 
