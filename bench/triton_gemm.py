@@ -9,7 +9,9 @@ Per case: median time of the Triton op (triton.testing.do_bench) and of the op's
 kernels' exact emulation; timed once where it is slow, skipped where it would blow the time budget), and the case's
 share of a roofline measured in the same run: device-to-device copy bandwidth (bytes read + written per second),
 FP8 `torch._scaled_mm` 8192^3 and bf16 / fp32 matmul 8192^3 rates. For o_lora the bf16 einsum "sgd,grd->sgr" is
-timed too (the reference's own wo_a kernel). Decode-sized cases (T <= 64; o_lora up to 1024) are also timed
+timed too (the reference's own wo_a kernel); for dense_linear's fp32 case, the benchmark-only candidates for its fp32
+dot (tf32x3, bf16x6, bf16x3: split operands on the tensor cores), a row each, with their max error against float64 in
+units of 2^-23 of the absolute term sum. Decode-sized cases (T <= 64; o_lora up to 1024) are also timed
 replayed from a CUDA graph, cycling through enough weight copies that every launch streams its weights from HBM
 rather than the 60 MB L2 (`graph_ms`): eager times of a 10-30 us kernel are mostly Python launch overhead on this
 host (70-250 us). Targets checked (graph times where measured, the einsum timed the same way): fp8_gemm >= 60 % of
@@ -457,7 +459,7 @@ class Bench:
     # -- dense_linear ---------------------------------------------------------------------------------------------
 
     def dense_linear(self, model, cfg):
-        from parity.optimized.ops.triton.dense_linear import linear
+        from parity.optimized.ops.triton.dense_linear import CANDIDATE_PRECISIONS, linear
 
         d = cfg["D"]
         cases = {"compressor wkv fp32": (1024, torch.float32), "indexer weights_proj bf16": (cfg["IH"], torch.bfloat16)}
@@ -488,16 +490,22 @@ class Bench:
                 )  # fmt: skip
                 if dtype != torch.float32:
                     return
-                # the candidate for the fp32 dot's FMA form: three TF32 tensor-core products; its error is reported
-                # in units of 2^-23 of each output's absolute term sum (the exact form's bound is K such units)
-                tf = lambda: linear(x, w, _tf32x3=True)  # noqa: E731
-                units = ((tf()[:sub].double() - golden).abs() / (absum * 2.0**-23)).max().item()
-                graph = graph_ms([lambda c=c: linear(x, c, _tf32x3=True) for c in copies]) if small else None
-                self.record(
-                    "dense_linear", model, t, f"{name} tf32x3 candidate N={n} K={d}", bench_ms(tf), torch_ms,
-                    n * d * es + t * (d + n) * es, 2 * t * n * d, peak, weight_bytes=n * d * es, graph=graph,
-                    check=("max error / (2^-23 abs term sum); the exact form's bound: K", units, float(d), True),
-                )  # fmt: skip
+                # the candidates for the fp32 dot's FMA form, split operands on the tensor cores (tf32x3: three
+                # TF32 products, bf16x6: six bf16 ones, bf16x3: three; dense_linear.linear says what each drops),
+                # a row each; the error is reported in units of 2^-23 of each output's absolute term sum (the exact
+                # form's bound is K such units)
+                for prec in CANDIDATE_PRECISIONS:
+                    if self.late():
+                        return
+                    cand = lambda prec=prec: linear(x, w, _precision=prec)  # noqa: E731
+                    units = ((cand()[:sub].double() - golden).abs() / (absum * 2.0**-23)).max().item()
+                    calls = [lambda c=c, prec=prec: linear(x, c, _precision=prec) for c in copies]
+                    graph = graph_ms(calls) if small else None
+                    self.record(
+                        "dense_linear", model, t, f"{name} {prec} candidate N={n} K={d}", bench_ms(cand), torch_ms,
+                        n * d * es + t * (d + n) * es, 2 * t * n * d, peak, weight_bytes=n * d * es, graph=graph,
+                        check=("max error / (2^-23 abs term sum); the exact form's bound: K", units, float(d), True),
+                    )  # fmt: skip
 
             for t in TOKENS:
                 if self.late():
@@ -647,10 +655,12 @@ def compile_check(only: str = "") -> int:
     sd = dict(x_ptr="*fp32", w_ptr="*fp32", y_ptr="*fp32", ws_ptr="*fp32", M=i32, N=i32, K=i32, CHUNK_K=i32,
               M_BUCKET=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32)  # fmt: skip
     for tuner, split in ((dense_linear._small, True), (dense_linear._large, False)):
-        for dt, ieee, tf32x3 in (("fp32", True, False), ("fp32 tf32x3", True, True), ("bf16", False, False)):
+        # the op (fp32 ieee, bf16) and the benchmark's fp32 candidates (split operands on the tensor cores)
+        variants = [("fp32", True, "")] + [(f"fp32 {p}", True, p) for p in dense_linear.CANDIDATE_PRECISIONS]
+        for dt, ieee, prec in variants + [("bf16", False, "")]:
             s = dict(sd, x_ptr=f"*{dt[:4]}", w_ptr=f"*{dt[:4]}", y_ptr=f"*{dt[:4]}")
             for kw, nw, ns in cfgs(tuner):
-                c = dict(SPLIT=split, IEEE=ieee, DOT_F64=False, TF32X3=tf32x3, **kw)
+                c = dict(SPLIT=split, IEEE=ieee, DOT_F64=False, SPLIT_PREC=prec, **kw)
                 jobs.append((f"dense_linear {dt}", dense_linear._linear_kernel, s, c, nw, ns))
     sg = dict(xq_ptr="*fp8e4nv", xs_ptr="*fp32", plan_ptr="*i32", row_tok_ptr="*i32", row_w_ptr="*fp32",
               h_ptr="*bf16", w1_ptr="*u8", w3_ptr="*u8", s1_ptr="*u8", s3_ptr="*u8", off_ptr="*i64",
@@ -688,6 +698,7 @@ def compile_check(only: str = "") -> int:
         if only and only not in name:
             continue
         shown = {k: v for k, v in consts.items() if k.startswith(("BLOCK", "SPLIT", "CHUNKED", "W_FP8"))}
+        shown.pop("SPLIT_PREC", None)  # dense_linear's candidate precision: in the job's name
         try:
             r = one(fn, sig, consts, nw, ns)
             flag = "" if (r["spill"] or 0) == 0 else "  <- spills"

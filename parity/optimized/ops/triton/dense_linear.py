@@ -32,7 +32,7 @@ def _linear_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr,
     M, N, K, CHUNK_K, M_BUCKET,
     stride_xm, stride_wn, stride_ym,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, DOT_F64: tl.constexpr, TF32X3: tl.constexpr,
+    SPLIT: tl.constexpr, IEEE: tl.constexpr, DOT_F64: tl.constexpr, SPLIT_PREC: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_w = tl.program_id(0)
@@ -61,8 +61,9 @@ def _linear_kernel(
             # (OpenBLAS edge kernels), which would make a row's bits depend on its batchmates; a float64 dot of
             # the exact products, rounded once per K block, does not
             part += tl.dot(w.to(tl.float64), x.to(tl.float64), input_precision="ieee").to(tl.float32)
-        elif TF32X3:  # the benchmark's candidate (`_tf32x3`): fp32 operands as three TF32 tensor-core products
-            part = tl.dot(w, x, part, input_precision="tf32x3")
+        elif SPLIT_PREC != "":  # a benchmark candidate (`linear(_precision=...)`): fp32 operands split into TF32
+            # or bf16 pieces whose cross products run on the tensor cores (SPLIT_PREC splits operands, SPLIT splits K)
+            part = tl.dot(w, x, part, input_precision=SPLIT_PREC)
         elif IEEE:
             part = tl.dot(w, x, part, input_precision="ieee")  # fp32 products and sums, never TF32
         else:
@@ -95,10 +96,12 @@ def _configs(small_m: bool):
 
 
 # K-chunk boundaries must not depend on the tuned BLOCK_K: chunks are multiples of 128, BLOCK_K divides 128
-_KEY = ["N", "K", "M_BUCKET", "SPLIT", "IEEE", "TF32X3"]
+_KEY = ["N", "K", "M_BUCKET", "SPLIT", "IEEE", "SPLIT_PREC"]
 _small = common.autotune(_configs(True), _KEY)(_linear_kernel)
 _large = common.autotune(_configs(False), _KEY)(_linear_kernel)
 SMALL_M = 64
+# the benchmark's candidates for the fp32 dot (`linear(_precision=...)`), none of them the op's form (see `linear`)
+CANDIDATE_PRECISIONS = ("tf32x3", "bf16x6", "bf16x3")
 
 
 def chunk_k(k: int) -> int:
@@ -107,16 +110,34 @@ def chunk_k(k: int) -> int:
 
 
 def linear(
-    x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, *, _split=None, _tf32x3=False
+    x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, *, _split=None, _precision=None
 ):  # fmt: skip
     """x `[M, K]` . weight `[N, K]`^T with fp32 accumulation; fp32 operands (both) or bf16 operands (both).
     Returns `[M, N]` in `out_dtype` (default: x's dtype).
 
-    `_tf32x3` (benchmark only, not the op): fp32 operands through `tl.dot(input_precision="tf32x3")`, each operand
-    split into a TF32 head and a TF32 tail and three tensor-core products summed (the tail x tail term dropped),
-    instead of the FMA units' exact products. The fp32 dot at decode sizes is the largest kernel time of a graphed
-    Flash-shaped decode step (docs/perf.md, eighth pass); the benchmark times this candidate and measures its error
-    against float64 before it may replace the exact form (its error bound is not stated here: unmeasured)."""
+    `_precision` (benchmark only, not the op): None is the op's own form (fp32: `input_precision="ieee"`, exact
+    products on the FMA units). One of `CANDIDATE_PRECISIONS` puts fp32 operands (bf16 ones ignore it) through
+    `tl.dot(input_precision=...)`, which Triton 3.6 rewrites (its F32DotTC pass; checked in the sm_90 TTGIR) into
+    tensor-core products of split operands: per BLOCK_K step the correction products are summed from zero in the MMA
+    accumulator, NaNs in that sum zeroed (an inf operand then gives inf, not NaN), the head x head product added
+    last, and the result added to the chunk sum with one fp32 add. Per product a * b, what each drops (for
+    normal-range values; unit: 2^-23 |a * b|):
+      "tf32x3": a = big + small, big = cvt.rna.tf32(a) (11 significant bits), small = a - big (exact); products
+        small*big + big*small + big*big on TF32 wgmma. Dropped: small*small (<= 2^-22, 2 units) and, the tensor
+        core reading only small's TF32 bits, its low bits (<= 2^-21 per side): about 10 units at most.
+      "bf16x6": a = hi + mid + lo, three bf16 (8 significant bits each, each the round-to-nearest of what is left);
+        the six products whose pieces' ranks sum to <= 2 (hi*hi, hi*mid, mid*hi, hi*lo, lo*hi, mid*mid) on bf16
+        wgmma, each exact in fp32. Dropped: mid*lo, lo*mid, lo*lo and the split's remainder (<= 2^-24 |a| per side):
+        about 2 units, so nearly fp32-exact products.
+      "bf16x3": a = hi + mid (two bf16); products hi*hi + hi*mid + mid*hi. Dropped: mid*mid and the remainder
+        (<= 2^-16 |a| per side): about 3 * 2^-16, 384 units at most, far above the other two.
+    The sums then run in wgmma's fp32 accumulator, whose rounding NVIDIA does not specify, not in FMA order: so the
+    error against float64 (the exact form's bound is K units of the absolute term sum, a bound for fp32 summation)
+    and the speed are what `bench/triton_gemm.py` measures on the GPU. The fp32 dot at decode sizes is the largest
+    kernel time of a graphed Flash-shaped decode step (docs/perf.md, eighth pass); none of these candidates is the
+    op's form until that measurement says it pays and stays within the op's tolerance. Under the interpreter the
+    float64 dot runs whatever `_precision` says (its `tl.dot` knows neither bf16x3 nor bf16x6)."""
+    assert _precision is None or _precision in CANDIDATE_PRECISIONS, _precision
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k, (tuple(x.shape), tuple(weight.shape))
@@ -144,7 +165,7 @@ def linear(
             x, weight, out, ws,
             m, n, k, ck, common.bucket(m),
             x.stride(0), weight.stride(0), out.stride(0),
-            SPLIT=split, IEEE=ieee, DOT_F64=runtime.interpreting(), TF32X3=bool(_tf32x3) and ieee,
+            SPLIT=split, IEEE=ieee, DOT_F64=runtime.interpreting(), SPLIT_PREC=(_precision or "") if ieee else "",
         )  # fmt: skip
         if split:
             common.reduce_chunks(ws, out)
