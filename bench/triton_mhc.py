@@ -208,6 +208,8 @@ SWEEP = [dict(BT=16, BD=256, num_warps=4), dict(BT=32, BD=256, num_warps=4), dic
          dict(BT=64, BD=128, num_warps=4), dict(BT=16, BD=128, num_warps=2)]  # fmt: skip
 # below 16 tokens also the whole 16-row block's finish (the default before the narrow finisher, `_mhc.finisher`)
 WHOLE_BLOCK = dict(BT=16, BD=256, BTF=16, num_warps=4)
+# smaller K pieces (more split programs, fewer serial chunks each) at the default tile: the decode GEMV's latency
+K_PIECES = [dict(BT=16, BD=256, num_warps=4, KSPLIT=512), dict(BT=16, BD=256, num_warps=4, KSPLIT=256)]
 
 
 def sweep(tri, bench, models, tokens, dev):
@@ -223,7 +225,7 @@ def sweep(tri, bench, models, tokens, dev):
                 _mhc.TUNING.clear()
                 base = fn()
                 base = base if isinstance(base, tuple) else (base,)
-                for cfg in SWEEP + ([WHOLE_BLOCK] if t < 16 else []):
+                for cfg in SWEEP + ([WHOLE_BLOCK] if t < 16 else []) + K_PIECES:
                     _mhc.TUNING.update(cfg)
                     out = fn()
                     out = out if isinstance(out, tuple) else (out,)
@@ -257,12 +259,13 @@ def markdown(rows, checks, info, sweep_rows=()) -> str:
     if sweep_rows:
         out += [
             "",
-            "| op | model | T | BT | BD | finisher rows | warps | ms | bits as default |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---|",
+            "| op | model | T | BT | BD | finisher rows | K piece | warps | ms | bits as default |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in sweep_rows:
             out.append(f"| {r['op']} | {r['model']} | {r['tokens']} | {r['BT']} | {r['BD']} | {r['BTF_used']} | "
-                       f"{r['num_warps']} | {r['ms']:.4f} | {'yes' if r['same_bits'] else 'NO'} |")  # fmt: skip
+                       f"{r.get('KSPLIT', 1024)} | {r['num_warps']} | {r['ms']:.4f} | "
+                       f"{'yes' if r['same_bits'] else 'NO'} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -325,7 +328,9 @@ def main() -> int:
             if dev == "cuda":
                 torch.cuda.empty_cache()
     sweep_rows = sweep(tri, bench, opts.models, opts.sweep_tokens, dev) if opts.sweep_tokens else []
-    for r in sweep_rows:
+    # the kernels claim the same bits for every tile (BT, BD, finisher rows, warps); another K piece regroups the
+    # sums (its bits are reported in the sweep table, not checked: a new default would be judged by the tolerance)
+    for r in (r for r in sweep_rows if "KSPLIT" not in r):
         checks.append(dict(op=r["op"] + " block sweep", model=r["model"], tokens=r["tokens"], claim="same bits",
                            worst=0.0 if r["same_bits"] else math.inf, passed=r["same_bits"]))  # fmt: skip
     info["seconds"] = time.time() - start
