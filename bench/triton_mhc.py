@@ -9,9 +9,10 @@ For DeepSeek-V4-Flash (D 4096, 64 heads) and V4-Pro (D 7168, 128 heads) at each 
 - a correctness check on the same inputs against the torch backend on this GPU, as the registry entries claim:
   torch.equal for hc_post and rope; for the others, no element further from the float64 golden than the torch
   backend is, plus the entry's stated allowance (the same formulas as tests/optimized/ops/test_<op>.py).
-Then a block-size sweep of hc_pre and hc_head (tokens per program, columns per program, warps; the K chunking
-that fixes the sums stays), whose outputs must be bit-identical to the default configuration's (the kernels'
-batch-invariance claim on this GPU) and whose fastest entry says which default to keep.
+Then a block-size sweep of hc_pre and hc_head (tokens per program, columns per program, warps; below 16 tokens
+also the whole block's finish instead of the narrow finisher), whose outputs must be bit-identical to the default
+configuration's (the kernels' batch-invariance claim on this GPU) and whose fastest entry says which default to
+keep; and two smaller K pieces (KSPLIT), timed with their bits reported but not checked (they regroup the sums).
 Prints the tables and writes triton_mhc.json and triton_mhc.md into DIR. Exit code 1 if a check fails.
 """
 
