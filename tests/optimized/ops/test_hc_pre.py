@@ -243,7 +243,7 @@ def test_planted_bug_one_segment_for_the_batch_is_not_bitwise(ref_model, lengths
 def test_narrow_finisher_has_the_block_finishers_bits(kernel, t):
     # a launch of fewer tokens than a block finishes only the next power of two of them (`_mhc.finisher`): the same
     # bits as the whole block's finish, every output written (NaN-poisoned buffers); D 512 takes the split path
-    from parity.optimized.ops.triton import _mhc
+    from parity.optimized.ops.triton import _mhc, runtime
 
     _, module = kernel
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -261,7 +261,7 @@ def test_narrow_finisher_has_the_block_finishers_bits(kernel, t):
             _mhc.TUNING.clear()
 
     block = _mhc.config(t, 512)
-    assert block["BTF"] == min(block["BT"], _mhc.next_pow2(t))
+    assert block["BTF"] == min(block["BT"], runtime.next_pow2(t))
     for narrow, whole in zip(launch(), launch(BTF=block["BT"])):
         assert torch.equal(narrow, whole)
     if t > 2:  # a finisher narrower than the launch's tokens would leave rows unwritten: refused

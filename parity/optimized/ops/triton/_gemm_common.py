@@ -112,7 +112,7 @@ def autotune(configs, key):
 
 def bucket(m: int) -> int:
     """Autotune key for the token count: powers of two up to 4096 (one config per size class, not per M)."""
-    return min(4096, triton.next_power_of_2(max(1, m)))
+    return min(4096, runtime.next_pow2(max(1, m)))
 
 
 # ---- tile functions ---------------------------------------------------------------------------------------------
@@ -159,7 +159,7 @@ def reduce_chunks(ws: torch.Tensor, out: torch.Tensor) -> None:
     summed in ascending chunk order."""
     numel = out.numel()
     block = 4096 if runtime.interpreting() else 1024
-    _reduce_chunks_kernel[(triton.cdiv(numel, block),)](ws, out, numel, N_CHUNKS=ws.shape[0], BLOCK=block)
+    _reduce_chunks_kernel[(runtime.cdiv(numel, block),)](ws, out, numel, N_CHUNKS=ws.shape[0], BLOCK=block)
 
 
 # ---- split-K reduced in the same launch: the last program of an output tile adds the chunk sums -----------------
@@ -192,7 +192,7 @@ def tile_counters(device: torch.device, tiles: int) -> torch.Tensor:
     if buf is None or buf.numel() < tiles:
         if buf is not None:
             _OUTGROWN.append(buf)
-        buf = torch.zeros(max(1024, triton.next_power_of_2(tiles)), dtype=torch.int32, device=device)
+        buf = torch.zeros(max(1024, runtime.next_pow2(tiles)), dtype=torch.int32, device=device)
         _COUNTERS[device] = buf
     return buf
 

@@ -140,10 +140,6 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (int(n) - 1).bit_length())
-
-
 # block-size overrides for tuning runs (bench/triton_mhc.py sweeps them): BT, BD, BTF and num_warps only regroup
 # tokens and columns into programs, so they never change a bit. KSPLIT (elements per K piece, a multiple of BK)
 # regroups the sums: the squares' fp32 column sums run over one piece, so it can move the last bits (it does in the
@@ -158,8 +154,8 @@ def config(n_tokens: int, dim: int) -> dict:
     how tokens and columns are grouped into programs. Interpreted: few, big programs (the interpreter pays ~0.5 ms per
     tensor op of every program); the tiny model's 4 x 256 streams then take one K piece, a 512-wide model two."""
     if runtime.interpreting():
-        bt = min(max(next_pow2(n_tokens), 16), 256)
-        cfg = dict(BT=bt, BK=128, KSPLIT=1024, BD=min(next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
+        bt = min(max(runtime.next_pow2(n_tokens), 16), 256)
+        cfg = dict(BT=bt, BK=128, KSPLIT=1024, BD=min(runtime.next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
     else:
         # 16 tokens: the smallest FMA dot tile; 32 halves the mixer-matrix reads from L2 once there are many blocks
         cfg = dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=1024, BD=256, num_warps=4, ROWWISE=False)
@@ -176,10 +172,10 @@ def finisher(cfg: dict, n_tokens: int, dim: int) -> dict:
     tile (the narrow tile is not yet timed there). Rows are independent, so the tile never changes a bit. Without a
     split (SPLITS 1: the mixes stay in the GEMV's registers) the finish keeps the block's BT x BD."""
     bt = cfg["BT"]
-    btf = cfg.get("BTF") or min(bt, next_pow2(n_tokens))
+    btf = cfg.get("BTF") or min(bt, runtime.next_pow2(n_tokens))
     if btf < bt and n_tokens > btf:
         raise ValueError(f"hc mixers: a finisher of {btf} rows cannot finish blocks of {bt} ({n_tokens} tokens)")
-    return dict(cfg, BTF=btf, BDF=min(next_pow2(dim), max(cfg["BD"], cfg["BD"] * bt // btf)))
+    return dict(cfg, BTF=btf, BDF=min(runtime.next_pow2(dim), max(cfg["BD"], cfg["BD"] * bt // btf)))
 
 
 def workspace(splits: int, n_tokens: int, mix: int, device) -> torch.Tensor:

@@ -70,7 +70,7 @@ def group_tiles(n_groups: int, block: int, n_rows: int) -> tuple[int, int]:
     Compiled: about 4096 elements per program (memory bound, many programs to fill the GPU). Interpreted: one big
     tile (the interpreter pays per program and per op, not per element)."""
     budget = 1 << 16 if runtime.interpreting() else 4096
-    bg = min(triton.next_power_of_2(max(n_groups, 1)), max(1, budget // block))
+    bg = min(runtime.next_pow2(max(n_groups, 1)), max(1, budget // block))
     br = max(1, budget // (bg * block))
-    br = min(br, triton.next_power_of_2(max(n_rows, 1)))
+    br = min(br, runtime.next_pow2(max(n_rows, 1)))
     return br, bg

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
+from parity.optimized.ops.triton import runtime
 from parity.optimized.ops.triton._quant import as_rows, exp2i, group_tiles, pow2_ceil_exp
 
 FP8_MAX = 448.0
@@ -116,7 +117,7 @@ def _launch(rows, y, s, block, round_scale, mode, e8m0, scale_shift):
         return
     ng = n // block
     br, bg = group_tiles(ng, block, r)
-    grid = (triton.cdiv(r, br), triton.cdiv(ng, bg))
+    grid = (runtime.cdiv(r, br), runtime.cdiv(ng, bg))
     _fp8_group_kernel[grid](
         rows, y, s, r, ng, rows.stride(0), n,
         BLOCK=block, BR=br, BG=bg, ROUND_SCALE=round_scale, MODE=mode, S_E8M0=e8m0, SCALE_SHIFT=scale_shift,

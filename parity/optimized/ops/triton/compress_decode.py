@@ -113,16 +113,16 @@ def launch(
         f = torch.view_as_real(freqs_cis)  # [S, rd/2, 2] fp32
         if f.stride(-2) != 2 or f.stride(-1) != 1:
             f = f.contiguous()
-        wr = triton.next_power_of_2(rows_n)
+        wr = runtime.next_pow2(rows_n)
         interp = runtime.interpreting()
-        bc = min(triton.next_power_of_2(cd), max(16, (1 << 16 if interp else 4096) // wr))
-        pc = min(triton.next_power_of_2(hd), max(16, (1 << 16 if interp else 1024) // wr))
+        bc = min(runtime.next_pow2(cd), max(16, (1 << 16 if interp else 4096) // wr))
+        pc = min(runtime.next_pow2(hd), max(16, (1 << 16 if interp else 1024) // wr))
         _decode_kernel[(n,)](
             kv, score, ape.contiguous(), phase if rows is None else rows, phase, slots, state_kv, state_score,
             ws, out, pool, pool_rows if m else phase, weight.contiguous(), f, positions if m else phase,
             float(eps), hd**-0.5, kv.stride(0), score.stride(0), f.stride(0), pool.stride(0),
             RATIO=ratio, HD=hd, CD=cd, ROWS=rows_n, OVERLAP=bool(overlap), HAS_ROWS=rows is not None,
-            EMIT=done_slots is not None, NP=triton.next_power_of_2(n), WR=wr, BC=bc, PC=pc, RD=rd,
+            EMIT=done_slots is not None, NP=runtime.next_pow2(n), WR=wr, BC=bc, PC=pc, RD=rd,
             ROTATE=bool(rotate), LOG_D=hd.bit_length() - 1, ROUND_SCALE=scale_fmt is not None, FP8=bool(fp8),
             FUSED=kv.device.type == "cuda", PLANT=plant, num_warps=4, enable_fp_fusion=False,
         )  # fmt: skip

@@ -115,8 +115,8 @@ def launch(pooled, weight, eps, freqs_cis, positions, rotate, scale_fmt, fp8, pl
     if f.stride(-2) != 2 or f.stride(-1) != 1:
         f = f.contiguous()
     # one entry per program on the GPU (a step completes few); the interpreter pays per program: a block of them
-    bm = min(triton.next_power_of_2(m), 64) if runtime.interpreting() else 1
-    _finish_kernel[(triton.cdiv(m, bm),)](
+    bm = min(runtime.next_pow2(m), 64) if runtime.interpreting() else 1
+    _finish_kernel[(runtime.cdiv(m, bm),)](
         pooled.contiguous(), weight.contiguous(), f, positions, out, m, d, float(eps), d**-0.5, f.stride(0),
         D=d, RD=rd, BM=bm, ROTATE=bool(rotate), LOG_D=d.bit_length() - 1, ROUND_SCALE=scale_fmt is not None,
         FP8=bool(fp8), FUSED=pooled.device.type == "cuda", PLANT=plant, num_warps=4, enable_fp_fusion=False,

@@ -100,11 +100,11 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
         return out
     if w == 0:  # an empty softmax sums to nothing (the twin gives zeros)
         return out.zero_()
-    wp = triton.next_power_of_2(w)
+    wp = runtime.next_pow2(w)
     budget = 1 << 15 if runtime.interpreting() else 2048
-    bc = min(triton.next_power_of_2(c), max(16, budget // wp))
-    bn = min(max(1, budget // (wp * bc)), triton.next_power_of_2(n))
-    grid = (triton.cdiv(n, bn), triton.cdiv(c, bc))
+    bc = min(runtime.next_pow2(c), max(16, budget // wp))
+    bn = min(max(1, budget // (wp * bc)), runtime.next_pow2(n))
+    grid = (runtime.cdiv(n, bn), runtime.cdiv(c, bc))
     _pool_kernel[grid](
         kv3, sc3, out, n, w, c, kv3.stride(0), kv3.stride(1), sc3.stride(0), sc3.stride(1), WP=wp, BN=bn, BC=bc
     )

@@ -165,13 +165,13 @@ def launch(kv, score, ape, rows, phase, slots, done_slots, state_kv, state_score
     m = 0 if done_slots is None else done_slots.shape[0]
     blocks = [torch.empty(m, rows_n, hd, dtype=torch.float32, device=kv.device) for _ in range(2)]
     if n:
-        wr = triton.next_power_of_2(rows_n)
+        wr = runtime.next_pow2(rows_n)
         budget = 1 << 16 if runtime.interpreting() else 4096
-        bc = min(triton.next_power_of_2(cd), max(16, budget // wr))
+        bc = min(runtime.next_pow2(cd), max(16, budget // wr))
         _state_kernel[(n,)](
             kv, score, ape.contiguous(), phase if rows is None else rows, phase, slots, state_kv, state_score,
             *blocks, n, kv.stride(0), score.stride(0),
             RATIO=ratio, HD=hd, CD=cd, ROWS=rows_n, OVERLAP=bool(overlap), HAS_ROWS=rows is not None,
-            EMIT=done_slots is not None, NP=triton.next_power_of_2(n), WR=wr, BC=bc, PLANT=plant,
+            EMIT=done_slots is not None, NP=runtime.next_pow2(n), WR=wr, BC=bc, PLANT=plant,
         )  # fmt: skip
     return None if done_slots is None else tuple(blocks)

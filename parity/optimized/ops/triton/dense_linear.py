@@ -106,7 +106,7 @@ CANDIDATE_PRECISIONS = ("tf32x3", "bf16x6", "bf16x3")
 
 def chunk_k(k: int) -> int:
     """Elements per K chunk: a multiple of 128, at most 8 chunks; a function of K only."""
-    return 128 * common.chunk_blocks(triton.cdiv(k, 128))
+    return 128 * common.chunk_blocks(runtime.cdiv(k, 128))
 
 
 def linear(
@@ -148,17 +148,17 @@ def linear(
     x = x if x.stride(-1) == 1 else x.contiguous()
     weight = weight if weight.stride(-1) == 1 else weight.contiguous()
     ck = chunk_k(k)
-    chunks = triton.cdiv(k, ck)
+    chunks = runtime.cdiv(k, ck)
     small = m <= SMALL_M
     split = _split
     if split is None:
-        split = small and triton.cdiv(n, 64) * triton.cdiv(m, 16) < common.sm_count(x.device)
+        split = small and runtime.cdiv(n, 64) * runtime.cdiv(m, 16) < common.sm_count(x.device)
     split = split and chunks > 1
     ws = common.empty(chunks, m, n, dtype=torch.float32, device=x.device) if split else out  # out: unused dummy
     ieee = x.dtype == torch.float32
 
     def grid(meta):
-        return (triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
+        return (runtime.cdiv(n, meta["BLOCK_W"]), runtime.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
 
     with common.on_device(x):
         (_small if small else _large)[grid](

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from parity.optimized.ops.triton import runtime
 from parity.optimized.ops.triton._quant import as_rows, exp2i, group_tiles, pow2_ceil_exp, round_e2m1
 
 
@@ -65,7 +66,7 @@ def fp4_fake_quant_planted(x: torch.Tensor, block: int = 32, scale_shift: int = 
         return x
     ng = n // block
     br, bg = group_tiles(ng, block, r)
-    _fp4_group_kernel[(triton.cdiv(r, br), triton.cdiv(ng, bg))](
+    _fp4_group_kernel[(runtime.cdiv(r, br), runtime.cdiv(ng, bg))](
         rows, r, ng, rows.stride(0), BLOCK=block, BR=br, BG=bg, SCALE_SHIFT=scale_shift
     )
     return x

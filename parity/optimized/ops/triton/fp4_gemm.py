@@ -181,16 +181,16 @@ def fp4_gemm(
         small = m <= SMALL_M
         split = _split
         if split is None:
-            split = small and triton.cdiv(n, 128) * triton.cdiv(m, 16) < common.sm_count(a.device)
+            split = small and runtime.cdiv(n, 128) * runtime.cdiv(m, 16) < common.sm_count(a.device)
         split = split and chunks > 1
         in_launch = split and common.reduce_in_launch(m)
         # 4 blocks per loop trip need every program's K range to start and end on a 128-group (K % 128 == 0 makes
         # the whole range do; a split chunk must be a multiple of 4 blocks)
         sub = 4 if not split or chunk % 4 == 0 else 1
-        ws, cnt = common.split_buffers(split, chunks, m, n, out, triton.cdiv(n, _MIN_W) * triton.cdiv(m, _MIN_T))
+        ws, cnt = common.split_buffers(split, chunks, m, n, out, runtime.cdiv(n, _MIN_W) * runtime.cdiv(m, _MIN_T))
 
         def grid(meta):
-            return (triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
+            return (runtime.cdiv(n, meta["BLOCK_W"]), runtime.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
 
         with common.on_device(a), common.split_reduction(ws, out, split, in_launch):
             (_small if small else _large)[grid](

@@ -171,7 +171,7 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
         return out
     assert k % BLOCK_K.value == 0, f"fp8_gemm: K = {k} is not a multiple of {BLOCK_K.value}"
     n_kb = k // BLOCK_K.value
-    assert b_s.shape == (triton.cdiv(n, 128), n_kb), f"fp8_gemm: weight scales {tuple(b_s.shape)} for {n}x{k}"
+    assert b_s.shape == (runtime.cdiv(n, 128), n_kb), f"fp8_gemm: weight scales {tuple(b_s.shape)} for {n}x{k}"
     bs, b_e8m0 = common.scale_arg(b_s)
     if fuse_quant:
         as_, a_e8m0, stride_asm = a, False, 0  # unused
@@ -184,15 +184,15 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
     small = m <= SMALL_M
     if split is None:
         # split K only where the largest small-M tiles cannot occupy the SMs
-        split = small and chunks > 1 and triton.cdiv(n, 128) * triton.cdiv(m, 16) < common.sm_count(a.device)
+        split = small and chunks > 1 and runtime.cdiv(n, 128) * runtime.cdiv(m, 16) < common.sm_count(a.device)
     split = split and chunks > 1
     in_launch = split and common.reduce_in_launch(m)
-    ws, cnt = common.split_buffers(split, chunks, m, n, out, triton.cdiv(n, _MIN_W) * triton.cdiv(m, _MIN_T))
+    ws, cnt = common.split_buffers(split, chunks, m, n, out, runtime.cdiv(n, _MIN_W) * runtime.cdiv(m, _MIN_T))
     kernel = _small if small else _large
     t_fast = not small and not split  # prefill: the CTAs resident at once share weight tiles
 
     def grid(meta):
-        w_tiles, t_tiles = triton.cdiv(n, meta["BLOCK_W"]), triton.cdiv(m, meta["BLOCK_T"])
+        w_tiles, t_tiles = runtime.cdiv(n, meta["BLOCK_W"]), runtime.cdiv(m, meta["BLOCK_T"])
         return (t_tiles, w_tiles, 1) if t_fast else (w_tiles, t_tiles, chunks if split else 1)
 
     with common.on_device(a), common.split_reduction(ws, out, split, in_launch):

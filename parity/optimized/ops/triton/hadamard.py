@@ -73,8 +73,8 @@ def hadamard_planted(x: torch.Tensor, scale: float = 1.0, reversed_stages: bool 
     if r == 0 or d == 0:
         return out
     budget = 1 << 15 if runtime.interpreting() else 2048
-    br = min(max(1, budget // d), triton.next_power_of_2(r))
-    _hadamard_kernel[(triton.cdiv(r, br),)](
+    br = min(max(1, budget // d), runtime.next_pow2(r))
+    _hadamard_kernel[(runtime.cdiv(r, br),)](
         rows, out, r, rows.stride(0), scale, D=d, LOG_D=d.bit_length() - 1, BR=br, REVERSED=reversed_stages
     )
     return out

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from parity.optimized.ops.triton import _mhc
+from parity.optimized.ops.triton import _mhc, runtime
 
 
 @triton.jit
@@ -82,8 +82,8 @@ def hc_head(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_eps, out=None)
         return y
     cfg = _mhc.config(T, D)
     np_ = 16  # the FMA dot's smallest width
-    splits = triton.cdiv(hc * D, cfg["KSPLIT"])
-    n_blocks = triton.cdiv(T, cfg["BT"])
+    splits = runtime.cdiv(hc * D, cfg["KSPLIT"])
+    n_blocks = runtime.cdiv(T, cfg["BT"])
     _hc_head_kernel[(splits, n_blocks)](
         x, fn, hc_scale.float().contiguous(), hc_base.float().contiguous(), y,
         _mhc.workspace(splits, T, hc, x.device), _mhc.counters(x.device, n_blocks), T, D, float(norm_eps),

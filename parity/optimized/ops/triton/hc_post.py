@@ -65,10 +65,10 @@ def launch(x, residual, post, comb, out=None, plant=0):
     if T == 0:
         return out
     if runtime.interpreting():
-        bt, bd = min(triton.next_power_of_2(T), 256), min(triton.next_power_of_2(D), 1024)
+        bt, bd = min(runtime.next_pow2(T), 256), min(runtime.next_pow2(D), 1024)
     else:
         bt, bd = 2, 1024
-    grid = (triton.cdiv(T, bt), triton.cdiv(D, bd))
+    grid = (runtime.cdiv(T, bt), runtime.cdiv(D, bd))
     _hc_post_kernel[grid](
         x.contiguous(), residual.contiguous(), post.float().contiguous(), comb.float().contiguous(), out, T, D,
         BT=bt, BD=bd, PLANT=plant, num_warps=4, enable_fp_fusion=False,

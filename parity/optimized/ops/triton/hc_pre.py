@@ -37,7 +37,7 @@ import torch
 import triton
 import triton.language as tl
 
-from parity.optimized.ops.triton import _mhc
+from parity.optimized.ops.triton import _mhc, runtime
 from parity.optimized.ops.triton._mhc import MAX as _MAX
 from parity.optimized.ops.triton._mhc import SUM as _SUM
 
@@ -159,9 +159,9 @@ def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_ep
     if T == 0:
         return y, post, comb
     cfg = _mhc.config(T, D)
-    R = _mhc.next_pow2(2 + hc)
-    splits = 1 if plant == 2 else triton.cdiv(hc * D, cfg["KSPLIT"])
-    n_blocks = triton.cdiv(T, cfg["BT"])
+    R = runtime.next_pow2(2 + hc)
+    splits = 1 if plant == 2 else runtime.cdiv(hc * D, cfg["KSPLIT"])
+    n_blocks = runtime.cdiv(T, cfg["BT"])
     ws = _mhc.workspace(splits, T, mix, x.device)
     cnt = _mhc.counters(x.device, n_blocks)
     _hc_pre_kernel[(splits, n_blocks)](

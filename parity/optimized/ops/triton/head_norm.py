@@ -58,10 +58,10 @@ def launch(q: torch.Tensor, eps: float, fp32_steps: bool = False) -> torch.Tenso
     T, h, d = q.shape
     if T * h == 0:
         return q
-    bd = triton.next_power_of_2(d)
+    bd = runtime.next_pow2(d)
     per_program = 1 << 16 if runtime.interpreting() else 4096
-    br = max(1, min(per_program // bd, triton.next_power_of_2(T * h)))
-    _head_norm_kernel[(triton.cdiv(T * h, br),)](
+    br = max(1, min(per_program // bd, runtime.next_pow2(T * h)))
+    _head_norm_kernel[(runtime.cdiv(T * h, br),)](
         q, T * h, h, d, q.stride(0), q.stride(1), float(eps), BR=br, BD=bd, FP32_STEPS=fp32_steps,
         num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip

@@ -215,14 +215,14 @@ def index_scores(q: torch.Tensor, entries: torch.Tensor, weights: torch.Tensor) 
         q = q.contiguous()
     if entries.stride(1) != 1:
         entries = entries.contiguous()
-    hp, dp = triton.next_power_of_2(h), max(16, triton.next_power_of_2(d))
+    hp, dp = runtime.next_pow2(h), max(16, runtime.next_pow2(d))
     if runtime.interpreting():
-        br = min(triton.next_power_of_2(n), max(1, 256 // hp))
-        bt = min(max(16, triton.next_power_of_2(t)), 256)
+        br = min(runtime.next_pow2(n), max(1, 256 // hp))
+        bt = min(max(16, runtime.next_pow2(t)), 256)
     else:
         br = max(1, 64 // hp) if hp < 64 else 1  # at least 64 MMA rows per program
         bt = 64
-    grid = (triton.cdiv(n, br), triton.cdiv(t, bt))
+    grid = (runtime.cdiv(n, br), runtime.cdiv(t, bt))
     _scores_kernel[grid](
         q, entries, weights, out, n, h, t, d,
         q.stride(0), q.stride(1), entries.stride(0), weights.stride(0), weights.stride(1),
@@ -278,13 +278,13 @@ def index_scores_ragged(q, pool, entry_rows, weights, meta, width: int, ratio: i
     if q.stride(2) != 1:
         q = q.contiguous()
     assert pool.stride(1) == 1, "indexer_topk_ragged: pool rows must be contiguous"
-    hp, dp = max(16, triton.next_power_of_2(h)), max(16, triton.next_power_of_2(d))  # dot operands >= 16
+    hp, dp = max(16, runtime.next_pow2(h)), max(16, runtime.next_pow2(d))  # dot operands >= 16
     if runtime.interpreting():  # few, wide programs (the interpreter pays per program and per op)
-        bt = min(max(16, triton.next_power_of_2(width)), 256)
-        br = min(triton.next_power_of_2(n), max(1, 4096 // bt))
+        bt = min(max(16, runtime.next_pow2(width)), 256)
+        br = min(runtime.next_pow2(n), max(1, 4096 // bt))
     else:
         br, bt = 1, 64  # M = the heads (64 in Flash and Pro), as the per-request kernel at h 64
-    grid = (triton.cdiv(n, br), triton.cdiv(width, bt))
+    grid = (runtime.cdiv(n, br), runtime.cdiv(width, bt))
     _ragged_scores_kernel[grid](
         q, pool, entry_rows, meta, weights, out, n, h, width, d, ratio,
         q.stride(0), q.stride(1), pool.stride(0), weights.stride(0), weights.stride(1),
@@ -319,25 +319,25 @@ def _topk(scores, out, start_pos, ratio, meta, method, chunk) -> torch.Tensor:
     (n, t), k = scores.shape, out.shape[1]
     ragged = meta is not None
     meta = meta if ragged else out  # an unread pointer of the right type
-    tp = max(16, triton.next_power_of_2(max(t, k)))
+    tp = max(16, runtime.next_pow2(max(t, k)))
     if method is None:
         # the GPU keeps a row's TP x TP comparisons in registers (16K per program at most); the interpreter pays
         # per op, not per element, and its bitonic merges are slow
         method = "rank" if tp <= (1024 if runtime.interpreting() else 128) else "merge"
     if method == "rank":
-        br = max(1, min(triton.next_power_of_2(n), (1 << 20 if runtime.interpreting() else 1 << 13) // (tp * tp)))
-        grid = (triton.cdiv(n, br),)
+        br = max(1, min(runtime.next_pow2(n), (1 << 20 if runtime.interpreting() else 1 << 13) // (tp * tp)))
+        grid = (runtime.cdiv(n, br),)
         _topk_rank_kernel[grid](scores, meta, out, n, t, k, start_pos, ratio, TP=tp, BR=br, RAGGED=ragged, num_warps=8)
         return out
-    kp = max(2, triton.next_power_of_2(k))  # tl.topk needs k >= 2
+    kp = max(2, runtime.next_pow2(k))  # tl.topk needs k >= 2
     # a tree of top-k levels: each (row, chunk of `c` keys) program keeps its chunk's top kp, so a long row's
     # chunks run in parallel and each level divides the candidates by c / kp (the keys are distinct: the top k is
     # the same set, in the same order, whatever the chunking)
-    widest = max(2 * kp, triton.next_power_of_2(chunk or 4096))
+    widest = max(2 * kp, runtime.next_pow2(chunk or 4096))
     src, width, first = scores, t, True
     while True:
-        c = min(widest, max(kp, triton.next_power_of_2(width)))
-        n_chunks = triton.cdiv(width, c)
+        c = min(widest, max(kp, runtime.next_pow2(width)))
+        n_chunks = runtime.cdiv(width, c)
         final = n_chunks == 1
         dst = out if final else torch.empty(n, n_chunks * kp, dtype=torch.int64, device=scores.device)
         _topk_tree_kernel[(n, n_chunks)](

@@ -370,7 +370,7 @@ def _plan(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, t: int, 
 def _n_plan(r: int, t: int, n_experts: int, bt: int) -> tuple[int, int]:
     """(routed plan entries, shared plan entries): the routed count is an upper bound of the tiles the experts need
     (each expert's last tile may be partial), known without reading the counts back."""
-    return triton.cdiv(r, bt) + min(n_experts, r), triton.cdiv(t, bt)
+    return runtime.cdiv(r, bt) + min(n_experts, r), runtime.cdiv(t, bt)
 
 
 @triton.jit
@@ -461,10 +461,10 @@ def _plan_one_launch(indices, weights, n_experts, t, bt):
 def plan_constants(t: int, k: int, n_experts: int, bt: int) -> dict:
     """`_plan_kernel`'s compile-time sizes for t tokens of top-k over n_experts, tiles of bt rows (also what the sm_90
     compile check builds). Sorted axes are padded to at least 2: a sort network of one element is none."""
-    p2 = triton.next_power_of_2
+    p2 = runtime.next_pow2
     r = t * k
     n_plan = sum(_n_plan(r, t, n_experts, bt))
-    return dict(K=k, KP=max(2, p2(k)), TP=p2(t), RP=max(2, p2(r)), EP=p2(n_experts), LP=p2(triton.cdiv(r, bt)),
+    return dict(K=k, KP=max(2, p2(k)), TP=p2(t), RP=max(2, p2(r)), EP=p2(n_experts), LP=p2(runtime.cdiv(r, bt)),
                 NP=p2(n_plan), BT=bt)  # fmt: skip
 
 
@@ -553,7 +553,7 @@ def moe_experts(x, weights, indices, experts, shared, scale_fmt, scale_dtype) ->
         # each token's activations quantized once (what `linear()` feeds the expert GEMMs, bit for bit), not once per
         # feature slice in every program's K loop
         xq, xs = act_quant.quantize(x, 128, scale_fmt, torch.float32)
-        _gate_up[lambda meta: (triton.cdiv(inter, meta["BLOCK_W"]), n_plan)](
+        _gate_up[lambda meta: (runtime.cdiv(inter, meta["BLOCK_W"]), n_plan)](
             xq, xs, plan, row_tok, row_w, h,
             rw1, rw3, rs1, rs3, table1,
             sw1, sw3, ss1, ss3,
@@ -564,7 +564,7 @@ def moe_experts(x, weights, indices, experts, shared, scale_fmt, scale_dtype) ->
             **common.NO_FMA,
         )  # fmt: skip
         hq, hs = act_quant.quantize(h, 128, scale_fmt, torch.float32)  # act_quant in front of w2, once
-        _down[lambda meta: (triton.cdiv(d, meta["BLOCK_W"]), n_plan)](
+        _down[lambda meta: (runtime.cdiv(d, meta["BLOCK_W"]), n_plan)](
             hq, hs, plan, y,
             rw2, rs2, table2, sw2, ss2,
             n_plan, n_exp, d, inter,
@@ -573,7 +573,7 @@ def moe_experts(x, weights, indices, experts, shared, scale_fmt, scale_dtype) ->
             **common.NO_FMA,
         )  # fmt: skip
         bt_c, bd_c = (256, 256) if runtime.interpreting() else (16, 256)
-        _combine_kernel[(triton.cdiv(t, bt_c), triton.cdiv(d, bd_c))](
+        _combine_kernel[(runtime.cdiv(t, bt_c), runtime.cdiv(d, bd_c))](
             y, pos, out, t, d, r, TOPK=k, BLOCK_T=bt_c, BLOCK_D=bd_c
         )
     return out

@@ -94,15 +94,15 @@ def moe_gate(x, weight, bias, tid2eid, input_ids, topk, score_func, route_scale,
     indices = common.empty(t, topk, dtype=tid2eid.dtype if tid2eid is not None else torch.int64, device=dev)
     if t == 0:
         return weights, indices
-    block_e = triton.next_power_of_2(n_exp)
+    block_e = runtime.next_pow2(n_exp)
     block_t = 64 if runtime.interpreting() else max(1, min(16, 4096 // block_e))
     dummy = scores  # pointer arguments that the constexpr flags never read
     with common.on_device(x):
-        _route_kernel[(triton.cdiv(t, block_t),)](
+        _route_kernel[(runtime.cdiv(t, block_t),)](
             scores, bias if bias is not None else dummy, tid2eid if tid2eid is not None else dummy,
             input_ids if tid2eid is not None else dummy, weights, indices,
             t, n_exp, scores.stride(0), float(route_scale),
-            TOPK=topk, KPAD=triton.next_power_of_2(topk), FUNC=_FUNCS[score_func], HAS_BIAS=bias is not None,
+            TOPK=topk, KPAD=runtime.next_pow2(topk), FUNC=_FUNCS[score_func], HAS_BIAS=bias is not None,
             HASH=tid2eid is not None, BLOCK_T=block_t, BLOCK_E=block_e,
         )  # fmt: skip
     return weights, indices

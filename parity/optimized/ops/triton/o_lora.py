@@ -245,7 +245,7 @@ def o_lora(
     kernel = _o_lora_kernel if _config is not None else _small if small else _large
 
     def grid(meta):
-        return (triton.cdiv(rank, meta["BLOCK_W"]), triton.cdiv(t, meta["BLOCK_T"]), n_groups)
+        return (runtime.cdiv(rank, meta["BLOCK_W"]), runtime.cdiv(t, meta["BLOCK_T"]), n_groups)
 
     with common.on_device(o):
         kernel[grid](

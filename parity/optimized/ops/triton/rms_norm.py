@@ -75,10 +75,10 @@ def launch(x: torch.Tensor, weight: torch.Tensor, eps: float, out=None, plant: i
     out = torch.empty(shape, dtype=x.dtype, device=x.device) if out is None else out
     if m == 0:
         return out
-    bn = min(triton.next_power_of_2(n), 8192)
+    bn = min(runtime.next_pow2(n), 8192)
     per_program = 1 << 16 if runtime.interpreting() else 4096  # interpreted: few, big programs
-    bm = max(1, min(per_program // bn, triton.next_power_of_2(m)))
-    _rms_norm_kernel[(triton.cdiv(m, bm),)](
+    bm = max(1, min(per_program // bn, runtime.next_pow2(m)))
+    _rms_norm_kernel[(runtime.cdiv(m, bm),)](
         x2, weight.contiguous(), out, m, n, float(eps), BM=bm, BN=bn, ONE_CHUNK=bn >= n, PLANT=plant,
         num_warps=4 if bn * bm <= 4096 else 8, enable_fp_fusion=False,
     )  # fmt: skip

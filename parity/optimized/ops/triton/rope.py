@@ -81,8 +81,8 @@ def launch(x: torch.Tensor, freqs_cis: torch.Tensor, inverse: bool = False, plan
     if f.stride(-2) != 2 or f.stride(-1) != 1:
         f = f.contiguous()
     stride_h = x.stride(1) if x.dim() == 3 else 0
-    br = max(1, min((1 << 16 if runtime.interpreting() else 2048) // half, triton.next_power_of_2(T * h)))
-    _rope_kernel[(triton.cdiv(T * h, br),)](
+    br = max(1, min((1 << 16 if runtime.interpreting() else 2048) // half, runtime.next_pow2(T * h)))
+    _rope_kernel[(runtime.cdiv(T * h, br),)](
         x, f, T * h, h, x.stride(0), stride_h, f.stride(0), HALF=half, BR=br, INVERSE=bool(inverse),
         FUSED=x.device.type == "cuda", PLANT=plant, num_warps=4, enable_fp_fusion=False,
     )  # fmt: skip

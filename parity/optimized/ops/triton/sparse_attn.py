@@ -269,7 +269,7 @@ def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: i
         q = q.contiguous()
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     sink = attn_sink.float().contiguous()
-    dp = triton.next_power_of_2(d)
+    dp = runtime.next_pow2(d)
     args = (q, out, idx, sink, *srcs, *bounds, *(s.stride(0) for s in srcs))
     if tokens_per_program is None:
         # the interpreter: as many queries per program as the [BT, 64, d] KV tile allows (Triton caps tensors at 2^20)
@@ -277,21 +277,21 @@ def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: i
         batched = runtime.interpreting() and config is None
         tokens_per_program = max(1, (1 << 20) // (BLOCK_N * dp)) if batched else 1
     if tokens_per_program > 1:
-        bt = min(triton.next_power_of_2(tokens_per_program), triton.next_power_of_2(t))
-        _sparse_attn_tokens_kernel[(triton.cdiv(t, bt),)](
+        bt = min(runtime.next_pow2(tokens_per_program), runtime.next_pow2(t))
+        _sparse_attn_tokens_kernel[(runtime.cdiv(t, bt),)](
             *args, t, h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale,
             D=d, DP=dp, BT=bt, BN=BLOCK_N,
             # compiled, tl.dot needs 16 rows; interpreted, padding heads only costs time
-            BH=triton.next_power_of_2(h) if runtime.interpreting() else max(16, triton.next_power_of_2(h)),
+            BH=runtime.next_pow2(h) if runtime.interpreting() else max(16, runtime.next_pow2(h)),
         )  # fmt: skip
         return out
     tail = (h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale)
     if runtime.interpreting() and config is None:
-        config = (max(16, triton.next_power_of_2(h)), 4, 1, 1)  # tl.dot needs 16 rows on the GPU: the same shapes
+        config = (max(16, runtime.next_pow2(h)), 4, 1, 1)  # tl.dot needs 16 rows on the GPU: the same shapes
     bh, warps, stages, parts = config or default_config(h, d)
     if parts not in (1, 2) or (parts == 2 and (dp != d or d < 32)):
         raise ValueError(f"sparse_attn: {parts} output parts of head dim {d} (1, or 2 of a power of two >= 32)")
-    grid = (t * triton.cdiv(h, bh) * parts,)
+    grid = (t * runtime.cdiv(h, bh) * parts,)
     if runtime.interpreting():
         _sparse_attn_kernel[grid](*args, *tail, D=d, DP=dp, BH=bh, BN=BLOCK_N, NPART=parts)
     else:
