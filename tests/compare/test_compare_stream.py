@@ -75,6 +75,22 @@ def test_stop_at_first_failure_leaves_the_rest_unmeasured(tmp_path, write_dump, 
     assert bisect(short).first.name == bisect(full).first.name == "layers.1.ffn:out"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tiles_wider_than_the_read_buffers_are_cut_to_fit(tmp_path, write_dump, monkeypatch, dtype):
+    # read buffers of 64 bytes and tiles of 13 elements: a float64 tile (104 bytes) would not fit, so it is cut (a
+    # tile read into a short buffer came back short, reported as a truncated file); the metrics stay those of the
+    # whole tensors within float64 summation order
+    monkeypatch.setattr(fused, "TILE", 13)
+    monkeypatch.setattr(fused, "COMPILED_TILE", 13)
+    monkeypatch.setattr(stream, "SEGMENT", 64)
+    monkeypatch.setattr(stream, "BUFFER", 64)
+    pa, pb, a, b = _pair(tmp_path, write_dump, dtype)
+    for r in compare_dumps(load_dump(pa), load_dump(pb)):
+        want = compare_tensors(a[r.name], b[r.name])
+        for field in ("cos", "max_abs", "max_rel", "rel_l2", "norm_ratio"):
+            assert getattr(r.metrics, field) == pytest.approx(getattr(want, field), rel=1e-12, nan_ok=True), field
+
+
 def test_truncated_file_after_loading_is_a_parity_error(tmp_path, write_dump, small_tiles):
     from parity.errors import ParityError
 
