@@ -661,15 +661,16 @@ def compile_check(only: str = "") -> int:
         for kw, nw, ns in cfgs(tuner):
             c = dict(W_FP8=fp8, BITS=fp8, EVEN_K=True, DOT_F64=False, **kw)  # decode: the PTX dequantization
             jobs.append(("o_lora", o_lora._o_lora_kernel, dict(so, w_ptr=w_type), c, nw, ns))
-    sd = dict(x_ptr="*fp32", w_ptr="*fp32", y_ptr="*fp32", ws_ptr="*fp32", M=i32, N=i32, K=i32, CHUNK_K=i32,
-              M_BUCKET=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32)  # fmt: skip
+    sd = dict(x_ptr="*fp32", w_ptr="*fp32", y_ptr="*fp32", ws_ptr="*fp32", cnt_ptr="*i32", M=i32, N=i32, K=i32,
+              CHUNK_K=i32, M_BUCKET=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32)  # fmt: skip
+    # split launches of decode batches reduce in the launch (the last program of each output tile)
     for tuner, split in ((dense_linear._small, True), (dense_linear._large, False)):
         # the op (fp32 ieee, bf16) and the benchmark's fp32 candidates (split operands on the tensor cores)
         variants = [("fp32", True, "")] + [(f"fp32 {p}", True, p) for p in dense_linear.CANDIDATE_PRECISIONS]
         for dt, ieee, prec in variants + [("bf16", False, "")]:
             s = dict(sd, x_ptr=f"*{dt[:4]}", w_ptr=f"*{dt[:4]}", y_ptr=f"*{dt[:4]}")
             for kw, nw, ns in cfgs(tuner):
-                c = dict(SPLIT=split, IEEE=ieee, DOT_F64=False, SPLIT_PREC=prec, **kw)
+                c = dict(SPLIT=split, IN_LAUNCH=split, IEEE=ieee, DOT_F64=False, SPLIT_PREC=prec, **kw)
                 jobs.append((f"dense_linear {dt}", dense_linear._linear_kernel, s, c, nw, ns))
     sg = dict(xq_ptr="*fp8e4nv", xs_ptr="*fp32", plan_ptr="*i32", row_tok_ptr="*i32", row_w_ptr="*fp32",
               h_ptr="*bf16", w1_ptr="*u8", w3_ptr="*u8", s1_ptr="*u8", s3_ptr="*u8", off_ptr="*i64",

@@ -150,18 +150,21 @@ def triton_linear():
     return module
 
 
-@pytest.mark.parametrize(("m", "name"), [(1, "hc_pre-fp32"), (5, "compressor-fp32"), (3, "weights_proj-bf16")])
+@pytest.mark.parametrize(
+    ("m", "name"), [(1, "hc_pre-fp32"), (5, "compressor-fp32"), (3, "weights_proj-bf16"), (20, "compressor-fp32")]
+)
 def test_triton_split_k_gives_the_same_bits(triton_linear, m, name):
-    # K = 1024 (8 chunks) and 256 (2 chunks): the split-K launch adds the chunk sums in the one-program order
+    # K = 1024 (8 chunks) and 256 (2 chunks): the split-K launch adds the chunk sums in the one-program order, by the
+    # last program of each output tile (m <= 16) or by a second launch (m 20)
     x, w = operands(name, m, DEV)
     assert torch.equal(triton_linear.linear(x, w, _split=True), triton_linear.linear(x, w, _split=False))
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_triton_writes_every_output(triton_linear, monkeypatch, split):
+@pytest.mark.parametrize(("split", "m"), [(False, 129), (True, 129), (True, 5)])
+def test_triton_writes_every_output(triton_linear, monkeypatch, split, m):
     from parity.optimized.ops.triton import _gemm_common
 
-    x, w = operands("compressor-fp32", 129, DEV)
+    x, w = operands("compressor-fp32", m, DEV)
     clean = triton_linear.linear(x, w, _split=split)
     monkeypatch.setattr(_gemm_common, "POISON", True)
     poisoned = triton_linear.linear(x, w, _split=split)

@@ -29,10 +29,11 @@ from parity.optimized.ops.triton import runtime
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _linear_kernel(
-    x_ptr, w_ptr, y_ptr, ws_ptr,
+    x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, CHUNK_K, M_BUCKET,
     stride_xm, stride_wn, stride_ym,
-    SPLIT: tl.constexpr, IEEE: tl.constexpr, DOT_F64: tl.constexpr, SPLIT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, IN_LAUNCH: tl.constexpr, IEEE: tl.constexpr, DOT_F64: tl.constexpr,
+    SPLIT_PREC: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_w = tl.program_id(0)
@@ -74,11 +75,7 @@ def _linear_kernel(
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
     mask = mask_w[:, None] & mask_t[None, :]
-    if SPLIT:
-        ws = ws_ptr + tl.program_id(2).to(tl.int64) * M * N
-        tl.store(ws + offs_t[None, :] * N + offs_w[:, None], total, mask=mask)
-    else:
-        tl.store(y_ptr + offs_t[None, :] * stride_ym + offs_w[:, None], total.to(y_ptr.dtype.element_ty), mask=mask)
+    common.store_tile(total, y_ptr, ws_ptr, cnt_ptr, offs_w, offs_t, mask, M, N, stride_ym, SPLIT, IN_LAUNCH)
 
 
 def _configs(small_m: bool):
@@ -96,10 +93,14 @@ def _configs(small_m: bool):
 
 
 # K-chunk boundaries must not depend on the tuned BLOCK_K: chunks are multiples of 128, BLOCK_K divides 128
-_KEY = ["N", "K", "M_BUCKET", "SPLIT", "IEEE", "SPLIT_PREC"]
+_KEY = ["N", "K", "M_BUCKET", "SPLIT", "IN_LAUNCH", "IEEE", "SPLIT_PREC"]
 _small = common.autotune(_configs(True), _KEY)(_linear_kernel)
 _large = common.autotune(_configs(False), _KEY)(_linear_kernel)
 SMALL_M = 64
+# the smallest tiles of any configuration: a split launch's output tiles (one arrival counter each) are at most
+# cdiv(N, _MIN_W) * cdiv(M, _MIN_T)
+_MIN_W = min(c.kwargs["BLOCK_W"] for c in _small.configs + _large.configs)
+_MIN_T = min(c.kwargs["BLOCK_T"] for c in _small.configs + _large.configs)
 # the benchmark's candidates for the fp32 dot (`linear(_precision=...)`), none of them the op's form (see `linear`)
 CANDIDATE_PRECISIONS = ("tf32x3", "bf16x6", "bf16x3")
 
@@ -154,21 +155,23 @@ def linear(
     if split is None:
         split = small and runtime.cdiv(n, 64) * runtime.cdiv(m, 16) < common.sm_count(x.device)
     split = split and chunks > 1
-    ws = common.empty(chunks, m, n, dtype=torch.float32, device=x.device) if split else out  # out: unused dummy
+    # the chunk sums added in chunk order by the last program of each output tile (`_gemm_common.store_tile`), or by
+    # a second launch for larger batches: the same additions either way
+    in_launch = split and common.reduce_in_launch(m)
+    ws, cnt = common.split_buffers(split, chunks, m, n, out, runtime.cdiv(n, _MIN_W) * runtime.cdiv(m, _MIN_T))
     ieee = x.dtype == torch.float32
 
     def grid(meta):
         return (runtime.cdiv(n, meta["BLOCK_W"]), runtime.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
 
-    with common.on_device(x):
+    with common.on_device(x), common.split_reduction(ws, out, split, in_launch):
         (_small if small else _large)[grid](
-            x, weight, out, ws,
+            x, weight, out, ws, cnt,
             m, n, k, ck, common.bucket(m),
             x.stride(0), weight.stride(0), out.stride(0),
-            SPLIT=split, IEEE=ieee, DOT_F64=runtime.interpreting(), SPLIT_PREC=(_precision or "") if ieee else "",
+            SPLIT=split, IN_LAUNCH=in_launch, IEEE=ieee, DOT_F64=runtime.interpreting(),
+            SPLIT_PREC=(_precision or "") if ieee else "",
         )  # fmt: skip
-        if split:
-            common.reduce_chunks(ws, out)
     return out
 
 
