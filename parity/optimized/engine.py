@@ -20,6 +20,7 @@ shapes in the torch ops, row-independent GEMMs), which the tests check bitwise.
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import KW_ONLY, dataclass, field
+from functools import cached_property
 
 import torch
 
@@ -57,13 +58,24 @@ class Request:
     # (`compare.verdict.RequestLayout`).
     first_chunk: int = 0
 
+    @cached_property
+    def prompt_ids(self) -> list[int]:
+        """The prompt as host ints, converted once: every decode step reads a token of each request, and converting
+        the whole prompt tensor each time cost O(prompt) per request and step."""
+        return self.prompt.tolist()
+
     @property
     def tokens(self) -> list[int]:
-        return self.prompt.tolist() + self.output
+        return self.prompt_ids + self.output
+
+    def token(self, i: int) -> int:
+        """`tokens[i]` without building the list."""
+        n = len(self.prompt_ids)
+        return self.prompt_ids[i] if i < n else self.output[i - n]
 
     @property
     def in_prefill(self) -> bool:
-        return self.num_computed < len(self.prompt)
+        return self.num_computed < len(self.prompt_ids)
 
     @property
     def done(self) -> bool:
@@ -176,7 +188,7 @@ class Engine:
         for req in self.running:
             if req.in_prefill or req.done:
                 continue
-            tokens = (req.tokens[req.num_computed], *req.drafts)
+            tokens = (req.token(req.num_computed), *req.drafts)
             plan.append(Scheduled(req, req.num_computed, tokens, n_draft=len(tokens) - 1))
             budget -= len(tokens)
         for req in self.running:
@@ -259,7 +271,7 @@ class Engine:
             rows = batch.rows(i)
             if i not in taken:  # a prefill chunk before the prompt's end: nothing to sample
                 req.num_computed = s.end
-                self._keep_streams(req, h[rows])
+                self._keep_streams(req, h, rows)
                 continue
             logits, greedy = taken[i]
             if req.forced is not None:
@@ -276,7 +288,7 @@ class Engine:
                     req.logits.append(logits[j])
             committed = len(tokens) - n_draft + accepted
             # streams at committed positions only depend on committed tokens: they feed the MTP block as they are
-            self._keep_streams(req, h[rows][:committed])
+            self._keep_streams(req, h, rows, committed)
             req.drafts = []
             if accepted < n_draft:
                 replay.append(Scheduled(req, s.start, tokens[:committed]))
@@ -284,9 +296,10 @@ class Engine:
                 req.num_computed = s.start + committed
         return replay
 
-    def _keep_streams(self, req: Request, h: torch.Tensor) -> None:
+    def _keep_streams(self, req: Request, h: torch.Tensor, rows: slice, n: int | None = None) -> None:
+        """The streams of `rows` (the first `n` of them) for the MTP block; nothing is sliced without MTP."""
         if self.config.mtp_draft:
-            req.pending_streams.append(h)
+            req.pending_streams.append(h[rows][:n])
 
     def _draft(self) -> None:
         """Feed the MTP block every position whose next token is known (streams at i, token at i+1); at the last
@@ -311,7 +324,7 @@ class Engine:
             req = s.req
             req.mtp_computed = s.end
             req.pending_streams = []
-            if req.num_computed == len(req.tokens) - 1:
+            if req.num_computed == len(req.prompt_ids) + len(req.output) - 1:
                 req.drafts = [token]
                 req.mtp_drafts.append(req.drafts[0])
                 drafting.append((req, x[batch.last_rows[i]]))
