@@ -70,11 +70,24 @@ class Batch:
         return len(self.start_pos)
 
     def seq_len(self, i: int) -> int:
-        return self.cu_seqlens[i + 1] - self.cu_seqlens[i]
+        return self.seq_lens[i]
 
     def context_len(self, i: int) -> int:
         """Positions covered after this step: start_pos + new tokens."""
-        return self.start_pos[i] + self.seq_len(i)
+        return self.context_lens[i]
+
+    # the same as tuples, made once: the plans loop over every sequence, in every step
+
+    @cached_property
+    def seq_lens(self) -> tuple[int, ...]:
+        """[N] this step's tokens of each sequence (host)."""
+        cu = self.cu_seqlens
+        return tuple(b - a for a, b in zip(cu[:-1], cu[1:]))
+
+    @cached_property
+    def context_lens(self) -> tuple[int, ...]:
+        """[N] positions covered after this step (host)."""
+        return tuple(s + n for s, n in zip(self.start_pos, self.seq_lens))
 
     def rows(self, i: int) -> slice:
         return slice(self.cu_seqlens[i], self.cu_seqlens[i + 1])
@@ -103,7 +116,7 @@ class Batch:
     @cached_property
     def seq_of_token(self) -> tuple[int, ...]:
         """[T] on the host: the sequence each token belongs to."""
-        return tuple(i for i in range(self.num_seqs) for _ in range(self.seq_len(i)))
+        return tuple(i for i, n in enumerate(self.seq_lens) for _ in range(n))
 
     def spread(self, values: Sequence) -> list:
         """One value per sequence -> one per token (host)."""

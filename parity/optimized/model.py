@@ -210,7 +210,7 @@ class _Entries(NamedTuple):
 
 
 def _entry_gather(batch: Batch, cache: PagedCache, ratio: int) -> _Entries:
-    counts = [batch.context_len(i) // ratio for i in range(batch.num_seqs)]
+    counts = [c // ratio for c in batch.context_lens]
     cu = tuple(itertools.accumulate(counts, initial=0))
     # built on the device from one copy of the counts (the index is as long as all the contexts' entries)
     counts_d, first = batch.to_device([counts, cu[:-1]])
@@ -263,7 +263,8 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
     after a context the state machine runs token by token like the reference decode, for all requests at once."""
     n_seqs, cu, start = batch.num_seqs, batch.cu_seqlens, batch.start_pos
     prefill = [(i, batch.slots[i]) for i in range(n_seqs) if start[i] == 0]
-    made = [(i, e) for i, _ in prefill for e in range(batch.seq_len(i) // ratio)]  # (sequence, entry id) as pooled
+    lens = batch.seq_lens
+    made = [(i, e) for i, _ in prefill for e in range(lens[i] // ratio)]  # (sequence, entry id) as pooled
     after = [i for i in range(n_seqs) if start[i] > 0]
     host: list[list[int]] = []  # every index list of the plan, copied to the device in one copy
 
@@ -272,8 +273,8 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
         return len(host) - 1
 
     steps = []  # per token offset: list numbers of (rows or None, phase, slots, done slots or None)
-    for j in range(max((batch.seq_len(i) for i in after), default=0)):
-        seqs = [i for i in after if batch.seq_len(i) > j]
+    for j in range(max((lens[i] for i in after), default=0)):
+        seqs = [i for i in after if lens[i] > j]
         pos = [start[i] + j for i in seqs]
         done = [(i, p) for i, p in zip(seqs, pos) if (p + 1) % ratio == 0]
         made += [(i, p // ratio) for i, p in done]
@@ -513,9 +514,9 @@ class _IndexPlan:
 
 
 def _index_plan(batch: Batch, window: int, ratio: int, topk: int | None) -> _IndexPlan:
-    n = [batch.seq_len(i) for i in range(batch.num_seqs)]
+    n = batch.seq_lens
     cols = [min(m, window) if s == 0 else window for m, s in zip(n, batch.start_pos)]
-    entries = [batch.context_len(i) // ratio if ratio else 0 for i in range(batch.num_seqs)]
+    entries = [c // ratio if ratio else 0 for c in batch.context_lens]
     if topk is not None:
         entries = [min(topk, e) for e in entries]
     return _IndexPlan(
@@ -532,7 +533,7 @@ def _ring_write_rows(batch: Batch, cache: PagedCache, keep: torch.Tensor | None)
 
 def _ring_keep(batch: Batch, window: int) -> torch.Tensor | None:
     """Token rows among the last `window` of their sequence, or None when that is all of them."""
-    if all(batch.seq_len(i) <= window for i in range(batch.num_seqs)):
+    if all(n <= window for n in batch.seq_lens):
         return None
     ends = batch.spread(batch.cu_seqlens[1:])  # [T] the row after each token's sequence
     return batch.to_device([r for r, end in enumerate(ends) if r >= end - window])
