@@ -255,16 +255,17 @@ class Engine:
         wants = {
             i: [batch.rows(i).stop - 1 - s.n_draft + j for j in range(s.n_draft + 1)]
             for i, s in enumerate(plan)
-            if not (s.prefill and s.end < len(s.req.prompt))
+            if not (s.prefill and s.end < len(s.req.prompt_ids))
         }
         rows_all = [r for want in wants.values() for r in want]
         taken = {}  # request index -> (its logits rows, its greedy tokens)
         if wants:
             head = self.model.head_logits(h, batch, rows_all)
             greedy_all = head.argmax(-1).tolist()  # one device -> host read (argmax per row: per-request calls' ids)
+            head_rows = head.unbind(0)  # every row's view from one call, not a slice per request and a view per token
             at = 0
             for i, want in wants.items():
-                taken[i] = head[at : at + len(want)], greedy_all[at : at + len(want)]
+                taken[i] = head_rows[at : at + len(want)], greedy_all[at : at + len(want)]
                 at += len(want)
         for i, s in enumerate(plan):
             req, tokens, n_draft = s.req, s.tokens, s.n_draft
