@@ -237,7 +237,6 @@ def sweep(tri, bench, models, tokens, dev):
                     rows.append(dict(op=name, model=model, tokens=t, **cfg, BTF_used=btf, ms=ms, same_bits=same))
                     print(f"sweep {name:8s} {model:5s} T={t:5d} {cfg}  {ms:8.4f} ms  bits "
                           f"{'same' if same else 'DIFFER'}", flush=True)  # fmt: skip
-                _mhc.TUNING.clear()
             del inp
     return rows
 

@@ -203,11 +203,19 @@ def reset_tile_counters(device: torch.device) -> None:
         _COUNTERS[device].zero_()
 
 
-def split_buffers(split: bool, chunks: int, m: int, n: int, out: torch.Tensor, tiles: int):
-    """(fp32 workspace [chunks, m, n], arrival counters for `tiles` output tiles) of a split-K launch writing `out`;
-    `out` twice (unused arguments) when K is not split."""
+def smallest_tile(*tuners) -> tuple[int, int]:
+    """(BLOCK_W, BLOCK_T) the smallest of any configuration of these autotuners: a split launch's output tiles (one
+    arrival counter each) are at most cdiv(N, BLOCK_W) * cdiv(M, BLOCK_T) of them."""
+    configs = [c.kwargs for tuner in tuners for c in tuner.configs]
+    return min(c["BLOCK_W"] for c in configs), min(c["BLOCK_T"] for c in configs)
+
+
+def split_buffers(split: bool, chunks: int, m: int, n: int, out: torch.Tensor, smallest: tuple[int, int]):
+    """(fp32 workspace [chunks, m, n], arrival counters for the output tiles of the `smallest` tile) of a split-K
+    launch writing `out`; `out` twice (unused arguments) when K is not split."""
     if not split:
         return out, out
+    tiles = runtime.cdiv(n, smallest[0]) * runtime.cdiv(m, smallest[1])
     return empty(chunks, m, n, dtype=torch.float32, device=out.device), tile_counters(out.device, tiles)
 
 

@@ -103,11 +103,17 @@ def gather_partials(
 
 
 @triton.jit
-def finish_rows(tb, T, BT: tl.constexpr, BTF: tl.constexpr):
-    """The rows the finishing program of token block `tb` works on: the block's first BTF rows (int64) and their
-    mask. BTF < BT only when the whole launch has at most BTF tokens (`config`), so those are all of its rows."""
+def finish_partials(
+    ws_ptr, tb, T, NP: tl.constexpr, MIX: tl.constexpr, SPLITS: tl.constexpr, BT: tl.constexpr, BTF: tl.constexpr
+):
+    """What the finishing program of token block `tb` works on: the block's first BTF rows (int64), their mask and
+    their summed partials (`gather_partials`). BTF < BT only when the whole launch has at most BTF tokens
+    (`config`), so those are all of its rows."""
     rows = tb * BT + tl.arange(0, BTF)
-    return rows.to(tl.int64), rows < T
+    mask = rows < T
+    rows = rows.to(tl.int64)
+    acc, sq = gather_partials(ws_ptr, T, rows, mask, NP, MIX, SPLITS, BTF)
+    return rows, mask, acc, sq
 
 
 @triton.jit

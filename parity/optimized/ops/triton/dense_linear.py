@@ -97,10 +97,7 @@ _KEY = ["N", "K", "M_BUCKET", "SPLIT", "IN_LAUNCH", "IEEE", "SPLIT_PREC"]
 _small = common.autotune(_configs(True), _KEY)(_linear_kernel)
 _large = common.autotune(_configs(False), _KEY)(_linear_kernel)
 SMALL_M = 64
-# the smallest tiles of any configuration: a split launch's output tiles (one arrival counter each) are at most
-# cdiv(N, _MIN_W) * cdiv(M, _MIN_T)
-_MIN_W = min(c.kwargs["BLOCK_W"] for c in _small.configs + _large.configs)
-_MIN_T = min(c.kwargs["BLOCK_T"] for c in _small.configs + _large.configs)
+_SMALLEST = common.smallest_tile(_small, _large)  # a split launch's arrival counters (`split_buffers`)
 # the benchmark's candidates for the fp32 dot (`linear(_precision=...)`), none of them the op's form (see `linear`)
 CANDIDATE_PRECISIONS = ("tf32x3", "bf16x6", "bf16x3")
 
@@ -158,7 +155,7 @@ def linear(
     # the chunk sums added in chunk order by the last program of each output tile (`_gemm_common.store_tile`), or by
     # a second launch for larger batches: the same additions either way
     in_launch = split and common.reduce_in_launch(m)
-    ws, cnt = common.split_buffers(split, chunks, m, n, out, runtime.cdiv(n, _MIN_W) * runtime.cdiv(m, _MIN_T))
+    ws, cnt = common.split_buffers(split, chunks, m, n, out, _SMALLEST)
     ieee = x.dtype == torch.float32
 
     def grid(meta):

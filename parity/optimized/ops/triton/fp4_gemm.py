@@ -136,8 +136,7 @@ _KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "SPLIT", "IN_LAUNCH"]
 _small = common.autotune(_configs(True), _KEY)(_fp4_gemm_kernel)
 _large = common.autotune(_configs(False), _KEY)(_fp4_gemm_kernel)
 # the smallest tiles of any configuration: bounds a split launch's output tiles (one arrival counter each)
-_MIN_W = min(c.kwargs["BLOCK_W"] for c in _small.configs + _large.configs)
-_MIN_T = min(c.kwargs["BLOCK_T"] for c in _small.configs + _large.configs)
+_SMALLEST = common.smallest_tile(_small, _large)  # a split launch's arrival counters (`split_buffers`)
 
 SMALL_M = 64
 
@@ -187,7 +186,7 @@ def fp4_gemm(
         # 4 blocks per loop trip need every program's K range to start and end on a 128-group (K % 128 == 0 makes
         # the whole range do; a split chunk must be a multiple of 4 blocks)
         sub = 4 if not split or chunk % 4 == 0 else 1
-        ws, cnt = common.split_buffers(split, chunks, m, n, out, runtime.cdiv(n, _MIN_W) * runtime.cdiv(m, _MIN_T))
+        ws, cnt = common.split_buffers(split, chunks, m, n, out, _SMALLEST)
 
         def grid(meta):
             return (runtime.cdiv(n, meta["BLOCK_W"]), runtime.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)

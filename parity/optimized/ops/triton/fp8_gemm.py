@@ -154,10 +154,7 @@ def _configs(small_m: bool):
 _KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "FUSE_QUANT", "SPLIT", "IN_LAUNCH"]
 _small = common.autotune(_configs(True), _KEY)(_fp8_gemm_kernel)
 _large = common.autotune(_configs(False), _KEY)(_fp8_gemm_kernel)
-# the smallest tiles of any configuration: a split launch's output tiles (one arrival counter each) are at most
-# cdiv(N, _MIN_W) * cdiv(M, _MIN_T)
-_MIN_W = min(c.kwargs["BLOCK_W"] for c in _small.configs + _large.configs)
-_MIN_T = min(c.kwargs["BLOCK_T"] for c in _small.configs + _large.configs)
+_SMALLEST = common.smallest_tile(_small, _large)  # a split launch's arrival counters (`split_buffers`)
 
 SMALL_M = 64  # decode-sized launches: K split over chunks when the tiles leave SMs idle
 
@@ -187,7 +184,7 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
         split = small and chunks > 1 and runtime.cdiv(n, 128) * runtime.cdiv(m, 16) < common.sm_count(a.device)
     split = split and chunks > 1
     in_launch = split and common.reduce_in_launch(m)
-    ws, cnt = common.split_buffers(split, chunks, m, n, out, runtime.cdiv(n, _MIN_W) * runtime.cdiv(m, _MIN_T))
+    ws, cnt = common.split_buffers(split, chunks, m, n, out, _SMALLEST)
     kernel = _small if small else _large
     t_fast = not small and not split  # prefill: the CTAs resident at once share weight tiles
 

@@ -61,8 +61,7 @@ def _hc_head_kernel(
         arrived = tl.atomic_add(cnt_ptr + tb, 1, sem="acq_rel")
         if arrived == SPLITS - 1:
             tl.atomic_xchg(cnt_ptr + tb, 0)  # leave the counter zero for the next launch
-            frows, fmask = _mhc.finish_rows(tb, T, BT, BTF)
-            facc, fsq = _mhc.gather_partials(ws_ptr, T, frows, fmask, NP, HC, SPLITS, BTF)
+            frows, fmask, facc, fsq = _mhc.finish_partials(ws_ptr, tb, T, NP, HC, SPLITS, BT, BTF)
             _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, frows, fmask, K, D, K, norm_eps, hc_eps, HC, NP, BTF,
                     BDF)  # fmt: skip
 
