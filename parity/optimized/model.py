@@ -291,10 +291,11 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
     n_order = None if order == list(range(len(order))) else put(order)
     n_ids = put([e for _, e in made])
     n_rows = put([cu[i] - start[i] + (e + 1) * ratio - 1 for i, e in made])
-    # the new entries' pool rows: read from the rows of every request's entries (which the index lists gather once
-    # per batch anyway, this step's new entries included), not recomputed from the block tables
-    entries = batch.derived(("entries", ratio), lambda: _entry_gather(batch, cache, ratio))
-    n_at = put([entries.cu[i] + e for i, e in made])
+    # the new entries' pool rows, from the block tables on the host (a few small CPU ops; on the device they were a
+    # launch each, and the gather of every request's entries they read from a dozen more)
+    host_tables = batch.host.device_tables[ratio]
+    seqs, ids = (torch.tensor(v, dtype=torch.int64) for v in ([i for i, _ in made], [e for _, e in made]))
+    n_pool = put(cache.entry_rows_of(host_tables, seqs, ids).tolist())
     dev = batch.to_device_many(host)
     return _CompressPlan(
         prefill=prefill,
@@ -303,7 +304,7 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
         segments=(0, *(k for k in range(1, len(made)) if group[k] != group[k - 1]), len(made)),
         positions=dev[n_ids] * ratio,
         token_rows=dev[n_rows],
-        pool_rows=entries.rows[dev[n_at]],
+        pool_rows=dev[n_pool],
     )
 
 
@@ -446,15 +447,19 @@ class OptAttention(ref.Attention):
         win, ratio = self.window_size, self.compress_ratio
         topk = self.indexer.index_topk if index_topk is not None else None
         plan = batch.derived(("index", win, ratio, topk), lambda: _index_plan(batch, win, ratio, topk))
-        # the window lists, and an HCA layer's whole lists, are functions of the batch alone: built once per batch,
-        # not once per layer (the kernels only read them)
-        idx = batch.derived(("window idx", win, ring_rows), lambda: _window_rows(batch, cache, win))
+        # the window lists, and an HCA layer's whole lists, are functions of the batch alone: built once per batch on
+        # the host and copied (`Batch.on_host`), not once per layer (the kernels only read them)
+        window = partial(_window_rows, cache=cache, win=win, ring_rows=ring_rows)
         if not ratio:
-            return idx[:, : plan.width]
+            return batch.on_host(("window idx", win, ring_rows), window)[:, : plan.width]
         if index_topk is None:  # HCA: every completed entry
-            key = ("hca idx", win, ratio, ring_rows)
-            entries = lambda: self._hca_entries(batch.positions, ratio, plan.n_entries)  # noqa: E731
-            return batch.derived(key, lambda: _with_entries(batch, cache, plan, idx, entries(), ratio, ring_rows))
+
+            def hca(b: Batch) -> torch.Tensor:
+                entries = self._hca_entries(b.positions, ratio, plan.n_entries)
+                return _with_entries(b, cache, plan, window(b), entries, ratio, ring_rows)
+
+            return batch.on_host(("hca idx", win, ratio, ring_rows), hca)
+        idx = batch.on_host(("window idx", win, ring_rows), window)
         return _with_entries(batch, cache, plan, idx, index_topk, ratio, ring_rows)
 
     @staticmethod
@@ -470,14 +475,20 @@ class OptAttention(ref.Attention):
         win = self.window_size
         # only the last `window` tokens of a sequence survive: writing more would give one ring row two positions in
         # one write (which one lands is undefined)
-        keep = batch.derived(("ring keep", win), lambda: _ring_keep(batch, win))
-        rows = batch.derived(("ring rows", win), lambda: _ring_write_rows(batch, cache, keep))  # [T] or [kept]
+        keep = batch.on_host(("ring keep", win), partial(_ring_keep, window=win))
+        rows = batch.on_host(("ring rows", win), partial(_ring_write_rows, cache=cache, window=win))  # [T] or [kept]
         ring.view(-1, self.head_dim)[rows] = kv if keep is None else kv[keep]
 
 
-def _window_rows(batch: Batch, cache: PagedCache, win: int) -> torch.Tensor:
+def _window_rows(batch: Batch, cache: PagedCache, win: int, ring_rows: int) -> torch.Tensor:
     """[T, win] rows each query reads from the window, -1 = none: this step's tokens from kv itself ([T] rows), the
-    earlier ones from the rings after them (read before this step writes them)."""
+    earlier ones from the rings after them (read before this step writes them). Made once per batch and ring size
+    (`ring_rows`, the key: an HCA layer's lists start with them)."""
+    key = ("window rows", win, ring_rows)
+    return batch.derived(key, lambda: _window_rows_of(batch, cache, win))
+
+
+def _window_rows_of(batch: Batch, cache: PagedCache, win: int) -> torch.Tensor:
     pos, tok = batch.positions, batch.per_token
     n_tokens = pos.shape[0]
     u = _window_idx(pos, win)  # [T, win] absolute positions
@@ -496,11 +507,12 @@ def _with_entries(batch: Batch, cache: PagedCache, plan, idx, entry_ids, ratio: 
     offset = n_tokens + ring_rows  # the pool's rows come after the chunk's and the rings'
     lut, first = batch.derived(("entry lookup", ratio, offset), lambda: _entry_lookup(batch, cache, ratio, offset))
     entry_idx = lut[first.unsqueeze(1) + entry_ids]  # [T, E]
-    if plan.entry_col is None:  # every list's window part is `window` wide
+    if plan.entry_cols is None:  # every list's window part is `window` wide
         return torch.cat([idx, entry_idx], dim=1)[:, : plan.width]
     out = idx.new_full((n_tokens, win + entry_idx.shape[1]), -1)
     out[:, :win] = idx  # past a prefill's window width: -1, where its entries go
-    cols = plan.entry_col.unsqueeze(1) + torch.arange(entry_idx.shape[1], device=idx.device)
+    first_col = batch.derived(("entry col", win), lambda: batch.to_device(plan.entry_cols))
+    cols = first_col.unsqueeze(1) + torch.arange(entry_idx.shape[1], device=idx.device)
     return out.scatter_(1, cols, entry_idx)[:, : plan.width]
 
 
@@ -510,7 +522,7 @@ class _IndexPlan:
 
     width: int  # K: the widest list of the batch
     n_entries: int  # the widest entry list (HCA: every entry the longest context completed)
-    entry_col: torch.Tensor | None  # [T] column where each query's entries start; None: `window` for all
+    entry_cols: tuple[int, ...] | None  # [T] column where each query's entries start; None: `window` for all
 
 
 def _index_plan(batch: Batch, window: int, ratio: int, topk: int | None) -> _IndexPlan:
@@ -522,12 +534,13 @@ def _index_plan(batch: Batch, window: int, ratio: int, topk: int | None) -> _Ind
     return _IndexPlan(
         width=max(c + e for c, e in zip(cols, entries)),
         n_entries=max(entries),
-        entry_col=None if min(cols) == window else batch.to_device(batch.spread(cols)),
+        entry_cols=None if min(cols) == window else tuple(batch.spread(cols)),
     )
 
 
-def _ring_write_rows(batch: Batch, cache: PagedCache, keep: torch.Tensor | None) -> torch.Tensor:
+def _ring_write_rows(batch: Batch, cache: PagedCache, window: int) -> torch.Tensor:
     rows = cache.ring_rows(batch.per_token.slot, batch.positions)  # [T]
+    keep = _ring_keep(batch, window)
     return rows if keep is None else rows[keep]
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from parity.checkpoint import build_model
-from parity.optimized.batch import Chunk, make_batch
+from parity.optimized.batch import Batch, Chunk, make_batch
 from parity.optimized.cache import PagedCache
 from parity.optimized.model import OptCompressor, OptimizedTransformer
 
@@ -129,3 +129,25 @@ def test_a_planted_slot_swap_in_the_batched_state_machine_is_caught(model, monke
     monkeypatch.setattr(OptCompressor, "decode_step", swapped)
     found = _batched_vs_alone(model, DECODES)
     assert "output streams" in found and "state[1]" in found and "index_state[1]" in found
+
+
+@pytest.mark.parametrize("plant", [False, True])
+@pytest.mark.parametrize("specs", [pytest.param(DECODES, id="decodes"), pytest.param(CHUNKS, id="chunks")])
+def test_index_lists_built_from_the_host_copy_give_the_same_bits(model, specs, plant, monkeypatch):
+    # on a GPU the window lists, ring rows, HCA lists and the new entries' pool rows are built from `Batch.host`, a
+    # CPU copy of the batch's metadata with its own derived cache, and copied over; on the CPU `host` is the batch
+    # itself, so here the copy is forced. Planted: the copy's positions one ahead (what a host copy that went stale
+    # by a step would hold)
+    s = Setup(model, specs)
+    other = copy.deepcopy(s.cache)
+    h = s.run(range(len(specs)))
+    host_copy = Batch.host_copy
+
+    def copied(batch):
+        b = host_copy(batch)
+        return replace(b, positions=b.positions + 1) if plant else b
+
+    monkeypatch.setattr(Batch, "host", property(copied))
+    h_host = s.run(range(len(specs)), other)
+    same = torch.equal(_bits(h), _bits(h_host)) and _mismatches(s.cache, other) == []
+    assert same != plant

@@ -3,20 +3,27 @@
 Reference: parity.reference.model.Compressor.forward (its fp32 `F.linear` projections wkv / wgate; also the
 indexer's bf16 weights_proj and the gate's fp32 score GEMM, spec §6.2, §7.2, §9.1).
 
-fp32 operands (compressor wkv / wgate) use `tl.dot(..., input_precision="ieee")`: true fp32 products and sums, never
-TF32 (the reference runs with TF32 off, spec §12.1). bf16 operands (indexer weights_proj; the gate's scores, see
-moe_gate) use the bf16 tensor cores: every product of two bf16 values is exact in fp32, so only the fp32 summation
-order differs from cuBLAS / MKL. Output in x's dtype (bf16 rounded to nearest even), or fp32 when asked.
+fp32 operands (compressor wkv / wgate, the head's logits) run as "tf32x3" on the tensor cores: each operand split
+into a TF32 head and its exact remainder, three TF32 products per term (see `linear` for what that drops: at most
+~10 units of 2^-23 |a b| per product, against the K units of fp32 summation the op is allowed). The exact form
+(`input_precision="ieee"`: fp32 products and sums on the FMA units, as the twin with TF32 off, spec §12.1) is
+3-6x slower at decode on the H200 and stays as `linear(_precision="ieee")` for the benchmark. bf16 operands
+(indexer weights_proj; the gate's scores, see moe_gate) use the bf16 tensor cores: every product of two bf16
+values is exact in fp32, so only the fp32 summation order differs from cuBLAS / MKL. Output in x's dtype (bf16
+rounded to nearest even), or fp32 when asked.
 
 One order for every batch: K is cut into at most 8 chunks of a K-only size (a multiple of 128); each chunk's fp32
 sum starts from zero and the chunk sums are added in ascending order, in registers or, for decode-sized batches
 that leave SMs idle, through the ordered split-K reduction of `_gemm_common`. So a row's bits depend neither on its
-batchmates nor on the tile sizes the autotuner picks (same as fp8_gemm). `cu_seqlens` is accepted and ignored:
-rows are independent here, unlike the torch backend whose BLAS rounds by row count.
+batchmates nor on the tile sizes the autotuner picks (same as fp8_gemm); every config has the same BLOCK_K, since
+the tf32x3 form sums each BLOCK_K step's products apart before adding them to the chunk sum. `cu_seqlens` is
+accepted and ignored: rows are independent here, unlike the torch backend whose BLAS rounds by row count.
 
-Numerics vs the twin: within the twin's distance to the float64 product plus K * 2^-23 of the terms' absolute sum
-(a bound for fp32 recursive summation in any order) plus one ulp of the output. Unverified without a GPU: the
-performance and that wgmma's per-element bf16 accumulation is independent of the token-tile width.
+Numerics vs the twin: within the twin's distance to the float64 product plus (K + TF32X3_UNITS) * 2^-23 of the
+terms' absolute sum (fp32 recursive summation in any order, K units; what tf32x3's products drop, the rest; the
+constant lives in ops.dense_linear) plus one ulp of the output. The CUDA op tests check the same bits for a row
+alone and among batchmates, in small and large tiles, split and unsplit; the interpreter runs every form as a
+float64 dot of the exact products, rounded once per BLOCK_K step.
 """
 
 import torch
@@ -32,8 +39,7 @@ def _linear_kernel(
     x_ptr, w_ptr, y_ptr, ws_ptr, cnt_ptr,
     M, N, K, CHUNK_K, M_BUCKET,
     stride_xm, stride_wn, stride_ym,
-    SPLIT: tl.constexpr, IN_LAUNCH: tl.constexpr, IEEE: tl.constexpr, DOT_F64: tl.constexpr,
-    SPLIT_PREC: tl.constexpr,
+    SPLIT: tl.constexpr, IN_LAUNCH: tl.constexpr, PRECISION: tl.constexpr, DOT_F64: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     pid_w = tl.program_id(0)
@@ -62,12 +68,9 @@ def _linear_kernel(
             # (OpenBLAS edge kernels), which would make a row's bits depend on its batchmates; a float64 dot of
             # the exact products, rounded once per K block, does not
             part += tl.dot(w.to(tl.float64), x.to(tl.float64), input_precision="ieee").to(tl.float32)
-        elif SPLIT_PREC != "":  # a benchmark candidate (`linear(_precision=...)`): fp32 operands split into TF32
-            # or bf16 pieces whose cross products run on the tensor cores (SPLIT_PREC splits operands, SPLIT splits K)
-            part = tl.dot(w, x, part, input_precision=SPLIT_PREC)
-        elif IEEE:
-            part = tl.dot(w, x, part, input_precision="ieee")  # fp32 products and sums, never TF32
-        else:
+        elif PRECISION != "":  # fp32 operands: "tf32x3" (the op), "ieee" (exact, FMA units), bf16x6 / bf16x3
+            part = tl.dot(w, x, part, input_precision=PRECISION)
+        else:  # bf16 operands: exact products on the tensor cores
             part = tl.dot(w, x, part)
         if ((k0 + BLOCK_K) % CHUNK_K == 0) | (k0 + BLOCK_K >= k_end):  # a K chunk is complete
             total += part
@@ -78,28 +81,31 @@ def _linear_kernel(
     common.store_tile(total, y_ptr, ws_ptr, cnt_ptr, offs_w, offs_t, mask, M, N, stride_ym, SPLIT, IN_LAUNCH)
 
 
+BLOCK_K = 32  # K per tensor-core step, the same in every config (the interpreter's is 128: it is never timed)
+
+
 def _configs(small_m: bool):
     if runtime.interpreting():
         return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 128, "BLOCK_K": 128}, num_warps=4)]
-    # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages); fp32 ieee dots run on the FMA units, bf16 on wgmma
+    # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages): one BLOCK_K for all (the tf32x3 form's bits depend on it)
     if small_m:
-        shapes = [(64, 16, 64, 4, 3), (64, 32, 32, 4, 3)]
+        shapes = [(64, 16, BLOCK_K, 4, 3), (64, 16, BLOCK_K, 4, 5), (64, 32, BLOCK_K, 4, 3)]
     else:
-        shapes = [(64, 64, 32, 4, 3), (128, 64, 32, 8, 3)]
+        shapes = [(64, 64, BLOCK_K, 4, 3), (128, 64, BLOCK_K, 8, 3)]
     return [
         triton.Config({"BLOCK_W": w, "BLOCK_T": t, "BLOCK_K": k}, num_warps=nw, num_stages=st)
         for w, t, k, nw, st in shapes
     ]
 
 
-# K-chunk boundaries must not depend on the tuned BLOCK_K: chunks are multiples of 128, BLOCK_K divides 128
-_KEY = ["N", "K", "M_BUCKET", "SPLIT", "IN_LAUNCH", "IEEE", "SPLIT_PREC"]
+# K-chunk boundaries are multiples of 128, which BLOCK_K divides
+_KEY = ["N", "K", "M_BUCKET", "SPLIT", "IN_LAUNCH", "PRECISION"]
 _small = common.autotune(_configs(True), _KEY)(_linear_kernel)
 _large = common.autotune(_configs(False), _KEY)(_linear_kernel)
 SMALL_M = 64
 _SMALLEST = common.smallest_tile(_small, _large)  # a split launch's arrival counters (`split_buffers`)
-# the benchmark's candidates for the fp32 dot (`linear(_precision=...)`), none of them the op's form (see `linear`)
-CANDIDATE_PRECISIONS = ("tf32x3", "bf16x6", "bf16x3")
+FP32_FORM = "tf32x3"  # the op's form for fp32 operands; the others are the benchmark's (`linear(_precision=...)`)
+PRECISIONS = ("tf32x3", "ieee", "bf16x6", "bf16x3")
 
 
 def chunk_k(k: int) -> int:
@@ -113,11 +119,11 @@ def linear(
     """x `[M, K]` . weight `[N, K]`^T with fp32 accumulation; fp32 operands (both) or bf16 operands (both).
     Returns `[M, N]` in `out_dtype` (default: x's dtype).
 
-    `_precision` (benchmark only, not the op): None is the op's own form (fp32: `input_precision="ieee"`, exact
-    products on the FMA units). One of `CANDIDATE_PRECISIONS` puts fp32 operands (bf16 ones ignore it) through
-    `tl.dot(input_precision=...)`, which Triton 3.6 rewrites (its F32DotTC pass; checked in the sm_90 TTGIR) into
-    tensor-core products of split operands: per BLOCK_K step the correction products are summed from zero in the MMA
-    accumulator, NaNs in that sum zeroed (an inf operand then gives inf, not NaN), the head x head product added
+    `_precision` (benchmark only) picks the fp32 operands' form among `PRECISIONS`; None is the op's, FP32_FORM
+    (bf16 operands ignore it). "ieee" is the exact form: fp32 products and FMA sums on the FMA units. The others go
+    through `tl.dot(input_precision=...)`, which Triton 3.6 rewrites (its F32DotTC pass; checked in the sm_90 TTGIR)
+    into tensor-core products of split operands: per BLOCK_K step the correction products are summed from zero in the
+    MMA accumulator, NaNs in that sum zeroed (an inf operand then gives inf, not NaN), the head x head product added
     last, and the result added to the chunk sum with one fp32 add. Per product a * b, what each drops (for
     normal-range values; unit: 2^-23 |a * b|):
       "tf32x3": a = big + small, big = cvt.rna.tf32(a) (11 significant bits), small = a - big (exact); products
@@ -129,13 +135,13 @@ def linear(
         about 2 units, so nearly fp32-exact products.
       "bf16x3": a = hi + mid (two bf16); products hi*hi + hi*mid + mid*hi. Dropped: mid*mid and the remainder
         (<= 2^-16 |a| per side): about 3 * 2^-16, 384 units at most, far above the other two.
-    The sums then run in wgmma's fp32 accumulator, whose rounding NVIDIA does not specify, not in FMA order: so the
-    error against float64 (the exact form's bound is K units of the absolute term sum, a bound for fp32 summation)
-    and the speed are what `bench/triton_gemm.py` measures on the GPU. The fp32 dot at decode sizes is the largest
-    kernel time of a graphed Flash-shaped decode step (docs/perf.md, eighth pass); none of these candidates is the
-    op's form until that measurement says it pays and stays within the op's tolerance. Under the interpreter the
-    float64 dot runs whatever `_precision` says (its `tl.dot` knows neither bf16x3 nor bf16x6)."""
-    assert _precision is None or _precision in CANDIDATE_PRECISIONS, _precision
+    The sums run in wgmma's fp32 accumulator, whose rounding NVIDIA does not specify. Measured on the H200 at V4-Pro
+    shapes (docs/perf.md, tenth pass; max error in units of 2^-23 of the absolute term sum, the op's allowance being
+    K of them): tf32x3 0.10-0.22 units, 1.00 ms for the head's 1-token logits GEMM (exact form 4.76 ms, bf16x6 1.13,
+    bf16x3 0.86 at 2.8-3.7 units). tf32x3 is the op's form: as fast as bf16x3 within 15 %, as accurate as bf16x6.
+    Under the interpreter every form runs as the float64 dot (its `tl.dot` knows neither bf16x3 nor bf16x6)."""
+    precision = _precision or FP32_FORM
+    assert precision in PRECISIONS, precision
     m, k = x.shape
     n = weight.shape[0]
     assert weight.shape[1] == k, (tuple(x.shape), tuple(weight.shape))
@@ -156,7 +162,6 @@ def linear(
     # a second launch for larger batches: the same additions either way
     in_launch = split and common.reduce_in_launch(m)
     ws, cnt = common.split_buffers(split, chunks, m, n, out, _SMALLEST)
-    ieee = x.dtype == torch.float32
 
     def grid(meta):
         return (runtime.cdiv(n, meta["BLOCK_W"]), runtime.cdiv(m, meta["BLOCK_T"]), chunks if split else 1)
@@ -166,8 +171,8 @@ def linear(
             x, weight, out, ws, cnt,
             m, n, k, ck, common.bucket(m),
             x.stride(0), weight.stride(0), out.stride(0),
-            SPLIT=split, IN_LAUNCH=in_launch, IEEE=ieee, DOT_F64=runtime.interpreting(),
-            SPLIT_PREC=(_precision or "") if ieee else "",
+            SPLIT=split, IN_LAUNCH=in_launch, PRECISION=precision if x.dtype == torch.float32 else "",
+            DOT_F64=runtime.interpreting(),
         )  # fmt: skip
     return out
 
