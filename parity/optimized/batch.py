@@ -31,6 +31,9 @@ class PerToken(NamedTuple):
     slot: torch.Tensor  # its sequence's state slot
 
 
+HOST_BUILD_TOKENS = 256  # `Batch.on_host`: the largest batch whose index lists are built on the host
+
+
 @dataclass(frozen=True, kw_only=True)
 class Batch:
     tokens: torch.Tensor  # [T] int64
@@ -138,11 +141,7 @@ class Batch:
 
     @cached_property
     def host(self) -> "Batch":
-        """This batch with its tensors on the host (CPU): the index lists that are functions of the batch's metadata
-        (window lists, ring rows, HCA entry lists) are built from it by the same code and copied to the device once
-        (`on_host`). A list is ~15 small ops, each a kernel launch on a GPU (~10 us of host time on the H200's host,
-        far more than the CPU op); measured before this: ~1.9 ms of a graphed bs-1 decode step's host time went to
-        the plans. The batch itself where its tokens are on the CPU."""
+        """This batch with its tensors on the host (CPU); the batch itself where its tokens are on the CPU."""
         return self if self.tokens.device.type == "cpu" else self.host_copy()
 
     def host_copy(self) -> "Batch":
@@ -151,14 +150,18 @@ class Batch:
         return dataclasses.replace(self, tokens=rows[0], positions=rows[1], host_rows=rows)
 
     def on_host(self, key, build: Callable[["Batch"], torch.Tensor | None]) -> torch.Tensor | None:
-        """`derived`: `build(self.host)`, a tensor made from the host's copy of the metadata, copied to the device
-        (one copy; None stays None)."""
+        """`derived`: `build(batch)`, an index tensor made from the batch's metadata alone (a window list, ring rows, an
+        HCA entry list), on the tokens' device. For a batch of at most HOST_BUILD_TOKENS tokens (decode steps) it is
+        built from `host` by the same code and copied over once: each of its ~15 small ops would be a kernel launch
+        on a GPU (~10 us of the H200 host's time, far more than the CPU op; the plans were ~1.9 ms of a graphed
+        bs-1 decode step's host time). Larger batches build it on the device: [T, window] and wider lists would
+        cost the host more than the launches."""
 
-        def copied():
-            t = build(self.host)
+        def made():
+            t = build(self.host if self.tokens.numel() <= HOST_BUILD_TOKENS else self)
             return None if t is None else t.to(self.tokens.device, non_blocking=True)
 
-        return self.derived(key, copied)
+        return self.derived(key, made)
 
     def derived(self, key, build: Callable):
         """`build()` on the first call with `key`, the same value afterwards: for index tensors the model derives

@@ -289,7 +289,7 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
     made = [made[k] for k in order]
     group = [(i, -1) if start[i] == 0 else (i, e) for i, e in made]  # a prefill's entries form one group
     n_order = None if order == list(range(len(order))) else put(order)
-    n_ids = put([e for _, e in made])
+    n_pos = put([e * ratio for _, e in made])
     n_rows = put([cu[i] - start[i] + (e + 1) * ratio - 1 for i, e in made])
     # the new entries' pool rows, from the block tables on the host (a few small CPU ops; on the device they were a
     # launch each, and the gather of every request's entries they read from a dozen more)
@@ -302,7 +302,7 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
         steps=[_DecodeStep(*(None if k is None else dev[k] for k in step)) for step in steps],
         order=None if n_order is None else dev[n_order],
         segments=(0, *(k for k in range(1, len(made)) if group[k] != group[k - 1]), len(made)),
-        positions=dev[n_ids] * ratio,
+        positions=dev[n_pos],
         token_rows=dev[n_rows],
         pool_rows=dev[n_pool],
     )
