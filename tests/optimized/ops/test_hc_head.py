@@ -195,3 +195,6 @@ def test_narrow_finisher_has_the_block_finishers_bits(triton_head, t):
             _mhc.TUNING.clear()
 
     assert torch.equal(launch(), launch(BTF=_mhc.config(t, 512)["BT"]))
+    # the K pieces regroup exact float64 sums (`_mhc.config`): the same bits whatever their size, one piece included
+    for ksplit in (256, 512, 2048):
+        assert torch.equal(launch(), launch(KSPLIT=ksplit)), ksplit

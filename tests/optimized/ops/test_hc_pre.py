@@ -267,6 +267,11 @@ def test_narrow_finisher_has_the_block_finishers_bits(kernel, t):
     if t > 2:  # a finisher narrower than the launch's tokens would leave rows unwritten: refused
         with pytest.raises(ValueError, match="cannot finish"):
             launch(BTF=2)
+    # the K pieces (`config` picks them by launch size) regroup exact float64 sums: the same bits for pieces of 256
+    # and 512 elements and for one piece (K 2048: no split, the mixes finished in the GEMV's registers)
+    for ksplit in (256, 512, 2048):
+        for default, regrouped in zip(launch(), launch(KSPLIT=ksplit)):
+            assert torch.equal(default, regrouped), ksplit
 
 
 # ---- planted bugs of the triton kernel: each must fail the tolerance the correct kernel passes on the same inputs

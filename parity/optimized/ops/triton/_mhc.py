@@ -6,10 +6,11 @@ pre-weighted collapse `y = sum_j pre[j] * x[j]` (spec §4.3 step 5). What lives 
 
 - `mix_partial`: one K range of the GEMV for a block of tokens. fp32 operands and an fp32 FMA dot
   (`input_precision="ieee"`: the twin's F.linear is fp32 with TF32 off, spec §12.1) over BK-wide chunks, each
-  chunk's result added in float64; the squares (exact: x is bf16) are summed per column over the chunks in fp32
-  and reduced in float64. A token's numbers depend only on the fixed chunking (BK, KSPLIT), never on the batch
-  around it: the FMA dot accumulates every output element in k order whatever the tile, and the float64 sums of
-  fp32 terms are exact for all practical inputs. (The CPU interpreter's `tl.dot` is numpy's BLAS matmul, whose
+  chunk's result added in float64; the squares are taken and summed in float64 (exact: a bf16 square has 16
+  significant bits). A token's numbers depend only on the fixed chunking (BK), never on the batch around it nor on
+  how the chunks are grouped into K pieces (KSPLIT): the FMA dot accumulates every output element in k order
+  whatever the tile, and the float64 sums of the chunks' fp32 results and of the squares are exact for all
+  practical inputs (a sum of fp32 terms is exact in float64 unless they span more than ~2^29 in magnitude). (The CPU interpreter's `tl.dot` is numpy's BLAS matmul, whose
   rounding depends on a row's position in the tile, so there the chunk dot is fp32 products summed per element.)
 - The K split: a token block's K range is cut into SPLITS fixed pieces, one program each, so decode-sized batches
   still spread the 24 x 4D fp32 mixer matrix over many SMs. Each program writes its float64 partials, and the last
@@ -60,7 +61,7 @@ def mix_partial(
     interpreter's `tl.dot` is numpy's BLAS matmul, whose rounding depends on a row's position in the tile."""
     n = tl.arange(0, NP)
     acc = tl.zeros([BT, NP], dtype=tl.float64)
-    sq = tl.zeros([BT, BK], dtype=tl.float32)
+    sq = tl.zeros([BT, BK], dtype=tl.float64)
     for k0 in range(k_lo, k_hi, BK):
         k = k0 + tl.arange(0, BK)
         kmask = k < k_hi
@@ -72,8 +73,9 @@ def mix_partial(
         else:
             part = tl.dot(xt, w, input_precision="ieee")
         acc += part.to(tl.float64)
-        sq += xt * xt
-    return acc, tl.reduce(sq.to(tl.float64), 1, SUM)
+        x64 = xt.to(tl.float64)
+        sq += x64 * x64
+    return acc, tl.reduce(sq, 1, SUM)
 
 
 @triton.jit
@@ -146,25 +148,28 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-# block-size overrides for tuning runs (bench/triton_mhc.py sweeps them): BT, BD, BTF and num_warps only regroup
-# tokens and columns into programs, so they never change a bit. KSPLIT (elements per K piece, a multiple of BK)
-# regroups the sums: the squares' fp32 column sums run over one piece, so it can move the last bits (it does in the
-# interpreter; the sweep times it and reports the bits); another default would be a numerics change, judged by the
-# tests' tolerance. BK rounds the fp32 chunk dots: not overridable
+# block-size overrides for tuning runs (bench/triton_mhc.py sweeps them): BT, BD, BTF, num_warps and KSPLIT (elements
+# per K piece, a multiple of BK) only regroup tokens, columns and chunk sums into programs, so they never change a
+# bit (KSPLIT: the float64 sums of `mix_partial` are exact). BK rounds the fp32 chunk dots: not overridable
 TUNING: dict = {}
 _REGROUP = ("BT", "BD", "BTF", "num_warps", "KSPLIT")
 
 
 def config(n_tokens: int, dim: int) -> dict:
-    """Block sizes. The numerics depend only on BK and KSPLIT (fixed per platform); BT, BD, BTF and BDF only change
-    how tokens and columns are grouped into programs. Interpreted: few, big programs (the interpreter pays ~0.5 ms per
-    tensor op of every program); the tiny model's 4 x 256 streams then take one K piece, a 512-wide model two."""
+    """Block sizes. The numerics depend only on BK (fixed per platform); BT, BD, BTF, BDF and KSPLIT only change how
+    tokens, columns and K chunks are grouped into programs. Interpreted: few, big programs (the interpreter pays
+    ~0.5 ms per tensor op of every program); the tiny model's 4 x 256 streams then take one K piece, a 512-wide model
+    two."""
     if runtime.interpreting():
         bt = min(max(runtime.next_pow2(n_tokens), 16), 256)
         cfg = dict(BT=bt, BK=128, KSPLIT=1024, BD=min(runtime.next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
     else:
-        # 16 tokens: the smallest FMA dot tile; 32 halves the mixer-matrix reads from L2 once there are many blocks
-        cfg = dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=1024, BD=256, num_warps=4, ROWWISE=False)
+        # 16 tokens: the smallest FMA dot tile; 32 halves the mixer-matrix reads from L2 once there are many blocks.
+        # K pieces: a decode launch has few token blocks, so smaller pieces put more programs on the SMs (H200, one
+        # token, Flash: hc_pre 0.054 / 0.037 / 0.028 ms with 1024 / 512 / 256-element pieces, hc_head 0.028 / 0.019 /
+        # 0.015; docs/perf-h200/session10.md). Past 128 tokens the blocks alone fill the SMs
+        ksplit = 256 if n_tokens <= 16 else 512 if n_tokens <= 128 else 1024
+        cfg = dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=ksplit, BD=256, num_warps=4, ROWWISE=False)
     cfg.update({k: v for k, v in TUNING.items() if k in _REGROUP})
     return finisher(cfg, n_tokens, dim)
 
