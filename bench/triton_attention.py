@@ -101,9 +101,10 @@ DECODE_SIG = _sig(
     "eps:fp32 h_scale:fp32 stride_kv:i32 stride_sc:i32 stride_f:i32 stride_pool:i32"
 )
 HC_PRE_SIG = _sig(
-    "x_ptr:*bf16 fn_ptr:*fp32 scale_ptr:*fp32 base_ptr:*fp32 y_ptr:*bf16 post_ptr:*fp32 comb_ptr:*fp32 ws_ptr:*fp64 "
-    "cnt_ptr:*i32 T:i32 D:i32 norm_eps:fp32 hc_eps:fp32 iters:i32"
+    "x_ptr:*bf16 fn_ptr:*fp32 scale_ptr:*fp32 base_ptr:*fp32 y_ptr:*bf16 post_ptr:*fp32 comb_ptr:*fp32 pre_ptr:*fp32 "
+    "ws_ptr:*fp64 cnt_ptr:*i32 T:i32 D:i32 norm_eps:fp32 hc_eps:fp32 iters:i32"
 )
+COLLAPSE_SIG = _sig("x_ptr:*bf16 pre_ptr:*fp32 y_ptr:*bf16 T:i32 D:i32")
 HC_HEAD_SIG = _sig(
     "x_ptr:*bf16 fn_ptr:*fp32 scale_ptr:*fp32 base_ptr:*fp32 y_ptr:*bf16 ws_ptr:*fp64 cnt_ptr:*i32 T:i32 D:i32 "
     "norm_eps:fp32 hc_eps:fp32"
@@ -173,10 +174,15 @@ def cases():
             tiles = {k: cfg[k] for k in ("BT", "BK", "KSPLIT", "BD", "BTF", "BDF", "ROWWISE")}
             splits = triton.cdiv(4 * d, cfg["KSPLIT"])
             name = f"D {d} T {t} BTF {cfg['BTF']} BDF {cfg['BDF']}"
-            consts = dict(HC=4, R=8, SPLITS=splits, PLANT=0, **tiles)
+            consts = dict(HC=4, R=8, SPLITS=splits, PLANT=0, **tiles, APART=cfg["APART"])
             yield f"hc_pre {name}", hc_pre._hc_pre_kernel, HC_PRE_SIG, consts, cfg["num_warps"], 3
+            if t == 64:  # the collapse as a launch of its own (`_mhc.COLLAPSE_TILE`)
+                consts = dict(consts, APART=True)
+                yield f"hc_pre {name} APART", hc_pre._hc_pre_kernel, HC_PRE_SIG, consts, cfg["num_warps"], 3
             consts = dict(HC=4, NP=16, SPLITS=splits, **tiles)
             yield f"hc_head {name}", hc_head._hc_head_kernel, HC_HEAD_SIG, consts, cfg["num_warps"], 3
+        bt, bd = _mhc.COLLAPSE_TILE
+        yield f"hc_pre collapse D {d}", hc_pre._collapse_kernel, COLLAPSE_SIG, dict(HC=4, BT=bt, BD=bd), 4, 3
     for bh, warps, stages, parts in sparse_attn.CONFIGS:
         consts = dict(D=512, DP=512, BN=64, BH=bh, NPART=parts)
         name = f"sparse_attn d 512 BH {bh} warps {warps} stages {stages} parts {parts}"

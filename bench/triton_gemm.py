@@ -7,16 +7,17 @@ dense_linear, at DeepSeek-V4-Flash and -Pro shapes for T = 1, 8, 64, 512, 4096 t
 
 Per case: median time of the Triton op (triton.testing.do_bench) and of the op's torch backend (the reference
 kernels' exact emulation; timed once where it is slow, skipped where it would blow the time budget), and the case's
-share of a roofline measured in the same run: device-to-device copy bandwidth (bytes read + written per second),
-FP8 `torch._scaled_mm` 8192^3 and bf16 / fp32 matmul 8192^3 rates. For o_lora the bf16 einsum "sgd,grd->sgr" is
-timed too (the reference's own wo_a kernel); for dense_linear's fp32 case, the other forms of its fp32 dot (the
-op's is tf32x3; ieee: exact products on the FMA units; bf16x6, bf16x3: split operands on the bf16 tensor cores), a
-row each, with their max error against float64 in units of 2^-23 of the absolute term sum. Decode-sized cases (T <= 64; o_lora up to 1024) are also timed
-replayed from a CUDA graph, cycling through enough weight copies that every launch streams its weights from HBM
-rather than the 60 MB L2 (`graph_ms`): eager times of a 10-30 us kernel are mostly Python launch overhead on this
-host (70-250 us). Targets checked (graph times where measured, the einsum timed the same way): fp8_gemm >= 60 % of
-FP8 peak at M >= 2048 and >= 60 % of copy bandwidth on weight bytes at M <= 64; fp4_gemm / moe_experts >= 50 % of
-copy bandwidth on the expert bytes touched at M <= 64; o_lora >= 1.5x the einsum at M <= 64 and >= 1.0x at M = 1024.
+share of a roofline measured in the same run: device-to-device copy bandwidth (bytes read + written per second), FP8
+`torch._scaled_mm` 8192^3 and bf16 / fp32 matmul 8192^3 rates. For o_lora the bf16 einsum "sgd,grd->sgr" is timed
+too (the reference's own wo_a kernel); for dense_linear's fp32 case, the other forms of its fp32 dot (the op's is
+tf32x3; ieee: exact products on the FMA units; bf16x6, bf16x3: split operands on the bf16 tensor cores), a row each,
+with their max error against float64 in units of 2^-23 of the absolute term sum. Decode-sized cases (T <= 64; o_lora
+up to 1024) are also timed replayed from a CUDA graph, cycling through enough weight copies that every launch
+streams its weights from HBM rather than the 60 MB L2 (`graph_ms`): eager times of a 10-30 us kernel are mostly
+Python launch overhead on this host (70-250 us). Targets checked (graph times where measured, the einsum timed the
+same way): fp8_gemm >= 60 % of FP8 peak at M >= 2048 and >= 60 % of copy bandwidth on weight bytes at M <= 64;
+fp4_gemm / moe_experts >= 50 % of copy bandwidth on the expert bytes touched at M <= 64; o_lora >= 1.5x the einsum
+at M <= 64 and >= 1.0x at M = 1024.
 Tile configurations were chosen with `bench/triton_gemm_sweep.py` (same graph timing, raw kernel per config).
 
 Correctness on the bench shapes (a row subset where the torch backend is slow; rows are independent): each Triton

@@ -13,7 +13,7 @@ Then a block-size sweep of hc_pre and hc_head (tokens per program, columns per p
 also the whole block's finish instead of the narrow finisher), whose outputs must be bit-identical to the default
 configuration's (the kernels' batch-invariance claim on this GPU) and whose fastest entry says which default to
 keep; also K pieces (KSPLIT) of 256, 512 and 1024 elements, which regroup exact float64 sums and so must keep the
-bits too (the default picks one by launch size, `_mhc.config`).
+bits too (the default picks one by launch size, `_mhc.config`), and hc_pre's collapse as a launch of its own.
 Prints the tables and writes triton_mhc.json and triton_mhc.md into DIR. Exit code 1 if a check fails.
 """
 
@@ -212,6 +212,8 @@ SWEEP = [dict(BT=16, BD=256, num_warps=4), dict(BT=32, BD=256, num_warps=4), dic
 WHOLE_BLOCK = dict(BT=16, BD=256, BTF=16, num_warps=4)
 # K pieces (smaller: more split programs, fewer serial chunks each) at the default tile: the decode GEMV's latency
 K_PIECES = [dict(BT=16, BD=256, num_warps=4, KSPLIT=k) for k in (256, 512, 1024)]
+# hc_pre's collapse as a launch of its own (`_mhc.COLLAPSE_TILE`), at the default tile (hc_head ignores it)
+APART = [dict(BT=16, BD=256, num_warps=4, APART=True)]
 
 
 def sweep(tri, bench, models, tokens, dev):
@@ -227,7 +229,7 @@ def sweep(tri, bench, models, tokens, dev):
                 _mhc.TUNING.clear()
                 base = fn()
                 base = base if isinstance(base, tuple) else (base,)
-                for cfg in SWEEP + ([WHOLE_BLOCK] if t < 16 else []) + K_PIECES:
+                for cfg in SWEEP + ([WHOLE_BLOCK] if t < 16 else []) + K_PIECES + (APART if name == "hc_pre" else []):
                     _mhc.TUNING.update(cfg)
                     out = fn()
                     out = out if isinstance(out, tuple) else (out,)

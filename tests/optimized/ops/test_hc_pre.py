@@ -239,7 +239,7 @@ def test_planted_bug_one_segment_for_the_batch_is_not_bitwise(ref_model, lengths
     assert not all(torch.equal(g, w) for g, w in zip(run(block, "attn", x, (0, cu[-1])), expected))
 
 
-@pytest.mark.parametrize("t", [1, 2, 3, 5, 9])
+@pytest.mark.parametrize("t", [1, 2, 3, 5, 9, 37])
 def test_narrow_finisher_has_the_block_finishers_bits(kernel, t):
     # a launch of fewer tokens than a block finishes only the next power of two of them (`_mhc.finisher`): the same
     # bits as the whole block's finish, every output written (NaN-poisoned buffers); D 512 takes the split path
@@ -272,6 +272,10 @@ def test_narrow_finisher_has_the_block_finishers_bits(kernel, t):
     for ksplit in (256, 512, 2048):
         for default, regrouped in zip(launch(), launch(KSPLIT=ksplit)):
             assert torch.equal(default, regrouped), ksplit
+    # the collapse as a launch of its own (APART), with and without the K split: the same products and sums
+    for tuning in (dict(APART=True), dict(APART=True, KSPLIT=2048)):
+        for default, apart in zip(launch(), launch(**tuning)):
+            assert torch.equal(default, apart), tuning
 
 
 # ---- planted bugs of the triton kernel: each must fail the tolerance the correct kernel passes on the same inputs

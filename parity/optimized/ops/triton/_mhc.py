@@ -10,8 +10,9 @@ pre-weighted collapse `y = sum_j pre[j] * x[j]` (spec §4.3 step 5). What lives 
   significant bits). A token's numbers depend only on the fixed chunking (BK), never on the batch around it nor on
   how the chunks are grouped into K pieces (KSPLIT): the FMA dot accumulates every output element in k order
   whatever the tile, and the float64 sums of the chunks' fp32 results and of the squares are exact for all
-  practical inputs (a sum of fp32 terms is exact in float64 unless they span more than ~2^29 in magnitude). (The CPU interpreter's `tl.dot` is numpy's BLAS matmul, whose
-  rounding depends on a row's position in the tile, so there the chunk dot is fp32 products summed per element.)
+  practical inputs (a sum of fp32 terms is exact in float64 unless they span more than ~2^29 in magnitude). (The
+  CPU interpreter's `tl.dot` is numpy's BLAS matmul, whose rounding depends on a row's position in the tile, so
+  there the chunk dot is fp32 products summed per element.)
 - The K split: a token block's K range is cut into SPLITS fixed pieces, one program each, so decode-sized batches
   still spread the 24 x 4D fp32 mixer matrix over many SMs. Each program writes its float64 partials, and the last
   of the SPLITS programs to arrive (an acq_rel atomic counter; nobody waits) sums them in split order and finishes
@@ -119,13 +120,17 @@ def finish_partials(
 
 
 @triton.jit
-def collapse(x_ptr, y_ptr, pre, rows, rmask, stride_t, D, HC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
-    """y[t] = sum_j pre[t, j] * x[t, j] in fp32 (products rounded, j in order), stored as y's dtype; pre [BT, HC].
-    y is [T, D] contiguous; x rows are [HC, D] contiguous, stride_t apart."""
+def collapse(
+    x_ptr, y_ptr, pre, rows, rmask, stride_t, D, d_lo, d_hi, HC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr
+):
+    """y[t, d] = sum_j pre[t, j] * x[t, j, d] in fp32 (products rounded, j in order), stored as y's dtype, for the
+    columns d_lo <= d < min(d_hi, D); pre [BT, HC]. y is [T, D] contiguous; x rows are [HC, D] contiguous, stride_t
+    apart."""
     j_idx = tl.arange(0, HC)[None, :]
-    for d0 in range(0, D, BD):
+    d_end = tl.minimum(d_hi, D)
+    for d0 in range(d_lo, d_end, BD):
         d = d0 + tl.arange(0, BD)
-        mask = rmask[:, None] & (d < D)[None, :]
+        mask = rmask[:, None] & (d < d_end)[None, :]
         y = tl.zeros([BT, BD], dtype=tl.float32)
         for j in tl.static_range(HC):
             pj = tl.reduce(tl.where(j_idx == j, pre, 0.0), 1, SUM)  # one nonzero term: exact
@@ -152,7 +157,11 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
 # per K piece, a multiple of BK) only regroup tokens, columns and chunk sums into programs, so they never change a
 # bit (KSPLIT: the float64 sums of `mix_partial` are exact). BK rounds the fp32 chunk dots: not overridable
 TUNING: dict = {}
-_REGROUP = ("BT", "BD", "BTF", "num_warps", "KSPLIT")
+_REGROUP = ("BT", "BD", "BTF", "num_warps", "KSPLIT", "APART")
+# hc_pre's collapse as a launch of its own (APART): tokens x columns per program. The finishing program of a token
+# block otherwise streams the block's 16 x 4 x D streams alone, after the Sinkhorn (H200, 64 tokens, session 10's
+# sweep: the finish costs ~3-4 us per row of a block)
+COLLAPSE_TILE = (4, 512)
 
 
 def config(n_tokens: int, dim: int) -> dict:
@@ -163,6 +172,7 @@ def config(n_tokens: int, dim: int) -> dict:
     if runtime.interpreting():
         bt = min(max(runtime.next_pow2(n_tokens), 16), 256)
         cfg = dict(BT=bt, BK=128, KSPLIT=1024, BD=min(runtime.next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
+        cfg["APART"] = False
     else:
         # 16 tokens: the smallest FMA dot tile; 32 halves the mixer-matrix reads from L2 once there are many blocks.
         # K pieces: a decode launch has few token blocks, so smaller pieces put more programs on the SMs (H200, one
@@ -170,6 +180,7 @@ def config(n_tokens: int, dim: int) -> dict:
         # 0.015; docs/perf-h200/session10.md). Past 128 tokens the blocks alone fill the SMs
         ksplit = 256 if n_tokens <= 16 else 512 if n_tokens <= 128 else 1024
         cfg = dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=ksplit, BD=256, num_warps=4, ROWWISE=False)
+        cfg["APART"] = False  # not yet timed on the H200 against the finisher's collapse (bench/triton_mhc.py sweep)
     cfg.update({k: v for k, v in TUNING.items() if k in _REGROUP})
     return finisher(cfg, n_tokens, dim)
 

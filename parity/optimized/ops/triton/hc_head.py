@@ -35,7 +35,7 @@ def _finish(
     pre = _mhc.sigmoid_f32(a) + hc_eps
     # [BT, NP] -> [BT, HC]: keep the first HC columns (the padding columns are finite and dropped)
     pre = tl.reduce(tl.reshape(tl.where(n < HC, pre, 0.0), [BT, NP // HC, HC]), 1, _mhc.SUM)
-    _mhc.collapse(x_ptr, y_ptr, pre, rows, rmask, stride_t, D, HC, BT, BD)
+    _mhc.collapse(x_ptr, y_ptr, pre, rows, rmask, stride_t, D, 0, D, HC, BT, BD)
 
 
 @triton.jit

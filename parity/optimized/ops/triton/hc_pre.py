@@ -44,8 +44,9 @@ from parity.optimized.ops.triton._mhc import SUM as _SUM
 
 @triton.jit
 def _finish(
-    acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, rows, rmask, stride_t, D, K, norm_eps, hc_eps,
-    iters, HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, PLANT: tl.constexpr,
+    acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, rows, rmask, stride_t, D, K, norm_eps,
+    hc_eps, iters, HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, APART: tl.constexpr,
+    PLANT: tl.constexpr,
 ):  # fmt: skip
     MIX: tl.constexpr = (2 + HC) * HC
     if PLANT == 2:  # planted bug: the streams were normalized before the projection (acc already holds x*r)
@@ -85,15 +86,30 @@ def _finish(
     else:
         comb_off = (row - 2) * HC + col
     tl.store(comb_ptr + rows3 * (HC * HC) + comb_off, c, mask=rmask[:, None, None] & is_comb)
-    _mhc.collapse(x_ptr, y_ptr, pre, rows, rmask, stride_t, D, HC, BT, BD)
+    if APART:  # the collapse is `_collapse_kernel`'s, launched next
+        tl.store(pre_ptr + rows[:, None] * HC + hc_i, pre, mask=rmask[:, None])
+    else:
+        _mhc.collapse(x_ptr, y_ptr, pre, rows, rmask, stride_t, D, 0, D, HC, BT, BD)
+
+
+@triton.jit
+def _collapse_kernel(x_ptr, pre_ptr, y_ptr, T, D, HC: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr):
+    """The collapse of `_finish` (APART) as its own launch, a program per BT tokens x BD columns: the same products
+    and sums per element, so the same bits; spread over the SMs instead of one finishing program per token block."""
+    rows = tl.program_id(0) * BT + tl.arange(0, BT)
+    rmask = rows < T
+    rows = rows.to(tl.int64)
+    pre = tl.load(pre_ptr + rows[:, None] * HC + tl.arange(0, HC)[None, :], mask=rmask[:, None], other=0.0)
+    d_lo = tl.program_id(1) * BD
+    _mhc.collapse(x_ptr, y_ptr, pre, rows, rmask, HC * D, D, d_lo, d_lo + BD, HC, BT, BD)
 
 
 @triton.jit
 def _hc_pre_kernel(
-    x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, ws_ptr, cnt_ptr, T, D, norm_eps, hc_eps, iters,
-    HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
+    x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, ws_ptr, cnt_ptr, T, D, norm_eps, hc_eps,
+    iters, HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
     SPLITS: tl.constexpr, BD: tl.constexpr, BTF: tl.constexpr, BDF: tl.constexpr, ROWWISE: tl.constexpr,
-    PLANT: tl.constexpr,
+    APART: tl.constexpr, PLANT: tl.constexpr,
 ):  # fmt: skip
     NP: tl.constexpr = R * HC
     MIX: tl.constexpr = (2 + HC) * HC
@@ -119,13 +135,13 @@ def _hc_pre_kernel(
             xn = (xt.to(tl.float32) * r[:, None]).to(tl.bfloat16).to(tl.float32)
             w = tl.load(fn_ptr + n[None, :] * K + k[:, None], mask=(n[None, :] < MIX) & (k < K)[:, None], other=0.0)
             acc += tl.dot(xn, w, input_precision="ieee").to(tl.float64)
-        _finish(acc, sq_all, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, rows, rmask, stride_t, D, K,
-                norm_eps, hc_eps, iters, HC, R, BT, BD, PLANT)  # fmt: skip
+        _finish(acc, sq_all, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, rows, rmask, stride_t,
+                D, K, norm_eps, hc_eps, iters, HC, R, BT, BD, APART, PLANT)  # fmt: skip
     else:
         acc, sq = _mhc.mix_partial(x_ptr, fn_ptr, rows, rmask, stride_t, K, k_lo, k_hi, NP, MIX, BT, BK, ROWWISE)
         if SPLITS == 1:
-            _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, rows, rmask, stride_t, D, K,
-                    norm_eps, hc_eps, iters, HC, R, BT, BD, PLANT)  # fmt: skip
+            _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, rows, rmask, stride_t, D,
+                    K, norm_eps, hc_eps, iters, HC, R, BT, BD, APART, PLANT)  # fmt: skip
         else:
             _mhc.store_partial(ws_ptr, acc, sq, split, T, rows, rmask, NP, MIX)
             tl.debug_barrier()  # every thread's partial stores precede the release below
@@ -133,8 +149,8 @@ def _hc_pre_kernel(
             if arrived == SPLITS - 1:
                 tl.atomic_xchg(cnt_ptr + tb, 0)  # leave the counter zero for the next launch
                 frows, fmask, facc, fsq = _mhc.finish_partials(ws_ptr, tb, T, NP, MIX, SPLITS, BT, BTF)
-                _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, frows, fmask, stride_t, D,
-                        K, norm_eps, hc_eps, iters, HC, R, BTF, BDF, PLANT)  # fmt: skip
+                _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, frows, fmask,
+                        stride_t, D, K, norm_eps, hc_eps, iters, HC, R, BTF, BDF, APART, PLANT)  # fmt: skip
 
 
 def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps, out=None, plant=0):
@@ -163,13 +179,20 @@ def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_ep
     n_blocks = runtime.cdiv(T, cfg["BT"])
     ws = _mhc.workspace(splits, T, mix, x.device)
     cnt = _mhc.counters(x.device, n_blocks)
+    apart = cfg["APART"]
+    pre = torch.empty(T, hc, dtype=torch.float32, device=x.device) if apart else ws
     _hc_pre_kernel[(splits, n_blocks)](
-        x, fn, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, comb, ws, cnt, T, D,
+        x, fn, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, comb, pre, ws, cnt, T, D,
         float(norm_eps), float(hc_eps), int(sinkhorn_iters),
         HC=hc, R=R, BT=cfg["BT"], BK=cfg["BK"], KSPLIT=cfg["KSPLIT"], SPLITS=splits, BD=cfg["BD"],
-        BTF=cfg["BTF"], BDF=cfg["BDF"], ROWWISE=cfg["ROWWISE"], PLANT=plant, num_warps=cfg["num_warps"],
-        enable_fp_fusion=False,
+        BTF=cfg["BTF"], BDF=cfg["BDF"], ROWWISE=cfg["ROWWISE"], APART=apart, PLANT=plant,
+        num_warps=cfg["num_warps"], enable_fp_fusion=False,
     )  # fmt: skip
+    if apart:
+        bt, bd = _mhc.COLLAPSE_TILE
+        _collapse_kernel[(runtime.cdiv(T, bt), runtime.cdiv(D, bd))](
+            x, pre, y, T, D, HC=hc, BT=bt, BD=bd, num_warps=4, enable_fp_fusion=False
+        )
     return y, post, comb
 
 
