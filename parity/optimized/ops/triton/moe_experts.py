@@ -289,21 +289,27 @@ def _combine_kernel(
 # ---- autotuning (GPU) ---------------------------------------------------------------------------------------------
 
 
-def _configs(interpreter_width):
+def _configs(interpreter_width, gate_up: bool):
     if runtime.interpreting():
         return [triton.Config({"BLOCK_W": interpreter_width}, num_warps=4)]
     # feature slices of 64 (4 warps) or 128 (8 warps): wgmma, no spills when compiled for sm_90 (bench --compile-check)
-    return [
+    configs = [
         triton.Config({"BLOCK_W": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_W": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_W": 64}, num_warps=4, num_stages=5),
     ]
+    if gate_up:
+        # 32 features (64 tile rows with w3's: still one wgmma M): twice the programs of 64, for decode batches, whose
+        # 7-13 experts x 64-feature slices fill the H200's 132 SMs ~1.7 times. Not for down: its 32-row tile compiles
+        # to mma.sync, whose FP8 accumulation need not match wgmma's
+        configs.append(triton.Config({"BLOCK_W": 32}, num_warps=4, num_stages=4))
+    return configs
 
 
 _KEY = ["D", "INTER", "E", "ROUTED_FP4", "BLOCK_T"]  # not T: one tuning per token-tile size class
 # interpreter: gate-up tiles hold w1 and w3 (2 x 128 rows), down tiles 256 rows: the tiny model in one slice each
-_gate_up = common.autotune(_configs(128), _KEY)(_gate_up_kernel)
-_down = common.autotune(_configs(256), _KEY)(_down_kernel)
+_gate_up = common.autotune(_configs(128, gate_up=True), _KEY)(_gate_up_kernel)
+_down = common.autotune(_configs(256, gate_up=False), _KEY)(_down_kernel)
 
 
 # ---- host side ------------------------------------------------------------------------------------------------
