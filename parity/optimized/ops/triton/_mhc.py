@@ -160,7 +160,7 @@ TUNING: dict = {}
 _REGROUP = ("BT", "BD", "BTF", "num_warps", "KSPLIT", "APART")
 # hc_pre's collapse as a launch of its own (APART): tokens x columns per program. The finishing program of a token
 # block otherwise streams the block's 16 x 4 x D streams alone, after the Sinkhorn (H200, 64 tokens, session 10's
-# sweep: the finish costs ~3-4 us per row of a block)
+# sweep: the finish costs ~3-4 us per row of a block); `config` says where it is used
 COLLAPSE_TILE = (4, 512)
 
 
@@ -180,7 +180,11 @@ def config(n_tokens: int, dim: int) -> dict:
         # 0.015; docs/perf-h200/session10.md). Past 128 tokens the blocks alone fill the SMs
         ksplit = 256 if n_tokens <= 16 else 512 if n_tokens <= 128 else 1024
         cfg = dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=ksplit, BD=256, num_warps=4, ROWWISE=False)
-        cfg["APART"] = False  # not yet timed on the H200 against the finisher's collapse (bench/triton_mhc.py sweep)
+        # the collapse apart (`COLLAPSE_TILE`) where timed faster on the H200 (session 11, hc_pre graph us, finisher's
+        # collapse / apart: 1 token 23.2 / 24.2, 4 tokens 27.8 / 24.6, 16 tokens 64.4 / 48.3, 64 tokens 70.2 / 55.5;
+        # larger launches were not timed), in CUDA graphs only: an eager decode step is bound by the host, where the
+        # extra launch costs ~50-100 us (session 11's eager step, per op call) to save ~15 us of GPU time
+        cfg["APART"] = 4 <= n_tokens <= 64 and runtime.capturing()
     cfg.update({k: v for k, v in TUNING.items() if k in _REGROUP})
     return finisher(cfg, n_tokens, dim)
 
