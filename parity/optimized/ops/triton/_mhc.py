@@ -196,7 +196,8 @@ def finisher(cfg: dict, n_tokens: int, dim: int) -> dict:
     for every row of its tile, valid or not; on the H200 (docs/perf-h200/triton_mhc.md, block sweep at T 64) hc_pre
     took 95 / 147 / 280 us with 16 / 32 / 64-row blocks, ~4 us more per row, and a one-token call 73 us with a 16-row
     tile (session 10's sweep: 0.078 ms with the 16-row finish, 0.054 with the narrow one). Rows are independent, so
-    the tile never changes a bit. Without a split (SPLITS 1: the mixes stay in the GEMV's registers) the finish keeps the block's BT x BD."""
+    the tile never changes a bit. Without a split (SPLITS 1: the mixes stay in the GEMV's registers) the finish
+    keeps the block's BT x BD."""
     bt = cfg["BT"]
     btf = cfg.get("BTF") or min(bt, runtime.next_pow2(n_tokens))
     if btf < bt and n_tokens > btf:
