@@ -23,16 +23,10 @@ where it cannot (a GPU image running from a source tree): the same metrics withi
 
 import math
 
-import numba
 import numpy as np
 import torch
-from llvmlite import ir
-from numba import types
-from numba.extending import intrinsic
 
-# reassociation lets the vectorizer keep several partial sums (any order is within the stated bound); no other
-# fast-math flag: NaN and Inf never reach the loop, and products are exact whether or not they are fused
-_FLAGS = {"reassoc"}
+from parity.rawbits import FORMATS, UNSIGNED, bits, exponent_check, float_of, jit, raw, widen
 
 
 def loop_for(a: torch.Tensor, b: torch.Tensor) -> "TileLoop | None":
@@ -51,12 +45,12 @@ class TileLoop:
 
     def __init__(self, view: torch.dtype, mask: int):
         self.view, self.mask = view, mask
-        # the exponent check reads the bits as unsigned integers of the same width (see `_exponent_check`)
-        self.unsigned, kind = {2: (torch.uint16, np.uint16), 4: (torch.uint32, np.uint32)}[view.itemsize]
-        self._nonfinite = _exponent_check(kind, mask)
+        # the exponent check reads the bits as unsigned integers of the same width (`parity.rawbits.exponent_check`)
+        self.unsigned, kind = UNSIGNED[view.itemsize]
+        self._nonfinite = exponent_check(kind, mask)
 
     def nonfinite(self, a: torch.Tensor, b: torch.Tensor) -> bool:
-        return bool(self._nonfinite(_raw(a, self.unsigned), _raw(b, self.unsigned)))
+        return bool(self._nonfinite(raw(a, self.unsigned), raw(b, self.unsigned)))
 
     def measure(self, a, b, rows: int, cols: int, col: int, col_sums, col_err, atol: float | None, rtol: float):
         """One finite tile. Returns `(row_sums [4, rows], row_err [rows], tile max |e|, max |e| / |x|, mismatches)`
@@ -68,92 +62,22 @@ class TileLoop:
         cs = col_sums.numpy() if sliced else np.zeros((3, 0))
         ce = col_err.numpy() if sliced else np.zeros(0)
         gate = math.inf if atol is None else atol  # atol None: no mismatch is counted (the caller ignores it)
-        a, b = _raw(a, self.view), _raw(b, self.view)
+        a, b = raw(a, self.view), raw(b, self.view)
         err, rel, mism = _measure(a, b, rows, cols, col, sliced, gate, rtol, row_sums, row_err, cs, ce)
         return torch.from_numpy(row_sums), torch.from_numpy(row_err), _float(err), _float(rel), int(mism)
 
 
-def _raw(t: torch.Tensor, bits: torch.dtype) -> np.ndarray:
-    return t.view(bits).numpy()
+def _float(b: int) -> float:
+    return float(np.array(b, dtype=np.int64).view(np.float64))
 
 
-def _float(bits: int) -> float:
-    return float(np.array(bits, dtype=np.int64).view(np.float64))
-
-
-@intrinsic
-def _widen(typingctx, u):
-    """Raw bits -> float64. The integer type of the view names the format (`_LOOPS`): int16 holds bf16 (the high
-    half of a float32), uint16 IEEE half, uint32 float32."""
-    if u == types.int16:
-
-        def codegen(context, builder, signature, args):
-            w = builder.shl(builder.zext(args[0], ir.IntType(32)), ir.Constant(ir.IntType(32), 16))
-            return builder.fpext(builder.bitcast(w, ir.FloatType()), ir.DoubleType())
-
-    elif u in (types.uint16, types.uint32):
-        kind = ir.HalfType() if u == types.uint16 else ir.FloatType()
-
-        def codegen(context, builder, signature, args):
-            return builder.fpext(builder.bitcast(args[0], kind), ir.DoubleType())
-
-    else:
-        return None
-    return types.float64(u), codegen
-
-
-@intrinsic
-def _bits(typingctx, x):
-    """A float64's bit pattern as int64 (for a non-negative double, ordered as the value)."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.IntType(64))
-
-    return types.int64(types.float64), codegen
-
-
-@intrinsic
-def _float_of(typingctx, b):
-    """int64 bits -> the float64 they encode."""
-
-    def codegen(context, builder, signature, args):
-        return builder.bitcast(args[0], ir.DoubleType())
-
-    return types.float64(types.int64), codegen
-
-
-_jit = numba.njit(nogil=True, cache=True, fastmath=_FLAGS, error_model="numpy", boundscheck=False)
-
-
-def _exponent_check(kind, field: int):
-    """The compiled check "an Inf or NaN on either side" for raw bits of the unsigned type `kind`: the largest
-    exponent field of the two tiles is all ones (`field`, the largest a field can be) exactly when one value is
-    non-finite. A maximum kept in `kind` itself vectorizes at the type's full width: 0.044 ms per 1 Mi bf16 pairs on
-    this repo's CPU, where an or-reduction of comparisons at int64 took 0.26 ms (a quarter of the tile's time). The
-    mask is a constant of the closure (numba's disk cache keys closures by their cells' values)."""
-    mask = kind(field)
-
-    @_jit
-    def nonfinite(a, b):
-        m = kind(0)
-        for j in range(a.shape[0]):
-            m = max(m, kind(a[j] & mask), kind(b[j] & mask))
-        return m == mask
-
-    return nonfinite
-
-
-# dtype -> its loops: the integer view of its bits (which names the format to `_widen`) and the exponent mask (all
-# ones = Inf or NaN). The measure loops below are plain module functions, compiled once per view type and cached on
+# dtype -> its loops (`rawbits.FORMATS`: the integer view of its bits, which names the format to `rawbits.widen`, and
+# the exponent mask). The measure loops below are plain module functions, compiled once per view type and cached on
 # disk; the exponent checks are closures of their mask.
-_LOOPS = {
-    torch.bfloat16: TileLoop(torch.int16, 0x7F80),
-    torch.float16: TileLoop(torch.uint16, 0x7C00),
-    torch.float32: TileLoop(torch.uint32, 0x7F800000),
-}
+_LOOPS = {dtype: TileLoop(view, mask) for dtype, (view, mask) in FORMATS.items()}
 
 
-@_jit
+@jit
 def _row(ar, br, atol, rtol, sliced, cxy, cxx, cyy, cerr):
     """One row (or a row's piece): its sums and maxima, and with `sliced` the per-inner-position updates in the same
     iteration (one loop with the row reductions and the column stores vectorizes; two loops cost 1.6x). `sliced` is
@@ -161,7 +85,7 @@ def _row(ar, br, atol, rtol, sliced, cxy, cxx, cyy, cerr):
     sxy = sxx = syy = see = 0.0
     err = rel = mism = 0  # maxima as float64 bits (int64)
     for j in range(ar.shape[0]):
-        x, y = _widen(ar[j]), _widen(br[j])
+        x, y = widen(ar[j]), widen(br[j])
         e = x - y
         xy, xx, yy = x * y, x * x, y * y
         sxy += xy
@@ -169,9 +93,9 @@ def _row(ar, br, atol, rtol, sliced, cxy, cxx, cyy, cerr):
         syy += yy
         see += e * e
         ae, ax = abs(e), abs(x)
-        err = max(err, _bits(ae))
+        err = max(err, bits(ae))
         # max |e| / |x| over the positions that differ (0 / 0 is not a difference; e / 0 is inf)
-        rel = max(rel, _bits(ae / ax) if ae != 0.0 else 0)
+        rel = max(rel, bits(ae / ax) if ae != 0.0 else 0)
         mism += (ae > atol + rtol * ax) & (ae != 0.0)
         if sliced:
             cxy[j] += xy
@@ -181,7 +105,7 @@ def _row(ar, br, atol, rtol, sliced, cxy, cxx, cyy, cerr):
     return sxy, sxx, syy, see, err, rel, mism
 
 
-@_jit
+@jit
 def _measure(a, b, rows, cols, col, sliced, atol, rtol, row_sums, row_err, col_sums, col_err):
     tile_err = rel = mism = 0
     cxy, cxx, cyy = col_sums[0, col : col + cols], col_sums[1, col : col + cols], col_sums[2, col : col + cols]
@@ -190,6 +114,6 @@ def _measure(a, b, rows, cols, col, sliced, atol, rtol, row_sums, row_err, col_s
         ar, br = a[r * cols : (r + 1) * cols], b[r * cols : (r + 1) * cols]
         sxy, sxx, syy, see, err, rr, mm = _row(ar, br, atol, rtol, sliced, cxy, cxx, cyy, cerr)
         row_sums[0, r], row_sums[1, r], row_sums[2, r], row_sums[3, r] = sxy, sxx, syy, see
-        row_err[r] = _float_of(err)
+        row_err[r] = float_of(err)
         tile_err, rel, mism = max(tile_err, err), max(rel, rr), mism + mm
     return tile_err, rel, mism

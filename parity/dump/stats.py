@@ -4,18 +4,23 @@ Keys (all over the finite elements, in float64): `numel`, `nan`, `inf`, `zeros`,
 `absmax`, `l2` (the Frobenius norm). Values that do not exist (no finite element) are stored as null.
 Packed dtypes that torch cannot cast (fp4 x2) are summarised over their raw bytes.
 
-One pass over tiles cast into a reused float64 buffer: Σx, Σx², min/max and the zero count per tile.
-A tile holds a NaN or Inf exactly when its Σx² is not finite (squares of finite values below 1e154 stay finite),
-and only such a tile is masked. The variance comes from Σx² - Σx·mean; when that cancels (variance below 1 % of
-mean², where the one-pass formula could lose digits) a second pass sums (x - mean)² instead.
+One pass: Σx, Σx², min/max and the zero count. CPU tensors of bf16, fp16 or fp32 go through a compiled loop
+(`parity.dump.stats_loop`) in chunks of CHUNK elements, each read once from its raw bits; a chunk holding a NaN or
+Inf, other dtypes, GPU tensors and machines without numba take the torch form: tiles cast into a reused float64
+buffer, where a tile holds a NaN or Inf exactly when its Σx² is not finite (squares of finite values below 1e154
+stay finite), and only such a tile is masked. The variance comes from Σx² - Σx·mean; when that cancels (variance
+below 1 % of mean², where the one-pass formula could lose digits) a second pass sums (x - mean)² instead.
 """
 
+import functools
 import math
 
 import torch
 
 # 16 Ki elements: under torch's intra-op grain size, so each op runs on the calling thread (no thread team to wait on)
 TILE = 1 << 14
+# the compiled loop's chunk: 1 Mi elements (2 MiB of bf16) stay in L2 between the exponent check and the sums
+CHUNK = 1 << 20
 # below this variance / mean² the one-pass variance may have lost digits: take the exact second pass
 _CANCELLATION = 1e-2
 
@@ -30,26 +35,18 @@ def tensor_stats(t: torch.Tensor) -> dict[str, float | int | None]:
     flat = x.reshape(-1)
     buf = torch.empty(min(TILE, flat.numel()), dtype=torch.float64, device=flat.device)
     scratch = torch.empty_like(buf)
-    n = nan = inf = zeros = 0
-    s1 = s2 = 0.0
-    lo, hi = math.inf, -math.inf
-    for start in range(0, flat.numel(), TILE):
-        v = _cast(flat[start : start + TILE], buf)
-        sq = _sumsq(v, scratch)
-        if not math.isfinite(sq):
-            nan += int(v.isnan().sum())
-            inf += int(v.isinf().sum())
-            zeros += int((v == 0).sum())
-            v = v[v.isfinite()]
-            sq = _sumsq(v, scratch)
+    acc = _Sums()
+    loop = _compiled_loop(flat)
+    step = CHUNK if loop is not None else TILE
+    for start in range(0, flat.numel(), step):
+        chunk = flat[start : start + step]
+        if loop is not None and loop.finite(chunk):
+            acc.add_finite(chunk.numel(), *loop.sums(chunk))
         else:
-            zeros += v.numel() - int(torch.count_nonzero(v))
-        if v.numel():
-            n += v.numel()
-            s1 += float(v.sum())
-            s2 += sq
-            mn, mx = torch.aminmax(v)
-            lo, hi = min(lo, float(mn)), max(hi, float(mx))
+            for at in range(0, chunk.numel(), TILE):
+                _torch_tile(_cast(chunk[at : at + TILE], buf), scratch, acc)
+    n, s1, s2, lo, hi = acc.n, acc.s1, acc.s2, acc.lo, acc.hi
+    nan, inf, zeros = acc.nan, acc.inf, acc.zeros
     mean = s1 / n if n else None
     return {
         "numel": t.numel(),
@@ -63,6 +60,56 @@ def tensor_stats(t: torch.Tensor) -> dict[str, float | int | None]:
         "absmax": max(abs(lo), abs(hi)) if n else None,
         "l2": math.sqrt(s2) if n else 0.0,
     }
+
+
+class _Sums:
+    """What the pass accumulates over chunks and tiles (finite elements only, but nan / inf / zeros over all)."""
+
+    def __init__(self):
+        self.n = self.nan = self.inf = self.zeros = 0
+        self.s1 = self.s2 = 0.0
+        self.lo, self.hi = math.inf, -math.inf
+
+    def add_finite(self, n: int, s1: float, s2: float, zeros: int, lo: float, hi: float) -> None:
+        self.n, self.s1, self.s2, self.zeros = self.n + n, self.s1 + s1, self.s2 + s2, self.zeros + zeros
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+
+
+def _torch_tile(v: torch.Tensor, scratch: torch.Tensor, acc: _Sums) -> None:
+    """The torch form on one tile already cast to float64."""
+    sq = _sumsq(v, scratch)
+    if not math.isfinite(sq):
+        acc.nan += int(v.isnan().sum())
+        acc.inf += int(v.isinf().sum())
+        zeros = int((v == 0).sum())
+        v = v[v.isfinite()]
+        sq = _sumsq(v, scratch)
+    else:
+        zeros = v.numel() - int(torch.count_nonzero(v))
+    acc.zeros += zeros
+    if v.numel():
+        mn, mx = torch.aminmax(v)
+        acc.add_finite(v.numel(), float(v.sum()), sq, 0, float(mn), float(mx))
+
+
+def _compiled_loop(flat: torch.Tensor):
+    """The compiled pass for this tensor's dtype (CPU, contiguous bf16 / fp16 / fp32), or None: the torch form."""
+    if flat.device.type != "cpu" or not flat.is_contiguous():
+        return None
+    loops = _stats_loops()
+    return None if loops is None else loops.get(flat.dtype)
+
+
+@functools.cache
+def _stats_loops():
+    # imported on first use: numba's import costs ~0.7 s that a dump without stats should not pay
+    try:
+        from parity.dump.stats_loop import LOOPS
+    except ImportError:  # numba is a dependency; a source tree on a GPU image may lack it
+        return None
+    except (RuntimeError, OSError):  # numba found no writable place for its cache (its decorators raise then)
+        return None
+    return LOOPS
 
 
 def _std(flat: torch.Tensor, buf: torch.Tensor, n: int, s1: float, s2: float) -> float:

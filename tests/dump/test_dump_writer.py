@@ -14,7 +14,8 @@ from torch import nn
 from parity import dump
 from parity.compare import load_dump
 from parity.dump import writer
-from parity.dump.stats import tensor_stats
+from parity.dump import stats
+from parity.dump.stats import CHUNK, tensor_stats
 from parity.dump.tags import Tags
 from parity.dump.writer import DumpWriter, Site
 
@@ -165,9 +166,19 @@ def _reference_stats(t: torch.Tensor) -> dict:
         pytest.param(lambda g: torch.zeros(0, 3), id="empty"),
         pytest.param(lambda g: torch.randn(40000, generator=g).to(torch.float8_e4m3fn), id="fp8-multi-tile"),
         pytest.param(lambda g: 10.0 ** torch.randint(-150, 150, (999,), generator=g).double(), id="dynamic-range"),
+        # the compiled loop's chunks (`stats.CHUNK`): several, one of them holding a NaN (the torch form takes that
+        # one), negative values and signed zeros (its ordered-bits minimum), fp16 subnormals
+        pytest.param(lambda g: _nan_in_second_chunk(torch.randn(2 * CHUNK + 77, generator=g)), id="fp32-chunks-nan"),
+        pytest.param(lambda g: torch.randn(CHUNK + 3, generator=g).bfloat16(), id="bf16-two-chunks"),
+        pytest.param(lambda g: torch.cat([-(torch.rand(3000, generator=g) + 0.5), torch.tensor([-0.0, 0.0])]).half(),
+                     id="fp16-negative-signed-zeros"),  # fmt: skip
+        pytest.param(lambda g: (torch.rand(5000, generator=g) * 2**-20).half(), id="fp16-subnormals"),
     ],
 )
-def test_one_pass_stats_match_plain_float64(make):
+@pytest.mark.parametrize("form", ["compiled", "torch"])
+def test_one_pass_stats_match_plain_float64(make, form, monkeypatch):
+    if form == "torch":  # what runs without numba, on a GPU, or for other dtypes
+        monkeypatch.setattr(stats, "_compiled_loop", lambda flat: None)
     t = make(torch.Generator().manual_seed(0))
     got, want = tensor_stats(t), _reference_stats(t)
     n = max(t.numel(), 1)
@@ -180,3 +191,16 @@ def test_one_pass_stats_match_plain_float64(make):
             assert abs(g - w) <= gamma * (want["absmax"] or 0) + 4 * 2.0**-53 * abs(w), k
         else:
             assert abs(g - w) <= (gamma + 8 * 2.0**-53) * w, (k, g, w)
+
+
+def _nan_in_second_chunk(t: torch.Tensor) -> torch.Tensor:
+    t[CHUNK + 10] = math.nan
+    t[CHUNK + 11] = -math.inf
+    return t
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_floating_cpu_tensors_take_the_compiled_loop(dtype):
+    # the compiled loop is the fast path of stats mode (numba is a dependency): were its import to fail, the stats
+    # would still be right (the torch form, above) but slow, which this test would not otherwise notice
+    assert stats._compiled_loop(torch.zeros(4, dtype=dtype)) is not None
