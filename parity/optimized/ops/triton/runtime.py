@@ -26,13 +26,6 @@ def interpreting() -> bool:
 # makes ~65 of them; these give the same values for the non-negative ints the launches pass
 
 
-def capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph: a launch there costs the host nothing per replay, so a
-    kernel may take an extra launch that saves GPU time (eagerly, the same launch would cost more host time than it
-    saves)."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-
-
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
