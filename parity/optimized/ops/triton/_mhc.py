@@ -180,12 +180,11 @@ def config(n_tokens: int, dim: int) -> dict:
         # 0.015; docs/perf-h200/session10.md). Past 128 tokens the blocks alone fill the SMs
         ksplit = 256 if n_tokens <= 16 else 512 if n_tokens <= 128 else 1024
         cfg = dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=ksplit, BD=256, num_warps=4, ROWWISE=False)
-        # the collapse apart (`COLLAPSE_TILE`) where timed faster on the H200 (session 11, hc_pre graph us, finisher's
-        # collapse / apart: 1 token 23.2 / 24.2, 4 tokens 27.8 / 24.6, 16 tokens 64.4 / 48.3, 64 tokens 70.2 / 55.5;
-        # larger launches were not timed). Eagerly its extra launch costs the host more than the GPU time it saves
-        # (~50-100 us against ~15 us on session 11's host), but a decode graph's warm-up must run the kernels its
-        # capture runs (a first compile inside a capture is not safe), so the choice is the token count's alone
-        cfg["APART"] = 4 <= n_tokens <= 64
+        # the collapse apart (`COLLAPSE_TILE`) is faster on the H200 from 4 tokens (session 11, hc_pre graph us,
+        # finisher's collapse / apart: 1 token 23.2 / 24.2, 4 tokens 27.8 / 24.6, 16 tokens 64.4 / 48.3, 64 tokens
+        # 70.2 / 55.5) but is a second launch, and issue 10 asks for hc_pre in one launch; eagerly that launch would
+        # also cost the host more (~50-100 us) than it saves. Off; `TUNING["APART"]` turns it on
+        cfg["APART"] = False
     cfg.update({k: v for k, v in TUNING.items() if k in _REGROUP})
     return finisher(cfg, n_tokens, dim)
 

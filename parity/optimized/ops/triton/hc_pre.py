@@ -13,8 +13,8 @@ Per block of tokens (grid: SPLITS K pieces x token blocks, `_mhc` says how the p
    1/(1+exp(-x)) with IEEE division (`tl.div_rn`; Triton's `/` on fp32 is the approximate div.full), exp evaluated
    in float64 and rounded to fp32 (the twin's `_exp`), softmax over k, `+ eps`, the column normalization, then
    (iters - 1) row/column pairs; every row and column sum of 4 is summed in float64 and rounded once, as the twin's.
-3. y = sum_j pre[j] * x[j] (fp32 products, j in order) -> bf16, by the program that finished the block, or for
-   decode batches of 4-64 tokens by a second launch over tokens x columns (`_collapse_kernel`; the same bits).
+3. y = sum_j pre[j] * x[j] (fp32 products, j in order) -> bf16, by the program that finished the block (or, as an
+   option, by a second launch over tokens x columns: `_collapse_kernel`, APART in `_mhc.config`; the same bits).
 
 Tolerance (tests: `tests/optimized/ops/test_hc_pre.py`, float64 goldens; the registry entry states it): the GEMM
 cannot follow the twin's BLAS summation order, so the mixes differ from the twin's in the last fp32 bits and the
