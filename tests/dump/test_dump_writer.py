@@ -13,8 +13,7 @@ from torch import nn
 
 from parity import dump
 from parity.compare import load_dump
-from parity.dump import writer
-from parity.dump import stats
+from parity.dump import stats, writer
 from parity.dump.stats import CHUNK, tensor_stats
 from parity.dump.tags import Tags
 from parity.dump.writer import DumpWriter, Site
@@ -170,8 +169,10 @@ def _reference_stats(t: torch.Tensor) -> dict:
         # one), negative values and signed zeros (its ordered-bits minimum), fp16 subnormals
         pytest.param(lambda g: _nan_in_second_chunk(torch.randn(2 * CHUNK + 77, generator=g)), id="fp32-chunks-nan"),
         pytest.param(lambda g: torch.randn(CHUNK + 3, generator=g).bfloat16(), id="bf16-two-chunks"),
-        pytest.param(lambda g: torch.cat([-(torch.rand(3000, generator=g) + 0.5), torch.tensor([-0.0, 0.0])]).half(),
-                     id="fp16-negative-signed-zeros"),  # fmt: skip
+        pytest.param(
+            lambda g: torch.cat([-(torch.rand(3000, generator=g) + 0.5), torch.tensor([-0.0, 0.0])]).half(),
+            id="fp16-negative-signed-zeros",
+        ),  # fmt: skip
         pytest.param(lambda g: (torch.rand(5000, generator=g) * 2**-20).half(), id="fp16-subnormals"),
     ],
 )

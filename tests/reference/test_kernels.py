@@ -169,6 +169,22 @@ def test_fp4_act_quant(shape):
     assert np.array_equal(z.float().numpy(), (q_ref * s_ref).reshape(shape).astype(np.float32))
 
 
+def test_e2m1_rne_codes_are_the_codes_of_round_to_e2m1():
+    # the synthetic writer's one-pass codes (`formats.e2m1_rne_codes`) against the reference's two passes, on every
+    # fp32 within 2^12 ulps of each edge and grid value (both signs), signed zeros, saturation and random values
+    # (the whole fp32 range in [-8, 8] was checked once, 2026-12-05: the same codes everywhere)
+    from parity.formats import E2M1_RNE_TABLE, e2m1_codes, e2m1_rne_codes, round_to_e2m1
+
+    points = torch.tensor([e for e, _, _ in E2M1_RNE_TABLE] + list(E2M1_VALUES[:8]), dtype=torch.float32)
+    around = (points.view(torch.int32)[:, None] + torch.arange(-4096, 4097, dtype=torch.int32)).clamp(min=0)
+    x = torch.cat(
+        [around.flatten().view(torch.float32), torch.randn(1 << 16, generator=torch.Generator().manual_seed(0)) * 3]
+    )
+    x = torch.cat([x, -x, torch.tensor([0.0, -0.0, 6.5, -7.0, 1e30, -1e-30])])
+    assert torch.equal(e2m1_rne_codes(x), e2m1_codes(round_to_e2m1(x)))
+    assert torch.equal(e2m1_rne_codes(x.bfloat16()), e2m1_codes(round_to_e2m1(x.bfloat16())))
+
+
 def test_fp4_packing_low_nibble_first():
     x = torch.zeros(1, 32, dtype=torch.bfloat16)
     x[0, 0], x[0, 1], x[0, 2] = 6.0, -0.5, 1.5  # amax 6 -> scale 1
