@@ -89,14 +89,19 @@ def _e2m1_rne_edges(device) -> torch.Tensor:
     return t
 
 
+def _e2m1_rne_index(a: torch.Tensor) -> torch.Tensor:
+    """fp32 magnitudes -> their e2m1 magnitude code 0..7: that of the first (lowest) E2M1_RNE_TABLE edge the value
+    lies inside, i.e. the number of edges it lies above; bucketize counts them in one op (NaN sorts above all edges:
+    6, as in the where-chain)."""
+    return torch.bucketize(a, _e2m1_rne_edges(a.device))
+
+
 def round_to_e2m1(v: torch.Tensor) -> torch.Tensor:
     """Round fp32 to the e2m1 grid like CUDA `__nv_cvt_float_to_fp4(.., cudaRoundNearest)`: nearest, ties to the
     even code, saturating at 6, sign kept (so -0.25 -> -0.0). Returns fp32."""
     a = v.abs()
     if v.dtype == torch.float32:
-        # the magnitude is that of the first (lowest) E2M1_RNE_TABLE edge the value lies inside, i.e. the number of
-        # edges it lies above; bucketize counts them in one op (NaN sorts above all edges: 6, as in the where-chain)
-        idx = torch.bucketize(a, _e2m1_rne_edges(v.device))
+        idx = _e2m1_rne_index(a)
         mag = _table("e2m1_magnitudes", E2M1_MAGNITUDES, torch.float32, v.device)[idx]
         return torch.copysign(mag, v)
     mag = torch.full_like(a, FP4_MAX)
@@ -112,7 +117,7 @@ def e2m1_rne_codes(v: torch.Tensor) -> torch.Tensor:
     does what `e2m1_codes(round_to_e2m1(v))` does in two plus a grid check. Other dtypes: exactly that."""
     if v.dtype != torch.float32:
         return e2m1_codes(round_to_e2m1(v))
-    idx = torch.bucketize(v.abs(), _e2m1_rne_edges(v.device)).to(torch.uint8)
+    idx = _e2m1_rne_index(v.abs()).to(torch.uint8)
     return idx | (torch.signbit(v).to(torch.uint8) << 3)
 
 

@@ -29,6 +29,8 @@ import math
 
 import torch
 
+from parity.compiled import load_compiled
+
 # elements per tile: 64 Ki float64 = 512 KiB per buffer, seven buffers stay in a core's L2/L3 slice
 TILE = 1 << 16
 # elements per tile of the compiled loop, which has no float64 buffers to keep in cache: larger tiles keep the Python
@@ -297,14 +299,7 @@ def compiled_loop(a: torch.Tensor, b: torch.Tensor):
 
 @functools.cache
 def _tile_loops():
-    # imported on first use: numba's import costs ~0.7 s that commands which never compare should not pay
-    try:
-        from parity.compare import tile_loop
-    except ImportError:  # numba is a dependency; a source tree on a GPU image may lack it
-        return None
-    except (RuntimeError, OSError):  # numba found no writable place for its cache (its decorators raise then)
-        return None
-    return tile_loop
+    return load_compiled("parity.compare.tile_loop")
 
 
 def castable(dtype: torch.dtype) -> bool:

@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from parity.compiled import load_compiled
+
 # 16 Ki elements: under torch's intra-op grain size, so each op runs on the calling thread (no thread team to wait on)
 TILE = 1 << 14
 # the compiled loop's chunk: 1 Mi elements (2 MiB of bf16) stay in L2 between the exponent check and the sums
@@ -97,19 +99,12 @@ def _compiled_loop(flat: torch.Tensor):
     if flat.device.type != "cpu" or not flat.is_contiguous():
         return None
     loops = _stats_loops()
-    return None if loops is None else loops.get(flat.dtype)
+    return None if loops is None else loops.LOOPS.get(flat.dtype)
 
 
 @functools.cache
 def _stats_loops():
-    # imported on first use: numba's import costs ~0.7 s that a dump without stats should not pay
-    try:
-        from parity.dump.stats_loop import LOOPS
-    except ImportError:  # numba is a dependency; a source tree on a GPU image may lack it
-        return None
-    except (RuntimeError, OSError):  # numba found no writable place for its cache (its decorators raise then)
-        return None
-    return LOOPS
+    return load_compiled("parity.dump.stats_loop")
 
 
 def _std(flat: torch.Tensor, buf: torch.Tensor, n: int, s1: float, s2: float) -> float:

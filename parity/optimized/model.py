@@ -475,7 +475,7 @@ class OptAttention(ref.Attention):
         win = self.window_size
         # only the last `window` tokens of a sequence survive: writing more would give one ring row two positions in
         # one write (which one lands is undefined)
-        keep = batch.on_host(("ring keep", win), partial(_ring_keep, window=win))
+        keep = batch.on_host(("ring keep", win), partial(_kept_rows, window=win))
         rows = batch.on_host(("ring rows", win), partial(_ring_write_rows, cache=cache, window=win))  # [T] or [kept]
         ring.view(-1, self.head_dim)[rows] = kv if keep is None else kv[keep]
 
@@ -540,8 +540,13 @@ def _index_plan(batch: Batch, window: int, ratio: int, topk: int | None) -> _Ind
 
 def _ring_write_rows(batch: Batch, cache: PagedCache, window: int) -> torch.Tensor:
     rows = cache.ring_rows(batch.per_token.slot, batch.positions)  # [T]
-    keep = _ring_keep(batch, window)
+    keep = _kept_rows(batch, window)
     return rows if keep is None else rows[keep]
+
+
+def _kept_rows(batch: Batch, window: int) -> torch.Tensor | None:
+    """`_ring_keep`, once per batch (the ring write's keep mask and its rows both read it)."""
+    return batch.derived(("kept rows", window), lambda: _ring_keep(batch, window))
 
 
 def _ring_keep(batch: Batch, window: int) -> torch.Tensor | None:
