@@ -672,22 +672,26 @@ def compile_check(only: str = "") -> int:
             for kw, nw, ns in cfgs(tuner):
                 c = dict(SPLIT=split, IN_LAUNCH=split, PRECISION=prec, DOT_F64=False, **kw)
                 jobs.append((f"dense_linear {dt}", dense_linear._linear_kernel, s, c, nw, ns))
-    sg = dict(xq_ptr="*fp8e4nv", xs_ptr="*fp32", plan_ptr="*i32", row_tok_ptr="*i32", row_w_ptr="*fp32",
-              h_ptr="*bf16", w1_ptr="*u8", w3_ptr="*u8", s1_ptr="*u8", s3_ptr="*u8", off_ptr="*i64",
+    sg = dict(xq_ptr="*fp8e4nv", xqp_ptr="*fp8e4nv", xs_ptr="*fp32", plan_ptr="*i32", row_tok_ptr="*i32",
+              row_w_ptr="*fp32", h_ptr="*bf16", w1_ptr="*u8", w3_ptr="*u8", s1_ptr="*u8", s3_ptr="*u8", off_ptr="*i64",
               sw1_ptr="*fp8e4nv", sw3_ptr="*fp8e4nv", ss1_ptr="*u8", ss3_ptr="*u8", N_PLAN=i32, E=i32, D=i32,
               INTER=i32, stride_xq=i32, stride_xs=i32, stride_h=i32, stride_w=i32, stride_s=i32, stride_sw=i32,
               stride_ss=i32, LIMIT="fp32", SHARED_LIMIT="fp32")  # fmt: skip
-    sn = dict(hq_ptr="*fp8e4nv", hs_ptr="*fp32", plan_ptr="*i32", out_ptr="*bf16", w2_ptr="*u8", s2_ptr="*u8",
-              off_ptr="*i64", sw2_ptr="*fp8e4nv", ss2_ptr="*u8", N_PLAN=i32, E=i32, D=i32, INTER=i32, stride_hq=i32,
-              stride_hs=i32, stride_out=i32, stride_w=i32, stride_s=i32, stride_sw=i32, stride_ss=i32)  # fmt: skip
+    sn = dict(hq_ptr="*fp8e4nv", hqp_ptr="*fp8e4nv", hs_ptr="*fp32", plan_ptr="*i32", out_ptr="*bf16", w2_ptr="*u8",
+              s2_ptr="*u8", off_ptr="*i64", sw2_ptr="*fp8e4nv", ss2_ptr="*u8", N_PLAN=i32, E=i32, D=i32, INTER=i32,
+              stride_hq=i32, stride_hs=i32, stride_out=i32, stride_w=i32, stride_s=i32, stride_sw=i32,
+              stride_ss=i32)  # fmt: skip
+    split_sig = dict(ws_ptr="*fp32", cnt_ptr="*i32", CHUNK=i32, WS_ROWS=i32)
     for fp4 in (True, False):
         w = "*u8" if fp4 else "*fp8e4nv"
-        for bt in (16, 32):
+        # decode launches (16-token tiles) split K, larger ones do not
+        for bt, split in ((16, True), (16, False), (32, False)):
             for tuner, fn, sig in ((moe_experts._gate_up, moe_experts._gate_up_kernel, dict(sg, w1_ptr=w, w3_ptr=w)),
                                    (moe_experts._down, moe_experts._down_kernel, dict(sn, w2_ptr=w))):  # fmt: skip
                 for kw, nw, ns in cfgs(tuner):
-                    c = dict(ROUTED_FP4=fp4, W_E8M0=True, SH_E8M0=True, DOT_F64=False, ALIGNED=True, BLOCK_T=bt, **kw)
-                    jobs.append((f"moe {fn.__name__} {'fp4' if fp4 else 'fp8'}", fn, sig, c, nw, ns))
+                    c = dict(ROUTED_FP4=fp4, W_E8M0=True, SH_E8M0=True, ACT_POW2=True, DOT_F64=False, ALIGNED=True,
+                             SPLIT=split, BLOCK_T=bt, **kw)  # fmt: skip
+                    jobs.append((f"moe {fn.__name__} {'fp4' if fp4 else 'fp8'}", fn, dict(sig, **split_sig), c, nw, ns))
     jobs.append(("moe combine", moe_experts._combine_kernel, dict(y_ptr="*bf16", pos_ptr="*i32", out_ptr="*bf16", T=i32,
                  D=i32, R=i32), dict(TOPK=6, BLOCK_T=16, BLOCK_D=256), 4, 1))  # fmt: skip
     sp = dict(idx_ptr="*i64", w_ptr="*fp32", plan_ptr="*i32", row_tok_ptr="*i32", row_w_ptr="*fp32", pos_ptr="*i32",

@@ -365,8 +365,10 @@ def triton_moe():
     return module
 
 
-def test_triton_writes_every_output(triton_moe, ref_model, tiny_args, monkeypatch):
-    # outputs and the sorted-row buffers start as NaN: a tile, row or expert the kernels skip would show
+@pytest.mark.parametrize("split", [False, True])
+def test_triton_writes_every_output(triton_moe, ref_model, tiny_args, monkeypatch, split):
+    # outputs, the sorted-row buffers and a split launch's chunk sums start as NaN: a tile, row, expert or chunk the
+    # kernels skip would show
     from parity.optimized.ops.triton import _gemm_common
 
     moe = ref_model.layers[1].ffn
@@ -374,9 +376,9 @@ def test_triton_writes_every_output(triton_moe, ref_model, tiny_args, monkeypatc
     x, ids = tokens(5)
     with ref.default_dtype(torch.bfloat16):
         weights, indices = route(moe, x, ids, (0, 5))
-        clean = triton_moe.moe_experts(x, weights, indices, experts, shared, *policy(tiny_args))
+        clean = triton_moe.moe_experts(x, weights, indices, experts, shared, *policy(tiny_args), _split=split)
         monkeypatch.setattr(_gemm_common, "POISON", True)
-        poisoned = triton_moe.moe_experts(x, weights, indices, experts, shared, *policy(tiny_args))
+        poisoned = triton_moe.moe_experts(x, weights, indices, experts, shared, *policy(tiny_args), _split=split)
     assert not poisoned.isnan().any() and torch.equal(poisoned, clean)
 
 
@@ -388,7 +390,8 @@ def test_triton_plan_tiles_every_routed_row_once(triton_moe):
     indices = torch.stack([torch.randperm(n_exp, generator=g)[:k] for _ in range(t)])
     indices[indices == 5] = 6  # expert 5 empty (a token may now hold 6 twice: pairs still counted once each)
     weights = torch.rand(t, k, generator=g)
-    plan, row_tok, row_w, pos = triton_moe._plan(indices, weights, n_exp, t, bt)
+    # on the kernels' device (a CUDA kernel cannot read CPU tensors), the checks on the CPU
+    plan, row_tok, row_w, pos = (a.cpu() for a in triton_moe._plan(indices.to(DEV), weights.to(DEV), n_exp, t, bt))
     seen = []
     for e, r0, n in plan.T.tolist():
         if n == 0:
@@ -456,8 +459,75 @@ def test_triton_plan_one_launch_equals_the_torch_plan(triton_moe, t, k, n_exp, b
         indices[indices == 5] = 6
     if case == "one expert for all":
         indices[:] = 1
-    weights = torch.rand(t, indices.shape[1], generator=g)
+    weights = torch.rand(t, indices.shape[1], generator=g).to(DEV)
+    indices = indices.to(DEV)  # the kernel's device: a CUDA kernel cannot read CPU tensors
     got = triton_moe._plan_one_launch(indices, weights, n_exp, t, bt)
     want = triton_moe._plan_torch(indices, weights, n_exp, t, bt)
     for name, a, b in zip(("plan", "row_tok", "row_w", "pos"), got, want):
         assert a.dtype == b.dtype and torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("t", [1, 7])
+def test_triton_power_of_two_scaling_gives_the_twins_bits(impl, ref_model, tiny_args, t):
+    # _mm_fp4's POW2 form (C / sa carried, one fma per block) against the twin's (P * sa) * sb form, forced: the
+    # same bits (powers of two commute with rounding); and scale_fmt None (fp32 scales, the twin's form) is judged
+    # against the twin like every other case
+    if impl.backend != "triton":
+        pytest.skip("the POW2 form is the triton kernel's")
+    from parity.optimized.ops.triton import moe_experts as module
+
+    moe = ref_model.layers[1].ffn
+    experts, shared = weights_of(moe)
+    x, ids = tokens(t)
+    fmt, sdtype = policy(tiny_args)
+    assert fmt == "ue8m0"
+    with ref.default_dtype(torch.bfloat16):
+        weights, indices = route(moe, x, ids, (0, t))
+        fast = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype)
+        plain = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _pow2=False)
+        assert torch.equal(fast, plain)
+        out = impl(x, weights, indices, experts, shared, None, torch.float32)
+        expected = reference(experts, shared, x, weights, indices, None, torch.float32)
+    assert not torch.equal(out, fast)  # the fp32-scale policy really ran another quantization
+    check_moe(impl, out, expected, experts, shared, x, weights, indices, None, torch.float32)
+
+
+def test_triton_pairs_order_is_each_runs_even_then_odd_elements(impl):
+    # the order the FP4 tiles read quantized activations in: a packed byte's low / high nibble pairs with them
+    if impl.backend != "triton":
+        pytest.skip("the pairs order is the triton kernels'")
+    from parity.optimized.ops.triton.moe_experts import pairs_order
+
+    q = torch.arange(3 * 64, dtype=torch.int64).remainder(256).to(torch.uint8).view(3, 64)
+    got = pairs_order(q.view(torch.float8_e4m3fn)).view(torch.uint8)
+    assert got.dtype == torch.uint8 and got.shape == (3, 64) and got.is_contiguous()
+    run = list(range(0, 32, 2)) + list(range(1, 32, 2))
+    want = torch.tensor([[64 * r + 32 * j + c for j in range(2) for c in run] for r in range(3)]).remainder(256)
+    assert torch.equal(got.long(), want)
+
+
+@pytest.mark.parametrize("t", [1, 7, 37])
+def test_triton_split_k_gives_the_same_bits(impl, ref_model, tiny_args, t, monkeypatch):
+    # decode-sized launches split K over its chunks (the last program of a tile adds the chunk sums in order): the
+    # K-only chunking makes a split launch's bits those of the unsplit one, whatever the batch
+    if impl.backend != "triton":
+        pytest.skip("split-K is the triton kernels'")
+    from parity.optimized.ops.triton import _gemm_common
+    from parity.optimized.ops.triton import moe_experts as module
+
+    moe = ref_model.layers[1].ffn
+    experts, shared = weights_of(moe)
+    x, ids = tokens(t)
+    fmt, sdtype = policy(tiny_args)
+    with ref.default_dtype(torch.bfloat16):
+        weights, indices = route(moe, x, ids, (0, t))
+        whole = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _split=False)
+        split = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _split=True)
+        assert torch.equal(split, whole)
+        assert not _gemm_common.tile_counters(x.device, 1).any()  # every arrival counter back to 0
+        # planted: a split launch that leaves its last chunk out (where K has more than one: the tiny model's D; a
+        # launch of no programs would leave its output buffer as the allocator returns it)
+        real = module.k_chunk
+        monkeypatch.setattr(module, "k_chunk", lambda k: (real(k)[0], max(1, real(k)[1] - 1)))
+        short = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _split=True)
+    assert not torch.equal(short, whole)

@@ -10,15 +10,23 @@ Steps (all on the device, no host sync):
    program builds it (`_plan_kernel`); above, torch ops (`_plan_torch`, ~50 launches), the same values.
 2. x quantized once per (token, 128-group) by the Triton act_quant (bit for bit the official recipe, spec §3.2:
    what `linear()` feeds the expert GEMM; quantizing in every program's K loop instead redid the same work once per
-   feature slice, 16-32 times). Gate-up kernel, one program per (tile, 64/128-feature slice of the inter dim): the
-   tile's quantized token rows are gathered, then g = x W1^T and u = x W3^T with the weight format's own block
+   feature slice, 16-32 times); with FP4 routed weights a copy in the pairs order (`pairs_order`), the order in
+   which the FP4 tiles decode their weights without byte shuffles.
+   Gate-up kernel, one program per (tile, 64/128-feature slice of the inter dim): the tile's quantized token rows
+   are gathered, then g = x W1^T and u = x W3^T with the weight format's own block
    structure (FP4 e2m1: 32-wide K blocks, C += (P * sa) * sb, spec §3.5; FP8 e4m3 with 128x128 block scales: 128-wide
    K blocks, C += P * (sa * sb), spec §3.4), fp32 accumulated in ascending K, each rounded to bf16 as the GEMM's
    output. Epilogue (spec §9.2): u clamped to +-limit, g to max=limit (limit > 0 only), h = silu(g) * u in fp32
    (silu as g / (1 + exp(-g)) with an IEEE division, like torch's kernels), routed rows times their routing weight
    (fp32, route scale already in it, before w2), h rounded to bf16.
-3. h quantized per 128-group by act_quant (the one in front of w2), then the down kernel, one program per (tile,
+3. h quantized per 128-group by act_quant (the one in front of w2; the routed rows copied in the pairs order when
+   their weights are FP4), then the down kernel, one program per (tile,
    feature slice of dim): the same block GEMM with W2, the expert's bf16 output stored per sorted row.
+   Both GEMM kernels accumulate K in chunks (`k_chunk`: at most 8 chunks of whole 128-K trips, a function of K
+   alone; each chunk from zero, the chunk sums added in order, `_gemm_common`'s K-only chunking). Launches of up to
+   SPLIT_MAX_ROWS sorted rows (decode) split K over the chunks, one program per (slice, tile, chunk): the last
+   program of a tile to finish adds the chunk sums in order and runs the epilogue, in the same launch. Split or
+   not, the same additions: the split changes no bit (tests: split against unsplit, and NaN-poisoned workspaces).
 4. Combine kernel, per token: y = 0 (fp32); y += (its expert outputs, in ascending expert id); y += shared output;
    bf16. The same fp32 additions in the same order as the reference loop over experts (spec §9.3).
 
@@ -28,7 +36,8 @@ parameter tensors in place through a table of element offsets from the first exp
 of tensors and cached on their addresses), so nothing is stacked or copied.
 
 Numerics vs the twin: only the block products differ (FP8 MMA on the GPU; the interpreter's float64 dot is the
-twin's exact sum), as in fp4_gemm / fp8_gemm, plus exp() inside silu (Triton's exp vs torch's). Where a GEMM
+twin's exact sum), as in fp4_gemm / fp8_gemm, plus the K chunks' grouping of the fp32 sum (where K has more than
+8 trips) and exp() inside silu (Triton's exp vs torch's). Where a GEMM
 output or h lands on the neighbouring bf16 value, the next act_quant may pick the neighbouring e4m3 value, so an
 output can move by a fraction of the FP8 quantization error of its row; the tests propagate exactly that.
 Duplicate expert ids in one token's row (the reference would keep only one of the two contributions) are summed
@@ -49,18 +58,59 @@ from parity.optimized.ops.triton import act_quant, runtime
 
 
 @triton.jit
+def _fp4_block_product(
+    w_ptrs, xq_ptrs, k, mask_w, mask_x, DOT_F64: tl.constexpr, ROWS: tl.constexpr
+):  # fmt: skip
+    """P of the 32-wide K block at k (from zero): the block's packed weights decoded to e4m3 (fp4 * 2^-6, exact)
+    times the quantized activations, fp32 [ROWS, BLOCK_T]."""
+    xq = tl.load(xq_ptrs + k, mask=mask_x, other=0.0)
+    packed = tl.load(w_ptrs + k // 2, mask=mask_w, other=0)  # [ROWS, 16] uint8
+    if DOT_F64:
+        lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
+        hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+    else:
+        lo, hi = common.fp4_to_e4m3_words(packed)
+    w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (ROWS, 32)).to(tl.float8e4nv, bitcast=True)
+    if DOT_F64:  # interpreter: an exact block product (see fp8_gemm's docstring), and BLAS-fast
+        return tl.dot(w.to(tl.float64), xq.to(tl.float64), input_precision="ieee").to(tl.float32)
+    return tl.dot(w, xq)
+
+
+@triton.jit
 def _mm_fp4(
-    xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, K,
+    xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, K_LO, K_HI, CHUNK,
     wa_ptr, wb_ptr, sa_ptr, sb_ptr, stride_w, stride_s, f0, NF,
-    S_E8M0: tl.constexpr, DOT_F64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
+    S_E8M0: tl.constexpr, POW2: tl.constexpr, DOT_F64: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     """xq[toks] (e4m3 [BLOCK_T rows, K], fp32 act_quant scales xs per 128-group) . W^T for one packed-FP4 weight
     [*, K/2] with per-32 scales, or two (w1 and w3: one [2 * BLOCK_W]-row tile): 32-wide K blocks, P from zero,
-    C += (P * sa) * sb in ascending K (spec §3.5). Returns fp32 [BLOCK_W or 2 * BLOCK_W, BLOCK_T].
+    C += (P * sa) * sb in ascending K (spec §3.5), over K in [K_LO, K_HI) accumulated in chunks of CHUNK (each
+    chunk from zero, the chunk sums added in order: `_gemm_common`'s K-only chunking, which lets a split launch
+    give the same bits). Returns fp32 [BLOCK_W or 2 * BLOCK_W, BLOCK_T].
 
     Decoding: an e2m1 nibble s.e1e0.m placed at bits 7 and 4..2 of a byte is the e4m3 value fp4 * 2^-6 (the same
     2^-6 for normals and the subnormal 0.5, so every value is exact); the 2^6 goes into the power-of-two weight
-    scale (its exponent + 6), which leaves every product and rounding of (P * sa) * sb unchanged."""
+    scale (its exponent + 6), which leaves every product and rounding of (P * sa) * sb unchanged.
+
+    The activations come in the pairs order (`pairs_order`: each 32-run's even elements, then its odd
+    ones), and the weights are decoded to the same order: a run's 16 bytes give its low-nibble half and its
+    high-nibble half, placed side by side with no byte shuffles (interleaving them back to K order took 148 PRMT
+    per trip). The block product sums the same 32 products; only their order inside the MMA differs (exact in the
+    interpreter's float64 dot; on the GPU whether Hopper's internal FP8 sum depends on the lane order is not
+    documented, and the GPU tests judge the op by its tolerance as before).
+
+    A loop trip is one activation 128-group. POW2 (every weight and activation scale a power of two: e8m0 weights,
+    ue8m0 act_quant) scales in fewer ops with the same bits: multiplying by a power of two is exact and commutes
+    with rounding, so with B = C / sa, C + (P * sa) * sb = sa * (B + P * sb), and B + P * sb is one fma (its product
+    is exact); per accumulator element and trip 2 multiplies and 4 fmas instead of 8 multiplies and 4 adds. The same
+    bits while no intermediate leaves fp32's normal range (a scaled accumulator or product below 2^-126 or above
+    2^128, which real activations and weights do not reach); the tests compare both forms bit for bit.
+
+    Compiled for sm_90 (the FP4 gate-up loop, 64-feature slices of 16 tokens, 4 warps): 698 -> 437 instructions per
+    trip with both (PRMT 148 -> 0, shared-memory loads 43 -> 11, fp32 multiplies and adds 200 -> 100), 144 -> 137
+    registers. Holding the four products before scaling any saved no MMA wait (each register-operand MMA is waited
+    for before its registers are reused) and cost 70 registers at 32-token tiles."""
     offs32 = tl.arange(0, 32)
     r = tl.arange(0, ROWS)
     second = r >= BLOCK_W
@@ -75,14 +125,15 @@ def _mm_fp4(
     mask_x = mask_t[None, :]
     mask_w = mf[:, None]
     acc = tl.zeros((ROWS, BLOCK_T), dtype=tl.float32)
+    total = tl.zeros((ROWS, BLOCK_T), dtype=tl.float32)
     # the scales are read one 128-K step ahead: a few bytes a row are too narrow for the pipeliner's async copies,
     # and a plain load in the step that uses it waits out a whole memory latency
-    s4_next = tl.load(s_ptrs, mask=mask_w, other=127)
-    sx_next = tl.load(xs_ptrs, mask=mask_t, other=1.0)
-    for k0 in range(0, K, 128):
+    s4_next = tl.load(s_ptrs + K_LO // 32, mask=mask_w, other=127)
+    sx_next = tl.load(xs_ptrs + K_LO // 128, mask=mask_t, other=1.0)
+    for k0 in range(K_LO, K_HI, 128):
         s4 = s4_next
         s_act = sx_next[None, :]
-        more = k0 + 128 < K
+        more = k0 + 128 < K_HI
         s4_next = tl.load(s_ptrs + (k0 + 128) // 32, mask=mask_w & more, other=127)
         sx_next = tl.load(xs_ptrs + (k0 + 128) // 128, mask=mask_t & more, other=1.0)
         # the weight scales of the four 32-blocks, decoded once (the interpreter pays per op, the GPU does not care)
@@ -90,32 +141,34 @@ def _mm_fp4(
             e4 = s4.to(tl.int32)
             s4 = tl.where(e4 == 0, 0x00400000, tl.where(e4 == 255, 0x7FC00000, e4 << 23)).to(tl.float32, bitcast=True)
         s4 = s4 * 64.0  # the 2^6 of the decoding (exact)
+        if POW2:
+            # 1 / s_act from the exponent bits: a power of two 2^e (act_quant's are within 2^-22 .. 2^120) has the
+            # reciprocal 2^-e, biased exponent 254 - E (an IEEE division compiles to a branchy subroutine)
+            acc = acc * ((254 << 23) - s_act.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # B = C / sa
         for j in tl.static_range(4):
-            xq = tl.load(xq_ptrs + (k0 + 32 * j), mask=mask_x, other=0.0)
-            packed = tl.load(w_ptrs + (k0 + 32 * j) // 2, mask=mask_w, other=0)  # [ROWS, 16] uint8
-            if DOT_F64:
-                lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
-                hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
-            else:
-                lo, hi = common.fp4_to_e4m3_words(packed)
-            w = tl.reshape(tl.join(lo, hi), (ROWS, 32)).to(tl.float8e4nv, bitcast=True)
+            p = _fp4_block_product(w_ptrs, xq_ptrs, k0 + 32 * j, mask_w, mask_x, DOT_F64, ROWS)
             sw = tl.sum(tl.where(cols4 == j, s4, 0.0), axis=1)[:, None]  # column j, exactly (the rest adds zeros)
-            if DOT_F64:  # interpreter: an exact block product (see fp8_gemm's docstring), and BLAS-fast
-                p = tl.dot(w.to(tl.float64), xq.to(tl.float64), input_precision="ieee").to(tl.float32)
+            if POW2:
+                acc = tl.fma(p, sw, acc)
             else:
-                p = tl.dot(w, xq)
-            acc += (p * s_act) * sw
-    return acc
+                acc += (p * s_act) * sw
+        if POW2:
+            acc = acc * s_act
+        if ((k0 + 128) % CHUNK == 0) | (k0 + 128 >= K_HI):  # a branch taken once a chunk (compiled: 2 of ~440)
+            total += acc
+            acc = tl.zeros((ROWS, BLOCK_T), dtype=tl.float32)
+    return total
 
 
 @triton.jit
 def _mm_fp8(
-    xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, K,
+    xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, K_LO, K_HI, CHUNK,
     wa_ptr, wb_ptr, sa_ptr, sb_ptr, stride_w, stride_s, f0, NF,
     S_E8M0: tl.constexpr, DOT_F64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     """The same for e4m3 weights [*, K] with 128x128 block scales [*, K/128]: 128-wide K blocks, P from zero,
-    C += P * (sa * sb) in ascending K (spec §3.4); each weight row reads its own 128-row scale block."""
+    C += P * (sa * sb) in ascending K (spec §3.4), chunked as there; each weight row reads its own 128-row scale
+    block."""
     offs128 = tl.arange(0, 128)
     r = tl.arange(0, ROWS)
     second = r >= BLOCK_W
@@ -126,12 +179,13 @@ def _mm_fp8(
     xq_ptrs = xq_ptr + toks[None, :] * stride_xq + offs128[:, None]  # [128, BLOCK_T], K-major
     xs_ptrs = xs_ptr + toks * stride_xs
     acc = tl.zeros((ROWS, BLOCK_T), dtype=tl.float32)
-    sw_next = tl.load(s_ptrs, mask=mf, other=127)  # read one step ahead (see _mm_fp4)
-    sx_next = tl.load(xs_ptrs, mask=mask_t, other=1.0)
-    for k0 in range(0, K, 128):
+    total = tl.zeros((ROWS, BLOCK_T), dtype=tl.float32)
+    sw_next = tl.load(s_ptrs + K_LO // 128, mask=mf, other=127)  # read one step ahead (see _mm_fp4)
+    sx_next = tl.load(xs_ptrs + K_LO // 128, mask=mask_t, other=1.0)
+    for k0 in range(K_LO, K_HI, 128):
         sw = sw_next
         s_act = sx_next
-        more = k0 + 128 < K
+        more = k0 + 128 < K_HI
         sw_next = tl.load(s_ptrs + (k0 + 128) // 128, mask=mf & more, other=127)
         sx_next = tl.load(xs_ptrs + (k0 + 128) // 128, mask=mask_t & more, other=1.0)
         xq = tl.load(xq_ptrs + k0, mask=mask_t[None, :], other=0.0)
@@ -144,10 +198,45 @@ def _mm_fp8(
         else:
             p = tl.dot(w, xq)
         acc += p * (s_act[None, :] * sw[:, None])  # the official Scale_C = sa * sb, then C += P * Scale_C
-    return acc
+        if ((k0 + 128) % CHUNK == 0) | (k0 + 128 >= K_HI):
+            total += acc
+            acc = tl.zeros((ROWS, BLOCK_T), dtype=tl.float32)
+    return total
 
 
 # ---- kernels ------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _k_range(K, CHUNK, SPLIT: tl.constexpr):
+    """The K range of this program: all of it, or with SPLIT its chunk (grid axis 2)."""
+    if SPLIT:
+        # a multiple of 128 (CHUNK is whole 128-K trips): said so, or the pipeliner cannot prove the K loop's loads
+        # aligned and leaves them synchronous (compiled for sm_90: no async copies at all)
+        k_lo = tl.multiple_of(tl.program_id(2) * CHUNK, 128)
+        return k_lo, tl.minimum(k_lo + CHUNK, K)
+    return 0, K
+
+
+@triton.jit
+def _chunk_sums(acc, ws_ptr, cnt_ptr, rows, cols, mask, WS_ROWS, WS_COLS):
+    """A split launch's chunk sums of one tile: store this program's (grid axis 2: its chunk) to the fp32
+    workspace [chunks, WS_ROWS, WS_COLS] at (rows, cols), count the arrival on the tile's counter; the last program
+    of the tile to arrive gets (True, 0 + ws[0] + ws[1] + ... in chunk order: the additions of the unsplit loop),
+    the others (False, acc). The counter is put back to 0 (the `_gemm_common` counter pattern)."""
+    chunk_numel = WS_ROWS.to(tl.int64) * WS_COLS
+    ws_ptrs = ws_ptr + rows[None, :].to(tl.int64) * WS_COLS + cols[:, None]
+    tl.store(ws_ptrs + tl.program_id(2) * chunk_numel, acc, mask=mask)
+    tl.debug_barrier()  # every thread's stores before the one thread's release of the counter
+    n_split = tl.num_programs(2)
+    cnt = cnt_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    last = tl.atomic_add(cnt, 1, sem="acq_rel") == n_split - 1
+    if last:
+        acc = tl.zeros(acc.shape, dtype=tl.float32)
+        for c in range(0, n_split):  # read from L2 (.cg: not a stale L1 line)
+            acc += tl.load(ws_ptrs + c * chunk_numel, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(cnt, 0)  # every program of the tile has counted: no other access follows in this launch
+    return last, acc
 
 
 @triton.jit
@@ -164,14 +253,15 @@ def _expert_offset(col_ptr, e, ALIGNED: tl.constexpr):
 
 @triton.jit(do_not_specialize=["N_PLAN"])
 def _gate_up_kernel(
-    xq_ptr, xs_ptr, plan_ptr, row_tok_ptr, row_w_ptr, h_ptr,
+    xq_ptr, xqp_ptr, xs_ptr, plan_ptr, row_tok_ptr, row_w_ptr, h_ptr,
     w1_ptr, w3_ptr, s1_ptr, s3_ptr, off_ptr,
     sw1_ptr, sw3_ptr, ss1_ptr, ss3_ptr,
-    N_PLAN, E, D, INTER,
+    ws_ptr, cnt_ptr,
+    N_PLAN, E, D, INTER, CHUNK, WS_ROWS,
     stride_xq, stride_xs, stride_h, stride_w, stride_s, stride_sw, stride_ss,
     LIMIT, SHARED_LIMIT,
-    ROUTED_FP4: tl.constexpr, W_E8M0: tl.constexpr, SH_E8M0: tl.constexpr,
-    DOT_F64: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+    ROUTED_FP4: tl.constexpr, W_E8M0: tl.constexpr, SH_E8M0: tl.constexpr, ACT_POW2: tl.constexpr,
+    DOT_F64: tl.constexpr, ALIGNED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid_f = tl.program_id(0)
     tile = tl.program_id(1)
@@ -187,10 +277,11 @@ def _gate_up_kernel(
         NF = INTER
         feats = f0 + tl.arange(0, BLOCK_W)
         mask_f = feats < INTER
+        k_lo, k_hi = _k_range(D, CHUNK, SPLIT)
         if e == E:
             acc = _mm_fp8(
-                xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, D, sw1_ptr, sw3_ptr, ss1_ptr, ss3_ptr,
-                stride_sw, stride_ss, f0, NF, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
+                xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, k_lo, k_hi, CHUNK, sw1_ptr, sw3_ptr, ss1_ptr,
+                ss3_ptr, stride_sw, stride_ss, f0, NF, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
             )  # fmt: skip
             limit = SHARED_LIMIT
         else:
@@ -199,38 +290,47 @@ def _gate_up_kernel(
             sa = s1_ptr + _expert_offset(off_ptr + 2 * E, e, ALIGNED)
             sb = s3_ptr + _expert_offset(off_ptr + 3 * E, e, ALIGNED)
             if ROUTED_FP4:
-                acc = _mm_fp4(
-                    xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, D, wa, wb, sa, sb, stride_w, stride_s,
-                    f0, NF, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
+                acc = _mm_fp4(  # the activations in the pairs order (`pairs_order`)
+                    xqp_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, k_lo, k_hi, CHUNK, wa, wb, sa, sb,
+                    stride_w, stride_s,
+                    f0, NF, W_E8M0, W_E8M0 and ACT_POW2, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
                 )  # fmt: skip
             else:
                 acc = _mm_fp8(
-                    xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, D, wa, wb, sa, sb, stride_w, stride_s,
+                    xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, k_lo, k_hi, CHUNK, wa, wb, sa, sb,
+                    stride_w, stride_s,
                     f0, NF, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
                 )  # fmt: skip
             limit = LIMIT
-        # the GEMMs' bf16 outputs, widened (spec §9.2 step 1)
-        g, u = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_W, BLOCK_T)), (1, 2, 0)))  # w1 rows, w3 rows
-        g = g.to(tl.bfloat16).to(tl.float32)
-        u = u.to(tl.bfloat16).to(tl.float32)
-        if limit > 0:
-            u = tl.clamp(u, -limit, limit)
-            g = tl.minimum(g, limit)
-        h = tl.div_rn(g, 1.0 + tl.exp(-g)) * u
-        if e != E:
-            h = tl.load(row_w_ptr + rows, mask=mask_t, other=0.0)[None, :] * h  # the routing weight, before w2
-        h_ptrs = h_ptr + rows[None, :] * stride_h + feats[:, None]
-        tl.store(h_ptrs, h.to(tl.bfloat16), mask=mask_f[:, None] & mask_t[None, :])
+        done = True
+        if SPLIT:  # w1 rows at workspace columns [0, INTER), w3 rows at [INTER, 2 * INTER)
+            r = tl.arange(0, 2 * BLOCK_W)
+            cols = (r >= BLOCK_W) * INTER + f0 + r % BLOCK_W
+            mask = ((f0 + r % BLOCK_W) < INTER)[:, None] & mask_t[None, :]
+            done, acc = _chunk_sums(acc, ws_ptr, cnt_ptr, rows, cols, mask, WS_ROWS, 2 * INTER)
+        if done:
+            # the GEMMs' bf16 outputs, widened (spec §9.2 step 1)
+            g, u = tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_W, BLOCK_T)), (1, 2, 0)))  # w1 rows, w3 rows
+            g = g.to(tl.bfloat16).to(tl.float32)
+            u = u.to(tl.bfloat16).to(tl.float32)
+            if limit > 0:
+                u = tl.clamp(u, -limit, limit)
+                g = tl.minimum(g, limit)
+            h = tl.div_rn(g, 1.0 + tl.exp(-g)) * u
+            if e != E:
+                h = tl.load(row_w_ptr + rows, mask=mask_t, other=0.0)[None, :] * h  # the routing weight, before w2
+            h_ptrs = h_ptr + rows[None, :] * stride_h + feats[:, None]
+            tl.store(h_ptrs, h.to(tl.bfloat16), mask=mask_f[:, None] & mask_t[None, :])
 
 
 @triton.jit(do_not_specialize=["N_PLAN"])
 def _down_kernel(
-    hq_ptr, hs_ptr, plan_ptr, out_ptr,
-    w2_ptr, s2_ptr, off_ptr, sw2_ptr, ss2_ptr,
-    N_PLAN, E, D, INTER,
+    hq_ptr, hqp_ptr, hs_ptr, plan_ptr, out_ptr,
+    w2_ptr, s2_ptr, off_ptr, sw2_ptr, ss2_ptr, ws_ptr, cnt_ptr,
+    N_PLAN, E, D, INTER, CHUNK, WS_ROWS,
     stride_hq, stride_hs, stride_out, stride_w, stride_s, stride_sw, stride_ss,
-    ROUTED_FP4: tl.constexpr, W_E8M0: tl.constexpr, SH_E8M0: tl.constexpr,
-    DOT_F64: tl.constexpr, ALIGNED: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+    ROUTED_FP4: tl.constexpr, W_E8M0: tl.constexpr, SH_E8M0: tl.constexpr, ACT_POW2: tl.constexpr,
+    DOT_F64: tl.constexpr, ALIGNED: tl.constexpr, SPLIT: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid_f = tl.program_id(0)
     tile = tl.program_id(1)
@@ -245,26 +345,33 @@ def _down_kernel(
         NF = D
         feats = f0 + tl.arange(0, BLOCK_W)
         mask_f = feats < D
+        k_lo, k_hi = _k_range(INTER, CHUNK, SPLIT)
         if e == E:
             y = _mm_fp8(
-                hq_ptr, hs_ptr, rows, mask_t, stride_hq, stride_hs, INTER, sw2_ptr, sw2_ptr, ss2_ptr, ss2_ptr,
-                stride_sw, stride_ss, f0, NF, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
+                hq_ptr, hs_ptr, rows, mask_t, stride_hq, stride_hs, k_lo, k_hi, CHUNK, sw2_ptr, sw2_ptr, ss2_ptr,
+                ss2_ptr, stride_sw, stride_ss, f0, NF, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
             )  # fmt: skip
         else:
             wa = w2_ptr + _expert_offset(off_ptr, e, ALIGNED)
             sa = s2_ptr + _expert_offset(off_ptr + E, e, ALIGNED)
             if ROUTED_FP4:
-                y = _mm_fp4(
-                    hq_ptr, hs_ptr, rows, mask_t, stride_hq, stride_hs, INTER, wa, wa, sa, sa, stride_w, stride_s,
-                    f0, NF, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
+                y = _mm_fp4(  # the routed rows in the pairs order (`pairs_order`)
+                    hqp_ptr, hs_ptr, rows, mask_t, stride_hq, stride_hs, k_lo, k_hi, CHUNK, wa, wa, sa, sa,
+                    stride_w, stride_s,
+                    f0, NF, W_E8M0, W_E8M0 and ACT_POW2, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
                 )  # fmt: skip
             else:
                 y = _mm_fp8(
-                    hq_ptr, hs_ptr, rows, mask_t, stride_hq, stride_hs, INTER, wa, wa, sa, sa, stride_w, stride_s,
+                    hq_ptr, hs_ptr, rows, mask_t, stride_hq, stride_hs, k_lo, k_hi, CHUNK, wa, wa, sa, sa,
+                    stride_w, stride_s,
                     f0, NF, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
                 )  # fmt: skip
-        out_ptrs = out_ptr + rows[None, :] * stride_out + feats[:, None]
-        tl.store(out_ptrs, y.to(tl.bfloat16), mask=mask_f[:, None] & mask_t[None, :])
+        mask = mask_f[:, None] & mask_t[None, :]
+        done = True
+        if SPLIT:
+            done, y = _chunk_sums(y, ws_ptr, cnt_ptr, rows, feats, mask, WS_ROWS, D)
+        if done:
+            tl.store(out_ptr + rows[None, :] * stride_out + feats[:, None], y.to(tl.bfloat16), mask=mask)
 
 
 @triton.jit(do_not_specialize=["T", "R"])
@@ -306,13 +413,23 @@ def _configs(interpreter_width, gate_up: bool):
     return configs
 
 
-_KEY = ["D", "INTER", "E", "ROUTED_FP4", "BLOCK_T"]  # not T: one tuning per token-tile size class
+_KEY = ["D", "INTER", "E", "ROUTED_FP4", "BLOCK_T", "SPLIT"]  # not T: one tuning per token-tile size class
 # interpreter: gate-up tiles hold w1 and w3 (2 x 128 rows), down tiles 256 rows: the tiny model in one slice each
 _gate_up = common.autotune(_configs(128, gate_up=True), _KEY)(_gate_up_kernel)
 _down = common.autotune(_configs(256, gate_up=False), _KEY)(_down_kernel)
 
 
 # ---- host side ------------------------------------------------------------------------------------------------
+
+
+def pairs_order(q: torch.Tensor) -> torch.Tensor:
+    """Quantized activations `[rows, K]` (K a multiple of 32) copied in the pairs order the FP4 tiles read: within
+    each 32-wide run the even elements first, then the odd ones (position h * 16 + b holds element 2b + h). A packed
+    FP4 weight byte b holds elements 2b and 2b + 1 in its low and high nibble (spec §2.2), so a run's 16 bytes
+    decode to its low-nibble and high-nibble halves in this order with no byte shuffles (`_mm_fp4`)."""
+    rows, k = q.shape
+    b = q.view(torch.uint8)  # one byte per element whatever the float8 type (torch has few float8 kernels)
+    return b.view(rows, k // 32, 16, 2).transpose(-1, -2).contiguous().view(rows, k).view(q.dtype)
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
@@ -510,13 +627,32 @@ def _plan_torch(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, t:
     return plan.contiguous(), row_tok, row_w, pos
 
 
-def moe_experts(x, weights, indices, experts, shared, scale_fmt, scale_dtype) -> torch.Tensor:
+# Launches of at most this many sorted rows (routed + shared: decode batches of up to ~8 tokens at top-6) split K over
+# its chunks: a one-token call has 7 tiles, 224 gate-up programs of 128 weight rows that each stream 256 KB in a
+# serial chain of 32 loop trips, about one program per SM; split, 8x the programs of 4 trips each. The chunking is
+# the same whether or not a launch splits (a function of K), so the split changes no bit.
+SPLIT_MAX_ROWS = 64
+
+
+def k_chunk(k: int) -> tuple[int, int]:
+    """(chunk length, chunks) of a K: at most `_gemm_common.MAX_CHUNKS` chunks of whole 128-K trips."""
+    trips = k // 128
+    per = runtime.cdiv(trips, min(common.MAX_CHUNKS, trips))
+    return per * 128, runtime.cdiv(trips, per)
+
+
+def moe_experts(
+    x, weights, indices, experts, shared, scale_fmt, scale_dtype, *, _pow2: bool = True, _split: bool | None = None
+) -> torch.Tensor:
     """Routed SwiGLU experts (ascending-id fp32 accumulation) plus the shared expert: bf16 `[T, D]` -> same.
 
     Args:
         x (torch.Tensor): bf16 `[T, D]`; weights fp32 `[T, k]` (route scale included); indices `[T, k]` expert ids.
         experts (list): `ExpertWeights` per routed expert, all FP4 or all FP8; shared: the FP8 shared expert.
         scale_fmt, scale_dtype: the act_quant policy of the expert inputs ("ue8m0": power-of-two scales).
+        _pow2 (bool): tests only: False scales the FP4 block products in the twin's form even where every scale is
+            a power of two (`_mm_fp4`'s POW2).
+        _split (bool, Optional): tests only: force (True) or forbid (False) the split-K launches.
     """
     t, d = x.shape
     n_exp = len(experts)
@@ -548,32 +684,46 @@ def moe_experts(x, weights, indices, experts, shared, scale_fmt, scale_dtype) ->
         ROUTED_FP4=routed_fp4,
         W_E8M0=experts[0].w1[1].dtype == torch.float8_e8m0fnu,
         SH_E8M0=shared.w1[1].dtype == torch.float8_e8m0fnu,
+        ACT_POW2=_pow2 and scale_fmt == "ue8m0",  # act_quant's scales are powers of two (spec §3.2)
         DOT_F64=runtime.interpreting(),
         BLOCK_T=bt,
     )
     # both tables under one flag: one compiled variant per kernel in practice (parameters are allocator-aligned)
     flags["ALIGNED"] = aligned1 and aligned2
+    split = (r + t <= SPLIT_MAX_ROWS and not runtime.interpreting()) if _split is None else _split
+    flags["SPLIT"] = split
+    chunk1, chunks1 = k_chunk(d)
+    chunk2, chunks2 = k_chunk(inter)
     h = common.empty(r + t, inter, dtype=torch.bfloat16, device=dev)
     y = common.empty(r + t, d, dtype=torch.bfloat16, device=dev)
-    with common.on_device(x):
+    if split:  # the chunk sums of both launches, and arrival counters for the smallest tiles of any configuration
+        ws1 = common.empty(chunks1, r + t, 2 * inter, dtype=torch.float32, device=dev)
+        ws2 = common.empty(chunks2, r + t, d, dtype=torch.float32, device=dev)
+        cnt = common.tile_counters(dev, n_plan * max(runtime.cdiv(inter, 32), runtime.cdiv(d, 32)))
+    else:
+        ws1 = ws2 = cnt = h  # unused
+    with common.on_device(x), common.split_reduction(ws1, out, split, True):
         # each token's activations quantized once (what `linear()` feeds the expert GEMMs, bit for bit), not once per
         # feature slice in every program's K loop
         xq, xs = act_quant.quantize(x, 128, scale_fmt, torch.float32)
-        _gate_up[lambda meta: (runtime.cdiv(inter, meta["BLOCK_W"]), n_plan)](
-            xq, xs, plan, row_tok, row_w, h,
+        # the routed FP4 tiles read a copy in the pairs order, the shared expert's FP8 tiles the natural one
+        xqp = pairs_order(xq) if routed_fp4 else xq
+        _gate_up[lambda meta: (runtime.cdiv(inter, meta["BLOCK_W"]), n_plan, chunks1 if split else 1)](
+            xq, xqp, xs, plan, row_tok, row_w, h,
             rw1, rw3, rs1, rs3, table1,
-            sw1, sw3, ss1, ss3,
-            n_plan, n_exp, d, inter,
+            sw1, sw3, ss1, ss3, ws1, cnt,
+            n_plan, n_exp, d, inter, chunk1, r + t,
             xq.stride(0), xs.stride(0), h.stride(0), rw1.stride(0), rs1.stride(0), sw1.stride(0), ss1.stride(0),
             float(experts[0].swiglu_limit), float(shared.swiglu_limit),
             **flags,
             **common.NO_FMA,
         )  # fmt: skip
         hq, hs = act_quant.quantize(h, 128, scale_fmt, torch.float32)  # act_quant in front of w2, once
-        _down[lambda meta: (runtime.cdiv(d, meta["BLOCK_W"]), n_plan)](
-            hq, hs, plan, y,
-            rw2, rs2, table2, sw2, ss2,
-            n_plan, n_exp, d, inter,
+        hqp = pairs_order(hq[:r]) if routed_fp4 else hq  # the routed rows, for the FP4 tiles
+        _down[lambda meta: (runtime.cdiv(d, meta["BLOCK_W"]), n_plan, chunks2 if split else 1)](
+            hq, hqp, hs, plan, y,
+            rw2, rs2, table2, sw2, ss2, ws2, cnt,
+            n_plan, n_exp, d, inter, chunk2, r + t,
             hq.stride(0), hs.stride(0), y.stride(0), rw2.stride(0), rs2.stride(0), sw2.stride(0), ss2.stride(0),
             **flags,
             **common.NO_FMA,
