@@ -647,7 +647,7 @@ def compile_check(only: str = "") -> int:
                     if mod is fp8_gemm:
                         c.update(FUSE_QUANT=False, T_FAST=tuner is mod._large)
                     else:
-                        c["SUB"] = 4
+                        c.update(SUB=4, POW2=True)
                     jobs.append((name, fn, sig, c, nw, ns))
     kw, nw, ns = cfgs(fp8_gemm._small)[0]
     c = dict(A_E8M0=False, B_E8M0=True, FUSE_QUANT=True, CHUNKED=True, SPLIT=False, IN_LAUNCH=False, DOT_F64=False)

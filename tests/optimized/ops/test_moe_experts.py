@@ -496,7 +496,7 @@ def test_triton_pairs_order_is_each_runs_even_then_odd_elements(impl):
     # the order the FP4 tiles read quantized activations in: a packed byte's low / high nibble pairs with them
     if impl.backend != "triton":
         pytest.skip("the pairs order is the triton kernels'")
-    from parity.optimized.ops.triton.moe_experts import pairs_order
+    from parity.optimized.ops.triton._gemm_common import pairs_order
 
     q = torch.arange(3 * 64, dtype=torch.int64).remainder(256).to(torch.uint8).view(3, 64)
     got = pairs_order(q.view(torch.float8_e4m3fn)).view(torch.uint8)

@@ -115,6 +115,17 @@ def bucket(m: int) -> int:
     return min(4096, runtime.next_pow2(max(1, m)))
 
 
+def pairs_order(q: torch.Tensor) -> torch.Tensor:
+    """Quantized activations `[rows, K]` (K a multiple of 32) copied in the pairs order the FP4 tiles read: within
+    each 32-wide run the even elements first, then the odd ones (position h * 16 + b holds element 2b + h). A packed
+    FP4 weight byte b holds elements 2b and 2b + 1 in its low and high nibble (spec §2.2), so a run's 16 bytes
+    decode to its low-nibble and high-nibble halves in this order with no byte shuffles (moe_experts'
+    `_mm_fp4`, fp4_gemm)."""
+    rows, k = q.shape
+    b = q.view(torch.uint8)  # one byte per element whatever the float8 type (torch has few float8 kernels)
+    return b.view(rows, k // 32, 16, 2).transpose(-1, -2).contiguous().view(rows, k).view(q.dtype)
+
+
 # ---- tile functions ---------------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,13 @@ on FP8 tensor cores (fp32, from zero per block), C_acc += (P_k * sa[m, k/4]) * s
 per-128 scale and the weight's per-32 scale; bf16 (round to nearest even) at the end. K > 8 blocks: the fp32 sum is
 grouped in K-only chunks (`_gemm_common`), which keeps split-K batch-invariant.
 
+The loop as in moe_experts' `_mm_fp4` (its docstring has the compiled instruction counts): the activations are
+copied in the pairs order (`_gemm_common.pairs_order`, one torch copy of A) so that a block's packed bytes decode to
+its two nibble halves with no byte shuffles; with e8m0 scales on both sides (every scale a power of two) the chunk
+sum is carried divided by the activation's scale, B = C / sa, and each block adds P * sb as one fma: the same bits
+((P * sa) * sb = sa * (P * sb) and the rounding commute with a power of two) while nothing leaves fp32's normal
+range. A chunk's sum is added to the total by a branch at the end of the loop trip that ends the chunk.
+
 Layout as in `fp8_gemm`: weight rows on the MMA's M side (BLOCK_W), tokens on its N side (BLOCK_T), split K over
 chunks for small-M launches that would leave SMs idle, the chunk sums added in order by the last program to finish
 each output tile, in the same launch (`_gemm_common.store_tile`). A loop trip handles four 32-blocks (one activation
@@ -37,7 +44,7 @@ def _fp4_gemm_kernel(
     a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, ws_ptr, cnt_ptr,
     M, N, K, N_KB, CHUNK_KB, M_BUCKET,
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
-    A_E8M0: tl.constexpr, B_E8M0: tl.constexpr,
+    A_E8M0: tl.constexpr, B_E8M0: tl.constexpr, POW2: tl.constexpr,
     CHUNKED: tl.constexpr, SPLIT: tl.constexpr, IN_LAUNCH: tl.constexpr, DOT_F64: tl.constexpr, SUB: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
@@ -86,34 +93,43 @@ def _fp4_gemm_kernel(
             sb4 = tl.where(sb4 == 0, 0x00400000, tl.where(sb4 == 255, 0x7FC00000, sb4 << 23))
             sb4 = sb4.to(tl.float32, bitcast=True)
         sb4 = sb4 * 64.0  # the decoding's 2^-6 undone: a power of two, so (P * sa) * sb rounds as the twin's
+        s_act = sa[None, :]
+        if CHUNKED and POW2:  # B = C / sa (module docstring); 1 / sa from the exponent bits of a power of two
+            part = part * ((254 << 23) - s_act.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
         for j in tl.static_range(SUB):
-            kb = kb4 + j
             # e2m1 nibble s.e1e0.m -> bits 7 and 4..2 of an e4m3 byte: the value fp4 * 2^-6, exact for every code
             # (the subnormal 0.5 included); the 2^6 goes into the weight scale above (inline: the interpreter pays
-            # per call)
+            # per call). The block's low-nibble half, then its high-nibble half: the pairs order the activations
+            # were copied in (`_gemm_common.pairs_order`)
             packed = tl.load(b_ptrs, mask=mask_w[:, None], other=0)  # [BLOCK_W, 16] uint8
             if DOT_F64:
                 lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
                 hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
             else:
                 lo, hi = common.fp4_to_e4m3_words(packed)
-            w = tl.reshape(tl.join(lo, hi), (BLOCK_W, BLOCK_K)).to(tl.float8e4nv, bitcast=True)  # low nibble first
+            w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_W, BLOCK_K)).to(tl.float8e4nv, bitcast=True)
             a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
-            sb = tl.sum(tl.where(cols == j, sb4, 0.0), axis=1)  # column j, exactly (the rest adds zeros)
+            sb = tl.sum(tl.where(cols == j, sb4, 0.0), axis=1)[:, None]  # column j, exactly (the rest adds zeros)
             if DOT_F64:  # interpreter: an exact block product (see the module docstring), and BLAS-fast
                 p = tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
             else:
                 p = tl.dot(w, a)
             # [BLOCK_W, BLOCK_T] fp32, from zero for this 32-block
             if not CHUNKED:  # one block per chunk: the twin's own order, one accumulator fewer
-                total += (p * sa[None, :]) * sb[:, None]
+                total += (p * s_act) * sb
+            elif POW2:
+                part = tl.fma(p, sb, part)
             else:
-                part += (p * sa[None, :]) * sb[:, None]
-                if ((kb + 1) % CHUNK_KB == 0) | (kb + 1 == kb_end):
-                    total += part
-                    part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+                part += (p * s_act) * sb
             b_ptrs += BLOCK_K // 2
             a_ptrs += BLOCK_K
+        if CHUNKED:
+            if POW2:
+                part = part * s_act
+            # a chunk ends on a trip's end (its blocks are a multiple of SUB): a branch taken once a chunk
+            if ((kb4 + SUB) % CHUNK_KB == 0) | (kb4 + SUB >= kb_end):
+                total += part
+                part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
     mask = mask_w[:, None] & mask_t[None, :]
     common.store_tile(total, c_ptr, ws_ptr, cnt_ptr, offs_w, offs_t, mask, M, N, stride_cm, SPLIT, IN_LAUNCH)
 
@@ -184,8 +200,9 @@ def fp4_gemm(
         split = split and chunks > 1
         in_launch = split and common.reduce_in_launch(m)
         # 4 blocks per loop trip need every program's K range to start and end on a 128-group (K % 128 == 0 makes
-        # the whole range do; a split chunk must be a multiple of 4 blocks)
-        sub = 4 if not split or chunk % 4 == 0 else 1
+        # the whole range do; a split chunk must be a multiple of 4 blocks), and chunks of several blocks to end on
+        # a trip's end (the flush is at the end of a trip)
+        sub = 4 if chunk % 4 == 0 or (chunk == 1 and not split) else 1
         ws, cnt = common.split_buffers(split, chunks, m, n, out, _SMALLEST)
 
         def grid(meta):
@@ -193,10 +210,11 @@ def fp4_gemm(
 
         with common.on_device(a), common.split_reduction(ws, out, split, in_launch):
             (_small if small else _large)[grid](
-                a2, asc, bytes_, bsc, out, ws, cnt,
+                common.pairs_order(a2), asc, bytes_, bsc, out, ws, cnt,
                 m, n, k, n_kb, chunk, common.bucket(m),
                 a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
-                A_E8M0=a_e8m0, B_E8M0=b_e8m0, CHUNKED=chunk > 1, SPLIT=split, IN_LAUNCH=in_launch,
+                A_E8M0=a_e8m0, B_E8M0=b_e8m0, POW2=a_e8m0 and b_e8m0, CHUNKED=chunk > 1, SPLIT=split,
+                IN_LAUNCH=in_launch,
                 DOT_F64=runtime.interpreting(), SUB=sub, **common.NO_FMA,
             )  # fmt: skip
     return out.view(*a.shape[:-1], n).to(torch.get_default_dtype())

@@ -10,8 +10,8 @@ Steps (all on the device, no host sync):
    program builds it (`_plan_kernel`); above, torch ops (`_plan_torch`, ~50 launches), the same values.
 2. x quantized once per (token, 128-group) by the Triton act_quant (bit for bit the official recipe, spec §3.2:
    what `linear()` feeds the expert GEMM; quantizing in every program's K loop instead redid the same work once per
-   feature slice, 16-32 times); with FP4 routed weights a copy in the pairs order (`pairs_order`), the order in
-   which the FP4 tiles decode their weights without byte shuffles.
+   feature slice, 16-32 times); with FP4 routed weights a copy in the pairs order (`_gemm_common.pairs_order`),
+   the order in which the FP4 tiles decode their weights without byte shuffles.
    Gate-up kernel, one program per (tile, 64/128-feature slice of the inter dim): the tile's quantized token rows
    are gathered, then g = x W1^T and u = x W3^T with the weight format's own block
    structure (FP4 e2m1: 32-wide K blocks, C += (P * sa) * sb, spec §3.5; FP8 e4m3 with 128x128 block scales: 128-wide
@@ -93,7 +93,7 @@ def _mm_fp4(
     2^-6 for normals and the subnormal 0.5, so every value is exact); the 2^6 goes into the power-of-two weight
     scale (its exponent + 6), which leaves every product and rounding of (P * sa) * sb unchanged.
 
-    The activations come in the pairs order (`pairs_order`: each 32-run's even elements, then its odd
+    The activations come in the pairs order (`_gemm_common.pairs_order`: each 32-run's even elements, then its odd
     ones), and the weights are decoded to the same order: a run's 16 bytes give its low-nibble half and its
     high-nibble half, placed side by side with no byte shuffles (interleaving them back to K order took 148 PRMT
     per trip). The block product sums the same 32 products; only their order inside the MMA differs (exact in the
@@ -108,9 +108,10 @@ def _mm_fp4(
     2^128, which real activations and weights do not reach); the tests compare both forms bit for bit.
 
     Compiled for sm_90 (the FP4 gate-up loop, 64-feature slices of 16 tokens, 4 warps): 698 -> 437 instructions per
-    trip with both (PRMT 148 -> 0, shared-memory loads 43 -> 11, fp32 multiplies and adds 200 -> 100), 144 -> 137
-    registers. Holding the four products before scaling any saved no MMA wait (each register-operand MMA is waited
-    for before its registers are reused) and cost 70 registers at 32-token tiles."""
+    trip with both (PRMT 148 -> 0, shared-memory loads 43 -> 11, fp32 multiplies and adds 200 -> 100; 457 with the
+    K chunks' flush, a branch taken once a chunk). Holding the four products before scaling any saved no MMA wait
+    (each register-operand MMA is waited for before its registers are reused) and cost 70 registers at 32-token
+    tiles."""
     offs32 = tl.arange(0, 32)
     r = tl.arange(0, ROWS)
     second = r >= BLOCK_W
@@ -290,7 +291,7 @@ def _gate_up_kernel(
             sa = s1_ptr + _expert_offset(off_ptr + 2 * E, e, ALIGNED)
             sb = s3_ptr + _expert_offset(off_ptr + 3 * E, e, ALIGNED)
             if ROUTED_FP4:
-                acc = _mm_fp4(  # the activations in the pairs order (`pairs_order`)
+                acc = _mm_fp4(  # the activations in the pairs order (`_gemm_common.pairs_order`)
                     xqp_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, k_lo, k_hi, CHUNK, wa, wb, sa, sb,
                     stride_w, stride_s,
                     f0, NF, W_E8M0, W_E8M0 and ACT_POW2, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
@@ -355,7 +356,7 @@ def _down_kernel(
             wa = w2_ptr + _expert_offset(off_ptr, e, ALIGNED)
             sa = s2_ptr + _expert_offset(off_ptr + E, e, ALIGNED)
             if ROUTED_FP4:
-                y = _mm_fp4(  # the routed rows in the pairs order (`pairs_order`)
+                y = _mm_fp4(  # the routed rows in the pairs order (`_gemm_common.pairs_order`)
                     hqp_ptr, hs_ptr, rows, mask_t, stride_hq, stride_hs, k_lo, k_hi, CHUNK, wa, wa, sa, sa,
                     stride_w, stride_s,
                     f0, NF, W_E8M0, W_E8M0 and ACT_POW2, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
@@ -420,16 +421,6 @@ _down = common.autotune(_configs(256, gate_up=False), _KEY)(_down_kernel)
 
 
 # ---- host side ------------------------------------------------------------------------------------------------
-
-
-def pairs_order(q: torch.Tensor) -> torch.Tensor:
-    """Quantized activations `[rows, K]` (K a multiple of 32) copied in the pairs order the FP4 tiles read: within
-    each 32-wide run the even elements first, then the odd ones (position h * 16 + b holds element 2b + h). A packed
-    FP4 weight byte b holds elements 2b and 2b + 1 in its low and high nibble (spec §2.2), so a run's 16 bytes
-    decode to its low-nibble and high-nibble halves in this order with no byte shuffles (`_mm_fp4`)."""
-    rows, k = q.shape
-    b = q.view(torch.uint8)  # one byte per element whatever the float8 type (torch has few float8 kernels)
-    return b.view(rows, k // 32, 16, 2).transpose(-1, -2).contiguous().view(rows, k).view(q.dtype)
 
 
 def _u8(t: torch.Tensor) -> torch.Tensor:
@@ -707,7 +698,7 @@ def moe_experts(
         # feature slice in every program's K loop
         xq, xs = act_quant.quantize(x, 128, scale_fmt, torch.float32)
         # the routed FP4 tiles read a copy in the pairs order, the shared expert's FP8 tiles the natural one
-        xqp = pairs_order(xq) if routed_fp4 else xq
+        xqp = common.pairs_order(xq) if routed_fp4 else xq
         _gate_up[lambda meta: (runtime.cdiv(inter, meta["BLOCK_W"]), n_plan, chunks1 if split else 1)](
             xq, xqp, xs, plan, row_tok, row_w, h,
             rw1, rw3, rs1, rs3, table1,
@@ -719,7 +710,7 @@ def moe_experts(
             **common.NO_FMA,
         )  # fmt: skip
         hq, hs = act_quant.quantize(h, 128, scale_fmt, torch.float32)  # act_quant in front of w2, once
-        hqp = pairs_order(hq[:r]) if routed_fp4 else hq  # the routed rows, for the FP4 tiles
+        hqp = common.pairs_order(hq[:r]) if routed_fp4 else hq  # the routed rows, for the FP4 tiles
         _down[lambda meta: (runtime.cdiv(d, meta["BLOCK_W"]), n_plan, chunks2 if split else 1)](
             hq, hqp, hs, plan, y,
             rw2, rs2, table2, sw2, ss2, ws2, cnt,
