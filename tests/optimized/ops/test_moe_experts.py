@@ -277,6 +277,11 @@ def test_fp8_routed_experts(impl, ref_model, tiny_args, t):
         out = impl(x, weights, indices, experts, shared, fmt, sdtype)
         expected = reference(experts, shared, x, weights, indices, fmt, sdtype)
         check_moe(impl, out, expected, experts, shared, x, weights, indices, fmt, sdtype)
+        if impl.backend == "triton":  # the FP8 blocks' power-of-two form (one fma) against the twin's, bit for bit
+            from parity.optimized.ops.triton import moe_experts as module
+
+            plain = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _pow2=False)
+            assert torch.equal(out, plain)
 
 
 # ---- planted bugs: each must fail the comparison --------------------------------------------------------------

@@ -165,11 +165,12 @@ def _mm_fp4(
 def _mm_fp8(
     xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, K_LO, K_HI, CHUNK,
     wa_ptr, wb_ptr, sa_ptr, sb_ptr, stride_w, stride_s, f0, NF,
-    S_E8M0: tl.constexpr, DOT_F64: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
+    S_E8M0: tl.constexpr, POW2: tl.constexpr, DOT_F64: tl.constexpr,
+    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, ROWS: tl.constexpr,
 ):  # fmt: skip
     """The same for e4m3 weights [*, K] with 128x128 block scales [*, K/128]: 128-wide K blocks, P from zero,
     C += P * (sa * sb) in ascending K (spec §3.4), chunked as there; each weight row reads its own 128-row scale
-    block."""
+    block. POW2 (both scales powers of two): P * (sa * sb) is exact, so C + P * (sa * sb) is one fma, the same bits."""
     offs128 = tl.arange(0, 128)
     r = tl.arange(0, ROWS)
     second = r >= BLOCK_W
@@ -198,7 +199,10 @@ def _mm_fp8(
             p = tl.dot(w.to(tl.float64), xq.to(tl.float64), input_precision="ieee").to(tl.float32)
         else:
             p = tl.dot(w, xq)
-        acc += p * (s_act[None, :] * sw[:, None])  # the official Scale_C = sa * sb, then C += P * Scale_C
+        if POW2:
+            acc = tl.fma(p, s_act[None, :] * sw[:, None], acc)
+        else:
+            acc += p * (s_act[None, :] * sw[:, None])  # the official Scale_C = sa * sb, then C += P * Scale_C
         if ((k0 + 128) % CHUNK == 0) | (k0 + 128 >= K_HI):
             total += acc
             acc = tl.zeros((ROWS, BLOCK_T), dtype=tl.float32)
@@ -282,7 +286,8 @@ def _gate_up_kernel(
         if e == E:
             acc = _mm_fp8(
                 xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, k_lo, k_hi, CHUNK, sw1_ptr, sw3_ptr, ss1_ptr,
-                ss3_ptr, stride_sw, stride_ss, f0, NF, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
+                ss3_ptr, stride_sw, stride_ss, f0, NF, SH_E8M0, SH_E8M0 and ACT_POW2, DOT_F64, BLOCK_W, BLOCK_T,
+                2 * BLOCK_W,
             )  # fmt: skip
             limit = SHARED_LIMIT
         else:
@@ -300,7 +305,7 @@ def _gate_up_kernel(
                 acc = _mm_fp8(
                     xq_ptr, xs_ptr, toks, mask_t, stride_xq, stride_xs, k_lo, k_hi, CHUNK, wa, wb, sa, sb,
                     stride_w, stride_s,
-                    f0, NF, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
+                    f0, NF, W_E8M0, W_E8M0 and ACT_POW2, DOT_F64, BLOCK_W, BLOCK_T, 2 * BLOCK_W,
                 )  # fmt: skip
             limit = LIMIT
         done = True
@@ -350,7 +355,8 @@ def _down_kernel(
         if e == E:
             y = _mm_fp8(
                 hq_ptr, hs_ptr, rows, mask_t, stride_hq, stride_hs, k_lo, k_hi, CHUNK, sw2_ptr, sw2_ptr, ss2_ptr,
-                ss2_ptr, stride_sw, stride_ss, f0, NF, SH_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
+                ss2_ptr, stride_sw, stride_ss, f0, NF, SH_E8M0, SH_E8M0 and ACT_POW2, DOT_F64, BLOCK_W, BLOCK_T,
+                BLOCK_W,
             )  # fmt: skip
         else:
             wa = w2_ptr + _expert_offset(off_ptr, e, ALIGNED)
@@ -365,7 +371,7 @@ def _down_kernel(
                 y = _mm_fp8(
                     hq_ptr, hs_ptr, rows, mask_t, stride_hq, stride_hs, k_lo, k_hi, CHUNK, wa, wa, sa, sa,
                     stride_w, stride_s,
-                    f0, NF, W_E8M0, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
+                    f0, NF, W_E8M0, W_E8M0 and ACT_POW2, DOT_F64, BLOCK_W, BLOCK_T, BLOCK_W,
                 )  # fmt: skip
         mask = mask_f[:, None] & mask_t[None, :]
         done = True
