@@ -176,10 +176,13 @@ def test_triton_split_k_gives_the_same_bits(triton_fp4, ref_model, m):
         assert torch.equal(whole, triton_fp4.fp4_gemm(xq, xs, w, s, _split=True))
 
 
-def test_triton_int8_bytes_fp32_scales_and_e8m0_give_the_same_bits(triton_fp4, ref_model):
+@pytest.mark.parametrize("name", ["w2", "synthetic-64x1024"])
+def test_triton_int8_bytes_fp32_scales_and_e8m0_give_the_same_bits(triton_fp4, ref_model, name):
     # the checkpoint's int8 bytes and float4_e2m1fn_x2 are the same weight; fp32 scales hold the same powers of two
-    w, s = weight(ref_model, "w2")
-    xq, xs = quantize(activations(37, 128))
+    # (e8m0 scales on both sides take the power-of-two form, C / sa carried and one fma a block, when K is chunked:
+    # K 1024)
+    w, s = weight(ref_model, name)
+    xq, xs = quantize(activations(37, w.shape[1] * 2))
     with ref.default_dtype(torch.bfloat16):
         ref_bits = triton_fp4.fp4_gemm(xq, xs, w, s)
         other = triton_fp4.fp4_gemm(xq, e8m0_to_float(xs), w.view(torch.int8), e8m0_to_float(s), torch.float32)

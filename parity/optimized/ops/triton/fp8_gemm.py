@@ -53,12 +53,15 @@ def _scales(as_ptrs, bs_ptrs, kb, kb_end, mask_t, FUSE_QUANT: tl.constexpr):
 
 
 @triton.jit
-def _block_term(
-    w_ptrs, a_ptrs, sa, sb, kb, mask_w, mask_t,
+def _add_block(
+    acc, w_ptrs, a_ptrs, sa, sb, kb, mask_w, mask_t,
     A_E8M0: tl.constexpr, B_E8M0: tl.constexpr, FUSE_QUANT: tl.constexpr, DOT_F64: tl.constexpr,
 ):  # fmt: skip
-    """P_k * (sa * sb) of K block kb (pointers at block 0; sa, sb its raw scales from `_scales`): [BLOCK_W, BLOCK_T]
-    fp32, P_k from zero."""
+    """acc + P_k * (sa * sb) of K block kb (pointers at block 0; sa, sb its raw scales from `_scales`):
+    [BLOCK_W, BLOCK_T] fp32, P_k from zero. Where both scales are powers of two (e8m0 weight scales, and e8m0 or
+    fused act_quant activation scales) P_k * (sa * sb) is exact, so the sum is one fma with the same bits while
+    nothing leaves fp32's normal range (tests: e8m0 against fp32 scales of the same values, bit for bit). Compiled
+    for sm_90, the 128 x 64 prefill block 412 -> 348 instructions, the 64 x 64 decode block 315 -> 283."""
     w = tl.load(w_ptrs + kb * BLOCK_K, mask=mask_w[:, None], other=0.0)
     if FUSE_QUANT:
         a, sa = common.quant_e4m3(tl.load(a_ptrs + kb * BLOCK_K, mask=mask_t[None, :], other=0.0).to(tl.float32), 0)
@@ -76,7 +79,9 @@ def _block_term(
         p = tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
     else:
         p = tl.dot(w, a)
-    return p * (sa * sb)[None, :]  # the official Scale_C = sa * sb, formed before it meets P
+    if (A_E8M0 or FUSE_QUANT) and B_E8M0:
+        return tl.fma(p, (sa * sb)[None, :], acc)
+    return acc + p * (sa * sb)[None, :]  # the official Scale_C = sa * sb, formed before it meets P
 
 
 @triton.jit(do_not_specialize=["M", "M_BUCKET"])  # one compile for every token count
@@ -124,13 +129,13 @@ def _fp8_gemm_kernel(
             for kb in range(c0, tl.minimum(c0 + CHUNK_KB, kb_end)):
                 sa, sb = sa_next, sb_next
                 sa_next, sb_next = _scales(as_ptrs, bs_ptrs, kb + 1, kb_end, mask_t, FUSE_QUANT)
-                part += _block_term(w_ptrs, a_ptrs, sa, sb, kb, mask_w, mask_t, A_E8M0, B_E8M0, FUSE_QUANT, DOT_F64)
+                part = _add_block(part, w_ptrs, a_ptrs, sa, sb, kb, mask_w, mask_t, A_E8M0, B_E8M0, FUSE_QUANT, DOT_F64)
             total += part
     else:  # one block per chunk: the twin's own order, one accumulator fewer
         for kb in range(kb_begin, kb_end):
             sa, sb = sa_next, sb_next
             sa_next, sb_next = _scales(as_ptrs, bs_ptrs, kb + 1, kb_end, mask_t, FUSE_QUANT)
-            total += _block_term(w_ptrs, a_ptrs, sa, sb, kb, mask_w, mask_t, A_E8M0, B_E8M0, FUSE_QUANT, DOT_F64)
+            total = _add_block(total, w_ptrs, a_ptrs, sa, sb, kb, mask_w, mask_t, A_E8M0, B_E8M0, FUSE_QUANT, DOT_F64)
     mask = mask_w[:, None] & mask_t[None, :]
     common.store_tile(total, c_ptr, ws_ptr, cnt_ptr, offs_w, offs_t, mask, M, N, stride_cm, SPLIT, IN_LAUNCH)
 
