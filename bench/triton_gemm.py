@@ -330,6 +330,7 @@ class Bench:
 
     def moe_experts(self, model, cfg):
         from parity.optimized.ops.moe_experts import ExpertWeights
+        from parity.optimized.ops.triton.moe_experts import SPLIT_MAX_ROWS
 
         d, inter, n_exp = cfg["D"], cfg["I"], cfg["E"]
         experts = [
@@ -361,10 +362,20 @@ class Bench:
             touched = int(indices.unique().numel())
             wbytes = touched * per_expert + shared_bytes
             flops = 2 * 3 * d * inter * (t * 6 + t)
+            extra = {}
+            if t * 7 <= SPLIT_MAX_ROWS:  # a launch that splits K (routed + shared rows): the unsplit one
+                # beside it (graph ms) and their bits compared at this shape (the op promises the same)
+                whole = [lambda r=r: self.triton.moe_experts(x, r[1], r[0], *args, _split=False) for r in routes]
+                extra["graph_ms_unsplit"] = round(graph_ms(whole, launches=16), 4)
+                extra["split_bits_equal"] = bool(torch.equal(tri(), whole[0]()))
+                ok_split = extra["split_bits_equal"]
+            else:
+                ok_split = True
             self.record(
                 "moe_experts", model, t, f"E={n_exp} top6 D={d} I={inter} ({touched} experts touched)", ms, torch_ms,
-                wbytes + t * d * 4, flops, "fp8_flops", weight_bytes=wbytes,
-                check=("max row-normalized |diff| (first 16 tokens)", err, 2.0**-4, err <= 2.0**-4), graph=gms,
+                wbytes + t * d * 4, flops, "fp8_flops", weight_bytes=wbytes, extra=extra,
+                check=("max row-normalized |diff| (first 16 tokens), split bits", err, 2.0**-4,
+                       err <= 2.0**-4 and ok_split), graph=gms,
             )  # fmt: skip
 
         for t in TOKENS:
