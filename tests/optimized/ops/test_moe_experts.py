@@ -19,7 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from parity.formats import dequantize_fp8_blocks, e8m0_to_float, fp4_to_float, quantize_fp8_blocks
+from parity.formats import (
+    dequantize_fp8_blocks,
+    e8m0_to_float,
+    fp4_to_float,
+    quantize_fp4_groups,
+    quantize_fp8_blocks,
+)
 from parity.optimized.ops import OpsConfig, resolve_ops
 from parity.optimized.ops.moe_experts import ExpertWeights, expert_forward
 from parity.reference import kernels
@@ -536,3 +542,41 @@ def test_triton_split_k_gives_the_same_bits(impl, ref_model, tiny_args, t, monke
         monkeypatch.setattr(module, "k_chunk", lambda k: (real(k)[0], max(1, real(k)[1] - 1)))
         short = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _split=True)
     assert not torch.equal(short, whole)
+
+
+def fp4_experts(n, inter, dim, limit, seed=7):
+    """Routed experts in the V4-Pro/Flash layout at other sizes than the tiny model's: packed e2m1 with per-32 e8m0
+    scales."""
+    g = torch.Generator().manual_seed(seed)
+
+    def lin(o, i):
+        packed, s = quantize_fp4_groups(torch.randn(o, i, generator=g) * i**-0.5)
+        return packed.view(torch.float4_e2m1fn_x2).to(DEV), s.to(DEV)
+
+    return [ExpertWeights(lin(inter, dim), lin(dim, inter), lin(inter, dim), limit) for _ in range(n)]
+
+
+@pytest.mark.parametrize("t", [1, 5])
+def test_triton_split_k_over_eight_chunks(impl, tiny_args, t):
+    # D 1024: the gate-up's K in 8 chunks of one 128-K trip, the down's (inter 256) in 2 (the tiny model has 2 and
+    # 1): split against unsplit bit for bit, and the split launch against the twin. (The chunk sums added in another
+    # order moved no output bit here: fp32-level, below the bf16 outputs; a dropped chunk fails the test above.)
+    if impl.backend != "triton":
+        pytest.skip("split-K is the triton kernels'")
+    from parity.optimized.ops.triton import moe_experts as module
+
+    dim, inter, n_exp = 1024, 256, 4
+    assert module.k_chunk(dim) == (128, 8) and module.k_chunk(inter) == (128, 2)
+    experts = fp4_experts(n_exp, inter, dim, tiny_args.swiglu_limit)
+    shared = fp8_experts(1, inter, dim, tiny_args.swiglu_limit, seed=9)[0]
+    g = torch.Generator().manual_seed(t)
+    x = torch.randn(t, dim, generator=g).to(torch.bfloat16).to(DEV)
+    indices = torch.stack([torch.randperm(n_exp, generator=g)[:2] for _ in range(t)]).to(DEV)
+    weights = (torch.rand(t, 2, generator=g) * 1.5).to(DEV)
+    fmt, sdtype = policy(tiny_args)
+    with ref.default_dtype(torch.bfloat16):
+        whole = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _split=False)
+        split = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _split=True)
+        assert torch.equal(split, whole)
+        expected = reference(experts, shared, x, weights, indices, fmt, sdtype)
+    check_moe(impl, split, expected, experts, shared, x, weights, indices, fmt, sdtype)
