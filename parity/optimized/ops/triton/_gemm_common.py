@@ -139,6 +139,13 @@ def pow2_ceil(v):
 
 
 @triton.jit
+def pow2_reciprocal(s):
+    """1 / s for fp32 powers of two s = 2^e with -126 < e < 127 (act_quant's scales lie in 2^-22 .. 2^120): 2^-e
+    from the exponent bits, biased 254 - E, exact (an IEEE division compiles to a branchy subroutine)."""
+    return ((254 << 23) - s.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def quant_e4m3(x, AXIS: tl.constexpr):
     """act_quant of one 128-group per row (spec §3.2), the group along `AXIS` of the fp32 tile x: amax clamped to
     fl32(1e-4), s = pow2_ceil(amax * fl32(1/448)), y = e4m3_rne(clamp(x / s, +-448)). x / s is exact (s is a power of

@@ -94,8 +94,8 @@ def _fp4_gemm_kernel(
             sb4 = sb4.to(tl.float32, bitcast=True)
         sb4 = sb4 * 64.0  # the decoding's 2^-6 undone: a power of two, so (P * sa) * sb rounds as the twin's
         s_act = sa[None, :]
-        if CHUNKED and POW2:  # B = C / sa (module docstring); 1 / sa from the exponent bits of a power of two
-            part = part * ((254 << 23) - s_act.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+        if CHUNKED and POW2:  # B = C / sa (module docstring)
+            part = part * common.pow2_reciprocal(s_act)
         for j in tl.static_range(SUB):
             # e2m1 nibble s.e1e0.m -> bits 7 and 4..2 of an e4m3 byte: the value fp4 * 2^-6, exact for every code
             # (the subnormal 0.5 included); the 2^6 goes into the weight scale above (inline: the interpreter pays

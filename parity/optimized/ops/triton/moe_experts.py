@@ -143,9 +143,7 @@ def _mm_fp4(
             s4 = tl.where(e4 == 0, 0x00400000, tl.where(e4 == 255, 0x7FC00000, e4 << 23)).to(tl.float32, bitcast=True)
         s4 = s4 * 64.0  # the 2^6 of the decoding (exact)
         if POW2:
-            # 1 / s_act from the exponent bits: a power of two 2^e (act_quant's are within 2^-22 .. 2^120) has the
-            # reciprocal 2^-e, biased exponent 254 - E (an IEEE division compiles to a branchy subroutine)
-            acc = acc * ((254 << 23) - s_act.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)  # B = C / sa
+            acc = acc * common.pow2_reciprocal(s_act)  # B = C / sa
         for j in tl.static_range(4):
             p = _fp4_block_product(w_ptrs, xq_ptrs, k0 + 32 * j, mask_w, mask_x, DOT_F64, ROWS)
             sw = tl.sum(tl.where(cols4 == j, s4, 0.0), axis=1)[:, None]  # column j, exactly (the rest adds zeros)
