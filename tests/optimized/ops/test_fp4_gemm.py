@@ -176,11 +176,11 @@ def test_triton_split_k_gives_the_same_bits(triton_fp4, ref_model, m):
         assert torch.equal(whole, triton_fp4.fp4_gemm(xq, xs, w, s, _split=True))
 
 
-@pytest.mark.parametrize("name", ["w2", "synthetic-64x1024"])
+@pytest.mark.parametrize("name", ["w2", "synthetic-64x1024", "synthetic-64x2048"])
 def test_triton_int8_bytes_fp32_scales_and_e8m0_give_the_same_bits(triton_fp4, ref_model, name):
     # the checkpoint's int8 bytes and float4_e2m1fn_x2 are the same weight; fp32 scales hold the same powers of two
     # (e8m0 scales on both sides take the power-of-two form, C / sa carried and one fma a block, when K is chunked:
-    # K 1024)
+    # K 1024, chunks of one trip; K 2048, chunks of two trips, where the carried sum crosses a trip)
     w, s = weight(ref_model, name)
     xq, xs = quantize(activations(37, w.shape[1] * 2))
     with ref.default_dtype(torch.bfloat16):

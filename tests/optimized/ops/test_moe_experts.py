@@ -376,17 +376,24 @@ def triton_moe():
     return module
 
 
+def layer1_batch(ref_model, t):
+    """(experts, shared, x, weights, indices) of the tiny model's layer-1 MoE routing t tokens (call under the
+    bf16 default dtype, as the routing runs)."""
+    moe = ref_model.layers[1].ffn
+    experts, shared = weights_of(moe)
+    x, ids = tokens(t)
+    weights, indices = route(moe, x, ids, (0, t))
+    return experts, shared, x, weights, indices
+
+
 @pytest.mark.parametrize("split", [False, True])
 def test_triton_writes_every_output(triton_moe, ref_model, tiny_args, monkeypatch, split):
     # outputs, the sorted-row buffers and a split launch's chunk sums start as NaN: a tile, row, expert or chunk the
     # kernels skip would show
     from parity.optimized.ops.triton import _gemm_common
 
-    moe = ref_model.layers[1].ffn
-    experts, shared = weights_of(moe)
-    x, ids = tokens(5)
     with ref.default_dtype(torch.bfloat16):
-        weights, indices = route(moe, x, ids, (0, 5))
+        experts, shared, x, weights, indices = layer1_batch(ref_model, 5)
         clean = triton_moe.moe_experts(x, weights, indices, experts, shared, *policy(tiny_args), _split=split)
         monkeypatch.setattr(_gemm_common, "POISON", True)
         poisoned = triton_moe.moe_experts(x, weights, indices, experts, shared, *policy(tiny_args), _split=split)
@@ -487,13 +494,10 @@ def test_triton_power_of_two_scaling_gives_the_twins_bits(impl, ref_model, tiny_
         pytest.skip("the POW2 form is the triton kernel's")
     from parity.optimized.ops.triton import moe_experts as module
 
-    moe = ref_model.layers[1].ffn
-    experts, shared = weights_of(moe)
-    x, ids = tokens(t)
     fmt, sdtype = policy(tiny_args)
     assert fmt == "ue8m0"
     with ref.default_dtype(torch.bfloat16):
-        weights, indices = route(moe, x, ids, (0, t))
+        experts, shared, x, weights, indices = layer1_batch(ref_model, t)
         fast = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype)
         plain = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _pow2=False)
         assert torch.equal(fast, plain)
@@ -503,10 +507,8 @@ def test_triton_power_of_two_scaling_gives_the_twins_bits(impl, ref_model, tiny_
     check_moe(impl, out, expected, experts, shared, x, weights, indices, None, torch.float32)
 
 
-def test_triton_pairs_order_is_each_runs_even_then_odd_elements(impl):
+def test_triton_pairs_order_is_each_runs_even_then_odd_elements(triton_moe):
     # the order the FP4 tiles read quantized activations in: a packed byte's low / high nibble pairs with them
-    if impl.backend != "triton":
-        pytest.skip("the pairs order is the triton kernels'")
     from parity.optimized.ops.triton._gemm_common import pairs_order
 
     q = torch.arange(3 * 64, dtype=torch.int64).remainder(256).to(torch.uint8).view(3, 64)
@@ -518,20 +520,15 @@ def test_triton_pairs_order_is_each_runs_even_then_odd_elements(impl):
 
 
 @pytest.mark.parametrize("t", [1, 7, 37])
-def test_triton_split_k_gives_the_same_bits(impl, ref_model, tiny_args, t, monkeypatch):
+def test_triton_split_k_gives_the_same_bits(triton_moe, ref_model, tiny_args, t, monkeypatch):
     # decode-sized launches split K over its chunks (the last program of a tile adds the chunk sums in order): the
     # K-only chunking makes a split launch's bits those of the unsplit one, whatever the batch
-    if impl.backend != "triton":
-        pytest.skip("split-K is the triton kernels'")
     from parity.optimized.ops.triton import _gemm_common
-    from parity.optimized.ops.triton import moe_experts as module
 
-    moe = ref_model.layers[1].ffn
-    experts, shared = weights_of(moe)
-    x, ids = tokens(t)
+    module = triton_moe
     fmt, sdtype = policy(tiny_args)
     with ref.default_dtype(torch.bfloat16):
-        weights, indices = route(moe, x, ids, (0, t))
+        experts, shared, x, weights, indices = layer1_batch(ref_model, t)
         whole = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _split=False)
         split = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _split=True)
         assert torch.equal(split, whole)
@@ -557,16 +554,18 @@ def fp4_experts(n, inter, dim, limit, seed=7):
 
 
 @pytest.mark.parametrize("t", [1, 5])
-def test_triton_split_k_over_eight_chunks(impl, tiny_args, t):
-    # D 1024: the gate-up's K in 8 chunks of one 128-K trip, the down's (inter 256) in 2 (the tiny model has 2 and
-    # 1): split against unsplit bit for bit, and the split launch against the twin. (The chunk sums added in another
-    # order moved no output bit here: fp32-level, below the bf16 outputs; a dropped chunk fails the test above.)
+def test_triton_split_k_over_eight_chunks_of_two_trips(impl, tiny_args, t):
+    # D 2048: the gate-up's K in 8 chunks of two 128-K trips, the down's (inter 256) in 2 (the tiny model has 2 and
+    # 1, of one trip each): split against unsplit bit for bit, the power-of-two form (C / sa carried across a
+    # chunk's trips) against the twin's form bit for bit, and the split launch against the twin. (The chunk sums
+    # added in another order moved no output bit here: fp32-level, below the bf16 outputs; a dropped chunk fails
+    # the test above.)
     if impl.backend != "triton":
         pytest.skip("split-K is the triton kernels'")
     from parity.optimized.ops.triton import moe_experts as module
 
-    dim, inter, n_exp = 1024, 256, 4
-    assert module.k_chunk(dim) == (128, 8) and module.k_chunk(inter) == (128, 2)
+    dim, inter, n_exp = 2048, 256, 4
+    assert module.k_chunk(dim) == (256, 8) and module.k_chunk(inter) == (128, 2)
     experts = fp4_experts(n_exp, inter, dim, tiny_args.swiglu_limit)
     shared = fp8_experts(1, inter, dim, tiny_args.swiglu_limit, seed=9)[0]
     g = torch.Generator().manual_seed(t)
@@ -578,5 +577,7 @@ def test_triton_split_k_over_eight_chunks(impl, tiny_args, t):
         whole = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _split=False)
         split = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _split=True)
         assert torch.equal(split, whole)
+        plain = module.moe_experts(x, weights, indices, experts, shared, fmt, sdtype, _pow2=False)
+        assert torch.equal(plain, whole)
         expected = reference(experts, shared, x, weights, indices, fmt, sdtype)
     check_moe(impl, split, expected, experts, shared, x, weights, indices, fmt, sdtype)
