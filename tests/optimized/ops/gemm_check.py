@@ -81,9 +81,9 @@ def check_split_launch(run, monkeypatch, n_chunks: int):
         out = run(True)
         (ws,) = workspaces
         assert ws.shape == (n_chunks, *out.shape) and not ws.isnan().any()
-        total = ws[0].clone()
-        for part in ws[1:]:
-            total += part  # fp32, IEEE round to nearest: the kernel's additions
+        total = torch.zeros_like(ws[0])
+        for part in ws:
+            total += part  # fp32, IEEE round to nearest: the kernel's additions, from zero
         assert torch.equal(out, total.to(torch.bfloat16))
         assert torch.equal(out, run(False))
         assert not common.tile_counters(out.device, 0).any(), "arrival counters left non-zero"

@@ -162,19 +162,19 @@ def quant_e4m3(x, AXIS: tl.constexpr):
 
 @triton.jit(do_not_specialize=["numel"])
 def _reduce_chunks_kernel(ws_ptr, c_ptr, numel, N_CHUNKS: tl.constexpr, BLOCK: tl.constexpr):
-    # out = bf16(((ws[0] + ws[1]) + ws[2]) + ...): the same fp32 additions, in the same order, as one program that
-    # accumulates the chunks in registers
+    # out = bf16(((0 + ws[0]) + ws[1]) + ...): the same fp32 additions, in the same order, as one program that
+    # accumulates the chunks in registers from zero (also the sign of a zero sum: 0 + -0 is +0)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < numel
-    total = tl.load(ws_ptr + offs, mask=mask, other=0.0)
-    for c in tl.static_range(1, N_CHUNKS):
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in tl.static_range(0, N_CHUNKS):
         total += tl.load(ws_ptr + c * numel + offs, mask=mask, other=0.0)
     tl.store(c_ptr + offs, total.to(c_ptr.dtype.element_ty), mask=mask)
 
 
 def reduce_chunks(ws: torch.Tensor, out: torch.Tensor) -> None:
     """ws: fp32 [n_chunks, *out.shape] chunk sums -> out (contiguous; bf16 rounded to nearest even, or fp32),
-    summed in ascending chunk order."""
+    0 + ws[0] + ws[1] + ... in ascending chunk order."""
     numel = out.numel()
     block = 4096 if runtime.interpreting() else 1024
     _reduce_chunks_kernel[(runtime.cdiv(numel, block),)](ws, out, numel, N_CHUNKS=ws.shape[0], BLOCK=block)
@@ -185,7 +185,8 @@ def reduce_chunks(ws: torch.Tensor, out: torch.Tensor) -> None:
 # A split-K launch of fp8_gemm / fp4_gemm has a grid (weight tiles, token tiles, chunks). Each program stores its
 # chunk sum to the workspace, then adds 1 (acq_rel, GPU scope) to its output tile's int32 arrival counter; the
 # program that reads n_chunks - 1 arrived last, so every other chunk sum of the tile is visible to it: it adds them
-# in chunk order (the additions of `_reduce_chunks_kernel`, bit for bit), stores bf16 and puts the counter back to 0.
+# in chunk order (the additions of `_reduce_chunks_kernel`, bit for bit) and puts the counter back to 0
+# (`last_arrival_sum`, also under moe_experts' split launches).
 # This saves the second launch (measured on the H200: fp4_gemm Flash w1 at one token, a 5.3 us reduction launch
 # after a 10.2 us GEMM).
 #
@@ -263,33 +264,44 @@ def reduce_in_launch(m: int) -> bool:
 
 
 @triton.jit
+def last_arrival_sum(acc, ws_ptrs, chunk_numel, cnt_ptr, mask):
+    """A split-K program's chunk sum `acc` of its output tile (grid axes 0, 1: the tile; axis 2: the chunk): stored
+    to its chunk's workspace slice (`ws_ptrs`: the tile's elements in chunk 0, `chunk_numel` apart), its arrival
+    counted on the tile's counter. The last program of the tile to arrive gets (True, 0 + ws[0] + ws[1] + ... in
+    chunk order: the additions of a program that loops over the chunks from zero), the others (False, acc); the
+    counter is put back to 0."""
+    tl.store(ws_ptrs + tl.program_id(2) * chunk_numel, acc, mask=mask)
+    # every thread's stores before the one thread's release of the counter (the CUTLASS semaphore pattern)
+    tl.debug_barrier()
+    n_split = tl.num_programs(2)
+    cnt = cnt_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    last = tl.atomic_add(cnt, 1, sem="acq_rel") == n_split - 1
+    if last:
+        acc = tl.zeros(acc.shape, dtype=tl.float32)
+        for c in range(0, n_split):  # the other programs' sums, read from L2 (.cg: not a stale L1 line)
+            acc += tl.load(ws_ptrs + c * chunk_numel, mask=mask, other=0.0, cache_modifier=".cg")
+        tl.store(cnt, 0)  # every program of the tile has counted: no other access follows in this launch
+    return last, acc
+
+
+@triton.jit
 def store_tile(
     total, c_ptr, ws_ptr, cnt_ptr, offs_w, offs_t, mask, M, N, stride_cm, SPLIT: tl.constexpr,
     IN_LAUNCH: tl.constexpr,
 ):  # fmt: skip
     """Store a program's [BLOCK_W, BLOCK_T] fp32 K sum `total` of the output tile (rows offs_w, tokens offs_t):
     as bf16 to c when the program owns the whole K; in a split-K launch (grid axis 2: the chunks) to its chunk's
-    fp32 workspace slice ws[chunk, t, n], and with IN_LAUNCH the last program of the tile to arrive adds ws[0] +
-    ws[1] + ... in chunk order into c (see the counters above; without, `reduce_chunks` does after the launch)."""
+    fp32 workspace slice ws[chunk, t, n], and with IN_LAUNCH the last program of the tile to arrive stores
+    0 + ws[0] + ws[1] + ... (`last_arrival_sum`) into c (without, `reduce_chunks` does after the launch)."""
     c_ptrs = c_ptr + offs_t[None, :] * stride_cm + offs_w[:, None]
-    if SPLIT and not IN_LAUNCH:
-        ws_ptrs = ws_ptr + tl.program_id(2) * M.to(tl.int64) * N + offs_t[None, :] * N + offs_w[:, None]
-        tl.store(ws_ptrs, total, mask=mask)
-    elif SPLIT:
-        chunk_numel = M.to(tl.int64) * N
+    if SPLIT:
         ws_ptrs = ws_ptr + offs_t[None, :] * N + offs_w[:, None]
-        tl.store(ws_ptrs + tl.program_id(2) * chunk_numel, total, mask=mask)
-        # every thread's stores before the one thread's release of the counter (the CUTLASS semaphore pattern)
-        tl.debug_barrier()
-        n_split = tl.num_programs(2)
-        cnt = cnt_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        if tl.atomic_add(cnt, 1, sem="acq_rel") == n_split - 1:
-            # the other programs' sums, read from L2 (.cg: not a stale L1 line), in chunk order
-            total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            for c in range(1, n_split):
-                total += tl.load(ws_ptrs + c * chunk_numel, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
-            tl.store(cnt, 0)  # every program of the tile has counted: no other access follows in this launch
+        if IN_LAUNCH:
+            last, total = last_arrival_sum(total, ws_ptrs, M.to(tl.int64) * N, cnt_ptr, mask)
+            if last:
+                tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(ws_ptrs + tl.program_id(2) * M.to(tl.int64) * N, total, mask=mask)
     else:
         tl.store(c_ptrs, total.to(c_ptr.dtype.element_ty), mask=mask)
 

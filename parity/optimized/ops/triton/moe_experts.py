@@ -223,23 +223,11 @@ def _k_range(K, CHUNK, SPLIT: tl.constexpr):
 
 @triton.jit
 def _chunk_sums(acc, ws_ptr, cnt_ptr, rows, cols, mask, WS_ROWS, WS_COLS):
-    """A split launch's chunk sums of one tile: store this program's (grid axis 2: its chunk) to the fp32
-    workspace [chunks, WS_ROWS, WS_COLS] at (rows, cols), count the arrival on the tile's counter; the last program
-    of the tile to arrive gets (True, 0 + ws[0] + ws[1] + ... in chunk order: the additions of the unsplit loop),
-    the others (False, acc). The counter is put back to 0 (the `_gemm_common` counter pattern)."""
-    chunk_numel = WS_ROWS.to(tl.int64) * WS_COLS
+    """A split launch's chunk sums of one tile (`_gemm_common.last_arrival_sum`) in the fp32 workspace
+    [chunks, WS_ROWS, WS_COLS] at (rows, cols): the last program of the tile to arrive gets (True, 0 + ws[0] +
+    ws[1] + ... in chunk order: the additions of the unsplit chunk loop), the others (False, acc)."""
     ws_ptrs = ws_ptr + rows[None, :].to(tl.int64) * WS_COLS + cols[:, None]
-    tl.store(ws_ptrs + tl.program_id(2) * chunk_numel, acc, mask=mask)
-    tl.debug_barrier()  # every thread's stores before the one thread's release of the counter
-    n_split = tl.num_programs(2)
-    cnt = cnt_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-    last = tl.atomic_add(cnt, 1, sem="acq_rel") == n_split - 1
-    if last:
-        acc = tl.zeros(acc.shape, dtype=tl.float32)
-        for c in range(0, n_split):  # read from L2 (.cg: not a stale L1 line)
-            acc += tl.load(ws_ptrs + c * chunk_numel, mask=mask, other=0.0, cache_modifier=".cg")
-        tl.store(cnt, 0)  # every program of the tile has counted: no other access follows in this launch
-    return last, acc
+    return common.last_arrival_sum(acc, ws_ptrs, WS_ROWS.to(tl.int64) * WS_COLS, cnt_ptr, mask)
 
 
 @triton.jit
