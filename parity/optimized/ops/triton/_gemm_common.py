@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from parity.optimized.ops.triton import runtime
+from parity.optimized.ops.triton import _quant, runtime
 
 MAX_CHUNKS = 8
 
@@ -132,10 +132,17 @@ def pairs_order(q: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def pow2_ceil(v):
     """2^ceil(log2 v) for positive normal fp32 v from the IEEE bits (the official fast_log2_ceil + fast_pow2);
-    returns (2^e, 2^-e), both exact."""
-    bits = v.to(tl.int32, bitcast=True)
-    e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
-    return ((e + 127) << 23).to(tl.float32, bitcast=True), ((127 - e) << 23).to(tl.float32, bitcast=True)
+    returns (2^e, 2^-e), both exact (act_quant's exponent pieces: |e| <= 126 for v >= fl32(1e-4) / 448)."""
+    e = _quant.pow2_ceil_exp(v)
+    return _quant.exp2i(e), _quant.exp2i(-e)
+
+
+@triton.jit
+def e8m0_to_f32(e):
+    """ue8m0 scale bytes (any integer type) -> fp32 2^(e - 127), exact: e = 0 gives the subnormal 2^-127, e = 255
+    NaN (the e8m0 NaN code), as torch's float8_e8m0fnu -> float32."""
+    e = e.to(tl.int32)
+    return tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23)).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -85,13 +85,9 @@ def _fp4_gemm_kernel(
         sa_next = tl.load(as_row + (kb4 + SUB) // 4, mask=mask_t & more)
         sb_next = tl.load(bs_ptrs + (kb4 + SUB), mask=mask_w[:, None] & more)
         if A_E8M0:
-            sa = sa.to(tl.int32)
-            sa = tl.where(sa == 0, 0x00400000, tl.where(sa == 255, 0x7FC00000, sa << 23))
-            sa = sa.to(tl.float32, bitcast=True)
+            sa = common.e8m0_to_f32(sa)
         if B_E8M0:
-            sb4 = sb4.to(tl.int32)
-            sb4 = tl.where(sb4 == 0, 0x00400000, tl.where(sb4 == 255, 0x7FC00000, sb4 << 23))
-            sb4 = sb4.to(tl.float32, bitcast=True)
+            sb4 = common.e8m0_to_f32(sb4)
         sb4 = sb4 * 64.0  # the decoding's 2^-6 undone: a power of two, so (P * sa) * sb rounds as the twin's
         s_act = sa[None, :]
         if CHUNKED and POW2:  # B = C / sa (module docstring)

@@ -68,13 +68,9 @@ def _add_block(
     else:
         a = tl.load(a_ptrs + kb * BLOCK_K, mask=mask_t[None, :], other=0.0)
         if A_E8M0:
-            sa = sa.to(tl.int32)
-            sa = tl.where(sa == 0, 0x00400000, tl.where(sa == 255, 0x7FC00000, sa << 23))
-            sa = sa.to(tl.float32, bitcast=True)
+            sa = common.e8m0_to_f32(sa)
     if B_E8M0:
-        sb = sb.to(tl.int32)
-        sb = tl.where(sb == 0, 0x00400000, tl.where(sb == 255, 0x7FC00000, sb << 23))
-        sb = sb.to(tl.float32, bitcast=True)
+        sb = common.e8m0_to_f32(sb)
     if DOT_F64:  # interpreter: an exact block product (see the module docstring), and BLAS-fast
         p = tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
     else:

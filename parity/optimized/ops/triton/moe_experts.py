@@ -139,8 +139,7 @@ def _mm_fp4(
         sx_next = tl.load(xs_ptrs + (k0 + 128) // 128, mask=mask_t & more, other=1.0)
         # the weight scales of the four 32-blocks, decoded once (the interpreter pays per op, the GPU does not care)
         if S_E8M0:
-            e4 = s4.to(tl.int32)
-            s4 = tl.where(e4 == 0, 0x00400000, tl.where(e4 == 255, 0x7FC00000, e4 << 23)).to(tl.float32, bitcast=True)
+            s4 = common.e8m0_to_f32(s4)
         s4 = s4 * 64.0  # the 2^6 of the decoding (exact)
         if POW2:
             acc = acc * common.pow2_reciprocal(s_act)  # B = C / sa
@@ -191,8 +190,7 @@ def _mm_fp8(
         xq = tl.load(xq_ptrs + k0, mask=mask_t[None, :], other=0.0)
         w = tl.load(w_ptrs + k0, mask=mf[:, None], other=0.0)
         if S_E8M0:
-            ew = sw.to(tl.int32)
-            sw = tl.where(ew == 0, 0x00400000, tl.where(ew == 255, 0x7FC00000, ew << 23)).to(tl.float32, bitcast=True)
+            sw = common.e8m0_to_f32(sw)
         if DOT_F64:
             p = tl.dot(w.to(tl.float64), xq.to(tl.float64), input_precision="ieee").to(tl.float32)
         else:

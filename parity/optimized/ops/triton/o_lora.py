@@ -178,8 +178,7 @@ def _o_lora_kernel(
             if BITS:  # compiled: bit moves and one bf16 multiply (the interpreter runs no PTX)
                 w = e4m3_to_bf16_scaled(w, e)
             else:
-                s = tl.where(e == 0, 0x00400000, tl.where(e == 255, 0x7FC00000, e << 23)).to(tl.float32, bitcast=True)
-                w = (w.to(tl.float32) * s).to(tl.bfloat16)
+                w = (w.to(tl.float32) * common.e8m0_to_f32(e)).to(tl.bfloat16)
         if DOT_F64:
             # interpreter: numpy's fp32 GEMM sums a column in an order that depends on its position in the tile,
             # which would make a token's bits depend on its batchmates; a float64 dot of the exact bf16 products,
