@@ -5,8 +5,9 @@
         python3 bench/ncu_ops.py sparse_attn --t 64
 
 Shapes (V4-Flash): sparse_attn decode at context 64k (CSA: 128 window rows + 512 entries of a 1 Mi-row pool),
-moe_experts (256 FP4 experts, top-6), fp4_gemm (expert w1, N 2048 K 4096), o_lora (G 8, K 4096, rank 1024); the
-FP4/FP8 weights are bench/triton_gemm.py's. Needs a CUDA device (run from the repo root with PYTHONPATH=.).
+moe_experts (256 FP4 experts, top-6), fp4_gemm (expert w1, N 2048 K 4096), o_lora (G 8, K 4096, rank 1024), hc_pre
+(4 streams of D 4096, 20 Sinkhorn iterations); the FP4/FP8 weights are bench/triton_gemm.py's. Needs a CUDA device
+(run from the repo root with PYTHONPATH=.).
 """
 
 import argparse
@@ -52,7 +53,14 @@ def call(op: str, t: int, ops):
         wo_a = dequantize_fp8_blocks(q, s).to(BF16)
         o = torch.randn(t, g * kg, dtype=BF16, device="cuda")
         return lambda: ops.o_lora(o, wo_a, g, rank)
-    raise SystemExit(f"ncu_ops: unknown op {op!r} (sparse_attn, moe_experts, fp4_gemm, o_lora)")
+    if op == "hc_pre":
+        d, hc = 4096, 4  # Flash: 4 streams of D 4096, 20 Sinkhorn iterations
+        x = torch.randn(t, hc, d, device="cuda").to(BF16)
+        fn = torch.randn((2 + hc) * hc, hc * d, device="cuda", dtype=torch.float32) * (hc * d) ** -0.5
+        scale = 0.5 + torch.rand(3, device="cuda", dtype=torch.float32)
+        base = torch.randn((2 + hc) * hc, device="cuda", dtype=torch.float32) * 0.1
+        return lambda: ops.hc_pre(x, fn, scale, base, (0, t), 1e-6, hc, 20, 1e-6)
+    raise SystemExit(f"ncu_ops: unknown op {op!r} (sparse_attn, moe_experts, fp4_gemm, o_lora, hc_pre)")
 
 
 def main():
