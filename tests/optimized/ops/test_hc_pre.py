@@ -106,9 +106,9 @@ def allowances(S, A, y, scale, hc=4):
     return y_ulps, post, comb
 
 
-def judge(impl, got, want, gold, scale):
+def judge(impl, got, want, gold, scale, hc=4):
     (gy, gp, gc), (S, A) = gold
-    y_ulps, post_ulps, comb_ulps = allowances(S, A, gy, scale)
+    y_ulps, post_ulps, comb_ulps = allowances(S, A, gy, scale, hc)
     got = [t.cpu() for t in got]
     want = [t.cpu() for t in want]
     check(impl, got[0], want[0], golden=gy, ulps=y_ulps)
@@ -159,10 +159,10 @@ def run_synthetic(op, x, fn, scale, base, cu, iters=20):
     return op(x, fn, scale, base, cu, 1e-6, 4, iters, 1e-6)
 
 
-def twin_synthetic(x, fn, scale, base, cu, iters=20):
+def twin_synthetic(x, fn, scale, base, cu, iters=20, hc=4):
     from parity.reference.model import hc_pre as twin
 
-    outs = [twin(x[None, a:b], fn, scale, base, 1e-6, 4, iters, 1e-6) for a, b in zip(cu[:-1], cu[1:])]
+    outs = [twin(x[None, a:b], fn, scale, base, 1e-6, hc, iters, 1e-6) for a, b in zip(cu[:-1], cu[1:])]
     return tuple(torch.cat([o[i][0] for o in outs]) for i in range(3))
 
 
@@ -182,6 +182,21 @@ def test_larger_dim_and_slow_sinkhorn(impl, d, comb_scale, lengths):
     got = run_synthetic(impl, *args, cu)
     want = twin_synthetic(*args, cu)
     judge(impl, got, want, golden(x, fn, scale, base, 1e-6, 4, 20, 1e-6), scale)
+
+
+@pytest.mark.parametrize("hc", [1, 2, 8])
+def test_stream_counts_other_than_four(impl, hc):
+    # V4 has 4 streams; the kernel takes any power of two, and its mix columns are laid out per count (comb in the
+    # first half, pre and post in the second: `_mhc.fn_rows`), which for one stream is not a plain split
+    dev = device_of(impl)
+    fn, scale, base = synthetic_mixer(64, 2.0, hc=hc)
+    cu = cu_of((5, 1, 17))
+    x = streams(cu[-1], hc=hc, d=64)
+    args = [t.to(dev) for t in (x, fn, scale, base)]
+    got = impl(*args, cu, 1e-6, hc, 20, 1e-6)
+    assert got[0].shape == (cu[-1], 64) and got[1].shape == (cu[-1], hc) and got[2].shape == (cu[-1], hc, hc)
+    want = twin_synthetic(*args, cu, hc=hc)
+    judge(impl, got, want, golden(x, fn, scale, base, 1e-6, hc, 20, 1e-6), scale, hc)
 
 
 def test_segments_do_not_depend_on_batchmates_or_position(impl, ref_model):

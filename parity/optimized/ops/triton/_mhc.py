@@ -52,15 +52,32 @@ def sigmoid_f32(x):
 
 
 @triton.jit
+def fn_rows(n, NP: tl.constexpr, MIX: tl.constexpr, N_COMB: tl.constexpr):
+    """(fn row, valid) of mix columns n in [0, NP). Without N_COMB column n computes fn row n. With N_COMB (hc_pre:
+    HC * HC comb rows after the 2 * HC pre and post rows) comb takes columns [0, N_COMB) and pre and post columns
+    [NP / 2, NP / 2 + MIX - N_COMB), so each half of the columns reshapes to [R / 2, HC] rows and the Sinkhorn takes
+    one half alone. A column's dot does not depend on its position in the tile: the layout only moves numbers."""
+    if N_COMB > 0:
+        pp = MIX - N_COMB
+        half = NP // 2
+        row = tl.where(n < N_COMB, n + pp, n - half)
+        return row, (n < N_COMB) | ((n >= half) & (n < half + pp))
+    return n, n < MIX
+
+
+@triton.jit
 def mix_partial(
     x_ptr, fn_ptr, rows, rmask, stride_t, K, k_lo, k_hi,
     NP: tl.constexpr, MIX: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, ROWWISE: tl.constexpr,
+    N_COMB: tl.constexpr = 0,
 ):  # fmt: skip
-    """Partial mixes over k in [k_lo, k_hi) of the tokens `rows`: (float64 [BT, NP] dot, float64 [BT] sum x^2).
-    x rows are the flattened streams (stride_t apart, unit stride inside); fn is [MIX, K] fp32, row-major.
-    ROWWISE (the CPU interpreter): the chunk dot as fp32 products summed per output element, because the
-    interpreter's `tl.dot` is numpy's BLAS matmul, whose rounding depends on a row's position in the tile."""
+    """Partial mixes over k in [k_lo, k_hi) of the tokens `rows`: (float64 [BT, NP] dot, float64 [BT] sum x^2),
+    column n the mix of fn row `fn_rows(n, NP, MIX, N_COMB)`. x rows are the flattened streams (stride_t apart, unit
+    stride inside); fn is [MIX, K] fp32, row-major. ROWWISE (the CPU interpreter): the chunk dot as fp32 products
+    summed per output element, because the interpreter's `tl.dot` is numpy's BLAS matmul, whose rounding depends on
+    a row's position in the tile."""
     n = tl.arange(0, NP)
+    fr, fvalid = fn_rows(n, NP, MIX, N_COMB)
     acc = tl.zeros([BT, NP], dtype=tl.float64)
     sq = tl.zeros([BT, BK], dtype=tl.float64)
     for k0 in range(k_lo, k_hi, BK):
@@ -68,7 +85,7 @@ def mix_partial(
         kmask = k < k_hi
         xt = tl.load(x_ptr + rows[:, None] * stride_t + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         xt = xt.to(tl.float32)
-        w = tl.load(fn_ptr + n[None, :] * K + k[:, None], mask=(n[None, :] < MIX) & kmask[:, None], other=0.0)
+        w = tl.load(fn_ptr + fr[None, :] * K + k[:, None], mask=fvalid[None, :] & kmask[:, None], other=0.0)
         if ROWWISE:
             part = tl.reduce(xt[:, None, :] * tl.trans(w)[None, :, :], 2, SUM)
         else:

@@ -8,8 +8,9 @@ Per block of tokens (grid: SPLITS K pieces x token blocks, `_mhc` says how the p
    of squares in float64, the rsqrt and the product in float64, rounded once to fp32. The twin rounds the GEMM (in
    BLAS order), the mean, the rsqrt and the product each to fp32; this is the float64 math rounded once, so the
    mixes are at least as close to it as the twin's.
-2. Sinkhorn split on the [BT, 8, 4] view of the 32 (24 used) mixes - row 0 pre, row 1 post, rows 2..5 comb - in
-   the twin's fp32 op order: `m*scale + base` as an fma (float64 product and sum rounded once), sigmoid =
+2. Sinkhorn split of the 24 mixes (the dot's 32 columns hold comb's 4 x 4 first, then pre, post and padding:
+   `_mhc.fn_rows`), pre and post from one [BT, 4, 4] half, the Sinkhorn on the comb half alone, in the twin's fp32
+   op order: `m*scale + base` as an fma (float64 product and sum rounded once), sigmoid =
    1/(1+exp(-x)) with IEEE division (`tl.div_rn`; Triton's `/` on fp32 is the approximate div.full), exp evaluated
    in float64 and rounded to fp32 (the twin's `_exp`), softmax over k, `+ eps`, the column normalization, then
    (iters - 1) row/column pairs; every row and column sum of 4 is summed in float64 and rounded once, as the twin's.
@@ -49,30 +50,36 @@ def _finish(
     hc_eps, iters, HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, APART: tl.constexpr,
     PLANT: tl.constexpr,
 ):  # fmt: skip
-    MIX: tl.constexpr = (2 + HC) * HC
+    RH: tl.constexpr = R // 2
     if PLANT == 2:  # planted bug: the streams were normalized before the projection (acc already holds x*r)
         mix = acc.to(tl.float32)
     else:
         r = 1.0 / tl.sqrt(sq / K + norm_eps)  # float64: IEEE sqrt and division
         mix = (acc * r[:, None]).to(tl.float32)
-    m = tl.reshape(mix, [BT, R, HC])
-    row = tl.arange(0, R)[None, :, None]
+    # the columns (`_mhc.fn_rows` with N_COMB = HC * HC): comb in the first half, pre and post in the second, each
+    # half RH x HC rows, so the Sinkhorn works on comb alone (it ran on all R rows: twice the divisions)
+    m_comb, m_pp = tl.split(tl.permute(tl.reshape(mix, [BT, 2, RH * HC]), (0, 2, 1)))
+    row = tl.arange(0, RH)[None, :, None]
     col = tl.arange(0, HC)[None, None, :]
+    m_pp = tl.reshape(m_pp, [BT, RH, HC])  # row 0 pre, row 1 post
     idx = row * HC + col
-    scale = tl.load(scale_ptr + tl.minimum(row, 2))
-    base = tl.load(base_ptr + idx, mask=idx < MIX, other=0.0)
-    a = (m.to(tl.float64) * scale.to(tl.float64) + base.to(tl.float64)).to(tl.float32)  # fma, rounded once
-
+    scale = tl.load(scale_ptr + tl.minimum(row, 1))
+    base = tl.load(base_ptr + idx, mask=row < 2, other=0.0)
+    a = (m_pp.to(tl.float64) * scale.to(tl.float64) + base.to(tl.float64)).to(tl.float32)  # fma, rounded once
     sig = _mhc.sigmoid_f32(a)
     pre = tl.reduce(tl.where(row == 0, sig, 0.0), 1, _SUM) + hc_eps  # [BT, HC]; one nonzero term: exact
     post = 2.0 * tl.reduce(tl.where(row == 1, sig, 0.0), 1, _SUM)
 
-    is_comb = (row >= 2) & (row < 2 + HC)
+    is_comb = row < HC  # all RH rows but for HC = 1
+    m_comb = tl.reshape(m_comb, [BT, RH, HC])
+    scale_c = tl.load(scale_ptr + 2)
+    base_c = tl.load(base_ptr + 2 * HC + idx, mask=is_comb, other=0.0)
+    a = (m_comb.to(tl.float64) * scale_c.to(tl.float64) + base_c.to(tl.float64)).to(tl.float32)
     c = tl.where(is_comb, a, 0.0)
     c = _mhc.exp_f32(c - tl.reduce(c, 2, _MAX, keep_dims=True))
     c = tl.div_rn(c, tl.reduce(c.to(tl.float64), 2, _SUM, keep_dims=True).to(tl.float32)) + hc_eps
-    # from here the rows that are not comb rows hold zeros, which stay zero (0 / (0 + eps)) and add nothing to the
-    # column sums; every row and column sum of 4 is taken in float64 and rounded once, as the twin's
+    # from here rows that are not comb rows (HC = 1 only) hold zeros, which stay zero (0 / (0 + eps)) and add
+    # nothing to the column sums; every row and column sum of HC is taken in float64 and rounded once, as the twin's
     c = tl.where(is_comb, c, 0.0)
     c = tl.div_rn(c, tl.reduce(c.to(tl.float64), 1, _SUM, keep_dims=True).to(tl.float32) + hc_eps)
     for _ in range(1, iters):
@@ -83,9 +90,9 @@ def _finish(
     hc_i = tl.arange(0, HC)[None, :]
     tl.store(post_ptr + rows[:, None] * HC + hc_i, post, mask=rmask[:, None])
     if PLANT == 1:  # planted bug: comb written as [k, j]
-        comb_off = col * HC + (row - 2)
+        comb_off = col * HC + row
     else:
-        comb_off = (row - 2) * HC + col
+        comb_off = row * HC + col
     tl.store(comb_ptr + rows3 * (HC * HC) + comb_off, c, mask=rmask[:, None, None] & is_comb)
     if APART:  # the collapse is `_collapse_kernel`'s, launched next
         tl.store(pre_ptr + rows[:, None] * HC + hc_i, pre, mask=rmask[:, None])
@@ -126,7 +133,7 @@ def _hc_pre_kernel(
     if PLANT == 2:
         # planted bug: rsqrt before the projection, the normalized streams rounded back to bf16 (what a kernel
         # feeding a bf16 tensor-core GEMM would do); only meaningful with SPLITS == 1
-        _, sq_all = _mhc.mix_partial(x_ptr, fn_ptr, rows, rmask, stride_t, K, 0, K, NP, MIX, BT, BK, ROWWISE)
+        _, sq_all = _mhc.mix_partial(x_ptr, fn_ptr, rows, rmask, stride_t, K, 0, K, NP, MIX, BT, BK, ROWWISE, HC * HC)
         r = (1.0 / tl.sqrt(sq_all / K + norm_eps)).to(tl.float32)
         n = tl.arange(0, NP)
         acc = tl.zeros([BT, NP], dtype=tl.float64)
@@ -134,12 +141,15 @@ def _hc_pre_kernel(
             k = k0 + tl.arange(0, BK)
             xt = tl.load(x_ptr + rows[:, None] * stride_t + k[None, :], mask=rmask[:, None] & (k < K)[None, :])
             xn = (xt.to(tl.float32) * r[:, None]).to(tl.bfloat16).to(tl.float32)
-            w = tl.load(fn_ptr + n[None, :] * K + k[:, None], mask=(n[None, :] < MIX) & (k < K)[:, None], other=0.0)
+            fr, fvalid = _mhc.fn_rows(n, NP, MIX, HC * HC)
+            w = tl.load(fn_ptr + fr[None, :] * K + k[:, None], mask=fvalid[None, :] & (k < K)[:, None], other=0.0)
             acc += tl.dot(xn, w, input_precision="ieee").to(tl.float64)
         _finish(acc, sq_all, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, rows, rmask, stride_t,
                 D, K, norm_eps, hc_eps, iters, HC, R, BT, BD, APART, PLANT)  # fmt: skip
     else:
-        acc, sq = _mhc.mix_partial(x_ptr, fn_ptr, rows, rmask, stride_t, K, k_lo, k_hi, NP, MIX, BT, BK, ROWWISE)
+        acc, sq = _mhc.mix_partial(
+            x_ptr, fn_ptr, rows, rmask, stride_t, K, k_lo, k_hi, NP, MIX, BT, BK, ROWWISE, HC * HC
+        )
         if SPLITS == 1:
             _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, rows, rmask, stride_t, D,
                     K, norm_eps, hc_eps, iters, HC, R, BT, BD, APART, PLANT)  # fmt: skip
