@@ -206,8 +206,11 @@ def copy_bandwidth(bench, dev) -> float:
     return 2 * src.numel() * src.element_size() / (ms * 1e-3)
 
 
+# (8 warps: the finisher's [rows, 4, 4] Sinkhorn tile over twice the threads, half the divisions each; compiled for
+# sm_90 at 64 tokens its per-thread code has 11 division slow-path calls against 22 with 4 warps)
 SWEEP = [dict(BT=16, BD=256, num_warps=4), dict(BT=32, BD=256, num_warps=4), dict(BT=32, BD=128, num_warps=2),
-         dict(BT=64, BD=128, num_warps=4), dict(BT=16, BD=128, num_warps=2)]  # fmt: skip
+         dict(BT=64, BD=128, num_warps=4), dict(BT=16, BD=128, num_warps=2),
+         dict(BT=16, BD=256, num_warps=8)]  # fmt: skip
 # below 16 tokens also the whole 16-row block's finish (the default before the narrow finisher, `_mhc.finisher`)
 WHOLE_BLOCK = dict(BT=16, BD=256, BTF=16, num_warps=4)
 # K pieces (smaller: more split programs, fewer serial chunks each) at the default tile: the decode GEMV's latency
