@@ -1,7 +1,10 @@
-"""The split-K chunk reductions shared by fp8_gemm, fp4_gemm, dense_linear and moe_experts
-(`parity.optimized.ops.triton._gemm_common`): in the launch (`last_arrival_sum`, the tile's last program) and after
-it (`reduce_chunks`), both must add 0 + ws[0] + ws[1] + ... in chunk order, the additions of a program that loops
-over the chunks from zero, so a split launch gives the unsplit one's bits, the sign of a zero sum included."""
+"""Pieces shared by the GEMM kernels (`parity.optimized.ops.triton._gemm_common`).
+
+The split-K chunk reductions (fp8_gemm, fp4_gemm, dense_linear, moe_experts): in the launch (`last_arrival_sum`, the
+tile's last program) and after it (`reduce_chunks`), both must add 0 + ws[0] + ws[1] + ... in chunk order, the
+additions of a program that loops over the chunks from zero, so a split launch gives the unsplit one's bits, the
+sign of a zero sum included. The e8m0 scale decode (`e8m0_to_f32`, fp8_gemm, fp4_gemm, moe_experts, o_lora): every
+byte as torch's float8_e8m0fnu -> float32."""
 
 import pytest
 import torch
@@ -16,6 +19,12 @@ import triton.language as tl  # noqa: E402
 from parity.optimized.ops.triton import _gemm_common as common  # noqa: E402
 
 DEV = "cuda" if MODE == "cuda" else "cpu"
+
+
+@triton.jit
+def _e8m0_kernel(e_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, common.e8m0_to_f32(tl.load(e_ptr + offs)))
 
 
 @triton.jit
@@ -76,3 +85,13 @@ def test_reduce_chunks_adds_from_zero_in_chunk_order(chunks):
     common.reduce_chunks(p.to(DEV), out)
     assert _same_bits(out.cpu(), _want(p))
     assert not torch.signbit(out[4:8]).any()  # one chunk of -0: 0 + -0 = +0, as the unsplit loop gives
+
+
+def test_e8m0_decode_is_torchs_for_every_byte():
+    # 0 is the subnormal 2^-127 (not 0), 255 the NaN code: the two bytes a shift-by-23 decode gets wrong
+    codes = torch.arange(256, dtype=torch.uint8)
+    out = torch.full((256,), 7.0, device=DEV)
+    _e8m0_kernel[(1,)](codes.to(DEV), out, N=256)
+    want = codes.view(torch.float8_e8m0fnu).float()
+    assert _same_bits(out[:255].cpu(), want[:255]) and out[255].isnan()  # NaN payloads differ (torch: 0x7f800001)
+    assert want[0] == 2.0**-127 and want[255].isnan()
