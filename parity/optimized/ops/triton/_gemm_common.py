@@ -347,3 +347,21 @@ def fp4_to_e4m3_words(packed):
         is_pure=True,
         pack=4,
     )
+
+
+@triton.jit
+def fp4_block_product(packed, a, DOT_F64: tl.constexpr):
+    """P of one 32-wide K block, from zero: packed e2m1 weights [R, 16] uint8 decoded to e4m3 (fp4 * 2^-6, exact;
+    the caller's weight scale carries the 2^6) times e4m3 activations [32, T] in the pairs order (`pairs_order`):
+    the block's low-nibble half, then its high-nibble half, side by side with no byte shuffles. fp32 [R, T].
+    DOT_F64 (the interpreter, which runs no PTX): the same bit moves as uint8 expressions, and an exact block
+    product (a float64 dot, BLAS-fast)."""
+    if DOT_F64:
+        lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
+        hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
+    else:
+        lo, hi = fp4_to_e4m3_words(packed)
+    w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (packed.shape[0], 32)).to(tl.float8e4nv, bitcast=True)
+    if DOT_F64:
+        return tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
+    return tl.dot(w, a)

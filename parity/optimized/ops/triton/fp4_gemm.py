@@ -93,24 +93,12 @@ def _fp4_gemm_kernel(
         if CHUNKED and POW2:  # B = C / sa (module docstring)
             part = part * common.pow2_reciprocal(s_act)
         for j in tl.static_range(SUB):
-            # e2m1 nibble s.e1e0.m -> bits 7 and 4..2 of an e4m3 byte: the value fp4 * 2^-6, exact for every code
-            # (the subnormal 0.5 included); the 2^6 goes into the weight scale above (inline: the interpreter pays
-            # per call). The block's low-nibble half, then its high-nibble half: the pairs order the activations
-            # were copied in (`_gemm_common.pairs_order`)
+            # the block's product from zero, its e2m1 weights decoded to e4m3 fp4 * 2^-6 (the 2^6 is in sb4 above)
+            # and the activations in the pairs order they were copied in: [BLOCK_W, BLOCK_T] fp32
             packed = tl.load(b_ptrs, mask=mask_w[:, None], other=0)  # [BLOCK_W, 16] uint8
-            if DOT_F64:
-                lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
-                hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
-            else:
-                lo, hi = common.fp4_to_e4m3_words(packed)
-            w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BLOCK_W, BLOCK_K)).to(tl.float8e4nv, bitcast=True)
             a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
             sb = tl.sum(tl.where(cols == j, sb4, 0.0), axis=1)[:, None]  # column j, exactly (the rest adds zeros)
-            if DOT_F64:  # interpreter: an exact block product (see the module docstring), and BLAS-fast
-                p = tl.dot(w.to(tl.float64), a.to(tl.float64), input_precision="ieee").to(tl.float32)
-            else:
-                p = tl.dot(w, a)
-            # [BLOCK_W, BLOCK_T] fp32, from zero for this 32-block
+            p = common.fp4_block_product(packed, a, DOT_F64)
             if not CHUNKED:  # one block per chunk: the twin's own order, one accumulator fewer
                 total += (p * s_act) * sb
             elif POW2:

@@ -54,26 +54,8 @@ from parity.optimized.ops.triton import _gemm_common as common
 from parity.optimized.ops.triton import act_quant, runtime
 
 # ---- the block GEMM of one expert over one tile of quantized activations ----------------------------------------
-# The hot loops are written out inline (no nested jit helper calls): the CPU interpreter pays milliseconds per call.
-
-
-@triton.jit
-def _fp4_block_product(
-    w_ptrs, xq_ptrs, k, mask_w, mask_x, DOT_F64: tl.constexpr, ROWS: tl.constexpr
-):  # fmt: skip
-    """P of the 32-wide K block at k (from zero): the block's packed weights decoded to e4m3 (fp4 * 2^-6, exact)
-    times the quantized activations, fp32 [ROWS, BLOCK_T]."""
-    xq = tl.load(xq_ptrs + k, mask=mask_x, other=0.0)
-    packed = tl.load(w_ptrs + k // 2, mask=mask_w, other=0)  # [ROWS, 16] uint8
-    if DOT_F64:
-        lo = ((packed << 2) & 0x1C) | ((packed << 4) & 0x80)
-        hi = ((packed >> 2) & 0x1C) | (packed & 0x80)
-    else:
-        lo, hi = common.fp4_to_e4m3_words(packed)
-    w = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (ROWS, 32)).to(tl.float8e4nv, bitcast=True)
-    if DOT_F64:  # interpreter: an exact block product (see fp8_gemm's docstring), and BLAS-fast
-        return tl.dot(w.to(tl.float64), xq.to(tl.float64), input_precision="ieee").to(tl.float32)
-    return tl.dot(w, xq)
+# The hot loops call few nested jit helpers (one per 32-block product and per scale decode, shared with fp4_gemm /
+# fp8_gemm in `_gemm_common`): the CPU interpreter pays milliseconds per call.
 
 
 @triton.jit
@@ -144,7 +126,10 @@ def _mm_fp4(
         if POW2:
             acc = acc * common.pow2_reciprocal(s_act)  # B = C / sa
         for j in tl.static_range(4):
-            p = _fp4_block_product(w_ptrs, xq_ptrs, k0 + 32 * j, mask_w, mask_x, DOT_F64, ROWS)
+            k = k0 + 32 * j
+            xq = tl.load(xq_ptrs + k, mask=mask_x, other=0.0)
+            packed = tl.load(w_ptrs + k // 2, mask=mask_w, other=0)  # [ROWS, 16] uint8
+            p = common.fp4_block_product(packed, xq, DOT_F64)
             sw = tl.sum(tl.where(cols4 == j, s4, 0.0), axis=1)[:, None]  # column j, exactly (the rest adds zeros)
             if POW2:
                 acc = tl.fma(p, sw, acc)
@@ -616,10 +601,9 @@ SPLIT_MAX_ROWS = 64
 
 
 def k_chunk(k: int) -> tuple[int, int]:
-    """(chunk length, chunks) of a K: at most `_gemm_common.MAX_CHUNKS` chunks of whole 128-K trips."""
+    """(chunk length, chunks) of a K: `_gemm_common`'s K-only chunking of its 128-K trips (at most MAX_CHUNKS)."""
     trips = k // 128
-    per = runtime.cdiv(trips, min(common.MAX_CHUNKS, trips))
-    return per * 128, runtime.cdiv(trips, per)
+    return common.chunk_blocks(trips) * 128, common.n_chunks(trips)
 
 
 def moe_experts(
