@@ -22,18 +22,25 @@ from parity.optimized.ops.moe_experts import ExpertWeights
 BF16 = torch.bfloat16
 
 
+def sparse_attn_args(t: int) -> tuple:
+    """(q, sources, idx, sink, scale) of Flash CSA decode at context 64k for `t` tokens: per token its 127 window
+    rows, its own row and 512 random entries of a 1 Mi-row pool (1 GiB: beyond L2)."""
+    d, h, window, n_ent = 512, 64, 128, 512
+    pool = torch.randn(1 << 20, d, dtype=BF16, device="cuda")
+    chunk = torch.randn(t, d, dtype=BF16, device="cuda")
+    ring = torch.randn(t * window, d, dtype=BF16, device="cuda")
+    ring_idx = t + torch.arange(t, device="cuda")[:, None] * window + torch.arange(window - 1, device="cuda")
+    ent = torch.randint(0, pool.shape[0], (t, n_ent), device="cuda")
+    idx = torch.cat([ring_idx, torch.arange(t, device="cuda")[:, None], t + t * window + ent], dim=1)
+    q, sink = torch.randn(t, h, d, dtype=BF16, device="cuda"), torch.randn(h, device="cuda")
+    return q, (chunk, ring, pool), idx, sink, d**-0.5
+
+
 def call(op: str, t: int, ops):
     """A closure running `op` at its bench shape with `t` tokens."""
     if op == "sparse_attn":
-        d, h, window, n_ent = 512, 64, 128, 512
-        pool = torch.randn(1 << 20, d, dtype=BF16, device="cuda")
-        chunk = torch.randn(t, d, dtype=BF16, device="cuda")
-        ring = torch.randn(t * window, d, dtype=BF16, device="cuda")
-        ring_idx = t + torch.arange(t, device="cuda")[:, None] * window + torch.arange(window - 1, device="cuda")
-        ent = torch.randint(0, pool.shape[0], (t, n_ent), device="cuda")
-        idx = torch.cat([ring_idx, torch.arange(t, device="cuda")[:, None], t + t * window + ent], dim=1)
-        q, sink = torch.randn(t, h, d, dtype=BF16, device="cuda"), torch.randn(h, device="cuda")
-        return lambda: ops.sparse_attn(q, (chunk, ring, pool), idx, sink, d**-0.5)
+        args = sparse_attn_args(t)
+        return lambda: ops.sparse_attn(*args)
     if op == "moe_experts":
         d, inter, n_exp = 4096, 2048, 256
         expert = lambda: ExpertWeights(fp4_weight(inter, d), fp4_weight(d, inter), fp4_weight(inter, d), 10.0)  # noqa: E731
