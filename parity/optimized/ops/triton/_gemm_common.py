@@ -23,7 +23,6 @@ the bf16 output step).
 """
 
 import contextlib
-import functools
 
 import torch
 import triton
@@ -66,18 +65,6 @@ def scale_arg(s: torch.Tensor) -> tuple[torch.Tensor, bool]:
     if s.dtype != torch.float32:
         raise ValueError(f"scales must be float8_e8m0fnu or float32, got {s.dtype}")
     return s, False
-
-
-@functools.cache
-def num_sms(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
-def sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of `device` (the interpreter: 1, so it never splits K on its own)."""
-    if device.type != "cuda" or runtime.interpreting():
-        return 1
-    return num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def on_device(t: torch.Tensor):

@@ -156,7 +156,7 @@ def linear(
     small = m <= SMALL_M
     split = _split
     if split is None:
-        split = small and runtime.cdiv(n, 64) * runtime.cdiv(m, 16) < common.sm_count(x.device)
+        split = small and runtime.cdiv(n, 64) * runtime.cdiv(m, 16) < runtime.sm_count(x.device)
     split = split and chunks > 1
     # the chunk sums added in chunk order by the last program of each output tile (`_gemm_common.store_tile`), or by
     # a second launch for larger batches: the same additions either way

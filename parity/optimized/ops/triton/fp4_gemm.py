@@ -180,7 +180,7 @@ def fp4_gemm(
         small = m <= SMALL_M
         split = _split
         if split is None:
-            split = small and runtime.cdiv(n, 128) * runtime.cdiv(m, 16) < common.sm_count(a.device)
+            split = small and runtime.cdiv(n, 128) * runtime.cdiv(m, 16) < runtime.sm_count(a.device)
         split = split and chunks > 1
         in_launch = split and common.reduce_in_launch(m)
         # 4 blocks per loop trip need every program's K range to start and end on a 128-group (K % 128 == 0 makes

@@ -182,7 +182,7 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
     small = m <= SMALL_M
     if split is None:
         # split K only where the largest small-M tiles cannot occupy the SMs
-        split = small and chunks > 1 and runtime.cdiv(n, 128) * runtime.cdiv(m, 16) < common.sm_count(a.device)
+        split = small and chunks > 1 and runtime.cdiv(n, 128) * runtime.cdiv(m, 16) < runtime.sm_count(a.device)
     split = split and chunks > 1
     in_launch = split and common.reduce_in_launch(m)
     ws, cnt = common.split_buffers(split, chunks, m, n, out, _SMALLEST)

@@ -7,6 +7,7 @@ decorated when `triton` is imported, so a process that imported triton first wou
 functions into interpreted kernels. `choose_interpreter_early()` runs when `parity` is imported for that reason.
 """
 
+import functools
 import importlib.util
 import os
 import sys
@@ -33,6 +34,18 @@ def cdiv(a: int, b: int) -> int:
 def next_pow2(n: int) -> int:
     """The smallest power of two >= n (0 for 0, like `triton.next_power_of_2`)."""
     return 1 << (n - 1).bit_length() if n > 0 else 0
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of `device` (the interpreter: 1, so no launch splits or spreads on its account)."""
+    if device.type != "cuda" or interpreting():
+        return 1
+    return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def choose_interpreter_early() -> None:
