@@ -102,7 +102,7 @@ DECODE_SIG = _sig(
 )
 HC_PRE_SIG = _sig(
     "x_ptr:*bf16 fn_ptr:*fp32 scale_ptr:*fp32 base_ptr:*fp32 y_ptr:*bf16 post_ptr:*fp32 comb_ptr:*fp32 pre_ptr:*fp32 "
-    "ws_ptr:*fp64 cnt_ptr:*i32 T:i32 D:i32 norm_eps:fp32 hc_eps:fp32 iters:i32"
+    "ws_ptr:*fp64 cnt_ptr:*i32 T:i32 D:i32 norm_eps:fp32 hc_eps:fp32 iters:i32 DS:i32"
 )
 COLLAPSE_SIG = _sig("x_ptr:*bf16 pre_ptr:*fp32 y_ptr:*bf16 T:i32 D:i32")
 HC_HEAD_SIG = _sig(
@@ -170,17 +170,21 @@ def cases():
 
     for d in (4096, 7168):  # the mHC mixers at their launch tiles: decode (the narrow finisher) to prefill
         for t in (1, 4, 64, 4096):
-            cfg = _mhc.config(t, d)
+            cfg = _mhc.config(t, d, "hc_pre")
             tiles = {k: cfg[k] for k in ("BT", "BK", "KSPLIT", "BD", "BTF", "BDF", "ROWWISE")}
             splits = triton.cdiv(4 * d, cfg["KSPLIT"])
             name = f"D {d} T {t} BTF {cfg['BTF']} BDF {cfg['BDF']}"
-            consts = dict(HC=4, R=8, SPLITS=splits, PLANT=0, **tiles, APART=cfg["APART"])
+            # the shared collapse where the launch allows it on an H100 / H200 (132 SMs: `hc_pre.launch`)
+            share = cfg["SHARE"] and splits > 1 and splits * triton.cdiv(t, cfg["BT"]) <= 132
+            bds = min(triton.next_power_of_2(triton.cdiv(d, splits)), 1024)
+            consts = dict(HC=4, R=8, SPLITS=splits, PLANT=0, **tiles, APART=cfg["APART"], SHARE=share, BDS=bds)
             yield f"hc_pre {name}", hc_pre._hc_pre_kernel, HC_PRE_SIG, consts, cfg["num_warps"], 3
             if t == 64:  # the collapse as a launch of its own (`_mhc.COLLAPSE_TILE`)
-                consts = dict(consts, APART=True)
+                consts = dict(consts, APART=True, SHARE=False)
                 yield f"hc_pre {name} APART", hc_pre._hc_pre_kernel, HC_PRE_SIG, consts, cfg["num_warps"], 3
             consts = dict(HC=4, NP=16, SPLITS=splits, **tiles)
-            yield f"hc_head {name}", hc_head._hc_head_kernel, HC_HEAD_SIG, consts, cfg["num_warps"], 3
+            warps = _mhc.config(t, d, "hc_head")["num_warps"]
+            yield f"hc_head {name}", hc_head._hc_head_kernel, HC_HEAD_SIG, consts, warps, 3
         bt, bd = _mhc.COLLAPSE_TILE
         yield f"hc_pre collapse D {d}", hc_pre._collapse_kernel, COLLAPSE_SIG, dict(HC=4, BT=bt, BD=bd), 4, 3
     for bh, warps, stages, parts in sparse_attn.CONFIGS:

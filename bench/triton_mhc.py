@@ -215,8 +215,9 @@ SWEEP = [dict(BT=16, BD=256, num_warps=4), dict(BT=32, BD=256, num_warps=4), dic
 WHOLE_BLOCK = dict(BT=16, BD=256, BTF=16, num_warps=4)
 # K pieces (smaller: more split programs, fewer serial chunks each) at the default tile: the decode GEMV's latency
 K_PIECES = [dict(BT=16, BD=256, num_warps=4, KSPLIT=k) for k in (256, 512, 1024)]
-# hc_pre's collapse as a launch of its own (`_mhc.COLLAPSE_TILE`), at the default tile (hc_head ignores it)
-APART = [dict(BT=16, BD=256, num_warps=4, APART=True)]
+# hc_pre's collapse as a launch of its own (`_mhc.COLLAPSE_TILE`), and the finisher's collapse of every column (no
+# SHARE: `hc_pre._collapse_share`), at the default tile (hc_head ignores both)
+APART = [dict(BT=16, BD=256, num_warps=4, APART=True), dict(BT=16, BD=256, num_warps=4, SHARE=False)]
 
 
 def sweep(tri, bench, models, tokens, dev):

@@ -291,6 +291,36 @@ def test_narrow_finisher_has_the_block_finishers_bits(kernel, t):
     for tuning in (dict(APART=True), dict(APART=True, KSPLIT=2048)):
         for default, apart in zip(launch(), launch(**tuning)):
             assert torch.equal(default, apart), tuning
+    # the collapse shared by the split programs (SHARE, on the GPU by default where the grid fits the SMs:
+    # `hc_pre._collapse_share`) against the finisher collapsing every column; the interpreter runs programs in turn
+    # and refuses it (a waiting program would wait forever)
+    if dev == "cuda":
+        for default, alone in zip(launch(), launch(SHARE=False)):
+            assert torch.equal(default, alone)
+    else:
+        with pytest.raises(ValueError, match="SHARE"):
+            launch(SHARE=True)
+
+
+@pytest.mark.gpu
+def test_shared_collapse_resets_its_flags_between_launches(kernel):
+    # SHARE's programs wait on a per-block flag that the last of them resets: launches back to back with different
+    # inputs must each collapse with their own pre (a flag left set would let the next launch's programs read the
+    # last launch's pre), whatever the block count
+    from parity.optimized.ops.triton import _mhc
+
+    _, module = kernel
+    fn, scale, base = (u.cuda() for u in synthetic_mixer(512, 6.0))
+    xs = [streams(t, d=512).cuda() for t in (1, 16, 37, 5, 16, 64)]
+    shared = [module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6) for x in xs]
+    _mhc.TUNING.update(SHARE=False)
+    try:
+        alone = [module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6) for x in xs]
+    finally:
+        _mhc.TUNING.clear()
+    for got, want in zip(shared, alone):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
 
 
 # ---- planted bugs of the triton kernel: each must fail the tolerance the correct kernel passes on the same inputs

@@ -174,18 +174,18 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
 # per K piece, a multiple of BK) only regroup tokens, columns and chunk sums into programs, so they never change a
 # bit (KSPLIT: the float64 sums of `mix_partial` are exact). BK rounds the fp32 chunk dots: not overridable
 TUNING: dict = {}
-_REGROUP = ("BT", "BD", "BTF", "num_warps", "KSPLIT", "APART")
+_REGROUP = ("BT", "BD", "BTF", "num_warps", "KSPLIT", "APART", "SHARE")
 # hc_pre's collapse as a launch of its own (APART): tokens x columns per program. The finishing program of a token
 # block otherwise streams the block's 16 x 4 x D streams alone, after the Sinkhorn (H200, 64 tokens, session 10's
 # sweep: the finish costs ~3-4 us per row of a block); `config` says where it is used
 COLLAPSE_TILE = (4, 512)
 
 
-def config(n_tokens: int, dim: int) -> dict:
-    """Block sizes. The numerics depend only on BK (fixed per platform); BT, BD, BTF, BDF and KSPLIT only change how
-    tokens, columns and K chunks are grouped into programs. Interpreted: few, big programs (the interpreter pays
-    ~0.5 ms per tensor op of every program); the tiny model's 4 x 256 streams then take one K piece, a 512-wide model
-    two."""
+def config(n_tokens: int, dim: int, op: str = "hc_head") -> dict:
+    """Block sizes of `op` (hc_pre or hc_head). The numerics depend only on BK (fixed per platform); BT, BD, BTF,
+    BDF, KSPLIT and the warps only change how tokens, columns and K chunks are grouped into programs and threads.
+    Interpreted: few, big programs (the interpreter pays ~0.5 ms per tensor op of every program); the tiny model's
+    4 x 256 streams then take one K piece, a 512-wide model two."""
     if runtime.interpreting():
         bt = min(max(runtime.next_pow2(n_tokens), 16), 256)
         cfg = dict(BT=bt, BK=128, KSPLIT=1024, BD=min(runtime.next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
@@ -202,7 +202,19 @@ def config(n_tokens: int, dim: int) -> dict:
         # 70.2 / 55.5) but is a second launch, and issue 10 asks for hc_pre in one launch; eagerly that launch would
         # also cost the host more (~50-100 us) than it saves. Off; `TUNING["APART"]` turns it on
         cfg["APART"] = False
+    # hc_pre's collapse shared by the split programs (`hc_pre._collapse_share`) where its launch allows (`launch`).
+    # Never in the interpreter: it runs the programs one after another, and a waiting program would wait forever
+    cfg["SHARE"] = not runtime.interpreting()
+    if op == "hc_pre" and not runtime.interpreting():
+        # warps per program (H100, session 14, graph us at 1 / 4 / 16 / 64 tokens, Flash, 2 / 4 / 8 warps: 14.8 /
+        # 18.6 / 23.2, 16.8 / 19.4 / 20.3, 37.2 / 27.5 / 22.5, 30.8 / 35.3 / 30.4; Pro 1 token 15.9 / 21.1 / 28.8): two
+        # for a few tokens (the K pieces' GEMV is short and the finish one row), eight while the collapse is shared
+        # (16 rows of the Sinkhorn over twice the threads). hc_head keeps four: within 1 us of the best or better at
+        # every size measured but 16 tokens (8 warps 24.6 against 28.5)
+        cfg["num_warps"] = 2 if n_tokens <= 4 else 8 if n_tokens <= 128 else 4
     cfg.update({k: v for k, v in TUNING.items() if k in _REGROUP})
+    if cfg["SHARE"] and runtime.interpreting():
+        raise ValueError("hc mixers: SHARE needs programs that run at once; the interpreter runs them in turn")
     return finisher(cfg, n_tokens, dim)
 
 

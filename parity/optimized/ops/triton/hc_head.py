@@ -79,7 +79,7 @@ def hc_head(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_eps, out=None)
     y = torch.empty(T, D, dtype=x.dtype, device=x.device) if out is None else out
     if T == 0:
         return y
-    cfg = _mhc.config(T, D)
+    cfg = _mhc.config(T, D, "hc_head")
     np_ = 16  # the FMA dot's smallest width
     splits = runtime.cdiv(hc * D, cfg["KSPLIT"])
     n_blocks = runtime.cdiv(T, cfg["BT"])

@@ -14,8 +14,12 @@ Per block of tokens (grid: SPLITS K pieces x token blocks, `_mhc` says how the p
    1/(1+exp(-x)) with IEEE division (`tl.div_rn`; Triton's `/` on fp32 is the approximate div.full), exp evaluated
    in float64 and rounded to fp32 (the twin's `_exp`), softmax over k, `+ eps`, the column normalization, then
    (iters - 1) row/column pairs; every row and column sum of 4 is summed in float64 and rounded once, as the twin's.
-3. y = sum_j pre[j] * x[j] (fp32 products, j in order) -> bf16, by the program that finished the block (or, as an
-   option, by a second launch over tokens x columns: `_collapse_kernel`, APART in `_mhc.config`; the same bits).
+3. y = sum_j pre[j] * x[j] (fp32 products, j in order) -> bf16. Where the launch's programs all fit on the SMs at
+   once (decode: up to 128 tokens of V4-Flash), the finishing program publishes the block's pre before its Sinkhorn
+   and every split program collapses its own D / SPLITS columns (`_collapse_share`, SHARE); otherwise the finishing
+   program collapses all columns (or, as an option, a second launch over tokens x columns: `_collapse_kernel`,
+   APART in `_mhc.config`). The same products and sums per element either way, so the same bits. H100, graph us,
+   Flash, 16 / 64 tokens: 43.3 / 48.9 with the finisher's collapse, 27.5 / 35.3 shared (4 warps each).
 
 Tolerance (tests: `tests/optimized/ops/test_hc_pre.py`, float64 goldens; the registry entry states it): the GEMM
 cannot follow the twin's BLAS summation order, so the mixes differ from the twin's in the last fp32 bits and the
@@ -46,9 +50,9 @@ from parity.optimized.ops.triton._mhc import SUM as _SUM
 
 @triton.jit
 def _finish(
-    acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, rows, rmask, stride_t, D, K, norm_eps,
-    hc_eps, iters, HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr, APART: tl.constexpr,
-    PLANT: tl.constexpr,
+    acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, flag_ptr, rows, rmask, stride_t, D, K,
+    norm_eps, hc_eps, iters, d_lo, d_hi, HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+    APART: tl.constexpr, SHARE: tl.constexpr, PLANT: tl.constexpr,
 ):  # fmt: skip
     RH: tl.constexpr = R // 2
     if PLANT == 2:  # planted bug: the streams were normalized before the projection (acc already holds x*r)
@@ -69,6 +73,11 @@ def _finish(
     sig = _mhc.sigmoid_f32(a)
     pre = tl.reduce(tl.where(row == 0, sig, 0.0), 1, _SUM) + hc_eps  # [BT, HC]; one nonzero term: exact
     post = 2.0 * tl.reduce(tl.where(row == 1, sig, 0.0), 1, _SUM)
+    hc_i = tl.arange(0, HC)[None, :]
+    if SHARE:  # publish pre before the Sinkhorn: the block's other programs wait for it to collapse their columns
+        tl.store(pre_ptr + rows[:, None] * HC + hc_i, pre, mask=rmask[:, None])
+        tl.debug_barrier()  # every thread's stores precede the release
+        tl.atomic_xchg(flag_ptr, 1, sem="release")
 
     is_comb = row < HC  # all RH rows but for HC = 1
     m_comb = tl.reshape(m_comb, [BT, RH, HC])
@@ -87,7 +96,6 @@ def _finish(
         c = tl.div_rn(c, tl.reduce(c.to(tl.float64), 1, _SUM, keep_dims=True).to(tl.float32) + hc_eps)
 
     rows3 = rows[:, None, None]
-    hc_i = tl.arange(0, HC)[None, :]
     tl.store(post_ptr + rows[:, None] * HC + hc_i, post, mask=rmask[:, None])
     if PLANT == 1:  # planted bug: comb written as [k, j]
         comb_off = col * HC + row
@@ -96,8 +104,8 @@ def _finish(
     tl.store(comb_ptr + rows3 * (HC * HC) + comb_off, c, mask=rmask[:, None, None] & is_comb)
     if APART:  # the collapse is `_collapse_kernel`'s, launched next
         tl.store(pre_ptr + rows[:, None] * HC + hc_i, pre, mask=rmask[:, None])
-    else:
-        _mhc.collapse(x_ptr, y_ptr, pre, rows, rmask, stride_t, D, 0, D, HC, BT, BD)
+    else:  # columns [d_lo, d_hi): all of them, or with SHARE this program's share
+        _mhc.collapse(x_ptr, y_ptr, pre, rows, rmask, stride_t, D, d_lo, d_hi, HC, BT, BD)
 
 
 @triton.jit
@@ -113,11 +121,36 @@ def _collapse_kernel(x_ptr, pre_ptr, y_ptr, T, D, HC: tl.constexpr, BT: tl.const
 
 
 @triton.jit
+def _collapse_share(
+    x_ptr, pre_ptr, y_ptr, flag_ptr, done_ptr, tb, T, D, d_lo, d_hi, SPLITS: tl.constexpr, HC: tl.constexpr,
+    BT: tl.constexpr, BTF: tl.constexpr, BDS: tl.constexpr,
+):  # fmt: skip
+    """SHARE: a split program that did not finish its token block collapses its own columns [d_lo, d_hi) of the
+    block's rows once the finishing program has published their pre (`_finish`): the same products and sums per
+    element as the finisher's collapse. It spins on the block's flag, so the launch is only ever made with every
+    program resident at once (`launch`: at most one program per SM). The last program through resets the flag and
+    its own count to zero for the next launch (all SPLITS - 1 of them have seen the flag by then)."""
+    seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    while seen == 0:
+        seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
+    tl.debug_barrier()  # no thread reads pre before the acquire above
+    if tl.atomic_add(done_ptr, 1, sem="relaxed") == SPLITS - 2:
+        tl.atomic_xchg(flag_ptr, 0)
+        tl.atomic_xchg(done_ptr, 0)
+    rows = tb * BT + tl.arange(0, BTF)
+    rmask = rows < T
+    rows = rows.to(tl.int64)
+    hc_i = tl.arange(0, HC)[None, :]
+    pre = tl.load(pre_ptr + rows[:, None] * HC + hc_i, mask=rmask[:, None], other=0.0, cache_modifier=".cg")
+    _mhc.collapse(x_ptr, y_ptr, pre, rows, rmask, HC * D, D, d_lo, d_hi, HC, BTF, BDS)
+
+
+@triton.jit
 def _hc_pre_kernel(
     x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, ws_ptr, cnt_ptr, T, D, norm_eps, hc_eps,
-    iters, HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
+    iters, DS, HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
     SPLITS: tl.constexpr, BD: tl.constexpr, BTF: tl.constexpr, BDF: tl.constexpr, ROWWISE: tl.constexpr,
-    APART: tl.constexpr, PLANT: tl.constexpr,
+    APART: tl.constexpr, SHARE: tl.constexpr, BDS: tl.constexpr, PLANT: tl.constexpr,
 ):  # fmt: skip
     NP: tl.constexpr = R * HC
     MIX: tl.constexpr = (2 + HC) * HC
@@ -144,24 +177,36 @@ def _hc_pre_kernel(
             fr, fvalid = _mhc.fn_rows(n, NP, MIX, HC * HC)
             w = tl.load(fn_ptr + fr[None, :] * K + k[:, None], mask=fvalid[None, :] & (k < K)[:, None], other=0.0)
             acc += tl.dot(xn, w, input_precision="ieee").to(tl.float64)
-        _finish(acc, sq_all, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, rows, rmask, stride_t,
-                D, K, norm_eps, hc_eps, iters, HC, R, BT, BD, APART, PLANT)  # fmt: skip
+        _finish(acc, sq_all, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, cnt_ptr, rows, rmask,
+                stride_t, D, K, norm_eps, hc_eps, iters, 0, D, HC, R, BT, BD, APART, False, PLANT)  # fmt: skip
     else:
         acc, sq = _mhc.mix_partial(
             x_ptr, fn_ptr, rows, rmask, stride_t, K, k_lo, k_hi, NP, MIX, BT, BK, ROWWISE, HC * HC
         )
         if SPLITS == 1:
-            _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, rows, rmask, stride_t, D,
-                    K, norm_eps, hc_eps, iters, HC, R, BT, BD, APART, PLANT)  # fmt: skip
+            _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, cnt_ptr, rows, rmask,
+                    stride_t, D, K, norm_eps, hc_eps, iters, 0, D, HC, R, BT, BD, APART, False, PLANT)  # fmt: skip
         else:
             _mhc.store_partial(ws_ptr, acc, sq, split, T, rows, rmask, NP, MIX)
             tl.debug_barrier()  # every thread's partial stores precede the release below
             arrived = tl.atomic_add(cnt_ptr + tb, 1, sem="acq_rel")
+            # SHARE: the block's flag (pre published) and count of programs through it, after the arrival counters
+            n_blocks = tl.num_programs(1)
+            flag_ptr = cnt_ptr + n_blocks + tb
             if arrived == SPLITS - 1:
                 tl.atomic_xchg(cnt_ptr + tb, 0)  # leave the counter zero for the next launch
                 frows, fmask, facc, fsq = _mhc.finish_partials(ws_ptr, tb, T, NP, MIX, SPLITS, BT, BTF)
-                _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, frows, fmask,
-                        stride_t, D, K, norm_eps, hc_eps, iters, HC, R, BTF, BDF, APART, PLANT)  # fmt: skip
+                if SHARE:
+                    _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, flag_ptr, frows,
+                            fmask, stride_t, D, K, norm_eps, hc_eps, iters, split * DS, split * DS + DS, HC, R, BTF,
+                            BDS, APART, SHARE, PLANT)  # fmt: skip
+                else:
+                    _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, flag_ptr, frows,
+                            fmask, stride_t, D, K, norm_eps, hc_eps, iters, 0, D, HC, R, BTF, BDF, APART, SHARE,
+                            PLANT)  # fmt: skip
+            elif SHARE:
+                _collapse_share(x_ptr, pre_ptr, y_ptr, flag_ptr, flag_ptr + n_blocks, tb, T, D, split * DS,
+                                split * DS + DS, SPLITS, HC, BT, BTF, BDS)  # fmt: skip
 
 
 def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps, out=None, plant=0):
@@ -184,19 +229,24 @@ def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_ep
     y, post, comb = out
     if T == 0:
         return y, post, comb
-    cfg = _mhc.config(T, D)
+    cfg = _mhc.config(T, D, "hc_pre")
     R = runtime.next_pow2(2 + hc)
     splits = 1 if plant == 2 else runtime.cdiv(hc * D, cfg["KSPLIT"])
     n_blocks = runtime.cdiv(T, cfg["BT"])
     ws = _mhc.workspace(splits, T, mix, x.device)
-    cnt = _mhc.counters(x.device, n_blocks)
     apart = cfg["APART"]
-    pre = torch.empty(T, hc, dtype=torch.float32, device=x.device) if apart else ws
+    # SHARE (`_collapse_share`): the split programs collapse a share of the columns each instead of the finishing
+    # program all of them. Its programs wait on each other, so only where the whole grid fits at one per SM
+    share = cfg["SHARE"] and splits > 1 and not apart and splits * n_blocks <= runtime.sm_count(x.device)
+    ds = runtime.cdiv(D, splits)
+    cnt = _mhc.counters(x.device, 3 * n_blocks)  # arrivals, then SHARE's flags and counts
+    pre = torch.empty(T, hc, dtype=torch.float32, device=x.device) if apart or share else ws
     _hc_pre_kernel[(splits, n_blocks)](
         x, fn, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, comb, pre, ws, cnt, T, D,
-        float(norm_eps), float(hc_eps), int(sinkhorn_iters),
+        float(norm_eps), float(hc_eps), int(sinkhorn_iters), ds,
         HC=hc, R=R, BT=cfg["BT"], BK=cfg["BK"], KSPLIT=cfg["KSPLIT"], SPLITS=splits, BD=cfg["BD"],
-        BTF=cfg["BTF"], BDF=cfg["BDF"], ROWWISE=cfg["ROWWISE"], APART=apart, PLANT=plant,
+        BTF=cfg["BTF"], BDF=cfg["BDF"], ROWWISE=cfg["ROWWISE"], APART=apart, SHARE=share,
+        BDS=min(runtime.next_pow2(ds), 1024), PLANT=plant,
         num_warps=cfg["num_warps"], enable_fp_fusion=False,
     )  # fmt: skip
     if apart:
