@@ -13,7 +13,9 @@ Then a block-size sweep of hc_pre and hc_head (tokens per program, columns per p
 also the whole block's finish instead of the narrow finisher), whose outputs must be bit-identical to the default
 configuration's (the kernels' batch-invariance claim on this GPU) and whose fastest entry says which default to
 keep; also K pieces (KSPLIT) of 256, 512 and 1024 elements, which regroup exact float64 sums and so must keep the
-bits too (the default picks one by launch size, `_mhc.config`), and hc_pre's collapse as a launch of its own.
+bits too (the default picks one by launch size, `_mhc.config`), warps at the default tiles, and hc_pre's collapse
+as a launch of its own or by the finisher alone (SHARE off). The sweep times CUDA graphs (the decode defaults are
+picked by GPU time).
 Prints the tables and writes triton_mhc.json and triton_mhc.md into DIR. Exit code 1 if a check fails.
 """
 
@@ -215,9 +217,12 @@ SWEEP = [dict(BT=16, BD=256, num_warps=4), dict(BT=32, BD=256, num_warps=4), dic
 WHOLE_BLOCK = dict(BT=16, BD=256, BTF=16, num_warps=4)
 # K pieces (smaller: more split programs, fewer serial chunks each) at the default tile: the decode GEMV's latency
 K_PIECES = [dict(BT=16, BD=256, num_warps=4, KSPLIT=k) for k in (256, 512, 1024)]
-# hc_pre's collapse as a launch of its own (`_mhc.COLLAPSE_TILE`), and the finisher's collapse of every column (no
-# SHARE: `hc_pre._collapse_share`), at the default tile (hc_head ignores both)
-APART = [dict(BT=16, BD=256, num_warps=4, APART=True), dict(BT=16, BD=256, num_warps=4, SHARE=False)]
+# hc_pre's collapse as a launch of its own (`_mhc.COLLAPSE_TILE`) at the default tile (hc_head ignores it)
+APART = [dict(BT=16, BD=256, num_warps=4, APART=True)]
+# warps at the default tiles (`_mhc.config` picks them by launch size), and for hc_pre the finisher collapsing every
+# column instead of the shared collapse (SHARE off: `hc_pre._collapse_share`)
+WARPS = [dict(num_warps=w) for w in (2, 4, 8)]
+UNSHARED = [dict(num_warps=w, SHARE=False) for w in (4, 8)]
 
 
 def sweep(tri, bench, models, tokens, dev):
@@ -233,12 +238,13 @@ def sweep(tri, bench, models, tokens, dev):
                 _mhc.TUNING.clear()
                 base = fn()
                 base = base if isinstance(base, tuple) else (base,)
-                for cfg in SWEEP + ([WHOLE_BLOCK] if t < 16 else []) + K_PIECES + (APART if name == "hc_pre" else []):
+                pre_only = APART + UNSHARED if name == "hc_pre" else []
+                for cfg in SWEEP + ([WHOLE_BLOCK] if t < 16 else []) + K_PIECES + WARPS + pre_only:
                     _mhc.TUNING.update(cfg)
                     out = fn()
                     out = out if isinstance(out, tuple) else (out,)
                     same = all(torch.equal(a, b) for a, b in zip(out, base))
-                    ms = bench(fn)
+                    ms = graph_ms(fn, bench) if dev == "cuda" else bench(fn)  # decode tiles are picked by GPU time
                     btf = _mhc.config(t, inp["x4"].shape[-1])["BTF"]
                     _mhc.TUNING.clear()
                     rows.append(dict(op=name, model=model, tokens=t, **cfg, BTF_used=btf, ms=ms, same_bits=same))
@@ -266,12 +272,16 @@ def markdown(rows, checks, info, sweep_rows=()) -> str:
     if sweep_rows:
         out += [
             "",
-            "| op | model | T | BT | BD | finisher rows | K piece | warps | ms | bits as default |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
+            "Sweep: graph ms per call on CUDA (as the table's graph ms); options not named keep the default.",
+            "",
+            "| op | model | T | BT | BD | finisher rows | K piece | warps | collapse | ms | bits as default |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|",
         ]
         for r in sweep_rows:
-            out.append(f"| {r['op']} | {r['model']} | {r['tokens']} | {r['BT']} | {r['BD']} | {r['BTF_used']} | "
-                       f"{r.get('KSPLIT', 'default')} | {r['num_warps']} | {r['ms']:.4f} | "
+            collapse = "apart" if r.get("APART") else "finisher" if r.get("SHARE") is False else "default"
+            out.append(f"| {r['op']} | {r['model']} | {r['tokens']} | {r.get('BT', 'default')} | "
+                       f"{r.get('BD', 'default')} | {r['BTF_used']} | {r.get('KSPLIT', 'default')} | "
+                       f"{r.get('num_warps', 'default')} | {collapse} | {r['ms']:.4f} | "
                        f"{'yes' if r['same_bits'] else 'NO'} |")  # fmt: skip
     return "\n".join(out) + "\n"
 
