@@ -20,6 +20,8 @@ pre-weighted collapse `y = sum_j pre[j] * x[j]` (spec §4.3 step 5). What lives 
   fastest grid dimension, so a block's pieces run side by side and its finishing program re-reads the block's
   streams from L2. The counters live in a per-device buffer that every finishing
   program resets to zero, so a launch needs no memset (the kernels assume one stream at a time, as the engine).
+  hc_pre's decode launches go one step further: the finisher publishes the block's pre and the split programs wait
+  for it and share the collapse (`hc_pre._collapse_share`; its flags follow the arrival counters in that buffer).
 - `exp_f32` / `sigmoid_f32`: exp evaluated in float64 and rounded once to fp32, which is how the twin
   (`parity.reference.kernels._exp`) evaluates it; CUDA's `expf` (the official TileLang kernel) is within 2 ulp.
 - `collapse`: y = ((0 + p0 x0) + p1 x1) + ... in fp32 with every product rounded, then bf16: torch's sum over the
