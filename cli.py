@@ -1,10 +1,9 @@
 """The `parity` command line. Commands are thin: each one parses options and calls into the `parity` package."""
 
+import gc
 import sys
 
 import typer
-
-from parity.errors import ParityError
 
 try:  # typer >= 0.22 vendors click
     from typer._click.exceptions import ClickException, UsageError
@@ -48,9 +47,29 @@ def _usage_message(e: ClickException) -> str:
     return f"{e.format_message()}{hint}"
 
 
+def _load() -> None:
+    """Import the package (torch with it) and the commands with the garbage collector off, then freeze what they made.
+
+    torch's import leaves ~250k long-lived objects, which every full collection walks again and frees almost none
+    of: the passes while the modules load and at interpreter exit cost 0.3-0.6 s of each command's CPU. Frozen
+    (`gc.freeze`), they are left out of every later pass; what a command allocates is collected as usual. Only the
+    first call in a process freezes (an in-process caller, e.g. the tests, keeps its later objects collectable)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _register()
+    finally:
+        if not gc.get_freeze_count():
+            gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def main() -> None:
     """Entry point: one-line errors and exit 2 for bad input and usage, never a traceback or a usage box."""
-    _register()
+    _load()
+    from parity.errors import ParityError  # not at the top: the package loads in `_load`, with the collector off
+
     try:
         # standalone_mode=False: click's usage errors reach us instead of being drawn as multi-line boxes
         code = app(standalone_mode=False)

@@ -10,15 +10,18 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import typer
 
-from parity.compare import NameMap, Selection, Thresholds
 from parity.dump import PHASES
 from parity.dump.config import Ranges
 from parity.errors import ParityError
+
+# `parity.compare` loads when a command reads dumps, not when the CLI starts (every command module is imported then)
+if TYPE_CHECKING:
+    from parity.compare import NameMap, Selection, Thresholds
 
 DumpDir = Annotated[Path, typer.Argument(help="A dump dir (holds manifest.jsonl, or rank*/manifest.jsonl).")]
 DumpA = Annotated[Path, typer.Argument(help="Reference dump dir (side a).")]
@@ -73,9 +76,11 @@ def thresholds(
     min_token_cos: MinTokenCos = None,
     exact: Exact = False,
     allow_dtype_change: AllowDtypeChange = False,
-) -> Thresholds:
+) -> "Thresholds":
     """The record gates. Unset options keep the package defaults (cos >= 0.999, norm ratio within 1 %);
     non-finite or out-of-range values are refused by `Thresholds` itself."""
+    from parity.compare import Thresholds
+
     default = Thresholds()
     return Thresholds(
         min_cos=default.min_cos if min_cos is None else min_cos,
@@ -89,8 +94,10 @@ def thresholds(
     )
 
 
-def selection(phase: Phase = None, steps: Steps = None, layers: Layers = None, name: Name = None) -> Selection:
+def selection(phase: Phase = None, steps: Steps = None, layers: Layers = None, name: Name = None) -> "Selection":
     """Which records are compared."""
+    from parity.compare import Selection
+
     unknown = sorted(set(phase or ()) - set(PHASES))
     if unknown:
         raise ParityError(f"--phase {', '.join(unknown)}: not a phase; use {', '.join(PHASES)}")
@@ -126,8 +133,10 @@ class DumpPair:
     b: Path
     map_file: Path | None
 
-    def name_map(self) -> NameMap | None:
+    def name_map(self) -> "NameMap | None":
         """The name map, read when the command asks for it (after its other options are checked)."""
+        from parity.compare import NameMap
+
         return None if self.map_file is None else NameMap.load(self.map_file)
 
 

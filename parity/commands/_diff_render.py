@@ -7,19 +7,21 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import pandas as pd
 import typer
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from parity.commands import _diff_options as opt
 from parity.commands._common import EXIT_FAIL, EXIT_OK, err, out
-from parity.compare import Dump, PairResult, compare_dumps, load_dump
-from parity.compare.report import to_csv, to_json
 from parity.errors import ParityError
 from parity.io import atomic_write_text, check_output_file
+
+# `parity.compare` loads when a command reads dumps, not when the CLI starts (every command module is imported then)
+if TYPE_CHECKING:
+    from parity.compare import Dump, PairResult
+    from parity.compare.report import Frame
 
 STATUS = {
     "pass": "[green]PASS[/green]",
@@ -74,9 +76,11 @@ class Output:
         """Whether the rich tables are printed (not when JSON/CSV goes to stdout)."""
         return self.fmt is None or self.path is not None
 
-    def finish(self, passed: bool, summary: dict, table: pd.DataFrame, detail: str, **sections) -> None:
+    def finish(self, passed: bool, summary: dict, table: "Frame", detail: str, **sections) -> None:
         """Write the machine report if asked, print the closing line, and exit 0 (pass) or 1 (parity failure)."""
         if self.fmt is not None:
+            from parity.compare.report import to_csv, to_json
+
             text = to_json(self.command, passed, summary, table, **sections) if self.fmt == "json" else to_csv(table)
             if self.path is None:
                 sys.stdout.write(text)
@@ -96,37 +100,43 @@ def progress(label: str) -> Iterator[Callable[[int, int], None]]:
     if not err.is_terminal:
         yield lambda done, total: None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err, transient=True) as bar:
         task = bar.add_task(label, total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
-def load(path: Path, label: str) -> Dump:
+def load(path: Path, label: str) -> "Dump":
+    from parity.compare import load_dump
+
     with progress(f"loading {label}") as on_progress:
         return load_dump(path, on_progress)
 
 
-def load_and_compare(dumps: opt.DumpPair, **kwargs) -> list[PairResult]:
+def load_and_compare(dumps: opt.DumpPair, **kwargs) -> list["PairResult"]:
     """Load the name map and both dumps (checking every file) and judge every aligned pair, with progress bars."""
+    from parity.compare import compare_dumps
+
     name_map = dumps.name_map()
     da, db = load(dumps.a, "a"), load(dumps.b, "b")
     with progress("comparing") as on_progress:
         return compare_dumps(da, db, name_map=name_map, on_progress=on_progress, **kwargs)
 
 
-def table(title: str, frame: pd.DataFrame, columns: dict[str, str], limit: int = 0) -> Table:
+def table(title: str, frame: "Frame", columns: dict[str, str], limit: int = 0) -> Table:
     """A rich table of `frame`'s `columns` ({column: header}); with a limit, failing rows are kept first."""
-    shown = frame
-    if limit and len(frame) > limit and "status" in frame:
-        bad = frame[frame["status"] != "pass"]
-        shown = (bad if len(bad) else frame).head(limit)
+    shown = frame.records()
+    if limit and len(frame) > limit and "status" in frame.columns:
+        bad = [row for row in shown if row["status"] != "pass"]
+        shown = (bad or shown)[:limit]
         hidden = len(frame) - len(shown)
         title += f" ({hidden} more rows hidden: --limit 0 shows all)"
     t = Table(title=title, title_justify="left")
     for header in columns.values():
         t.add_column(header, overflow="fold")
-    for _, row in shown.iterrows():
+    for row in shown:
         t.add_row(*(_cell(col, row.get(col)) for col in columns))
     return t
 

@@ -1,6 +1,6 @@
 """`parity bisect A B`: the first record where two dumps diverge, in execution order, and the per-layer curve."""
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -8,8 +8,10 @@ from rich.markup import escape
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
 from parity.commands._diff_render import Output, load_and_compare, output_options, table
-from parity.compare import PairResult, Selection, Thresholds, bisect
-from parity.compare.report import frame
+
+# `parity.compare` loads when the command runs, not when the CLI starts (every command module is imported then)
+if TYPE_CHECKING:
+    from parity.compare import PairResult, Selection, Thresholds
 
 CURVE = {
     "status": "",
@@ -28,8 +30,8 @@ CURVE = {
 @opt.measuring(output_options("bisect"))
 def bisect_command(
     dumps: opt.DumpPair = None,
-    thresholds: Thresholds = None,
-    select: Selection = None,
+    thresholds: "Thresholds" = None,
+    select: "Selection" = None,
     allow_missing: opt.AllowMissing = None,
     output: Output = None,
     limit: opt.Limit = 0,
@@ -45,6 +47,9 @@ def bisect_command(
     first one that crosses the thresholds (default: cos < 0.999 or norm ratio off by more than 1 %). Records after
     it are not read unless --curve asks for the whole per-layer curve; weights are not read.
     """
+    from parity.compare import bisect
+    from parity.compare.report import frame
+
     results = load_and_compare(
         dumps,
         thresholds=thresholds,
@@ -70,13 +75,13 @@ def bisect_command(
     output.finish(report.passed, summary, curve, detail, unmatched=unmatched)
 
 
-def verdict(first: PairResult | None) -> str:
+def verdict(first: "PairResult | None") -> str:
     if first is None:
         return "[green]no divergence[/green]: every aligned record passes"
     return f"[red]first divergence[/red]: {escape(_where(first))}: {escape('; '.join(first.reasons))}"
 
 
-def _where(r: PairResult) -> str:
+def _where(r: "PairResult") -> str:
     rec = r.record
     return f"phase {rec.phase}, step {rec.step}, layer {rec.layer}, module {rec.module or '(root)'}, record {r.name}"
 

@@ -6,8 +6,6 @@ from typing import Annotated
 
 import typer
 
-from parity.calibrate import calibrate as run_calibration
-from parity.cases import load_case
 from parity.commands._common import check_device, err, out
 from parity.io import check_output_file
 
@@ -21,6 +19,11 @@ def calibrate(
     device: Annotated[str, typer.Option(help="torch device for both models.")] = "cpu",
 ) -> None:
     """Run clean variations of a case and store each site's largest own error as its noise model."""
+    # the engine and capture modules (pydantic's models among them) load when the command runs, not when the CLI
+    # starts (every command module is imported then)
+    from parity.calibrate import calibrate as run_calibration
+    from parity.cases import load_case
+
     spec = load_case(case)
     check_device(device)
     check_output_file(out_file, "--out")

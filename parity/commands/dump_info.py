@@ -5,8 +5,6 @@ import typer
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
 from parity.commands._diff_render import Output, load, output_options, table
-from parity.compare.info import dump_summary, name_table
-from parity.compare.report import frame
 
 COLUMNS = {
     "kind": "kind",
@@ -28,6 +26,10 @@ def dump_info(dump_dir: opt.DumpDir, output: Output = None, limit: opt.Limit = 0
     Every manifest line and every tensor file header is checked first: a bad dump exits 2 with one line naming
     the file, line and field.
     """
+    # `parity.compare` loads when the command runs, not when the CLI starts (every command module is imported then)
+    from parity.compare.info import dump_summary, name_table
+    from parity.compare.report import frame
+
     dump = load(dump_dir, "dump")
     summary = dump_summary(dump)
     names = frame(name_table(dump))

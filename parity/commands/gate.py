@@ -8,9 +8,7 @@ import typer
 from rich.markup import escape
 
 from parity.commands._common import err, finish, out
-from parity.commands._progress import progress_bars
 from parity.errors import ParityError
-from parity.gate import load_baseline, load_suite, run_gate
 from parity.io import check_output_dir
 
 
@@ -21,6 +19,10 @@ def gate(
     regression: Annotated[float, typer.Option(help="Fail a site whose error grew more than this factor.")] = 2.0,
 ) -> None:
     """Run every case of a suite with its own noise model; fail on any failing site or regression."""
+    # the engine modules load when the command runs, not when the CLI starts (every command module is imported then)
+    from parity.commands._progress import progress_bars
+    from parity.gate import load_baseline, load_suite, run_gate
+
     spec = load_suite(suite)
     if not 1 <= regression < math.inf:
         raise ParityError(f"--regression: expected a finite factor >= 1, got {regression}")

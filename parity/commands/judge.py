@@ -7,11 +7,8 @@ from typing import Annotated
 import typer
 from rich.markup import escape
 
-from parity.capture.save import load_run
 from parity.commands._common import finish, out
 from parity.commands.run import render_sites
-from parity.compare.thresholds import NoiseModel
-from parity.compare.verdict import judge_run
 
 
 def judge(
@@ -21,6 +18,12 @@ def judge(
     as_json: Annotated[bool, typer.Option("--json", help="Print the verdict rows as JSON.")] = False,
 ) -> None:
     """Judge saved runs again: every site's own error against a noise model, the golden where saved."""
+    # the capture and verdict modules load when the command runs, not when the CLI starts (every command module is
+    # imported then)
+    from parity.capture.save import load_run
+    from parity.compare.thresholds import NoiseModel
+    from parity.compare.verdict import judge_run
+
     run = load_run(run_dir)
     if calibration is not None:
         noise = NoiseModel.load(calibration)

@@ -7,11 +7,12 @@ import typer
 from rich.markup import escape
 
 from parity.commands._common import out
-from parity.report.folder import render_folder
 
 
 def report(folder: Annotated[Path, typer.Argument(help="A report folder (written by parity run / parity gate).")]):
     """Re-render a report folder (report.html, report.md, metrics.csv) from its summary.json."""
+    from parity.report.folder import render_folder  # loads when the command runs, not when the CLI starts
+
     page = render_folder(folder)
     out.print(f"report: {escape(str(page))}")
 

@@ -2,7 +2,7 @@
 their scripts; exit 1 if any reproduces a failure, 2 on bad input."""
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.markup import escape
@@ -10,8 +10,10 @@ from rich.markup import escape
 from parity.commands._common import EXIT_FAIL, check_device, out
 from parity.errors import ParityError
 from parity.optimized.ops import registry
-from parity.repro import find_repros, run_and_extract, run_script
-from parity.repro.listing import Repro, select
+
+# the repro modules load when the command runs, not when the CLI starts (every command module is imported then)
+if TYPE_CHECKING:
+    from parity.repro.listing import Repro
 
 
 def repro(
@@ -30,6 +32,9 @@ def repro(
     ] = None,
 ) -> None:
     """List the kernel repros under FOLDER and run them against their reference twins."""
+    from parity.repro import find_repros, run_and_extract, run_script
+    from parity.repro.listing import select
+
     if plant is not None and extract is None:
         raise ParityError("--plant: only with --extract CASE")
     if device is not None:
@@ -66,7 +71,7 @@ def repro(
         raise typer.Exit(EXIT_FAIL)
 
 
-def check_backend(repros: list[Repro], backend: str | None) -> None:
+def check_backend(repros: list["Repro"], backend: str | None) -> None:
     """`--backend NAME` must implement the op of every repro that runs (refused before any script starts)."""
     if backend is None:
         return

@@ -3,26 +3,21 @@
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import typer
 from rich.markup import escape
 from rich.table import Table
 
-from parity import machine
-from parity.capture.session import GOLDEN
-from parity.cases import load_case
 from parity.commands._common import EXIT_FAIL, check_device, err, out
-from parity.commands._progress import progress_bars
-from parity.compare.thresholds import NoiseModel
 from parity.errors import ParityError
 from parity.io import check_output_dir
-from parity.report import tables
-from parity.report.folder import default_folder, write_folder
-from parity.report.summary import Invocation
-from parity.repro import write_kernel_repros
-from parity.run import RunReport, planted_bug, prepare_checkpoint, run_case, write_report
+
+# the engine, capture and report modules load when the command runs, not when the CLI starts (every command module
+# is imported then; `judge` imports this one for `render_sites`)
+if TYPE_CHECKING:
+    from parity.run import RunReport
 
 
 def _status(passed: bool) -> str:
@@ -57,7 +52,10 @@ def _ratio(r: dict) -> float:
     return r["max_err"] / r["threshold"] if r["threshold"] else (0.0 if r["bitwise"] else float("inf"))
 
 
-def render(report: RunReport) -> None:
+def render(report: "RunReport") -> None:
+    from parity import machine
+    from parity.report import tables
+
     out.print(f"machine: {escape(machine.summary())}")
     odd = {op: b for op, b in report.backends.items() if b != "torch"}
     out.print(f"ops: {escape(', '.join(f'{o}={b}' for o, b in odd.items()) or 'all torch')}; noise: {report.noise}")
@@ -115,6 +113,15 @@ def run(
     ] = False,
 ) -> None:
     """Run a parity case: the optimized engine against the reference, every site at every position."""
+    from parity.capture.session import GOLDEN
+    from parity.cases import load_case
+    from parity.commands._progress import progress_bars
+    from parity.compare.thresholds import NoiseModel
+    from parity.report.folder import default_folder, write_folder
+    from parity.report.summary import Invocation
+    from parity.repro import write_kernel_repros
+    from parity.run import planted_bug, prepare_checkpoint, run_case, write_report
+
     spec = load_case(case)
     spec = spec.streamed() if stream else spec  # as the case key `[model] stream = true`
     if golden not in GOLDEN:

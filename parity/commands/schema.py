@@ -1,12 +1,16 @@
 """`parity schema A B`: do two dumps hold the same records (names, shapes, dtypes, tags)?"""
 
+from typing import TYPE_CHECKING
+
 import typer
 
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
 from parity.commands._diff_render import Output, load, output_options, table
-from parity.compare import Selection, schema_diff
-from parity.compare.report import frame
+
+# `parity.compare` loads when the command runs, not when the CLI starts (every command module is imported then)
+if TYPE_CHECKING:
+    from parity.compare import Selection
 
 COLUMNS = {
     "status": "",
@@ -22,7 +26,7 @@ COLUMNS = {
 @opt.with_groups(dumps=opt.dumps, select=opt.selection, output=output_options("schema"))
 def schema(
     dumps: opt.DumpPair = None,
-    select: Selection = None,
+    select: "Selection" = None,
     output: Output = None,
     limit: opt.Limit = 100,
 ) -> None:
@@ -31,6 +35,9 @@ def schema(
     Reports records only in A or only in B, and aligned records whose shape, dtype or layer id differ. A shape
     difference that the seq layouts reconcile ([b, s, ...] vs flat [T, ...]) is a note, not a failure.
     """
+    from parity.compare import schema_diff
+    from parity.compare.report import frame
+
     da, db = load(dumps.a, "a"), load(dumps.b, "b")
     rows = schema_diff(da, db, dumps.name_map(), select)
     diffs = frame(r.to_row() for r in rows)

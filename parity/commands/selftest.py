@@ -9,15 +9,9 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from parity.cases import load_case
 from parity.commands._common import EXIT_FAIL, check_device, err, out
-from parity.compare.thresholds import NoiseModel
 from parity.errors import ParityError
 from parity.io import check_output_dir
-from parity.run import noise_model, prepare_checkpoint
-from parity.selftest.bugs import library
-from parity.selftest.run import selftest as run_selftest
-from parity.selftest.run import selftest_refuses
 
 
 def selftest(
@@ -32,6 +26,15 @@ def selftest(
     ] = None,
 ) -> None:
     """Plant a library of realistic V4 bugs into the optimized side and check the verdict catches each one."""
+    # the engine and selftest modules load when the command runs, not when the CLI starts (every command module is
+    # imported then)
+    from parity.cases import load_case
+    from parity.compare.thresholds import NoiseModel
+    from parity.run import noise_model, prepare_checkpoint
+    from parity.selftest.bugs import library
+    from parity.selftest.run import selftest as run_selftest
+    from parity.selftest.run import selftest_refuses
+
     spec = load_case(case)
     selftest_refuses(spec)  # before the checkpoint is written
     check_device(device)

@@ -9,8 +9,6 @@ from rich.markup import escape
 from parity.commands import _diff_options as opt
 from parity.commands._common import out
 from parity.commands._diff_render import Output, load, output_options, progress, table
-from parity.compare import Thresholds, layer_summary, slot_invariance
-from parity.compare.report import frame
 
 LAYERS = {
     "status": "",
@@ -46,6 +44,10 @@ def slot_invariance_command(
     every slot is assumed to hold the same sequence. Exact (bitwise) by default; --min-cos / --atol relax it.
     Exit 1 if any slot differs; the first differing layer is named.
     """
+    # `parity.compare` loads when the command runs, not when the CLI starts (every command module is imported then)
+    from parity.compare import Thresholds, layer_summary, slot_invariance
+    from parity.compare.report import frame
+
     exact = min_cos is None and atol is None
     thresholds = Thresholds(exact=exact, min_cos=min_cos, max_norm_dev=None, atol=atol, rtol=rtol)
     dump = load(dump_dir, "dump")

@@ -3,23 +3,22 @@ the one-process run and compared with it record by record under the TP gate (doc
 
 import re
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import torch
 import typer
 
-from parity.capture.tp import check_dirs, check_tp, gate
-from parity.cases import load_case
-from parity.checkpoint import Checkpoint
 from parity.commands import _diff_options as opt
 from parity.commands._common import check_device, out
 from parity.commands._diff_render import PAIR_COLUMNS, Output, table
-from parity.compare.report import frame
-from parity.config import ModelArgs
 from parity.errors import ParityError
 from parity.io import check_output_dir
 from parity.optimized import parallel
-from parity.run import prepare_checkpoint, run_inputs
+
+# the capture, engine and compare modules load when the command runs, not when the CLI starts (every command module
+# is imported then)
+if TYPE_CHECKING:
+    from parity.config import ModelArgs
 
 
 def tp(
@@ -37,6 +36,11 @@ def tp(
 ) -> None:
     """Run the case at TP world size N and compare the merged rank dumps with the one-process run; exit 1 if any
     record is outside the gate. MTP drafting is off (rows of rejected drafts are never forced)."""
+    from parity.capture.tp import check_dirs, check_tp, gate
+    from parity.cases import load_case
+    from parity.compare.report import frame
+    from parity.run import prepare_checkpoint, run_inputs
+
     output = Output("tp", json, False, None)
     check_device(device)
     if world_size < 2:
@@ -92,7 +96,7 @@ def _offset(text: str | None, world: int) -> tuple[int, str, int] | None:
     return parsed
 
 
-def _check_split(args: ModelArgs, world: int) -> None:
+def _check_split(args: "ModelArgs", world: int) -> None:
     """The counts the ranks split (heads, output groups, indexer heads, routed experts, the vocabulary) must divide
     by the world size, as the official convert.py asserts: refused here, not inside N freshly started processes."""
     counts = {"n_heads": args.n_heads, "o_groups": args.o_groups, "n_routed_experts": args.n_routed_experts,
@@ -109,6 +113,8 @@ def _check_split(args: ModelArgs, world: int) -> None:
 def _check_shards(ckpt: Path, world: int, offset: tuple[int, str, int] | None, text: str | None) -> None:
     """Every tensor the ranks cut (`parallel.SPLIT`) divides into `world` slices, and a planted offset matches some
     of them and keeps its slice inside each (read from the shard headers, no weights loaded)."""
+    from parity.checkpoint import Checkpoint
+
     c = Checkpoint(ckpt)
     hit = []
     for name in c.weight_map:
