@@ -174,9 +174,8 @@ def cases():
             tiles = {k: cfg[k] for k in ("BT", "BK", "KSPLIT", "BD", "BTF", "BDF", "ROWWISE")}
             splits = triton.cdiv(4 * d, cfg["KSPLIT"])
             name = f"D {d} T {t} BTF {cfg['BTF']} BDF {cfg['BDF']}"
-            # the shared collapse where the launch allows it on an H100 / H200 (132 SMs: `hc_pre.launch`)
-            share = cfg["SHARE"] and splits > 1 and splits * triton.cdiv(t, cfg["BT"]) <= 132
-            bds = min(triton.next_power_of_2(triton.cdiv(d, splits)), 1024)
+            # the shared collapse where the launch allows it on an H100 / H200 (132 SMs)
+            share, _, bds = hc_pre.share_plan(cfg, splits, triton.cdiv(t, cfg["BT"]), d, 132)
             consts = dict(HC=4, R=8, SPLITS=splits, PLANT=0, **tiles, APART=cfg["APART"], SHARE=share, BDS=bds)
             yield f"hc_pre {name}", hc_pre._hc_pre_kernel, HC_PRE_SIG, consts, cfg["num_warps"], 3
             if t == 64:  # the collapse as a launch of its own (`_mhc.COLLAPSE_TILE`)

@@ -245,7 +245,7 @@ def sweep(tri, bench, models, tokens, dev):
                     out = out if isinstance(out, tuple) else (out,)
                     same = all(torch.equal(a, b) for a, b in zip(out, base))
                     ms = graph_ms(fn, bench) if dev == "cuda" else bench(fn)  # decode tiles are picked by GPU time
-                    btf = _mhc.config(t, inp["x4"].shape[-1])["BTF"]
+                    btf = _mhc.config(t, inp["x4"].shape[-1], name)["BTF"]
                     _mhc.TUNING.clear()
                     rows.append(dict(op=name, model=model, tokens=t, **cfg, BTF_used=btf, ms=ms, same_bits=same))
                     print(f"sweep {name:8s} {model:5s} T={t:5d} {cfg}  {ms:8.4f} ms  bits "

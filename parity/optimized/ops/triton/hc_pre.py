@@ -196,17 +196,25 @@ def _hc_pre_kernel(
             if arrived == SPLITS - 1:
                 tl.atomic_xchg(cnt_ptr + tb, 0)  # leave the counter zero for the next launch
                 frows, fmask, facc, fsq = _mhc.finish_partials(ws_ptr, tb, T, NP, MIX, SPLITS, BT, BTF)
-                if SHARE:
-                    _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, flag_ptr, frows,
-                            fmask, stride_t, D, K, norm_eps, hc_eps, iters, split * DS, split * DS + DS, HC, R, BTF,
-                            BDS, APART, SHARE, PLANT)  # fmt: skip
-                else:
-                    _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, flag_ptr, frows,
-                            fmask, stride_t, D, K, norm_eps, hc_eps, iters, 0, D, HC, R, BTF, BDF, APART, SHARE,
-                            PLANT)  # fmt: skip
+                # the columns it collapses: with SHARE its own share (BDS wide tiles), otherwise all of them
+                d_lo = split * DS if SHARE else 0
+                d_hi = d_lo + DS if SHARE else D
+                BDC: tl.constexpr = BDS if SHARE else BDF
+                _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, flag_ptr, frows,
+                        fmask, stride_t, D, K, norm_eps, hc_eps, iters, d_lo, d_hi, HC, R, BTF, BDC, APART, SHARE,
+                        PLANT)  # fmt: skip
             elif SHARE:
                 _collapse_share(x_ptr, pre_ptr, y_ptr, flag_ptr, flag_ptr + n_blocks, tb, T, D, split * DS,
                                 split * DS + DS, SPLITS, HC, BT, BTF, BDS)  # fmt: skip
+
+
+def share_plan(cfg: dict, splits: int, n_blocks: int, dim: int, sms: int) -> tuple[bool, int, int]:
+    """(SHARE, columns per split program DS, its collapse tile width BDS) of a launch (`_collapse_share`): the split
+    programs collapse a share of the columns each instead of the finishing program all of them. They wait on each
+    other, so only where the whole grid fits at one program per SM (`sms` of them)."""
+    share = cfg["SHARE"] and splits > 1 and not cfg["APART"] and splits * n_blocks <= sms
+    ds = runtime.cdiv(dim, splits)
+    return share, ds, min(runtime.next_pow2(ds), 1024)
 
 
 def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps, out=None, plant=0):
@@ -235,18 +243,14 @@ def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_ep
     n_blocks = runtime.cdiv(T, cfg["BT"])
     ws = _mhc.workspace(splits, T, mix, x.device)
     apart = cfg["APART"]
-    # SHARE (`_collapse_share`): the split programs collapse a share of the columns each instead of the finishing
-    # program all of them. Its programs wait on each other, so only where the whole grid fits at one per SM
-    share = cfg["SHARE"] and splits > 1 and not apart and splits * n_blocks <= runtime.sm_count(x.device)
-    ds = runtime.cdiv(D, splits)
+    share, ds, bds = share_plan(cfg, splits, n_blocks, D, runtime.sm_count(x.device))
     cnt = _mhc.counters(x.device, 3 * n_blocks)  # arrivals, then SHARE's flags and counts
     pre = torch.empty(T, hc, dtype=torch.float32, device=x.device) if apart or share else ws
     _hc_pre_kernel[(splits, n_blocks)](
         x, fn, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, comb, pre, ws, cnt, T, D,
         float(norm_eps), float(hc_eps), int(sinkhorn_iters), ds,
         HC=hc, R=R, BT=cfg["BT"], BK=cfg["BK"], KSPLIT=cfg["KSPLIT"], SPLITS=splits, BD=cfg["BD"],
-        BTF=cfg["BTF"], BDF=cfg["BDF"], ROWWISE=cfg["ROWWISE"], APART=apart, SHARE=share,
-        BDS=min(runtime.next_pow2(ds), 1024), PLANT=plant,
+        BTF=cfg["BTF"], BDF=cfg["BDF"], ROWWISE=cfg["ROWWISE"], APART=apart, SHARE=share, BDS=bds, PLANT=plant,
         num_warps=cfg["num_warps"], enable_fp_fusion=False,
     )  # fmt: skip
     if apart:
