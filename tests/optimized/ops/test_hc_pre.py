@@ -323,6 +323,44 @@ def test_shared_collapse_resets_its_flags_between_launches(kernel):
             assert torch.equal(g, w)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(("plant", "what"), [(3, "a waiter collapses the next share"), (4, "flag never reset")])
+def test_planted_bug_in_the_shared_collapse_is_caught(kernel, plant, what):
+    # the two tests above must fail when SHARE is broken: plant 3 leaves one program's columns unwritten (NaN-poisoned
+    # buffers), plant 4 leaves the block's flag set, so the next launch's waiting programs read pre before the
+    # finisher writes it (they all arrived before it, so they do not wait for it)
+    from parity.optimized.ops.triton import _mhc, runtime
+
+    _, module = kernel
+    fn, scale, base = (u.cuda() for u in synthetic_mixer(512, 6.0))
+    xs = [streams(t, d=512).cuda() for t in (16, 37, 5, 16)]
+
+    def launches(**kw):
+        nan = float("nan")
+        outs = []
+        for x in xs:
+            t = x.shape[0]
+            out = (torch.full((t, 512), nan, dtype=torch.bfloat16, device="cuda"),
+                   torch.full((t, 4), nan, device="cuda"), torch.full((t, 4, 4), nan, device="cuda"))  # fmt: skip
+            outs.append(module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6, out=out, **kw))
+        return outs
+
+    cfg = _mhc.config(16, 512, "hc_pre")
+    splits, n_blocks = runtime.cdiv(4 * 512, cfg["KSPLIT"]), runtime.cdiv(16, cfg["BT"])
+    assert module.share_plan(cfg, splits, n_blocks, 512, runtime.sm_count(xs[0].device))[0], "16 tokens do not share"
+    try:
+        planted = launches(plant=plant)
+    finally:
+        for buf in _mhc._COUNTERS.values():  # plant 4 leaves flags set
+            buf.zero_()
+    _mhc.TUNING.update(SHARE=False)
+    try:
+        alone = launches()
+    finally:
+        _mhc.TUNING.clear()
+    assert not all(torch.equal(g, w) for got, want in zip(planted, alone) for g, w in zip(got, want)), what
+
+
 # ---- planted bugs of the triton kernel: each must fail the tolerance the correct kernel passes on the same inputs
 
 

@@ -123,7 +123,7 @@ def _collapse_kernel(x_ptr, pre_ptr, y_ptr, T, D, HC: tl.constexpr, BT: tl.const
 @triton.jit
 def _collapse_share(
     x_ptr, pre_ptr, y_ptr, flag_ptr, done_ptr, tb, T, D, d_lo, d_hi, SPLITS: tl.constexpr, HC: tl.constexpr,
-    BT: tl.constexpr, BTF: tl.constexpr, BDS: tl.constexpr,
+    BT: tl.constexpr, BTF: tl.constexpr, BDS: tl.constexpr, PLANT: tl.constexpr,
 ):  # fmt: skip
     """SHARE: a split program that did not finish its token block collapses its own columns [d_lo, d_hi) of the
     block's rows once the finishing program has published their pre (`_finish`): the same products and sums per
@@ -135,8 +135,12 @@ def _collapse_share(
         seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
     tl.debug_barrier()  # no thread reads pre before the acquire above
     if tl.atomic_add(done_ptr, 1, sem="relaxed") == SPLITS - 2:
-        tl.atomic_xchg(flag_ptr, 0)
+        if PLANT != 4:  # planted bug: the flag left set, so the next launch's programs read pre before it is written
+            tl.atomic_xchg(flag_ptr, 0)
         tl.atomic_xchg(done_ptr, 0)
+    if PLANT == 3:  # planted bug: the next program's columns collapsed, this program's left unwritten
+        d_lo = (d_lo + (d_hi - d_lo)) % D
+        d_hi = tl.minimum(d_lo + (d_hi - d_lo), D)
     rows = tb * BT + tl.arange(0, BTF)
     rmask = rows < T
     rows = rows.to(tl.int64)
@@ -205,7 +209,7 @@ def _hc_pre_kernel(
                         PLANT)  # fmt: skip
             elif SHARE:
                 _collapse_share(x_ptr, pre_ptr, y_ptr, flag_ptr, flag_ptr + n_blocks, tb, T, D, split * DS,
-                                split * DS + DS, SPLITS, HC, BT, BTF, BDS)  # fmt: skip
+                                split * DS + DS, SPLITS, HC, BT, BTF, BDS, PLANT)  # fmt: skip
 
 
 def share_plan(cfg: dict, splits: int, n_blocks: int, dim: int, sms: int) -> tuple[bool, int, int]:
@@ -219,7 +223,8 @@ def share_plan(cfg: dict, splits: int, n_blocks: int, dim: int, sms: int) -> tup
 
 def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps, out=None, plant=0):
     """The kernel behind `hc_pre`; `plant` (tests only) selects a planted bug: 1 comb transposed, 2 rsqrt applied
-    to bf16-rounded streams before the projection."""
+    to bf16-rounded streams before the projection; with SHARE (`_collapse_share`) 3 a waiting program collapses the
+    next program's columns, 4 the block's flag is never reset."""
     T, hc, D = x.shape
     if hc != hc_mult or hc & (hc - 1):
         raise ValueError(f"hc_pre: streams {hc} (hc_mult {hc_mult}) must be a power of two")
