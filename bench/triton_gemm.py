@@ -656,13 +656,14 @@ def compile_check(only: str = "") -> int:
                     c = dict(A_E8M0=True, B_E8M0=True, CHUNKED=chunked, SPLIT=split, IN_LAUNCH=in_launch, DOT_F64=False)
                     c.update(kw)
                     if mod is fp8_gemm:
-                        c.update(FUSE_QUANT=False, T_FAST=tuner is mod._large)
+                        large = tuner is mod._large  # prefill: token tiles fastest, operands by TMA
+                        c.update(FUSE_QUANT=False, T_FAST=large, TMA=large and not split)
                     else:
                         c.update(SUB=4, POW2=True)
                     jobs.append((name, fn, sig, c, nw, ns))
     kw, nw, ns = cfgs(fp8_gemm._small)[0]
     c = dict(A_E8M0=False, B_E8M0=True, FUSE_QUANT=True, CHUNKED=True, SPLIT=False, IN_LAUNCH=False, DOT_F64=False)
-    c.update(T_FAST=False, **kw)
+    c.update(T_FAST=False, TMA=False, **kw)
     jobs.append(
         ("fp8_linear (fused act_quant)", fp8_gemm._fp8_gemm_kernel, dict(g8, a_ptr="*bf16", as_ptr="*bf16"), c, nw, ns)
     )

@@ -48,6 +48,10 @@ def sm_count(device: torch.device) -> int:
     return _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _descriptor_scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
 def choose_interpreter_early() -> None:
     """Without a CUDA device, select Triton's interpreter before triton is imported (called when `parity` is
     imported: torch imports triton on its own the first time a model is built on the meta device). Nothing else
@@ -61,6 +65,11 @@ def setup() -> str:
     if importlib.util.find_spec("triton") is None:
         raise ParityError("the triton backend needs the triton package (pip install -c constraints.txt triton)")
     if not interpreting() and torch.cuda.is_available():
+        import triton
+
+        # scratch for the tensor descriptors kernels make on the device (fp8_gemm's prefill TMA loads): a few
+        # hundred bytes a launch from torch's caching allocator on the launch's stream (graph capture included)
+        triton.set_allocator(_descriptor_scratch)
         return "cuda"
     if not interpreting() and "triton" in sys.modules:
         raise ParityError(
