@@ -217,6 +217,9 @@ SWEEP = [dict(BT=16, BD=256, num_warps=4), dict(BT=32, BD=256, num_warps=4), dic
 WHOLE_BLOCK = dict(BT=16, BD=256, BTF=16, num_warps=4)
 # K pieces (smaller: more split programs, fewer serial chunks each) at the default tile: the decode GEMV's latency
 K_PIECES = [dict(BT=16, BD=256, num_warps=4, KSPLIT=k) for k in (256, 512, 1024)]
+# prefill: larger pieces down to one (no partials: the mixes finished in the GEMV's registers), where the token
+# blocks alone fill the SMs
+K_PREFILL = [dict(BT=16, BD=256, num_warps=w, KSPLIT=k) for k in (4096, 1 << 20) for w in (2, 4)]
 # hc_pre's collapse as a launch of its own (`_mhc.COLLAPSE_TILE`) at the default tile (hc_head ignores it)
 APART = [dict(BT=16, BD=256, num_warps=4, APART=True)]
 # warps at the default tiles (`_mhc.config` picks them by launch size), and for hc_pre the finisher collapsing every
@@ -239,7 +242,8 @@ def sweep(tri, bench, models, tokens, dev):
                 base = fn()
                 base = base if isinstance(base, tuple) else (base,)
                 pre_only = APART + UNSHARED if name == "hc_pre" else []
-                for cfg in SWEEP + ([WHOLE_BLOCK] if t < 16 else []) + K_PIECES + WARPS + pre_only:
+                prefill = K_PREFILL if t >= 256 else []
+                for cfg in SWEEP + ([WHOLE_BLOCK] if t < 16 else []) + K_PIECES + prefill + WARPS + pre_only:
                     _mhc.TUNING.update(cfg)
                     out = fn()
                     out = out if isinstance(out, tuple) else (out,)

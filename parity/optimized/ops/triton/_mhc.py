@@ -211,9 +211,13 @@ def config(n_tokens: int, dim: int, op: str = "hc_head") -> dict:
         # warps per program (H100, session 14, graph us at 1 / 4 / 16 / 64 tokens, Flash, 2 / 4 / 8 warps: 14.8 /
         # 18.6 / 23.2, 16.8 / 19.4 / 20.3, 37.2 / 27.5 / 22.5, 30.8 / 35.3 / 30.4; Pro 1 token 15.9 / 21.1 / 28.8): two
         # for a few tokens (the K pieces' GEMV is short and the finish one row), eight while the collapse is shared
-        # (16 rows of the Sinkhorn over twice the threads). hc_head keeps four: within 1 us of the best or better at
-        # every size measured but 16 tokens (8 warps 24.6 against 28.5)
-        cfg["num_warps"] = 2 if n_tokens <= 4 else 8 if n_tokens <= 128 else 4
+        # (16 rows of the Sinkhorn over twice the threads), two again at 256 tokens (76.5 against 104.4). hc_head
+        # keeps four: within 1 us of the best or better at every size measured but 16 tokens (8 warps 24.6 / 28.5)
+        # Prefill (H100, session 15, graph ms at 1024 tokens): 32-row blocks 0.216 against 0.342 with 16 (4 warps;
+        # 16 rows at 2 warps 0.234); at 4096 already 32 (0.726 against 1.239). hc_head keeps 16 (0.226 / 0.197)
+        cfg["num_warps"] = 2 if n_tokens <= 4 else 8 if n_tokens <= 128 else 2 if n_tokens <= 256 else 4
+        if n_tokens > 256:
+            cfg["BT"] = 32
     cfg.update({k: v for k, v in TUNING.items() if k in _REGROUP})
     if cfg["SHARE"] and runtime.interpreting():
         raise ValueError("hc mixers: SHARE needs programs that run at once; the interpreter runs them in turn")
