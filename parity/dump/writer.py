@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from parity.dump.format import MANIFEST, TENSOR_DIR, WEIGHT_DIR, Record, Tags, dtype_name, merge_rule, record_name
-from parity.dump.stats import tensor_stats
+from parity.dump.stats import device_sums, from_sums, tensor_stats
 from parity.errors import ParityError
 from parity.io import atomic_write
 
@@ -196,6 +196,11 @@ def _snapshot(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
 
 
+def _sums_on_device(t: torch.Tensor) -> bool:
+    """Whether stats mode sums `t` where it lies (`device_sums`) rather than in a host copy: GPU tensors."""
+    return t.device.type == "cuda"
+
+
 class _Pipeline:
     """The bounded queue and writer thread of a background `DumpWriter`."""
 
@@ -216,6 +221,14 @@ class _Pipeline:
 
     def put(self, rel: str, tensors: dict[str, torch.Tensor], tags_of) -> None:
         self._raise()
+        # stats mode on a GPU: the sums are made on the device, on the forward's stream (`device_sums`), and only
+        # their nine numbers are copied out; `meta` keeps the tensor's shape and dtype for the record
+        meta = {
+            k: torch.empty(t.shape, dtype=t.dtype, device="meta")
+            for k, t in tensors.items()
+            if self.writer.mode == "stats" and _sums_on_device(t)
+        }
+        tensors = {k: device_sums(t) if k in meta else t for k, t in tensors.items()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
         with self.cond:
             # one oversized set may go alone; otherwise wait for room
@@ -225,7 +238,7 @@ class _Pipeline:
         snap = {k: self.pool.snapshot(t) for k, t in tensors.items()}
         # tags now (they read the caller's context); stats and shapes are filled in by the writer thread
         tags = {k: tags_of(k) for k in tensors}
-        self.jobs.put((rel, snap, tags, nbytes))
+        self.jobs.put((rel, snap, tags, nbytes, meta))
 
     def flush(self) -> None:
         done = threading.Event()
@@ -280,15 +293,17 @@ class _Pipeline:
 
     def _write_batch(self, batch) -> None:
         w = self.writer
-        for _, snap, _, _ in batch:
+        for _, snap, *_ in batch:
             self.pool.ready(snap)
         if w.mode == "full":
-            _store_files(w.dir, [(rel, snap) for rel, snap, _, _ in batch])
+            _store_files(w.dir, [(rel, snap) for rel, snap, *_ in batch])
         records = []
-        for rel, snap, tags, _ in batch:
+        for rel, snap, tags, _, meta in batch:
             for k, t in snap.items():
                 if w.mode == "full":
                     records.append(w._record(tags[k], t, file=rel, key=k))
+                elif k in meta:
+                    records.append(w._record(tags[k], meta[k], stats=from_sums(meta[k].numel(), t.tolist())))
                 else:
                     records.append(w._record(tags[k], t, stats=tensor_stats(t)))
         w._append(records)
@@ -296,7 +311,7 @@ class _Pipeline:
     def _release(self, batch) -> None:
         with self.cond:
             self.held -= sum(job[3] for job in batch)
-        for _, snap, _, _ in batch:
+        for _, snap, *_ in batch:
             self.pool.give_back(snap)
         with self.cond:
             self.cond.notify_all()

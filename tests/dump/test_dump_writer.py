@@ -176,13 +176,25 @@ def _reference_stats(t: torch.Tensor) -> dict:
         pytest.param(lambda g: (torch.rand(5000, generator=g) * 2**-20).half(), id="fp16-subnormals"),
     ],
 )
-@pytest.mark.parametrize("form", ["compiled", "torch"])
+@pytest.mark.parametrize("form", ["compiled", "torch", "device", "cuda"])
 def test_one_pass_stats_match_plain_float64(make, form, monkeypatch):
-    if form == "torch":  # what runs without numba, on a GPU, or for other dtypes
-        monkeypatch.setattr(stats, "_compiled_loop", lambda flat: None)
     t = make(torch.Generator().manual_seed(0))
-    got, want = tensor_stats(t), _reference_stats(t)
-    n = max(t.numel(), 1)
+    if form == "torch":  # what runs without numba, or for other dtypes
+        monkeypatch.setattr(stats, "_compiled_loop", lambda flat: None)
+    if form == "device":  # GPU tensors' pass (`device_sums`), run here on the CPU in tiles of 1000 elements
+        monkeypatch.setattr(stats, "DEVICE_TILE", 1000)
+        got = stats.from_sums(t.numel(), stats.device_sums(t).tolist())
+    elif form == "cuda":
+        if not torch.cuda.is_available():
+            pytest.skip("needs a CUDA device; this machine has none")
+        got = tensor_stats(t.cuda())
+    else:
+        got = tensor_stats(t)
+    assert_stats_close(got, _reference_stats(t), t.numel())
+
+
+def assert_stats_close(got: dict, want: dict, numel: int) -> None:
+    n = max(numel, 1)
     gamma = n * 2.0**-53 / (1 - n * 2.0**-53)  # any float64 summation order is within gamma * Σ|terms|
     for k, w in want.items():
         g = got[k]
@@ -192,6 +204,29 @@ def test_one_pass_stats_match_plain_float64(make, form, monkeypatch):
             assert abs(g - w) <= gamma * (want["absmax"] or 0) + 4 * 2.0**-53 * abs(w), k
         else:
             assert abs(g - w) <= (gamma + 8 * 2.0**-53) * w, (k, g, w)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_background_stats_of_gpu_tensors_are_summed_on_the_device(tmp_path, device, monkeypatch):
+    # the writer thread gets the nine sums of `device_sums`, not a copy of the tensor; on the CPU the same path runs
+    # with CPU tensors taken for device ones
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device; this machine has none")
+    if device == "cpu":
+        monkeypatch.setattr(writer, "_sums_on_device", lambda t: True)
+    g = torch.Generator().manual_seed(0)
+    ts = [torch.randn(300, 70, generator=g).bfloat16(), torch.tensor([1.0, math.nan, -math.inf, 0.0]),
+          torch.zeros(0, 3), 1e6 + 1e-3 * torch.randn(5000, generator=g, dtype=torch.float64)]  # fmt: skip
+    w = DumpWriter(tmp_path, "stats", background=True)
+    site = Site("layers.0", "Block", 0, "layers.0")
+    for i, t in enumerate(ts):
+        w.write_activation(site, Tags("decode", i), i, 0, "output", {"out": t.to(device)})
+    w.close()
+    records = load_dump(tmp_path).records
+    assert len(records) == len(ts)
+    for r, t in zip(records, ts):
+        assert r.shape == tuple(t.shape) and r.dtype == str(t.dtype).removeprefix("torch.")
+        assert_stats_close(r.stats, _reference_stats(t), t.numel())
 
 
 def _nan_in_second_chunk(t: torch.Tensor) -> torch.Tensor:
