@@ -14,6 +14,7 @@ import argparse
 
 import torch
 
+from bench.attention_cases import decode_lists
 from bench.triton_gemm import fp4_weight, fp8_weight
 from parity.formats import dequantize_fp8_blocks, quantize_fp8_blocks
 from parity.optimized.ops import OpsConfig, resolve_ops
@@ -23,17 +24,13 @@ BF16 = torch.bfloat16
 
 
 def sparse_attn_args(t: int) -> tuple:
-    """(q, sources, idx, sink, scale) of Flash CSA decode at context 64k for `t` tokens: per token its 127 window
-    rows, its own row and 512 random entries of a 1 Mi-row pool (1 GiB: beyond L2)."""
-    d, h, window, n_ent = 512, 64, 128, 512
+    """(q, sources, idx, sink, scale) of Flash CSA decode at context 64k for `t` tokens (`attention_cases`): per token
+    its 127 window rows, its own row and 512 random entries of a 1 Mi-row pool (1 GiB: beyond L2)."""
+    d, h = 512, 64
     pool = torch.randn(1 << 20, d, dtype=BF16, device="cuda")
-    chunk = torch.randn(t, d, dtype=BF16, device="cuda")
-    ring = torch.randn(t * window, d, dtype=BF16, device="cuda")
-    ring_idx = t + torch.arange(t, device="cuda")[:, None] * window + torch.arange(window - 1, device="cuda")
-    ent = torch.randint(0, pool.shape[0], (t, n_ent), device="cuda")
-    idx = torch.cat([ring_idx, torch.arange(t, device="cuda")[:, None], t + t * window + ent], dim=1)
+    sources, idx = decode_lists(t, 65536, 4, 512, d, pool, torch.Generator().manual_seed(0), "cuda")
     q, sink = torch.randn(t, h, d, dtype=BF16, device="cuda"), torch.randn(h, device="cuda")
-    return q, (chunk, ring, pool), idx, sink, d**-0.5
+    return q, sources, idx, sink, d**-0.5
 
 
 def call(op: str, t: int, ops):

@@ -42,7 +42,7 @@ OPS = (
     "kv_fake_quant", "fp4_fake_quant", "hadamard", "act_quant", "rms_norm", "rope",
 )  # fmt: skip
 MODELS = {"flash": dict(heads=64, topk=512), "pro": dict(heads=128, topk=1024)}
-HEAD_DIM, ROPE, WINDOW, INDEX_HEADS, INDEX_DIM = 512, 64, 128, 64, 128
+HEAD_DIM, ROPE, INDEX_HEADS, INDEX_DIM = 512, 64, 64, 128
 
 
 def parse():
@@ -237,6 +237,7 @@ if ARGS.smoke:
 if ARGS.compile_sm90:
     sys.exit(compile_report(ARGS.out))
 
+from bench.attention_cases import decode_lists, prefill_lists  # noqa: E402
 from bench.cuda_graph import captured  # noqa: E402
 from parity.optimized.ops import OpsConfig, resolve_ops  # noqa: E402
 
@@ -383,42 +384,6 @@ def topk_check(name, got, want, scores) -> str:
 # ---- cases -----------------------------------------------------------------------------------------------------
 
 
-def decode_lists(t, ctx, ratio, topk, d, pool_rows, gen):
-    """T decode tokens, one request each, at position ctx - 1: sources (own kv, the rings, the entry pool) and
-    [T, K] lists: 127 ring rows + the token's own row, then the request's visible entries (all of them for HCA,
-    `topk` random ones for CSA), each request's entries distinct rows of the shared pool."""
-    n_ent = min(topk, ctx // ratio) if ratio == 4 else ctx // ratio
-    chunk = torch.randn(t, d, dtype=BF16, device=DEV)
-    ring = torch.randn(t * WINDOW, d, dtype=BF16, device=DEV)
-    ring_idx = t + torch.arange(t, device=DEV)[:, None] * WINDOW + torch.arange(WINDOW - 1, device=DEV)
-    own = torch.arange(t, device=DEV)[:, None]
-    ent = torch.randint(0, pool_rows.shape[0], (t, n_ent), generator=gen).to(DEV)  # repeats: rare and harmless
-    idx = torch.cat([ring_idx, own, t + t * WINDOW + ent], dim=1)
-    return (chunk, ring, pool_rows), idx
-
-
-def prefill_lists(s, ratio, topk, d, gen):
-    """One 4k-token prefill: window rows of the chunk, then the visible entries ((i+1)//ratio, top-k of them for
-    CSA: a random subset, -1 padded), as OptAttention lays them out."""
-    chunk = torch.randn(s, d, dtype=BF16, device=DEV)
-    entries = torch.randn(s // ratio, d, dtype=BF16, device=DEV)
-    i = torch.arange(s, device=DEV)[:, None]
-    win = (i - WINDOW + 1).clamp(min=0) + torch.arange(min(s, WINDOW), device=DEV)
-    win = torch.where(win > i, -1, win)
-    vis = (i + 1) // ratio
-    width = min(topk, s // ratio) if ratio == 4 else s // ratio
-    if ratio == 4:
-        r = torch.rand(s, s // ratio, generator=gen).to(DEV)
-        r = torch.where(torch.arange(s // ratio, device=DEV) < vis, r, -1.0)
-        ent = r.topk(width, dim=1).indices
-        ent = torch.where(ent < vis, ent, -1)
-    else:
-        ent = torch.arange(width, device=DEV).expand(s, width)
-        ent = torch.where(ent < vis, ent, -1)
-    idx = torch.cat([win, torch.where(ent < 0, -1, s + ent)], dim=1)
-    return (chunk, entries), idx
-
-
 def bench_sparse_attn(roof, gen):
     scale = HEAD_DIM**-0.5
     d = 128 if ARGS.smoke else HEAD_DIM
@@ -430,7 +395,7 @@ def bench_sparse_attn(roof, gen):
         decode = decode[:2] if ARGS.smoke else decode[1:2] if ARGS.quick else decode
         for ratio, ctx in decode:
             for t in (1, 4) if ARGS.smoke else (1, 64, 256) if ARGS.quick else (1, 16, 64, 256):
-                sources, idx = decode_lists(t, ctx, ratio, cfg["topk"], d, pool, gen)
+                sources, idx = decode_lists(t, ctx, ratio, cfg["topk"], d, pool, gen, DEV)
                 q = torch.randn(t, h, d, dtype=BF16, device=DEV)
                 valid = int((idx >= 0).sum())
                 tri = bench_ms(TRITON.sparse_attn, q, sources, idx, sink, scale)
@@ -445,7 +410,7 @@ def bench_sparse_attn(roof, gen):
             sweep_configs(roof, gen, pool, h, d, sink, scale, cfg)
         for ratio in (4,) if ARGS.quick else (4, 128):
             s = 256 if ARGS.smoke else 4096
-            sources, idx = prefill_lists(s, ratio, cfg["topk"], d, gen)
+            sources, idx = prefill_lists(s, ratio, cfg["topk"], d, gen, DEV)
             q = torch.randn(s, h, d, dtype=BF16, device=DEV)
             valid = int((idx >= 0).sum())
             tri = bench_ms(TRITON.sparse_attn, q, sources, idx, sink, scale)
@@ -463,8 +428,8 @@ def sweep_configs(roof, gen, pool, h, d, sink, scale, cfg):
     from parity.optimized.ops.triton import sparse_attn as kernel
 
     t, s = (4, 256) if ARGS.smoke else (256, 4096)
-    decode = decode_lists(t, 65536, 4, cfg["topk"], d, pool, gen)
-    prefill = prefill_lists(s, 4, cfg["topk"], d, gen)
+    decode = decode_lists(t, 65536, 4, cfg["topk"], d, pool, gen, DEV)
+    prefill = prefill_lists(s, 4, cfg["topk"], d, gen, DEV)
     for what, (sources, idx), n in (("decode CSA ctx 64k T 256", decode, t), ("prefill CSA 4k", prefill, s)):
         q = torch.randn(n, h, d, dtype=BF16, device=DEV)
         valid = int((idx >= 0).sum())
