@@ -12,6 +12,7 @@ from parity.commands._diff_render import Output, load_and_compare, output_option
 # `parity.compare` loads when the command runs, not when the CLI starts (every command module is imported then)
 if TYPE_CHECKING:
     from parity.compare import PairResult, Selection, Thresholds
+    from parity.compare.report import Frame
 
 CURVE = {
     "status": "",
@@ -34,7 +35,12 @@ def bisect_command(
     select: "Selection" = None,
     allow_missing: opt.AllowMissing = None,
     output: Output = None,
-    limit: opt.Limit = 0,
+    limit: Annotated[
+        int,
+        typer.Option(
+            "--limit", min=0, help="Most curve rows in the terminal table, ending at the first failing one (0: all)."
+        ),
+    ] = 100,
     full_curve: Annotated[
         bool,
         typer.Option("--curve", help="Measure every record for the whole curve (default: stop at the first failure)."),
@@ -64,7 +70,11 @@ def bisect_command(
     first = None if report.first is None else report.first.to_row()
     unmatched = [r.to_row() for r in report.unmatched if not r.passed]
     if output.terminal:
-        out.print(table(f"parity bisect {dumps.a} {dumps.b}: per-layer curve", curve, CURVE, limit))
+        shown, hidden = window(curve, limit)
+        title = f"parity bisect {dumps.a} {dumps.b}: per-layer curve"
+        if hidden:
+            title += f" (the {len(shown)} rows up to the first failure; {hidden} more hidden: --limit 0 shows all)"
+        out.print(table(title, shown, CURVE))
         out.print(verdict(report.first), markup=True)
         if unmatched:
             example = escape(unmatched[0]["name"])
@@ -73,6 +83,20 @@ def bisect_command(
     summary["curve"] = "full" if full_curve or report.first is None else "up to the first divergence (--curve: full)"
     detail = "no divergence" if report.first is None else _where(report.first)
     output.finish(report.passed, summary, curve, detail, unmatched=unmatched)
+
+
+def window(curve: "Frame", limit: int) -> tuple["Frame", int]:
+    """The terminal's view of the curve: at most `limit` rows ending at the first failing one (the layers leading
+    into the divergence; the curve's end when none fails), and how many rows it leaves out. A curve has a row per
+    (phase, step, layer block): tens of thousands for a long run, which the terminal table would take minutes to
+    lay out. The JSON and HTML reports keep every row."""
+    from parity.compare.report import Frame
+
+    if not limit or len(curve) <= limit:
+        return curve, 0
+    first = next((i for i, row in enumerate(curve.rows) if row["status"] != "pass"), len(curve) - 1)
+    start = max(0, first + 1 - limit)
+    return Frame(curve.rows[start : start + limit]), len(curve) - limit
 
 
 def verdict(first: "PairResult | None") -> str:

@@ -20,6 +20,21 @@ def test_bisect_stops_at_the_first_failure_unless_curve(parity_cli, toy_dumps):
     assert short["rows"] == full["rows"][: len(short["rows"]) - 1] + [short["rows"][-1]]
 
 
+def test_bisect_terminal_curve_ends_at_the_first_failure(parity_cli, toy_dumps):
+    # a long run's curve has a row per (phase, step, layer block): the terminal shows the --limit rows leading into
+    # the first failure, the JSON every row
+    fault = toy_dumps.fault(1, "decode", "attn-count")
+    rows = json.loads(parity_cli("bisect", toy_dumps.ref, fault, "--json", "--curve").out)["rows"]
+    first = next(i for i, row in enumerate(rows) if row["status"] == "fail")
+    assert first >= 2, "the case needs passing rows before its failure"
+    shown = parity_cli("bisect", toy_dumps.ref, fault, "--curve", "--limit", "2").out
+    assert f"the 2 rows up to the first failure; {len(rows) - 2} more hidden" in shown
+    assert shown.count("│ FAIL") == 1 and shown.count("│ PASS") == 1
+    assert rows[first]["first_failure"] in shown and f"│ {rows[first - 1]['block']} " in shown
+    every = parity_cli("bisect", toy_dumps.ref, fault, "--curve", "--limit", "0").out
+    assert "more hidden" not in every and every.count("│ PASS") == sum(row["status"] == "pass" for row in rows)
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
