@@ -5,10 +5,14 @@ A pair fails with a reason instead of being skipped or truncated: missing on one
 matches its name), shapes that no layout adapter lines up, rank shards that do not merge, or a threshold crossed.
 """
 
+import functools
+import math
 import re
 from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
+
+import torch
 
 from parity.compare.align import Pair, Selection, align, fetch, missing_shards
 from parity.compare.gate import Thresholds, judge, same_non_finite_positions
@@ -144,7 +148,7 @@ def compare_dumps(
     args = (da, db, name_map, thresholds, logits, top_k, allow_missing)
     results = []
     measure = lambda i, pair, worker: _compare_pair(i, pair, *args, worker)
-    with closing(run_ordered(pairs, measure, threads, device)) as measured:
+    with closing(run_ordered(pairs, measure, threads, device, light=_light)) as measured:
         for result in measured:
             results.append(result)
             if on_progress is not None:
@@ -155,6 +159,19 @@ def compare_dumps(
                 results += [_compare_pair(i, p, *args, None) for i, p in after if p.missing]
                 break
     return results
+
+
+# a pair whose records hold less than this (per side) is measured on the calling thread (`workers.run_ordered`)
+LIGHT_BYTES = 512 << 10
+
+
+def _light(pair: Pair) -> bool:
+    return all(math.prod(r.shape) * _itemsize(r.dtype) < LIGHT_BYTES for r in pair.a + pair.b)
+
+
+@functools.cache
+def _itemsize(dtype: str) -> int:
+    return getattr(torch, dtype).itemsize
 
 
 def _first_failure(r: PairResult) -> bool:

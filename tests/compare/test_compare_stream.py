@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from parity.compare import Dump, bisect, compare_dumps, compare_tensors, fused, load_dump, stream
+from parity.compare import Dump, bisect, compare_dumps, compare_tensors, diff, fused, load_dump, stream
 from parity.compare.gate import Thresholds
 
 SHAPES = {
@@ -47,8 +47,18 @@ def _pair(tmp_path, write_dump, dtype=torch.bfloat16):
     return write_dump(tmp_path / "a", a), write_dump(tmp_path / "b", b), a, b
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_streamed_metrics_equal_whole_tensor_metrics(tmp_path, write_dump, small_tiles, no_whole_loads, threads):
+# light pairs run on the calling thread, the others on the workers (`workers.run_ordered`): all on the workers (0),
+# a mix (the records of SHAPES hold 2 to 1200 bytes: 250 splits them), all light (the default for records this small)
+LIGHT = [pytest.param(1, None, id="1-thread"), pytest.param(2, 0, id="2-workers"),
+         pytest.param(2, 250, id="2-mixed"), pytest.param(2, None, id="2-light")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("threads", "light_bytes"), LIGHT)
+def test_streamed_metrics_equal_whole_tensor_metrics(
+    tmp_path, write_dump, small_tiles, no_whole_loads, threads, light_bytes, monkeypatch
+):
+    if light_bytes is not None:
+        monkeypatch.setattr(diff, "LIGHT_BYTES", light_bytes)
     pa, pb, a, b = _pair(tmp_path, write_dump)
     t = Thresholds(atol=0.1)
     results = compare_dumps(load_dump(pa), load_dump(pb), thresholds=t, threads=threads)
@@ -67,10 +77,15 @@ def test_mixed_dtypes_stream_too(tmp_path, write_dump, small_tiles, no_whole_loa
         assert r.metrics == compare_tensors(a[r.name], a[r.name].float() * 1.001), r.name
 
 
-def test_stop_at_first_failure_leaves_the_rest_unmeasured(tmp_path, write_dump, small_tiles, no_whole_loads):
+@pytest.mark.parametrize(("threads", "light_bytes"), LIGHT)
+def test_stop_at_first_failure_leaves_the_rest_unmeasured(
+    tmp_path, write_dump, small_tiles, no_whole_loads, threads, light_bytes, monkeypatch
+):
+    if light_bytes is not None:
+        monkeypatch.setattr(diff, "LIGHT_BYTES", light_bytes)
     pa, pb, _, _ = _pair(tmp_path, write_dump)
     full = compare_dumps(load_dump(pa), load_dump(pb))
-    short = compare_dumps(load_dump(pa), load_dump(pb), stop_at_first_failure=True, threads=2)
+    short = compare_dumps(load_dump(pa), load_dump(pb), stop_at_first_failure=True, threads=threads)
     assert [r.name for r in short] == list(SHAPES)[:4] and short[-1].status == "fail"
     assert bisect(short).first.name == bisect(full).first.name == "layers.1.ffn:out"
 
@@ -130,6 +145,7 @@ def test_cuda_device_measures_what_the_cpu_measures(tmp_path, write_dump, monkey
         # many segments per record: the pinned buffers are refilled while earlier copies may still be queued
         monkeypatch.setattr(stream, "GPU_SEGMENT", 64)
         monkeypatch.setattr(stream, "GPU_TILE", 13)
+    monkeypatch.setattr(diff, "LIGHT_BYTES", 0)  # every pair on the workers' own streams
     pa, pb, _, _ = _pair(tmp_path, write_dump)
     da, db = load_dump(pa), load_dump(pb)
     cpu = compare_dumps(da, db, thresholds=Thresholds(atol=0.1))
