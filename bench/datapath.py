@@ -4,6 +4,7 @@ records of 16 MiB per forward, with this machine's limits measured in the same r
     python bench/datapath.py                      # 0.5 and 2 GB per dump, in a temp dir, then deleted
     python bench/datapath.py --sizes 0.5,2,8 --dir /tmp/dp --device cuda --threads 2
     python bench/datapath.py --repo /path/to/other/checkout     # the same benchmark against another commit
+    python bench/datapath.py --sizes "" --small 20000             # per-record cost: 20k decode-sized records
 
 Every timed step runs as its own process (the checkout under test imported from `--repo`), so its wall time, CPU
 time (user + sys: the machine may be shared) and peak RSS are its own. Sizes are GB (1e9 bytes) of tensor data per
@@ -41,8 +42,9 @@ FORWARD_BYTES = RECORDS * RECORD_MIB * (1 << 20)
 REPO = Path(__file__).resolve().parents[1]
 
 
-def child_write(out: str, forwards: int, mode: str, variant: str, device: str = "cpu") -> None:
-    """In a child process: run `forwards` forwards of a 32-block toy model on `device` with dumping `mode` (or off)."""
+def child_write(out: str, forwards: int, mode: str, variant: str, device: str = "cpu", rows: int = ROWS) -> None:
+    """In a child process: run `forwards` forwards of a 32-block toy model on `device` with dumping `mode` (or off);
+    each record [rows, COLS] bf16."""
     import torch
     from torch import nn
 
@@ -71,7 +73,7 @@ def child_write(out: str, forwards: int, mode: str, variant: str, device: str = 
             return x
 
     model = Model()
-    x = torch.randn(ROWS, COLS).bfloat16().to(device)
+    x = torch.randn(rows, COLS).bfloat16().to(device)
     config = dump.DumpConfig(dir=out, mode=mode) if mode != "off" else dump.DumpConfig()
     handle = dump.install(model, config)
     start = time.perf_counter()
@@ -202,7 +204,7 @@ def bench_size(size_gb: float, root: Path, repo: Path, threads: int | None, devi
 
     def write(name: str, mode: str, variant: str) -> dict:
         out = root / f"{size_gb}-{name}"
-        r = run_child([py, me, "--child-write", str(out), str(forwards), mode, variant, device], repo)
+        r = run_child([py, me, "--child-write", str(out), str(forwards), mode, variant, device, str(ROWS)], repo)
         r["seconds"] = json.loads(r["out"])["seconds"]
         return r
 
@@ -243,6 +245,38 @@ def bench_size(size_gb: float, root: Path, repo: Path, threads: int | None, devi
         shutil.rmtree(root / f"{size_gb}-{n}", ignore_errors=True)
     shutil.rmtree(root / f"{size_gb}-off", ignore_errors=True)
     return rows
+
+
+def bench_small(n: int, root: Path, repo: Path, threads: int | None, device: str) -> str:
+    """`n` decode-sized records per dump (one token's [1, COLS] bf16, 16 KiB: a decode step's activations), where the
+    bytes are nothing and the per-record work is everything: compare, bisect (`b`: every record differs a little and
+    passes, so both read all of them) and dump-info, wall ms per record (the process's fixed cost included)."""
+    py, me = sys.executable, str(Path(__file__).resolve())
+    forwards = max(1, n // RECORDS)
+    a, b = root / f"small{n}-a", root / f"small{n}-b"
+    for out, variant in ((a, "a"), (b, "b")):
+        run_child([py, me, "--child-write", str(out), str(forwards), "full", variant, device, "1"], repo)
+    records = forwards * RECORDS
+    cli = [py, str(repo / "cli.py")]
+    opts = (["--threads", str(threads)] if threads else []) + (["--device", device] if device != "cpu" else [])
+    lines = [
+        f"{records} records of [1, {COLS}] bf16 per dump ({2 * COLS // 1024} KiB each):",
+        "",
+        "| step | wall s | cpu s | ms / record | peak RSS MB |",
+        "| --- | ---: | ---: | ---: | ---: |",
+    ]
+    for label, args in (
+        ("compare a b", ["compare", str(a), str(b), "--out", str(root / "small-cmp.json"), *opts]),
+        ("bisect a b", ["bisect", str(a), str(b), "--out", str(root / "small-bis.json"), *opts]),
+        ("dump-info a", ["dump-info", str(a), "--out", str(root / "small-info.json")]),
+    ):
+        r = run_child([*cli, *args, "--json"], repo)
+        lines.append(
+            f"| {label} | {r['wall']:.2f} | {r['cpu']:.2f} | {1e3 * r['wall'] / records:.3f} | {r['rss_mb']:.0f} |"
+        )
+    for d in (a, b):
+        shutil.rmtree(d, ignore_errors=True)
+    return "\n".join(lines)
 
 
 def _row(size_gb, label, r, nbytes, extra=None) -> dict:
@@ -335,7 +369,7 @@ def steady_rates(rows: list[dict]) -> dict:
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--child-write":
-        child_write(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6])
+        child_write(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5], sys.argv[6], int(sys.argv[7]))
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--child-steady":
         child_steady(*sys.argv[2:6])
@@ -347,11 +381,12 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="compare/bisect --threads (default: theirs)")
     p.add_argument("--device", default="cpu", help="the toy model's device and compare/bisect --device (cuda on a GPU)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    p.add_argument("--small", type=int, default=0, metavar="N", help="also N decode-sized records per dump (16 KiB)")
     args = p.parse_args()
-    sizes = [float(s) for s in args.sizes.split(",")]
+    sizes = [float(s) for s in args.sizes.split(",") if s]
     root = args.dir or Path(tempfile.mkdtemp(prefix="parity-datapath-"))
     root.mkdir(parents=True, exist_ok=True)
-    need = 4.2 * max(sizes) * 1e9
+    need = 4.2 * max(sizes, default=0) * 1e9
     free = shutil.disk_usage(root).free
     if free < need:
         raise SystemExit(f"{root}: {free / 1e9:.1f} GB free, the largest size needs about {need / 1e9:.1f} GB")
@@ -360,6 +395,8 @@ def main() -> None:
         for size in sizes:
             rows += bench_size(size, root, args.repo.resolve(), args.threads, args.device)
             print(report(rows, args.repo, args.threads, args.device), flush=True)
+        if args.small:
+            print(bench_small(args.small, root, args.repo.resolve(), args.threads, args.device), flush=True)
     finally:
         if args.dir is None:
             shutil.rmtree(root, ignore_errors=True)

@@ -28,10 +28,17 @@ def run_ordered(
 ) -> Iterator:
     """`work(i, item, worker)` for each item, yielded in order; stopping the iteration cancels what is queued.
     `light(item)`: the items run on the calling thread rather than a worker's (module docstring)."""
-    if threads <= 1 or (light is not None and all(map(light, items))):
+    all_light = light is not None and all(map(light, items))
+    if threads <= 1 or all_light:
         worker = Worker(device)
-        for i, item in enumerate(items):
-            yield work(i, item, worker)
+        intra = torch.get_num_threads()
+        if all_light:  # ops on small records gain nothing from a thread team, whose idle members spin between them
+            torch.set_num_threads(1)
+        try:
+            for i, item in enumerate(items):
+                yield work(i, item, worker)
+        finally:
+            torch.set_num_threads(intra)
         return
     local = threading.local()
 
