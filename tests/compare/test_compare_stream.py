@@ -140,12 +140,14 @@ def test_each_byte_is_read_once_when_records_fit_a_segment(tmp_path, write_dump,
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run by the coordinator on the H200)")
 @pytest.mark.parametrize("segments", ["default", "small"])
-def test_cuda_device_measures_what_the_cpu_measures(tmp_path, write_dump, monkeypatch, segments):
+@pytest.mark.parametrize("light_bytes", [0, 250], ids=["2-workers", "2-mixed"])
+def test_cuda_device_measures_what_the_cpu_measures(tmp_path, write_dump, monkeypatch, segments, light_bytes):
     if segments == "small":
         # many segments per record: the pinned buffers are refilled while earlier copies may still be queued
         monkeypatch.setattr(stream, "GPU_SEGMENT", 64)
         monkeypatch.setattr(stream, "GPU_TILE", 13)
-    monkeypatch.setattr(diff, "LIGHT_BYTES", 0)  # every pair on the workers' own streams
+    # every pair on the workers' own streams, or the light ones on the calling thread's
+    monkeypatch.setattr(diff, "LIGHT_BYTES", light_bytes)
     pa, pb, _, _ = _pair(tmp_path, write_dump)
     da, db = load_dump(pa), load_dump(pb)
     cpu = compare_dumps(da, db, thresholds=Thresholds(atol=0.1))
