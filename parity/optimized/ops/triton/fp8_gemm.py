@@ -11,7 +11,8 @@ Layout: weight rows are the MMA's M side (BLOCK_W 64/128, inside one 128-row sca
 tile and K block), tokens its N side (BLOCK_T 16..128); small-M launches split K over chunks when the tile grid
 would leave most SMs idle, and the last program to finish an output tile adds the tile's chunk sums in order, in
 the same launch (`_gemm_common.store_tile`). Prefill launches order the grid token tiles first, so the CTAs
-resident together share a weight tile in L2.
+resident together share a weight tile in L2, and load both operands through TMA tensor descriptors (the copy engine;
+the same values into the same dot, so the same bits).
 
 `fp8_linear(x, b, b_s, ...)` is the same kernel with act_quant fused in front: bf16 activations are quantized per
 (token, 128-group) in registers with the exact act_quant recipe (spec §3.2), so it equals act_quant + fp8_gemm bit
