@@ -139,8 +139,9 @@ def _collapse_share(
             tl.atomic_xchg(flag_ptr, 0)
         tl.atomic_xchg(done_ptr, 0)
     if PLANT == 3:  # planted bug: the next program's columns collapsed, this program's left unwritten
-        d_lo = (d_lo + (d_hi - d_lo)) % D
-        d_hi = tl.minimum(d_lo + (d_hi - d_lo), D)
+        width = d_hi - d_lo
+        d_lo = d_hi % D
+        d_hi = tl.minimum(d_lo + width, D)
     rows = tb * BT + tl.arange(0, BTF)
     rmask = rows < T
     rows = rows.to(tl.int64)
