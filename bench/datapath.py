@@ -221,7 +221,7 @@ def bench_size(size_gb: float, root: Path, repo: Path, threads: int | None, devi
     lim = limits(root / f"{size_gb}-a", nbytes, root, threads or min(4, os.cpu_count() or 1), device)
     lim["dd_fsync_before"] = dd_before
     cli = [py, str(repo / "cli.py")]
-    opts = (["--threads", str(threads)] if threads else []) + (["--device", device] if device != "cpu" else [])
+    opts = _data_opts(threads, device)
     a, b, c = (str(root / f"{size_gb}-{n}") for n in "abc")
     steps = [  # (label, command, tensor bytes moved, the dumps it reads)
         ("compare a b", ["compare", a, b, "--out", str(root / "cmp.json"), *opts], 2 * nbytes, (a, b)),
@@ -258,7 +258,7 @@ def bench_small(n: int, root: Path, repo: Path, threads: int | None, device: str
         run_child([py, me, "--child-write", str(out), str(forwards), "full", variant, device, "1"], repo)
     records = forwards * RECORDS
     cli = [py, str(repo / "cli.py")]
-    opts = (["--threads", str(threads)] if threads else []) + (["--device", device] if device != "cpu" else [])
+    opts = _data_opts(threads, device)
     lines = [
         f"{records} records of [1, {COLS}] bf16 per dump ({2 * COLS // 1024} KiB each):",
         "",
@@ -277,6 +277,11 @@ def bench_small(n: int, root: Path, repo: Path, threads: int | None, device: str
     for d in (a, b):
         shutil.rmtree(d, ignore_errors=True)
     return "\n".join(lines)
+
+
+def _data_opts(threads: int | None, device: str) -> list[str]:
+    """compare / bisect's --threads and --device as this run was asked for them (their defaults otherwise)."""
+    return (["--threads", str(threads)] if threads else []) + (["--device", device] if device != "cpu" else [])
 
 
 def _row(size_gb, label, r, nbytes, extra=None) -> dict:

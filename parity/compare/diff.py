@@ -12,8 +12,6 @@ from collections.abc import Callable
 from contextlib import closing
 from dataclasses import dataclass
 
-import torch
-
 from parity.compare.align import Pair, Selection, align, fetch, missing_shards
 from parity.compare.gate import Thresholds, judge, same_non_finite_positions
 from parity.compare.layout import match_layouts, token_dims
@@ -24,7 +22,7 @@ from parity.compare.namemap import NameMap
 from parity.compare.report import shape_str
 from parity.compare.stream import stream_metrics
 from parity.compare.workers import run_ordered
-from parity.dump.format import Record
+from parity.dump.format import Record, parse_dtype
 from parity.dump.stats import tensor_stats
 from parity.errors import ParityError
 
@@ -171,7 +169,7 @@ def _light(pair: Pair) -> bool:
 
 @functools.cache
 def _itemsize(dtype: str) -> int:
-    return getattr(torch, dtype).itemsize
+    return parse_dtype(dtype, "manifest").itemsize  # the loader checked every record's dtype
 
 
 def _first_failure(r: PairResult) -> bool:

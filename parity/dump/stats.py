@@ -35,9 +35,9 @@ _CANCELLATION = 1e-2
 
 
 def tensor_stats(t: torch.Tensor) -> dict[str, float | int | None]:
+    if t.device.type != "cpu":
+        return from_sums(t.numel(), device_sums(t).tolist())
     flat = _flat(t)
-    if flat.device.type != "cpu":
-        return from_sums(t.numel(), device_sums(flat).tolist())
     buf = torch.empty(min(TILE, flat.numel()), dtype=torch.float64, device=flat.device)
     scratch = torch.empty_like(buf)
     acc = _Sums()
