@@ -9,6 +9,7 @@ import torch
 
 from parity.compare import Dump, bisect, compare_dumps, compare_tensors, diff, fused, load_dump, stream
 from parity.compare.gate import Thresholds
+from parity.compare.workers import run_ordered
 
 SHAPES = {
     "layers.0.attn:out": (5, 3, 7),
@@ -163,3 +164,11 @@ def test_cuda_device_measures_what_the_cpu_measures(tmp_path, write_dump, monkey
         assert c.metrics.mismatches == g.metrics.mismatches and c.metrics.max_rel == g.metrics.max_rel
         for k in ("cos", "rel_l2", "rel_diff", "norm_ratio"):
             assert getattr(g.metrics, k) == pytest.approx(getattr(c.metrics, k), rel=1e-12, abs=1e-14), (c.name, k)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_light_pairs_are_measured_on_the_cpu_whatever_the_device(threads):
+    # a light pair's work on a GPU is mostly launches and syncs (`workers` docstring): even with `device="cuda"` it
+    # runs on a CPU worker, so no CUDA worker is made (making one fails on a machine without a GPU)
+    got = run_ordered(range(5), lambda i, item, worker: worker.device.type, threads, "cuda", light=lambda _: True)
+    assert list(got) == ["cpu"] * 5
