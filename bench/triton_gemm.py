@@ -742,6 +742,7 @@ def main():
     p.add_argument("--ops", default=",".join(MY_OPS), help="comma-separated subset of the ops")
     p.add_argument("--models", default="flash,pro")
     p.add_argument("--quick", action="store_true", help="fewer token counts (1, 64, 4096)")
+    p.add_argument("--tokens", default=None, help="comma-separated token counts (instead of the default or --quick)")
     p.add_argument("--compile-check", nargs="?", const="", default=None, metavar="NAME",
                    help="compile the kernels for sm_90 on this machine (no GPU needed) and exit")  # fmt: skip
     args = p.parse_args()
@@ -752,6 +753,8 @@ def main():
     global TOKENS
     if args.quick:
         TOKENS = (1, 64, 4096)
+    if args.tokens:
+        TOKENS = tuple(int(t) for t in args.tokens.split(","))
     torch.manual_seed(0)
     roof = measure_rooflines()
     print(json.dumps({k: f"{v:.4g}" for k, v in roof.items()}), flush=True)

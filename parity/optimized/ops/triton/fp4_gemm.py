@@ -9,12 +9,13 @@ on FP8 tensor cores (fp32, from zero per block), C_acc += (P_k * sa[m, k/4]) * s
 per-128 scale and the weight's per-32 scale; bf16 (round to nearest even) at the end. K > 8 blocks: the fp32 sum is
 grouped in K-only chunks (`_gemm_common`), which keeps split-K batch-invariant.
 
-The loop as in moe_experts' `_mm_fp4` (its docstring has the compiled instruction counts): the activations are
-copied in the pairs order (`_gemm_common.pairs_order`, one torch copy of A) so that a block's packed bytes decode to
-its two nibble halves with no byte shuffles; with e8m0 scales on both sides (every scale a power of two) the chunk
-sum is carried divided by the activation's scale, B = C / sa, and each block adds P * sb as one fma: the same bits
-((P * sa) * sb = sa * (P * sb) and the rounding commute with a power of two) while nothing leaves fp32's normal
-range. A chunk's sum is added to the total by a branch at the end of the loop trip that ends the chunk.
+A loop trip is `_gemm_common.fp4_trip`, which moe_experts' `_mm_fp4` runs too (the trip's docstring has the
+compiled instruction counts): the activations are copied in the pairs order (`_gemm_common.pairs_order`, one torch
+copy of A) so that a block's packed bytes decode to its two nibble halves with no byte shuffles; with e8m0 scales on
+both sides (every scale a power of two) the chunk sum is carried divided by the activation's scale, B = C / sa, and
+each block adds P * sb as one fma: the same bits ((P * sa) * sb = sa * (P * sb) and the rounding commute with a
+power of two) while nothing leaves fp32's normal range. A chunk's sum is added to the total by a branch at the end
+of the loop trip that ends the chunk.
 
 Layout as in `fp8_gemm`: weight rows on the MMA's M side (BLOCK_W), tokens on its N side (BLOCK_T), split K over
 chunks for small-M launches that would leave SMs idle, the chunk sums added in order by the last program to finish
@@ -67,8 +68,7 @@ def _fp4_gemm_kernel(
     b_ptrs = b_ptr + offs_w[:, None] * stride_bn + (k0 // 2 + tl.arange(0, BLOCK_K // 2))[None, :]
     a_ptrs = a_ptr + offs_t[None, :] * stride_am + (k0 + offs_k)[:, None]  # [32, BLOCK_T], K-major
     as_row = as_ptr + offs_t * stride_asm
-    cols = tl.arange(0, SUB)[None, :]
-    bs_ptrs = bs_ptr + offs_w[:, None] * stride_bsn + cols  # the SUB weight scales of one loop trip, per row
+    bs_ptrs = bs_ptr + offs_w[:, None] * stride_bsn + tl.arange(0, SUB)[None, :]  # a loop trip's SUB weight scales
     total = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
     part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
     # the scales are read one loop trip ahead: a byte or four a row are too narrow for the pipeliner's async copies,
@@ -86,34 +86,17 @@ def _fp4_gemm_kernel(
         sb_next = tl.load(bs_ptrs + (kb4 + SUB), mask=mask_w[:, None] & more)
         if A_E8M0:
             sa = common.e8m0_to_f32(sa)
-        if B_E8M0:
-            sb4 = common.e8m0_to_f32(sb4)
-        sb4 = sb4 * 64.0  # the decoding's 2^-6 undone: a power of two, so (P * sa) * sb rounds as the twin's
-        s_act = sa[None, :]
-        if CHUNKED and POW2:  # B = C / sa (module docstring)
-            part = part * common.pow2_reciprocal(s_act)
-        for j in tl.static_range(SUB):
-            # the block's product from zero, its e2m1 weights decoded to e4m3 fp4 * 2^-6 (the 2^6 is in sb4 above)
-            # and the activations in the pairs order they were copied in: [BLOCK_W, BLOCK_T] fp32
-            packed = tl.load(b_ptrs, mask=mask_w[:, None], other=0)  # [BLOCK_W, 16] uint8
-            a = tl.load(a_ptrs, mask=mask_t[None, :], other=0.0)
-            sb = tl.sum(tl.where(cols == j, sb4, 0.0), axis=1)[:, None]  # column j, exactly (the rest adds zeros)
-            p = common.fp4_block_product(packed, a, DOT_F64)
-            if not CHUNKED:  # one block per chunk: the twin's own order, one accumulator fewer
-                total += (p * s_act) * sb
-            elif POW2:
-                part = tl.fma(p, sb, part)
-            else:
-                part += (p * s_act) * sb
-            b_ptrs += BLOCK_K // 2
-            a_ptrs += BLOCK_K
-        if CHUNKED:
-            if POW2:
-                part = part * s_act
+        mw, mt = mask_w[:, None], mask_t[None, :]
+        if CHUNKED:  # the chunk's sum, carried divided by sa under POW2 (`_gemm_common.fp4_trip`)
+            part = common.fp4_trip(part, b_ptrs, a_ptrs, mw, mt, sb4, sa[None, :], B_E8M0, SUB, POW2, DOT_F64)
             # a chunk ends on a trip's end (its blocks are a multiple of SUB): a branch taken once a chunk
             if ((kb4 + SUB) % CHUNK_KB == 0) | (kb4 + SUB >= kb_end):
                 total += part
                 part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+        else:  # one block per chunk: the twin's own order, one accumulator fewer
+            total = common.fp4_trip(total, b_ptrs, a_ptrs, mw, mt, sb4, sa[None, :], B_E8M0, SUB, False, DOT_F64)
+        b_ptrs += SUB * BLOCK_K // 2
+        a_ptrs += SUB * BLOCK_K
     mask = mask_w[:, None] & mask_t[None, :]
     common.store_tile(total, c_ptr, ws_ptr, cnt_ptr, offs_w, offs_t, mask, M, N, stride_cm, SPLIT, IN_LAUNCH)
 

@@ -71,29 +71,15 @@ def _mm_fp4(
     chunk from zero, the chunk sums added in order: `_gemm_common`'s K-only chunking, which lets a split launch
     give the same bits). Returns fp32 [BLOCK_W or 2 * BLOCK_W, BLOCK_T].
 
-    Decoding: an e2m1 nibble s.e1e0.m placed at bits 7 and 4..2 of a byte is the e4m3 value fp4 * 2^-6 (the same
-    2^-6 for normals and the subnormal 0.5, so every value is exact); the 2^6 goes into the power-of-two weight
-    scale (its exponent + 6), which leaves every product and rounding of (P * sa) * sb unchanged.
-
-    The activations come in the pairs order (`_gemm_common.pairs_order`: each 32-run's even elements, then its odd
-    ones), and the weights are decoded to the same order: a run's 16 bytes give its low-nibble half and its
-    high-nibble half, placed side by side with no byte shuffles (interleaving them back to K order took 148 PRMT
-    per trip). The block product sums the same 32 products; only their order inside the MMA differs (exact in the
-    interpreter's float64 dot; on the GPU whether Hopper's internal FP8 sum depends on the lane order is not
-    documented, and the GPU tests judge the op by its tolerance as before).
-
-    A loop trip is one activation 128-group. POW2 (every weight and activation scale a power of two: e8m0 weights,
-    ue8m0 act_quant) scales in fewer ops with the same bits: multiplying by a power of two is exact and commutes
-    with rounding, so with B = C / sa, C + (P * sa) * sb = sa * (B + P * sb), and B + P * sb is one fma (its product
-    is exact); per accumulator element and trip 2 multiplies and 4 fmas instead of 8 multiplies and 4 adds. The same
-    bits while no intermediate leaves fp32's normal range (a scaled accumulator or product below 2^-126 or above
-    2^128, which real activations and weights do not reach); the tests compare both forms bit for bit.
-
-    Compiled for sm_90 (the FP4 gate-up loop, 64-feature slices of 16 tokens, 4 warps): 698 -> 437 instructions per
-    trip with both (PRMT 148 -> 0, shared-memory loads 43 -> 11, fp32 multiplies and adds 200 -> 100; 457 with the
-    K chunks' flush, a branch taken once a chunk). Holding the four products before scaling any saved no MMA wait
-    (each register-operand MMA is waited for before its registers are reused) and cost 70 registers at 32-token
-    tiles."""
+    A loop trip is one activation 128-group, `_gemm_common.fp4_trip` (the decoding, the POW2 form and their
+    compiled cost are in its docstring; fp4_gemm's loop runs the same trip). The activations come in the pairs
+    order (`_gemm_common.pairs_order`: each 32-run's even elements, then its odd ones), and the weights are decoded
+    to the same order: a run's 16 bytes give its low-nibble half and its high-nibble half, placed side by side with
+    no byte shuffles (interleaving them back to K order took 148 PRMT per trip). The block product sums the same 32
+    products; only their order inside the MMA differs (exact in the interpreter's float64 dot; on the GPU whether
+    Hopper's internal FP8 sum depends on the lane order is not documented, and the GPU tests judge the op by its
+    tolerance as before). The K chunks' flush is a branch at the end of a trip, taken once a chunk (compiled: 457
+    instructions a trip with it, 437 without)."""
     offs32 = tl.arange(0, 32)
     r = tl.arange(0, ROWS)
     second = r >= BLOCK_W
@@ -101,8 +87,8 @@ def _mm_fp4(
     mf = f < NF
     # a row's 32 weights of one K block: 16 contiguous bytes, element 2b in the low nibble of byte b (spec §2.2)
     w_ptrs = tl.where(second[:, None], wb_ptr, wa_ptr) + f[:, None] * stride_w + tl.arange(0, 16)[None, :]
-    cols4 = tl.arange(0, 4)[None, :]
-    s_ptrs = (tl.where(second, sb_ptr, sa_ptr) + f * stride_s)[:, None] + cols4  # a 128-group's four scales
+    # a 128-group's four scales
+    s_ptrs = (tl.where(second, sb_ptr, sa_ptr) + f * stride_s)[:, None] + tl.arange(0, 4)[None, :]
     xq_ptrs = xq_ptr + toks[None, :] * stride_xq + offs32[:, None]  # [32, BLOCK_T], K-major
     xs_ptrs = xs_ptr + toks * stride_xs  # each token's scale of one 128-group
     mask_x = mask_t[None, :]
@@ -119,24 +105,7 @@ def _mm_fp4(
         more = k0 + 128 < K_HI
         s4_next = tl.load(s_ptrs + (k0 + 128) // 32, mask=mask_w & more, other=127)
         sx_next = tl.load(xs_ptrs + (k0 + 128) // 128, mask=mask_t & more, other=1.0)
-        # the weight scales of the four 32-blocks, decoded once (the interpreter pays per op, the GPU does not care)
-        if S_E8M0:
-            s4 = common.e8m0_to_f32(s4)
-        s4 = s4 * 64.0  # the 2^6 of the decoding (exact)
-        if POW2:
-            acc = acc * common.pow2_reciprocal(s_act)  # B = C / sa
-        for j in tl.static_range(4):
-            k = k0 + 32 * j
-            xq = tl.load(xq_ptrs + k, mask=mask_x, other=0.0)
-            packed = tl.load(w_ptrs + k // 2, mask=mask_w, other=0)  # [ROWS, 16] uint8
-            p = common.fp4_block_product(packed, xq, DOT_F64)
-            sw = tl.sum(tl.where(cols4 == j, s4, 0.0), axis=1)[:, None]  # column j, exactly (the rest adds zeros)
-            if POW2:
-                acc = tl.fma(p, sw, acc)
-            else:
-                acc += (p * s_act) * sw
-        if POW2:
-            acc = acc * s_act
+        acc = common.fp4_trip(acc, w_ptrs + k0 // 2, xq_ptrs + k0, mask_w, mask_x, s4, s_act, S_E8M0, 4, POW2, DOT_F64)
         if ((k0 + 128) % CHUNK == 0) | (k0 + 128 >= K_HI):  # a branch taken once a chunk (compiled: 2 of ~440)
             total += acc
             acc = tl.zeros((ROWS, BLOCK_T), dtype=tl.float32)
