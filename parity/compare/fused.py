@@ -197,13 +197,19 @@ class FusedPass:
     def _flush_rows(self) -> None:
         if not self.pending:
             return
-        sums = torch.cat([p[0] for p in self.pending], dim=1)
-        err = torch.cat([p[1] for p in self.pending])
+        if len(self.pending) == 1:
+            sums, err = self.pending[0]
+        else:
+            sums = torch.cat([p[0] for p in self.pending], dim=1)
+            err = torch.cat([p[1] for p in self.pending])
         first_row, self.pending, self.pending_rows = self.pending_first, [], 0
         self.sums += sums.sum(-1)
-        cos = slice_cosines(sums, err)
-        i = int(cos.argmin())
-        value = float(cos[i])
+        if err.numel() == 1:  # one row (a decode step's record): on Python floats, not eight tensor ops
+            i, value = 0, slice_cosine(*sums[:3, 0].tolist(), float(err[0]))
+        else:
+            cos = slice_cosines(sums, err)
+            i = int(cos.argmin())
+            value = float(cos[i])
         # strict <: the first row of equal minima wins, as argmin over all rows at once would pick
         best = self.worst_row
         if best is None or value < best[1] or (math.isnan(value) and not math.isnan(best[1])):
@@ -253,6 +259,18 @@ class FusedPass:
         cos = slice_cosines(sums, err)
         i = int(cos.argmin())
         return i, float(cos[i])
+
+
+def slice_cosine(xy: float, xx: float, yy: float, err: float) -> float:
+    """`slice_cosines` of one slice, on Python floats: the same IEEE float64 operations (sqrt, product, quotient, each
+    rounded once) and conventions; NaN stays NaN through the clamp, as torch's does."""
+    if err == 0:
+        return 1.0
+    nx, ny = (math.sqrt(v) if v >= 0 else math.nan for v in (xx, yy))
+    if nx == 0 or ny == 0:
+        return float(nx == ny)
+    c = xy / (nx * ny)  # nx, ny >= sqrt(5e-324): their product cannot round to 0
+    return c if math.isnan(c) else min(1.0, max(-1.0, c))
 
 
 def slice_cosines(sums: torch.Tensor, err: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ import contextlib
 import json
 import struct
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -75,16 +76,20 @@ def stream_metrics(
     """The metrics of a pair of single-file records of one shape, or None if this pair cannot be streamed."""
     if da.memory is not None or db.memory is not None or ra.shape != rb.shape:
         return None
-    sa, sb = _locate(da, ra), _locate(db, rb)
-    if sa is None or sb is None:
+    opened = [_open(da, ra), _open(db, rb)]
+    if None in opened:
+        for o in opened:
+            if o is not None:
+                o[0].close()
         return None
+    (fa, sa), (fb, sb) = opened
     itemsize = max(sa.itemsize, sb.itemsize)
     # a tile is read whole into the worker's buffers: no larger than they hold in the wider dtype (a GPU worker's
     # 8 Mi-element tiles of fp32 are twice its 16 MiB buffers)
     tile = min(worker.tile or tile_for(sa.dtype, sb.dtype), worker.capacity // itemsize)
     tiling = Tiling(ra.shape, token_dims, tile)
     segments = _segments(tiling, itemsize, min(worker.segment, worker.capacity))
-    with worker.scope(), open(sa.path, "rb", buffering=0) as fa, open(sb.path, "rb", buffering=0) as fb:
+    with fa, fb, worker.scope():
         reader = _Reader(fa, sa, fb, sb, worker)
         if sa.dtype == sb.dtype:
             counts, equal = _bitwise(reader, segments)
@@ -108,27 +113,31 @@ class _Where:
     """A tensor's bytes in a safetensors file: path, absolute offset, dtype."""
 
     def __init__(self, path: Path, offset: int, dtype: torch.dtype):
-        self.path, self.offset, self.dtype = path, offset, dtype
-        self.itemsize = torch.empty(0, dtype=dtype).element_size()
+        self.path, self.offset, self.dtype, self.itemsize = path, offset, dtype, dtype.itemsize
 
 
-def _locate(dump: Dump, record: Record) -> _Where | None:
-    """Where the record's tensor lies in its file, from the safetensors header (the loader checked the file)."""
+def _open(dump: Dump, record: Record) -> tuple[BinaryIO, _Where] | None:
+    """The record's file, open (unbuffered: the reader reads whole segments into its own buffers), and where its
+    tensor lies in it, from the safetensors header (the loader checked the file); None if it cannot be streamed.
+    One open per file: a decode step's records are a few KiB each, where the opens were a fifth of the work."""
     if record.file is None:
         return None
     path = dump.root / record.file
     try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            entry = json.loads(f.read(n)).get(record.key)
-    except (OSError, ValueError, struct.error):
+        f = open(path, "rb", buffering=0)
+    except OSError:
         return None  # the whole-tensor path reports the problem by name
-    if not isinstance(entry, dict):
+    try:
+        (n,) = struct.unpack("<Q", f.read(8))
+        entry = json.loads(f.read(n)).get(record.key)
+        dtype = _DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) else None
+        if dtype is None or dtype_name(dtype) != record.dtype or tuple(entry.get("shape", ())) != record.shape:
+            f.close()
+            return None
+        return f, _Where(path, 8 + n + entry["data_offsets"][0], dtype)
+    except (OSError, ValueError, struct.error, KeyError, TypeError):
+        f.close()
         return None
-    dtype = _DTYPES.get(entry.get("dtype"))
-    if dtype is None or dtype_name(dtype) != record.dtype or tuple(entry.get("shape", ())) != record.shape:
-        return None
-    return _Where(path, 8 + n + entry["data_offsets"][0], dtype)
 
 
 def _segments(tiling: Tiling, itemsize: int, segment: int) -> list[tuple[int, int, list[tuple]]]:

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from parity.compare import compare_logits, compare_tensors, cosine
+from parity.compare.fused import slice_cosine, slice_cosines
 from parity.compare.metrics import bitwise_equal, rowwise_cosine
 
 torch.manual_seed(42)
@@ -142,3 +143,18 @@ def test_logit_metrics_hand_computed():
 def test_shape_mismatch_is_refused_not_truncated():
     with pytest.raises(ValueError, match="equal shapes"):
         compare_tensors(torch.zeros(4), torch.zeros(5))
+
+
+def test_one_slice_cosine_on_floats_is_the_tensor_form_bit_for_bit():
+    # a decode step's one-row records take the float form (`FusedPass._flush_rows`); over every combination of
+    # zeros (both signs), subnormal, tiny and huge sums, |xy| > nx ny (clamped), infinities and NaN it must give the
+    # tensor form's bits (NaN for NaN)
+    xys = [0.0, -0.0, 1.0, -1.0, 3.0, -3.0, 1e-300, -1e-300, 1e300, math.inf, -math.inf, math.nan]
+    squares = [0.0, 5e-324, 1e-320, 1e-300, 1.0, 4.0, 1e300, math.inf, math.nan]
+    errs = [0.0, 1.0, math.nan]
+    cases = [(xy, xx, yy, e) for xy in xys for xx in squares for yy in squares for e in errs]
+    sums = torch.tensor([c[:3] for c in cases], dtype=torch.float64).T
+    want = slice_cosines(sums, torch.tensor([c[3] for c in cases], dtype=torch.float64))
+    got = torch.tensor([slice_cosine(*c) for c in cases], dtype=torch.float64)
+    same = (got.view(torch.int64) == want.view(torch.int64)) | (got.isnan() & want.isnan())
+    assert bool(same.all()), [(c, g, w) for c, g, w, s in zip(cases, got.tolist(), want.tolist(), same) if not s][:5]
