@@ -204,12 +204,7 @@ class FusedPass:
             err = torch.cat([p[1] for p in self.pending])
         first_row, self.pending, self.pending_rows = self.pending_first, [], 0
         self.sums += sums.sum(-1)
-        if err.numel() == 1:  # one row (a decode step's record): on Python floats, not eight tensor ops
-            i, value = 0, slice_cosine(*sums[:3, 0].tolist(), float(err[0]))
-        else:
-            cos = slice_cosines(sums, err)
-            i = int(cos.argmin())
-            value = float(cos[i])
+        i, value = worst_slice(sums, err)
         # strict <: the first row of equal minima wins, as argmin over all rows at once would pick
         best = self.worst_row
         if best is None or value < best[1] or (math.isnan(value) and not math.isnan(best[1])):
@@ -256,21 +251,18 @@ class FusedPass:
         others = tuple(d for d in range(len(inner)) if d != keep)
         sums = self.col_sums.view(3, *inner).sum(dim=tuple(d + 1 for d in others)) if others else self.col_sums
         err = self.col_err.view(*inner).amax(dim=others) if others else self.col_err
-        cos = slice_cosines(sums, err)
-        i = int(cos.argmin())
-        return i, float(cos[i])
+        return worst_slice(sums, err)
 
 
-def slice_cosine(xy: float, xx: float, yy: float, err: float) -> float:
-    """`slice_cosines` of one slice, on Python floats: the same IEEE float64 operations (sqrt, product, quotient, each
-    rounded once) and conventions; NaN stays NaN through the clamp, as torch's does."""
-    if err == 0:
-        return 1.0
-    nx, ny = (math.sqrt(v) if v >= 0 else math.nan for v in (xx, yy))
-    if nx == 0 or ny == 0:
-        return float(nx == ny)
-    c = xy / (nx * ny)  # nx, ny >= sqrt(5e-324): their product cannot round to 0
-    return c if math.isnan(c) else min(1.0, max(-1.0, c))
+def worst_slice(sums: torch.Tensor, err: torch.Tensor) -> tuple[int, float]:
+    """The lowest of `slice_cosines(sums, err)` and its index as `argmin` picks it: the compiled pass
+    (`tile_loop.worst_slice`) for CPU float64 sums where numba is there, else the torch form."""
+    loops = _tile_loops()
+    if loops is not None and sums.device.type == "cpu" and sums.dtype == err.dtype == torch.float64:
+        return loops.worst_slice(sums, err)
+    cos = slice_cosines(sums, err)
+    i = int(cos.argmin())
+    return i, float(cos[i])
 
 
 def slice_cosines(sums: torch.Tensor, err: torch.Tensor) -> torch.Tensor:

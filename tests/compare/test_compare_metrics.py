@@ -1,12 +1,13 @@
 """Metrics: hand-computed float64 values, exact 1.0 for identical tensors, defined values at zero and NaN."""
 
 import math
+import struct
 
 import pytest
 import torch
 
-from parity.compare import compare_logits, compare_tensors, cosine
-from parity.compare.fused import slice_cosine, slice_cosines
+from parity.compare import compare_logits, compare_tensors, cosine, fused
+from parity.compare.fused import slice_cosines
 from parity.compare.metrics import bitwise_equal, rowwise_cosine
 
 torch.manual_seed(42)
@@ -145,16 +146,42 @@ def test_shape_mismatch_is_refused_not_truncated():
         compare_tensors(torch.zeros(4), torch.zeros(5))
 
 
-def test_one_slice_cosine_on_floats_is_the_tensor_form_bit_for_bit():
-    # a decode step's one-row records take the float form (`FusedPass._flush_rows`); over every combination of
-    # zeros (both signs), subnormal, tiny and huge sums, |xy| > nx ny (clamped), infinities and NaN it must give the
-    # tensor form's bits (NaN for NaN)
+def _torch_worst(sums, err):
+    cos = slice_cosines(sums, err)
+    i = int(cos.argmin())
+    return i, float(cos[i])
+
+
+def _same(got, want) -> bool:
+    """The same slice, and the same cosine bits (NaN for NaN)."""
+    (i, a), (j, b) = got, want
+    return i == j and (struct.pack("<d", a) == struct.pack("<d", b) or (math.isnan(a) and math.isnan(b)))
+
+
+def test_compiled_worst_slice_is_the_tensor_form_bit_for_bit():
+    # the worst slice (per token, per head, per channel) comes from one compiled pass on CPU (`tile_loop.worst_slice`);
+    # it must pick the slice and give the cosine bits of `slice_cosines` + `argmin`: each combination of zeros (both
+    # signs), subnormal, tiny and huge sums, |xy| > nx ny (clamped), infinities and NaN as a slice of its own, then
+    # all of them at once (argmin: the first NaN), the finite ones at once, and random rows with ties (the first of
+    # equal minima wins) and strides
+    loops = fused._tile_loops()
+    assert loops is not None, "numba is a dependency: the compiled pass must be testable here"
     xys = [0.0, -0.0, 1.0, -1.0, 3.0, -3.0, 1e-300, -1e-300, 1e300, math.inf, -math.inf, math.nan]
     squares = [0.0, 5e-324, 1e-320, 1e-300, 1.0, 4.0, 1e300, math.inf, math.nan]
-    errs = [0.0, 1.0, math.nan]
-    cases = [(xy, xx, yy, e) for xy in xys for xx in squares for yy in squares for e in errs]
-    sums = torch.tensor([c[:3] for c in cases], dtype=torch.float64).T
-    want = slice_cosines(sums, torch.tensor([c[3] for c in cases], dtype=torch.float64))
-    got = torch.tensor([slice_cosine(*c) for c in cases], dtype=torch.float64)
-    same = (got.view(torch.int64) == want.view(torch.int64)) | (got.isnan() & want.isnan())
-    assert bool(same.all()), [(c, g, w) for c, g, w, s in zip(cases, got.tolist(), want.tolist(), same) if not s][:5]
+    cases = [(xy, xx, yy, e) for xy in xys for xx in squares for yy in squares for e in (0.0, 1.0, math.nan)]
+    sums = torch.tensor([c[:3] for c in cases], dtype=torch.float64).T.contiguous()
+    err = torch.tensor([c[3] for c in cases], dtype=torch.float64)
+    for j, case in enumerate(cases):
+        one = (sums[:, j : j + 1], err[j : j + 1])
+        assert _same(loops.worst_slice(*one), _torch_worst(*one)), case
+    finite = torch.isfinite(sums).all(0) & ~err.isnan()
+    for s, e in ((sums, err), (sums[:, finite], err[finite])):
+        assert _same(loops.worst_slice(s, e), _torch_worst(s, e))
+    g = torch.Generator().manual_seed(0)
+    for k in (2, 7, 8192):
+        x, y = torch.randn(2, k, generator=g, dtype=torch.float64)
+        s4, e = torch.stack([x * y, x * x, y * y, (x - y) ** 2]), (x - y).abs()
+        m = _torch_worst(s4, e)[0]
+        s4[:, -1], e[-1] = s4[:, m], e[m]  # the lowest cosine twice: the first one is the worst slice
+        for s, ee in ((s4, e), (s4[:, ::2], e[::2]), (s4[:, 1:], e[1:])):
+            assert _same(loops.worst_slice(s, ee), _torch_worst(s, ee)), k
