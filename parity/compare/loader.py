@@ -115,7 +115,8 @@ def _check_tags(r: Record, where: str) -> None:
             raise ParityError(f"{where}: field {name!r} has {len(value)} entries for {n} sequences")
     if r.start_pos is not None and any(p < 0 for p in r.start_pos):
         raise ParityError(f"{where}: field 'start_pos' must be >= 0, got {list(r.start_pos)}")
-    if r.file is not None and (Path(r.file).is_absolute() or ".." in Path(r.file).parts):
+    # string tests, what `Path(file)` would say on POSIX (the manifest's paths are "/"-separated): ~20 us a record
+    if r.file is not None and (r.file.startswith("/") or ".." in r.file.split("/")):
         raise ParityError(f"{where}: field 'file' must be a path inside the dump dir, got {r.file!r}")
 
 
