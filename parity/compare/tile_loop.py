@@ -17,6 +17,9 @@ Same quantities as the torch form, same accuracy bounds:
 - a tile holding a NaN or Inf on either side is found first from the raw bits (exponent all ones) and left to the
   torch form's masked path, which defines what non-finite values count as; this loop only ever sees finite values.
 
+Also here: `worst_slice`, the lowest per-slice cosine (worst token, head, channel) from the sums the pass collected,
+the same operations as the torch form's `fused.slice_cosines`, so the same bits.
+
 Importing this module needs numba (a dependency); `FusedPass` imports it on first use and runs the torch form
 where it cannot (a GPU image running from a source tree): the same metrics within the bound above.
 """
