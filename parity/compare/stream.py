@@ -135,8 +135,8 @@ def _open(dump: Dump, record: Record) -> tuple[BinaryIO, _Where] | None:
             f.close()
             return None
         return f, _Where(path, 8 + n + entry["data_offsets"][0], dtype)
-    except (OSError, ValueError, struct.error, KeyError, TypeError):
-        f.close()
+    except (OSError, ValueError, struct.error, KeyError, TypeError, MemoryError, OverflowError):
+        f.close()  # a header made unreadable after loading (a huge length, bad JSON): the whole-tensor path says it
         return None
 
 

@@ -3,6 +3,7 @@ number of threads; bisect's early stop reads nothing after the first failing act
 
 import io
 import math
+import struct
 
 import pytest
 import torch
@@ -172,3 +173,17 @@ def test_light_pairs_are_measured_on_the_cpu_whatever_the_device(threads):
     # runs on a CPU worker, so no CUDA worker is made (making one fails on a machine without a GPU)
     got = run_ordered(range(5), lambda i, item, worker: worker.device.type, threads, "cuda", light=lambda _: True)
     assert list(got) == ["cpu"] * 5
+
+
+def test_a_header_made_unreadable_after_loading_is_a_parity_error(tmp_path, write_dump, small_tiles):
+    # the streamed path reads each file's header again (the loader checked it): a length rewritten to 2^62 must not
+    # allocate or crash there; the pair falls to the whole-tensor path, which names the file
+    from parity.errors import ParityError
+
+    pa, pb, _, _ = _pair(tmp_path, write_dump)
+    da, db = load_dump(pa), load_dump(pb)
+    path = pb / db.records[1].file
+    data = path.read_bytes()
+    path.write_bytes(struct.pack("<Q", 1 << 62) + data[8:])
+    with pytest.raises(ParityError, match=str(path.name)):
+        compare_dumps(da, db)
