@@ -31,7 +31,8 @@ def run_ordered(
 ) -> Iterator:
     """`work(i, item, worker)` for each item, yielded in order; stopping the iteration cancels what is queued.
     `light(item)`: the items run on the calling thread rather than a worker's (module docstring)."""
-    all_light = light is not None and all(map(light, items))
+    lit = [light is not None and light(item) for item in items]  # each item's class, decided once
+    all_light = light is not None and all(lit)
     if threads <= 1 or all_light:
         workers = {}  # light or not -> its Worker, made when first needed
         intra = torch.get_num_threads()
@@ -39,8 +40,7 @@ def run_ordered(
             torch.set_num_threads(1)
         try:
             for i, item in enumerate(items):
-                lit = light is not None and light(item)
-                worker = workers.get(lit) or workers.setdefault(lit, Worker("cpu" if lit else device))
+                worker = workers.get(lit[i]) or workers.setdefault(lit[i], Worker("cpu" if lit[i] else device))
                 yield work(i, item, worker)
         finally:
             torch.set_num_threads(intra)
@@ -56,7 +56,7 @@ def run_ordered(
         return work(i, item, local.worker)
 
     def start(i, item):  # (i, item, its worker's future, or None: run here when its turn comes)
-        return i, item, None if light is not None and light(item) else pool.submit(call, i, item)
+        return i, item, None if lit[i] else pool.submit(call, i, item)
 
     intra = torch.get_num_threads()
     torch.set_num_threads(1)
