@@ -208,8 +208,8 @@ def _launch(a, a_s, b, b_s, fuse_quant: bool, split: bool | None):
     kernel = _small if small else _large
     t_fast = not small and not split  # prefill: the CTAs resident at once share weight tiles
     # prefill: operands through TMA descriptors (H100, session 15, 4096 tokens, the same bits: Pro wo_b 1.75 -> 1.43
-    # ms, Pro wq_b 2.00 -> 1.65; Flash wq_b 0.554 -> 0.626, the one shape of six that moved the other way); they
-    # need 16-byte aligned bases (row strides are K bytes, a multiple of 128)
+    # ms, Pro wq_b 2.00 -> 1.65; Flash wq_b 0.554 -> 0.626 there, 0.552 in session 16's rerun: that row's spread);
+    # they need 16-byte aligned bases (row strides are K bytes, a multiple of 128)
     tma = t_fast and b.data_ptr() % 16 == 0 and (fuse_quant or a.data_ptr() % 16 == 0)
 
     def grid(meta):
