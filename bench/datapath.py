@@ -204,10 +204,7 @@ def bench_size(size_gb: float, root: Path, repo: Path, threads: int | None, devi
     rows = []
 
     def write(name: str, mode: str, variant: str) -> dict:
-        out = root / f"{size_gb}-{name}"
-        r = run_child([py, me, "--child-write", str(out), str(forwards), mode, variant, device, str(ROWS)], repo)
-        r["seconds"] = json.loads(r["out"])["seconds"]
-        return r
+        return write_dump(root / f"{size_gb}-{name}", forwards, mode, variant, device, ROWS, repo)
 
     # dd + fsync also right before the writes: a VM's disk can move several-fold within minutes, and the limit
     # measured after the writes (`limits`) may then be far from what the writes met; the report gives both
@@ -254,13 +251,12 @@ def bench_small(n: int, root: Path, repo: Path, threads: int | None, device: str
     """`n` decode-sized records per dump (one token's [1, COLS] bf16, 16 KiB: a decode step's activations), where the
     bytes are nothing and the per-record work is everything: compare, bisect (`b`: every record differs a little and
     passes, so both read all of them) and dump-info, wall ms per record (the process's fixed cost included)."""
-    py, me = sys.executable, str(Path(__file__).resolve())
     forwards = max(1, n // RECORDS)
     a, b = root / f"small{n}-a", root / f"small{n}-b"
     for out, variant in ((a, "a"), (b, "b")):
-        run_child([py, me, "--child-write", str(out), str(forwards), "full", variant, device, "1"], repo)
+        write_dump(out, forwards, "full", variant, device, 1, repo)
     records = forwards * RECORDS
-    cli = [py, str(repo / "cli.py")]
+    cli = [sys.executable, str(repo / "cli.py")]
     opts = _data_opts(threads, device)
     lines = [
         f"{records} records of [1, {COLS}] bf16 per dump ({2 * COLS // 1024} KiB each):",
@@ -280,6 +276,14 @@ def bench_small(n: int, root: Path, repo: Path, threads: int | None, device: str
     for d in (a, b):
         shutil.rmtree(d, ignore_errors=True)
     return "\n".join(lines)
+
+
+def write_dump(out: Path, forwards: int, mode: str, variant: str, device: str, rows: int, repo: Path) -> dict:
+    """`child_write` in its own process (`run_child`), with the forwards' seconds it measured."""
+    args = [str(out), str(forwards), mode, variant, device, str(rows)]
+    r = run_child([sys.executable, str(Path(__file__).resolve()), "--child-write", *args], repo)
+    r["seconds"] = json.loads(r["out"])["seconds"]
+    return r
 
 
 def _data_opts(threads: int | None, device: str) -> list[str]:
