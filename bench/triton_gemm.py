@@ -669,11 +669,13 @@ def compile_check(only: str = "") -> int:
     )
     so = dict(o_ptr="*bf16", w_ptr="*fp8e4nv", s_ptr="*u8", out_ptr="*bf16", T=i32, R=i32, KG=i32, M_BUCKET=i32,
               stride_ot=i32, stride_wr=i32, stride_sr=i32, stride_outt=i32)  # fmt: skip
-    # decode tiles read the FP8 weight, prefill tiles the bf16 one (o_lora's launch)
-    for tuner, fp8, w_type in ((o_lora._small, True, "*fp8e4nv"), (o_lora._large, False, "*bf16")):
-        for kw, nw, ns in cfgs(tuner):
-            c = dict(W_FP8=fp8, BITS=fp8, EVEN_K=True, DOT_F64=False, **kw)  # decode: the PTX dequantization
-            jobs.append(("o_lora", o_lora._o_lora_kernel, dict(so, w_ptr=w_type), c, nw, ns))
+    # decode tiles read the FP8 weight (one scale per tile when rank is a multiple of 128, per row otherwise),
+    # prefill tiles the bf16 one (o_lora's launch)
+    for small, fp8, w_type in ((True, True, "*fp8e4nv"), (False, False, "*bf16")):
+        for r_aligned in (True, False) if fp8 else (True,):
+            for kw, nw, ns in [(c.kwargs, c.num_warps, c.num_stages) for c in o_lora._configs(small)]:
+                c = dict(W_FP8=fp8, BITS=fp8, EVEN_K=True, DOT_F64=False, R_ALIGNED=r_aligned, **kw)
+                jobs.append(("o_lora", o_lora._o_lora_kernel, dict(so, w_ptr=w_type), c, nw, ns))
     sd = dict(x_ptr="*fp32", w_ptr="*fp32", y_ptr="*fp32", ws_ptr="*fp32", cnt_ptr="*i32", M=i32, N=i32, K=i32,
               CHUNK_K=i32, M_BUCKET=i32, stride_xm=i32, stride_wn=i32, stride_ym=i32)  # fmt: skip
     # split launches of decode batches reduce in the launch (the last program of each output tile)

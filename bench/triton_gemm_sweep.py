@@ -79,7 +79,7 @@ def sweep_o_lora(sw: Sweep):
         for _ in range(n):
             q, s = quantize_fp8_blocks(torch.randn(g * rank, kg, device="cuda", dtype=torch.float32) * kg**-0.5)
             ws.append((dequantize_fp8_blocks(q, s).to(torch.bfloat16), q, s.view(torch.uint8)))
-        for t in (1, 64, 1024):
+        for t in (1, 16, 64, 1024):
             if sw.late():
                 return
             o = act(t, g * kg)
@@ -89,13 +89,15 @@ def sweep_o_lora(sw: Sweep):
             sw.op(op, **info)
             sw.try_config("einsum graph", ein, **info)
             out = torch.empty(t, g, rank, dtype=torch.bfloat16, device="cuda")
-            # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages, FP8 weight)
+            # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages, FP8 weight): decode, the op's own FP8 configurations
             if t <= 64:
-                cfgs = [(64, 16, 256, 4, 3, True), (64, 16, 128, 4, 4, True), (64, 64, 256, 4, 3, True),
-                        (64, 64, 128, 4, 4, True)]  # fmt: skip
+                cfgs = [(*(c.kwargs[k] for k in ("BLOCK_W", "BLOCK_T", "BLOCK_K")), c.num_warps, c.num_stages, True)
+                        for c in mod._configs(True)]  # fmt: skip
             else:
                 cfgs = [(128, 256, 64, 8, 4, True), (128, 256, 64, 8, 4, False), (128, 256, 64, 8, 3, False),
                         (128, 128, 64, 8, 3, False)]  # fmt: skip
+            # (a kernel from before R_ALIGNED, for A/B runs against an older tree, is called without it)
+            aligned = {"R_ALIGNED": rank % 128 == 0} if "R_ALIGNED" in mod._o_lora_kernel.arg_names else {}
             for bw, bt, bk, nw, ns, fp8 in cfgs:
                 if sw.late():
                     return
@@ -106,7 +108,7 @@ def sweep_o_lora(sw: Sweep):
                     mod._o_lora_kernel[grid](
                         o, wt, st, out, t, rank, kg, 1, o.stride(0), wt.stride(0), st.stride(0), out.stride(0),
                         W_FP8=fp8, BITS=fp8, EVEN_K=True, DOT_F64=False, BLOCK_W=bw, BLOCK_T=bt, BLOCK_K=bk,
-                        num_warps=nw, num_stages=ns, enable_fp_fusion=False,
+                        num_warps=nw, num_stages=ns, enable_fp_fusion=False, **aligned,
                     )  # fmt: skip
 
                 label = f"cfg {bw}x{bt}x{bk} w{nw} s{ns} {'fp8' if fp8 else 'bf16'}-weight"
@@ -171,7 +173,8 @@ def sweep_fp8_gemm(sw: Sweep):
                         t, n, k, n_kb, chunk, 1,
                         xq.stride(0), xs.stride(0), c[0].stride(0), c[1].stride(0), out.stride(0),
                         A_E8M0=True, B_E8M0=True, FUSE_QUANT=False, CHUNKED=chunk > 1, SPLIT=split,
-                        IN_LAUNCH=split and in_launch, DOT_F64=False, T_FAST=tfast, BLOCK_W=bw, BLOCK_T=bt,
+                        IN_LAUNCH=split and in_launch, DOT_F64=False, T_FAST=tfast, TMA=tfast and not split,
+                        BLOCK_W=bw, BLOCK_T=bt,
                         num_warps=nw, num_stages=ns, enable_fp_fusion=False,
                     )  # fmt: skip
                     if split and not in_launch:
@@ -216,11 +219,13 @@ def sweep_fp4_gemm(sw: Sweep):
                 def call(c, bw=bw, nw=nw, ns=ns, split=split, bt=bt, cnt=cnt):
                     grid = (triton.cdiv(n, bw), triton.cdiv(t, bt), chunks if split else 1)
                     mod._fp4_gemm_kernel[grid](
-                        xq, xs.view(torch.uint8), c[0].view(torch.uint8), c[1].view(torch.uint8), out, ws, cnt,
+                        # (the op's activation copy in the pairs order is timed with the kernel, as the op runs it)
+                        common.pairs_order(xq), xs.view(torch.uint8), c[0].view(torch.uint8), c[1].view(torch.uint8),
+                        out, ws, cnt,
                         t, n, k, n_kb, chunk, 1,
                         xq.stride(0), xs.stride(0), c[0].stride(0), c[1].stride(0), out.stride(0),
-                        A_E8M0=True, B_E8M0=True, CHUNKED=chunk > 1, SPLIT=split, IN_LAUNCH=split and in_launch,
-                        DOT_F64=False, SUB=4 if not split or chunk % 4 == 0 else 1,
+                        A_E8M0=True, B_E8M0=True, POW2=True, CHUNKED=chunk > 1, SPLIT=split,
+                        IN_LAUNCH=split and in_launch, DOT_F64=False, SUB=4 if not split or chunk % 4 == 0 else 1,
                         BLOCK_W=bw, BLOCK_T=bt, num_warps=nw, num_stages=ns, enable_fp_fusion=False,
                     )  # fmt: skip
                     if split and not in_launch:
@@ -260,6 +265,9 @@ def main():
     p.add_argument("--out", default=None)
     p.add_argument("--ops", default="o_lora,fp8_gemm,fp4_gemm,moe_experts")
     args = p.parse_args()
+    from parity.optimized.ops.triton import runtime
+
+    runtime.setup()  # as the registry does: the allocator for fp8_gemm's prefill TMA descriptors
     torch.manual_seed(0)
     torch.set_default_dtype(torch.bfloat16)  # the model's default dtype: the ops return it without a cast
     sw = Sweep()

@@ -28,13 +28,15 @@ DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
 # (groups, rank, h*d): the tiny model's wo_a (2 groups of 2 heads x 128, rank 128) and synthetic layouts, made from
 # FP8 blocks like a checkpoint's (g4-r64 and g8-r16: 128-row scale blocks straddle groups; g4/g1: K per group 96
-# and 192, not multiples of 128; g2-k1024: K per group 1024, eight 128-column scale blocks)
+# and 192, not multiples of 128; g2-k1024: K per group 1024, eight 128-column scale blocks; g2-r128-k1024: the same
+# with rank 128, each group one 128-row scale block: the kernel's one-scale-per-tile path)
 LAYOUTS = {
     "tiny": (2, 128, 512),
     "g4-r64": (4, 64, 384),
     "g1-r32": (1, 32, 192),
     "g8-r16": (8, 16, 512),
     "g2-k1024": (2, 64, 2048),
+    "g2-r128-k1024": (2, 128, 2048),
 }
 CASES = [
     ((1,), "tiny"),
@@ -52,6 +54,7 @@ CASES = [
     ((1, 1, 1), "g8-r16"),
     ((1, 7, 2), "g2-k1024"),
     ((65,), "g2-k1024"),
+    ((1, 64, 3), "g2-r128-k1024"),
 ]
 PARAMS = [pytest.param(*c, id="L{}-{}".format("_".join(map(str, c[0])), c[1])) for c in CASES]
 
@@ -267,17 +270,23 @@ def test_triton_writes_every_output(triton_o_lora, ref_model, monkeypatch):
 
 
 def _two_scale_weight(g, rank, kg):
-    """A checkpoint-made wo_a whose 128-column blocks alternate in scale by 2^3: a 256-wide K step that applied one
-    block's scale to both halves would be off by 8x on half its terms."""
+    """A checkpoint-made wo_a whose 128-column blocks alternate in scale by 2^3 and whose 128-row blocks (where there
+    are two or more) by 2^2: a 256-wide K step that applied one block's scale to both halves would be off by 8x on
+    half its terms, a tile that read another row block's scale by 4x."""
     w = torch.randn(g * rank, kg) * kg**-0.5
     w.view(g * rank, kg // 256, 2, 128)[:, :, 1] *= 8
+    w[128:256] *= 4
     return fp8_made(w).to(DEV)
 
 
+WIDE_K = ["g2-k1024", "g2-r128-k1024"]  # per-row scales (rank 64) and one scale per tile (rank 128)
+
+
+@pytest.mark.parametrize("layout", WIDE_K)
 @pytest.mark.parametrize("m", [1, 7, 65])
-def test_triton_256_wide_k_steps_apply_each_blocks_scale(triton_o_lora, m):
+def test_triton_256_wide_k_steps_apply_each_blocks_scale(triton_o_lora, m, layout):
     # the decode tiles step K by 256: two 128-column weight scale blocks per step, each with its own scale
-    g, rank, hd = LAYOUTS["g2-k1024"]
+    g, rank, hd = LAYOUTS[layout]
     wo_a = _two_scale_weight(g, rank, hd // g)
     q, s = triton_o_lora.quantize_wo_a(wo_a)
     assert (s.view(torch.uint8)[:, 1::2].int() - s.view(torch.uint8)[:, 0::2].int()).abs().min() > 0
@@ -286,14 +295,26 @@ def test_triton_256_wide_k_steps_apply_each_blocks_scale(triton_o_lora, m):
     check_gemm(_triton_impl(), out, reference(o, wo_a, g, rank), *golden_and_allowance(o, wo_a, g, rank))
 
 
-def test_planted_bug_one_scale_per_256_wide_step_is_caught(triton_o_lora, monkeypatch):
-    # the kernel fed scales where each 256-wide step's second block carries the first block's scale (what a kernel
-    # reading one scale per step computes) must fail the comparison
-    g, rank, hd = LAYOUTS["g2-k1024"]
+def _planted_scales(s: torch.Tensor, bug: str) -> torch.Tensor:
+    """The scales a buggy kernel would read: `column` each 256-wide step's second block with the first block's
+    scale (one scale per step); `row` every 128-row block with the first one's (a tile's scale row taken without
+    its group)."""
+    s = s.view(torch.uint8).clone()
+    if bug == "column":
+        s[:, 1::2] = s[:, 0::2]
+    else:
+        s[1:] = s[0]
+    return s
+
+
+@pytest.mark.parametrize(
+    ("layout", "bug"), [("g2-k1024", "column"), ("g2-r128-k1024", "column"), ("g2-r128-k1024", "row")]
+)
+def test_planted_bug_in_which_scale_a_block_takes_is_caught(triton_o_lora, monkeypatch, layout, bug):
+    g, rank, hd = LAYOUTS[layout]
     wo_a = _two_scale_weight(g, rank, hd // g)
     q, s = triton_o_lora.quantize_wo_a(wo_a)
-    s = s.view(torch.uint8).clone()
-    s[:, 1::2] = s[:, 0::2]
+    s = _planted_scales(s, bug)
     monkeypatch.setattr(triton_o_lora, "_fp8_weight", lambda w: (q, s, True))
     o = activations(7, hd)
     buggy = triton_o_lora.o_lora(o, wo_a, g, rank, _config=dict(BLOCK_W=64, BLOCK_T=16, BLOCK_K=256))
@@ -377,3 +398,20 @@ def test_compiled_bit_dequantization_equals_the_fp32_path_on_every_code(triton_o
         monkeypatch.setattr(triton_o_lora, "_fp8_weight", lambda w, bits=bits: (q, s, bits))
         outs.append(triton_o_lora.o_lora(o, wo_a, g, rank))
     assert torch.equal(outs[0], outs[1])
+
+
+def test_decode_configs_are_the_swept_candidates(triton_o_lora, monkeypatch):
+    # decode launches take a fixed pick (not the autotuner's, which times an L2-resident weight); every pick must be
+    # one of the candidates bench/triton_gemm_sweep.py times, and the 64-token tile narrows its K step once there
+    # are more tiles than SMs (two programs per SM instead of one)
+    from parity.optimized.ops.triton import runtime
+
+    monkeypatch.setattr(runtime, "interpreting", lambda: False)
+    swept = [dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages) for c in triton_o_lora._configs(True)]
+    picks = {}
+    for t, g in itertools.product((1, 7, 16, 17, 64), (8, 16)):
+        picks[t, g] = triton_o_lora.decode_config(t, 1024, g, 132)
+        assert picks[t, g] in swept, (t, g, picks[t, g])
+    assert {p["BLOCK_T"] for (t, g), p in picks.items() if t <= 16} == {16}
+    assert picks[64, 8]["BLOCK_K"] == 256 and picks[64, 16]["BLOCK_K"] == 128
+    assert triton_o_lora.decode_config(64, 1024, 16, 264)["BLOCK_K"] == 256

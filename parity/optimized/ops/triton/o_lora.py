@@ -37,6 +37,12 @@ operands swapped for decode (tokens on wgmma's M side, 16- and 32-row weight til
 slower, each program's 64-token tile is most of its shared-memory traffic) and 8 warps per 64-row tile (slower at
 every shape).
 
+FP8 tiles are multiplied one 128-column scale block at a time (two dots per 256-wide K step, chained into the one
+accumulator in the same K order); when rank is a multiple of 128 a 64-row tile lies in one 128-row scale block and
+takes one scale per dot, a scalar factor (compiled for sm_90: 428 against 635 instructions per 256-wide step of the
+64 x 16 tile, 128 against 176 registers; the same time on the H100, which streams the weight at 78-100 % of its
+copy rate there). Decode launches take a fixed tile per shape (`decode_config`), not the autotuner's pick.
+
 Layout: weight rows (rank outputs of one group) are the MMA's M side, tokens its N side, so the dequantized weight
 tile is wgmma's register operand and the same instruction serves 1 and 4096 tokens. `segments` is ignored: the
 kernel's per-token result does not depend on the rows around it. The CPU interpreter sums each K block as a float64
@@ -126,66 +132,93 @@ def e4m3_to_bf16_scaled(w, e):
     )
 
 
+@triton.jit
+def _weight_tile(w_ptrs, mask_w, e, W_FP8: tl.constexpr, BITS: tl.constexpr):
+    """One weight tile [BLOCK_W, <= 128 columns] as the bf16 the einsum multiplies: bf16 weights as loaded; FP8 ones
+    times their block scale e (e8m0 bytes as int32, one per tile or [BLOCK_W, 1] per row; e4m3 * 2^k is exact in
+    fp32 and in bf16)."""
+    w = tl.load(w_ptrs, mask=mask_w, other=0.0)
+    if W_FP8:
+        if BITS:  # compiled: bit moves and one bf16 multiply (the interpreter runs no PTX)
+            w = e4m3_to_bf16_scaled(w, tl.broadcast_to(e, w.shape))
+        else:
+            w = (w.to(tl.float32) * common.e8m0_to_f32(e)).to(tl.bfloat16)
+    return w
+
+
 @triton.jit(do_not_specialize=["T", "M_BUCKET"])
 def _o_lora_kernel(
     o_ptr, w_ptr, s_ptr, out_ptr,
     T, R, KG, M_BUCKET,
     stride_ot, stride_wr, stride_sr, stride_outt,
-    W_FP8: tl.constexpr, BITS: tl.constexpr, EVEN_K: tl.constexpr, DOT_F64: tl.constexpr,
+    W_FP8: tl.constexpr, BITS: tl.constexpr, EVEN_K: tl.constexpr, DOT_F64: tl.constexpr, R_ALIGNED: tl.constexpr,
     BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     # grid: (rank tiles, token tiles, groups); M_BUCKET only keys the autotuner
     tl.static_assert(BLOCK_K <= 256, "a K step spans at most two 128-column weight scale blocks")
+    # FP8 weights: one dot per 128-column scale block (KH wide), so a dot's weights share one scale column; the
+    # dots chain into the one accumulator in ascending K as one wide dot would (the MMA sums K in 16-wide pieces
+    # either way). TILE_SCALE: the tile's rows lie in one 128-row scale block (rank a multiple of 128, BLOCK_W
+    # dividing 128), so a dot's weights share ONE scale: a scalar factor (compiled for sm_90, the 64 x 16 decode
+    # tile's 256-wide step: 428 against 635 instructions, 5 against 9 barriers, one MMA fence per dot instead of
+    # one per 16-wide piece), where per-row scales build a [BLOCK_W, BLOCK_K] factor tensor
+    KH: tl.constexpr = 128 if W_FP8 and BLOCK_K > 128 else BLOCK_K
+    TILE_SCALE: tl.constexpr = W_FP8 and R_ALIGNED and (128 % BLOCK_W == 0)
     pid_w = tl.program_id(0)
     pid_t = tl.program_id(1)
     g = tl.program_id(2)
     offs_r = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # rank outputs of group g
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_k = tl.arange(0, KH)
     mask_r = offs_r < R
     mask_t = offs_t < T
     rows = g * R + offs_r  # rows of the [g*rank, K] weight
     w_ptrs = w_ptr + rows[:, None] * stride_wr + offs_k[None, :]
-    o_ptrs = o_ptr + offs_t[None, :] * stride_ot + (g * KG + offs_k)[:, None]  # [BLOCK_K, BLOCK_T], K-major
-    s_rows = s_ptr + (rows // 128) * stride_sr  # the weight's 128-row scale block, per row (groups may straddle)
+    o_ptrs = o_ptr + offs_t[None, :] * stride_ot + (g * KG + offs_k)[:, None]  # [KH, BLOCK_T], K-major
+    if TILE_SCALE:
+        s_rows = s_ptr + ((g * R + pid_w * BLOCK_W) // 128) * stride_sr  # the tile's one 128-row scale block
+        mask_s = True
+    else:
+        s_rows = s_ptr + ((rows // 128) * stride_sr)[:, None]  # per row (groups may straddle a block)
+        mask_s = mask_r[:, None]
     acc = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
     # the weight scales are read one K step ahead: a byte a row is too narrow for the pipeliner's async copies, and
     # a plain load in the step that uses it waits out a whole memory latency (compiled for sm_90, each step held one
     # or two such loads; at one 64-row program per SM that latency was most of the decode time)
     if W_FP8:
-        e_next = tl.load(s_rows, mask=mask_r, other=127)
+        e_next = tl.load(s_rows, mask=mask_s, other=127)
         if BLOCK_K > 128:
-            e2_next = tl.load(s_rows + 1, mask=mask_r & (128 < KG), other=127)
+            e2_next = tl.load(s_rows + 1, mask=mask_s & (128 < KG), other=127)
     for k0 in range(0, KG, BLOCK_K):
-        if EVEN_K:
-            w = tl.load(w_ptrs, mask=mask_r[:, None], other=0.0)
-            o = tl.load(o_ptrs, mask=mask_t[None, :], other=0.0)
-        else:
-            mask_k = (k0 + offs_k) < KG
-            w = tl.load(w_ptrs, mask=mask_r[:, None] & mask_k[None, :], other=0.0)
-            o = tl.load(o_ptrs, mask=mask_k[:, None] & mask_t[None, :], other=0.0)
         if W_FP8:
-            # e4m3 * 2^k is exact in fp32 and in bf16: the same bf16 weight values the einsum multiplies
             e = e_next.to(tl.int32)
             k1 = k0 + BLOCK_K
-            e_next = tl.load(s_rows + k1 // 128, mask=mask_r & (k1 < KG), other=127)
+            e_next = tl.load(s_rows + k1 // 128, mask=mask_s & (k1 < KG), other=127)
             if BLOCK_K > 128:  # the step's second 128 columns have their own scale block
                 e2 = e2_next.to(tl.int32)
-                e2_next = tl.load(s_rows + k1 // 128 + 1, mask=mask_r & (k1 + 128 < KG), other=127)
-                e = tl.where((offs_k < 128)[None, :], e[:, None], e2[:, None])  # [BLOCK_W, BLOCK_K]
+                e2_next = tl.load(s_rows + k1 // 128 + 1, mask=mask_s & (k1 + 128 < KG), other=127)
             else:
-                e = tl.broadcast_to(e[:, None], (BLOCK_W, BLOCK_K))
-            if BITS:  # compiled: bit moves and one bf16 multiply (the interpreter runs no PTX)
-                w = e4m3_to_bf16_scaled(w, e)
+                e2 = e
+        else:  # bf16 weights: no scale
+            e = 0
+            e2 = 0
+        for h in tl.static_range(BLOCK_K // KH):
+            if EVEN_K:
+                mask_w = mask_r[:, None]
+                mask_o = mask_t[None, :]
             else:
-                w = (w.to(tl.float32) * common.e8m0_to_f32(e)).to(tl.bfloat16)
-        if DOT_F64:
-            # interpreter: numpy's fp32 GEMM sums a column in an order that depends on its position in the tile,
-            # which would make a token's bits depend on its batchmates; a float64 dot of the exact bf16 products,
-            # rounded once per K block, does not
-            acc += tl.dot(w.to(tl.float64), o.to(tl.float64), input_precision="ieee").to(tl.float32)
-        else:
-            acc = tl.dot(w, o, acc)  # bf16 x bf16, fp32 accumulation chained over K
+                mask_k = (k0 + h * KH + offs_k) < KG
+                mask_w = mask_r[:, None] & mask_k[None, :]
+                mask_o = mask_k[:, None] & mask_t[None, :]
+            w = _weight_tile(w_ptrs + h * KH, mask_w, e if h == 0 else e2, W_FP8, BITS)
+            o = tl.load(o_ptrs + h * KH, mask=mask_o, other=0.0)
+            if DOT_F64:
+                # interpreter: numpy's fp32 GEMM sums a column in an order that depends on its position in the
+                # tile, which would make a token's bits depend on its batchmates; a float64 dot of the exact bf16
+                # products, rounded once per dot, does not
+                acc += tl.dot(w.to(tl.float64), o.to(tl.float64), input_precision="ieee").to(tl.float32)
+            else:
+                acc = tl.dot(w, o, acc)  # bf16 x bf16, fp32 accumulation chained over K
         w_ptrs += BLOCK_K
         o_ptrs += BLOCK_K
     out_ptrs = out_ptr + offs_t[None, :] * stride_outt + (g * R + offs_r)[:, None]
@@ -196,6 +229,8 @@ SMALL_M = 64  # decode-sized launches: the FP8 weight, 64-row slices; larger one
 
 
 def _configs(small_m: bool):
+    """Prefill's autotuned configurations; decode's candidates (what `bench/triton_gemm_sweep.py` times: decode
+    launches take `decode_config`'s pick, not the autotuner's)."""
     if runtime.interpreting():
         return [triton.Config({"BLOCK_W": 128, "BLOCK_T": 256, "BLOCK_K": 128}, num_warps=4)]
     # (BLOCK_W, BLOCK_T, BLOCK_K, warps, stages), all wgmma, from the H200 tile sweep (bench/triton_gemm_sweep.py,
@@ -214,8 +249,26 @@ def _configs(small_m: bool):
     ]
 
 
-_KEY = ["R", "KG", "M_BUCKET", "W_FP8", "BITS", "EVEN_K"]
-_small = common.autotune(_configs(True), _KEY)(_o_lora_kernel)
+def decode_config(t: int, rank: int, n_groups: int, sms: int) -> dict:
+    """The decode launch's tile and pipeline, fixed by shape (no autotuning). The autotuner times a config on the
+    one weight it is called with, over and over: G 8's 33.5 MB FP8 wo_a then sits in the 50 MB L2, which a serving
+    step that streams every layer's weights never sees. On the H100 (session 17, bench/triton_gemm_sweep.py, graph
+    us, weights rotated from HBM) it picked configurations 33-40 % slower than the best at G 16 (16 tokens: 40.3
+    against 29.3 us; 64 tokens: 40.9 against 35.8). The picks below are the sweep's fastest at 1, 16 and 64 tokens
+    for G 8 and G 16, on the H100 and (the first two) the H200.
+    - up to 16 tokens: 16-token tiles, 256-wide K steps, 3 stages;
+    - 17-64 tokens: 64-token tiles; 256-wide K steps need 192 registers (one program per SM), 128-wide ones 120
+      (two). With more 64-row tiles than SMs (G 16: 256 tiles on 132 SMs) the narrow step runs them in one wave:
+      35.8 against 41.2 us; with fewer (G 8: 128) the wide step is faster, 21.6 against 30.9 us."""
+    if runtime.interpreting():
+        return dict(_configs(True)[0].kwargs, num_warps=4)
+    if t <= 16:
+        return dict(BLOCK_W=64, BLOCK_T=16, BLOCK_K=256, num_warps=4, num_stages=3)
+    wide = runtime.cdiv(rank, 64) * n_groups <= sms
+    return dict(BLOCK_W=64, BLOCK_T=64, BLOCK_K=256 if wide else 128, num_warps=4, num_stages=3 if wide else 4)
+
+
+_KEY = ["R", "KG", "M_BUCKET", "W_FP8", "BITS", "EVEN_K", "R_ALIGNED"]
 _large = common.autotune(_configs(False), _KEY)(_o_lora_kernel)
 
 
@@ -223,8 +276,9 @@ def o_lora(
     o: torch.Tensor, wo_a: torch.Tensor, n_groups: int, rank: int, segments=None, *, _config: dict | None = None
 ) -> torch.Tensor:
     """Grouped output LoRA: o bf16 `[T, h*d]`, wo_a bf16 `[g*rank, h*d/g]` -> bf16 `[T, g, rank]`.
-    `segments` is accepted for the op contract and ignored (rows are independent here). `_config` (tests only):
-    launch the kernel with these tile constants (BLOCK_W, BLOCK_T, BLOCK_K) instead of the autotuned ones."""
+    `segments` is accepted for the op contract and ignored (rows are independent here). `_config` (tests and the
+    bench): launch the kernel with these tile constants (BLOCK_W, BLOCK_T, BLOCK_K[, num_warps, num_stages]) and
+    the FP8 weight instead of `decode_config`'s or the autotuned prefill ones."""
     t, hd = o.shape
     kg = hd // n_groups
     assert wo_a.shape == (n_groups * rank, kg), f"o_lora: wo_a {tuple(wo_a.shape)} for {n_groups} x {rank} x {kg}"
@@ -241,7 +295,9 @@ def o_lora(
     out = common.empty(t, n_groups, rank, dtype=torch.bfloat16, device=o.device)
     if t == 0:
         return out
-    kernel = _o_lora_kernel if _config is not None else _small if small else _large
+    if _config is None and small:
+        _config = decode_config(t, rank, n_groups, runtime.sm_count(o.device))
+    kernel = _large if _config is None else _o_lora_kernel
 
     def grid(meta):
         return (runtime.cdiv(rank, meta["BLOCK_W"]), runtime.cdiv(t, meta["BLOCK_T"]), n_groups)
@@ -251,7 +307,7 @@ def o_lora(
             o, w, s, out,
             t, rank, kg, common.bucket(t),
             o.stride(0), w.stride(0), s.stride(0), out.stride(0),
-            W_FP8=use_fp8, BITS=bits, EVEN_K=kg % 128 == 0, DOT_F64=runtime.interpreting(),
+            W_FP8=use_fp8, BITS=bits, EVEN_K=kg % 256 == 0, DOT_F64=runtime.interpreting(), R_ALIGNED=rank % 128 == 0,
             **(_config or {}), **common.NO_FMA,
         )  # fmt: skip
     return out
