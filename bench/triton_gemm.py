@@ -659,7 +659,7 @@ def compile_check(only: str = "") -> int:
                         large = tuner is mod._large  # prefill: token tiles fastest, operands by TMA
                         c.update(FUSE_QUANT=False, T_FAST=large, TMA=large and not split)
                     else:
-                        c.update(SUB=4, POW2=True)
+                        c.update(SUB=4, POW2=True, X_NATURAL=tuner is mod._small)  # decode (K <= 4096): K order
                     jobs.append((name, fn, sig, c, nw, ns))
     kw, nw, ns = cfgs(fp8_gemm._small)[0]
     c = dict(A_E8M0=False, B_E8M0=True, FUSE_QUANT=True, CHUNKED=True, SPLIT=False, IN_LAUNCH=False, DOT_F64=False)

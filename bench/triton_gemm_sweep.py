@@ -206,6 +206,7 @@ def sweep_fp4_gemm(sw: Sweep):
             out = torch.empty(t, n, dtype=torch.bfloat16, device="cuda")
             ws = torch.empty(chunks, t, n, dtype=torch.float32, device="cuda")
             bt = 16 if t == 1 else 64
+            natural = k <= mod.NATURAL_MAX_K  # decode: the op's choice
             cfgs = [(64, 4, 4, True), (128, 4, 4, True), (64, 4, 3, True), (64, 4, 4, False), (64, 8, 4, True),
                     (64, 8, 3, True), (128, 8, 4, True), (64, 8, 4, False)]  # fmt: skip
             for bw, nw, ns, split in cfgs:
@@ -219,13 +220,14 @@ def sweep_fp4_gemm(sw: Sweep):
                 def call(c, bw=bw, nw=nw, ns=ns, split=split, bt=bt, cnt=cnt):
                     grid = (triton.cdiv(n, bw), triton.cdiv(t, bt), chunks if split else 1)
                     mod._fp4_gemm_kernel[grid](
-                        # (the op's activation copy in the pairs order is timed with the kernel, as the op runs it)
-                        common.pairs_order(xq), xs.view(torch.uint8), c[0].view(torch.uint8), c[1].view(torch.uint8),
-                        out, ws, cnt,
+                        # A as the op passes it (in K order, or its pairs-order copy timed with the kernel)
+                        xq if natural else common.pairs_order(xq), xs.view(torch.uint8), c[0].view(torch.uint8),
+                        c[1].view(torch.uint8), out, ws, cnt,
                         t, n, k, n_kb, chunk, 1,
                         xq.stride(0), xs.stride(0), c[0].stride(0), c[1].stride(0), out.stride(0),
                         A_E8M0=True, B_E8M0=True, POW2=True, CHUNKED=chunk > 1, SPLIT=split,
                         IN_LAUNCH=split and in_launch, DOT_F64=False, SUB=4 if not split or chunk % 4 == 0 else 1,
+                        X_NATURAL=natural,
                         BLOCK_W=bw, BLOCK_T=bt, num_warps=nw, num_stages=ns, enable_fp_fusion=False,
                     )  # fmt: skip
                     if split and not in_launch:

@@ -356,15 +356,17 @@ def fp4_block_product(packed, a, DOT_F64: tl.constexpr):
 
 @triton.jit
 def fp4_trip(acc, w_ptrs, x_ptrs, mask_w, mask_x, s_w, s_act, W_E8M0: tl.constexpr, N_BLOCKS: tl.constexpr,
-             POW2: tl.constexpr, DOT_F64: tl.constexpr):  # fmt: skip
+             POW2: tl.constexpr, DOT_F64: tl.constexpr, X_NATURAL: tl.constexpr):  # fmt: skip
     """One loop trip of the FP4 block GEMM (fp4_gemm's loop and moe_experts' `_mm_fp4`): N_BLOCKS 32-wide K blocks
     that share one activation 128-group, each P from zero (`fp4_block_product`), acc += (P * sa) * sw in ascending
     K (spec §3.5). Returns the new acc, fp32 [R, T].
 
     w_ptrs [R, 16]: the packed bytes of the trip's first block (a block's 32 weights are 16 contiguous bytes of the
     row, element 2b in the low nibble of byte b, spec §2.2); x_ptrs [32, T]: its first e4m3 activations, K-major,
-    in the pairs order; s_w [R, N_BLOCKS]: the blocks' weight scales as loaded (e8m0 bytes when W_E8M0, else fp32);
-    s_act [1, T]: the activation scale of the group.
+    in the pairs order, or in K order when X_NATURAL (each block then permuted to the pairs order in registers: a
+    shared-memory round trip, which fp4_gemm's decode launches pay instead of a torch copy); s_w [R, N_BLOCKS]:
+    the blocks' weight scales as loaded (e8m0 bytes when W_E8M0, else fp32); s_act [1, T]: the activation scale of
+    the group.
 
     The decoding's 2^-6 (`fp4_to_e4m3_words`) goes into the weight scale (times 2^6, exact), which leaves every
     product and rounding of (P * sa) * sw unchanged. POW2 (every weight and activation scale a power of two: e8m0
@@ -387,6 +389,8 @@ def fp4_trip(acc, w_ptrs, x_ptrs, mask_w, mask_x, s_w, s_act, W_E8M0: tl.constex
         acc = acc * pow2_reciprocal(s_act)  # B = C / sa
     for j in tl.static_range(N_BLOCKS):
         xq = tl.load(x_ptrs + 32 * j, mask=mask_x, other=0.0)
+        if X_NATURAL:  # K order -> the pairs order in registers: [32, T] -> [16, 2, T] -> [2, 16, T] -> [32, T]
+            xq = tl.reshape(tl.permute(tl.reshape(xq, (16, 2, xq.shape[1])), (1, 0, 2)), (32, xq.shape[1]))
         packed = tl.load(w_ptrs + 16 * j, mask=mask_w, other=0)  # [R, 16] uint8
         p = fp4_block_product(packed, xq, DOT_F64)
         sw = tl.sum(tl.where(cols == j, s_w, 0.0), axis=1)[:, None]  # column j, exactly (the rest adds zeros)

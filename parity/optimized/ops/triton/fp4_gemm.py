@@ -10,8 +10,15 @@ per-128 scale and the weight's per-32 scale; bf16 (round to nearest even) at the
 grouped in K-only chunks (`_gemm_common`), which keeps split-K batch-invariant.
 
 A loop trip is `_gemm_common.fp4_trip`, which moe_experts' `_mm_fp4` runs too (the trip's docstring has the
-compiled instruction counts): the activations are copied in the pairs order (`_gemm_common.pairs_order`, one torch
-copy of A) so that a block's packed bytes decode to its two nibble halves with no byte shuffles; with e8m0 scales on
+compiled instruction counts): the activations enter the MMA in the pairs order (`_gemm_common.pairs_order`) so that
+a block's packed bytes decode to its two nibble halves with no byte shuffles. Decode launches with K <= NATURAL_MAX_K
+read A in K order and permute each block in registers (X_NATURAL); the others take one torch copy of A in that
+order. The copy is one more launch per call (2.3 us of a 10.4 us Flash w1 one-token call on the H100), the
+permutation a shared-memory round trip per block (compiled for sm_90, 64 x 16 tiles: 446 against 390 instructions
+and 16 against 8 barriers a trip), paid per loop trip: H100, graph ms, two alternated rounds (session 17): Flash w1
+and w2 (K 4096, 2048) 1 / 8 tokens 0.0102 -> 0.0087, 64 tokens 0.0159 -> 0.0145 and 0.0196 -> 0.0180; Pro w2 (K
+3072) 0.0181 -> 0.0170 at one token, 0.0314 -> 0.0322 at 64; Pro w1 (K 7168, 56 trips) 0.0166 -> 0.0173 at one
+token: it keeps the copy. With e8m0 scales on
 both sides (every scale a power of two) the chunk sum is carried divided by the activation's scale, B = C / sa, and
 each block adds P * sb as one fma: the same bits ((P * sa) * sb = sa * (P * sb) and the rounding commute with a
 power of two) while nothing leaves fp32's normal range. A chunk's sum is added to the total by a branch at the end
@@ -47,7 +54,7 @@ def _fp4_gemm_kernel(
     stride_am, stride_asm, stride_bn, stride_bsn, stride_cm,
     A_E8M0: tl.constexpr, B_E8M0: tl.constexpr, POW2: tl.constexpr,
     CHUNKED: tl.constexpr, SPLIT: tl.constexpr, IN_LAUNCH: tl.constexpr, DOT_F64: tl.constexpr, SUB: tl.constexpr,
-    BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
+    X_NATURAL: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     pid_w = tl.program_id(0)
     pid_t = tl.program_id(1)
@@ -88,13 +95,17 @@ def _fp4_gemm_kernel(
             sa = common.e8m0_to_f32(sa)
         mw, mt = mask_w[:, None], mask_t[None, :]
         if CHUNKED:  # the chunk's sum, carried divided by sa under POW2 (`_gemm_common.fp4_trip`)
-            part = common.fp4_trip(part, b_ptrs, a_ptrs, mw, mt, sb4, sa[None, :], B_E8M0, SUB, POW2, DOT_F64)
+            part = common.fp4_trip(
+                part, b_ptrs, a_ptrs, mw, mt, sb4, sa[None, :], B_E8M0, SUB, POW2, DOT_F64, X_NATURAL
+            )
             # a chunk ends on a trip's end (its blocks are a multiple of SUB): a branch taken once a chunk
             if ((kb4 + SUB) % CHUNK_KB == 0) | (kb4 + SUB >= kb_end):
                 total += part
                 part = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
         else:  # one block per chunk: the twin's own order, one accumulator fewer
-            total = common.fp4_trip(total, b_ptrs, a_ptrs, mw, mt, sb4, sa[None, :], B_E8M0, SUB, False, DOT_F64)
+            total = common.fp4_trip(
+                total, b_ptrs, a_ptrs, mw, mt, sb4, sa[None, :], B_E8M0, SUB, False, DOT_F64, X_NATURAL
+            )
         b_ptrs += SUB * BLOCK_K // 2
         a_ptrs += SUB * BLOCK_K
     mask = mask_w[:, None] & mask_t[None, :]
@@ -115,13 +126,14 @@ def _configs(small_m: bool):
     return [triton.Config({"BLOCK_W": w, "BLOCK_T": t}, num_warps=nw, num_stages=st) for w, t, nw, st in shapes]
 
 
-_KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "SPLIT", "IN_LAUNCH"]
+_KEY = ["N", "K", "M_BUCKET", "A_E8M0", "B_E8M0", "SPLIT", "IN_LAUNCH", "X_NATURAL"]
 _small = common.autotune(_configs(True), _KEY)(_fp4_gemm_kernel)
 _large = common.autotune(_configs(False), _KEY)(_fp4_gemm_kernel)
 # the smallest tiles of any configuration: bounds a split launch's output tiles (one arrival counter each)
 _SMALLEST = common.smallest_tile(_small, _large)  # a split launch's arrival counters (`split_buffers`)
 
 SMALL_M = 64
+NATURAL_MAX_K = 4096  # decode launches up to this K permute A in registers instead of copying it (module docstring)
 
 
 def fp4_gemm(
@@ -161,6 +173,7 @@ def fp4_gemm(
         bytes_ = b.view(torch.uint8)
         chunk, chunks = common.chunk_blocks(n_kb), common.n_chunks(n_kb)
         small = m <= SMALL_M
+        natural = small and k <= NATURAL_MAX_K
         split = _split
         if split is None:
             split = small and runtime.cdiv(n, 128) * runtime.cdiv(m, 16) < runtime.sm_count(a.device)
@@ -177,11 +190,11 @@ def fp4_gemm(
 
         with common.on_device(a), common.split_reduction(ws, out, split, in_launch):
             (_small if small else _large)[grid](
-                common.pairs_order(a2), asc, bytes_, bsc, out, ws, cnt,
+                a2 if natural else common.pairs_order(a2), asc, bytes_, bsc, out, ws, cnt,
                 m, n, k, n_kb, chunk, common.bucket(m),
                 a2.stride(0), asc.stride(0), bytes_.stride(0), bsc.stride(0), out.stride(0),
                 A_E8M0=a_e8m0, B_E8M0=b_e8m0, POW2=a_e8m0 and b_e8m0, CHUNKED=chunk > 1, SPLIT=split,
                 IN_LAUNCH=in_launch,
-                DOT_F64=runtime.interpreting(), SUB=sub, **common.NO_FMA,
+                DOT_F64=runtime.interpreting(), SUB=sub, X_NATURAL=natural, **common.NO_FMA,
             )  # fmt: skip
     return out.view(*a.shape[:-1], n).to(torch.get_default_dtype())

@@ -105,7 +105,9 @@ def _mm_fp4(
         more = k0 + 128 < K_HI
         s4_next = tl.load(s_ptrs + (k0 + 128) // 32, mask=mask_w & more, other=127)
         sx_next = tl.load(xs_ptrs + (k0 + 128) // 128, mask=mask_t & more, other=1.0)
-        acc = common.fp4_trip(acc, w_ptrs + k0 // 2, xq_ptrs + k0, mask_w, mask_x, s4, s_act, S_E8M0, 4, POW2, DOT_F64)
+        acc = common.fp4_trip(
+            acc, w_ptrs + k0 // 2, xq_ptrs + k0, mask_w, mask_x, s4, s_act, S_E8M0, 4, POW2, DOT_F64, False
+        )
         if ((k0 + 128) % CHUNK == 0) | (k0 + 128 >= K_HI):  # a branch taken once a chunk (compiled: 2 of ~440)
             total += acc
             acc = tl.zeros((ROWS, BLOCK_T), dtype=tl.float32)
