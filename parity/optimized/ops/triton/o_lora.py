@@ -159,9 +159,10 @@ def _o_lora_kernel(
     # FP8 weights: one dot per 128-column scale block (KH wide), so a dot's weights share one scale column; the
     # dots chain into the one accumulator in ascending K as one wide dot would (the MMA sums K in 16-wide pieces
     # either way). TILE_SCALE: the tile's rows lie in one 128-row scale block (rank a multiple of 128, BLOCK_W
-    # dividing 128), so a dot's weights share ONE scale: a scalar factor (compiled for sm_90, the 64 x 16 decode
-    # tile's 256-wide step: 428 against 635 instructions, 5 against 9 barriers, one MMA fence per dot instead of
-    # one per 16-wide piece), where per-row scales build a [BLOCK_W, BLOCK_K] factor tensor
+    # dividing 128), so a dot's weights share ONE scale: a scalar factor. Compiled for sm_90, the 64 x 16 decode
+    # tile's 256-wide step: 428 instructions with one scale per tile, 495 with per-row scales, 635 for the one
+    # 256-wide dot with its [BLOCK_W, BLOCK_K] factor tensor this replaced (9 barriers and one MMA fence per 16-wide
+    # piece there, 5 barriers and one fence per dot here)
     KH: tl.constexpr = 128 if W_FP8 and BLOCK_K > 128 else BLOCK_K
     TILE_SCALE: tl.constexpr = W_FP8 and R_ALIGNED and (128 % BLOCK_W == 0)
     pid_w = tl.program_id(0)
@@ -250,12 +251,13 @@ def _configs(small_m: bool):
 
 
 def decode_config(t: int, rank: int, n_groups: int, sms: int) -> dict:
-    """The decode launch's tile and pipeline, fixed by shape (no autotuning). The autotuner times a config on the
-    one weight it is called with, over and over: G 8's 33.5 MB FP8 wo_a then sits in the 50 MB L2, which a serving
-    step that streams every layer's weights never sees. On the H100 (session 17, bench/triton_gemm_sweep.py, graph
-    us, weights rotated from HBM) it picked configurations 33-40 % slower than the best at G 16 (16 tokens: 40.3
-    against 29.3 us; 64 tokens: 40.9 against 35.8). The picks below are the sweep's fastest at 1, 16 and 64 tokens
-    for G 8 and G 16, on the H100 and (the first two) the H200.
+    """The decode launch's tile and pipeline, fixed by shape (no autotuning). On the H100 (session 17,
+    bench/triton_gemm_sweep.py, graph us, weights rotated from HBM) the autotuner picked configurations 33-40 %
+    slower than the best at G 16 (16 tokens: 40.3 against 29.3 us; 64 tokens: 40.9 against 35.8). Why is not pinned
+    down: it times each configuration on the one weight it is called with, replayed back to back (33.5 / 67 MB
+    against a 50 MB L2), where a serving step streams every layer's weights from HBM. The picks below are the
+    sweep's fastest (or within 1 % of it) at 1, 16 and 64 tokens for G 8 and G 16 on the H100; not re-swept on the
+    H200.
     - up to 16 tokens: 16-token tiles, 256-wide K steps, 3 stages;
     - 17-64 tokens: 64-token tiles; 256-wide K steps need 192 registers (one program per SM), 128-wide ones 120
       (two). With more 64-row tiles than SMs (G 16: 256 tiles on 132 SMs) the narrow step runs them in one wave:
