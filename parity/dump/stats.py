@@ -34,8 +34,14 @@ CHUNK = 1 << 20
 _CANCELLATION = 1e-2
 
 
+def sums_on_device(t: torch.Tensor) -> bool:
+    """Whether `t` is summed where it lies (`device_sums`) rather than on the host: tensors off the CPU. The one rule
+    for `tensor_stats` and the background writer, which starts the device sums on the forward's stream."""
+    return t.device.type != "cpu"
+
+
 def tensor_stats(t: torch.Tensor) -> dict[str, float | int | None]:
-    if t.device.type != "cpu":
+    if sums_on_device(t):
         return from_sums(t.numel(), device_sums(t).tolist())
     flat = _flat(t)
     buf = torch.empty(min(TILE, flat.numel()), dtype=torch.float64, device=flat.device)

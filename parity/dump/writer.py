@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 
 from parity.dump.format import MANIFEST, TENSOR_DIR, WEIGHT_DIR, Record, Tags, dtype_name, merge_rule, record_name
-from parity.dump.stats import device_sums, from_sums, tensor_stats
+from parity.dump.stats import device_sums, from_sums, sums_on_device, tensor_stats
 from parity.errors import ParityError
 from parity.io import atomic_write
 
@@ -196,11 +196,6 @@ def _snapshot(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=True)
 
 
-def _sums_on_device(t: torch.Tensor) -> bool:
-    """Whether stats mode sums `t` where it lies (`device_sums`) rather than in a host copy: GPU tensors."""
-    return t.device.type == "cuda"
-
-
 class _Pipeline:
     """The bounded queue and writer thread of a background `DumpWriter`."""
 
@@ -226,7 +221,7 @@ class _Pipeline:
         meta = {
             k: torch.empty(t.shape, dtype=t.dtype, device="meta")
             for k, t in tensors.items()
-            if self.writer.mode == "stats" and _sums_on_device(t)
+            if self.writer.mode == "stats" and sums_on_device(t)
         }
         tensors = {k: device_sums(t) if k in meta else t for k, t in tensors.items()}
         nbytes = sum(t.numel() * t.element_size() for t in tensors.values())

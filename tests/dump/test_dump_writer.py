@@ -213,7 +213,9 @@ def test_background_stats_of_gpu_tensors_are_summed_on_the_device(tmp_path, devi
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs a CUDA device; this machine has none")
     if device == "cpu":
-        monkeypatch.setattr(writer, "_sums_on_device", lambda t: True)
+        monkeypatch.setattr(writer, "sums_on_device", lambda t: True)
+    summed = []  # the tensors that took `device_sums` (a writer that copied them out would leave this short)
+    monkeypatch.setattr(writer, "device_sums", lambda t: summed.append(t.shape) or stats.device_sums(t))
     g = torch.Generator().manual_seed(0)
     ts = [torch.randn(300, 70, generator=g).bfloat16(), torch.tensor([1.0, math.nan, -math.inf, 0.0]),
           torch.zeros(0, 3), 1e6 + 1e-3 * torch.randn(5000, generator=g, dtype=torch.float64)]  # fmt: skip
@@ -227,6 +229,7 @@ def test_background_stats_of_gpu_tensors_are_summed_on_the_device(tmp_path, devi
     for r, t in zip(records, ts):
         assert r.shape == tuple(t.shape) and r.dtype == str(t.dtype).removeprefix("torch.")
         assert_stats_close(r.stats, _reference_stats(t), t.numel())
+    assert summed == [t.shape for t in ts]
 
 
 def _nan_in_second_chunk(t: torch.Tensor) -> torch.Tensor:
