@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
 
@@ -31,7 +32,19 @@ class PerToken(NamedTuple):
     slot: torch.Tensor  # its sequence's state slot
 
 
+def host_ints(values) -> torch.Tensor:
+    """Host ints (a list, equal-length lists, or a host tensor) as an int64 CPU tensor. Lists go through numpy: torch's
+    own conversion of a decode step's small lists cost 3-5x more host time ([3, 64] ints: 13-27 against 5 us)."""
+    if isinstance(values, torch.Tensor):
+        return values.to(torch.int64)
+    return torch.from_numpy(np.array(values, dtype=np.int64))
+
+
 HOST_BUILD_TOKENS = 256  # `Batch.on_host`: the largest batch whose index lists are built on the host
+# `Batch.on_host`: the most pool entries a host build may walk. An HCA layer's lists walk every entry of the batch's
+# contexts, ~60 ns an entry on the CPU (64 requests at 64k positions: 2 ms a step, `bench/decode_host.py`); built on
+# the device they are ~25 launches, ~0.2 ms of host time at the ~8 us a launch measured on the H200's host
+HOST_BUILD_ENTRIES = 4096
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -107,13 +120,13 @@ class Batch:
     # once per layer, nor once per request) and without waiting for the device (non-blocking host-to-device copies)
 
     def to_device(self, values) -> torch.Tensor:
-        """Host ints (a list or a host tensor) as an int64 tensor on the tokens' device."""
-        return torch.as_tensor(values, dtype=torch.int64).to(self.tokens.device, non_blocking=True)
+        """Host ints (a list, equal-length lists, or a host tensor) as an int64 tensor on the tokens' device."""
+        return host_ints(values).to(self.tokens.device, non_blocking=True)
 
     def to_device_many(self, lists: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         """Several lists of host ints as int64 tensors on the tokens' device, from one copy (views of one buffer: a
         host-to-device copy costs the host ~10 us whatever its size)."""
-        flat = torch.tensor([v for values in lists for v in values], dtype=torch.int64)
+        flat = host_ints([v for values in lists for v in values])
         return list(flat.to(self.tokens.device, non_blocking=True).split([len(values) for values in lists]))
 
     # host ints stay Python ints: small CPU tensor ops cost microseconds each (milliseconds when the CPU thread
@@ -149,16 +162,18 @@ class Batch:
         rows = self.host_rows if self.host_rows is not None else torch.stack([self.tokens, self.positions]).cpu()
         return dataclasses.replace(self, tokens=rows[0], positions=rows[1], host_rows=rows)
 
-    def on_host(self, key, build: Callable[["Batch"], torch.Tensor | None]) -> torch.Tensor | None:
+    def on_host(self, key, build: Callable[["Batch"], torch.Tensor | None], entries: int = 0) -> torch.Tensor | None:
         """`derived`: `build(batch)`, an index tensor made from the batch's metadata alone (a window list, ring rows, an
-        HCA entry list), on the tokens' device. For a batch of at most HOST_BUILD_TOKENS tokens (decode steps) it is
-        built from `host` by the same code and copied over once: each of its ~15 small ops would be a kernel launch
-        on a GPU (~10 us of the H200 host's time, far more than the CPU op; the plans were ~1.9 ms of a graphed
-        bs-1 decode step's host time). Larger batches build it on the device: [T, window] and wider lists would
-        cost the host more than the launches."""
+        HCA entry list), on the tokens' device. For a batch of at most HOST_BUILD_TOKENS tokens (decode steps) whose
+        build walks at most HOST_BUILD_ENTRIES pool `entries` it is built from `host` by the same code and copied over
+        once: each of its ~15 small ops would be a kernel launch on a GPU (~10 us of the H200 host's time, far more
+        than the CPU op; the plans were ~1.9 ms of a graphed bs-1 decode step's host time). Larger batches and long
+        contexts build it on the device: [T, window] and wider lists, or every entry of 64k contexts, would cost the
+        host more than the launches."""
 
         def made():
-            t = build(self.host if self.tokens.numel() <= HOST_BUILD_TOKENS else self)
+            small = self.tokens.numel() <= HOST_BUILD_TOKENS and entries <= HOST_BUILD_ENTRIES
+            t = build(self.host if small else self)
             return None if t is None else t.to(self.tokens.device, non_blocking=True)
 
         return self.derived(key, made)
@@ -191,7 +206,7 @@ def make_batch(
             segments += [cu[-1] + j for j in range(1, len(ids))]
         cu.append(cu[-1] + len(ids))
         segments.append(cu[-1])
-    host = torch.tensor([tokens, positions], dtype=torch.int64)
+    host = host_ints([tokens, positions])
     both = host.to(device, non_blocking=True)  # one copy for the two
     return Batch(
         tokens=both[0],

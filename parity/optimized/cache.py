@@ -95,7 +95,8 @@ class PagedCache:
         free = self.free_blocks[ratio]
         if n > len(free):
             raise ParityError(f"PagedCache: ratio-{ratio} pool exhausted ({n} blocks asked, {len(free)} free)")
-        taken, self.free_blocks[ratio] = free[:n], free[n:]
+        taken = free[:n]
+        del free[:n]  # in place: a new list of the rest cost O(pool) per allocation (64k blocks: ~0.3 ms)
         return taken
 
     def release(self, slots: list[int], blocks: dict[int, list[int]]) -> None:

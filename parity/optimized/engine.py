@@ -25,7 +25,7 @@ from functools import cached_property
 import torch
 
 from parity.errors import ParityError
-from parity.optimized.batch import Batch, Chunk, make_batch
+from parity.optimized.batch import Batch, Chunk, host_ints, make_batch
 from parity.optimized.cache import PagedCache
 from parity.optimized.graphs import DecodeGraphs
 from parity.optimized.model import OptimizedTransformer
@@ -135,6 +135,12 @@ class Engine:
         self.device = device
         self.cache = PagedCache(args, config.max_requests, config.num_blocks, config.block_size, device)
         self.ratios = tuple(sorted(self.cache.free_blocks))
+        # per ratio, each slot's block ids in allocation order, -1 past them (`req.blocks` as a table, written where
+        # blocks are allocated): a step's block tables are rows of it, where lists rebuilt and converted every step
+        # cost the host O(context) (64 requests at 64k positions: ~6 ms a decode step, bench/decode_host.py)
+        self.block_rows = {
+            r: torch.full((config.max_requests, config.num_blocks), -1, dtype=torch.int32) for r in self.ratios
+        }
         self.waiting: list[Request] = []
         self.running: list[Request] = []
         self.finished: dict[int, Request] = {}
@@ -165,20 +171,26 @@ class Engine:
             req = self.waiting.pop(0)
             req.slot = req.admitted_slot = self.cache.alloc_slot()
             req.blocks = {r: [] for r in self.ratios}
+            for rows in self.block_rows.values():
+                rows[req.slot] = -1  # a reused slot's row holds its last request's blocks
             self.running.append(req)
 
     def _reserve(self, req: Request, positions: int) -> None:
         for r in self.ratios:
-            need = self.cache.blocks_needed(r, positions) - len(req.blocks[r])
+            have = len(req.blocks[r])
+            need = self.cache.blocks_needed(r, positions) - have
             if need > 0:
-                req.blocks[r] += self.cache.alloc_blocks(r, need)
+                new = self.cache.alloc_blocks(r, need)
+                self.block_rows[r][req.slot, have : have + need] = host_ints(new)
+                req.blocks[r] += new
 
     def _tables(self, reqs: list[Request]) -> dict[int, torch.Tensor]:
+        """ratio -> [N, widest] int32 block tables of `reqs` (-1 past each request's blocks): rows of `block_rows`."""
+        slots = host_ints([q.slot for q in reqs])
         tables = {}
         for r in self.ratios:
             width = max(1, max(len(q.blocks[r]) for q in reqs))
-            rows = [q.blocks[r] + [-1] * (width - len(q.blocks[r])) for q in reqs]
-            tables[r] = torch.tensor(rows, dtype=torch.int32)
+            tables[r] = self.block_rows[r][slots, :width]
         return tables
 
     # one step

@@ -39,7 +39,7 @@ from torch import nn
 
 from parity.config import ModelArgs
 from parity.optimized import parallel
-from parity.optimized.batch import Batch
+from parity.optimized.batch import Batch, host_ints
 from parity.optimized.cache import CompressorState, PagedCache
 from parity.optimized.graphs import DecodeGraphs
 from parity.optimized.ops import resolve_ops
@@ -294,7 +294,7 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
     # the new entries' pool rows, from the block tables on the host (a few small CPU ops; on the device they were a
     # launch each, and the gather of every request's entries they read from a dozen more)
     host_tables = batch.host.device_tables[ratio]
-    seqs, ids = (torch.tensor(v, dtype=torch.int64) for v in ([i for i, _ in made], [e for _, e in made]))
+    seqs, ids = host_ints([[i for i, _ in made], [e for _, e in made]])
     n_pool = put(cache.entry_rows_of(host_tables, seqs, ids).tolist())
     dev = batch.to_device_many(host)
     return _CompressPlan(
@@ -458,7 +458,9 @@ class OptAttention(ref.Attention):
                 entries = self._hca_entries(b.positions, ratio, plan.n_entries)
                 return _with_entries(b, cache, plan, window(b), entries, ratio, ring_rows)
 
-            return batch.on_host(("hca idx", win, ratio, ring_rows), hca)
+            # its lists walk every entry of the batch's contexts (at most [T, n_entries]): built on the device past
+            # HOST_BUILD_ENTRIES of them
+            return batch.on_host(("hca idx", win, ratio, ring_rows), hca, batch.tokens.numel() * plan.n_entries)
         idx = batch.on_host(("window idx", win, ring_rows), window)
         return _with_entries(batch, cache, plan, idx, index_topk, ratio, ring_rows)
 
