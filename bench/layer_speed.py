@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 bench/layer_speed.py --out DIR [--backends torch triton] [--prefill [512 2048]]
                                               [--decode [1 8 64]] [--repeat 5] [--breakdown] [--layers 2] [--graphs]
-                                              [--mtp] [--smoke]
+                                              [--mtp] [--context N] [--smoke]
 
 The model is `bench/gpu_checks.py flash`'s: V4-Flash widths (dim 4096, 64 heads of 512, q-LoRA 1024, o-LoRA 8 x 1024,
 indexer 64 x 128, top-k 512, expert 2048, window 128) with 16 routed experts (of 256) and two layers, one CSA
@@ -12,7 +12,10 @@ number is one engine step (`Engine.step`: scheduling, the forward of every layer
 CUDA-synchronized, median of
 `--repeat` after one warm-up step that compiles the Triton kernels:
 - prefill T: one request of T prompt tokens in one chunk (a fresh engine per repeat);
-- decode B: B requests of 64 prompt tokens, prefilled, then one-token decode steps with all B in the batch.
+- decode B: B requests of 64 prompt tokens, prefilled, then one-token decode steps with all B in the batch;
+  with `--context N`, the B requests are placed after N positions each without a prefill (`bench/placed.py`: blocks
+  reserved, the cache's rings, pools and compressor states random), so the steps read N-long contexts (the KV
+  gathered, the indexer's scores over N / 4 entries, the block tables and index lists of N positions).
 "Per layer" is the step divided by the two layers, an upper bound (the step also embeds, runs the head and
 schedules). The ops of a backend come from `OpsConfig(default=backend)`; ops a backend does not register fall back
 to torch (listed in the output). `--prefill` / `--decode` with no sizes skip that phase. Writes layer_speed.json and
@@ -51,8 +54,10 @@ from pathlib import Path
 import torch
 
 from bench.op_timer import ASSUMPTIONS, StepProbe, bytes_model, copy_rate, host_profile, sync
+from bench.placed import place_decoding
 from parity.checkpoint import build_model, write_checkpoint
 from parity.config import ModelArgs
+from parity.optimized.cache import PagedCache
 from parity.optimized.engine import Engine, EngineConfig
 from parity.optimized.model import OptimizedTransformer
 from parity.optimized.ops import OpsConfig, resolve_ops
@@ -60,12 +65,14 @@ from parity.optimized.ops import OpsConfig, resolve_ops
 PROMPT_FOR_DECODE = 64
 
 
-def flash_shaped(layers: int = 2) -> ModelArgs:
+def flash_shaped(layers: int = 2, context: int = 0) -> ModelArgs:
     """V4-Flash widths, 16 routed experts, `layers` layers alternating CSA (4) and HCA (128), the first hash-routed.
-    The MTP layer is in the checkpoint (as in gpu_checks.py); the engine drafts only in `--mtp`'s rows."""
+    The MTP layer is in the checkpoint (as in gpu_checks.py); the engine drafts only in `--mtp`'s rows. `context`:
+    the longest decode context, which max_seq_len must hold (its RoPE table)."""
     ratios = tuple(4 if i % 2 == 0 else 128 for i in range(layers)) + (0,)
+    longest = {"max_seq_len": max(ModelArgs.flash().max_seq_len, context + 1024)}
     return ModelArgs.flash(
-        n_layers=layers, n_hash_layers=1, n_routed_experts=16, vocab_size=16384, compress_ratios=ratios
+        n_layers=layers, n_hash_layers=1, n_routed_experts=16, vocab_size=16384, compress_ratios=ratios, **longest
     )
 
 
@@ -97,27 +104,33 @@ def prefill_ms(model, tokens: int, repeat: int, gen: torch.Generator, device, ra
 
 
 def decode_ms(
-    model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs: bool = False, mtp: bool = False
+    model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs: bool = False, mtp: bool = False,
+    context: int = 0,
 ):  # fmt: skip
-    """Decode steps of `batch` requests after a 64-token prompt each. `mtp`: one MTP draft per step, so a step
+    """Decode steps of `batch` requests after a 64-token prompt each, or, with `context`, placed after that many
+    positions without a prefill (`bench/placed.py`: random cache contents). `mtp`: one MTP draft per step, so a step
     verifies [token, draft] per request, replays the committed token where the draft was rejected (with the bench's
     random weights: nearly always) and drafts the next one."""
     steps = repeat + 1
     extra = 0 if rate is None else 3  # the breakdown's three steps, after the timed ones
     new_tokens = (steps + extra + 2) * (2 if mtp else 1)  # a step commits up to two tokens with a draft
+    prompt = context or PROMPT_FOR_DECODE
     config = EngineConfig(
         max_requests=batch,
-        num_blocks=batch * ((PROMPT_FOR_DECODE + new_tokens) // 16 + 2),
+        num_blocks=batch * (PagedCache.blocks_for(model.args, prompt + new_tokens, 16) + 1),
         chunk_size=PROMPT_FOR_DECODE,
         token_budget=PROMPT_FOR_DECODE * batch,
         graphs=graphs,
         mtp_draft=1 if mtp else 0,
     )
     engine = Engine(model, config)
-    for _ in range(batch):
-        prompt = torch.randint(0, model.args.vocab_size, (PROMPT_FOR_DECODE,), generator=gen)
-        engine.add_request(prompt, new_tokens)  # no request finishes (and frees its cache) in a measured step
-    engine.step()  # every prompt in one step (the budget holds them all)
+    if context:
+        place_decoding(engine, [context] * batch, new_tokens, gen, fill=True)
+    else:
+        for _ in range(batch):
+            tokens = torch.randint(0, model.args.vocab_size, (PROMPT_FOR_DECODE,), generator=gen)
+            engine.add_request(tokens, new_tokens)  # no request finishes (and frees its cache) in a measured step
+        engine.step()  # every prompt in one step (the budget holds them all)
     if any(r.in_prefill for r in engine.running):
         raise RuntimeError("decode bench: prompts not prefilled in one step")
     times = [timed_step(engine, device) for _ in range(steps)]  # with graphs, the first one captures
@@ -128,8 +141,8 @@ def decode_ms(
     return times[1:], breakdown(model, lambda: engine, batch, device, rate)
 
 
-def mtp_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs: bool = False):
-    return decode_ms(model, batch, repeat, gen, device, None, graphs=graphs, mtp=True)
+def mtp_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs=False, context=0):
+    return decode_ms(model, batch, repeat, gen, device, None, graphs=graphs, mtp=True, context=context)
 
 
 def breakdown(model, next_engine, n_tokens: int, device, rate: float) -> dict:
@@ -326,20 +339,24 @@ def main() -> None:
                    "replays, drafting; with --graphs also graphed)")  # fmt: skip
     p.add_argument("--layers", type=int, default=2, help="layers of the Flash-shaped model (the host's per-layer "
                    "work shows at depth: V4-Flash has 43; ~0.4 GB of checkpoint each)")  # fmt: skip
+    p.add_argument("--context", type=int, default=0, help="decode after this many positions per request, placed "
+                   "without a prefill (random cache contents); 0: after a prefilled 64-token prompt")  # fmt: skip
     opts = p.parse_args()
     if opts.layers < 1:
         p.error(f"--layers: expected at least 1, got {opts.layers}")
+    if opts.context < 0:
+        p.error(f"--context: expected at least 0, got {opts.context}")
     # unset options take the run's defaults: the GPU measurement's, or the smoke run's small ones
     defaults = (["torch"], [16], [2], 1) if opts.smoke else (["torch", "triton"], [512, 2048], [1, 8, 64], 5)
     for name, value in zip(("backends", "prefill", "decode", "repeat"), defaults):
         if getattr(opts, name) is None:
             setattr(opts, name, value)
     if opts.smoke:
-        device, args = torch.device("cpu"), ModelArgs.tiny()
+        device, args = torch.device("cpu"), ModelArgs.tiny(max_seq_len=max(512, opts.context + 64))
         model_name = "ModelArgs.tiny() on CPU (smoke: checks the code path; the times mean nothing)"
     else:
         assert torch.cuda.is_available(), "layer_speed needs a CUDA device (or --smoke)"
-        device, args = torch.device("cuda"), flash_shaped(opts.layers)
+        device, args = torch.device("cuda"), flash_shaped(opts.layers, opts.context)
         model_name = (
             f"Flash-shaped: V4-Flash widths, 16 routed experts, {opts.layers} layers alternating CSA(4) and HCA(128), "
             "MTP drafted only in the mtp rows"
@@ -367,13 +384,14 @@ def main() -> None:
             ops = resolve_ops(config)
             model, _ = build_model(ckpt, device=device, factory=lambda a, ops=ops: OptimizedTransformer(a, ops))
             fallback = sorted(op for op, b in config.backends().items() if b != backend)
-            runs = [("prefill", opts.prefill, prefill_ms), ("decode", opts.decode, decode_ms)]
+            at = dict(context=opts.context)
+            runs = [("prefill", opts.prefill, prefill_ms), ("decode", opts.decode, partial(decode_ms, **at))]
             if opts.graphs:
-                runs.append(("decode graphs", opts.decode, partial(decode_ms, graphs=True)))
+                runs.append(("decode graphs", opts.decode, partial(decode_ms, graphs=True, **at)))
             if opts.mtp:  # no breakdown: its probes time plain decode steps
-                runs.append(("mtp decode", opts.decode, partial(mtp_ms, graphs=False)))
+                runs.append(("mtp decode", opts.decode, partial(mtp_ms, graphs=False, **at)))
                 if opts.graphs:
-                    runs.append(("mtp decode graphs", opts.decode, partial(mtp_ms, graphs=True)))
+                    runs.append(("mtp decode graphs", opts.decode, partial(mtp_ms, graphs=True, **at)))
             for kind, sizes, fn in runs:
                 for n in sizes:
                     times, parts = fn(model, n, opts.repeat, gen, device, rate)
