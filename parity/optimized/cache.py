@@ -137,7 +137,7 @@ class PagedCache:
     def entry_rows(self, table: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         """Flat pool rows (`pool.view(-1, d)`) of entry ids `entries` of one request with block table `table`."""
         bs = self.block_size
-        return table.long()[entries // bs] * bs + entries % bs
+        return table[entries // bs].long() * bs + entries % bs  # (the ids read, then widened: not the whole table)
 
     def entry_rows_of(self, tables: torch.Tensor, seqs: torch.Tensor, entries: torch.Tensor) -> torch.Tensor:
         """`entry_rows` for many requests at once: entry ids `entries` of the requests `seqs` (broadcast together)

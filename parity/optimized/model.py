@@ -293,7 +293,7 @@ def _compress_plan(batch: Batch, cache: PagedCache, ratio: int) -> _CompressPlan
     n_rows = put([cu[i] - start[i] + (e + 1) * ratio - 1 for i, e in made])
     # the new entries' pool rows, from the block tables on the host (a few small CPU ops; on the device they were a
     # launch each, and the gather of every request's entries they read from a dozen more)
-    host_tables = batch.host.device_tables[ratio]
+    host_tables = batch.host.block_tables[ratio]  # int32: only the rows read are widened (`entry_rows`)
     seqs, ids = host_ints([[i for i, _ in made], [e for _, e in made]])
     n_pool = put(cache.entry_rows_of(host_tables, seqs, ids).tolist())
     dev = batch.to_device_many(host)
