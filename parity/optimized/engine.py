@@ -137,7 +137,7 @@ class Engine:
         self.ratios = tuple(sorted(self.cache.free_blocks))
         # per ratio, each slot's block ids in allocation order, -1 past them (`req.blocks` as a table, written where
         # blocks are allocated): a step's block tables are rows of it, where lists rebuilt and converted every step
-        # cost the host O(context) (64 requests at 64k positions: ~6 ms a decode step, bench/decode_host.py)
+        # cost the host O(context) (64 requests at 64k positions: 4-7 ms a decode step, bench/decode_host.py)
         self.block_rows = {
             r: torch.full((config.max_requests, config.num_blocks), -1, dtype=torch.int32) for r in self.ratios
         }
