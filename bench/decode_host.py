@@ -34,7 +34,6 @@ from bench.placed import place_decoding  # noqa: E402
 from parity.checkpoint import build_model, write_checkpoint  # noqa: E402
 from parity.config import ModelArgs  # noqa: E402
 from parity.optimized import model as opt_model  # noqa: E402
-from parity.optimized.batch import HOST_BUILD_ENTRIES  # noqa: E402
 from parity.optimized.cache import PagedCache  # noqa: E402
 from parity.optimized.engine import Engine, EngineConfig  # noqa: E402
 
@@ -57,13 +56,8 @@ def plan_builders(engine: Engine, cache) -> dict:
     topk = args.index_topk
     hca = next(layer.attn for layer in engine.model.layers if layer.attn.compress_ratio == 128)
 
-    def hca_lists(b):
-        plan = opt_model._index_plan(b, win, 128, None)
-        small = b.tokens.numel() * plan.n_entries <= HOST_BUILD_ENTRIES  # `OptAttention._sparse_idx`'s rule
-        b = b.host if small else b
-        window = opt_model._window_rows(b, cache, win, ring_rows)
-        return opt_model._with_entries(b, cache, plan, window, hca._hca_entries(b.positions, 128, plan.n_entries), 128,
-                                       ring_rows)  # fmt: skip
+    def hca_lists(b):  # the layer's own build, on the host or the device by `Batch.on_host`'s rule
+        return hca._sparse_idx(b, cache, None, ring_rows)
 
     return {
         "compressor plan, ratio 4": lambda b: opt_model._compress_plan(b, cache, 4),
@@ -103,8 +97,8 @@ def measure(args: ModelArgs, ckpt, batch: int, context: int, repeat: int) -> dic
     for name, build in plan_builders(engine, engine.cache).items():
         # a fresh Batch each time (untimed): a batch caches its plans (built once per step)
         rows[name] = median_ms(build, repeat, lambda: dataclasses.replace(step_batch))
-    hca_entries = step_batch.tokens.numel() * opt_model._index_plan(step_batch, args.window_size, 128, None).n_entries
-    if hca_entries > HOST_BUILD_ENTRIES:
+    hca_plan = opt_model._index_plan(step_batch, args.window_size, 128, None)
+    if not step_batch.builds_on_host(opt_model._hca_walk(step_batch, hca_plan)):
         rows["HCA lists (device build)"] = rows.pop("HCA lists")
     host = sum(v for k, v in rows.items() if "device build" not in k)
     return {"batch": batch, "context": context, "ms": rows, "host_ms": host}
@@ -117,6 +111,9 @@ def main(argv=None) -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--json", type=Path)
     a = p.parse_args(argv)
+    # each request of a batch is a token shorter than the one before it: the shortest needs one position
+    if min(a.batch) < 1 or a.repeat < 1 or min(a.context) < max(a.batch):
+        p.error(f"--batch, --repeat: at least 1; --context: at least the largest batch ({max(a.batch)})")
     torch.set_num_threads(1)  # the host thread of a decode step
     results = []
     with tempfile.TemporaryDirectory() as d:

@@ -174,11 +174,14 @@ class Batch:
         host more than the launches."""
 
         def made():
-            small = self.tokens.numel() <= HOST_BUILD_TOKENS and entries <= HOST_BUILD_ENTRIES
-            t = build(self.host if small else self)
+            t = build(self.host if self.builds_on_host(entries) else self)
             return None if t is None else t.to(self.tokens.device, non_blocking=True)
 
         return self.derived(key, made)
+
+    def builds_on_host(self, entries: int = 0) -> bool:
+        """Whether `on_host` builds a list that walks `entries` pool entries on the host."""
+        return self.tokens.numel() <= HOST_BUILD_TOKENS and entries <= HOST_BUILD_ENTRIES
 
     def derived(self, key, build: Callable):
         """`build()` on the first call with `key`, the same value afterwards: for index tensors the model derives

@@ -458,9 +458,8 @@ class OptAttention(ref.Attention):
                 entries = self._hca_entries(b.positions, ratio, plan.n_entries)
                 return _with_entries(b, cache, plan, window(b), entries, ratio, ring_rows)
 
-            # its lists walk every entry of the batch's contexts (at most [T, n_entries]): built on the device past
-            # HOST_BUILD_ENTRIES of them
-            return batch.on_host(("hca idx", win, ratio, ring_rows), hca, batch.tokens.numel() * plan.n_entries)
+            # its lists walk every entry of the batch's contexts: built on the device past HOST_BUILD_ENTRIES of them
+            return batch.on_host(("hca idx", win, ratio, ring_rows), hca, _hca_walk(batch, plan))
         idx = batch.on_host(("window idx", win, ring_rows), window)
         return _with_entries(batch, cache, plan, idx, index_topk, ratio, ring_rows)
 
@@ -525,6 +524,11 @@ class _IndexPlan:
     width: int  # K: the widest list of the batch
     n_entries: int  # the widest entry list (HCA: every entry the longest context completed)
     entry_cols: tuple[int, ...] | None  # [T] column where each query's entries start; None: `window` for all
+
+
+def _hca_walk(batch: Batch, plan: _IndexPlan) -> int:
+    """The pool entries an HCA layer's lists walk, at most: [T, n_entries] (`Batch.on_host`'s `entries`)."""
+    return batch.tokens.numel() * plan.n_entries
 
 
 def _index_plan(batch: Batch, window: int, ratio: int, topk: int | None) -> _IndexPlan:

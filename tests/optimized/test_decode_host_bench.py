@@ -20,6 +20,13 @@ def test_decode_host_bench_runs_a_decode_step_at_the_contexts(tmp_path):
     assert all(ms > 0 for ms in row["ms"].values()) and row["host_ms"] > 0
 
 
+def test_decode_host_bench_refuses_a_context_shorter_than_its_batch():
+    cmd = [sys.executable, "bench/decode_host.py", "--batch", "8", "--context", "4"]
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--context: at least the largest batch (8)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_placed_requests_decode_after_their_contexts(tiny_ckpt):
     sys.path.insert(0, str(REPO))
     try:
