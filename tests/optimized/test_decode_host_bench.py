@@ -2,6 +2,7 @@
 (`bench/placed.py`, shared with `bench/layer_speed.py --context`) make a decode step at their contexts."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,14 @@ def test_decode_host_bench_refuses_a_context_shorter_than_its_batch():
     cmd = [sys.executable, "bench/decode_host.py", "--batch", "8", "--context", "4"]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "--context: at least the largest batch (8)" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_layer_bench_refuses_a_negative_context(tmp_path):
+    cmd = [sys.executable, "bench/layer_speed.py", "--smoke", "--out", str(tmp_path), "--context", "-1"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "--context: expected at least 0, got -1" in done.stderr
     assert "Traceback" not in done.stderr
 
 
