@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 bench/layer_speed.py --out DIR [--backends torch triton] [--prefill [512 2048]]
                                               [--decode [1 8 64]] [--repeat 5] [--breakdown] [--layers 2] [--graphs]
-                                              [--mtp] [--context N] [--smoke]
+                                              [--mtp] [--overlap] [--context N] [--smoke]
 
 The model is `bench/gpu_checks.py flash`'s: V4-Flash widths (dim 4096, 64 heads of 512, q-LoRA 1024, o-LoRA 8 x 1024,
 indexer 64 x 128, top-k 512, expert 2048, window 128) with 16 routed experts (of 256) and two layers, one CSA
@@ -38,6 +38,10 @@ CUDA graphs, the per-request middle of the attention eager (`parity.optimized.gr
 row reports the bytes its layers read (from one eager step), its % of the roofline over the whole step, one graphed
 step under the profiler (the per-op timers cannot see inside a graph), and one more with the host's own time split
 into the attention middles, the piece replays, the head and the rest.
+
+`--overlap` adds the decode sizes again with `EngineConfig(overlap=True)` (and graphs with `--graphs`): the next
+step is issued before the host reads this step's tokens, so the steps run back to back with no synchronization
+between them; each such row's step time is the period between the host's step starts (no breakdown).
 
 `--smoke` runs the same code on CPU on `ModelArgs.tiny()` with the torch backend (decode 2, prefill 16, repeat 1
 unless given), timing with `time.perf_counter`: a check of the code path, not a measurement.
@@ -84,6 +88,13 @@ def timed_step(engine: Engine, device: torch.device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
+def untimed_wall(fn) -> float:
+    """Host wall ms of `fn()`, the device not waited for."""
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
 def prefill_engine(model, tokens: int, gen: torch.Generator) -> Engine:
     config = EngineConfig(max_requests=1, num_blocks=tokens // 16 + 8, chunk_size=tokens, token_budget=tokens)
     engine = Engine(model, config)
@@ -105,7 +116,7 @@ def prefill_ms(model, tokens: int, repeat: int, gen: torch.Generator, device, ra
 
 def decode_ms(
     model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs: bool = False, mtp: bool = False,
-    context: int = 0,
+    context: int = 0, overlap: bool = False,
 ):  # fmt: skip
     """Decode steps of `batch` requests after a 64-token prompt each, or, with `context`, placed after that many
     positions without a prefill (`bench/placed.py`: random cache contents). `mtp`: one MTP draft per step, so a step
@@ -122,6 +133,7 @@ def decode_ms(
         token_budget=PROMPT_FOR_DECODE * batch,
         graphs=graphs,
         mtp_draft=1 if mtp else 0,
+        overlap=overlap,
     )
     engine = Engine(model, config)
     if context:
@@ -133,6 +145,11 @@ def decode_ms(
         engine.step()  # every prompt in one step (the budget holds them all)
     if any(r.in_prefill for r in engine.running):
         raise RuntimeError("decode bench: prompts not prefilled in one step")
+    if overlap:  # back to back, no sync between steps: each step's time is the period the host keeps
+        sync(device)
+        times = [untimed_wall(engine.step) for _ in range(steps)]
+        sync(device)
+        return times[1:], None
     times = [timed_step(engine, device) for _ in range(steps)]  # with graphs, the first one captures
     if rate is None:
         return times[1:], None
@@ -143,6 +160,10 @@ def decode_ms(
 
 def mtp_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs=False, context=0):
     return decode_ms(model, batch, repeat, gen, device, None, graphs=graphs, mtp=True, context=context)
+
+
+def overlap_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs=False, context=0):
+    return decode_ms(model, batch, repeat, gen, device, None, graphs=graphs, context=context, overlap=True)
 
 
 def breakdown(model, next_engine, n_tokens: int, device, rate: float) -> dict:
@@ -335,6 +356,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny model on CPU, torch backend: checks the code path")
     p.add_argument("--graphs", action="store_true", help="decode also with the layers' per-token work replayed from "
                    "graphs (EngineConfig.graphs)")  # fmt: skip
+    p.add_argument("--overlap", action="store_true", help="decode also with each step issued before the last "
+                   "step's tokens are read (EngineConfig.overlap; with --graphs, graphed)")  # fmt: skip
     p.add_argument("--mtp", action="store_true", help="decode also with one MTP draft per step (verification, "
                    "replays, drafting; with --graphs also graphed)")  # fmt: skip
     p.add_argument("--layers", type=int, default=2, help="layers of the Flash-shaped model (the host's per-layer "
@@ -388,6 +411,8 @@ def main() -> None:
             runs = [("prefill", opts.prefill, prefill_ms), ("decode", opts.decode, partial(decode_ms, **at))]
             if opts.graphs:
                 runs.append(("decode graphs", opts.decode, partial(decode_ms, graphs=True, **at)))
+            if opts.overlap:  # no breakdown: its probes synchronize every step
+                runs.append(("decode overlap", opts.decode, partial(overlap_ms, graphs=opts.graphs, **at)))
             if opts.mtp:  # no breakdown: its probes time plain decode steps
                 runs.append(("mtp decode", opts.decode, partial(mtp_ms, graphs=False, **at)))
                 if opts.graphs:

@@ -13,6 +13,9 @@ One `step()`:
    (speculative MTP positions are rolled back right away);
 6. finish requests that have all their tokens: their blocks and slot are freed and poisoned with NaN.
 
+With `overlap`, step 3 leaves the greedy tokens on the device: the next step's batch takes them from there and the
+host reads them after issuing that step, so a step's host work runs while the GPU finishes the step before it.
+
 Requests are independent: a request's tokens and logits do not depend on its slot or its batchmates (per-request
 shapes in the torch ops, row-independent GEMMs), which the tests check bitwise.
 """
@@ -84,11 +87,12 @@ class Request:
 
 @dataclass(frozen=True)
 class Scheduled:
-    """One request's share of a forward, as the scheduler planned it: `tokens` fed at positions `start ..`."""
+    """One request's share of a forward, as the scheduler planned it: `tokens` fed at positions `start ..` (None: a
+    token sampled by the last step that the host has not read yet, fed from the device: `EngineConfig.overlap`)."""
 
     req: Request
     start: int
-    tokens: tuple[int, ...]
+    tokens: tuple[int | None, ...]
     _: KW_ONLY
     prefill: bool = False  # prompt tokens (a prefill chunk), not the pending token and its drafts
     n_draft: int = 0  # trailing MTP draft tokens to verify (0 for prefill and plain decode)
@@ -112,6 +116,25 @@ class EngineConfig:
     # decode steps replay each layer's per-token work from graphs (CUDA graphs on a GPU; `parity.optimized.graphs`):
     # the same values, less of the host's per-op cost; off while any module has hooks (dumps, teacher forcing)
     graphs: bool = False
+    # the greedy tokens of a step stay on the device: the next step's batch reads them there and the host reads them
+    # one step later, after issuing that step (no wait for the GPU between steps). The same tokens and logits; a
+    # running request's newest output is None until read (finished requests are read). Not with MTP drafts, whose
+    # acceptance decides the next step's positions
+    overlap: bool = False
+
+
+@dataclass(frozen=True)
+class Unread:
+    """A step's greedy tokens not yet read by the host (`EngineConfig.overlap`): `ids` on the device, and for each
+    placeholder (request, index in its output, row of `ids`)."""
+
+    ids: torch.Tensor  # [rows] int64
+    places: list[tuple[Request, int, int]]
+
+    def read(self) -> None:
+        values = self.ids.tolist()  # the one device -> host read of the step's tokens
+        for req, k, row in self.places:
+            req.output[k] = values[row]
 
 
 class Engine:
@@ -128,6 +151,8 @@ class Engine:
         args = model.args
         if config.mtp_draft < 0 or (config.mtp_draft and not args.n_mtp_layers):
             raise ParityError(f"EngineConfig.mtp_draft: needs >= 0 and an MTP layer, got {config.mtp_draft}")
+        if config.overlap and config.mtp_draft:
+            raise ParityError("EngineConfig.overlap: not with mtp_draft (a draft's acceptance decides the next step)")
         self.model = model
         self.args = args
         self.config = config
@@ -149,6 +174,7 @@ class Engine:
         self.on_phase = on_phase
         self.draft_fn = draft_fn
         self.graphs = DecodeGraphs() if config.graphs else None
+        self.unread: Unread | None = None  # the last step's tokens, with `overlap`
 
     # requests
     def add_request(self, tokens, max_new_tokens: int, forced: list[int] | None = None) -> int:
@@ -215,10 +241,31 @@ class Engine:
         return plan
 
     def _batch(self, plan: list[Scheduled], speculative: bool = False) -> Batch:
-        chunks = [Chunk(request_id=s.req.id, slot=s.req.slot, start_pos=s.start, tokens=s.tokens) for s in plan]
+        fed = [tuple(0 if t is None else t for t in s.tokens) for s in plan]  # unread tokens: `_feed_unread`
+        chunks = [Chunk(request_id=s.req.id, slot=s.req.slot, start_pos=s.start, tokens=t) for s, t in zip(plan, fed)]
         tables = self._tables([s.req for s in plan])
         exact = self.config.decode_exact_chunks
-        return make_batch(chunks, tables, self.device, per_token_after_context=exact, speculative=speculative)
+        batch = make_batch(chunks, tables, self.device, per_token_after_context=exact, speculative=speculative)
+        self._feed_unread(plan, batch)
+        return batch
+
+    def _feed_unread(self, plan: list[Scheduled], batch: Batch) -> None:
+        """The batch's tokens the host has not read (None in the plan), copied from the last step's ids on the
+        device. Its host copy (`Batch.host`) keeps a 0 there: the host's plans read positions and tables, never
+        token ids."""
+        if self.unread is None:
+            return
+        row_of = {(req.id, k): row for req, k, row in self.unread.places}
+        dst, src = [], []
+        for i, s in enumerate(plan):
+            prompt = len(s.req.prompt_ids)
+            for j, t in enumerate(s.tokens):
+                if t is None:
+                    dst.append(batch.cu_seqlens[i] + j)
+                    src.append(row_of[s.req.id, s.start + j - prompt])
+        if dst:
+            dst_d, src_d = batch.to_device_many([dst, src])
+            batch.tokens.index_copy_(0, dst_d, self.unread.ids.index_select(0, src_d))
 
     def _forward(self, phase: str, plan: list[Scheduled]) -> tuple[Batch, torch.Tensor]:
         for s in plan:
@@ -242,8 +289,11 @@ class Engine:
         # a mixed batch is tagged by its most specific member
         phase = "mtp-verify" if verifying else ("prefill" if all(s.prefill for s in plan) else "decode")
         batch, h = self._forward(phase, plan)
+        last, self.unread = self.unread, None
         with self._scope(phase, batch):  # the head runs on the step's rows: same tags as its forward
             replay = self._commit(plan, batch, h)
+        if last is not None:  # the last step's tokens, read once this step is issued
+            last.read()
         if replay:
             # a rejected draft's position wrote the ring and the compressor state: restore, then replay the
             # committed tokens so the cache holds exactly what a non-speculative run would have
@@ -271,9 +321,13 @@ class Engine:
         }
         rows_all = [r for want in wants.values() for r in want]
         taken = {}  # request index -> (its logits rows, its greedy tokens)
+        places = []  # with overlap: (request, output index, greedy row) of every token left unread
+        ids = None
         if wants:
             head = self.model.head_logits(h, batch, rows_all)
-            greedy_all = head.argmax(-1).tolist()  # one device -> host read (argmax per row: per-request calls' ids)
+            ids = head.argmax(-1)  # argmax per row: per-request calls' ids
+            # one device -> host read; with overlap none here (the next step reads them: `Unread`)
+            greedy_all = list(range(len(rows_all))) if self.config.overlap else ids.tolist()
             head_rows = head.unbind(0)  # every row's view from one call, not a slice per request and a view per token
             at = 0
             for i, want in wants.items():
@@ -287,6 +341,9 @@ class Engine:
                 self._keep_streams(req, h, rows)
                 continue
             logits, greedy = taken[i]
+            unread_rows = None
+            if self.config.overlap and req.forced is None:  # greedy holds rows of the step's ids: None until read
+                unread_rows, greedy = greedy, [None] * len(greedy)
             if req.forced is not None:
                 n_out = len(req.output)
                 greedy = [req.forced[min(n_out + j, len(req.forced) - 1)] for j in range(len(greedy))]
@@ -297,6 +354,8 @@ class Engine:
             req.drafts_accepted += accepted
             for j in range(accepted + 1):
                 if not req.done:
+                    if unread_rows is not None:
+                        places.append((req, len(req.output), unread_rows[j]))
                     req.output.append(greedy[j])
                     req.logits.append(logits[j])
             committed = len(tokens) - n_draft + accepted
@@ -307,6 +366,8 @@ class Engine:
                 replay.append(Scheduled(req, s.start, tokens[:committed]))
             else:
                 req.num_computed = s.start + committed
+        if places:
+            self.unread = Unread(ids, places)
         return replay
 
     def _keep_streams(self, req: Request, h: torch.Tensor, rows: slice, n: int | None = None) -> None:
@@ -370,6 +431,9 @@ class Engine:
         done = [req for req in self.running if req.done]
         if not done:
             return
+        if self.unread is not None and any(None in req.output for req in done):
+            self.unread.read()  # a finished request's outputs are read (the step's others with them)
+            self.unread = None
         blocks: dict[int, list[int]] = {}
         for req in done:
             for r, ids in req.blocks.items():
