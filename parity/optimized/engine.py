@@ -125,14 +125,30 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class Unread:
-    """A step's greedy tokens not yet read by the host (`EngineConfig.overlap`): `ids` on the device, and for each
-    placeholder (request, index in its output, row of `ids`)."""
+    """A step's greedy tokens not yet read by the host (`EngineConfig.overlap`): `ids` on the device, their copy on
+    the host, and for each placeholder (request, index in its output, row of `ids`)."""
 
-    ids: torch.Tensor  # [rows] int64
+    ids: torch.Tensor  # [rows] int64, on the model's device
+    host: torch.Tensor  # [rows] int64: `ids`, copied once the step's work is done (`ready`)
+    ready: torch.cuda.Event | None  # recorded after that copy (None: nothing to wait for)
     places: list[tuple[Request, int, int]]
 
+    @classmethod
+    def issue(cls, ids: torch.Tensor, places: list[tuple[Request, int, int]]) -> "Unread":
+        """Copy `ids` to the host behind the step's work. A plain device -> host read would wait for everything
+        issued on the stream by then: the next step too, which is all the overlap is for."""
+        if ids.device.type != "cuda":
+            return cls(ids, ids.cpu(), None, places)
+        host = torch.empty(ids.shape, dtype=ids.dtype, pin_memory=True)
+        host.copy_(ids, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return cls(ids, host, ready, places)
+
     def read(self) -> None:
-        values = self.ids.tolist()  # the one device -> host read of the step's tokens
+        if self.ready is not None:
+            self.ready.synchronize()  # this step's copy; the work issued after it runs on
+        values = self.host.tolist()
         for req, k, row in self.places:
             req.output[k] = values[row]
 
@@ -367,7 +383,7 @@ class Engine:
             else:
                 req.num_computed = s.start + committed
         if places:
-            self.unread = Unread(ids, places)
+            self.unread = Unread.issue(ids, places)
         return replay
 
     def _keep_streams(self, req: Request, h: torch.Tensor, rows: slice, n: int | None = None) -> None:

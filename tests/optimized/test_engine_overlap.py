@@ -11,14 +11,15 @@ from parity.checkpoint import build_model
 from parity.errors import ParityError
 from parity.optimized import model as opt_model
 from parity.optimized.engine import Engine, EngineConfig
+from parity.optimized.ops import OpsConfig, resolve_ops
 
 # (prompt length, new tokens): lengths straddle the compress ratios (4, 128) and the window (128)
 REQUESTS = ((150, 3), (37, 6), (4, 1), (131, 4), (90, 5))
 FORCED = 1  # this request emits given tokens (teacher forcing)
 
 
-def run(ckpt, vocab: int, overlap: bool, graphs: bool = False, seen=None) -> dict:
-    model, _ = build_model(ckpt, factory=lambda a: opt_model.OptimizedTransformer(a))
+def run(ckpt, vocab: int, overlap: bool, graphs: bool = False, seen=None, device="cpu", ops=None) -> dict:
+    model, _ = build_model(ckpt, device=device, factory=lambda a: opt_model.OptimizedTransformer(a, ops))
     config = EngineConfig(max_requests=2, chunk_size=48, token_budget=96, graphs=graphs, overlap=overlap)
     engine = Engine(model, config)
     g = torch.Generator().manual_seed(0)
@@ -45,6 +46,19 @@ def test_overlap_gives_the_same_tokens_and_logits(tiny_ckpt, tiny_args, graphs):
     # never an older one
     assert any(out and out[-1] is None for out in seen)
     assert all(None not in out[:-1] for out in seen)
+
+
+@pytest.mark.gpu
+def test_overlap_on_cuda_with_graphs_and_the_triton_backend(tiny_ckpt, tiny_args):
+    """On a GPU the host reads a step's tokens from a copy issued behind it (`Unread.issue`): the same outputs and
+    logits as the reading engine, with CUDA graphs and the Triton kernels."""
+    ops = resolve_ops(OpsConfig(default="triton"))
+    kw = dict(graphs=True, device="cuda", ops=ops)
+    want = run(tiny_ckpt, tiny_args.vocab_size, overlap=False, **kw)
+    got = run(tiny_ckpt, tiny_args.vocab_size, overlap=True, **kw)
+    for i, req in want.items():
+        assert got[i].output == req.output
+        assert all(torch.equal(a, b) for a, b in zip(got[i].logits, req.logits)), i
 
 
 def test_tokens_fed_from_the_device_matter(tiny_ckpt, tiny_args, monkeypatch):
