@@ -80,10 +80,13 @@ def _fp8_group_kernel(
     if MODE == 0:
         y_offs = rows[:, None, None] * y_row_stride + within
         tl.store(y_ptr + y_offs, y.to(tl.float8e4nv), mask=mask)
-        if PAIRS:  # rows < PAIRS_ROWS again in the pairs order (`_gemm_common.pairs_order`), permuted in registers
-            yp = tl.reshape(y.to(tl.float8e4nv), (BR, BG, BLOCK // 32, 16, 2))
-            yp = tl.reshape(tl.permute(yp, (0, 1, 2, 4, 3)), (BR, BG, BLOCK))
-            tl.store(yp_ptr + y_offs, yp, mask=mask & (rows < PAIRS_ROWS)[:, None, None])
+        if PAIRS:
+            # rows < PAIRS_ROWS again in the pairs order (`_gemm_common.pairs_order`): element 2b + h of each 32-wide
+            # run stored at h * 16 + b. Permuted by the store's addresses: a permute of the fp8 registers (reshape,
+            # permute, reshape) passed the interpreter but wrote other orders on the H100 (one-row tiles)
+            pairs = (cols // 32) * 32 + (cols % 2) * 16 + (cols % 32) // 2
+            yp_offs = rows[:, None, None] * y_row_stride + groups[None, :, None] * BLOCK + pairs[None, None, :]
+            tl.store(yp_ptr + yp_offs, y.to(tl.float8e4nv), mask=mask & (rows < PAIRS_ROWS)[:, None, None])
         s_offs = rows[:, None] * NG + groups[None, :]
         s_mask = (rows < R)[:, None] & (groups < NG)[None, :]
         if S_E8M0:
