@@ -163,23 +163,3 @@ def test_planted_bug_wrong_scale_exponent_is_caught(impl):
         check(impl, bits(s.cpu()), bits(rs))
     with pytest.raises(AssertionError):
         check(impl, bits(y.cpu()), bits(ry))
-
-
-@pytest.mark.parametrize(("t", "pairs_rows"), [(1, 0), (1, 1), (7, 3), (64, 64), (129, 65), (129, 129)])
-def test_paired_rows_are_the_pairs_order_of_the_quantized_rows(impl, t, pairs_rows):
-    # moe_experts' act_quant writes its routed rows twice from the same registers: in K order and in the pairs order
-    # its FP4 tiles read; both bit for bit what `quantize` and `_gemm_common.pairs_order` make (a kernel that wrote
-    # K order twice fails: the two orders differ on these rows)
-    if impl.backend != "triton":
-        pytest.skip("the paired store is the triton kernel's")
-    from parity.optimized.ops.triton import _gemm_common
-    from parity.optimized.ops.triton.act_quant import quantize, quantize_paired
-
-    x = activations(t, 512).to(device_of(impl))
-    y, s, yp = quantize_paired(x, 128, "ue8m0", torch.float32, pairs_rows)
-    ry, rs = quantize(x, 128, "ue8m0", torch.float32)
-    assert torch.equal(bits(y), bits(ry)) and torch.equal(s, rs)
-    assert yp.shape == (pairs_rows, 512)
-    assert torch.equal(bits(yp), bits(_gemm_common.pairs_order(y[:pairs_rows])))
-    if pairs_rows:
-        assert not torch.equal(bits(yp), bits(y[:pairs_rows]))

@@ -60,10 +60,9 @@ def fake_round(y, MODE: tl.constexpr):
 
 @triton.jit
 def _fp8_group_kernel(
-    x_ptr, y_ptr, s_ptr, yp_ptr, R, NG, x_row_stride, y_row_stride, PAIRS_ROWS,
+    x_ptr, y_ptr, s_ptr, R, NG, x_row_stride, y_row_stride,
     BLOCK: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr,
-    ROUND_SCALE: tl.constexpr, MODE: tl.constexpr, S_E8M0: tl.constexpr, PAIRS: tl.constexpr = False,
-    SCALE_SHIFT: tl.constexpr = 0,
+    ROUND_SCALE: tl.constexpr, MODE: tl.constexpr, S_E8M0: tl.constexpr, SCALE_SHIFT: tl.constexpr = 0,
 ):  # fmt: skip
     # SCALE_SHIFT: a planted-bug hook for the tests (added to the scale exponent); always 0 in the op
     # int64 index math: no int32 overflow for large tensors (and the interpreter skips its int32 overflow checks)
@@ -80,13 +79,6 @@ def _fp8_group_kernel(
     if MODE == 0:
         y_offs = rows[:, None, None] * y_row_stride + within
         tl.store(y_ptr + y_offs, y.to(tl.float8e4nv), mask=mask)
-        if PAIRS:
-            # rows < PAIRS_ROWS again in the pairs order (`_gemm_common.pairs_order`): element 2b + h of each 32-wide
-            # run stored at h * 16 + b. Permuted by the store's addresses: a permute of the fp8 registers (reshape,
-            # permute, reshape) passed the interpreter but wrote other orders on the H100 (one-row tiles)
-            pairs = (cols // 32) * 32 + (cols % 2) * 16 + (cols % 32) // 2
-            yp_offs = rows[:, None, None] * y_row_stride + groups[None, :, None] * BLOCK + pairs[None, None, :]
-            tl.store(yp_ptr + yp_offs, y.to(tl.float8e4nv), mask=mask & (rows < PAIRS_ROWS)[:, None, None])
         s_offs = rows[:, None] * NG + groups[None, :]
         s_mask = (rows < R)[:, None] & (groups < NG)[None, :]
         if S_E8M0:
@@ -119,7 +111,7 @@ def fake_quant_fp8(x: torch.Tensor, block_size: int, scale_fmt, scale_dtype, mod
     return x
 
 
-def _launch(rows, y, s, block, round_scale, mode, e8m0, scale_shift, yp=None, pairs_rows=0):
+def _launch(rows, y, s, block, round_scale, mode, e8m0, scale_shift):
     r, n = rows.shape
     if r == 0 or n == 0:
         return
@@ -127,9 +119,8 @@ def _launch(rows, y, s, block, round_scale, mode, e8m0, scale_shift, yp=None, pa
     br, bg = group_tiles(ng, block, r)
     grid = (runtime.cdiv(r, br), runtime.cdiv(ng, bg))
     _fp8_group_kernel[grid](
-        rows, y, s, y if yp is None else yp, r, ng, rows.stride(0), n, pairs_rows,
-        BLOCK=block, BR=br, BG=bg, ROUND_SCALE=round_scale, MODE=mode, S_E8M0=e8m0, PAIRS=pairs_rows > 0,
-        SCALE_SHIFT=scale_shift,
+        rows, y, s, r, ng, rows.stride(0), n,
+        BLOCK=block, BR=br, BG=bg, ROUND_SCALE=round_scale, MODE=mode, S_E8M0=e8m0, SCALE_SHIFT=scale_shift,
     )  # fmt: skip
 
 
@@ -149,33 +140,15 @@ def quantize(x, block_size, scale_fmt, scale_dtype, inplace=False, scale_shift=0
     """act_quant with the tests' planted-bug hook (`scale_shift` added to every scale exponent)."""
     if inplace:
         return fake_quant_fp8(x, block_size, scale_fmt, scale_dtype, FAKE_E4M3, scale_shift)
-    y, s, _ = _quantize(x, block_size, scale_fmt, scale_dtype, scale_shift, None)
-    return y, s
-
-
-def quantize_paired(x: torch.Tensor, block_size, scale_fmt, scale_dtype, pairs_rows: int):
-    """act_quant of x `[R, N]` that also writes its first `pairs_rows` rows in the pairs order
-    (`_gemm_common.pairs_order`, the order the FP4 GEMM tiles read) from the same registers: (y, s, y_pairs
-    `[pairs_rows, N]`), y_pairs bit for bit `pairs_order(y[:pairs_rows])`, without a second launch that reads y
-    back (moe_experts: the routed rows for FP4 experts, the shared expert's rows in K order). Compiled for sm_90: 34
-    registers against 32, no shared memory; not yet run on a GPU nor timed (session 17 had no device time left)."""
-    assert x.dim() == 2 and block_size % 32 == 0 and 0 <= pairs_rows <= x.shape[0], (x.shape, block_size, pairs_rows)
-    return _quantize(x, block_size, scale_fmt, scale_dtype, 0, pairs_rows)
-
-
-def _quantize(x, block_size, scale_fmt, scale_dtype, scale_shift, pairs_rows):
     _check(x, block_size, scale_fmt, scale_dtype)
     n = x.size(-1)
     rows = as_rows(x)
     if rows is None:
         rows = x.reshape(-1, n).contiguous()
     y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
-    yp = None if pairs_rows is None else torch.empty(pairs_rows, n, dtype=torch.float8_e4m3fn, device=x.device)
     e8m0 = scale_dtype == torch.float8_e8m0fnu
     s = torch.empty(*x.shape[:-1], n // block_size, dtype=torch.uint8 if e8m0 else torch.float32, device=x.device)
-    _launch(rows, y, s, block_size, scale_fmt is not None, QUANTIZE, e8m0, scale_shift, yp, pairs_rows or 0)
+    _launch(rows, y, s, block_size, scale_fmt is not None, QUANTIZE, e8m0, scale_shift)
     if e8m0:
-        s = s.view(torch.float8_e8m0fnu)
-    elif scale_dtype != torch.float32:
-        s = s.to(scale_dtype)
-    return y, s, yp
+        return y, s.view(torch.float8_e8m0fnu)
+    return y, s if scale_dtype == torch.float32 else s.to(scale_dtype)

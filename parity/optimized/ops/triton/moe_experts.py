@@ -10,9 +10,8 @@ Steps (all on the device, no host sync):
    program builds it (`_plan_kernel`); above, torch ops (`_plan_torch`, ~50 launches), the same values.
 2. x quantized once per (token, 128-group) by the Triton act_quant (bit for bit the official recipe, spec §3.2:
    what `linear()` feeds the expert GEMM; quantizing in every program's K loop instead redid the same work once per
-   feature slice, 16-32 times); with FP4 routed weights the same launch also writes the rows in the pairs order
-   (`act_quant.quantize_paired`, bit for bit `_gemm_common.pairs_order` of them), the order in which the FP4 tiles
-   decode their weights without byte shuffles (a torch copy before, one more launch).
+   feature slice, 16-32 times); with FP4 routed weights a copy in the pairs order (`_gemm_common.pairs_order`),
+   the order in which the FP4 tiles decode their weights without byte shuffles.
    Gate-up kernel, one program per (tile, 64/128-feature slice of the inter dim): the tile's quantized token rows
    are gathered, then g = x W1^T and u = x W3^T with the weight format's own block
    structure (FP4 e2m1: 32-wide K blocks, C += (P * sa) * sb, spec §3.5; FP8 e4m3 with 128x128 block scales: 128-wide
@@ -20,8 +19,8 @@ Steps (all on the device, no host sync):
    output. Epilogue (spec §9.2): u clamped to +-limit, g to max=limit (limit > 0 only), h = silu(g) * u in fp32
    (silu as g / (1 + exp(-g)) with an IEEE division, like torch's kernels), routed rows times their routing weight
    (fp32, route scale already in it, before w2), h rounded to bf16.
-3. h quantized per 128-group by act_quant (the one in front of w2; the routed rows also written in the pairs order
-   when their weights are FP4), then the down kernel, one program per (tile,
+3. h quantized per 128-group by act_quant (the one in front of w2; the routed rows copied in the pairs order when
+   their weights are FP4), then the down kernel, one program per (tile,
    feature slice of dim): the same block GEMM with W2, the expert's bf16 output stored per sorted row.
    Both GEMM kernels accumulate K in chunks (`k_chunk`: at most 8 chunks of whole 128-K trips, a function of K
    alone; each chunk from zero, the chunk sums added in order, `_gemm_common`'s K-only chunking). Launches of up to
@@ -642,9 +641,9 @@ def moe_experts(
     with common.on_device(x), common.split_reduction(ws1, out, split, True):
         # each token's activations quantized once (what `linear()` feeds the expert GEMMs, bit for bit), not once per
         # feature slice in every program's K loop
-        # the routed FP4 tiles read the pairs order (written by the same launch), the shared expert's FP8 tiles K order
-        xq, xs, xqp = act_quant.quantize_paired(x, 128, scale_fmt, torch.float32, t if routed_fp4 else 0)
-        xqp = xqp if routed_fp4 else xq
+        xq, xs = act_quant.quantize(x, 128, scale_fmt, torch.float32)
+        # the routed FP4 tiles read a copy in the pairs order, the shared expert's FP8 tiles the natural one
+        xqp = common.pairs_order(xq) if routed_fp4 else xq
         _gate_up[lambda meta: (runtime.cdiv(inter, meta["BLOCK_W"]), n_plan, chunks1 if split else 1)](
             xq, xqp, xs, plan, row_tok, row_w, h,
             rw1, rw3, rs1, rs3, table1,
@@ -655,9 +654,8 @@ def moe_experts(
             **flags,
             **common.NO_FMA,
         )  # fmt: skip
-        # act_quant in front of w2, once; the routed rows also in the pairs order for the FP4 tiles
-        hq, hs, hqp = act_quant.quantize_paired(h, 128, scale_fmt, torch.float32, r if routed_fp4 else 0)
-        hqp = hqp if routed_fp4 else hq
+        hq, hs = act_quant.quantize(h, 128, scale_fmt, torch.float32)  # act_quant in front of w2, once
+        hqp = common.pairs_order(hq[:r]) if routed_fp4 else hq  # the routed rows, for the FP4 tiles
         _down[lambda meta: (runtime.cdiv(d, meta["BLOCK_W"]), n_plan, chunks2 if split else 1)](
             hq, hqp, hs, plan, y,
             rw2, rs2, table2, sw2, ss2, ws2, cnt,
