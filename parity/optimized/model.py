@@ -455,8 +455,11 @@ class OptAttention(ref.Attention):
         if index_topk is None:  # HCA: every completed entry
 
             def hca(b: Batch) -> torch.Tensor:
+                # built on the device (past HOST_BUILD_ENTRIES), its lists start from the window lists the batch's
+                # other layers read (built on the host), not from a device rebuild of them (~25 more launches)
+                idx = batch.on_host(("window idx", win, ring_rows), window) if b is batch else window(b)
                 entries = self._hca_entries(b.positions, ratio, plan.n_entries)
-                return _with_entries(b, cache, plan, window(b), entries, ratio, ring_rows)
+                return _with_entries(b, cache, plan, idx, entries, ratio, ring_rows)
 
             # its lists walk every entry of the batch's contexts: built on the device past HOST_BUILD_ENTRIES of them
             return batch.on_host(("hca idx", win, ratio, ring_rows), hca, _hca_walk(batch, plan))

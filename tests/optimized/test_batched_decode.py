@@ -14,6 +14,8 @@ import pytest
 import torch
 
 from parity.checkpoint import build_model
+from parity.optimized import batch as batch_module
+from parity.optimized import model as opt_model
 from parity.optimized.batch import Batch, Chunk, make_batch
 from parity.optimized.cache import PagedCache
 from parity.optimized.model import OptCompressor, OptimizedTransformer
@@ -151,3 +153,19 @@ def test_index_lists_built_from_the_host_copy_give_the_same_bits(model, specs, p
     h_host = s.run(range(len(specs)), other)
     same = torch.equal(_bits(h), _bits(h_host)) and _mismatches(s.cache, other) == []
     assert same != plant
+
+
+def test_hca_lists_built_on_the_device_start_from_the_host_window_lists(model, monkeypatch):
+    # past HOST_BUILD_ENTRIES an HCA layer's lists are built on the device (here the batch itself, its `host` a forced
+    # copy as above) while the window lists are built on the host: the same bits as lists built on the host, and
+    # one window build per batch (the HCA build takes the host-built lists the other layers read, not a rebuild)
+    s = Setup(model, DECODES)
+    other = copy.deepcopy(s.cache)
+    monkeypatch.setattr(Batch, "host", property(Batch.host_copy))
+    h = s.run(range(len(DECODES)))
+    window_rows_of, built = opt_model._window_rows_of, []
+    monkeypatch.setattr(opt_model, "_window_rows_of", lambda *a: built.append(a[0]) or window_rows_of(*a))
+    monkeypatch.setattr(batch_module, "HOST_BUILD_ENTRIES", 0)  # window lists walk no entries: still on the host
+    h_device = s.run(range(len(DECODES)), other)
+    assert torch.equal(_bits(h), _bits(h_device)) and _mismatches(s.cache, other) == []
+    assert len(built) == 1
