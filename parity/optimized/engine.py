@@ -118,8 +118,8 @@ class EngineConfig:
     graphs: bool = False
     # the greedy tokens of a step stay on the device: the next step's batch reads them there and the host reads them
     # one step later, after issuing that step (no wait for the GPU between steps). The same tokens and logits; a
-    # running request's newest output is None until read (finished requests are read). Not with MTP drafts, whose
-    # acceptance decides the next step's positions
+    # request's newest output is None until read (a finished one's too: read by the next step, or when `step` finds
+    # nothing left to run). Not with MTP drafts, whose acceptance decides the next step's positions
     overlap: bool = False
 
 
@@ -299,6 +299,9 @@ class Engine:
         self._admit()
         plan = self._schedule()
         if not plan:
+            if self.unread is not None:  # the last step's tokens: nothing left to issue before reading them
+                self.unread.read()
+                self.unread = None
             return False
         verifying = [s for s in plan if s.n_draft > 0]
         snapshots = {s.req.id: self.cache.snapshot(s.req.slot, list(range(s.start, s.end))) for s in verifying}
@@ -447,9 +450,6 @@ class Engine:
         done = [req for req in self.running if req.done]
         if not done:
             return
-        if self.unread is not None and any(None in req.output for req in done):
-            self.unread.read()  # a finished request's outputs are read (the step's others with them)
-            self.unread = None
         blocks: dict[int, list[int]] = {}
         for req in done:
             for r, ids in req.blocks.items():

@@ -27,8 +27,10 @@ def run(ckpt, vocab: int, overlap: bool, graphs: bool = False, seen=None, device
         forced = torch.randint(0, vocab, (new,), generator=g).tolist() if i == FORCED else None
         engine.add_request(torch.randint(0, vocab, (n,), generator=g), new, forced=forced)
     while engine.step():
-        if seen is not None:  # what the host holds of each running request between steps
-            seen.extend(list(req.output) for req in engine.running)
+        if seen is not None:  # what the host holds of each request between steps: (finished, output)
+            seen.extend(
+                (req.id in engine.finished, list(req.output)) for req in [*engine.running, *engine.finished.values()]
+            )
     return engine.finished
 
 
@@ -42,10 +44,11 @@ def test_overlap_gives_the_same_tokens_and_logits(tiny_ckpt, tiny_args, graphs):
         assert got[i].output == req.output and len(req.output) == REQUESTS[i][1]
         assert len(got[i].logits) == len(req.logits)
         assert all(torch.equal(a, b) for a, b in zip(got[i].logits, req.logits)), i
-    # the host really ran a step ahead: a running request's newest token was unread (None) after some steps, and
-    # never an older one
-    assert any(out and out[-1] is None for out in seen)
-    assert all(None not in out[:-1] for out in seen)
+    # the host really ran a step ahead: a request's newest token was unread (None) after some steps, also a finished
+    # one's (a finishing step does not wait for the GPU either), and never an older one
+    assert any(out and out[-1] is None for _, out in seen)
+    assert all(None not in out[:-1] for _, out in seen)
+    assert any(finished and out[-1] is None for finished, out in seen)
 
 
 @pytest.mark.gpu
