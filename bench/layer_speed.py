@@ -41,7 +41,8 @@ into the attention middles, the piece replays, the head and the rest.
 
 `--overlap` adds the decode sizes again with `EngineConfig(overlap=True)` (and graphs with `--graphs`): the next
 step is issued before the host reads this step's tokens, so the steps run back to back with no synchronization
-between them; each such row's step time is the period between the host's step starts (no breakdown).
+between them; each such row's step time is the period between the host's step starts (with `--breakdown`, only the
+bytes its layers read and its share of the roofline over the whole step).
 
 `--smoke` runs the same code on CPU on `ModelArgs.tiny()` with the torch backend (decode 2, prefill 16, repeat 1
 unless given), timing with `time.perf_counter`: a check of the code path, not a measurement.
@@ -150,7 +151,7 @@ def decode_ms(
         sync(device)
         times = [untimed_wall(engine.step) for _ in range(steps)]
         sync(device)
-        return times[1:], None
+        return times[1:], None if rate is None else step_roofline(model, engine, batch, device, rate, times[1:])
     times = [timed_step(engine, device) for _ in range(steps)]  # with graphs, the first one captures
     if rate is None:
         return times[1:], None
@@ -164,7 +165,7 @@ def mtp_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=No
 
 
 def overlap_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs=False, context=0):
-    return decode_ms(model, batch, repeat, gen, device, None, graphs=graphs, context=context, overlap=True)
+    return decode_ms(model, batch, repeat, gen, device, rate, graphs=graphs, context=context, overlap=True)
 
 
 def breakdown(model, next_engine, n_tokens: int, device, rate: float) -> dict:
@@ -199,13 +200,26 @@ def breakdown(model, next_engine, n_tokens: int, device, rate: float) -> dict:
     )
 
 
+def layer_bytes(model, engine: Engine, n_tokens: int, device) -> int:
+    """The bytes the layers of one more step must read (from an eager step: the probe's hooks keep the graphs off,
+    and the bytes do not depend on how the ops were launched)."""
+    with StepProbe(model, time_ops=False) as probe:
+        timed_step(engine, device)
+    return sum(b["total"] for b in bytes_model(model, probe.summary(), n_tokens).values())
+
+
+def step_roofline(model, engine: Engine, n_tokens: int, device, rate: float, times: list[float]) -> dict:
+    """An overlapped row's share of the HBM roofline over the whole step (its per-op probes would synchronize)."""
+    total = layer_bytes(model, engine, n_tokens, device)
+    pct = 100 * total / rate * 1e3 / statistics.median(times)
+    return dict(overlapped=True, bytes=total, copy_rate_gbs=rate / 1e9, pct_roofline_step=pct)
+
+
 def graphed_breakdown(model, engine: Engine, n_tokens: int, device, rate: float, step_ms: float) -> dict:
     """For a step replayed from graphs: the bytes its layers must read (from one eager step: the probe's hooks keep
     the graphs off, and the bytes do not depend on how the ops were launched), the % of the roofline of the whole
     graphed step (an upper bound on the layers' time), and one graphed step under the profiler."""
-    with StepProbe(model, time_ops=False) as probe:
-        timed_step(engine, device)
-    total = sum(b["total"] for b in bytes_model(model, probe.summary(), n_tokens).values())
+    total = layer_bytes(model, engine, n_tokens, device)
     host = host_profile(lambda: timed_step(engine, device), device)
     return dict(
         graphed=True,
@@ -306,6 +320,15 @@ def graphed_md(r: dict) -> list[str]:
 def breakdown_md(r: dict) -> list[str]:
     if r["breakdown"].get("graphed"):
         return graphed_md(r)
+    if r["breakdown"].get("overlapped"):
+        b = r["breakdown"]
+        return [
+            "",
+            f"### {r['backend']} {r['phase']} {r['size']}: step median {r['median_ms']:.2f} ms (back to back)",
+            "",
+            f"The layers must read {b['bytes'] / 2**20:.1f} MiB: {b['pct_roofline_step']:.1f} % of the HBM roofline "
+            f"over the whole step (copy {b['copy_rate_gbs']:.0f} GB/s).",
+        ]
     b = r["breakdown"]
     head = f"### {r['backend']} {r['phase']} {r['size']}: op-timed step {b['wall_ms']:.2f} ms"
     lines = ["", head, ""]
@@ -412,7 +435,7 @@ def main() -> None:
             runs = [("prefill", opts.prefill, prefill_ms), ("decode", opts.decode, partial(decode_ms, **at))]
             if opts.graphs:
                 runs.append(("decode graphs", opts.decode, partial(decode_ms, graphs=True, **at)))
-            if opts.overlap:  # no breakdown: its probes synchronize every step
+            if opts.overlap:  # breakdown: the step's share of the roofline only (the per-op probes synchronize)
                 runs.append(("decode overlap", opts.decode, partial(overlap_ms, graphs=opts.graphs, **at)))
             if opts.mtp:  # no breakdown: its probes time plain decode steps
                 runs.append(("mtp decode", opts.decode, partial(mtp_ms, graphs=False, **at)))
