@@ -23,7 +23,6 @@ import statistics
 import sys
 import tempfile
 import time
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -56,15 +55,13 @@ def plan_builders(engine: Engine, cache) -> dict:
     args, win = engine.args, engine.args.window_size
     ring_rows = cache.window[0].shape[0] * win
     topk = args.index_topk
-    hca = next(layer.attn for layer in engine.model.layers if layer.attn.compress_ratio == 128)
+    swa, hca = (next(layer.attn for layer in engine.model.layers if layer.attn.compress_ratio == r) for r in (0, 128))
 
     def hca_lists(b):  # the layer's own build, on the host or the device by `Batch.on_host`'s rule
         return hca._sparse_idx(b, cache, None, ring_rows)
 
-    def window_first(b):  # what a step has built before an HCA layer: the window lists (its first layer's)
-        b.on_host(
-            ("window idx", win, ring_rows), partial(opt_model._window_rows, cache=cache, win=win, ring_rows=ring_rows)
-        )
+    def window_first(b):  # what a step has built before an HCA layer: a window layer's lists (its first layer's)
+        swa._sparse_idx(b, cache, None, ring_rows)
         return b
 
     return {

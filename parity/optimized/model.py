@@ -450,21 +450,21 @@ class OptAttention(ref.Attention):
         # the window lists, and an HCA layer's whole lists, are functions of the batch alone: built once per batch on
         # the host and copied (`Batch.on_host`), not once per layer (the kernels only read them)
         window = partial(_window_rows, cache=cache, win=win, ring_rows=ring_rows)
+        window_idx = partial(batch.on_host, ("window idx", win, ring_rows), window)  # every layer's, on the device
         if not ratio:
-            return batch.on_host(("window idx", win, ring_rows), window)[:, : plan.width]
+            return window_idx()[:, : plan.width]
         if index_topk is None:  # HCA: every completed entry
 
             def hca(b: Batch) -> torch.Tensor:
                 # built on the device (past HOST_BUILD_ENTRIES), its lists start from the window lists the batch's
                 # other layers read (built on the host), not from a device rebuild of them (~25 more launches)
-                idx = batch.on_host(("window idx", win, ring_rows), window) if b is batch else window(b)
+                idx = window_idx() if b is batch else window(b)
                 entries = self._hca_entries(b.positions, ratio, plan.n_entries)
                 return _with_entries(b, cache, plan, idx, entries, ratio, ring_rows)
 
             # its lists walk every entry of the batch's contexts: built on the device past HOST_BUILD_ENTRIES of them
             return batch.on_host(("hca idx", win, ratio, ring_rows), hca, _hca_walk(batch, plan))
-        idx = batch.on_host(("window idx", win, ring_rows), window)
-        return _with_entries(batch, cache, plan, idx, index_topk, ratio, ring_rows)
+        return _with_entries(batch, cache, plan, window_idx(), index_topk, ratio, ring_rows)
 
     @staticmethod
     def _hca_entries(positions: torch.Tensor, ratio: int, width: int) -> torch.Tensor:
