@@ -257,7 +257,12 @@ class Engine:
         return plan
 
     def _batch(self, plan: list[Scheduled], speculative: bool = False) -> Batch:
-        fed = [tuple(0 if t is None else t for t in s.tokens) for s in plan]  # unread tokens: `_feed_unread`
+        # tokens the host has not read (None, only while the last step's are unread) go in as 0: `_feed_unread`
+        fed = (
+            [tuple(0 if t is None else t for t in s.tokens) for s in plan]
+            if self.unread is not None
+            else [s.tokens for s in plan]
+        )
         chunks = [Chunk(request_id=s.req.id, slot=s.req.slot, start_pos=s.start, tokens=t) for s, t in zip(plan, fed)]
         tables = self._tables([s.req for s in plan])
         exact = self.config.decode_exact_chunks
