@@ -76,6 +76,7 @@ ATTN_SIG = _sig(
 )
 TOPK_SIG = _sig("sc_ptr:*fp32 meta_ptr:*i64 out_ptr:*i64 L:i32 T:i32 K:i32 start_pos:i32 ratio:i32")
 TREE_SIG = _sig("src_ptr:*fp32 meta_ptr:*i64 out_ptr:*i64 T:i32 W:i32 K:i32 start_pos:i32 ratio:i32")
+RADIX_SIG = _sig("sc_ptr:*fp32 meta_ptr:*i64 tmp_ptr:*i64 out_ptr:*i64 T:i32 K:i32 start_pos:i32 ratio:i32")
 POOL_SIG = _sig("kv_ptr:*fp32 sc_ptr:*fp32 out_ptr:*fp32 N:i32 W:i32 C:i32 kv_sn:i32 kv_sw:i32 sc_sn:i32 sc_sw:i32")
 SCORES_SIG = _sig(
     "q_ptr:*bf16 e_ptr:*bf16 w_ptr:*bf16 out_ptr:*fp32 L:i32 H:i32 T:i32 D:i32 q_sl:i32 q_sh:i32 e_st:i32 w_sl:i32 "
@@ -166,6 +167,9 @@ def cases():
                 sig = {**TREE_SIG, "src_ptr": src}
                 name = f"indexer top-k tree k {kp} C 4096 first {first} ragged {ragged}"
                 yield name, indexer_topk._topk_tree_kernel, sig, tree, 8, 3
+            radix = dict(KP=kp, C=4096, RAGGED=ragged, PLANT=0)
+            name = f"indexer top-k radix k {kp} C 4096 ragged {ragged}"
+            yield name, indexer_topk._topk_radix_kernel, RADIX_SIG, radix, 8, 3
     from parity.optimized.ops.triton import hc_head, hc_pre
 
     for d in (4096, 7168):  # the mHC mixers at their launch tiles: decode (the narrow finisher) to prefill

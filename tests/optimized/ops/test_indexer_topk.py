@@ -165,26 +165,71 @@ def test_all_scores_tied(impl):
     judge(impl, out, expected, twin_score_rows(q, entries, weights, 40), 40)
 
 
+@pytest.mark.parametrize("method", ["merge", "radix"])
 @pytest.mark.parametrize(
     ("start_pos", "queries", "topk"),
     [
-        # the triton backend's chunked bitonic merge (its long-row path on the GPU) on a short row, tiny chunks
-        pytest.param(63, 5, 16, id="one-merge"),
-        # rows of ~100 visible entries in chunks of 16 keys, top 8: four levels of the tree (7 chunks -> 56
-        # candidates -> 4 chunks -> 2 -> 1), each keeping its chunks' top 8
-        pytest.param(400, 3, 8, id="tree-levels"),
+        # the triton backend's long-row kernels on a short row, tiny chunks
+        pytest.param(63, 5, 16, id="one-chunk"),
+        # rows of ~100 visible entries in chunks of 16 keys, top 8: the merge's four tree levels (7 chunks -> 56
+        # candidates -> 4 chunks -> 2 -> 1), each keeping its chunks' top 8; the radix select's 7 chunks a pass
+        pytest.param(400, 3, 8, id="many-chunks"),
     ],
 )
-def test_long_rows_through_the_merging_kernel(impl, start_pos, queries, topk):
+def test_long_rows_through_the_chunked_kernels(impl, method, start_pos, queries, topk):
     # the same ids as ranking the whole row at once, and judged against the twin
     if impl.backend != "triton":
-        pytest.skip("only the triton backend has two top-k kernels")
+        pytest.skip("only the triton backend has several top-k kernels")
     q, entries, weights = operands(start_pos, queries, 4)
     rank = run(impl, q, entries, weights, topk, start_pos, method="rank")
-    merged = run(impl, q, entries, weights, topk, start_pos, method="merge", chunk=16)
-    assert torch.equal(rank, merged)
+    chunked = run(impl, q, entries, weights, topk, start_pos, method=method, chunk=16)
+    assert torch.equal(rank, chunked)
     expected = reference_decodes(q, entries, weights, topk, start_pos, topk)
-    judge(impl, merged, expected, twin_score_rows(q, entries, weights, start_pos), start_pos)
+    judge(impl, chunked, expected, twin_score_rows(q, entries, weights, start_pos), start_pos)
+
+
+def crafted_scores(n, t, seed):
+    # rows the model's relu scores rarely give, each hard for a radix select: -0 next to +0, ties across the k-th
+    # place, +-inf, negatives, and runs of values that share their top 24 bits (the last digit decides)
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(n, t, generator=g)
+    s[:, ::3] = 0.0
+    s[:, 1::7] = -0.0
+    s[:, 2::5] = s[:, 2:3]
+    near = torch.tensor(1.0).view(torch.int32) + torch.randint(0, 200, (n, t), generator=g, dtype=torch.int32)
+    s[:, 4::2] = near.view(torch.float32)[:, 4::2]
+    s[:, 5], s[:, 6] = float("inf"), float("-inf")
+    return s
+
+
+@pytest.mark.parametrize("method", ["rank", "merge", "radix"])
+@pytest.mark.parametrize(
+    ("start_pos", "n", "t", "k", "chunk"),
+    [(400, 3, 100, 8, 16), (0, 9, 40, 8, 16), (1200, 4, 300, 32, 64), (60, 3, 16, 64, None)],
+)
+def test_selection_of_crafted_scores(impl, method, start_pos, n, t, k, chunk):
+    # the top-k kernels on score rows given directly: the visible entries stably sorted by descending score
+    # (ascending id among equal scores, +0 == -0), -1 past them; rows that see fewer than k entries and none
+    if impl.backend != "triton":
+        pytest.skip("the triton backend's top-k kernels")
+    from parity.optimized.ops.triton import indexer_topk as tri
+
+    scores = crafted_scores(n, t, start_pos + t)
+    out = torch.empty(n, k, dtype=torch.int64, device=device_of(impl))
+    got = tri._topk(scores.to(out.device), out, start_pos, RATIO, None, method, chunk).cpu()
+    assert torch.equal(got, tie_rule(scores.where(scores != 0, 0.0), start_pos, k))
+
+
+def test_planted_bug_radix_digit_pass_dropped_is_caught(impl):
+    # the radix select without its last digit's pass: entries that share the top 24 bits of the k-th score tie
+    if impl.backend != "triton":
+        pytest.skip("the triton backend's radix select")
+    from parity.optimized.ops.triton import indexer_topk as tri
+
+    scores = crafted_scores(3, 100, 7)
+    out = torch.empty(3, 8, dtype=torch.int64, device=device_of(impl))
+    got = tri._topk(scores.to(out.device), out, 400, RATIO, None, "radix", 16, plant=1).cpu()
+    assert not torch.equal(got, tie_rule(scores.where(scores != 0, 0.0), 400, 8))
 
 
 def test_output_is_fully_written(impl, monkeypatch):

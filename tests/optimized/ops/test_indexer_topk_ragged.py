@@ -125,11 +125,11 @@ def test_all_scores_tied(impl):
     assert torch.equal(run(impl, b), per_sequence(impl, b))
 
 
-@pytest.mark.parametrize("method", ["rank", "merge"])
-def test_both_top_k_kernels(impl, method):
-    # the triton backend's chunked bitonic merge (its long-row path on the GPU) on short rows, tiny chunks
+@pytest.mark.parametrize("method", ["rank", "merge", "radix"])
+def test_every_top_k_kernel(impl, method):
+    # the triton backend's long-row kernels (the chunked bitonic merge, the radix select) on short rows, tiny chunks
     if impl.backend != "triton":
-        pytest.skip("only the triton backend has two top-k kernels")
+        pytest.skip("only the triton backend has several top-k kernels")
     b = make_batch([(400, 3), (63, 1), (0, 37), (2, 1)], index_topk=8, num_blocks=40)
     kwargs = dict(method=method, chunk=16)
     assert torch.equal(run(impl, b, **kwargs), per_sequence(impl, b))

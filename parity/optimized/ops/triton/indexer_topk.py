@@ -15,11 +15,13 @@ Two kernels:
 2. top-k (programs per block of queries, or per (row, chunk) for long rows): entry j is visible to query r iff j <
    (start_pos + r + 1) // ratio (a prefill is start_pos 0: j < (r + 1) // ratio; the same rule as the twin's -inf
    mask and its per-token decode rows). Each visible (score, j) becomes an int64 key, score order in the high 32 bits
-   (+0 and -0 equal), ~j in the low bits. Short rows: each key's rank is counted directly. Long rows: a tree of
-   levels, one program per (row, chunk of keys) keeping the chunk's top KP with Triton's bitonic `tl.topk`, until one
-   chunk is left (a decode row of 16k entries: its chunks run on as many SMs, where a single program merging chunk
-   after chunk was serial). Output: the first k keys as entry ids in descending score order, -1 where a query sees
-   fewer than k entries.
+   (+0 and -0 equal), ~j in the low bits. Short rows: each key's rank is counted directly. Long rows: a radix select,
+   one program per row: four 8-bit histogram passes find the k-th largest score's 32-bit order, one more pass
+   gathers the <= k keys above it and the lowest-id ones equal to it, and one bitonic sort of those orders them
+   (rows too few to fill the GPU, each of more than 8 chunks of 4096 keys, take a tree of levels instead, one
+   program per (row, chunk) keeping the chunk's top KP with Triton's bitonic `tl.topk`: the chunks run in
+   parallel). Output: the first k keys as entry ids in descending score order, -1 where a query sees fewer than k
+   entries.
 
 The ragged form (`indexer_topk_ragged`, the engine's call on one rank) serves a whole batch of sequences with the
 same two steps, one scores launch and one top-k pass for all query rows: each row carries its sequence's (first
@@ -37,6 +39,9 @@ compare as sets modulo ties (`bitwise=False`).
 Speed on the H200 (docs/perf-h200/triton_attention.md, 2026-12-03): a decode row of 16384 entries 0.09 ms (Flash,
 k 512) / 0.15 ms (Pro, k 1024), 2.6x / 1.7x the torch backend (the single-program merge took 0.27 / 0.33 ms);
 the scores and top-k of one row are latency bound (1 % of copy bandwidth), a 4k prefill is at ~40 %.
+On the H100 (session 20, `bench/triton_attention.py --ops indexer_topk --quick`, graph ms, merge -> radix select):
+a decode row of 16384 entries 0.098 -> 0.075 (Flash) / 0.159 -> 0.079 (Pro); a 4k prefill 0.819 -> 0.614 /
+0.875 -> 0.748; the ragged op at 64 requests of <= 16k entries 0.105 -> 0.075 / 0.122 -> 0.084 (docs/perf.md).
 """
 
 import functools
@@ -48,6 +53,7 @@ import triton.language as tl
 from parity.optimized.ops.triton import runtime
 
 IDX_BITS = 31  # low key bits: ~entry id (entries < 2^31)
+MERGE_CHUNKS_PER_ROW = 8  # the merge's 4096-key chunks per row above which few long rows take it (`_topk`)
 
 
 # per-step counts (entries, rows, k, position) are not specialized: a decode would compile a variant each time one
@@ -101,13 +107,17 @@ def _weighted_head_sum(s, w, W_BF16: tl.constexpr):
 
 
 @triton.jit
+def _order(scores):
+    # fp32 score -> int64 in [0, 2^32), monotone in the float value (+0 and -0 equal, as in torch.topk)
+    s = tl.where(scores == 0.0, 0.0, scores)
+    bits = s.to(tl.int32, bitcast=True).to(tl.int64)
+    return tl.where(bits < 0, ~bits, bits + 2147483648)
+
+
+@triton.jit
 def _keys(scores, ents, visible):
     # (score, entry) -> int64 key, larger = earlier in the output; invisible -> -1
-    s = tl.where(scores == 0.0, 0.0, scores)  # -0 == +0 in torch.topk
-    bits = s.to(tl.int32, bitcast=True).to(tl.int64)
-    order = tl.where(bits < 0, ~bits, bits + 2147483648)  # monotone in the float value, in [0, 2^32)
-    key = (order << 31) | (2147483647 - ents)
-    return tl.where(visible, key, -1)
+    return tl.where(visible, (_order(scores) << 31) | (2147483647 - ents), -1)
 
 
 @triton.jit
@@ -204,6 +214,63 @@ def _topk_tree_kernel(
         tl.store(out_ptr + (row * tl.num_programs(1) + chunk) * KP + cols, best)
 
 
+@triton.jit(do_not_specialize=["T", "K", "start_pos"])
+def _topk_radix_kernel(
+    sc_ptr, meta_ptr, tmp_ptr, out_ptr, T, K, start_pos, ratio, KP: tl.constexpr, C: tl.constexpr,
+    RAGGED: tl.constexpr, PLANT: tl.constexpr,
+):  # fmt: skip
+    # one program per query row, reading its scores in chunks of C: a radix select of the k-th largest score's
+    # 32-bit order, 8 bits a pass from the top (a histogram of the next digit among the entries that share the
+    # digits found so far), then one pass that gathers the entries above it and, of those equal to it, the ones
+    # with the smallest ids (the keys' tie rule), in id order, into the row's KP scratch slots; then one bitonic sort
+    # of those <= k keys. A row's scores are read 5 times, from L2 after the first (a 16k-entry row is 64 KiB).
+    # PLANT (tests only): 1 = the last digit's pass skipped (entries that share the top 24 bits tie by id)
+    row = tl.program_id(0).to(tl.int64)
+    vis, k = _row_limits(meta_ptr, row, row + 1, T, K, start_pos, ratio, RAGGED)
+    vis = vis.to(tl.int32)
+    take = tl.minimum(vis, k.to(tl.int32))  # the ids this row outputs
+    src = sc_ptr + row * T
+    bins = tl.arange(0, 256)
+    prefix = (vis * 0).to(tl.int64)  # the digits of the take-th largest order found so far
+    need = take  # how many of the entries whose order starts with prefix are still to be taken
+    if vis > take:  # else every visible entry is taken: prefix 0 and need = vis take them all below
+        for p in tl.static_range(4):
+            if p < 3 or PLANT != 1:
+                hist = tl.zeros([256], tl.int32)
+                for c0 in range(0, vis, C):
+                    pos = c0 + tl.arange(0, C)
+                    live = pos < vis
+                    order = _order(tl.load(src + pos, mask=live, other=0.0))
+                    if p > 0:
+                        live = live & ((order >> (32 - 8 * p)) == prefix)
+                    hist += tl.histogram(((order >> (24 - 8 * p)) & 255).to(tl.int32), 256, mask=live)
+                suffix = tl.sum(hist) - tl.cumsum(hist, 0) + hist  # entries in this digit's bins >= b
+                b = tl.sum((suffix >= need).to(tl.int32)) - 1  # the bin holding the need-th largest
+                need -= tl.sum(tl.where(bins > b, hist, 0))
+                prefix = prefix * 256 + b
+            else:
+                prefix = prefix * 256
+    # prefix is now the take-th largest order; take every entry above it and the first `need` equal to it
+    ties = vis * 0
+    taken = vis * 0
+    for c0 in range(0, vis, C):
+        pos = c0 + tl.arange(0, C)
+        live = pos < vis
+        order = _order(tl.load(src + pos, mask=live, other=0.0))
+        tie = live & (order == prefix)
+        pick = (live & (order > prefix)) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= need))
+        slot = taken + tl.cumsum(pick.to(tl.int32), 0) - 1
+        keys = (order << 31) | (2147483647 - pos.to(tl.int64))
+        tl.store(tmp_ptr + row * KP + slot, keys, mask=pick & (slot < take))  # (< take: a bound, not a rule)
+        ties += tl.sum(tie.to(tl.int32))
+        taken += tl.sum(pick.to(tl.int32))
+    tl.debug_barrier()  # the scratch slots written above by other threads of this program
+    cols = tl.arange(0, KP)
+    best = tl.sort(tl.load(tmp_ptr + row * KP + cols, mask=cols < take, other=-1), descending=True)
+    ids = tl.where(cols < take, 2147483647 - (best & 2147483647), -1)
+    tl.store(out_ptr + row * K + cols, ids, mask=cols < K)
+
+
 def index_scores(q: torch.Tensor, entries: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """`[L, t]` fp32 scores (bf16 values when the weights are bf16): the twin's head-summed relu scores."""
     n, h, d = q.shape
@@ -237,9 +304,9 @@ def indexer_topk(
     """The `IndexerTopk` contract: q bf16 `[L, h, d]`, entries bf16 `[t, d]`, weights `[L, h]` -> entry ids
     `[L, k]` int64 (-1 none), each row in descending score order (ties: ascending id).
 
-    `method`: "rank" (all entries of a row compared at once, O(t^2); for short rows and the interpreter) or
-    "merge" (a tree of bitonic top-k levels over chunks of up to `chunk` keys; long rows on the GPU); None picks
-    by the row length. Both give the same ids."""
+    `method`: "rank" (all entries of a row compared at once, O(t^2); for short rows and the interpreter), "radix"
+    (a radix select over chunks of up to `chunk` scores; long rows) or "merge" (a tree of bitonic top-k levels over
+    chunks of up to `chunk` keys; few long rows); None picks by the rows' length and count. All give the same ids."""
     n = q.shape[0]
     t = entries.shape[0]
     out = torch.empty(n, k, dtype=torch.int64, device=q.device)
@@ -313,7 +380,7 @@ def indexer_topk_ragged(
     return _topk(scores, out, 0, ratio, meta, method, chunk)
 
 
-def _topk(scores, out, start_pos, ratio, meta, method, chunk) -> torch.Tensor:
+def _topk(scores, out, start_pos, ratio, meta, method, chunk, plant: int = 0) -> torch.Tensor:
     # scores [L, t] -> out [L, K]: one request (meta None: row r at start_pos + r, k = K) or a ragged batch (per-row
     # entry count, k and position in meta)
     (n, t), k = scores.shape, out.shape[1]
@@ -323,13 +390,25 @@ def _topk(scores, out, start_pos, ratio, meta, method, chunk) -> torch.Tensor:
     if method is None:
         # the GPU keeps a row's TP x TP comparisons in registers (16K per program at most); the interpreter pays
         # per op, not per element, and its bitonic merges are slow
-        method = "rank" if tp <= (1024 if runtime.interpreting() else 128) else "merge"
+        # per op, not per element, and its bitonic merges are slow. Long rows: the radix select, one program a row,
+        # unless the rows are too few to fill the GPU and each has many 4096-key chunks for the merge's programs
+        # (H100, session 20: one row of 65536 entries, k 512: merge 139 us, radix 259 us; of 16384: 93 / 68 us)
+        if tp <= (1024 if runtime.interpreting() else 128):
+            method = "rank"
+        else:
+            method = "merge" if runtime.cdiv(t, 4096) > MERGE_CHUNKS_PER_ROW * n else "radix"
     if method == "rank":
         br = max(1, min(runtime.next_pow2(n), (1 << 20 if runtime.interpreting() else 1 << 13) // (tp * tp)))
         grid = (runtime.cdiv(n, br),)
         _topk_rank_kernel[grid](scores, meta, out, n, t, k, start_pos, ratio, TP=tp, BR=br, RAGGED=ragged, num_warps=8)
         return out
     kp = max(2, runtime.next_pow2(k))  # tl.topk needs k >= 2
+    if method == "radix":
+        c = min(max(16, runtime.next_pow2(t)), runtime.next_pow2(chunk or 4096))
+        tmp = torch.empty(n, kp, dtype=torch.int64, device=scores.device)
+        _topk_radix_kernel[(n,)](scores, meta, tmp, out, t, k, start_pos, ratio, KP=kp, C=c, RAGGED=ragged,
+                                 PLANT=plant, num_warps=8)  # fmt: skip
+        return out
     # a tree of top-k levels: each (row, chunk of `c` keys) program keeps its chunk's top kp, so a long row's
     # chunks run in parallel and each level divides the candidates by c / kp (the keys are distinct: the top k is
     # the same set, in the same order, whatever the chunking)
