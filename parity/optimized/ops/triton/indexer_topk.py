@@ -12,16 +12,16 @@ Two kernels:
    FP4-grid values (e2m1 x 2^k per 32-group, spec §3.3) whose 128-term dot products are exact in fp32 in any
    order, so every score is bit for bit the twin's; the head sum's fp32 order is the only other freedom and cannot
    move a bf16 result unless an fp32 partial sum is inexact (terms 2^24 apart) and lands on a rounding midpoint.
-2. top-k (programs per block of queries, or per (row, chunk) for long rows): entry j is visible to query r iff j <
-   (start_pos + r + 1) // ratio (a prefill is start_pos 0: j < (r + 1) // ratio; the same rule as the twin's -inf
-   mask and its per-token decode rows). Each visible (score, j) becomes an int64 key, score order in the high 32 bits
-   (+0 and -0 equal), ~j in the low bits. Short rows: each key's rank is counted directly. Long rows: a radix select,
-   one program per row: four 8-bit histogram passes find the k-th largest score's 32-bit order, one more pass
-   gathers the <= k keys above it and the lowest-id ones equal to it, and one bitonic sort of those orders them
-   (rows too few to fill the GPU, each of more than 8 chunks of 4096 keys, take a tree of levels instead, one
-   program per (row, chunk) keeping the chunk's top KP with Triton's bitonic `tl.topk`: the chunks run in
-   parallel). Output: the first k keys as entry ids in descending score order, -1 where a query sees fewer than k
-   entries.
+2. top-k (programs per block of queries; per row, or per (row, chunk), for long rows): entry j is visible to query
+   r iff j < (start_pos + r + 1) // ratio (a prefill is start_pos 0: j < (r + 1) // ratio; the same rule as the
+   twin's -inf mask and its per-token decode rows). Each visible (score, j) becomes an int64 key, score order in the
+   high 32 bits (+0 and -0 equal), ~j in the low bits. Short rows: each key's rank is counted directly. Long rows:
+   a radix select, one program per row: four 8-bit histogram passes find the k-th largest score's 32-bit order,
+   one more pass gathers the <= k keys above it and the lowest-id ones equal to it, and one bitonic sort of those
+   orders them (rows too few to fill the GPU, each of more than 8 chunks of 4096 keys, take a tree of levels
+   instead, one program per (row, chunk) keeping the chunk's top KP with Triton's bitonic `tl.topk`: the chunks run
+   in parallel). Output: the first k keys as entry ids in descending score order, -1 where a query sees fewer than
+   k entries.
 
 The ragged form (`indexer_topk_ragged`, the engine's call on one rank) serves a whole batch of sequences with the
 same two steps, one scores launch and one top-k pass for all query rows: each row carries its sequence's (first
@@ -389,7 +389,6 @@ def _topk(scores, out, start_pos, ratio, meta, method, chunk, plant: int = 0) ->
     tp = max(16, runtime.next_pow2(max(t, k)))
     if method is None:
         # the GPU keeps a row's TP x TP comparisons in registers (16K per program at most); the interpreter pays
-        # per op, not per element, and its bitonic merges are slow
         # per op, not per element, and its bitonic merges are slow. Long rows: the radix select, one program a row,
         # unless the rows are too few to fill the GPU and each has many 4096-key chunks for the merge's programs
         # (H100, session 20: one row of 65536 entries, k 512: merge 139 us, radix 259 us; of 16384: 93 / 68 us)
