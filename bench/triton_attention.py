@@ -478,6 +478,28 @@ def bench_indexer(roof, gen):
                    gms)  # fmt: skip
 
 
+def bench_topk_methods(roof):
+    """The top-k kernels alone on score rows (relu'd, bf16-valued: zeros tie, as the indexer's): the radix select
+    ("triton ms" / "graph ms") against the merge tree (in the shape's name) for few long rows, where `_topk` picks
+    between them (`MERGE_CHUNKS_PER_ROW`); the same ids required (torch.equal)."""
+    from parity.optimized.ops.triton import indexer_topk
+
+    k = 512
+    shapes = [(1, 1024), (2, 2048)] if ARGS.smoke else [(1, 16384), (1, 32768), (1, 65536), (4, 65536), (16, 65536),
+                                                        (64, 16384), (1, 131072)]  # fmt: skip
+    for n, t in shapes:
+        scores = torch.randn(n, t, device=DEV).relu().to(BF16).float()
+        ms, ids = {}, {}
+        for method in ("merge", "radix"):
+            out = torch.empty(n, k, dtype=torch.int64, device=DEV)
+            call = functools.partial(indexer_topk._topk, scores, out, 4 * t - 1, 4, None, method, None)
+            ids[method], ms[method] = call().clone(), graph_ms(call)
+        same = torch.equal(ids["merge"], ids["radix"])
+        check = "ids equal" if same else fail(f"indexer top-k methods L {n} entries {t}: ids differ")
+        name = f"L {n} entries {t} k {k} (merge graph {ms['merge']:.4f} ms)"
+        record("topk_radix", "-", name, bench_ms(call), None, scores.nbytes, 0, check, roof, "(no target)", ms["radix"])
+
+
 def _per_request_indexer(q, pool, entry_rows, w, cu_seqlens, cu_entries, ks, starts, ratio):
     # what the engine did before the ragged op: one gather, then one indexer_topk call per request, -1 padded
     ent = pool[entry_rows]
@@ -754,6 +776,7 @@ def main():
     if "indexer_topk" in ARGS.ops:
         bench_indexer(roof, gen)
         bench_indexer_ragged(roof, gen)
+        bench_topk_methods(roof)
     if "sparse_attn" in ARGS.ops:
         bench_sparse_attn(roof, gen)
     write(roof, time.perf_counter() - t0)
