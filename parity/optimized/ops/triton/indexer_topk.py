@@ -117,9 +117,21 @@ def _order(scores):
 
 
 @triton.jit
+def _key(order, ents):
+    # (score order, int64 entry) -> int64 key, larger = earlier in the output: the order above IDX_BITS of ~entry
+    return (order << 31) | (2147483647 - ents)
+
+
+@triton.jit
+def _entry(key):
+    # the entry id a key holds (`_key`'s low bits)
+    return 2147483647 - (key & 2147483647)
+
+
+@triton.jit
 def _keys(scores, ents, visible):
-    # (score, entry) -> int64 key, larger = earlier in the output; invisible -> -1
-    return tl.where(visible, (_order(scores) << 31) | (2147483647 - ents), -1)
+    # (score, entry) -> int64 key; invisible -> -1
+    return tl.where(visible, _key(_order(scores), ents), -1)
 
 
 @triton.jit
@@ -210,7 +222,7 @@ def _topk_tree_kernel(
     best = tl.reshape(tl.topk(tl.reshape(keys, [1, C]), KP, dim=1), [KP])
     cols = tl.arange(0, KP)
     if FINAL:
-        ids = tl.where((best >= 0) & (cols < k), 2147483647 - (best & 2147483647), -1)
+        ids = tl.where((best >= 0) & (cols < k), _entry(best), -1)
         tl.store(out_ptr + row * K + cols, ids, mask=cols < K)
     else:
         tl.store(out_ptr + (row * tl.num_programs(1) + chunk) * KP + cols, best)
@@ -262,14 +274,14 @@ def _topk_radix_kernel(
         tie = live & (order == prefix)
         pick = (live & (order > prefix)) | (tie & (ties + tl.cumsum(tie.to(tl.int32), 0) <= need))
         slot = taken + tl.cumsum(pick.to(tl.int32), 0) - 1
-        keys = (order << 31) | (2147483647 - pos.to(tl.int64))
+        keys = _key(order, pos.to(tl.int64))
         tl.store(tmp_ptr + row * KP + slot, keys, mask=pick & (slot < take))  # (< take: a bound, not a rule)
         ties += tl.sum(tie.to(tl.int32))
         taken += tl.sum(pick.to(tl.int32))
     tl.debug_barrier()  # the scratch slots written above by other threads of this program
     cols = tl.arange(0, KP)
     best = tl.sort(tl.load(tmp_ptr + row * KP + cols, mask=cols < take, other=-1), descending=True)
-    ids = tl.where(cols < take, 2147483647 - (best & 2147483647), -1)
+    ids = tl.where(cols < take, _entry(best), -1)
     tl.store(out_ptr + row * K + cols, ids, mask=cols < K)
 
 
