@@ -2,7 +2,7 @@
 
     PYTHONPATH=. python3 bench/layer_speed.py --out DIR [--backends torch triton] [--prefill [512 2048]]
                                               [--decode [1 8 64]] [--repeat 5] [--breakdown] [--layers 2] [--graphs]
-                                              [--mtp] [--overlap] [--context N] [--smoke]
+                                              [--mtp] [--overlap [--pyprofile]] [--context N] [--smoke]
 
 The model is `bench/gpu_checks.py flash`'s: V4-Flash widths (dim 4096, 64 heads of 512, q-LoRA 1024, o-LoRA 8 x 1024,
 indexer 64 x 128, top-k 512, expert 2048, window 128) with 16 routed experts (of 256) and two layers, one CSA
@@ -42,7 +42,8 @@ into the attention middles, the piece replays, the head and the rest.
 `--overlap` adds the decode sizes again with `EngineConfig(overlap=True)` (and graphs with `--graphs`): the next
 step is issued before the host reads this step's tokens, so the steps run back to back with no synchronization
 between them; each such row's step time is the period between the host's step starts (with `--breakdown`, only the
-bytes its layers read and its share of the roofline over the whole step).
+bytes its layers read and its share of the roofline over the whole step). `--pyprofile` runs three more such steps
+under cProfile and writes the host's functions by own and by cumulative time (`pyprofile_overlap_B.txt`).
 
 `--smoke` runs the same code on CPU on `ModelArgs.tiny()` with the torch backend (decode 2, prefill 16, repeat 1
 unless given), timing with `time.perf_counter`: a check of the code path, not a measurement.
@@ -115,16 +116,31 @@ def prefill_ms(model, tokens: int, repeat: int, gen: torch.Generator, device, ra
     return times, breakdown(model, lambda: prefill_engine(model, tokens, own), tokens, device, rate)
 
 
+def python_profile(run_steps, path: Path) -> None:
+    """Steps under cProfile (after the timed ones): the host functions by own time and by cumulative time, written
+    to `path`. cProfile slows Python-heavy code, so the shares say where the host's time goes, not its size."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.runcall(run_steps)
+    text = io.StringIO()
+    for key in ("tottime", "cumulative"):
+        pstats.Stats(prof, stream=text).strip_dirs().sort_stats(key).print_stats(45)
+    path.write_text(text.getvalue())
+
+
 def decode_ms(
     model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs: bool = False, mtp: bool = False,
-    context: int = 0, overlap: bool = False,
+    context: int = 0, overlap: bool = False, pyprofile: Path | None = None,
 ):  # fmt: skip
     """Decode steps of `batch` requests after a 64-token prompt each, or, with `context`, placed after that many
     positions without a prefill (`bench/placed.py`: random cache contents). `mtp`: one MTP draft per step, so a step
     verifies [token, draft] per request, replays the committed token where the draft was rejected (with the bench's
     random weights: nearly always) and drafts the next one."""
     steps = repeat + 1
-    extra = 0 if rate is None else 3  # the breakdown's three steps, after the timed ones
+    extra = (0 if rate is None else 3) + (3 if pyprofile else 0)  # the breakdown's and the profile's steps
     new_tokens = (steps + extra + 2) * (2 if mtp else 1)  # a step commits up to two tokens with a draft
     prompt = context or PROMPT_FOR_DECODE
     config = EngineConfig(
@@ -151,6 +167,14 @@ def decode_ms(
         sync(device)
         times = [untimed_wall(engine.step) for _ in range(steps)]
         sync(device)
+        if pyprofile:
+
+            def profiled_steps():
+                for _ in range(3):
+                    engine.step()
+                sync(device)
+
+            python_profile(profiled_steps, pyprofile)
         return times[1:], None if rate is None else step_roofline(model, engine, batch, device, rate, times[1:])
     times = [timed_step(engine, device) for _ in range(steps)]  # with graphs, the first one captures
     if rate is None:
@@ -164,8 +188,12 @@ def mtp_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=No
     return decode_ms(model, batch, repeat, gen, device, None, graphs=graphs, mtp=True, context=context)
 
 
-def overlap_ms(model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs=False, context=0):
-    return decode_ms(model, batch, repeat, gen, device, rate, graphs=graphs, context=context, overlap=True)
+def overlap_ms(
+    model, batch: int, repeat: int, gen: torch.Generator, device, rate=None, graphs=False, context=0, pyprofile=None
+):  # fmt: skip
+    profile = None if pyprofile is None else pyprofile / f"pyprofile_overlap_{batch}.txt"
+    return decode_ms(model, batch, repeat, gen, device, rate, graphs=graphs, context=context, overlap=True,
+                     pyprofile=profile)  # fmt: skip
 
 
 def breakdown(model, next_engine, n_tokens: int, device, rate: float) -> dict:
@@ -382,6 +410,8 @@ def main() -> None:
                    "graphs (EngineConfig.graphs)")  # fmt: skip
     p.add_argument("--overlap", action="store_true", help="decode also with each step issued before the last "
                    "step's tokens are read (EngineConfig.overlap; with --graphs, graphed)")  # fmt: skip
+    p.add_argument("--pyprofile", action="store_true", help="with --overlap: three more overlapped steps under "
+                   "cProfile, the host's functions by own and cumulative time (pyprofile_overlap_B.txt)")  # fmt: skip
     p.add_argument("--mtp", action="store_true", help="decode also with one MTP draft per step (verification, "
                    "replays, drafting; with --graphs also graphed)")  # fmt: skip
     p.add_argument("--layers", type=int, default=2, help="layers of the Flash-shaped model (the host's per-layer "
@@ -436,7 +466,9 @@ def main() -> None:
             if opts.graphs:
                 runs.append(("decode graphs", opts.decode, partial(decode_ms, graphs=True, **at)))
             if opts.overlap:  # breakdown: the step's share of the roofline only (the per-op probes synchronize)
-                runs.append(("decode overlap", opts.decode, partial(overlap_ms, graphs=opts.graphs, **at)))
+                profile = opts.out if opts.pyprofile else None
+                runs.append(("decode overlap", opts.decode, partial(overlap_ms, graphs=opts.graphs, pyprofile=profile,
+                                                                    **at)))  # fmt: skip
             if opts.mtp:  # no breakdown: its probes time plain decode steps
                 runs.append(("mtp decode", opts.decode, partial(mtp_ms, graphs=False, **at)))
                 if opts.graphs:

@@ -481,7 +481,7 @@ def bench_indexer(roof, gen):
 def bench_topk_methods(roof):
     """The top-k kernels alone on score rows (relu'd, bf16-valued: zeros tie, as the indexer's): the radix select
     ("triton ms" / "graph ms") against the merge tree (in the shape's name) for few long rows, where `_topk` picks
-    between them (`MERGE_CHUNKS_PER_ROW`); the same ids required (torch.equal)."""
+    between them (`MERGE_MIN_CHUNKS`, `MERGE_MAX_CHUNKS`); the same ids required (torch.equal)."""
     from parity.optimized.ops.triton import indexer_topk
 
     k = 512

@@ -220,6 +220,20 @@ def test_selection_of_crafted_scores(impl, method, start_pos, n, t, k, chunk):
     assert torch.equal(got, tie_rule(scores.where(scores != 0, 0.0), start_pos, k))
 
 
+@pytest.mark.parametrize(
+    ("n", "t", "method"),
+    [(1, 16384, "radix"), (1, 32768, "radix"), (1, 65536, "merge"), (4, 65536, "merge"), (16, 65536, "merge"),
+     (64, 16384, "radix"), (1, 131072, "merge"), (64, 65536, "radix"), (4096, 4096, "radix")],
+)  # fmt: skip
+def test_long_rows_take_the_measured_faster_method(n, t, method):
+    # the rule `_topk` applies, on the shapes whose merge and radix times placed it (MERGE_MIN_CHUNKS,
+    # MERGE_MAX_CHUNKS: H100, docs/perf.md); 64 rows of 64k, unmeasured, stay with the radix select's flat time
+    pytest.importorskip("triton")
+    from parity.optimized.ops.triton import indexer_topk as tri
+
+    assert tri._method(n, t, max(16, 1 << (t - 1).bit_length())) == method
+
+
 def test_planted_bug_radix_digit_pass_dropped_is_caught(impl):
     # the radix select without its last digit's pass: entries that share the top 24 bits of the k-th score tie
     if impl.backend != "triton":

@@ -53,9 +53,16 @@ import triton.language as tl
 from parity.optimized.ops.triton import runtime
 
 IDX_BITS = 31  # low key bits: ~entry id (entries < 2^31)
-# the merge's 4096-key chunks per row above which few long rows take it (`_topk`): placed between one measured row
-# of 16384 entries (radix faster) and one of 65536 (merge faster), not measured in between or for 2-16 rows
-MERGE_CHUNKS_PER_ROW = 8
+# where `_topk` takes the merge tree over the radix select (H100, session 21, score rows alone, CUDA graph, k 512:
+# docs/perf.md, twenty-first pass). The radix select runs one program a row, so its time follows the entries a row
+# (16k 69 us, 32k 129, 64k 262, 128k 559) and not the rows while they fit the SMs (1, 4 and 16 rows of 64k: 262
+# us each); the merge's chunk programs share the GPU (one row of 16k 94 us, 32k 126, 64k 140, 128k 156; 4 rows of
+# 64k 140, 16 rows 196, 64 rows of 16k 151). The merge: rows of more than MERGE_MIN_CHUNKS chunks of 4096 keys
+# (at 8, 32k entries, the two are within 3 %), while the whole launch has at most MERGE_MAX_CHUNKS chunks (the
+# merge's time grows ~0.3 us a chunk past ~64: it meets the radix select's 262 us near 480 chunks of 64k rows;
+# more than 16 rows of 64k entries was not measured)
+MERGE_MIN_CHUNKS = 8
+MERGE_MAX_CHUNKS = 512
 
 
 # per-step counts (entries, rows, k, position) are not specialized: a decode would compile a variant each time one
@@ -394,6 +401,17 @@ def indexer_topk_ragged(
     return _topk(scores, out, 0, ratio, meta, method, chunk)
 
 
+def _method(n: int, t: int, tp: int) -> str:
+    """The top-k kernel for n rows of t entries (padded to tp). The GPU keeps a row's tp x tp comparisons in
+    registers (16K per program at most); the interpreter pays per op, not per element, and its bitonic merges are
+    slow. Long rows: the radix select, but for rows of many 4096-key chunks in a launch of few chunks in all, where
+    the merge's chunk programs spread over the GPU (MERGE_MIN_CHUNKS, MERGE_MAX_CHUNKS)."""
+    if tp <= (1024 if runtime.interpreting() else 128):
+        return "rank"
+    chunks = runtime.cdiv(t, 4096)
+    return "merge" if chunks > MERGE_MIN_CHUNKS and n * chunks <= MERGE_MAX_CHUNKS else "radix"
+
+
 def _topk(scores, out, start_pos, ratio, meta, method, chunk, plant: int = 0) -> torch.Tensor:
     # scores [L, t] -> out [L, K]: one request (meta None: row r at start_pos + r, k = K) or a ragged batch (per-row
     # entry count, k and position in meta)
@@ -402,14 +420,7 @@ def _topk(scores, out, start_pos, ratio, meta, method, chunk, plant: int = 0) ->
     meta = meta if ragged else out  # an unread pointer of the right type
     tp = max(16, runtime.next_pow2(max(t, k)))
     if method is None:
-        # the GPU keeps a row's TP x TP comparisons in registers (16K per program at most); the interpreter pays
-        # per op, not per element, and its bitonic merges are slow. Long rows: the radix select, one program a row,
-        # unless the rows are too few to fill the GPU and each has many 4096-key chunks for the merge's programs
-        # (H100, session 20: one row of 65536 entries, k 512: merge 139 us, radix 259 us; of 16384: 93 / 68 us)
-        if tp <= (1024 if runtime.interpreting() else 128):
-            method = "rank"
-        else:
-            method = "merge" if runtime.cdiv(t, 4096) > MERGE_CHUNKS_PER_ROW * n else "radix"
+        method = _method(n, t, tp)
     if method == "rank":
         br = max(1, min(runtime.next_pow2(n), (1 << 20 if runtime.interpreting() else 1 << 13) // (tp * tp)))
         grid = (runtime.cdiv(n, br),)
