@@ -230,8 +230,9 @@ def test_long_rows_take_the_measured_faster_method(n, t, method):
     # MERGE_MAX_CHUNKS: H100, docs/perf.md); 64 rows of 64k, unmeasured, stay with the radix select's flat time
     pytest.importorskip("triton")
     from parity.optimized.ops.triton import indexer_topk as tri
+    from parity.optimized.ops.triton import runtime
 
-    assert tri._method(n, t, max(16, 1 << (t - 1).bit_length())) == method
+    assert tri._method(n, t, max(16, runtime.next_pow2(t))) == method
 
 
 def test_planted_bug_radix_digit_pass_dropped_is_caught(impl):

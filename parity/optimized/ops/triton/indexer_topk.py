@@ -18,7 +18,7 @@ Two kernels:
    high 32 bits (+0 and -0 equal), ~j in the low bits. Short rows: each key's rank is counted directly. Long rows:
    a radix select, one program per row: four 8-bit histogram passes find the k-th largest score's 32-bit order,
    one more pass gathers the <= k keys above it and the lowest-id ones equal to it, and one bitonic sort of those
-   orders them (rows too few to fill the GPU, each of more than 8 chunks of 4096 keys, take a tree of levels
+   orders them (rows of more than 8 chunks of 4096 keys in a launch of at most 512 chunks take a tree of levels
    instead, one program per (row, chunk) keeping the chunk's top KP with Triton's bitonic `tl.topk`: the chunks run
    in parallel). Output: the first k keys as entry ids in descending score order, -1 where a query sees fewer than
    k entries.
@@ -63,6 +63,7 @@ IDX_BITS = 31  # low key bits: ~entry id (entries < 2^31)
 # more than 16 rows of 64k entries was not measured)
 MERGE_MIN_CHUNKS = 8
 MERGE_MAX_CHUNKS = 512
+CHUNK = 4096  # keys a program of the long-row kernels reads at a time (the radix select) or keeps (a tree chunk)
 
 
 # per-step counts (entries, rows, k, position) are not specialized: a decode would compile a variant each time one
@@ -404,11 +405,11 @@ def indexer_topk_ragged(
 def _method(n: int, t: int, tp: int) -> str:
     """The top-k kernel for n rows of t entries (padded to tp). The GPU keeps a row's tp x tp comparisons in
     registers (16K per program at most); the interpreter pays per op, not per element, and its bitonic merges are
-    slow. Long rows: the radix select, but for rows of many 4096-key chunks in a launch of few chunks in all, where
+    slow. Long rows: the radix select, but for rows of many CHUNK-key chunks in a launch of few chunks in all, where
     the merge's chunk programs spread over the GPU (MERGE_MIN_CHUNKS, MERGE_MAX_CHUNKS)."""
     if tp <= (1024 if runtime.interpreting() else 128):
         return "rank"
-    chunks = runtime.cdiv(t, 4096)
+    chunks = runtime.cdiv(t, CHUNK)
     return "merge" if chunks > MERGE_MIN_CHUNKS and n * chunks <= MERGE_MAX_CHUNKS else "radix"
 
 
@@ -428,7 +429,7 @@ def _topk(scores, out, start_pos, ratio, meta, method, chunk, plant: int = 0) ->
         return out
     kp = max(2, runtime.next_pow2(k))  # tl.topk needs k >= 2
     if method == "radix":
-        c = min(max(16, runtime.next_pow2(t)), runtime.next_pow2(chunk or 4096))
+        c = min(max(16, runtime.next_pow2(t)), runtime.next_pow2(chunk or CHUNK))
         tmp = torch.empty(n, kp, dtype=torch.int64, device=scores.device)
         _topk_radix_kernel[(n,)](scores, meta, tmp, out, t, k, start_pos, ratio, KP=kp, C=c, RAGGED=ragged,
                                  PLANT=plant, num_warps=8)  # fmt: skip
@@ -436,7 +437,7 @@ def _topk(scores, out, start_pos, ratio, meta, method, chunk, plant: int = 0) ->
     # a tree of top-k levels: each (row, chunk of `c` keys) program keeps its chunk's top kp, so a long row's
     # chunks run in parallel and each level divides the candidates by c / kp (the keys are distinct: the top k is
     # the same set, in the same order, whatever the chunking)
-    widest = max(2 * kp, runtime.next_pow2(chunk or 4096))
+    widest = max(2 * kp, runtime.next_pow2(chunk or CHUNK))
     src, width, first = scores, t, True
     while True:
         c = min(widest, max(kp, runtime.next_pow2(width)))
