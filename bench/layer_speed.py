@@ -419,6 +419,8 @@ def main() -> None:
     p.add_argument("--context", type=int, default=0, help="decode after this many positions per request, placed "
                    "without a prefill (random cache contents); 0: after a prefilled 64-token prompt")  # fmt: skip
     opts = p.parse_args()
+    if opts.pyprofile and not opts.overlap:
+        p.error("--pyprofile profiles the --overlap rows: give --overlap too")
     if opts.layers < 1:
         p.error(f"--layers: expected at least 1, got {opts.layers}")
     if opts.context < 0:

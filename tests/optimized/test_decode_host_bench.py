@@ -59,16 +59,28 @@ def test_placed_requests_decode_after_their_contexts(tiny_ckpt):
     assert all(len(r.output) == 2 for r in engine.running)
 
 
+def test_layer_bench_refuses_a_profile_without_overlapped_rows(tmp_path):
+    cmd = [sys.executable, "bench/layer_speed.py", "--smoke", "--out", str(tmp_path), "--pyprofile"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120, env=env)
+    assert done.returncode == 2 and "--pyprofile profiles the --overlap rows" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
 def test_layer_bench_times_overlapped_steps(tmp_path):
-    # `--overlap` rows run as printed: back to back, with the bytes their layers read and the roofline share
+    # `--overlap` rows run as printed: back to back, with the bytes their layers read and the roofline share;
+    # `--pyprofile` writes their host profile
     cmd = [sys.executable, "bench/layer_speed.py", "--smoke", "--out", str(tmp_path), "--prefill", "--decode", "2"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(
-        [*cmd, "--overlap", "--breakdown"], cwd=REPO, capture_output=True, text=True, timeout=600, env=env
-    )
+        [*cmd, "--overlap", "--breakdown", "--pyprofile"], cwd=REPO, capture_output=True, text=True, timeout=600,
+        env=env,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads((tmp_path / "layer_speed.json").read_text())["rows"]
     (row,) = [r for r in rows if r["phase"] == "decode overlap"]
     b = row["breakdown"]
     assert row["size"] == 2 and row["median_ms"] > 0 and b["overlapped"] and b["bytes"] > 0
     assert 0 < b["pct_roofline_step"] < 100
+    profile = (tmp_path / "pyprofile_overlap_2.txt").read_text()
+    assert "Ordered by: internal time" in profile and "Ordered by: cumulative time" in profile
