@@ -46,53 +46,10 @@ import torch
 import triton
 import triton.language as tl
 
-from parity.optimized.ops.triton import runtime
+from parity.optimized.ops.triton import runtime, sparse_attn_wgmma
+from parity.optimized.ops.triton._attn_common import BLOCK_N, exp_f32, n_blocks, row_address
 
-BLOCK_N = 64  # the official kernel's top-k block: the running max and the bf16 P are per 64 slots
 MAX_SOURCES = 4
-
-# (constexpr: a compiled kernel may only read constexpr globals)
-LOG2E = tl.constexpr(1.4426950408889634)
-# ln 2 split for fp32 Cody-Waite: the high part has 12 trailing zero bits (k * LN2_HI_F exact for |k| < 2^12)
-LN2_HI_F = tl.constexpr(0.693145751953125)
-LN2_LO_F = tl.constexpr(1.428606765330187045e-06)
-
-
-@triton.jit
-def exp_f32(x):
-    """exp of fp32 x, ~1 ulp of the correctly rounded value; x < -87.3 (results below 1.2e-38) and -inf give 0,
-    x > 88.72 and +inf give +inf, NaN stays NaN."""
-    xc = tl.minimum(tl.maximum(x, -87.3), 88.72)
-    k = tl.floor(xc * LOG2E + 0.5)  # >= -126: 2^k is normal
-    r = (xc - k * LN2_HI_F) - k * LN2_LO_F  # |r| <= ln2 / 2 (+ rounding)
-    # Taylor to degree 7: the remainder r^8 / 8! < 2^-27 for |r| <= 0.35
-    p = 1.0 / 5040.0
-    p = p * r + 1.0 / 720.0
-    p = p * r + 1.0 / 120.0
-    p = p * r + 1.0 / 24.0
-    p = p * r + 1.0 / 6.0
-    p = p * r + 0.5
-    p = p * r + 1.0
-    p = p * r + 1.0
-    # 2^k in two factors (2^(k-1) * 2 for k > 0), so k = 128 (x just under 88.72) does not overflow the bits
-    up = (k > 0).to(tl.int32)
-    y = p * ((k.to(tl.int32) - up + 127) << 23).to(tl.float32, bitcast=True) * (1 + up).to(tl.float32)
-    y = tl.where(x < -87.3, 0.0, y)
-    y = tl.where(x > 88.72, float("inf"), y)  # +inf (an empty row's sink - -inf) too
-    return tl.where(x != x, x, y)
-
-
-@triton.jit
-def n_blocks(idx_rows, tmask, K, BN: tl.constexpr, CH: tl.constexpr):
-    """64-slot blocks to run per query ([BT] index-row pointers): up to the last valid slot, at least one when the
-    list is not empty (a row without any valid slot runs one block and gives the twin's NaN). Counted here rather
-    than by torch ops on the host: each of those is a launch, and launches bound the small decode batches."""
-    last = tl.zeros(idx_rows.shape, tl.int32)
-    for c0 in range(0, K, CH):
-        sl = c0 + tl.arange(0, CH)
-        r = tl.load(idx_rows[:, None] + sl[None, :], mask=tmask[:, None] & (sl < K)[None, :], other=-1)
-        last = tl.maximum(last, tl.max(tl.where(r >= 0, sl[None, :] + 1, 0), axis=1))
-    return tl.where(tmask, tl.maximum((last + BN - 1) // BN, tl.minimum(K, 1)), 0)
 
 
 # the index width K (and its row stride) grows with the context: not specialized, or decode steps would compile
@@ -125,15 +82,12 @@ def _sparse_attn_kernel(
     den = tl.zeros([BH], tl.float32)
     acc = tl.zeros([BH, DV], tl.float32)
     one = tl.arange(0, 1)
-    nblk = tl.max(n_blocks(idx_ptr + t * idx_st + one, one < 1, K, BN, 512), axis=0)
+    nblk = tl.max(n_blocks(idx_ptr + t * idx_st + one, one < 1, K, BN, tl.arange(0, 512)), axis=0)
     for b in range(0, nblk):
         slots = b * BN + tl.arange(0, BN)
         r = tl.load(idx_ptr + t * idx_st + slots, mask=slots < K, other=-1).to(tl.int64)
         valid = r >= 0
-        # the row's address in its source: virtual ids [0, c1) source 0, [c1, c2) source 1, ...
-        ptr = tl.where(r < c1, s0 + r * st0,
-              tl.where(r < c2, s1 + (r - c1) * st1,
-              tl.where(r < c3, s2 + (r - c2) * st2, s3 + (r - c3) * st3)))  # fmt: skip
+        ptr = row_address(r, s0, s1, s2, s3, c1, c2, c3, st0, st1, st2, st3)
         inside = valid & (r < c4)
         kv = tl.load(ptr[:, None] + own[None, :], mask=inside[:, None] & (own < D)[None, :], other=0.0)  # [BN, DV]
         s = tl.dot(q, tl.trans(kv))  # [BH, BN] fp32
@@ -178,16 +132,14 @@ def _sparse_attn_tokens_kernel(
     m = tl.full([BT, BH], float("-inf"), tl.float32)
     den = tl.zeros([BT, BH], tl.float32)
     acc = tl.zeros([BT, BH, DP], tl.float32)
-    nblk = n_blocks(idx_ptr + tok * idx_st, tmask, K, BN, 512)
+    nblk = n_blocks(idx_ptr + tok * idx_st, tmask, K, BN, tl.arange(0, 512))
     for b in range(0, tl.max(nblk, axis=0)):
         slots = b * BN + tl.arange(0, BN)
         run = tmask & (b < nblk)  # [BT]: queries whose list still has this block
         r = tl.load(idx_ptr + tok[:, None] * idx_st + slots[None, :], mask=run[:, None] & (slots < K)[None, :],
                     other=-1).to(tl.int64)  # fmt: skip
         valid = r >= 0
-        ptr = tl.where(r < c1, s0 + r * st0,
-              tl.where(r < c2, s1 + (r - c1) * st1,
-              tl.where(r < c3, s2 + (r - c2) * st2, s3 + (r - c3) * st3)))  # fmt: skip
+        ptr = row_address(r, s0, s1, s2, s3, c1, c2, c3, st0, st1, st2, st3)
         inside = valid & (r < c4)
         kv = tl.load(ptr[:, :, None] + dims[None, None, :], mask=inside[:, :, None] & dmask[None, None, :],
                      other=0.0)  # fmt: skip
@@ -284,6 +236,9 @@ def sparse_attn(q, sources, idx, attn_sink, softmax_scale, tokens_per_program: i
             # compiled, tl.dot needs 16 rows; interpreted, padding heads only costs time
             BH=runtime.next_pow2(h) if runtime.interpreting() else max(16, runtime.next_pow2(h)),
         )  # fmt: skip
+        return out
+    if config is None and not runtime.interpreting() and sparse_attn_wgmma.fits(q, srcs):
+        sparse_attn_wgmma.launch(q, out, idx, sink, srcs, bounds, softmax_scale)  # sm_90: the same math, laid out
         return out
     tail = (h, k, q.stride(0), q.stride(1), idx.stride(0), softmax_scale)
     if runtime.interpreting() and config is None:

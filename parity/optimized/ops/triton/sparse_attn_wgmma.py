@@ -1,0 +1,146 @@
+"""The Hopper (sm_90) kernel of the Triton `sparse_attn` op, written in Gluon: the same per-query math as
+`sparse_attn._sparse_attn_kernel`, with the work laid out by hand.
+
+Reference: parity.reference.kernels.sparse_attn (the official TileLang `sparse_attn_kernel`, spec §8); the op, its
+contract and its rounding are described in `sparse_attn.py`, whose wrapper launches this kernel on sm_90.
+
+Why a second kernel (docs/perf.md, twenty-first pass): for the Triton kernel's two chained dots Triton puts all 8
+warps along the heads (`warpsPerCTA [8, 1]`); with a 64-head block both warpgroups then compute the same scores
+S = q K^T and the same softmax, and only P V is split between them. Its KV loads are synchronous too. Here:
+- the scores `[BH, BN]` are laid out `[4, 2]`: each warpgroup computes and exponentiates half of the 64 slots (the
+  row max and row sum cross the two halves through shared memory), and each computes half of d of P V;
+- q `[BH, d]` is copied to shared memory once; each block's KV rows `[BN, d]` are gathered by asynchronous copies
+  (cp.async, 16 bytes a thread) into one of two buffers, the next block's issued before this block is computed;
+- the bf16 P goes through shared memory to both warpgroups' P V products (wgmma reads A and B from there).
+The arithmetic, in order, is the Triton kernel's: S (bf16 MMA, fp32 accumulate; another MMA instruction shape, so
+another summation order), where(valid, S, -inf) * scale, the running max per 64 slots, alpha and P by `exp_f32`,
+den = fma(den, alpha, sum P), acc = acc * alpha + bf16(P) . V, the sink, IEEE division, RNE to bf16. So it is judged
+like the Triton kernel (tests/optimized/ops/test_sparse_attn.py: the twin's error, plus the flip and noise
+allowances of any MMA summation order), not bitwise against it.
+
+Gluon has no CPU interpreter: this kernel runs only on a GPU with sm_90 (`fits`), where every CUDA test of the op
+exercises it; elsewhere (the interpreter, other GPUs, a given `config`) the wrapper runs the Triton kernel.
+"""
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+
+from parity.optimized.ops.triton._attn_common import BLOCK_N, exp_f32, n_blocks, row_address
+
+HEADS = 64  # the MMA rows of one program: one warpgroup's wgmma M; fewer heads are masked rows
+WARPS = 8  # two warpgroups: each takes half of the slots of S and half of d of P V
+DIMS = (64, 128, 256, 512)  # d: P V's half of d is one wgmma N (<= 256); the buffers fit shared memory at 512
+
+
+@gluon.constexpr_function
+def _copy_layout(d, num_warps):
+    # 8 bf16 (16 bytes, one cp.async) a thread along d; the rest of the warp's threads over rows
+    tpw = min(32, d // 8)
+    return gl.BlockedLayout([1, 8], [32 // tpw, tpw], [num_warps, 1], [1, 0])
+
+
+@gluon.jit
+def _rows(idx_row, b, K, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3, BN: gl.constexpr, layout: gl.constexpr):
+    """Block b's row addresses and which rows exist (a valid id below the sources' end; the others read zeros)."""
+    slots = b * BN + gl.arange(0, BN, layout=layout)
+    r = gl.load(idx_row + slots, mask=slots < K, other=-1).to(gl.int64)
+    return row_address(r, s0, s1, s2, s3, c1, c2, c3, st0, st1, st2, st3), (r >= 0) & (r < c4)
+
+
+# K and its row stride grow with the context: not specialized (as the Triton kernel)
+@gluon.jit(do_not_specialize=["K", "idx_st"])
+def _sparse_attn_wgmma_kernel(
+    q_ptr, o_ptr, idx_ptr, sink_ptr,
+    s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3,
+    H, K, q_st, q_sh, idx_st, scale,
+    D: gl.constexpr, BH: gl.constexpr, BN: gl.constexpr, num_warps: gl.constexpr,
+):  # fmt: skip
+    gl.static_assert(num_warps == 8, "two warpgroups")
+    s_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, BN // 2, 16])
+    o_l: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 2], instr_shape=[16, D // 2, 16])
+    c_l: gl.constexpr = _copy_layout(D, num_warps)
+    n_l: gl.constexpr = gl.BlockedLayout([1, 4], [1, 32], [1, num_warps], [1, 0])
+    sh_l: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_smem = gl.allocate_shared_memory(gl.bfloat16, [BH, D], sh_l)
+    kv_smem = gl.allocate_shared_memory(gl.bfloat16, [2, BN, D], sh_l)
+    p_smem = gl.allocate_shared_memory(gl.bfloat16, [BH, BN], sh_l)
+
+    # one flat grid, the head blocks of a token adjacent (they share its KV rows through L2)
+    n_hb = gl.cdiv(H, BH)
+    pid = gl.program_id(0)
+    t = (pid // n_hb).to(gl.int64)
+    h0 = (pid % n_hb) * BH
+    idx_row = idx_ptr + t * idx_st
+    dc = gl.arange(0, D, layout=gl.SliceLayout(0, c_l))
+
+    # group 0: the query's heads and block 0's rows
+    qh = h0 + gl.arange(0, BH, layout=gl.SliceLayout(1, c_l))
+    cp.async_copy_global_to_shared(q_smem, q_ptr + t * q_st + qh[:, None] * q_sh + dc[None, :], mask=(qh < H)[:, None])
+    ptr, inside = _rows(idx_row, 0, K, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3, BN, gl.SliceLayout(1, c_l))
+    cp.async_copy_global_to_shared(kv_smem.index(0), ptr[:, None] + dc[None, :], mask=inside[:, None])
+    cp.commit_group()
+
+    one = gl.arange(0, 1, layout=gl.SliceLayout(1, n_l))
+    nblk = gl.max(n_blocks(idx_row + one, one < 1, K, BN, gl.arange(0, 512, layout=gl.SliceLayout(0, n_l))), axis=0)
+    m = gl.full([BH], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
+    den = gl.zeros([BH], gl.float32, layout=gl.SliceLayout(1, s_l))
+    acc = gl.zeros([BH, D], gl.float32, layout=o_l)
+    s_init = gl.zeros([BH, BN], gl.float32, layout=s_l)
+    for b in range(0, nblk):
+        kv = kv_smem.index(b % 2)
+        # every warp is past block b - 1's P V (which read the buffer block b + 1 lands in)
+        gl.thread_barrier()
+        if b + 1 < nblk:
+            ptr, inside = _rows(idx_row, b + 1, K, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3, BN,
+                                gl.SliceLayout(1, c_l))  # fmt: skip
+            cp.async_copy_global_to_shared(kv_smem.index((b + 1) % 2), ptr[:, None] + dc[None, :], mask=inside[:, None])
+        cp.commit_group()
+        cp.wait_group(1)  # block b's group (and q's, at b = 0) has landed
+        fence_async_shared()  # the copies' writes, before the MMAs read them through the async proxy
+        gl.thread_barrier()
+        s = warpgroup_mma(q_smem, kv.permute((1, 0)), s_init, use_acc=False)  # [BH, BN] fp32
+        slots = b * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_l))
+        r = gl.load(idx_row + slots, mask=slots < K, other=-1)
+        s = gl.where((r >= 0)[None, :], s, float("-inf")) * scale
+        m_new = gl.maximum(m, gl.max(s, axis=1))
+        alpha = exp_f32(m - m_new)
+        p = exp_f32(s - m_new[:, None])
+        den = gl.fma(den, alpha, gl.sum(p, axis=1))
+        m = m_new
+        p_smem.store(p.to(gl.bfloat16))
+        fence_async_shared()
+        gl.thread_barrier()  # both warpgroups' halves of P, before either's P V
+        acc = warpgroup_mma(p_smem, kv, acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None])
+    cp.wait_group(0)  # an empty list ran no block: its (masked) copies still complete before the program ends
+    heads = h0 + gl.arange(0, BH, layout=gl.SliceLayout(1, s_l))
+    den = den + exp_f32(gl.load(sink_ptr + heads, mask=heads < H, other=0.0) - m)
+    o = gl.div_rn(acc, gl.convert_layout(den, gl.SliceLayout(1, o_l))[:, None])
+    ho = h0 + gl.arange(0, BH, layout=gl.SliceLayout(1, o_l))
+    do = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
+    gl.store(o_ptr + t * H * D + ho[:, None] * D + do[None, :], o.to(gl.bfloat16), mask=(ho < H)[:, None])
+
+
+def fits(q: torch.Tensor, srcs: list[torch.Tensor]) -> bool:
+    """Whether this kernel runs the call: an sm_90 GPU, d one of `DIMS`, and every row 16-byte aligned (one cp.async
+    a thread per 8 values; q [T, h, d] and each source [R, d] with d contiguous)."""
+    d = q.shape[2]
+    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0) or d not in DIMS:
+        return False
+    tensors = [q, *srcs]
+    strides = [q.stride(0), q.stride(1), *(s.stride(0) for s in srcs)]
+    return all(x.data_ptr() % 16 == 0 for x in tensors) and all(st % 8 == 0 for st in strides)
+
+
+def launch(q, out, idx, sink, srcs, bounds, softmax_scale):
+    """Run the kernel over every (token, 64-head block); arguments as the Triton kernel's (`sparse_attn`)."""
+    t, h, d = q.shape
+    grid = (t * triton.cdiv(h, HEADS),)
+    _sparse_attn_wgmma_kernel[grid](
+        q, out, idx, sink, *srcs, *bounds, *(s.stride(0) for s in srcs),
+        h, idx.shape[1], q.stride(0), q.stride(1), idx.stride(0), softmax_scale,
+        D=d, BH=HEADS, BN=BLOCK_N, num_warps=WARPS,
+    )  # fmt: skip
