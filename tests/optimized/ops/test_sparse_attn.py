@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from parity.optimized.ops.sparse_attn import gather_rows, sparse_attn_torch
+from parity.optimized.ops.triton import sparse_attn_wgmma
 from parity.reference import kernels
 from parity.reference import model as ref
 from tests.optimized.ops.conftest import check
@@ -399,6 +400,50 @@ def test_model_shape_heads_64_dim_512(impl):
     out = run(impl, q, sources, idx, sink, scale)
     expected = torch.cat([reference(q, kv, i, sink, scale) for q, kv, i in reqs])
     judge(impl, out, expected, q, sources, idx, sink, scale)
+
+
+def on_sm90() -> bool:
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
+@pytest.mark.skipif(not on_sm90(), reason="the Gluon kernel runs on sm_90 only (Gluon has no CPU interpreter)")
+def test_sm90_kernel_and_triton_kernel_both_match_the_twin(impl):
+    # on sm_90 the op runs the Gluon kernel (`sparse_attn_wgmma`); a given `config` runs the Triton kernel: both are
+    # judged against the twin at the model's shape, over lists of several blocks with holes and ragged ends
+    if impl.backend != "triton":
+        pytest.skip("only the triton backend has the Gluon kernel")
+    h, d = 64, 512
+    reqs = [request(3, 150, 200, h, d), request(1, 70, 70, h, d), request(2, 300, 260, h, d)]
+    sink, scale = torch.randn(h), d**-0.5
+    sources, idx = place(reqs, d)
+    q = torch.cat([r[0] for r in reqs])
+    assert sparse_attn_wgmma.fits(q.cuda(), [s.cuda() for s in sources])
+    expected = torch.cat([reference(q, kv, i, sink, scale) for q, kv, i in reqs])
+    for kwargs in ({}, {"config": (64, 8, 1, 1)}):
+        judge(impl, run(impl, q, sources, idx, sink, scale, **kwargs), expected, q, sources, idx, sink, scale)
+
+
+@pytest.mark.skipif(not on_sm90(), reason="the Gluon kernel runs on sm_90 only (Gluon has no CPU interpreter)")
+def test_rows_the_sm90_kernel_cannot_copy_take_the_triton_kernel(impl):
+    # cp.async moves 16 bytes: a source whose rows are not 8-value aligned (or a head dim outside DIMS) is run by
+    # the Triton kernel, and judged the same
+    if impl.backend != "triton":
+        pytest.skip("only the triton backend has the Gluon kernel")
+    h, d = 4, 128
+    q, kv, idx = request(9, 60, 130, h, d)
+    wide = torch.zeros(60, d + 4).to(torch.bfloat16)
+    wide[:, :d] = kv
+    sources = (kv[:7], wide[7:, :d])  # row stride d + 4
+    assert not sparse_attn_wgmma.fits(q.cuda(), [s.cuda() for s in sources])
+    assert not sparse_attn_wgmma.fits(q[..., :96].cuda(), [kv[:, :96].cuda()])
+    sink, scale = torch.randn(h), d**-0.5
+    judge(impl, run(impl, q, sources, idx, sink, scale), reference(q, kv, idx, sink, scale), q, sources, idx, sink,
+          scale)  # fmt: skip
+
+
+def test_the_sm90_kernel_is_not_chosen_off_the_gpu():
+    q = torch.zeros(2, 64, 512, dtype=torch.bfloat16)
+    assert not sparse_attn_wgmma.fits(q, [torch.zeros(8, 512, dtype=torch.bfloat16)])
 
 
 def test_gather_reads_zeros_for_missing_rows():
