@@ -129,6 +129,7 @@ def cases():
         hadamard,
         indexer_topk,
         sparse_attn,
+        sparse_attn_wgmma,
     )
 
     quant = dict(ROUND_SCALE=True, S_E8M0=True, SCALE_SHIFT=0)
@@ -194,6 +195,9 @@ def cases():
         consts = dict(D=512, DP=512, BN=64, BH=bh, NPART=parts)
         name = f"sparse_attn d 512 BH {bh} warps {warps} stages {stages} parts {parts}"
         yield name, sparse_attn._sparse_attn_kernel, ATTN_SIG, consts, warps, stages
+    for d in sparse_attn_wgmma.DIMS:  # the op's kernel on sm_90 (Gluon)
+        consts = dict(D=d, BH=sparse_attn_wgmma.HEADS, BN=64, num_warps=sparse_attn_wgmma.WARPS)
+        yield f"sparse_attn_wgmma d {d}", sparse_attn_wgmma._sparse_attn_wgmma_kernel, ATTN_SIG, consts, 8, 1
 
 
 def compile_one(kernel, sig, consts, num_warps, num_stages) -> dict:
@@ -204,11 +208,13 @@ def compile_one(kernel, sig, consts, num_warps, num_stages) -> dict:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
+    from triton.experimental.gluon._runtime import GluonASTSource
 
     names = kernel.arg_names
     attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
              if (v.startswith("*") or v in ("i32", "i64")) and k not in NOT_DIVISIBLE}  # fmt: skip
-    src = ASTSource(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
+    source = GluonASTSource if kernel.is_gluon() else ASTSource
+    src = source(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
     c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(c.asm["cubin"])
@@ -408,6 +414,7 @@ def bench_sparse_attn(roof, gen):
                 want = TORCH.sparse_attn(q, sources, idx, sink, scale)
                 ref_ms = slow_ms(TORCH.sparse_attn, q, sources, idx, sink, scale) if t in (1, 256) else None
                 name = f"decode {'CSA' if ratio == 4 else 'HCA'} ctx {ctx // 1024}k T {t} K {idx.shape[1]}"
+                name += _kernel(q, sources)
                 record("sparse_attn", model, name, tri, ref_ms, valid * d * 2, 4 * valid * h * d,
                        attn_check(f"sparse_attn {model} {name}", got, want), roof, "copy bw >= 50%", gms)  # fmt: skip
         if model == "flash":
@@ -421,14 +428,22 @@ def bench_sparse_attn(roof, gen):
             got = TRITON.sparse_attn(q, sources, idx, sink, scale)
             rows = torch.cat([torch.arange(0, 128), torch.arange(s - 128, s)]).to(DEV)  # the twin per query
             want = TORCH.sparse_attn(q[rows], sources, idx[rows], sink, scale)
-            name = f"prefill {'CSA' if ratio == 4 else 'HCA'} {s} tokens K {idx.shape[1]}"
+            name = f"prefill {'CSA' if ratio == 4 else 'HCA'} {s} tokens K {idx.shape[1]}{_kernel(q, sources)}"
             record("sparse_attn", model, name, tri, None, valid * d * 2, 4 * valid * h * d,
                    attn_check(f"sparse_attn {model} {name}", got[rows], want), roof, "bf16 >= 40%")  # fmt: skip
 
 
+def _kernel(q, sources) -> str:
+    """Which kernel the op ran: the Gluon one on sm_90 (`sparse_attn_wgmma.fits`), else the Triton one."""
+    from parity.optimized.ops.triton import sparse_attn_wgmma
+
+    return " (Gluon)" if sparse_attn_wgmma.fits(q, list(sources)) else ""
+
+
 def sweep_configs(roof, gen, pool, h, d, sink, scale, cfg):
-    """Every GPU configuration of the one-query kernel (`sparse_attn.CONFIGS`) on a decode batch and a prefill: the
-    data for choosing `default_config` (the op does not autotune: a row's bits must not depend on the winner)."""
+    """Every GPU configuration of the Triton one-query kernel (`sparse_attn.CONFIGS`; a given `config` runs it on
+    sm_90 too, where the op's default is the Gluon kernel) on a decode batch and a prefill: the data for choosing
+    `default_config` (the op does not autotune: a row's bits must not depend on the winner)."""
     from parity.optimized.ops.triton import sparse_attn as kernel
 
     t, s = (4, 256) if ARGS.smoke else (256, 4096)

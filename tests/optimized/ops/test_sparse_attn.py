@@ -431,14 +431,14 @@ def test_rows_the_sm90_kernel_cannot_copy_take_the_triton_kernel(impl):
         pytest.skip("only the triton backend has the Gluon kernel")
     h, d = 4, 128
     q, kv, idx = request(9, 60, 130, h, d)
-    wide = torch.zeros(60, d + 4).to(torch.bfloat16)
-    wide[:, :d] = kv
-    sources = (kv[:7], wide[7:, :d])  # row stride d + 4
-    assert not sparse_attn_wgmma.fits(q.cuda(), [s.cuda() for s in sources])
+    wide = torch.zeros(60, d + 4, dtype=torch.bfloat16, device="cuda")  # made on the GPU: a copy would be dense
+    wide[:, :d] = kv.cuda()
+    sources = (kv[:7].cuda(), wide[7:, :d])  # row stride d + 4
+    assert not sparse_attn_wgmma.fits(q.cuda(), list(sources))
     assert not sparse_attn_wgmma.fits(q[..., :96].cuda(), [kv[:, :96].cuda()])
     sink, scale = torch.randn(h), d**-0.5
-    judge(impl, run(impl, q, sources, idx, sink, scale), reference(q, kv, idx, sink, scale), q, sources, idx, sink,
-          scale)  # fmt: skip
+    out = impl(q.cuda(), sources, idx.cuda(), sink.cuda(), scale).cpu()
+    judge(impl, out, reference(q, kv, idx, sink, scale), q, sources, idx, sink, scale)
 
 
 def test_the_sm90_kernel_is_not_chosen_off_the_gpu():
