@@ -40,6 +40,11 @@ Speed on the H200 (docs/perf-h200/triton_attention.md, 2026-12-03): Flash decode
 (19.6 % of copy bandwidth on the KV bytes; the target is 50 %), T 1 0.09 ms (0.08 in a CUDA graph: ~8 us per
 64-slot block, one program's serial latency), prefill 4k 2.14 ms (16 % of bf16 peak; target 40 %). The 64-head
 block is the fastest configuration measured; splitting d over two programs (parts 2) was 1.3-1.7x slower.
+
+On sm_90 the wrapper runs the Gluon kernel of `sparse_attn_wgmma.py` instead (the same per-query math from
+`_attn_common.py`; scores split over the two warpgroups, KV rows copied asynchronously one block ahead): on an H100,
+Flash decode T 256 0.204 -> 0.113 ms, prefill 4k 2.20 -> 1.34 ms, in CUDA graphs (docs/perf.md, twenty-second pass).
+This kernel runs in the interpreter, on other GPUs, for rows that kernel cannot copy, and for a given `config`.
 """
 
 import torch
