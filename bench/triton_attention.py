@@ -197,7 +197,8 @@ def cases():
         yield name, sparse_attn._sparse_attn_kernel, ATTN_SIG, consts, warps, stages
     for d in sparse_attn_wgmma.DIMS:  # the op's kernel on sm_90 (Gluon)
         consts = dict(D=d, BH=sparse_attn_wgmma.HEADS, BN=64, num_warps=sparse_attn_wgmma.WARPS)
-        yield f"sparse_attn_wgmma d {d}", sparse_attn_wgmma._sparse_attn_wgmma_kernel, ATTN_SIG, consts, 8, 1
+        kernel, warps = sparse_attn_wgmma._sparse_attn_wgmma_kernel, sparse_attn_wgmma.WARPS
+        yield f"sparse_attn_wgmma d {d}", kernel, ATTN_SIG, consts, warps, 1
 
 
 def compile_one(kernel, sig, consts, num_warps, num_stages) -> dict:

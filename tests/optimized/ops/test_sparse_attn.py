@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from parity.optimized.ops.sparse_attn import gather_rows, sparse_attn_torch
+from parity.optimized.ops.triton import sparse_attn as triton_sparse_attn
 from parity.optimized.ops.triton import sparse_attn_wgmma
 from parity.reference import kernels
 from parity.reference import model as ref
@@ -403,7 +404,7 @@ def test_model_shape_heads_64_dim_512(impl):
 
 
 def on_sm90() -> bool:
-    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+    return torch.cuda.is_available() and sparse_attn_wgmma.on_sm90(torch.device("cuda"))
 
 
 @pytest.mark.skipif(not on_sm90(), reason="the Gluon kernel runs on sm_90 only (Gluon has no CPU interpreter)")
@@ -419,7 +420,7 @@ def test_sm90_kernel_and_triton_kernel_both_match_the_twin(impl):
     q = torch.cat([r[0] for r in reqs])
     assert sparse_attn_wgmma.fits(q.cuda(), [s.cuda() for s in sources])
     expected = torch.cat([reference(q, kv, i, sink, scale) for q, kv, i in reqs])
-    for kwargs in ({}, {"config": (64, 8, 1, 1)}):
+    for kwargs in ({}, {"config": triton_sparse_attn.default_config(h, d)}):
         judge(impl, run(impl, q, sources, idx, sink, scale, **kwargs), expected, q, sources, idx, sink, scale)
 
 

@@ -26,12 +26,12 @@ Measured on an H100 (docs/perf.md, twenty-second pass): 1.5-1.9x the Triton kern
 """
 
 import torch
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
+from parity.optimized.ops.triton import runtime
 from parity.optimized.ops.triton._attn_common import BLOCK_N, exp_f32, n_blocks, row_address
 
 HEADS = 64  # the MMA rows of one program: one warpgroup's wgmma M; fewer heads are masked rows
@@ -127,11 +127,16 @@ def _sparse_attn_wgmma_kernel(
     gl.store(o_ptr + t * H * D + ho[:, None] * D + do[None, :], o.to(gl.bfloat16), mask=(ho < H)[:, None])
 
 
+def on_sm90(device: torch.device) -> bool:
+    """Whether `device` is a GPU this kernel compiles for (wgmma: sm_90 only; not the later architectures)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) == (9, 0)
+
+
 def fits(q: torch.Tensor, srcs: list[torch.Tensor]) -> bool:
     """Whether this kernel runs the call: an sm_90 GPU, d one of `DIMS`, and every row 16-byte aligned (one cp.async
     a thread per 8 values; q [T, h, d] and each source [R, d] with d contiguous)."""
     d = q.shape[2]
-    if not q.is_cuda or torch.cuda.get_device_capability(q.device) != (9, 0) or d not in DIMS:
+    if not on_sm90(q.device) or d not in DIMS:
         return False
     tensors = [q, *srcs]
     strides = [q.stride(0), q.stride(1), *(s.stride(0) for s in srcs)]
@@ -141,7 +146,7 @@ def fits(q: torch.Tensor, srcs: list[torch.Tensor]) -> bool:
 def launch(q, out, idx, sink, srcs, bounds, softmax_scale):
     """Run the kernel over every (token, 64-head block); arguments as the Triton kernel's (`sparse_attn`)."""
     t, h, d = q.shape
-    grid = (t * triton.cdiv(h, HEADS),)
+    grid = (t * runtime.cdiv(h, HEADS),)
     _sparse_attn_wgmma_kernel[grid](
         q, out, idx, sink, *srcs, *bounds, *(s.stride(0) for s in srcs),
         h, idx.shape[1], q.stride(0), q.stride(1), idx.stride(0), softmax_scale,
