@@ -15,13 +15,11 @@ LN2_LO_F = tl.constexpr(1.428606765330187045e-06)
 
 
 @triton.jit
-def exp_f32(x):
-    """exp of fp32 x, ~1 ulp of the correctly rounded value; x < -87.3 (results below 1.2e-38) and -inf give 0,
-    x > 88.72 and +inf give +inf, NaN stays NaN."""
-    xc = tl.minimum(tl.maximum(x, -87.3), 88.72)
+def _exp_parts(xc):
+    """exp(xc) = p * 2^k for fp32 xc in [-87.3, 88.72]: Cody-Waite reduction by a split ln 2, then Taylor to degree 7
+    (the remainder r^8 / 8! < 2^-27 for |r| <= 0.35)."""
     k = tl.floor(xc * LOG2E + 0.5)  # >= -126: 2^k is normal
     r = (xc - k * LN2_HI_F) - k * LN2_LO_F  # |r| <= ln2 / 2 (+ rounding)
-    # Taylor to degree 7: the remainder r^8 / 8! < 2^-27 for |r| <= 0.35
     p = 1.0 / 5040.0
     p = p * r + 1.0 / 720.0
     p = p * r + 1.0 / 120.0
@@ -30,11 +28,31 @@ def exp_f32(x):
     p = p * r + 0.5
     p = p * r + 1.0
     p = p * r + 1.0
+    return p, k
+
+
+@triton.jit
+def exp_f32(x):
+    """exp of fp32 x, ~1 ulp of the correctly rounded value; x < -87.3 (results below 1.2e-38) and -inf give 0,
+    x > 88.72 and +inf give +inf, NaN stays NaN."""
+    p, k = _exp_parts(tl.minimum(tl.maximum(x, -87.3), 88.72))
     # 2^k in two factors (2^(k-1) * 2 for k > 0), so k = 128 (x just under 88.72) does not overflow the bits
     up = (k > 0).to(tl.int32)
     y = p * ((k.to(tl.int32) - up + 127) << 23).to(tl.float32, bitcast=True) * (1 + up).to(tl.float32)
     y = tl.where(x < -87.3, 0.0, y)
     y = tl.where(x > 88.72, float("inf"), y)  # +inf (an empty row's sink - -inf) too
+    return tl.where(x != x, x, y)
+
+
+@triton.jit
+def exp_nonpos(x):
+    """`exp_f32` of x <= 0 (or NaN), bit for bit, without its overflow branches (k <= 0: 2^k is one factor, and the
+    product by 1 it drops is exact). The softmax's arguments s - m_new and m - m_new never exceed 0 (m_new is the
+    running max), so the kernels' loops take this one: per score a clamp, a compare, a select and the second factor
+    fewer."""
+    p, k = _exp_parts(tl.maximum(x, -87.3))
+    y = p * ((k.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
+    y = tl.where(x < -87.3, 0.0, y)
     return tl.where(x != x, x, y)
 
 

@@ -52,7 +52,7 @@ import triton
 import triton.language as tl
 
 from parity.optimized.ops.triton import runtime, sparse_attn_wgmma
-from parity.optimized.ops.triton._attn_common import BLOCK_N, exp_f32, n_blocks, row_address
+from parity.optimized.ops.triton._attn_common import BLOCK_N, exp_f32, exp_nonpos, n_blocks, row_address
 
 MAX_SOURCES = 4
 
@@ -104,8 +104,8 @@ def _sparse_attn_kernel(
             s = tl.dot(q_oth, tl.trans(kv_oth), s)
         s = tl.where(valid[None, :], s, float("-inf")) * scale
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = exp_f32(m - m_new)
-        p = exp_f32(s - m_new[:, None])
+        alpha = exp_nonpos(m - m_new)
+        p = exp_nonpos(s - m_new[:, None])
         den = tl.fma(den, alpha, tl.sum(p, axis=1))
         acc = tl.dot(p.to(tl.bfloat16), kv, acc * alpha[:, None])
         m = m_new
@@ -151,8 +151,8 @@ def _sparse_attn_tokens_kernel(
         s = tl.dot(q, tl.permute(kv, (0, 2, 1)))  # [BT, BH, BN]
         s = tl.where(valid[:, None, :], s, float("-inf")) * scale
         m_new = tl.maximum(m, tl.max(s, axis=2))
-        alpha = exp_f32(m - m_new)
-        p = exp_f32(s - m_new[:, :, None])
+        alpha = exp_nonpos(m - m_new)
+        p = exp_nonpos(s - m_new[:, :, None])
         l_new = tl.fma(den, alpha, tl.sum(p, axis=2))
         acc_new = tl.dot(p.to(tl.bfloat16), kv, acc * alpha[:, :, None])
         # queries past their last block keep their state (their block would be the identity, or NaN before any

@@ -1,0 +1,88 @@
+"""The shared exp of the `sparse_attn` kernels (`ops/triton/_attn_common.py`): `exp_f32` against the correctly
+rounded fp32 exp (float64 exp rounded once, the twin's), and `exp_nonpos`, the loops' form for arguments <= 0,
+against `exp_f32` bit for bit. Runs in the interpreter on CPU and compiled on CUDA."""
+
+import torch
+
+from parity.optimized.ops.triton import runtime
+
+MODE = runtime.setup()  # before the kernel below is decorated
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from parity.optimized.ops.triton._attn_common import exp_f32, exp_nonpos  # noqa: E402
+
+DEVICE = "cuda" if MODE == "cuda" else "cpu"
+BLOCK = 4096
+
+
+@triton.jit
+def _both(x_ptr, full_ptr, nonpos_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    tl.store(full_ptr + offs, exp_f32(x), mask=mask)
+    tl.store(nonpos_ptr + offs, exp_nonpos(x), mask=mask)
+
+
+def _run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x = x.to(DEVICE)
+    full, nonpos = torch.empty_like(x), torch.empty_like(x)
+    _both[(triton.cdiv(x.numel(), BLOCK),)](x, full, nonpos, x.numel(), BLOCK=BLOCK)
+    return full.cpu(), nonpos.cpu()
+
+
+def _nonpositive() -> torch.Tensor:
+    """Every exponent of negative fp32 (random bit patterns with the sign set), the softmax's range densely, and the
+    edges: zeros, the underflow cut at -87.3 and its neighbours, subnormals, -inf, NaN."""
+    gen = torch.Generator().manual_seed(0)
+    bits = torch.randint(0, 2**31, (1 << 17,), generator=gen, dtype=torch.int64).to(torch.int32) | -(2**31)
+    dense = -torch.rand(1 << 16, generator=gen) * 90
+    cut = torch.tensor(-87.3, dtype=torch.float32)
+    edges = torch.stack(
+        [torch.tensor(0.0), torch.tensor(-0.0), cut, torch.nextafter(cut, torch.tensor(0.0)),
+         torch.nextafter(cut, torch.tensor(-100.0)), torch.tensor(-1e-45), torch.tensor(float("-inf")),
+         torch.tensor(float("nan"))]
+    )  # fmt: skip
+    return torch.cat([bits.view(torch.float32), dense, edges.float()])
+
+
+def test_exp_nonpos_is_exp_f32_bit_for_bit():
+    x = _nonpositive()
+    full, nonpos = _run(x)
+    assert torch.equal(full.view(torch.int32), nonpos.view(torch.int32))
+
+
+def test_exp_f32_within_two_ulp_of_the_correctly_rounded_exp():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.cat([_nonpositive(), torch.rand(1 << 16, generator=gen) * 88.7])
+    full, _ = _run(x)
+    want = torch.exp(x.double()).float()  # the twin's exp: float64, rounded once
+    ulp = (torch.nextafter(want, torch.tensor(float("inf"))) - want).double()
+    err = (full.double() - want.double()).abs()
+    kept = x >= -87.3  # below, results under 1.2e-38 (which no output can see) are 0 by design
+    assert (err[kept] <= 2 * ulp[kept]).all()
+    assert (full[x < -87.3] == 0).all()
+    assert full[x.isnan()].isnan().all()
+    specials = _run(torch.tensor([float("inf"), 88.72, 88.75, float("-inf")]))[0]
+    assert torch.equal(specials[[0, 2]], torch.tensor([float("inf")] * 2)) and specials[3] == 0
+    assert specials[1].isfinite()
+
+
+@triton.jit
+def _planted(x_ptr, full_ptr, nonpos_ptr, n, BLOCK: tl.constexpr):
+    # exp_nonpos with the arguments clamped at -87 instead of the kernel's -87.3 (a cut moved, values near it wrong)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    tl.store(full_ptr + offs, exp_f32(x), mask=mask)
+    tl.store(nonpos_ptr + offs, exp_nonpos(tl.maximum(x, -87.0)), mask=mask)
+
+
+def test_a_planted_exp_fails():
+    """The bit-for-bit comparison can fail: a clamp moved by 0.3 changes the results below -87."""
+    x = _nonpositive().to(DEVICE)
+    full, nonpos = torch.empty_like(x), torch.empty_like(x)
+    _planted[(triton.cdiv(x.numel(), BLOCK),)](x, full, nonpos, x.numel(), BLOCK=BLOCK)
+    assert not torch.equal(full.view(torch.int32), nonpos.view(torch.int32))
