@@ -18,18 +18,20 @@ BLOCK = 4096
 
 
 @triton.jit
-def _both(x_ptr, full_ptr, nonpos_ptr, n, BLOCK: tl.constexpr):
+def _both(x_ptr, full_ptr, nonpos_ptr, n, BLOCK: tl.constexpr, PLANT: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     x = tl.load(x_ptr + offs, mask=mask)
     tl.store(full_ptr + offs, exp_f32(x), mask=mask)
+    if PLANT:  # a planted bug: exp_nonpos with its arguments clamped at -87 instead of its own cut at -87.3
+        x = tl.maximum(x, -87.0)
     tl.store(nonpos_ptr + offs, exp_nonpos(x), mask=mask)
 
 
-def _run(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(x: torch.Tensor, plant: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.to(DEVICE)
     full, nonpos = torch.empty_like(x), torch.empty_like(x)
-    _both[(triton.cdiv(x.numel(), BLOCK),)](x, full, nonpos, x.numel(), BLOCK=BLOCK)
+    _both[(triton.cdiv(x.numel(), BLOCK),)](x, full, nonpos, x.numel(), BLOCK=BLOCK, PLANT=plant)
     return full.cpu(), nonpos.cpu()
 
 
@@ -70,19 +72,7 @@ def test_exp_f32_within_two_ulp_of_the_correctly_rounded_exp():
     assert specials[1].isfinite()
 
 
-@triton.jit
-def _planted(x_ptr, full_ptr, nonpos_ptr, n, BLOCK: tl.constexpr):
-    # exp_nonpos with the arguments clamped at -87 instead of the kernel's -87.3 (a cut moved, values near it wrong)
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    x = tl.load(x_ptr + offs, mask=mask)
-    tl.store(full_ptr + offs, exp_f32(x), mask=mask)
-    tl.store(nonpos_ptr + offs, exp_nonpos(tl.maximum(x, -87.0)), mask=mask)
-
-
 def test_a_planted_exp_fails():
     """The bit-for-bit comparison can fail: a clamp moved by 0.3 changes the results below -87."""
-    x = _nonpositive().to(DEVICE)
-    full, nonpos = torch.empty_like(x), torch.empty_like(x)
-    _planted[(triton.cdiv(x.numel(), BLOCK),)](x, full, nonpos, x.numel(), BLOCK=BLOCK)
+    full, nonpos = _run(_nonpositive(), plant=True)
     assert not torch.equal(full.view(torch.int32), nonpos.view(torch.int32))
