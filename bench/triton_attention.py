@@ -22,8 +22,9 @@ indexer_topk the same ids modulo ties (the torch scores of the chosen ids equal,
 `triton_attention.json` and `triton_attention.md` to --out; exits 1 on any correctness failure.
 
 `--smoke` runs tiny shapes through Triton's CPU interpreter (script logic only, no timings worth reading).
-`--compile-sm90` needs no GPU: it compiles every kernel at the bench's configurations for sm_90 with the ptxas
-shipped in the triton wheel and writes registers, stack (spills) and shared memory per kernel to --out.
+`--compile-sm90 [PREFIX]` needs no GPU: it compiles every kernel (or those whose row name starts with PREFIX) at the
+bench's configurations for sm_90 with the ptxas shipped in the triton wheel and writes registers, stack (spills) and
+shared memory per kernel to --out.
 """
 
 import argparse
@@ -49,7 +50,8 @@ def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (checks the script)")
-    p.add_argument("--compile-sm90", action="store_true", help="compile every kernel for sm_90 (no GPU needed)")
+    p.add_argument("--compile-sm90", nargs="?", const="", metavar="PREFIX",
+                   help="compile every kernel (or those named PREFIX...) for sm_90 (no GPU needed)")  # fmt: skip
     p.add_argument("--ops", nargs="+", default=["memory", "indexer_topk", "sparse_attn"],
                    choices=["memory", "indexer_topk", "sparse_attn"], help="which groups of rows to run")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a few shapes per group (when device time is short)")
@@ -226,11 +228,16 @@ def compile_one(kernel, sig, consts, num_warps, num_stages) -> dict:
     return dict(regs=int(m.group(1)), stack_bytes=int(m.group(2)), shared_bytes=c.metadata.shared)
 
 
-def compile_report(out: Path) -> int:
-    """Compile every kernel for sm_90 and write registers / stack / shared memory to out/compile_sm90.json."""
+def compile_report(out: Path, prefix: str) -> int:
+    """Compile every kernel whose name starts with `prefix` for sm_90 and write registers / stack / shared memory to
+    out/compile_sm90.json."""
+    chosen = [case for case in cases() if case[0].startswith(prefix)]
+    if not chosen:
+        print(f"--compile-sm90: no kernel's name starts with {prefix!r} (e.g. 'sparse_attn', 'hc_pre')")
+        return 2
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], 0
-    for name, kernel, sig, consts, warps, stages in cases():
+    for name, kernel, sig, consts, warps, stages in chosen:
         try:
             row = dict(kernel=name, **compile_one(kernel, sig, consts, warps, stages))
         except Exception as e:  # a kernel that does not compile is the finding
@@ -245,8 +252,8 @@ def compile_report(out: Path) -> int:
 ARGS = parse()
 if ARGS.smoke:
     os.environ["TRITON_INTERPRET"] = "1"
-if ARGS.compile_sm90:
-    sys.exit(compile_report(ARGS.out))
+if ARGS.compile_sm90 is not None:
+    sys.exit(compile_report(ARGS.out, ARGS.compile_sm90))
 
 from bench.attention_cases import decode_lists, prefill_lists  # noqa: E402
 from bench.cuda_graph import captured  # noqa: E402
