@@ -46,6 +46,8 @@ def test_attention_kernels_compile_for_sm90(tmp_path):
     done = _compile(tmp_path)
     rows = json.loads((tmp_path / "compile_sm90.json").read_text())
     assert done.returncode == 0 and not [r for r in rows if "error" in r], done.stdout[-3000:] + done.stderr[-2000:]
+    gluon = sorted(r["kernel"] for r in rows if r["kernel"].startswith("sparse_attn_wgmma"))
+    assert gluon == sorted(f"sparse_attn_wgmma d {d}" for d in sparse_attn_wgmma.DIMS)
     assert not _gluon_problems(tmp_path, sparse_attn_wgmma.DIMS)
 
 
