@@ -38,6 +38,8 @@ from pathlib import Path
 
 import torch
 
+from bench.sm90 import compile_sm90
+
 OPS = (
     "sparse_attn", "indexer_topk", "compress_pool", "compress_state", "compress_finish", "compress_decode",
     "kv_fake_quant", "fp4_fake_quant", "hadamard", "act_quant", "rms_norm", "rope",
@@ -203,31 +205,6 @@ def cases():
         yield f"sparse_attn_wgmma d {d}", kernel, ATTN_SIG, consts, warps, 1
 
 
-def compile_one(kernel, sig, consts, num_warps, num_stages) -> dict:
-    import re
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    names = kernel.arg_names
-    attrs = {(names.index(k),): [["tt.divisibility", 16]] for k, v in sig.items()
-             if (v.startswith("*") or v in ("i32", "i64")) and k not in NOT_DIVISIBLE}  # fmt: skip
-    source = GluonASTSource if kernel.is_gluon() else ASTSource
-    src = source(fn=kernel, signature={**sig, **{k: "constexpr" for k in consts}}, constexprs=consts, attrs=attrs)
-    c = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps, num_stages=num_stages))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(c.asm["cubin"])
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    usage = subprocess.run([tool, "-res-usage", f.name], capture_output=True, text=True).stdout
-    os.unlink(f.name)
-    m = re.search(r"REG:(\d+).*?STACK:(\d+)", usage)
-    return dict(regs=int(m.group(1)), stack_bytes=int(m.group(2)), shared_bytes=c.metadata.shared)
-
-
 def compile_report(out: Path, prefix: str) -> int:
     """Compile every kernel whose name starts with `prefix` for sm_90 and write registers / stack / shared memory to
     out/compile_sm90.json."""
@@ -239,7 +216,9 @@ def compile_report(out: Path, prefix: str) -> int:
     rows, failed = [], 0
     for name, kernel, sig, consts, warps, stages in chosen:
         try:
-            row = dict(kernel=name, **compile_one(kernel, sig, consts, warps, stages))
+            ints = {k for k, v in sig.items() if v in ("i32", "i64")} - NOT_DIVISIBLE
+            divisible = ints | {k for k, v in sig.items() if v.startswith("*")}
+            row = dict(kernel=name, **compile_sm90(kernel, sig, consts, warps, stages, divisible))
         except Exception as e:  # a kernel that does not compile is the finding
             failed += 1
             row = dict(kernel=name, error=f"{type(e).__name__}: {str(e)[-500:]}")

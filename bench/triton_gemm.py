@@ -3,7 +3,7 @@ dense_linear, at DeepSeek-V4-Flash and -Pro shapes for T = 1, 8, 64, 512, 4096 t
 
     python3 bench/triton_gemm.py --out DIR        # on the GPU, with the repository on PYTHONPATH (< 6 min on an H200)
     python3 bench/triton_gemm.py --compile-check  # anywhere (no GPU needed): every kernel x autotune config compiled
-                                                  # for sm_90, with wgmma use, registers and spills from ptxas
+                                                  # for sm_90 (bench/sm90.py): wgmma use, registers, spills
 
 Per case: median time of the Triton op (triton.testing.do_bench) and of the op's torch backend (the reference
 kernels' exact emulation; timed once where it is slow, skipped where it would blow the time budget), and the case's
@@ -29,18 +29,15 @@ agreement and weight error). Writes results.json and results.md to --out; exits 
 import argparse
 import json
 import os
-import re
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from bench.cuda_graph import captured
-from bench.ttgir import sync_loads_in_loops
+from bench.sm90 import compile_sm90
 
 DEADLINE_S = float(os.environ.get("BENCH_DEADLINE_S", 330))  # stop starting new cases after this (s)
 TOKENS = (1, 8, 64, 512, 4096)
@@ -589,11 +586,11 @@ def markdown(roof, rows, tgt, failures):
 
 def compile_check(only: str = "") -> int:
     """Compile every kernel with every autotune config for sm_90 (what the runtime JIT would build on an H100/H200,
-    with its 16-byte alignment specialization); print wgmma use, registers and spills. Returns the failures."""
+    with its 16-byte alignment specialization), or those whose name contains `only`; print wgmma use, registers,
+    stack (spills), shared memory and the loops' synchronous loads. Returns the exit status: 1 if any failed to
+    compile, 2 if `only` names none."""
     os.environ.pop("TRITON_INTERPRET", None)
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    import triton  # noqa: F401  (first: parity's triton package chooses the interpreter where no GPU was seen)
 
     from parity.optimized.ops.triton import (
         _gemm_common,
@@ -605,35 +602,11 @@ def compile_check(only: str = "") -> int:
         o_lora,
     )
 
-    target = GPUTarget("cuda", 90, 32)
-    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/ptxas")
     aligned = {"N", "K", "N_KB", "R", "KG", "D", "INTER", "E"}
 
     def one(fn, sig, consts, nw, ns):
-        sig = {n: ("constexpr" if n in consts else sig[n]) for n in fn.arg_names}
-        attrs = {
-            (i,): [["tt.divisibility", 16]]
-            for i, n in enumerate(fn.arg_names)
-            if sig[n].startswith("*") or n.startswith("stride") or n in aligned
-        }
-        out = triton.compile(
-            ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-            target=target,
-            options={"num_warps": nw, "num_stages": ns},
-        )
-        ptx = out.asm["ptx"]
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(ptx)
-        res = subprocess.run([ptxas, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull], capture_output=True)
-        err = res.stderr.decode()
-        regs = re.findall(r"Used (\d+) registers", err)
-        spills = re.findall(r"(\d+) bytes spill stores", err)
-        return dict(
-            wgmma="wgmma" in ptx,
-            regs=int(regs[0]) if regs else None,
-            spill=int(spills[0]) if spills else None,
-            sync_loads=sync_loads_in_loops(out.asm["ttgir"]),
-        )
+        divisible = {n for n, t in sig.items() if t.startswith("*") or n.startswith("stride") or n in aligned}
+        return compile_sm90(fn, sig, consts, nw, ns, divisible)
 
     def cfgs(tuner):
         return [(c.kwargs, c.num_warps, c.num_stages) for c in tuner.configs]
@@ -721,21 +694,23 @@ def compile_check(only: str = "") -> int:
         jobs.append(("moe_gate route", moe_gate._route_kernel, sr, c, 4, 1))
     jobs.append(("split-K reduction", _gemm_common._reduce_chunks_kernel, dict(ws_ptr="*fp32", c_ptr="*bf16",
                  numel=i32), dict(N_CHUNKS=8, BLOCK=1024), 4, 1))  # fmt: skip
+    chosen = [job for job in jobs if only in job[0]]
+    if not chosen:
+        print(f"--compile-check: no kernel's name contains {only!r} (e.g. 'fp8_gemm', 'moe')")
+        return 2
     bad = 0
-    for name, fn, sig, consts, nw, ns in jobs:
-        if only and only not in name:
-            continue
+    for name, fn, sig, consts, nw, ns in chosen:
         shown = {k: v for k, v in consts.items() if k.startswith(("BLOCK", "SPLIT", "CHUNKED", "W_FP8"))}
         shown.pop("PRECISION", None)  # dense_linear's fp32 form: in the job's name
         try:
             r = one(fn, sig, consts, nw, ns)
-            flag = "" if (r["spill"] or 0) == 0 else "  <- spills"
+            flag = "" if r["stack_bytes"] == 0 else "  <- spills"
             print(f"{name:34s} {shown} warps={nw} stages={ns}: {r}{flag}", flush=True)
         except Exception as e:  # a kernel that does not compile for sm_90 is what this check is for
             bad += 1
             print(f"{name:34s} {shown} warps={nw} stages={ns}: FAILED {type(e).__name__}: {str(e)[-600:]}", flush=True)
-    print(f"compile check: {len(jobs)} kernel configs, {bad} failed")
-    return bad
+    print(f"compile check: {len(chosen)} kernel configs, {bad} failed")
+    return 1 if bad else 0
 
 
 def main():
@@ -749,7 +724,7 @@ def main():
                    help="compile the kernels for sm_90 on this machine (no GPU needed) and exit")  # fmt: skip
     args = p.parse_args()
     if args.compile_check is not None:
-        sys.exit(1 if compile_check(args.compile_check) else 0)
+        sys.exit(compile_check(args.compile_check))
     if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
         sys.exit("bench/triton_gemm.py needs a CUDA device (use --compile-check to compile without one)")
     global TOKENS

@@ -1,10 +1,12 @@
-"""The attention-side kernels compile for sm_90 on any machine (`bench/triton_attention.py --compile-sm90`: Triton's
-frontend and the wheel's ptxas need no GPU), and the Gluon sparse_attn kernel, which no CPU interpreter runs, lowers
-at every head dim it claims within one SM: its shared memory under sm_90's 227 KiB a block and no register spills
-(a spill is a local-memory round trip in every block of the loop)."""
+"""Every Triton kernel compiles for sm_90 on any machine (`bench/sm90.py`: Triton's frontend and the wheel's ptxas
+need no GPU): the attention side at the bench's configurations (`bench/triton_attention.py --compile-sm90`), the GEMM
+side at every autotune configuration (`bench/triton_gemm.py --compile-check`). And the Gluon sparse_attn kernel,
+which no CPU interpreter runs, lowers at every head dim it claims within one SM: its shared memory under sm_90's
+227 KiB a block and no register spills (a spill is a local-memory round trip in every block of the loop)."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,12 +24,23 @@ WITH_DIMS = (
 )
 
 
-def _compile(out: Path, *args: str, dims: str | None = None) -> subprocess.CompletedProcess:
+# the GEMM bench with fp8_gemm's first decode tile 48 wide (no power of two: tl.arange refuses it)
+WITH_BAD_TILE = (
+    "import runpy, sys, triton; from parity.optimized.ops.triton import fp8_gemm; "
+    "fp8_gemm._small.configs[0].kwargs['BLOCK_W'] = 48; sys.argv = ['bench'] + sys.argv[1:]; "
+    "runpy.run_path('bench/triton_gemm.py', run_name='__main__')"
+)
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess:
     # natively compiled: the interpreter's kernels cannot be lowered (an explicit TRITON_INTERPRET is kept by parity)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, *cmd], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _compile(out: Path, *args: str, dims: str | None = None) -> subprocess.CompletedProcess:
     bench = ["-c", WITH_DIMS, dims] if dims else ["bench/triton_attention.py"]
-    cmd = [sys.executable, *bench, "--compile-sm90", *args, "--out", str(out)]
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    return _run(*bench, "--compile-sm90", *args, "--out", str(out))
 
 
 def _gluon_problems(out: Path, dims) -> list:
@@ -66,3 +79,38 @@ def test_a_prefix_no_kernel_has_is_refused_in_one_line(tmp_path):
         "--compile-sm90: no kernel's name starts with 'no_such_kernel' (e.g. 'sparse_attn', 'hc_pre')"
     ]
     assert not (tmp_path / "compile_sm90.json").exists()
+
+
+def _gemm_rows(stdout: str) -> tuple[list[str], str]:
+    """The per-config lines of `--compile-check` and its closing count line."""
+    lines = stdout.strip().splitlines()
+    return [line for line in lines if " warps=" in line], lines[-1]
+
+
+def test_gemm_kernels_compile_for_sm90_at_every_autotune_config():
+    done = _run("bench/triton_gemm.py", "--compile-check")
+    rows, last = _gemm_rows(done.stdout)
+    assert done.returncode == 0 and not [r for r in rows if "FAILED" in r], done.stdout[-3000:] + done.stderr[-2000:]
+    assert last == f"compile check: {len(rows)} kernel configs, 0 failed"
+    ops = {"fp8_gemm", "fp4_gemm", "fp8_linear", "o_lora", "dense_linear", "moe _gate_up_kernel", "moe _down_kernel"}
+    ops |= {"moe combine", "moe plan", "moe_gate route", "split-K reduction"}
+    assert {op for op in ops if any(r.startswith(op) for r in rows)} == ops
+    assert all(re.search(r"'regs': \d+, 'stack_bytes': \d+", r) for r in rows)
+
+
+def test_a_gemm_config_that_cannot_compile_is_caught():
+    """Planted: a decode tile 48 wide. Only the fused act_quant job uses that config; it fails, by name, exit 1."""
+    done = _run("-c", WITH_BAD_TILE, "--compile-check", "fp8_linear")
+    rows, last = _gemm_rows(done.stdout)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(rows) == 1 and rows[0].startswith("fp8_linear (fused act_quant)") and "'BLOCK_W': 48" in rows[0]
+    assert "FAILED CompilationError" in rows[0] and "arange's range must be a power of 2" in done.stdout
+    assert last == "compile check: 1 kernel configs, 1 failed"
+
+
+def test_a_gemm_name_no_kernel_has_is_refused_in_one_line():
+    done = _run("bench/triton_gemm.py", "--compile-check", "no_such_kernel")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stdout.strip().splitlines() == [
+        "--compile-check: no kernel's name contains 'no_such_kernel' (e.g. 'fp8_gemm', 'moe')"
+    ]
