@@ -10,10 +10,12 @@ S = q K^T and the same softmax, and only P V is split between them. Its KV loads
 - the scores `[BH, BN]` are laid out `[4, 2]`: each warpgroup computes and exponentiates half of the 64 slots (the
   row max and row sum cross the two halves through shared memory), and each computes half of d of P V;
 - q `[BH, d]` is copied to shared memory once; each block's KV rows `[BN, d]` are gathered by asynchronous copies
-  (cp.async, 16 bytes a thread) into one of two buffers, the next block's issued before this block is computed;
+  (cp.async, 16 bytes a thread, 8 threads on 128 bytes of a row, so a thread addresses few rows) into one of two
+  buffers, the next block's issued before this block is computed, from row ids read one block earlier still (a
+  load the copies wait on would put a memory latency into every block);
 - the bf16 P goes through shared memory to both warpgroups' P V products (wgmma reads A and B from there).
 The arithmetic, in order, is the Triton kernel's: S (bf16 MMA, fp32 accumulate; another MMA instruction shape, so
-another summation order), where(valid, S, -inf) * scale, the running max per 64 slots, alpha and P by `exp_f32`,
+another summation order), where(valid, S, -inf) * scale, the running max per 64 slots, alpha and P by `exp_nonpos`,
 den = fma(den, alpha, sum P), acc = acc * alpha + bf16(P) . V, the sink, IEEE division, RNE to bf16. So it is judged
 like the Triton kernel (tests/optimized/ops/test_sparse_attn.py: the twin's error, plus the flip and noise
 allowances of any MMA summation order), not bitwise against it.
@@ -32,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
 
 from parity.optimized.ops.triton import runtime
-from parity.optimized.ops.triton._attn_common import BLOCK_N, exp_f32, n_blocks, row_address
+from parity.optimized.ops.triton._attn_common import BLOCK_N, exp_f32, exp_nonpos, n_blocks, row_address
 
 HEADS = 64  # the MMA rows of one program: one warpgroup's wgmma M; fewer heads are masked rows
 WARPS = 8  # two warpgroups: each takes half of the slots of S and half of d of P V
@@ -41,17 +43,24 @@ DIMS = (64, 128, 256, 512)  # d: P V's half of d is one wgmma N (<= 256); the bu
 
 @gluon.constexpr_function
 def _copy_layout(d, num_warps):
-    # 8 bf16 (16 bytes, one cp.async) a thread along d; the rest of the warp's threads over rows
-    tpw = min(32, d // 8)
+    # 8 bf16 (16 bytes, one cp.async) a thread, 8 threads along d (128 bytes of a row), the warp's others over rows:
+    # at d 512 a thread addresses 2 rows of a block, not 8 (row_address picks a source: a dozen int64 operations)
+    tpw = min(8, d // 8)
     return gl.BlockedLayout([1, 8], [32 // tpw, tpw], [num_warps, 1], [1, 0])
 
 
 @gluon.jit
-def _rows(idx_row, b, K, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3, BN: gl.constexpr, layout: gl.constexpr):
-    """Block b's row addresses and which rows exist (a valid id below the sources' end; the others read zeros)."""
+def _ids(idx_row, b, K, BN: gl.constexpr, layout: gl.constexpr):
+    """Block b's row ids (-1 past the list)."""
     slots = b * BN + gl.arange(0, BN, layout=layout)
-    r = gl.load(idx_row + slots, mask=slots < K, other=-1).to(gl.int64)
-    return row_address(r, s0, s1, s2, s3, c1, c2, c3, st0, st1, st2, st3), (r >= 0) & (r < c4)
+    return gl.load(idx_row + slots, mask=slots < K, other=-1).to(gl.int64)
+
+
+@gluon.jit
+def _copy_rows(dst, r, dc, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3):
+    """Issue the copies of the rows r into dst (a valid id below the sources' end; the others are zero-filled)."""
+    ptr = row_address(r, s0, s1, s2, s3, c1, c2, c3, st0, st1, st2, st3)
+    cp.async_copy_global_to_shared(dst, ptr[:, None] + dc[None, :], mask=((r >= 0) & (r < c4))[:, None])
 
 
 # K and its row stride grow with the context: not specialized (as the Triton kernel)
@@ -83,8 +92,8 @@ def _sparse_attn_wgmma_kernel(
     # group 0: the query's heads and block 0's rows
     qh = h0 + gl.arange(0, BH, layout=gl.SliceLayout(1, c_l))
     cp.async_copy_global_to_shared(q_smem, q_ptr + t * q_st + qh[:, None] * q_sh + dc[None, :], mask=(qh < H)[:, None])
-    ptr, inside = _rows(idx_row, 0, K, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3, BN, gl.SliceLayout(1, c_l))
-    cp.async_copy_global_to_shared(kv_smem.index(0), ptr[:, None] + dc[None, :], mask=inside[:, None])
+    r_l: gl.constexpr = gl.SliceLayout(1, c_l)
+    _copy_rows(kv_smem.index(0), _ids(idx_row, 0, K, BN, r_l), dc, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3)
     cp.commit_group()
 
     one = gl.arange(0, 1, layout=gl.SliceLayout(1, n_l))
@@ -93,25 +102,26 @@ def _sparse_attn_wgmma_kernel(
     den = gl.zeros([BH], gl.float32, layout=gl.SliceLayout(1, s_l))
     acc = gl.zeros([BH, D], gl.float32, layout=o_l)
     s_init = gl.zeros([BH, BN], gl.float32, layout=s_l)
+    nxt = _ids(idx_row, 1, K, BN, r_l)  # block b + 1's ids, read a block ahead: their latency hides behind block b
     for b in range(0, nblk):
         kv = kv_smem.index(b % 2)
         # every warp is past block b - 1's P V (which read the buffer block b + 1 lands in)
         gl.thread_barrier()
         if b + 1 < nblk:
-            ptr, inside = _rows(idx_row, b + 1, K, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3, BN,
-                                gl.SliceLayout(1, c_l))  # fmt: skip
-            cp.async_copy_global_to_shared(kv_smem.index((b + 1) % 2), ptr[:, None] + dc[None, :], mask=inside[:, None])
+            _copy_rows(kv_smem.index((b + 1) % 2), nxt, dc, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3)
         cp.commit_group()
+        nxt = _ids(idx_row, b + 2, K, BN, r_l)
+        # block b's ids for the score mask, read before the wait so that the load's latency hides behind it
+        slots = b * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_l))
+        r = gl.load(idx_row + slots, mask=slots < K, other=-1)
         cp.wait_group(1)  # block b's group (and q's, at b = 0) has landed
         fence_async_shared()  # the copies' writes, before the MMAs read them through the async proxy
         gl.thread_barrier()
         s = warpgroup_mma(q_smem, kv.permute((1, 0)), s_init, use_acc=False)  # [BH, BN] fp32
-        slots = b * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_l))
-        r = gl.load(idx_row + slots, mask=slots < K, other=-1)
         s = gl.where((r >= 0)[None, :], s, float("-inf")) * scale
         m_new = gl.maximum(m, gl.max(s, axis=1))
-        alpha = exp_f32(m - m_new)
-        p = exp_f32(s - m_new[:, None])
+        alpha = exp_nonpos(m - m_new)
+        p = exp_nonpos(s - m_new[:, None])
         den = gl.fma(den, alpha, gl.sum(p, axis=1))
         m = m_new
         p_smem.store(p.to(gl.bfloat16))
