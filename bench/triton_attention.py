@@ -23,8 +23,8 @@ indexer_topk the same ids modulo ties (the torch scores of the chosen ids equal,
 
 `--smoke` runs tiny shapes through Triton's CPU interpreter (script logic only, no timings worth reading).
 `--compile-sm90 [PREFIX]` needs no GPU: it compiles every kernel (or those whose row name starts with PREFIX) at the
-bench's configurations for sm_90 with the ptxas shipped in the triton wheel and writes registers, stack (spills) and
-shared memory per kernel to --out.
+bench's configurations for sm_90 (`bench/sm90.py`: the triton wheel's own ptxas) and writes registers, stack
+(spills), shared memory, wgmma use and the loops' synchronous loads per kernel to --out.
 """
 
 import argparse
