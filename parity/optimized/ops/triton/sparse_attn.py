@@ -43,7 +43,7 @@ block is the fastest configuration measured; splitting d over two programs (part
 
 On sm_90 the wrapper runs the Gluon kernel of `sparse_attn_wgmma.py` instead (the same per-query math from
 `_attn_common.py`; scores split over the two warpgroups, KV rows copied asynchronously one block ahead): on an H100,
-Flash decode T 256 0.204 -> 0.113 ms, prefill 4k 2.20 -> 1.34 ms, in CUDA graphs (docs/perf.md, twenty-second pass).
+Flash decode T 256 0.197 -> 0.103 ms, prefill 4k 2.14 -> 1.18 ms, in CUDA graphs (docs/perf.md, twenty-fourth pass).
 This kernel runs in the interpreter, on other GPUs, for rows that kernel cannot copy, and for a given `config`.
 """
 
