@@ -206,8 +206,8 @@ def cases():
 
 
 def compile_report(out: Path, prefix: str) -> int:
-    """Compile every kernel whose name starts with `prefix` for sm_90 and write registers / stack / shared memory to
-    out/compile_sm90.json."""
+    """Compile every kernel whose name starts with `prefix` for sm_90 and write what `bench.sm90.compile_sm90` reports
+    (registers, stack, shared memory, wgmma, synchronous loads) to out/compile_sm90.json."""
     chosen = [case for case in cases() if case[0].startswith(prefix)]
     if not chosen:
         print(f"--compile-sm90: no kernel's name starts with {prefix!r} (e.g. 'sparse_attn', 'hc_pre')")

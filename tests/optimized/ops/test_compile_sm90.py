@@ -15,20 +15,26 @@ from parity.optimized.ops.triton import sparse_attn_wgmma
 
 REPO = Path(__file__).resolve().parents[3]
 SM90_SHARED = 227 * 1024
-# the bench with the Gluon kernel's head dims replaced (argv: the dims, then the bench's own arguments); triton is
-# imported first, as the bench does, or parity would choose the interpreter on a machine without a GPU
-WITH_DIMS = (
-    "import runpy, sys, triton; from parity.optimized.ops.triton import sparse_attn_wgmma as k; "
-    "k.DIMS = tuple(int(d) for d in sys.argv[1].split(',')); sys.argv = ['bench'] + sys.argv[2:]; "
-    "runpy.run_path('bench/triton_attention.py', run_name='__main__')"
+
+
+def _patched(bench: str, patch: str) -> str:
+    """`python -c` source running `bench` as __main__ after `patch` (which may take its own argument from argv[1];
+    the bench's arguments follow). triton is imported first, as the benches do, or parity would choose the
+    interpreter on a machine without a GPU."""
+    run = f"runpy.run_path({bench!r}, run_name='__main__')"
+    return f"import runpy, sys, triton; {patch}; sys.argv = ['bench'] + sys.argv[1:]; {run}"
+
+
+# the attention bench with the Gluon kernel's head dims replaced (argv[1]: the dims)
+WITH_DIMS = _patched(
+    "bench/triton_attention.py",
+    "from parity.optimized.ops.triton import sparse_attn_wgmma as k; "
+    "k.DIMS = tuple(int(d) for d in sys.argv.pop(1).split(','))",
 )
-
-
 # the GEMM bench with fp8_gemm's first decode tile 48 wide (no power of two: tl.arange refuses it)
-WITH_BAD_TILE = (
-    "import runpy, sys, triton; from parity.optimized.ops.triton import fp8_gemm; "
-    "fp8_gemm._small.configs[0].kwargs['BLOCK_W'] = 48; sys.argv = ['bench'] + sys.argv[1:]; "
-    "runpy.run_path('bench/triton_gemm.py', run_name='__main__')"
+WITH_BAD_TILE = _patched(
+    "bench/triton_gemm.py",
+    "from parity.optimized.ops.triton import fp8_gemm; fp8_gemm._small.configs[0].kwargs['BLOCK_W'] = 48",
 )
 
 
