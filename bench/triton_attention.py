@@ -22,7 +22,7 @@ indexer_topk the same ids modulo ties (the torch scores of the chosen ids equal,
 `triton_attention.json` and `triton_attention.md` to --out; exits 1 on any correctness failure.
 
 `--smoke` runs tiny shapes through Triton's CPU interpreter (script logic only, no timings worth reading).
-`--compile-sm90 [PREFIX]` needs no GPU: it compiles every kernel (or those whose row name starts with PREFIX) at the
+`--compile-sm90 [NAME]` needs no GPU: it compiles every kernel (or those whose row name contains NAME) at the
 bench's configurations for sm_90 (`bench/sm90.py`: the triton wheel's own ptxas) and writes registers, stack
 (spills), shared memory, wgmma use and the loops' synchronous loads per kernel to --out.
 """
@@ -52,8 +52,8 @@ def parse():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (checks the script)")
-    p.add_argument("--compile-sm90", nargs="?", const="", metavar="PREFIX",
-                   help="compile every kernel (or those named PREFIX...) for sm_90 (no GPU needed)")  # fmt: skip
+    p.add_argument("--compile-sm90", nargs="?", const="", metavar="NAME",
+                   help="compile every kernel (or those named ...NAME...) for sm_90 (no GPU needed)")  # fmt: skip
     p.add_argument("--ops", nargs="+", default=["memory", "indexer_topk", "sparse_attn"],
                    choices=["memory", "indexer_topk", "sparse_attn"], help="which groups of rows to run")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a few shapes per group (when device time is short)")
@@ -205,12 +205,13 @@ def cases():
         yield f"sparse_attn_wgmma d {d}", kernel, ATTN_SIG, consts, warps, 1
 
 
-def compile_report(out: Path, prefix: str) -> int:
-    """Compile every kernel whose name starts with `prefix` for sm_90 and write what `bench.sm90.compile_sm90` reports
-    (registers, stack, shared memory, wgmma, synchronous loads) to out/compile_sm90.json."""
-    chosen = [case for case in cases() if case[0].startswith(prefix)]
+def compile_report(out: Path, only: str) -> int:
+    """Compile every kernel whose name contains `only` (the rule of `bench/triton_gemm.py --compile-check NAME`) for
+    sm_90 and write what `bench.sm90.compile_sm90` reports (registers, stack, shared memory, wgmma, synchronous loads)
+    to out/compile_sm90.json."""
+    chosen = [case for case in cases() if only in case[0]]
     if not chosen:
-        print(f"--compile-sm90: no kernel's name starts with {prefix!r} (e.g. 'sparse_attn', 'hc_pre')")
+        print(f"--compile-sm90: no kernel's name contains {only!r} (e.g. 'sparse_attn', 'hc_pre')")
         return 2
     out.mkdir(parents=True, exist_ok=True)
     rows, failed = [], 0
