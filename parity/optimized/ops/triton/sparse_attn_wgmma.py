@@ -111,9 +111,9 @@ def _sparse_attn_wgmma_kernel(
             _copy_rows(kv_smem.index((b + 1) % 2), nxt, dc, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3)
         cp.commit_group()
         nxt = _ids(idx_row, b + 2, K, BN, r_l)
-        # block b's ids for the score mask, read before the wait so that the load's latency hides behind it
-        slots = b * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, s_l))
-        r = gl.load(idx_row + slots, mask=slots < K, other=-1)
+        # block b's ids for the score mask, in the scores' layout, read before the wait so that the load's latency
+        # hides behind it
+        r = _ids(idx_row, b, K, BN, gl.SliceLayout(0, s_l))
         cp.wait_group(1)  # block b's group (and q's, at b = 0) has landed
         fence_async_shared()  # the copies' writes, before the MMAs read them through the async proxy
         gl.thread_barrier()
