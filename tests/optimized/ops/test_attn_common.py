@@ -1,7 +1,9 @@
-"""The shared exp of the `sparse_attn` kernels (`ops/triton/_attn_common.py`): `exp_f32` against the correctly
+"""The shared exps of the `sparse_attn` kernels (`ops/triton/_attn_common.py`): `exp_f32` against the correctly
 rounded fp32 exp (float64 exp rounded once, the twin's), and `exp_nonpos`, the loops' form for arguments <= 0,
-against `exp_f32` bit for bit. Runs in the interpreter on CPU and compiled on CUDA."""
+against `exp_f32` bit for bit: in the interpreter on CPU and compiled on CUDA. And `expf_cuda`, the Gluon kernel's,
+against torch's exp on CUDA bit for bit (CUDA only: the interpreter has no libdevice)."""
 
+import pytest
 import torch
 
 from parity.optimized.ops.triton import runtime
@@ -11,7 +13,7 @@ MODE = runtime.setup()  # before the kernel below is decorated
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from parity.optimized.ops.triton._attn_common import exp_f32, exp_nonpos  # noqa: E402
+from parity.optimized.ops.triton._attn_common import exp_f32, exp_nonpos, expf_cuda  # noqa: E402
 
 DEVICE = "cuda" if MODE == "cuda" else "cpu"
 BLOCK = 4096
@@ -83,3 +85,39 @@ def test_a_planted_exp_fails():
     full, nonpos = _run(x, plant=True)
     assert not torch.equal(full.view(torch.int32), nonpos.view(torch.int32))
     assert _off_exp(x[~x.isnan()], nonpos[~x.isnan()]).any()
+
+
+@triton.jit
+def _cuda_exp(x_ptr, y_ptr, n, BLOCK: tl.constexpr, FAST: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    x = tl.load(x_ptr + offs, mask=mask)
+    if FAST:  # a planted bug: Triton's own exp (MUFU.EX2 of x * log2 e, no reduction step), another rounding
+        tl.store(y_ptr + offs, tl.exp(x), mask=mask)
+    else:
+        tl.store(y_ptr + offs, expf_cuda(x), mask=mask)
+
+
+def _expf_off_torch(fast: bool = False) -> int:
+    """How many results of `expf_cuda` (or the planted fast exp) differ from torch.exp on CUDA over every exponent of
+    both signs, the softmax range densely, and the edges. torch's CUDA exp is the same libdevice expf, compiled
+    without flush to zero, and so is Triton's here (subnormal results included: measured on an H100, torch 2.11,
+    Triton 3.6), so every result must be equal bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    bits = torch.randint(-(2**31), 2**31, (1 << 17,), generator=gen, dtype=torch.int64).to(torch.int32)
+    x = torch.cat([bits.view(torch.float32), _nonpositive(), torch.rand(1 << 16, generator=gen) * 88.7]).cuda()
+    got = torch.empty_like(x)
+    _cuda_exp[(triton.cdiv(x.numel(), BLOCK),)](x, got, x.numel(), BLOCK=BLOCK, FAST=fast)
+    want = torch.exp(x)
+    same = (got.view(torch.int32) == want.view(torch.int32)) | (got.isnan() & want.isnan())
+    return int((~same).sum())
+
+
+@pytest.mark.gpu
+def test_expf_cuda_is_torch_exp_on_cuda_bit_for_bit():
+    assert _expf_off_torch() == 0
+
+
+@pytest.mark.gpu
+def test_a_planted_fast_exp_differs_from_torch_exp():
+    assert _expf_off_torch(fast=True) > 0

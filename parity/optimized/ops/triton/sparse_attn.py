@@ -41,9 +41,10 @@ Speed on the H200 (docs/perf-h200/triton_attention.md, 2026-12-03): Flash decode
 64-slot block, one program's serial latency), prefill 4k 2.14 ms (16 % of bf16 peak; target 40 %). The 64-head
 block is the fastest configuration measured; splitting d over two programs (parts 2) was 1.3-1.7x slower.
 
-On sm_90 the wrapper runs the Gluon kernel of `sparse_attn_wgmma.py` instead (the same per-query math from
-`_attn_common.py`; scores split over the two warpgroups, KV rows copied asynchronously one block ahead): on an H100,
-Flash decode T 256 0.197 -> 0.103 ms, prefill 4k 2.14 -> 1.18 ms, in CUDA graphs (docs/perf.md, twenty-fourth pass).
+On sm_90 the wrapper runs the Gluon kernel of `sparse_attn_wgmma.py` instead (the same per-query math but for the
+exp, CUDA's expf as in the official kernel; scores split over the two warpgroups, KV rows copied asynchronously one
+block ahead): on an H100, Flash decode T 256 0.197 -> 0.107 ms, prefill 4k 2.14 -> 1.11 ms, in CUDA graphs
+(docs/perf.md, twenty-sixth pass).
 This kernel runs in the interpreter, on other GPUs, for rows that kernel cannot copy, and for a given `config`.
 """
 

@@ -13,28 +13,34 @@ S = q K^T and the same softmax, and only P V is split between them. Its KV loads
   (cp.async, 16 bytes a thread, 8 threads on 128 bytes of a row, so a thread addresses few rows) into one of two
   buffers, the next block's issued before this block is computed, from row ids read one block earlier still (a
   load the copies wait on would put a memory latency into every block);
-- the bf16 P goes through shared memory to both warpgroups' P V products (wgmma reads A and B from there).
-The arithmetic, in order, is the Triton kernel's: S (bf16 MMA, fp32 accumulate; another MMA instruction shape, so
-another summation order), where(valid, S, -inf) * scale, the running max per 64 slots, alpha and P by `exp_nonpos`,
-den = fma(den, alpha, sum P), acc = acc * alpha + bf16(P) . V, the sink, IEEE division, RNE to bf16. So it is judged
-like the Triton kernel (tests/optimized/ops/test_sparse_attn.py: the twin's error, plus the flip and noise
-allowances of any MMA summation order), not bitwise against it.
+- the bf16 P goes through shared memory to both warpgroups' P V products (wgmma reads A and B from there);
+- P V is issued asynchronously and the next block's scores right behind it (they read q and the other buffer), so
+  the tensor cores run both back to back while the warps wait; the buffer P V read is refilled once it is done.
+The arithmetic, in order, is the Triton kernel's but for the exp: S (bf16 MMA, fp32 accumulate; another MMA
+instruction shape, so another summation order), where(valid, S, -inf) * scale, the running max per 64 slots, alpha
+and P, den = fma(den, alpha, sum P), acc = acc * alpha + bf16(P) . V, the sink, IEEE division, RNE to bf16. The exp
+is CUDA's `expf` (libdevice `__nv_expf`: a Cody-Waite step and one MUFU.EX2, max 2 ulp), the one the official
+kernel calls (spec §8 step 6) and torch's on CUDA; the Triton kernel's portable `exp_nonpos` (~1 ulp, the same bits
+in the interpreter) costs about 20 instructions a score where this one costs 10. So it is judged like the Triton
+kernel (tests/optimized/ops/test_sparse_attn.py: the twin's error, plus the flip and noise allowances of any MMA
+summation order), not bitwise against it.
 
 Gluon has no CPU interpreter: this kernel runs only on a GPU with sm_90 (`fits`), where every CUDA test of the op
 exercises it; elsewhere (the interpreter, other GPUs, a given `config`) the wrapper runs the Triton kernel. On the
 CPU, CI compiles it for sm_90 at every d of `DIMS` (tests/optimized/ops/test_compile_sm90.py: shared memory, spills).
-Measured on an H100 (docs/perf.md, twenty-fourth pass): 1.7-2.0x the Triton kernel's speed, Flash decode T 256
-0.103 ms in a CUDA graph (50 % of copy bandwidth on the KV rows), prefill 4k 1.18 ms (29 % of the bf16 rate).
+Measured on an H100 (docs/perf.md, twenty-sixth pass): 1.8-2.0x the Triton kernel's speed, Flash decode T 256
+0.107 ms in a CUDA graph (52 % of copy bandwidth on the KV rows), prefill 4k 1.11 ms (31 % of the bf16 rate); the
+expf and the overlapped P V took 6 % off the portable-exp kernel's time over the A/B's five cases.
 """
 
 import torch
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 from parity.optimized.ops.triton import runtime
-from parity.optimized.ops.triton._attn_common import BLOCK_N, exp_f32, exp_nonpos, n_blocks, row_address
+from parity.optimized.ops.triton._attn_common import BLOCK_N, expf_cuda, n_blocks, row_address
 
 HEADS = 64  # the MMA rows of one program: one warpgroup's wgmma M; fewer heads are masked rows
 WARPS = 8  # two warpgroups: each takes half of the slots of S and half of d of P V
@@ -98,39 +104,54 @@ def _sparse_attn_wgmma_kernel(
 
     one = gl.arange(0, 1, layout=gl.SliceLayout(1, n_l))
     nblk = gl.max(n_blocks(idx_row + one, one < 1, K, BN, gl.arange(0, 512, layout=gl.SliceLayout(0, n_l))), axis=0)
+    # group 1: block 1's rows
+    if 1 < nblk:
+        ids1 = _ids(idx_row, 1, K, BN, r_l)
+        _copy_rows(kv_smem.index(1), ids1, dc, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3)
+    cp.commit_group()
+    nxt = _ids(idx_row, 2, K, BN, r_l)  # block b + 2's ids, read before block b + 1's copies wait on them
     m = gl.full([BH], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_l))
     den = gl.zeros([BH], gl.float32, layout=gl.SliceLayout(1, s_l))
     acc = gl.zeros([BH, D], gl.float32, layout=o_l)
     s_init = gl.zeros([BH, BN], gl.float32, layout=s_l)
-    nxt = _ids(idx_row, 1, K, BN, r_l)  # block b + 1's ids, read a block ahead: their latency hides behind block b
+    r = _ids(idx_row, 0, K, BN, gl.SliceLayout(0, s_l))  # block 0's ids for the score mask, in the scores' layout
+    cp.wait_group(1)  # q and block 0
+    fence_async_shared()
+    gl.thread_barrier()
+    s = warpgroup_mma(q_smem, kv_smem.index(0).permute((1, 0)), s_init, use_acc=False)  # block 0's scores
     for b in range(0, nblk):
         kv = kv_smem.index(b % 2)
-        # every warp is past block b - 1's P V (which read the buffer block b + 1 lands in)
-        gl.thread_barrier()
-        if b + 1 < nblk:
-            _copy_rows(kv_smem.index((b + 1) % 2), nxt, dc, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3)
-        cp.commit_group()
-        nxt = _ids(idx_row, b + 2, K, BN, r_l)
-        # block b's ids for the score mask, in the scores' layout, read before the wait so that the load's latency
-        # hides behind it
-        r = _ids(idx_row, b, K, BN, gl.SliceLayout(0, s_l))
-        cp.wait_group(1)  # block b's group (and q's, at b = 0) has landed
-        fence_async_shared()  # the copies' writes, before the MMAs read them through the async proxy
-        gl.thread_barrier()
-        s = warpgroup_mma(q_smem, kv.permute((1, 0)), s_init, use_acc=False)  # [BH, BN] fp32
         s = gl.where((r >= 0)[None, :], s, float("-inf")) * scale
         m_new = gl.maximum(m, gl.max(s, axis=1))
-        alpha = exp_nonpos(m - m_new)
-        p = exp_nonpos(s - m_new[:, None])
+        alpha = expf_cuda(m - m_new)
+        p = expf_cuda(s - m_new[:, None])
         den = gl.fma(den, alpha, gl.sum(p, axis=1))
         m = m_new
         p_smem.store(p.to(gl.bfloat16))
         fence_async_shared()
         gl.thread_barrier()  # both warpgroups' halves of P, before either's P V
-        acc = warpgroup_mma(p_smem, kv, acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None])
+        pv = warpgroup_mma(p_smem, kv, acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_l))[:, None], is_async=True)
+        if b + 1 < nblk:
+            # block b + 1's scores go to the tensor cores behind this block's P V (they read q and the other
+            # buffer); this block's buffer is refilled once every warp is past its P V
+            r = _ids(idx_row, b + 1, K, BN, gl.SliceLayout(0, s_l))  # its ids for the score mask
+            cp.wait_group(0)  # block b + 1's group
+            fence_async_shared()
+            gl.thread_barrier()
+            sc = warpgroup_mma(q_smem, kv_smem.index((b + 1) % 2).permute((1, 0)), s_init, use_acc=False,
+                               is_async=True)  # fmt: skip
+            acc = warpgroup_mma_wait(1, deps=[pv])
+            gl.thread_barrier()  # P and this block's rows are free
+            if b + 2 < nblk:
+                _copy_rows(kv, nxt, dc, s0, s1, s2, s3, c1, c2, c3, c4, st0, st1, st2, st3)
+            cp.commit_group()
+            nxt = _ids(idx_row, b + 3, K, BN, r_l)
+            s = warpgroup_mma_wait(0, deps=[sc])
+        else:
+            acc = warpgroup_mma_wait(0, deps=[pv])
     cp.wait_group(0)  # an empty list ran no block: its (masked) copies still complete before the program ends
     heads = h0 + gl.arange(0, BH, layout=gl.SliceLayout(1, s_l))
-    den = den + exp_f32(gl.load(sink_ptr + heads, mask=heads < H, other=0.0) - m)
+    den = den + expf_cuda(gl.load(sink_ptr + heads, mask=heads < H, other=0.0) - m)
     o = gl.div_rn(acc, gl.convert_layout(den, gl.SliceLayout(1, o_l))[:, None])
     ho = h0 + gl.arange(0, BH, layout=gl.SliceLayout(1, o_l))
     do = gl.arange(0, D, layout=gl.SliceLayout(0, o_l))
