@@ -144,8 +144,9 @@ def cases():
     fp4 = dict(BLOCK=32, BR=32, BG=4, SCALE_SHIFT=0)
     yield "fp4_fake_quant", fp4_fake_quant._fp4_group_kernel, FP4_SIG, fp4, 4, 3
     yield "hadamard d 128", hadamard._hadamard_kernel, HAD_SIG, dict(D=128, LOG_D=7, BR=16, REVERSED=False), 4, 3
-    for w, bc in ((8, 256), (128, 16)):
-        yield f"compress_pool w {w} d 512", compress_pool._pool_kernel, POOL_SIG, dict(WP=w, BN=1, BC=bc), 4, 3
+    for bc in (512, 128):  # the pairs kernel: a row of 512 channels; a decode step's few entries split 4 ways
+        yield f"compress_pool pairs BC {bc}", compress_pool._pool_pairs_kernel, POOL_SIG, dict(BN=1, BC=bc), 4, 3
+    yield "compress_pool tile w 128 d 512", compress_pool._pool_tile_kernel, POOL_SIG, dict(WP=128, BN=1, BC=16), 4, 3
     for ratio, overlap, hd in ((4, True, 512), (4, True, 128), (128, False, 512)):
         rows, cd = (2 if overlap else 1) * ratio, (2 if overlap else 1) * hd
         wr = triton.next_power_of_2(rows)

@@ -81,9 +81,10 @@ def test_decode_layout_matches_reference(impl, b, ratio, d, first_block):
     check(impl, out, expected[:, 0], golden=golden(kv_state, score_state, 1))
 
 
-@pytest.mark.parametrize("w", [1, 3, 5, 127, 129])
+@pytest.mark.parametrize("w", [1, 3, 5, 16, 17, 127, 129])
 def test_other_widths(impl, w):
-    # the op form for any number of positions (the kernel pads to a power of two with -inf scores and zero kv)
+    # the op form for any number of positions (the Triton op: one thread a pair up to 16, tiles padded to a power of
+    # two with -inf scores and zero kv beyond)
     kv, score = torch.randn(3, w, 40), torch.randn(3, w, 40) * 4
     check(impl, run(impl, kv, score), (kv * score.softmax(dim=-2)).sum(dim=-2), golden=golden(kv, score, -2))
 
@@ -143,10 +144,11 @@ def test_planted_bug_transposed_layout_is_caught(impl, ref_model):
         check(impl, buggy, run(impl, kv, score))
 
 
+@pytest.mark.parametrize("r", [8, 128], ids=["8-positions", "128-positions"])  # the Triton op's two kernels
 @pytest.mark.parametrize("bug", ["window off by one token", "last position dropped"])
-def test_planted_bug_is_caught(impl, bug):
-    # HCA blocks (ratio 128, no overlap) cut from one token sequence
-    r, n, d = 128, 3, 64
+def test_planted_bug_is_caught(impl, bug, r):
+    # blocks of r positions (no overlap) cut from one token sequence: 128 is the HCA compressor's
+    n, d = 3, 64
     kv_tok, sc_tok = torch.randn(1, n * r + 1, d), torch.randn(1, n * r + 1, d) * 2
     kv, score = kv_tok[:, : n * r].unflatten(1, (n, r)), sc_tok[:, : n * r].unflatten(1, (n, r))
     want = (kv * score.softmax(dim=2)).sum(dim=2)
