@@ -404,3 +404,27 @@ def test_planted_bug_in_the_kernel_is_caught(kernel, ref_model, plant, what):
     (x, fn, scale, base), want, gold, s = planted_case(ref_model, 1, "ffn", 63)
     with pytest.raises(AssertionError):
         judge(tri, module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6, plant=plant), want, gold, s)
+
+
+# ---- the GPU's mixer GEMM: fn as three bf16 pieces on the tensor cores (`_mhc.split3`, `_mhc.mix_partial`)
+
+
+@pytest.mark.parametrize(("plant", "t"), [(0, 63), (0, 129), (5, 63)], ids=["63", "129", "planted-fn-in-bf16"])
+def test_tensor_core_mixer_gemm_within_tolerance(kernel, ref_model, plant, t):
+    # the GPU's chunk dot (three bf16 pieces of fn, exact products, fp32 accumulation over each chunk) run in the
+    # interpreter too (ROWWISE off; there its sums round by a row's place in the tile, so no bit claims here), judged
+    # like every other path; plant 5 keeps only fn's bf16 piece (a plain bf16 tensor-core GEMM) and must fail
+    from parity.optimized.ops.triton import _mhc
+
+    tri, module = kernel
+    (x, fn, scale, base), want, gold, s = planted_case(ref_model, 1, "ffn", t)
+    _mhc.TUNING.update(ROWWISE=False)
+    try:
+        got = module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6, plant=plant)
+    finally:
+        _mhc.TUNING.clear()
+    if plant:
+        with pytest.raises(AssertionError):
+            judge(tri, got, want, gold, s)
+    else:
+        judge(tri, got, want, gold, s)

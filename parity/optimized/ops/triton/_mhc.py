@@ -4,15 +4,23 @@ Both kernels start with the same per-token mixer GEMV over the flattened streams
 the sum of squares that gives the token's rsqrt (spec §4.3 steps 1-3, §4.6 step 1), and both end with the
 pre-weighted collapse `y = sum_j pre[j] * x[j]` (spec §4.3 step 5). What lives here:
 
-- `mix_partial`: one K range of the GEMV for a block of tokens. fp32 operands and an fp32 FMA dot
-  (`input_precision="ieee"`: the twin's F.linear is fp32 with TF32 off, spec §12.1) over BK-wide chunks, each
-  chunk's result added in float64; the squares are taken and summed in float64 (exact: a bf16 square has 16
-  significant bits). A token's numbers depend only on the fixed chunking (BK), never on the batch around it nor on
-  how the chunks are grouped into K pieces (KSPLIT): the FMA dot accumulates every output element in k order
-  whatever the tile, and the float64 sums of the chunks' fp32 results and of the squares are exact for all
-  practical inputs (a sum of fp32 terms is exact in float64 unless they span more than ~2^29 in magnitude). (The
-  CPU interpreter's `tl.dot` is numpy's BLAS matmul, whose rounding depends on a row's position in the tile, so
-  there the chunk dot is fp32 products summed per element.)
+- `mix_partial`: one K range of the GEMV for a block of tokens, over BK-wide chunks. The twin's F.linear is fp32
+  with TF32 off (spec §12.1); here each chunk's dot runs on the tensor cores from fp32 fn cut into three bf16 pieces
+  (`split3`: hi + mid + lo == fn exactly) against the bf16 streams, so every product is exact (8 x 8 significant
+  bits), and the three piece dots accumulate in one fp32 accumulator (smallest piece first); each chunk's result is
+  added in float64. The squares are taken and summed in float64 (exact: a bf16 square has 16 significant bits). A
+  token's numbers depend only on the fixed chunking (BK), never on the batch around it nor on how the chunks are
+  grouped into K pieces (KSPLIT): the tensor core sums each output element from its own row and column, k16 steps
+  in k order whatever the tile (measured on the H100: the same bits from 16-row mma.sync tiles and 64-row wgmma
+  tiles, `bench/triton_mhc.py`'s sweep), and the float64 sums of the chunks' fp32 results and of the squares are
+  exact for all practical inputs (a sum of fp32 terms is exact in float64 unless they span more than ~2^29 in
+  magnitude). Accuracy: a chunk's error is the tensor core's fp32 accumulation (its adder truncates) over 64 exact
+  products; on the H100 (session 28, 64-4096 tokens of V4-Flash / Pro shapes) the worst mix error against the float64
+  mixes was 0.2-0.7x the former fp32 FMA dot's and 0.03-0.12x the twin's, and hc_pre / hc_head use at most 8 % of
+  their allowance in `bench/triton_mhc.py`'s checks, as the FMA dot did. Speed (H100, 4096 tokens, Flash, the mixes
+  alone): 0.201 ms at hc_pre's 16-row tile (0.060 with 64-row tiles) against 0.644 for the FMA dot, which had been
+  ~90 % of hc_pre. (The CPU interpreter's `tl.dot` is numpy's BLAS matmul, whose rounding depends on a row's
+  position in the tile, so there the chunk dot is fp32 products summed per element: ROWWISE.)
 - The K split: a token block's K range is cut into SPLITS fixed pieces, one program each, so decode-sized batches
   still spread the 24 x 4D fp32 mixer matrix over many SMs. Each program writes its float64 partials, and the last
   of the SPLITS programs to arrive (an acq_rel atomic counter; nobody waits) sums them in split order and finishes
@@ -68,16 +76,29 @@ def fn_rows(n, NP: tl.constexpr, MIX: tl.constexpr, N_COMB: tl.constexpr):
 
 
 @triton.jit
+def split3(w):
+    """fp32 `w` as three bf16 pieces, hi + mid + lo == w exactly: hi is w rounded to bf16, mid the rest rounded,
+    lo what is left (24 significant bits = three times bf16's 8; each difference is exact in fp32). Holds while lo
+    stays a normal bf16, |w| >= ~2^-110 (a V4 mixer weight is ~1e-2)."""
+    hi = w.to(tl.bfloat16)
+    rest = w - hi.to(tl.float32)
+    mid = rest.to(tl.bfloat16)
+    lo = (rest - mid.to(tl.float32)).to(tl.bfloat16)
+    return hi, mid, lo
+
+
+@triton.jit
 def mix_partial(
     x_ptr, fn_ptr, rows, rmask, stride_t, K, k_lo, k_hi,
     NP: tl.constexpr, MIX: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, ROWWISE: tl.constexpr,
-    N_COMB: tl.constexpr = 0,
+    N_COMB: tl.constexpr = 0, PLANT: tl.constexpr = 0,
 ):  # fmt: skip
     """Partial mixes over k in [k_lo, k_hi) of the tokens `rows`: (float64 [BT, NP] dot, float64 [BT] sum x^2),
-    column n the mix of fn row `fn_rows(n, NP, MIX, N_COMB)`. x rows are the flattened streams (stride_t apart, unit
-    stride inside); fn is [MIX, K] fp32, row-major. ROWWISE (the CPU interpreter): the chunk dot as fp32 products
-    summed per output element, because the interpreter's `tl.dot` is numpy's BLAS matmul, whose rounding depends on
-    a row's position in the tile."""
+    column n the mix of fn row `fn_rows(n, NP, MIX, N_COMB)`. x rows are the flattened bf16 streams (stride_t
+    apart, unit stride inside); fn is [MIX, K] fp32, row-major. Each BK chunk's dot on the tensor cores from fn's
+    three bf16 pieces (`split3`), smallest first, in one fp32 accumulator. ROWWISE (the CPU interpreter): the chunk
+    dot as fp32 products summed per output element, because the interpreter's `tl.dot` is numpy's BLAS matmul,
+    whose rounding depends on a row's position in the tile."""
     n = tl.arange(0, NP)
     fr, fvalid = fn_rows(n, NP, MIX, N_COMB)
     acc = tl.zeros([BT, NP], dtype=tl.float64)
@@ -86,12 +107,18 @@ def mix_partial(
         k = k0 + tl.arange(0, BK)
         kmask = k < k_hi
         xt = tl.load(x_ptr + rows[:, None] * stride_t + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
-        xt = xt.to(tl.float32)
+        tl.static_assert(xt.dtype == tl.bfloat16, "hc mixers: the streams must be bf16 (exact tensor-core operands)")
         w = tl.load(fn_ptr + fr[None, :] * K + k[:, None], mask=fvalid[None, :] & kmask[:, None], other=0.0)
         if ROWWISE:
-            part = tl.reduce(xt[:, None, :] * tl.trans(w)[None, :, :], 2, SUM)
+            part = tl.reduce(xt.to(tl.float32)[:, None, :] * tl.trans(w)[None, :, :], 2, SUM)
         else:
-            part = tl.dot(xt, w, input_precision="ieee")
+            w_hi, w_mid, w_lo = split3(w)
+            if PLANT == 5:  # planted bug: fn rounded to bf16 (one piece), what a plain bf16 tensor-core GEMM does
+                w_mid = tl.zeros_like(w_mid)
+                w_lo = tl.zeros_like(w_lo)
+            part = tl.dot(xt, w_lo)
+            part = tl.dot(xt, w_mid, part)
+            part = tl.dot(xt, w_hi, part)
         acc += part.to(tl.float64)
         x64 = xt.to(tl.float64)
         sq += x64 * x64
@@ -177,6 +204,9 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
 # bit (KSPLIT: the float64 sums of `mix_partial` are exact). BK rounds the fp32 chunk dots: not overridable
 TUNING: dict = {}
 _REGROUP = ("BT", "BD", "BTF", "num_warps", "KSPLIT", "APART", "SHARE")
+# ROWWISE False in the interpreter runs the GPU's tensor-core chunk dot there (tests of its numbers; the
+# interpreter's `tl.dot` then rounds by a row's place in the tile, so not batch-invariant)
+_NUMERICS = ("ROWWISE",)
 # hc_pre's collapse as a launch of its own (APART): tokens x columns per program. The finishing program of a token
 # block otherwise streams the block's 16 x 4 x D streams alone, after the Sinkhorn (H200, 64 tokens, session 10's
 # sweep: the finish costs ~3-4 us per row of a block); `config` says where it is used
@@ -193,12 +223,12 @@ def config(n_tokens: int, dim: int, op: str = "hc_head") -> dict:
         cfg = dict(BT=bt, BK=128, KSPLIT=1024, BD=min(runtime.next_pow2(dim), 1024), num_warps=4, ROWWISE=True)
         cfg["APART"] = False
     else:
-        # 16 tokens: the smallest FMA dot tile; 32 halves the mixer-matrix reads from L2 once there are many blocks.
-        # K pieces: a decode launch has few token blocks, so smaller pieces put more programs on the SMs (H200, one
-        # token, Flash: hc_pre 0.054 / 0.037 / 0.028 ms with 1024 / 512 / 256-element pieces, hc_head 0.028 / 0.019 /
-        # 0.015; docs/perf-h200/session10.md). Past 128 tokens the blocks alone fill the SMs
+        # 16 tokens: the smallest mma tile (hc_head takes 32 at prefill sizes, below). K pieces: a decode launch has
+        # few token blocks, so smaller pieces put more programs on the SMs (H200, one token, Flash: hc_pre 0.054 /
+        # 0.037 / 0.028 ms with 1024 / 512 / 256-element pieces, hc_head 0.028 / 0.019 / 0.015;
+        # docs/perf-h200/session10.md). Past 128 tokens the blocks alone fill the SMs
         ksplit = 256 if n_tokens <= 16 else 512 if n_tokens <= 128 else 1024
-        cfg = dict(BT=16 if n_tokens < 2048 else 32, BK=64, KSPLIT=ksplit, BD=256, num_warps=4, ROWWISE=False)
+        cfg = dict(BT=16, BK=64, KSPLIT=ksplit, BD=256, num_warps=4, ROWWISE=False)
         # the collapse apart (`COLLAPSE_TILE`) is faster on the H200 from 4 tokens (session 11, hc_pre graph us,
         # finisher's collapse / apart: 1 token 23.2 / 24.2, 4 tokens 27.8 / 24.6, 16 tokens 64.4 / 48.3, 64 tokens
         # 70.2 / 55.5) but is a second launch, and issue 10 asks for hc_pre in one launch; eagerly that launch would
@@ -213,12 +243,18 @@ def config(n_tokens: int, dim: int, op: str = "hc_head") -> dict:
         # for a few tokens (the K pieces' GEMV is short and the finish one row), eight while the collapse is shared
         # (16 rows of the Sinkhorn over twice the threads), two again at 256 tokens (76.5 against 104.4). hc_head
         # keeps four: within 1 us of the best or better at every size measured but 16 tokens (8 warps 24.6 / 28.5)
-        # Prefill (H100, session 15, graph ms at 1024 tokens): 32-row blocks 0.216 against 0.342 with 16 (4 warps;
-        # 16 rows at 2 warps 0.234); at 4096 already 32 (0.726 against 1.239). hc_head keeps 16 (0.226 / 0.197)
+        # Prefill, with the tensor-core mixer GEMM (session 28, H100, graph ms, Flash, 4096 tokens): 16-row blocks at
+        # 4 warps 0.253 against 0.340 for the 32-row blocks the FMA dot wanted (session 15); 64 rows 0.249-0.298, one
+        # K piece 0.41
         cfg["num_warps"] = 2 if n_tokens <= 4 else 8 if n_tokens <= 128 else 2 if n_tokens <= 256 else 4
-        if n_tokens > 256:
-            cfg["BT"] = 32
-    cfg.update({k: v for k, v in TUNING.items() if k in _REGROUP})
+    elif not runtime.interpreting():
+        # hc_head with the tensor-core mixer GEMM (session 28, H100, graph ms, Flash): 64 tokens 8 warps 0.0227
+        # against 0.0324 with 4; 4096 tokens 32-row blocks, 128 columns, 2 warps 0.189 against 0.235 at 256 and 4
+        if 16 <= n_tokens <= 128:
+            cfg["num_warps"] = 8
+        elif n_tokens > 256:
+            cfg.update(BT=32, BD=128, num_warps=2)
+    cfg.update({k: v for k, v in TUNING.items() if k in _REGROUP + _NUMERICS})
     if cfg["SHARE"] and runtime.interpreting():
         raise ValueError("hc mixers: SHARE needs programs that run at once; the interpreter runs them in turn")
     return finisher(cfg, n_tokens, dim)

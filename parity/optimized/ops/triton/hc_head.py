@@ -3,8 +3,9 @@
 Reference: parity.reference.model.hc_head (ParallelHead.hc_head)
 
 Per block of tokens: mixes = (x_flat . hc_head_fn^T) * rsqrt(mean(x_flat^2) + norm_eps) exactly as hc_pre computes
-them (`_mhc.mix_partial`: fp32 FMA dot in BK chunks summed in float64, sum of squares, rsqrt and product in
-float64, rounded once to fp32; the same K split and last-arriver finish), then the twin's plain-torch op order:
+them (`_mhc.mix_partial`: tensor-core dots of fn's exact bf16 pieces in BK chunks summed in float64, sum of
+squares, rsqrt and product in float64, rounded once to fp32; the same K split and last-arriver finish), then the
+twin's plain-torch op order:
 `mixes * scale` and `+ base` as separate fp32 ops (no fma: they are separate torch kernels), sigmoid as
 1/(1+exp(-x)) with IEEE division and exp evaluated in float64 (torch's own sigmoid is that expression with `expf`
 on CUDA, spec §12.5, and a vectorized approximation on CPU), `+ hc_eps`, and y = sum_j pre[j] * x[j] in fp32 ->
@@ -12,7 +13,7 @@ bf16 (`_mhc.collapse`).
 
 Tolerance: y (bf16) within 1 bf16 ulp of the float64 math beyond the twin's own error (the mixes and the exp round
 differently from the twin's, by fp32 ulps that move a bf16 rounding only rarely). The 4 mixes are padded to 16
-columns for the FMA dot (its smallest width). Unverified without a GPU: as in hc_pre.
+columns for the dot (its smallest width). Unverified without a GPU: as in hc_pre.
 """
 
 import torch
@@ -80,7 +81,7 @@ def hc_head(x, hc_fn, hc_scale, hc_base, cu_seqlens, norm_eps, hc_eps, out=None)
     if T == 0:
         return y
     cfg = _mhc.config(T, D, "hc_head")
-    np_ = 16  # the FMA dot's smallest width
+    np_ = 16  # the dot's smallest width
     splits = runtime.cdiv(hc * D, cfg["KSPLIT"])
     n_blocks = runtime.cdiv(T, cfg["BT"])
     _hc_head_kernel[(splits, n_blocks)](

@@ -4,10 +4,11 @@ Reference: parity.reference.model.hc_pre (mixes, rsqrt, pre-weighted sum) and pa
 hc_split_sinkhorn (the official TileLang kernel's twin).
 
 Per block of tokens (grid: SPLITS K pieces x token blocks, `_mhc` says how the pieces meet):
-1. mixes = (x_flat . fn^T) * rsqrt(mean(x_flat^2) + norm_eps): fp32 FMA dot in BK chunks summed in float64, the sum
-   of squares in float64, the rsqrt and the product in float64, rounded once to fp32. The twin rounds the GEMM (in
-   BLAS order), the mean, the rsqrt and the product each to fp32; this is the float64 math rounded once, so the
-   mixes are at least as close to it as the twin's.
+1. mixes = (x_flat . fn^T) * rsqrt(mean(x_flat^2) + norm_eps): BK-chunk dots on the tensor cores from fn's three
+   exact bf16 pieces (`_mhc.mix_partial`) summed in float64, the sum of squares in float64, the rsqrt and the
+   product in float64, rounded once to fp32. The twin rounds the GEMM (in BLAS order), the mean, the rsqrt and the
+   product each to fp32; here only the 64-element chunk dots round (fp32 accumulation), measured closer to the
+   float64 mixes than the twin's (`_mhc`).
 2. Sinkhorn split of the 24 mixes (the dot's 32 columns hold comb's 4 x 4 first, then pre, post and padding:
    `_mhc.fn_rows`), pre and post from one [BT, 4, 4] half, the Sinkhorn on the comb half alone, in the twin's fp32
    op order: `m*scale + base` as an fma (float64 product and sum rounded once), sigmoid =
@@ -27,12 +28,10 @@ Sinkhorn's 40 fp32 divisions carry that into post/comb, in proportion to the log
 model: the twin itself is up to ~25 fp32 ulp from the float64 math on comb (~180 with a comb scale of 8) and ~14
 on post; exactly rounded mixes would still leave ~13 / ~3 ulp. The kernel uses at most ~35% of its allowance.
 
-Speed: the mixer GEMM runs on the FMA units (fp32 IEEE, as the twin's F.linear with TF32 off): 32 FMAs (24 mixes
-padded to the dot's width) per streamed bf16 element, which at large T is about as much time as streaming the
-bytes (Flash, T 4096: ~2.1 G FMA vs ~170 MB). A tensor-core version (fn split into three bf16 pieces, exact
-products) would be memory-bound, but the tensor cores' adder truncates, which a pessimistic model of it puts at
-~30 ulp more on comb than this kernel; it is not used. The block-size sweep of `bench/triton_mhc.py` picks the
-default tile among bit-identical configurations.
+Speed: the mixer GEMM was an fp32 FMA dot (32 FMAs per streamed element) until session 28, ~90 % of the op at
+prefill sizes (H100, Flash, 4096 tokens: 0.72 ms, 7.7 % of HBM); on the tensor cores (`_mhc.mix_partial`) the op
+takes 0.25-0.34 ms there, and the finish (partials, Sinkhorn, collapse) is most of it. The block-size sweep of
+`bench/triton_mhc.py` picks the default tile among bit-identical configurations.
 
 Unverified without a GPU: that `tl.exp` on float64 lowers to libdevice's correctly rounded `__nv_exp` (it does in
 Triton 3.6's NVIDIA backend source), the L2 visibility of the split partials to the finishing program (acq_rel
@@ -186,7 +185,7 @@ def _hc_pre_kernel(
                 stride_t, D, K, norm_eps, hc_eps, iters, 0, D, HC, R, BT, BD, APART, False, PLANT)  # fmt: skip
     else:
         acc, sq = _mhc.mix_partial(
-            x_ptr, fn_ptr, rows, rmask, stride_t, K, k_lo, k_hi, NP, MIX, BT, BK, ROWWISE, HC * HC
+            x_ptr, fn_ptr, rows, rmask, stride_t, K, k_lo, k_hi, NP, MIX, BT, BK, ROWWISE, HC * HC, PLANT
         )
         if SPLITS == 1:
             _finish(acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, cnt_ptr, rows, rmask,
