@@ -30,7 +30,8 @@ on post; exactly rounded mixes would still leave ~13 / ~3 ulp. The kernel uses a
 
 Speed: the mixer GEMM was an fp32 FMA dot (32 FMAs per streamed element) until session 28, ~90 % of the op at
 prefill sizes (H100, Flash, 4096 tokens: 0.72 ms, 7.7 % of HBM); on the tensor cores (`_mhc.mix_partial`) the op
-takes 0.25-0.34 ms there, and the finish (partials, Sinkhorn, collapse) is most of it. The block-size sweep of
+takes 0.26 ms there (21.7 % of HBM), 0.20 of it still the mixes at the 16-row tile (0.06 at 64 rows, which leave
+the collapse to too few finishing programs: branch s28-hc-tail). The block-size sweep of
 `bench/triton_mhc.py` picks the default tile among bit-identical configurations.
 
 Unverified without a GPU: that `tl.exp` on float64 lowers to libdevice's correctly rounded `__nv_exp` (it does in
