@@ -233,15 +233,16 @@ WARPS = [dict(num_warps=w) for w in (2, 4, 8)]
 UNSHARED = [dict(num_warps=w, SHARE=False) for w in (4, 8)]
 
 
-def sweep(tri, bench, models, tokens, dev):
-    """Time hc_pre / hc_head per block configuration; every configuration's outputs must equal the default's."""
+def sweep(tri, bench, models, tokens, dev, ops=("hc_pre", "hc_head")):
+    """Time hc_pre / hc_head (those of them in `ops`) per block configuration; every configuration's outputs must
+    equal the default's."""
     from parity.optimized.ops.triton import _mhc
 
     rows, g = [], torch.Generator().manual_seed(1)
     for model in models:
         for t in tokens:
             inp = make_inputs(model, t, dev, g)
-            for name in ("hc_pre", "hc_head"):
+            for name in [op for op in ("hc_pre", "hc_head") if op in ops]:
                 fn, _ = op_calls(name, tri, inp)
                 _mhc.TUNING.clear()
                 base = fn()
@@ -353,7 +354,7 @@ def main() -> int:
             del inp
             if dev == "cuda":
                 torch.cuda.empty_cache()
-    sweep_rows = sweep(tri, bench, opts.models, opts.sweep_tokens, dev) if opts.sweep_tokens else []
+    sweep_rows = sweep(tri, bench, opts.models, opts.sweep_tokens, dev, opts.ops) if opts.sweep_tokens else []
     # the kernels claim the same bits for every tile (BT, BD, finisher rows, warps) and K piece
     for r in sweep_rows:
         checks.append(dict(op=r["op"] + " block sweep", model=r["model"], tokens=r["tokens"], claim="same bits",
