@@ -247,7 +247,7 @@ def config(n_tokens: int, dim: int, op: str = "hc_head") -> dict:
         # 4 warps 0.253 against 0.340 for the 32-row blocks the FMA dot wanted (session 15); 64 rows 0.249-0.298, one
         # K piece 0.41
         cfg["num_warps"] = 2 if n_tokens <= 4 else 8 if n_tokens <= 128 else 2 if n_tokens <= 256 else 4
-    elif not runtime.interpreting():
+    elif op == "hc_head" and not runtime.interpreting():
         # hc_head with the tensor-core mixer GEMM (session 28, H100, graph ms, Flash): 64 tokens 8 warps 0.0227
         # against 0.0324 with 4; 4096 tokens 32-row blocks, 128 columns, 2 warps 0.189 against 0.235 at 256 and 4
         if 16 <= n_tokens <= 128:
