@@ -225,6 +225,8 @@ K_PREFILL += [dict(BT=32, BD=256, num_warps=w, KSPLIT=k) for k in (2048, 4096) f
 # and 64-row blocks (on sm_90 the tensor-core mixer GEMM of a 64-row tile is a wgmma, of fewer rows an mma.sync: the
 # same bits is the claim), K pieces up to one
 K_PREFILL += [dict(BT=64, BD=256, num_warps=w, KSPLIT=k) for k in (1024, 2048, 4096, 1 << 20) for w in (4, 8)]
+# and 64-row blocks of 128 columns (the default from 4096 tokens, session 29: 256 columns spill in the finisher)
+K_PREFILL += [dict(BT=64, BD=128, num_warps=w, KSPLIT=k) for k in (1024, 2048, 4096) for w in (4, 8)]
 # hc_pre's collapse as a launch of its own (`_mhc.COLLAPSE_TILE`) at the default tile (hc_head ignores it)
 APART = [dict(BT=16, BD=256, num_warps=4, APART=True)]
 # warps at the default tiles (`_mhc.config` picks them by launch size), and for hc_pre the finisher collapsing every

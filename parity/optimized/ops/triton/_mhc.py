@@ -247,6 +247,13 @@ def config(n_tokens: int, dim: int, op: str = "hc_head") -> dict:
         # 4 warps 0.253 against 0.340 for the 32-row blocks the FMA dot wanted (session 15); 64 rows 0.249-0.298, one
         # K piece 0.41
         cfg["num_warps"] = 2 if n_tokens <= 4 else 8 if n_tokens <= 128 else 2 if n_tokens <= 256 else 4
+        # From 4096 tokens 64-row blocks of 128 columns, 4096-element K pieces, 4 warps (session 29, H100, graph ms,
+        # 16-row default -> this): Flash 0.2559 -> 0.2057, Pro 0.4196 -> 0.3569. A 64-row tile's mixer GEMM is one
+        # wgmma and reloads fn a quarter as often; below 4096 tokens it won at some sizes and lost at others (Flash
+        # 2048: 0.150 -> 0.161 at best; Pro 1024: 0.148 -> 0.171), and 256 columns at 64 rows spill in the
+        # finisher's collapse (0.276 at 4096)
+        if n_tokens >= 4096:
+            cfg.update(BT=64, BD=128, KSPLIT=4096, num_warps=4)
     elif op == "hc_head" and not runtime.interpreting():
         # hc_head with the tensor-core mixer GEMM (session 28, H100, graph ms, Flash): 64 tokens 8 warps 0.0227
         # against 0.0324 with 4; 4096 tokens 32-row blocks, 128 columns, 2 warps 0.189 against 0.235 at 256 and 4
