@@ -252,13 +252,12 @@ def sweep(tri, bench, models, tokens, dev, ops=("hc_pre", "hc_head")):
                 pre_only = APART + UNSHARED if name == "hc_pre" else []
                 prefill = K_PREFILL if t >= 256 else []
                 for cfg in SWEEP + ([WHOLE_BLOCK] if t < 16 else []) + K_PIECES + prefill + WARPS + pre_only:
-                    _mhc.TUNING.update(cfg)
-                    out = fn()
-                    out = out if isinstance(out, tuple) else (out,)
-                    same = all(torch.equal(a, b) for a, b in zip(out, base))
-                    ms = graph_ms(fn, bench) if dev == "cuda" else bench(fn)  # decode tiles are picked by GPU time
-                    btf = _mhc.config(t, inp["x4"].shape[-1], name)["BTF"]
-                    _mhc.TUNING.clear()
+                    with _mhc.tuned(**cfg):
+                        out = fn()
+                        out = out if isinstance(out, tuple) else (out,)
+                        same = all(torch.equal(a, b) for a, b in zip(out, base))
+                        ms = graph_ms(fn, bench) if dev == "cuda" else bench(fn)  # decode tiles: by GPU time
+                        btf = _mhc.config(t, inp["x4"].shape[-1], name)["BTF"]
                     rows.append(dict(op=name, model=model, tokens=t, **cfg, BTF_used=btf, ms=ms, same_bits=same))
                     print(f"sweep {name:8s} {model:5s} T={t:5d} {cfg}  {ms:8.4f} ms  bits "
                           f"{'same' if same else 'DIFFER'}", flush=True)  # fmt: skip

@@ -188,11 +188,8 @@ def test_narrow_finisher_has_the_block_finishers_bits(triton_head, t):
 
     def launch(**tuning):
         out = torch.full((t, 512), float("nan"), dtype=torch.bfloat16, device=dev)
-        _mhc.TUNING.update(tuning)
-        try:
+        with _mhc.tuned(**tuning):
             return triton_head(x, fn, scale, base, (0, t), 1e-6, 1e-6, out=out)
-        finally:
-            _mhc.TUNING.clear()
 
     assert torch.equal(launch(), launch(BTF=_mhc.config(t, 512)["BT"]))
     # the K pieces regroup exact float64 sums (`_mhc.config`): the same bits whatever their size, one piece included

@@ -269,11 +269,8 @@ def test_narrow_finisher_has_the_block_finishers_bits(kernel, t):
         nan = float("nan")
         out = (torch.full((t, 512), nan, dtype=torch.bfloat16, device=dev), torch.full((t, 4), nan, device=dev),
                torch.full((t, 4, 4), nan, device=dev))  # fmt: skip
-        _mhc.TUNING.update(tuning)
-        try:
+        with _mhc.tuned(**tuning):
             return module.launch(*args, 1e-6, 4, 20, 1e-6, out=out)
-        finally:
-            _mhc.TUNING.clear()
 
     block = _mhc.config(t, 512)
     assert block["BTF"] == min(block["BT"], runtime.next_pow2(t))
@@ -313,11 +310,8 @@ def test_shared_collapse_resets_its_flags_between_launches(kernel):
     fn, scale, base = (u.cuda() for u in synthetic_mixer(512, 6.0))
     xs = [streams(t, d=512).cuda() for t in (1, 16, 37, 5, 16, 64)]
     shared = [module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6) for x in xs]
-    _mhc.TUNING.update(SHARE=False)
-    try:
+    with _mhc.tuned(SHARE=False):
         alone = [module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6) for x in xs]
-    finally:
-        _mhc.TUNING.clear()
     for got, want in zip(shared, alone):
         for g, w in zip(got, want):
             assert torch.equal(g, w)
@@ -353,11 +347,8 @@ def test_planted_bug_in_the_shared_collapse_is_caught(kernel, plant, what):
     finally:
         for buf in _mhc._COUNTERS.values():  # plant 4 leaves flags set
             buf.zero_()
-    _mhc.TUNING.update(SHARE=False)
-    try:
+    with _mhc.tuned(SHARE=False):
         alone = launches()
-    finally:
-        _mhc.TUNING.clear()
     assert not all(torch.equal(g, w) for got, want in zip(planted, alone) for g, w in zip(got, want)), what
 
 
@@ -418,11 +409,8 @@ def test_tensor_core_mixer_gemm_within_tolerance(kernel, ref_model, plant, t):
 
     tri, module = kernel
     (x, fn, scale, base), want, gold, s = planted_case(ref_model, 1, "ffn", t)
-    _mhc.TUNING.update(ROWWISE=False)
-    try:
+    with _mhc.tuned(ROWWISE=False):
         got = module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6, plant=plant)
-    finally:
-        _mhc.TUNING.clear()
     if plant:
         with pytest.raises(AssertionError):
             judge(tri, got, want, gold, s)

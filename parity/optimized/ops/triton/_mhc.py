@@ -37,6 +37,8 @@ pre-weighted collapse `y = sum_j pre[j] * x[j]` (spec §4.3 step 5). What lives 
   with `enable_fp_fusion=False` so the compiler cannot contract a product into the next add.
 """
 
+from contextlib import contextmanager
+
 import torch
 import triton
 import triton.language as tl
@@ -211,6 +213,16 @@ _NUMERICS = ("ROWWISE",)
 # block otherwise streams the block's 16 x 4 x D streams alone, after the Sinkhorn (H200, 64 tokens, session 10's
 # sweep: the finish costs ~3-4 us per row of a block); `config` says where it is used
 COLLAPSE_TILE = (4, 512)
+
+
+@contextmanager
+def tuned(**overrides):
+    """`TUNING` set to `overrides` for the block (tests, the bench's sweep), left empty after it, however it ends."""
+    TUNING.update(overrides)
+    try:
+        yield
+    finally:
+        TUNING.clear()
 
 
 def config(n_tokens: int, dim: int, op: str = "hc_head") -> dict:
