@@ -32,8 +32,8 @@ Speed: the mixer GEMM was an fp32 FMA dot (32 FMAs per streamed element) until s
 prefill sizes (H100, Flash, 4096 tokens: 0.72 ms, 7.7 % of HBM); on the tensor cores (`_mhc.mix_partial`) the op
 took 0.26 ms there (21.7 % of HBM), 0.20 of it still the mixes at the 16-row tile; from 4096 tokens 64-row tiles
 (a quarter of the fn reloads) take 0.205 ms (26.5 %; session 29). Collapse programs queued behind the mix programs
-(branch s28-hc-tail) did no better than that tile. The block-size sweep of `bench/triton_mhc.py` picks the default
-tile among bit-identical configurations.
+(branch s28-hc-tail) did no better than that tile with 64-row tiles at 8 warps; at its 4 warps not yet timed. The
+block-size sweep of `bench/triton_mhc.py` picks the default tile among bit-identical configurations.
 
 Unverified without a GPU: that `tl.exp` on float64 lowers to libdevice's correctly rounded `__nv_exp` (it does in
 Triton 3.6's NVIDIA backend source), the L2 visibility of the split partials to the finishing program (acq_rel
