@@ -229,6 +229,10 @@ K_PREFILL += [dict(BT=64, BD=256, num_warps=w, KSPLIT=k) for k in (1024, 2048, 4
 K_PREFILL += [dict(BT=64, BD=128, num_warps=w, KSPLIT=k) for k in (1024, 2048, 4096) for w in (4, 8)]
 # hc_pre's collapse as a launch of its own (`_mhc.COLLAPSE_TILE`) at the default tile (hc_head ignores it)
 APART = [dict(BT=16, BD=256, num_warps=4, APART=True)]
+# hc_pre at prefill sizes: the collapse by BDT-column programs queued after the mix programs (TAIL), with the 64-row
+# mixes it frees from one finishing program per block (fewer K pieces: the finisher gathers every piece at once)
+TAIL = [dict(TAIL=True, BT=bt, num_warps=w, KSPLIT=k) for bt, w in ((16, 4), (64, 8)) for k in (1024, 2048, 4096)]
+TAIL += [dict(TAIL=True, BT=64, num_warps=8, KSPLIT=2048, BDT=b) for b in (256, 1024)]
 # warps at the default tiles (`_mhc.config` picks them by launch size), and for hc_pre the finisher collapsing every
 # column instead of the shared collapse (SHARE off: `hc_pre._collapse_share`)
 WARPS = [dict(num_warps=w) for w in (2, 4, 8)]
@@ -249,7 +253,7 @@ def sweep(tri, bench, models, tokens, dev, ops=("hc_pre", "hc_head")):
                 _mhc.TUNING.clear()
                 base = fn()
                 base = base if isinstance(base, tuple) else (base,)
-                pre_only = APART + UNSHARED if name == "hc_pre" else []
+                pre_only = APART + UNSHARED + (TAIL if t >= 256 else []) if name == "hc_pre" else []
                 prefill = K_PREFILL if t >= 256 else []
                 for cfg in SWEEP + ([WHOLE_BLOCK] if t < 16 else []) + K_PIECES + prefill + WARPS + pre_only:
                     with _mhc.tuned(**cfg):

@@ -284,8 +284,10 @@ def test_narrow_finisher_has_the_block_finishers_bits(kernel, t):
     for ksplit in (256, 512, 2048):
         for default, regrouped in zip(launch(), launch(KSPLIT=ksplit)):
             assert torch.equal(default, regrouped), ksplit
-    # the collapse as a launch of its own (APART), with and without the K split: the same products and sums
-    for tuning in (dict(APART=True), dict(APART=True, KSPLIT=2048)):
+    # the collapse as a launch of its own (APART), with and without the K split, and by collapse programs queued
+    # after the mix programs (TAIL; one or four column tiles, one or three token blocks): the same products and sums
+    tails = [dict(TAIL=True, SHARE=False), dict(TAIL=True, SHARE=False, BDT=128, BT=16)]
+    for tuning in [dict(APART=True), dict(APART=True, KSPLIT=2048)] + tails:
         for default, apart in zip(launch(), launch(**tuning)):
             assert torch.equal(default, apart), tuning
     # the collapse shared by the split programs (SHARE, on the GPU by default where the grid fits the SMs:
@@ -416,3 +418,28 @@ def test_tensor_core_mixer_gemm_within_tolerance(kernel, ref_model, plant, t):
             judge(tri, got, want, gold, s)
     else:
         judge(tri, got, want, gold, s)
+
+
+def test_planted_bug_in_the_tail_collapse_is_caught(kernel):
+    # TAIL needs every column tile of every block: plant 6 queues one collapse program short per block, so each
+    # block's last 128 columns stay NaN (poisoned buffers), which the tolerance check fails on as any NaN
+    from parity.optimized.ops.triton import _mhc
+
+    _, module = kernel
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    fn, scale, base = (u.to(dev) for u in synthetic_mixer(512, 6.0))
+    x = streams(37, d=512).to(dev)
+
+    def launch(plant):
+        nan = float("nan")
+        out = (torch.full((37, 512), nan, dtype=torch.bfloat16, device=dev), torch.full((37, 4), nan, device=dev),
+               torch.full((37, 4, 4), nan, device=dev))  # fmt: skip
+        _mhc.TUNING.update(TAIL=True, SHARE=False, BT=16, BDT=128)
+        try:
+            return module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6, out=out, plant=plant)
+        finally:
+            _mhc.TUNING.clear()
+
+    good, planted = launch(0), launch(6)
+    assert not good[0].isnan().any()
+    assert planted[0][:, 384:].isnan().all() and torch.equal(planted[0][:, :384], good[0][:, :384])

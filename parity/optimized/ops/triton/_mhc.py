@@ -205,7 +205,7 @@ def counters(device: torch.device, n: int) -> torch.Tensor:
 # per K piece, a multiple of BK) only regroup tokens, columns and chunk sums into programs, so they never change a
 # bit (KSPLIT: the float64 sums of `mix_partial` are exact). BK rounds the fp32 chunk dots: not overridable
 TUNING: dict = {}
-_REGROUP = ("BT", "BD", "BTF", "num_warps", "KSPLIT", "APART", "SHARE")
+_REGROUP = ("BT", "BD", "BTF", "num_warps", "KSPLIT", "APART", "SHARE", "TAIL", "BDT")
 # ROWWISE False in the interpreter runs the GPU's tensor-core chunk dot there (tests of its numbers; the
 # interpreter's `tl.dot` then rounds by a row's place in the tile, so not batch-invariant)
 _NUMERICS = ("ROWWISE",)
@@ -249,6 +249,11 @@ def config(n_tokens: int, dim: int, op: str = "hc_head") -> dict:
     # hc_pre's collapse shared by the split programs (`hc_pre._collapse_share`) where its launch allows (`launch`).
     # Never in the interpreter: it runs the programs one after another, and a waiting program would wait forever
     cfg["SHARE"] = not runtime.interpreting()
+    # hc_pre's collapse by programs queued after the mix programs (`hc_pre._hc_pre_kernel`, TAIL), BDT columns each,
+    # where SHARE cannot be (prefill); its waits only ever wait on programs that started earlier, so the interpreter,
+    # which runs programs in turn, runs it too. Off until timed on a GPU (branch s28-hc-tail)
+    cfg["TAIL"] = False
+    cfg["BDT"] = 512
     if op == "hc_pre" and not runtime.interpreting():
         # warps per program (H100, session 14, graph us at 1 / 4 / 16 / 64 tokens, Flash, 2 / 4 / 8 warps: 14.8 /
         # 18.6 / 23.2, 16.8 / 19.4 / 20.3, 37.2 / 27.5 / 22.5, 30.8 / 35.3 / 30.4; Pro 1 token 15.9 / 21.1 / 28.8): two

@@ -19,8 +19,11 @@ Per block of tokens (grid: SPLITS K pieces x token blocks, `_mhc` says how the p
    once (decode: up to 128 tokens of V4-Flash), the finishing program publishes the block's pre before its Sinkhorn
    and every split program collapses its own D / SPLITS columns (`_collapse_share`, SHARE); otherwise the finishing
    program collapses all columns (or, as an option, a second launch over tokens x columns: `_collapse_kernel`,
-   APART in `_mhc.config`). The same products and sums per element either way, so the same bits. H100, graph us,
-   Flash, 16 / 64 tokens: 43.3 / 48.9 with the finisher's collapse, 27.5 / 35.3 shared (4 warps each).
+   APART in `_mhc.config`), or, as an option not yet timed (TAIL, branch s28-hc-tail), collapse programs of BDT
+   columns queued after every mix program in one 1-D grid, numbered by tickets taken on arrival so that each waits
+   only on a finisher that has already started. The same products and sums per element every way, so the same
+   bits. H100, graph us, Flash, 16 / 64 tokens: 43.3 / 48.9 with the finisher's collapse, 27.5 / 35.3 shared (4
+   warps each).
 
 Tolerance (tests: `tests/optimized/ops/test_hc_pre.py`, float64 goldens; the registry entry states it): the GEMM
 cannot follow the twin's BLAS summation order, so the mixes differ from the twin's in the last fp32 bits and the
@@ -53,7 +56,7 @@ from parity.optimized.ops.triton._mhc import SUM as _SUM
 def _finish(
     acc, sq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, flag_ptr, rows, rmask, stride_t, D, K,
     norm_eps, hc_eps, iters, d_lo, d_hi, HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-    APART: tl.constexpr, SHARE: tl.constexpr, PLANT: tl.constexpr,
+    APART: tl.constexpr, PUBLISH: tl.constexpr, PLANT: tl.constexpr,
 ):  # fmt: skip
     RH: tl.constexpr = R // 2
     if PLANT == 2:  # planted bug: the streams were normalized before the projection (acc already holds x*r)
@@ -75,7 +78,7 @@ def _finish(
     pre = tl.reduce(tl.where(row == 0, sig, 0.0), 1, _SUM) + hc_eps  # [BT, HC]; one nonzero term: exact
     post = 2.0 * tl.reduce(tl.where(row == 1, sig, 0.0), 1, _SUM)
     hc_i = tl.arange(0, HC)[None, :]
-    if SHARE:  # publish pre before the Sinkhorn: the block's other programs wait for it to collapse their columns
+    if PUBLISH:  # pre before the Sinkhorn: the block's waiting programs (SHARE, TAIL) collapse their columns
         tl.store(pre_ptr + rows[:, None] * HC + hc_i, pre, mask=rmask[:, None])
         tl.debug_barrier()  # every thread's stores precede the release
         tl.atomic_xchg(flag_ptr, 1, sem="release")
@@ -105,7 +108,7 @@ def _finish(
     tl.store(comb_ptr + rows3 * (HC * HC) + comb_off, c, mask=rmask[:, None, None] & is_comb)
     if APART:  # the collapse is `_collapse_kernel`'s, launched next
         tl.store(pre_ptr + rows[:, None] * HC + hc_i, pre, mask=rmask[:, None])
-    else:  # columns [d_lo, d_hi): all of them, or with SHARE this program's share
+    else:  # columns [d_lo, d_hi): all of them, with SHARE this program's share, with TAIL none
         _mhc.collapse(x_ptr, y_ptr, pre, rows, rmask, stride_t, D, d_lo, d_hi, HC, BT, BD)
 
 
@@ -123,19 +126,20 @@ def _collapse_kernel(x_ptr, pre_ptr, y_ptr, T, D, HC: tl.constexpr, BT: tl.const
 
 @triton.jit
 def _collapse_share(
-    x_ptr, pre_ptr, y_ptr, flag_ptr, done_ptr, tb, T, D, d_lo, d_hi, SPLITS: tl.constexpr, HC: tl.constexpr,
+    x_ptr, pre_ptr, y_ptr, flag_ptr, done_ptr, tb, T, D, d_lo, d_hi, WAITERS: tl.constexpr, HC: tl.constexpr,
     BT: tl.constexpr, BTF: tl.constexpr, BDS: tl.constexpr, PLANT: tl.constexpr,
 ):  # fmt: skip
-    """SHARE: a split program that did not finish its token block collapses its own columns [d_lo, d_hi) of the
-    block's rows once the finishing program has published their pre (`_finish`): the same products and sums per
-    element as the finisher's collapse. It spins on the block's flag, so the launch is only ever made with every
-    program resident at once (`launch`: at most one program per SM). The last program through resets the flag and
-    its own count to zero for the next launch (all SPLITS - 1 of them have seen the flag by then)."""
+    """Columns [d_lo, d_hi) of token block `tb`'s collapse, by a program that waits for the block's finishing
+    program to publish pre (`_finish`): the same products and sums per element as the finisher's collapse. SHARE:
+    the block's other SPLITS - 1 split programs, each its share (the launch is only made with every program resident
+    at once: `launch`, at most one program per SM); TAIL: NCOL collapse programs queued after every mix program
+    (`_hc_pre_kernel`). The last of the WAITERS programs through resets the flag and the count to zero for the next
+    launch (all of them have seen the flag by then)."""
     seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
     while seen == 0:
         seen = tl.atomic_add(flag_ptr, 0, sem="acquire")
     tl.debug_barrier()  # no thread reads pre before the acquire above
-    if tl.atomic_add(done_ptr, 1, sem="relaxed") == SPLITS - 2:
+    if tl.atomic_add(done_ptr, 1, sem="relaxed") == WAITERS - 1:
         if PLANT != 4:  # planted bug: the flag left set, so the next launch's programs read pre before it is written
             tl.atomic_xchg(flag_ptr, 0)
         tl.atomic_xchg(done_ptr, 0)
@@ -156,12 +160,30 @@ def _hc_pre_kernel(
     x_ptr, fn_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, ws_ptr, cnt_ptr, T, D, norm_eps, hc_eps,
     iters, DS, HC: tl.constexpr, R: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, KSPLIT: tl.constexpr,
     SPLITS: tl.constexpr, BD: tl.constexpr, BTF: tl.constexpr, BDF: tl.constexpr, ROWWISE: tl.constexpr,
-    APART: tl.constexpr, SHARE: tl.constexpr, BDS: tl.constexpr, PLANT: tl.constexpr,
+    APART: tl.constexpr, SHARE: tl.constexpr, BDS: tl.constexpr, PLANT: tl.constexpr, N_BLOCKS=0,
+    TAIL: tl.constexpr = False, NCOL: tl.constexpr = 1, BDT: tl.constexpr = 512,
 ):  # fmt: skip
     NP: tl.constexpr = R * HC
     MIX: tl.constexpr = (2 + HC) * HC
-    split = tl.program_id(0)
-    tb = tl.program_id(1)
+    is_tail = False
+    if TAIL:
+        # one 1-D grid, programs numbered by a ticket taken on arrival: the SPLITS x N_BLOCKS mix programs (split
+        # fastest), then N_BLOCKS x NCOL collapse programs. A collapse program waits for its block's finisher, which
+        # holds a lower ticket, so it has started and will finish: no wait can block the programs it waits for
+        n_blocks = N_BLOCKS
+        n_mix = SPLITS * n_blocks
+        ticket = tl.atomic_add(cnt_ptr + 3 * n_blocks, 1, sem="relaxed")
+        if ticket == n_mix + n_blocks * NCOL - 1:  # the last ticket: every program has taken its own
+            tl.atomic_xchg(cnt_ptr + 3 * n_blocks, 0)
+        is_tail = ticket >= n_mix
+        split = ticket % SPLITS
+        tb = tl.where(is_tail, (ticket - n_mix) // NCOL, ticket // SPLITS)
+    else:
+        split = tl.program_id(0)
+        tb = tl.program_id(1)
+        n_blocks = tl.num_programs(1)
+        n_mix = 0
+        ticket = 0  # never a collapse program (is_tail stays False)
     K = HC * D
     stride_t = K
     rows = tb * BT + tl.arange(0, BT)
@@ -169,7 +191,12 @@ def _hc_pre_kernel(
     rows = rows.to(tl.int64)  # row offsets of long batches pass 2^31 elements
     k_lo = split * KSPLIT
     k_hi = tl.minimum(k_lo + KSPLIT, K)
-    if PLANT == 2:
+    if is_tail:  # TAIL: a collapse program, columns [col * BDT, (col + 1) * BDT) of block tb
+        d_lo = ((ticket - n_mix) % NCOL) * BDT
+        flag_ptr = cnt_ptr + n_blocks + tb
+        _collapse_share(x_ptr, pre_ptr, y_ptr, flag_ptr, flag_ptr + n_blocks, tb, T, D, d_lo, d_lo + BDT, NCOL, HC,
+                        BT, BTF, BDT, PLANT)  # fmt: skip
+    elif PLANT == 2:
         # planted bug: rsqrt before the projection, the normalized streams rounded back to bf16 (what a kernel
         # feeding a bf16 tensor-core GEMM would do); only meaningful with SPLITS == 1
         _, sq_all = _mhc.mix_partial(x_ptr, fn_ptr, rows, rmask, stride_t, K, 0, K, NP, MIX, BT, BK, ROWWISE, HC * HC)
@@ -196,22 +223,23 @@ def _hc_pre_kernel(
             _mhc.store_partial(ws_ptr, acc, sq, split, T, rows, rmask, NP, MIX)
             tl.debug_barrier()  # every thread's partial stores precede the release below
             arrived = tl.atomic_add(cnt_ptr + tb, 1, sem="acq_rel")
-            # SHARE: the block's flag (pre published) and count of programs through it, after the arrival counters
-            n_blocks = tl.num_programs(1)
+            # SHARE / TAIL: the block's flag (pre published) and count of programs through it, after the arrival
+            # counters
             flag_ptr = cnt_ptr + n_blocks + tb
             if arrived == SPLITS - 1:
                 tl.atomic_xchg(cnt_ptr + tb, 0)  # leave the counter zero for the next launch
                 frows, fmask, facc, fsq = _mhc.finish_partials(ws_ptr, tb, T, NP, MIX, SPLITS, BT, BTF)
-                # the columns it collapses: with SHARE its own share (BDS wide tiles), otherwise all of them
+                # the columns it collapses: with SHARE its own share (BDS wide tiles), with TAIL none (the collapse
+                # programs take them all), otherwise all of them
                 d_lo = split * DS if SHARE else 0
-                d_hi = d_lo + DS if SHARE else D
+                d_hi = d_lo + DS if SHARE else 0 if TAIL else D
                 BDC: tl.constexpr = BDS if SHARE else BDF
                 _finish(facc, fsq, x_ptr, scale_ptr, base_ptr, y_ptr, post_ptr, comb_ptr, pre_ptr, flag_ptr, frows,
-                        fmask, stride_t, D, K, norm_eps, hc_eps, iters, d_lo, d_hi, HC, R, BTF, BDC, APART, SHARE,
-                        PLANT)  # fmt: skip
+                        fmask, stride_t, D, K, norm_eps, hc_eps, iters, d_lo, d_hi, HC, R, BTF, BDC, APART,
+                        SHARE or TAIL, PLANT)  # fmt: skip
             elif SHARE:
                 _collapse_share(x_ptr, pre_ptr, y_ptr, flag_ptr, flag_ptr + n_blocks, tb, T, D, split * DS,
-                                split * DS + DS, SPLITS, HC, BT, BTF, BDS, PLANT)  # fmt: skip
+                                split * DS + DS, SPLITS - 1, HC, BT, BTF, BDS, PLANT)  # fmt: skip
 
 
 def share_plan(cfg: dict, splits: int, n_blocks: int, dim: int, sms: int) -> tuple[bool, int, int]:
@@ -223,10 +251,19 @@ def share_plan(cfg: dict, splits: int, n_blocks: int, dim: int, sms: int) -> tup
     return share, ds, min(runtime.next_pow2(ds), 1024)
 
 
+def tail_plan(cfg: dict, splits: int, share: bool, dim: int) -> tuple[bool, int]:
+    """(TAIL, collapse programs per token block NCOL) of a launch: a split launch whose programs cannot all be
+    resident (no SHARE) queues BDT-column collapse programs after its mix programs, instead of the finishing program
+    collapsing the block alone."""
+    tail = cfg["TAIL"] and splits > 1 and not share and not cfg["APART"]
+    return tail, runtime.cdiv(dim, cfg["BDT"]) if tail else 1
+
+
 def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_eps, out=None, plant=0):
     """The kernel behind `hc_pre`; `plant` (tests only) selects a planted bug: 1 comb transposed, 2 rsqrt applied
     to bf16-rounded streams before the projection; with SHARE (`_collapse_share`) 3 a waiting program collapses the
-    next program's columns, 4 the block's flag is never reset."""
+    next program's columns, 4 the block's flag is never reset; with TAIL 6 one collapse program short per
+    block."""
     T, hc, D = x.shape
     if hc != hc_mult or hc & (hc - 1):
         raise ValueError(f"hc_pre: streams {hc} (hc_mult {hc_mult}) must be a power of two")
@@ -251,14 +288,18 @@ def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_ep
     ws = _mhc.workspace(splits, T, mix, x.device)
     apart = cfg["APART"]
     share, ds, bds = share_plan(cfg, splits, n_blocks, D, runtime.sm_count(x.device))
-    cnt = _mhc.counters(x.device, 3 * n_blocks)  # arrivals, then SHARE's flags and counts
-    pre = torch.empty(T, hc, dtype=torch.float32, device=x.device) if apart or share else ws
-    _hc_pre_kernel[(splits, n_blocks)](
+    tail, ncol = tail_plan(cfg, splits, share, D)
+    if plant == 6:  # planted bug: one collapse program short per block (its last BDT columns never collapsed)
+        ncol -= 1
+    cnt = _mhc.counters(x.device, 3 * n_blocks + 1)  # arrivals, then the flags and counts, TAIL's ticket
+    pre = torch.empty(T, hc, dtype=torch.float32, device=x.device) if apart or share or tail else ws
+    grid = (splits * n_blocks + n_blocks * ncol,) if tail else (splits, n_blocks)
+    _hc_pre_kernel[grid](
         x, fn, hc_scale.float().contiguous(), hc_base.float().contiguous(), y, post, comb, pre, ws, cnt, T, D,
         float(norm_eps), float(hc_eps), int(sinkhorn_iters), ds,
         HC=hc, R=R, BT=cfg["BT"], BK=cfg["BK"], KSPLIT=cfg["KSPLIT"], SPLITS=splits, BD=cfg["BD"],
         BTF=cfg["BTF"], BDF=cfg["BDF"], ROWWISE=cfg["ROWWISE"], APART=apart, SHARE=share, BDS=bds, PLANT=plant,
-        num_warps=cfg["num_warps"], enable_fp_fusion=False,
+        N_BLOCKS=n_blocks, TAIL=tail, NCOL=ncol, BDT=cfg["BDT"], num_warps=cfg["num_warps"], enable_fp_fusion=False,
     )  # fmt: skip
     if apart:
         bt, bd = _mhc.COLLAPSE_TILE
