@@ -145,11 +145,18 @@ def gather_partials(
     n = tl.arange(0, NP)
     acc = tl.zeros([BT, NP], dtype=tl.float64)
     sq = tl.zeros([BT], dtype=tl.float64)
-    for split in tl.static_range(SPLITS):  # unrolled: every split's loads in flight at once, summed in split order
-        row_base = ws_ptr + (split * T + rows) * (MIX + 1)
-        mask = rmask[:, None] & (n < MIX)[None, :]
-        acc += tl.load(row_base[:, None] + n[None, :], mask=mask, other=0.0, cache_modifier=".cg")
-        sq += tl.load(row_base + MIX, mask=rmask, other=0.0, cache_modifier=".cg")
+    if BT <= 16:
+        for split in tl.static_range(SPLITS):  # unrolled: every split's loads in flight at once, in split order
+            row_base = ws_ptr + (split * T + rows) * (MIX + 1)
+            mask = rmask[:, None] & (n < MIX)[None, :]
+            acc += tl.load(row_base[:, None] + n[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            sq += tl.load(row_base + MIX, mask=rmask, other=0.0, cache_modifier=".cg")
+    else:  # a loop, in the same order: unrolled, larger tiles' [BT, NP] float64 loads of every split spill
+        for split in range(SPLITS):
+            row_base = ws_ptr + (split * T + rows) * (MIX + 1)
+            mask = rmask[:, None] & (n < MIX)[None, :]
+            acc += tl.load(row_base[:, None] + n[None, :], mask=mask, other=0.0, cache_modifier=".cg")
+            sq += tl.load(row_base + MIX, mask=rmask, other=0.0, cache_modifier=".cg")
     return acc, sq
 
 
