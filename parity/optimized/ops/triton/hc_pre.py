@@ -194,8 +194,10 @@ def _hc_pre_kernel(
     if is_tail:  # TAIL: a collapse program, columns [col * BDT, (col + 1) * BDT) of block tb
         d_lo = ((ticket - n_mix) % NCOL) * BDT
         flag_ptr = cnt_ptr + n_blocks + tb
+        # in tiles of BD columns: a 64-row tile BDT (512) wide holds 256 fp32 a thread at 4 warps, and spills
+        BDC_T: tl.constexpr = BD if BD < BDT else BDT
         _collapse_share(x_ptr, pre_ptr, y_ptr, flag_ptr, flag_ptr + n_blocks, tb, T, D, d_lo, d_lo + BDT, NCOL, HC,
-                        BT, BTF, BDT, PLANT)  # fmt: skip
+                        BT, BTF, BDC_T, PLANT)  # fmt: skip
     elif PLANT == 2:
         # planted bug: rsqrt before the projection, the normalized streams rounded back to bf16 (what a kernel
         # feeding a bf16 tensor-core GEMM would do); only meaningful with SPLITS == 1
