@@ -285,8 +285,10 @@ def test_narrow_finisher_has_the_block_finishers_bits(kernel, t):
         for default, regrouped in zip(launch(), launch(KSPLIT=ksplit)):
             assert torch.equal(default, regrouped), ksplit
     # the collapse as a launch of its own (APART), with and without the K split, and by collapse programs queued
-    # after the mix programs (TAIL; one or four column tiles, one or three token blocks): the same products and sums
+    # after the mix programs (TAIL; one, two or four column ranges, one or three token blocks, a range in one or two
+    # BD-wide tiles): the same products and sums
     tails = [dict(TAIL=True, SHARE=False), dict(TAIL=True, SHARE=False, BDT=128, BT=16)]
+    tails += [dict(TAIL=True, SHARE=False, BDT=256, BD=128, BT=16)]
     for tuning in [dict(APART=True), dict(APART=True, KSPLIT=2048)] + tails:
         for default, apart in zip(launch(), launch(**tuning)):
             assert torch.equal(default, apart), tuning
