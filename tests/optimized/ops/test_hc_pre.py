@@ -436,11 +436,8 @@ def test_planted_bug_in_the_tail_collapse_is_caught(kernel):
         nan = float("nan")
         out = (torch.full((37, 512), nan, dtype=torch.bfloat16, device=dev), torch.full((37, 4), nan, device=dev),
                torch.full((37, 4, 4), nan, device=dev))  # fmt: skip
-        _mhc.TUNING.update(TAIL=True, SHARE=False, BT=16, BDT=128)
-        try:
+        with _mhc.tuned(TAIL=True, SHARE=False, BT=16, BDT=128):
             return module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6, out=out, plant=plant)
-        finally:
-            _mhc.TUNING.clear()
 
     good, planted = launch(0), launch(6)
     assert not good[0].isnan().any()
