@@ -107,7 +107,7 @@ DECODE_SIG = _sig(
 )
 HC_PRE_SIG = _sig(
     "x_ptr:*bf16 fn_ptr:*fp32 scale_ptr:*fp32 base_ptr:*fp32 y_ptr:*bf16 post_ptr:*fp32 comb_ptr:*fp32 pre_ptr:*fp32 "
-    "ws_ptr:*fp64 cnt_ptr:*i32 T:i32 D:i32 norm_eps:fp32 hc_eps:fp32 iters:i32 DS:i32"
+    "ws_ptr:*fp64 cnt_ptr:*i32 T:i32 D:i32 norm_eps:fp32 hc_eps:fp32 iters:i32 DS:i32 N_BLOCKS:i32"
 )
 COLLAPSE_SIG = _sig("x_ptr:*bf16 pre_ptr:*fp32 y_ptr:*bf16 T:i32 D:i32")
 HC_HEAD_SIG = _sig(
@@ -179,21 +179,26 @@ def cases():
     from parity.optimized.ops.triton import hc_head, hc_pre
 
     for d in (4096, 7168):  # the mHC mixers at their launch tiles: decode (the narrow finisher) to prefill
-        for t in (1, 4, 64, 4096):
+        for t in (1, 4, 64, 256, 1024, 4096):
             cfg = _mhc.config(t, d, "hc_pre")
             tiles = {k: cfg[k] for k in ("BT", "BK", "KSPLIT", "BD", "BTF", "BDF", "ROWWISE")}
             splits = triton.cdiv(4 * d, cfg["KSPLIT"])
-            name = f"D {d} T {t} BTF {cfg['BTF']} BDF {cfg['BDF']}"
-            # the shared collapse where the launch allows it on an H100 / H200 (132 SMs)
+            name = f"D {d} T {t} BT {cfg['BT']} BTF {cfg['BTF']} BDF {cfg['BDF']}"
+            # the shared collapse where the launch allows it on an H100 / H200 (132 SMs), else at prefill sizes the
+            # collapse programs queued after the mix programs (TAIL)
             share, _, bds = hc_pre.share_plan(cfg, splits, triton.cdiv(t, cfg["BT"]), d, 132)
+            tail, ncol = hc_pre.tail_plan(cfg, splits, share, d)
             consts = dict(HC=4, R=8, SPLITS=splits, PLANT=0, **tiles, APART=cfg["APART"], SHARE=share, BDS=bds)
+            consts.update(TAIL=tail, NCOL=ncol, BDT=cfg["BDT"])
             yield f"hc_pre {name}", hc_pre._hc_pre_kernel, HC_PRE_SIG, consts, cfg["num_warps"], 3
             if t == 64:  # the collapse as a launch of its own (`_mhc.COLLAPSE_TILE`)
-                consts = dict(consts, APART=True, SHARE=False)
+                consts = dict(consts, APART=True, SHARE=False, TAIL=False, NCOL=1)
                 yield f"hc_pre {name} APART", hc_pre._hc_pre_kernel, HC_PRE_SIG, consts, cfg["num_warps"], 3
-            consts = dict(HC=4, NP=16, SPLITS=splits, **tiles)
-            warps = _mhc.config(t, d, "hc_head")["num_warps"]
-            yield f"hc_head {name}", hc_head._hc_head_kernel, HC_HEAD_SIG, consts, warps, 3
+            head = _mhc.config(t, d, "hc_head")  # hc_head's own tiles
+            splits = triton.cdiv(4 * d, head["KSPLIT"])
+            consts = dict(HC=4, NP=16, SPLITS=splits, **{k: head[k] for k in tiles})
+            name = f"D {d} T {t} BT {head['BT']} BTF {head['BTF']} BDF {head['BDF']}"
+            yield f"hc_head {name}", hc_head._hc_head_kernel, HC_HEAD_SIG, consts, head["num_warps"], 3
         bt, bd = _mhc.COLLAPSE_TILE
         yield f"hc_pre collapse D {d}", hc_pre._collapse_kernel, COLLAPSE_SIG, dict(HC=4, BT=bt, BD=bd), 4, 3
     for bh, warps, stages, parts in sparse_attn.CONFIGS:

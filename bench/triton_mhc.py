@@ -229,11 +229,12 @@ K_PREFILL += [dict(BT=64, BD=256, num_warps=w, KSPLIT=k) for k in (1024, 2048, 4
 K_PREFILL += [dict(BT=64, BD=128, num_warps=w, KSPLIT=k) for k in (1024, 2048, 4096) for w in (4, 8)]
 # hc_pre's collapse as a launch of its own (`_mhc.COLLAPSE_TILE`) at the default tile (hc_head ignores it)
 APART = [dict(BT=16, BD=256, num_warps=4, APART=True)]
-# hc_pre at prefill sizes: the collapse by BDT-column programs queued after the mix programs (TAIL), with the 64-row
-# mixes it frees from one finishing program per block (fewer K pieces: the finisher gathers every piece at once)
-# (session 29, H100: at 8 warps no faster than the 64-row default without it; 4 warps, the default's, not yet timed)
+# hc_pre at prefill sizes: the collapse by BDT-column programs queued after the mix programs (TAIL, the default from
+# 256 tokens: `_mhc.prefill_tiles`) at other K pieces, collapse widths and warps, and the finishing program's collapse
+# instead (TAIL off)
 TAIL = [dict(TAIL=True, BT=64, BD=128, num_warps=4, KSPLIT=k, BDT=b) for k in (2048, 4096) for b in (128, 256, 512)]
 TAIL += [dict(TAIL=True, BT=64, num_warps=8, KSPLIT=2048, BDT=b) for b in (256, 512)]
+TAIL += [dict(TAIL=False)]
 # warps at the default tiles (`_mhc.config` picks them by launch size), and for hc_pre the finisher collapsing every
 # column instead of the shared collapse (SHARE off: `hc_pre._collapse_share`)
 WARPS = [dict(num_warps=w) for w in (2, 4, 8)]

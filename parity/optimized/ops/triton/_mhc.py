@@ -232,7 +232,7 @@ def tuned(**overrides):
         TUNING.clear()
 
 
-def config(n_tokens: int, dim: int, op: str = "hc_head") -> dict:
+def config(n_tokens: int, dim: int, op: str = "hc_head", hc: int = 4) -> dict:
     """Block sizes of `op` (hc_pre or hc_head). The numerics depend only on BK (fixed per platform); BT, BD, BTF,
     BDF, KSPLIT and the warps only change how tokens, columns and K chunks are grouped into programs and threads.
     Interpreted: few, big programs (the interpreter pays ~0.5 ms per tensor op of every program); the tiny model's
@@ -258,26 +258,22 @@ def config(n_tokens: int, dim: int, op: str = "hc_head") -> dict:
     cfg["SHARE"] = not runtime.interpreting()
     # hc_pre's collapse by programs queued after the mix programs (`hc_pre._hc_pre_kernel`, TAIL), BDT columns each,
     # where SHARE cannot be (prefill); its waits only ever wait on programs that started earlier, so the interpreter,
-    # which runs programs in turn, runs it too. Off until timed on a GPU (branch s28-hc-tail)
+    # which runs programs in turn, runs it too (tests turn it on there). On the GPU from 256 tokens: `prefill_tiles`
     cfg["TAIL"] = False
     cfg["BDT"] = 512
     if op == "hc_pre" and not runtime.interpreting():
         # warps per program (H100, session 14, graph us at 1 / 4 / 16 / 64 tokens, Flash, 2 / 4 / 8 warps: 14.8 /
         # 18.6 / 23.2, 16.8 / 19.4 / 20.3, 37.2 / 27.5 / 22.5, 30.8 / 35.3 / 30.4; Pro 1 token 15.9 / 21.1 / 28.8): two
         # for a few tokens (the K pieces' GEMV is short and the finish one row), eight while the collapse is shared
-        # (16 rows of the Sinkhorn over twice the threads), two again at 256 tokens (76.5 against 104.4). hc_head
+        # (16 rows of the Sinkhorn over twice the threads), two again up to 256 tokens (76.5 against 104.4 at 256,
+        # before TAIL: from 256 tokens `prefill_tiles` sets them). hc_head
         # keeps four: within 1 us of the best or better at every size measured but 16 tokens (8 warps 24.6 / 28.5)
         # Prefill, with the tensor-core mixer GEMM (session 28, H100, graph ms, Flash, 4096 tokens): 16-row blocks at
         # 4 warps 0.253 against 0.340 for the 32-row blocks the FMA dot wanted (session 15); 64 rows 0.249-0.298, one
         # K piece 0.41
         cfg["num_warps"] = 2 if n_tokens <= 4 else 8 if n_tokens <= 128 else 2 if n_tokens <= 256 else 4
-        # From 4096 tokens 64-row blocks of 128 columns, 4096-element K pieces, 4 warps (session 29, H100, graph ms,
-        # 16-row default -> this): Flash 0.2559 -> 0.2057, Pro 0.4196 -> 0.3569. A 64-row tile's mixer GEMM is one
-        # wgmma and reloads fn a quarter as often; below 4096 tokens it won at some sizes and lost at others (Flash
-        # 2048: 0.150 -> 0.161 at best; Pro 1024: 0.148 -> 0.171), and 256 columns at 64 rows spill in the
-        # finisher's collapse (0.276 at 4096)
-        if n_tokens >= 4096:
-            cfg.update(BT=64, BD=128, KSPLIT=4096, num_warps=4)
+        if n_tokens >= 256:
+            cfg.update(prefill_tiles(n_tokens, hc * dim))
     elif op == "hc_head" and not runtime.interpreting():
         # hc_head with the tensor-core mixer GEMM (session 28, H100, graph ms, Flash): 64 tokens 8 warps 0.0227
         # against 0.0324 with 4; 4096 tokens 32-row blocks, 128 columns, 2 warps 0.189 against 0.235 at 256 and 4
@@ -289,6 +285,30 @@ def config(n_tokens: int, dim: int, op: str = "hc_head") -> dict:
     if cfg["SHARE"] and runtime.interpreting():
         raise ValueError("hc mixers: SHARE needs programs that run at once; the interpreter runs them in turn")
     return finisher(cfg, n_tokens, dim)
+
+
+# hc_pre's prefill launch wants at least this many mix programs (1.5 waves of the H100 / H200's 132 SMs): the
+# largest K pieces that give it, or else 16-row blocks (`prefill_tiles`)
+PREFILL_MIX_PROGRAMS = 192
+
+
+def prefill_tiles(n_tokens: int, k: int) -> dict:
+    """hc_pre's tiles from 256 tokens on the GPU (K = hc x dim elements a row): the collapse by BDT-column programs
+    queued after the mix programs (TAIL), 4 warps; 64-row blocks of 128 columns with the largest K pieces (4096,
+    2048, 1024) that still give `PREFILL_MIX_PROGRAMS` mix programs, else 16-row blocks of 256 columns in 1024-element
+    pieces. H100 (session 30), graph ms, the 16-row default without TAIL (64 rows without it from 4096 tokens) ->
+    this, the same bits at every size: Flash 256 0.049 -> 0.038 (16 rows), 512 0.057 -> 0.045 (16 rows), 1024
+    0.091 -> 0.052 (K 1024; K 2048's 128 programs: 0.108), 2048 0.149 -> 0.080 (K 2048), 4096 0.204 -> 0.149, 8192
+    0.354 -> 0.280, 16384 0.609 -> 0.561 (K 4096); Pro 512 0.099 -> 0.056 (K 1024), 1024 0.149 -> 0.079 (K 2048; K
+    4096's 112 programs not timed, K 1024 0.090), 2048 0.239 -> 0.130 at K 2048 (K 4096, which this picks: 224
+    programs, not timed), 4096 0.349 -> 0.241, 16384 1.020 -> 0.972 (K 4096). TAIL frees the 64-row mixes from one
+    finishing program per block collapsing all its columns alone (2 MB for Flash); collapsing a block a few blocks
+    behind its mixes, while its streams might still be in L2, was slower at every lag timed (4 and 12 blocks;
+    Flash 4096: 0.18-0.38)."""
+    for ksplit in (4096, 2048, 1024):
+        if runtime.cdiv(n_tokens, 64) * runtime.cdiv(k, ksplit) >= PREFILL_MIX_PROGRAMS:
+            return dict(TAIL=True, BT=64, BD=128, KSPLIT=ksplit, BDT=256, num_warps=4)
+    return dict(TAIL=True, BT=16, BD=256, KSPLIT=1024, BDT=256, num_warps=4)
 
 
 def finisher(cfg: dict, n_tokens: int, dim: int) -> dict:

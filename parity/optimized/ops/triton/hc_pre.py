@@ -19,11 +19,10 @@ Per block of tokens (grid: SPLITS K pieces x token blocks, `_mhc` says how the p
    once (decode: up to 128 tokens of V4-Flash), the finishing program publishes the block's pre before its Sinkhorn
    and every split program collapses its own D / SPLITS columns (`_collapse_share`, SHARE); otherwise the finishing
    program collapses all columns (or, as an option, a second launch over tokens x columns: `_collapse_kernel`,
-   APART in `_mhc.config`), or, as an option not yet timed (TAIL, branch s28-hc-tail), collapse programs of BDT
-   columns queued after every mix program in one 1-D grid, numbered by tickets taken on arrival so that each waits
-   only on a finisher that has already started. The same products and sums per element every way, so the same
-   bits. H100, graph us, Flash, 16 / 64 tokens: 43.3 / 48.9 with the finisher's collapse, 27.5 / 35.3 shared (4
-   warps each).
+   APART in `_mhc.config`); from 256 tokens (`_mhc.prefill_tiles`) collapse programs of BDT columns are queued
+   after every mix program in one 1-D grid (TAIL), numbered by tickets taken on arrival so that each waits only on
+   a finisher that has already started. The same products and sums per element every way, so the same bits. H100,
+   graph us, Flash, 16 / 64 tokens: 43.3 / 48.9 with the finisher's collapse, 27.5 / 35.3 shared (4 warps each).
 
 Tolerance (tests: `tests/optimized/ops/test_hc_pre.py`, float64 goldens; the registry entry states it): the GEMM
 cannot follow the twin's BLAS summation order, so the mixes differ from the twin's in the last fp32 bits and the
@@ -34,9 +33,10 @@ on post; exactly rounded mixes would still leave ~13 / ~3 ulp. The kernel uses a
 Speed: the mixer GEMM was an fp32 FMA dot (32 FMAs per streamed element) until session 28, ~90 % of the op at
 prefill sizes (H100, Flash, 4096 tokens: 0.72 ms, 7.7 % of HBM); on the tensor cores (`_mhc.mix_partial`) the op
 took 0.26 ms there (21.7 % of HBM), 0.20 of it still the mixes at the 16-row tile; from 4096 tokens 64-row tiles
-(a quarter of the fn reloads) take 0.205 ms (26.5 %; session 29). Collapse programs queued behind the mix programs
-(branch s28-hc-tail) did no better than that tile with 64-row tiles at 8 warps; at its 4 warps not yet timed. The
-block-size sweep of `bench/triton_mhc.py` picks the default tile among bit-identical configurations.
+(a quarter of the fn reloads) take 0.205 ms (26.5 %; session 29), where one finishing program per 64-token block
+still collapsed its 2 MB of streams alone; with the collapse queued behind the mix programs (TAIL) 0.149 ms
+(session 30; `_mhc.prefill_tiles` has every size timed). The block-size sweep of `bench/triton_mhc.py` picks the
+default tile among bit-identical configurations.
 
 Unverified without a GPU: that `tl.exp` on float64 lowers to libdevice's correctly rounded `__nv_exp` (it does in
 Triton 3.6's NVIDIA backend source), the L2 visibility of the split partials to the finishing program (acq_rel
@@ -283,7 +283,7 @@ def launch(x, hc_fn, hc_scale, hc_base, norm_eps, hc_mult, sinkhorn_iters, hc_ep
     y, post, comb = out
     if T == 0:
         return y, post, comb
-    cfg = _mhc.config(T, D, "hc_pre")
+    cfg = _mhc.config(T, D, "hc_pre", hc)
     R = runtime.next_pow2(2 + hc)
     splits = 1 if plant == 2 else runtime.cdiv(hc * D, cfg["KSPLIT"])
     n_blocks = runtime.cdiv(T, cfg["BT"])
