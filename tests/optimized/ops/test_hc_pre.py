@@ -322,6 +322,27 @@ def test_shared_collapse_resets_its_flags_between_launches(kernel):
 
 
 @pytest.mark.gpu
+def test_prefill_tail_default_has_the_finishers_bits(kernel):
+    # from 256 tokens the GPU default queues the collapse behind the mix programs (TAIL, `_mhc.prefill_tiles`: 16-row
+    # blocks at 300 Flash tokens, 64-row blocks of 1024-element K pieces at 1100): back to back, each launch must give
+    # the bits of the finishing program's collapse at the same tiles (TAIL off); a column tile never collapsed, a
+    # ticket counter left nonzero or a collapse before its block's pre would not
+    from parity.optimized.ops.triton import _mhc
+
+    _, module = kernel
+    fn, scale, base = (u.cuda() for u in synthetic_mixer(4096, 6.0))
+    xs = [streams(t, d=4096).cuda() for t in (300, 1100, 300)]
+    assert [_mhc.config(x.shape[0], 4096, "hc_pre")["BT"] for x in xs] == [16, 64, 16]
+    queued = [module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6) for x in xs]
+    with _mhc.tuned(TAIL=False):
+        alone = [module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6) for x in xs]
+    assert all(_mhc.config(x.shape[0], 4096, "hc_pre")["TAIL"] for x in xs)
+    for got, want in zip(queued, alone):
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize(("plant", "what"), [(3, "a waiter collapses the next share"), (4, "flag never reset")])
 def test_planted_bug_in_the_shared_collapse_is_caught(kernel, plant, what):
     # the two tests above must fail when SHARE is broken: plant 3 leaves one program's columns unwritten (NaN-poisoned
