@@ -287,28 +287,34 @@ def config(n_tokens: int, dim: int, op: str = "hc_head", hc: int = 4) -> dict:
     return finisher(cfg, n_tokens, dim)
 
 
-# hc_pre's prefill launch wants at least this many mix programs (1.5 waves of the H100 / H200's 132 SMs): the
-# largest K pieces that give it, or else 16-row blocks (`prefill_tiles`)
+# hc_pre's prefill launch below 4096 tokens wants at least this many mix programs (1.5 waves of the H100 / H200's
+# 132 SMs): the larger K pieces that give it, else smaller, else 16-row blocks (`prefill_tiles`)
 PREFILL_MIX_PROGRAMS = 192
 
 
 def prefill_tiles(n_tokens: int, k: int) -> dict:
     """hc_pre's tiles from 256 tokens on the GPU (K = hc x dim elements a row): the collapse by BDT-column programs
-    queued after the mix programs (TAIL), 4 warps; 64-row blocks of 128 columns with the largest K pieces (4096,
-    2048, 1024) that still give `PREFILL_MIX_PROGRAMS` mix programs, else 16-row blocks of 256 columns in 1024-element
-    pieces. H100 (session 30), graph ms, the 16-row default without TAIL (64 rows without it from 4096 tokens) ->
-    this, the same bits at every size: Flash 256 0.049 -> 0.038 (16 rows), 512 0.057 -> 0.045 (16 rows), 1024
-    0.091 -> 0.052 (K 1024; K 2048's 128 programs: 0.108), 2048 0.149 -> 0.080 (K 2048), 4096 0.204 -> 0.149, 8192
-    0.354 -> 0.280, 16384 0.609 -> 0.561 (K 4096); Pro 512 0.099 -> 0.056 (K 1024), 1024 0.149 -> 0.079 (K 2048; K
-    4096's 112 programs not timed, K 1024 0.090), 2048 0.239 -> 0.130 at K 2048 (K 4096, which this picks: 224
-    programs, not timed), 4096 0.349 -> 0.241, 16384 1.020 -> 0.972 (K 4096). TAIL frees the 64-row mixes from one
-    finishing program per block collapsing all its columns alone (2 MB for Flash); collapsing a block a few blocks
-    behind its mixes, while its streams might still be in L2, was slower at every lag timed (4 and 12 blocks;
-    Flash 4096: 0.18-0.38)."""
-    for ksplit in (4096, 2048, 1024):
+    queued after the mix programs (TAIL), 4 warps, 64-row blocks of 128 columns: K pieces of 4096 elements from 4096
+    tokens, below that of 2048 or else 1024 where they give `PREFILL_MIX_PROGRAMS` mix programs, else 16-row blocks
+    of 256 columns in 1024-element pieces.
+
+    H100 (session 30), graph ms, the old default (16-row blocks without TAIL; 64 rows from 4096 tokens) -> this, the
+    same bits at every size: Flash 256 0.049 -> 0.037 (16 rows), 512 0.057 -> 0.045 (16 rows), 768 0.081 -> 0.053,
+    1024 0.091 -> 0.052 (K 1024; K 2048's 128 programs: 0.108), 2048 0.149 -> 0.080 (K 2048), 4096 0.204 -> 0.148,
+    8192 0.354 -> 0.280, 16384 0.609 -> 0.561; Pro 256 0.070 -> 0.040 (16 rows), 512 0.099 -> 0.056 (K 1024), 1024
+    0.149 -> 0.079 (K 2048; K 1024 0.090), 2048 0.239 -> 0.131 (K 2048; K 4096 0.144), 4096 0.349 -> 0.241, 8192
+    0.589 -> 0.489, 16384 1.020 -> 0.972. No count of programs alone picks the pieces: Pro 1024's 224 programs of
+    K 2048 beat its 448 of K 1024, Pro 2048's 224 of K 4096 lost to its 448 of K 2048. TAIL frees the 64-row mixes
+    from one finishing program per block collapsing all its columns alone (2 MB for Flash); collapsing each block a
+    few blocks behind its mixes, while its streams might still be in L2, was slower at every lag timed (4 and 12
+    blocks; Flash 4096: 0.18-0.38)."""
+    tail = dict(TAIL=True, BT=64, BD=128, BDT=256, num_warps=4)
+    if n_tokens >= 4096:
+        return dict(tail, KSPLIT=4096)
+    for ksplit in (2048, 1024):
         if runtime.cdiv(n_tokens, 64) * runtime.cdiv(k, ksplit) >= PREFILL_MIX_PROGRAMS:
-            return dict(TAIL=True, BT=64, BD=128, KSPLIT=ksplit, BDT=256, num_warps=4)
-    return dict(TAIL=True, BT=16, BD=256, KSPLIT=1024, BDT=256, num_warps=4)
+            return dict(tail, KSPLIT=ksplit)
+    return dict(tail, BT=16, BD=256, KSPLIT=1024)
 
 
 def finisher(cfg: dict, n_tokens: int, dim: int) -> dict:
