@@ -265,13 +265,10 @@ def config(n_tokens: int, dim: int, op: str = "hc_head", hc: int = 4) -> dict:
         # warps per program (H100, session 14, graph us at 1 / 4 / 16 / 64 tokens, Flash, 2 / 4 / 8 warps: 14.8 /
         # 18.6 / 23.2, 16.8 / 19.4 / 20.3, 37.2 / 27.5 / 22.5, 30.8 / 35.3 / 30.4; Pro 1 token 15.9 / 21.1 / 28.8): two
         # for a few tokens (the K pieces' GEMV is short and the finish one row), eight while the collapse is shared
-        # (16 rows of the Sinkhorn over twice the threads), two again up to 256 tokens (76.5 against 104.4 at 256,
-        # before TAIL: from 256 tokens `prefill_tiles` sets them). hc_head
-        # keeps four: within 1 us of the best or better at every size measured but 16 tokens (8 warps 24.6 / 28.5)
-        # Prefill, with the tensor-core mixer GEMM (session 28, H100, graph ms, Flash, 4096 tokens): 16-row blocks at
-        # 4 warps 0.253 against 0.340 for the 32-row blocks the FMA dot wanted (session 15); 64 rows 0.249-0.298, one
-        # K piece 0.41
-        cfg["num_warps"] = 2 if n_tokens <= 4 else 8 if n_tokens <= 128 else 2 if n_tokens <= 256 else 4
+        # (16 rows of the Sinkhorn over twice the threads), two again past 128 tokens (76.5 against 104.4 at 256,
+        # before TAIL). hc_head keeps four: within 1 us of the best or better at every size measured but 16 tokens
+        # (8 warps 24.6 / 28.5). From 256 tokens `prefill_tiles` sets the tiles and warps
+        cfg["num_warps"] = 2 if n_tokens <= 4 else 8 if n_tokens <= 128 else 2
         if n_tokens >= 256:
             cfg.update(prefill_tiles(n_tokens, hc * dim))
     elif op == "hc_head" and not runtime.interpreting():
