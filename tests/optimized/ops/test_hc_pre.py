@@ -45,6 +45,14 @@ def streams(t, hc=4, d=256):
     return torch.randn(t, hc, d).to(torch.bfloat16)
 
 
+def poisoned(t, d, dev):
+    """NaN-filled (y, post, comb) output buffers for `t` tokens of width `d`: an element the kernel does not write
+    stays NaN and fails any comparison."""
+    nan = float("nan")
+    return (torch.full((t, d), nan, dtype=torch.bfloat16, device=dev), torch.full((t, 4), nan, device=dev),
+            torch.full((t, 4, 4), nan, device=dev))  # fmt: skip
+
+
 def device_of(impl) -> str:
     return "cuda" if impl.backend != "torch" and torch.cuda.is_available() else "cpu"
 
@@ -220,9 +228,7 @@ def test_outputs_are_written_everywhere(impl, ref_model):
     block = copy.deepcopy(ref_model.layers[1]).to(dev)
     cu = cu_of((37, 1, 5))
     x = streams(cu[-1]).to(dev)
-    nan = float("nan")
-    out = (torch.full((43, 256), nan, dtype=torch.bfloat16, device=dev), torch.full((43, 4), nan, device=dev),
-           torch.full((43, 4, 4), nan, device=dev))  # fmt: skip
+    out = poisoned(43, 256, dev)
     fn, scale, base = mixer(block, "ffn")
     got = impl(x, fn, scale, base, cu, block.norm_eps, 4, block.hc_sinkhorn_iters, block.hc_eps, out=out)
     assert all(g is o for g, o in zip(got, out))
@@ -266,9 +272,7 @@ def test_narrow_finisher_has_the_block_finishers_bits(kernel, t):
     args = [u.to(dev) for u in (streams(t, d=512), fn, scale, base)]
 
     def launch(**tuning):
-        nan = float("nan")
-        out = (torch.full((t, 512), nan, dtype=torch.bfloat16, device=dev), torch.full((t, 4), nan, device=dev),
-               torch.full((t, 4, 4), nan, device=dev))  # fmt: skip
+        out = poisoned(t, 512, dev)
         with _mhc.tuned(**tuning):
             return module.launch(*args, 1e-6, 4, 20, 1e-6, out=out)
 
@@ -355,14 +359,10 @@ def test_planted_bug_in_the_shared_collapse_is_caught(kernel, plant, what):
     xs = [streams(t, d=512).cuda() for t in (16, 37, 5, 16)]
 
     def launches(**kw):
-        nan = float("nan")
-        outs = []
-        for x in xs:
-            t = x.shape[0]
-            out = (torch.full((t, 512), nan, dtype=torch.bfloat16, device="cuda"),
-                   torch.full((t, 4), nan, device="cuda"), torch.full((t, 4, 4), nan, device="cuda"))  # fmt: skip
-            outs.append(module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6, out=out, **kw))
-        return outs
+        return [
+            module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6, out=poisoned(x.shape[0], 512, "cuda"), **kw)
+            for x in xs
+        ]
 
     cfg = _mhc.config(16, 512, "hc_pre")
     splits, n_blocks = runtime.cdiv(4 * 512, cfg["KSPLIT"]), runtime.cdiv(16, cfg["BT"])
@@ -454,9 +454,7 @@ def test_planted_bug_in_the_tail_collapse_is_caught(kernel):
     x = streams(37, d=512).to(dev)
 
     def launch(plant):
-        nan = float("nan")
-        out = (torch.full((37, 512), nan, dtype=torch.bfloat16, device=dev), torch.full((37, 4), nan, device=dev),
-               torch.full((37, 4, 4), nan, device=dev))  # fmt: skip
+        out = poisoned(37, 512, dev)
         with _mhc.tuned(TAIL=True, SHARE=False, BT=16, BDT=128):
             return module.launch(x, fn, scale, base, 1e-6, 4, 20, 1e-6, out=out, plant=plant)
 
