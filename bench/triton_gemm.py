@@ -327,7 +327,7 @@ class Bench:
 
     def moe_experts(self, model, cfg):
         from parity.optimized.ops.moe_experts import ExpertWeights
-        from parity.optimized.ops.triton.moe_experts import SPLIT_MAX_ROWS
+        from parity.optimized.ops.triton.moe_experts import split_plan
 
         d, inter, n_exp = cfg["D"], cfg["I"], cfg["E"]
         experts = [
@@ -360,12 +360,17 @@ class Bench:
             wbytes = touched * per_expert + shared_bytes
             flops = 2 * 3 * d * inter * (t * 6 + t)
             extra = {}
-            if t * 7 <= SPLIT_MAX_ROWS:  # a launch that splits K (routed + shared rows): the unsplit one
-                # beside it (graph ms) and their bits compared at this shape (the op promises the same)
-                whole = [lambda r=r: self.triton.moe_experts(x, r[1], r[0], *args, _split=False) for r in routes]
-                extra["graph_ms_unsplit"] = round(graph_ms(whole, launches=16), 4)
-                extra["split_bits_equal"] = bool(torch.equal(tri(), whole[0]()))
-                ok_split = extra["split_bits_equal"]
+            if t * 7 <= 64:  # decode: both launches split and neither (graph ms) beside the op's own choice
+                # (`split_plan`), bits compared (the op promises the same)
+                extra["op_splits"] = split_plan(t * 7, d)
+                same = True
+                for name, forced in (("split", True), ("unsplit", False)):
+                    other = [lambda r=r, f=forced: self.triton.moe_experts(x, r[1], r[0], *args, _split=f)
+                             for r in routes]  # fmt: skip
+                    extra[f"graph_ms_{name}"] = round(graph_ms(other, launches=16), 4)
+                    same = same and bool(torch.equal(tri(), other[0]()))
+                extra["split_bits_equal"] = same
+                ok_split = same
             else:
                 ok_split = True
             self.record(

@@ -23,9 +23,9 @@ Steps (all on the device, no host sync):
    their weights are FP4), then the down kernel, one program per (tile,
    feature slice of dim): the same block GEMM with W2, the expert's bf16 output stored per sorted row.
    Both GEMM kernels accumulate K in chunks (`k_chunk`: at most 8 chunks of whole 128-K trips, a function of K
-   alone; each chunk from zero, the chunk sums added in order, `_gemm_common`'s K-only chunking). Launches of up to
-   SPLIT_MAX_ROWS sorted rows (decode) split K over the chunks, one program per (slice, tile, chunk): the last
-   program of a tile to finish adds the chunk sums in order and runs the epilogue, in the same launch. Split or
+   alone; each chunk from zero, the chunk sums added in order, `_gemm_common`'s K-only chunking). The launches that
+   `split_plan` picks (one token, long K) split K over the chunks, one program per (slice, tile, chunk): the
+   last program of a tile to finish adds the chunk sums in order and runs the epilogue, in the same launch. Split or
    not, the same additions: the split changes no bit (tests: split against unsplit, and NaN-poisoned workspaces).
 4. Combine kernel, per token: y = 0 (fp32); y += (its expert outputs, in ascending expert id); y += shared output;
    bf16. The same fp32 additions in the same order as the reference loop over experts (spec §9.3).
@@ -564,11 +564,22 @@ def _plan_torch(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, t:
     return plan.contiguous(), row_tok, row_w, pos
 
 
-# Launches of at most this many sorted rows (routed + shared: decode batches of up to ~8 tokens at top-6) split K over
-# its chunks: a one-token call has 7 tiles, 224 gate-up programs of 128 weight rows that each stream 256 KB in a
-# serial chain of 32 loop trips, about one program per SM; split, 8x the programs of 4 trips each. The chunking is
-# the same whether or not a launch splits (a function of K), so the split changes no bit.
-SPLIT_MAX_ROWS = 64
+# Split K (one program per (slice, tile, chunk); the last of a tile's programs adds the chunk sums in order) only
+# where it paid: one-token launches (routed + shared rows at top-6: SPLIT_MAX_ROWS) of a model whose gate-up K has
+# more than SPLIT_MIN_TRIPS 128-K trips (V4-Pro's 7168: 56). The chunking is the same whether or not a launch splits
+# (a function of K), so the split changes no bit. H100, graph us a call, both launches split / neither (session 31,
+# `perf-h200/session31.md`; until then both split up to 64 rows): Pro 1 token 201.5 / 218.0, 8 tokens 1199.4 /
+# 1076.2; Flash 1 token 107.5 / 100.4, 8 tokens 516.4 / 411.9. The split's 8x programs of a few loop trips each,
+# with their partial sums and arrivals, cost more than the idle SMs they fill, except where each unsplit program
+# streams 56 trips (Pro's gate-up); 2 to 7 tokens were not timed and do not split (8 tokens lost for both models).
+SPLIT_MAX_ROWS = 7
+SPLIT_MIN_TRIPS = 32
+
+
+def split_plan(rows: int, d: int) -> bool:
+    """Whether the gate-up and down launches of `rows` sorted rows (routed + shared) split K on the GPU, for a model
+    of dim `d` (the gate-up's K)."""
+    return rows <= SPLIT_MAX_ROWS and d // 128 > SPLIT_MIN_TRIPS
 
 
 def k_chunk(k: int) -> tuple[int, int]:
@@ -626,7 +637,7 @@ def moe_experts(
     )
     # both tables under one flag: one compiled variant per kernel in practice (parameters are allocator-aligned)
     flags["ALIGNED"] = aligned1 and aligned2
-    split = (r + t <= SPLIT_MAX_ROWS and not runtime.interpreting()) if _split is None else _split
+    split = (split_plan(r + t, d) and not runtime.interpreting()) if _split is None else _split
     flags["SPLIT"] = split
     chunk1, chunks1 = k_chunk(d)
     chunk2, chunks2 = k_chunk(inter)
