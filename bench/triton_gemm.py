@@ -360,8 +360,8 @@ class Bench:
             wbytes = touched * per_expert + shared_bytes
             flops = 2 * 3 * d * inter * (t * 6 + t)
             extra = {}
-            if t * 7 <= 64:  # decode: both launches split and neither (graph ms) beside the op's own choice
-                # (`split_plan`), bits compared (the op promises the same)
+            if t * 7 <= 64:  # decode sizes: the call with both launches split and with neither (graph ms)
+                # beside the op's own choice (`split_plan`), bits compared (the op promises the same)
                 extra["op_splits"] = split_plan(t * 7, d)
                 same = True
                 for name, forced in (("split", True), ("unsplit", False)):
