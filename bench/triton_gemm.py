@@ -613,8 +613,14 @@ def compile_check(only: str = "") -> int:
         divisible = {n for n, t in sig.items() if t.startswith("*") or n.startswith("stride") or n in aligned}
         return compile_sm90(fn, sig, consts, nw, ns, divisible)
 
-    def cfgs(tuner):
-        return [(c.kwargs, c.num_warps, c.num_stages) for c in tuner.configs]
+    def cfgs(tuner, **constexprs):
+        # the configs a launch with these constexprs may try (the tuner's `early_config_prune`, where it has one)
+        kept = (
+            tuner.configs
+            if tuner.early_config_prune is None
+            else tuner.early_config_prune(tuner.configs, {}, **constexprs)
+        )
+        return [(c.kwargs, c.num_warps, c.num_stages) for c in kept]
 
     i32 = "i32"
     jobs = []
@@ -680,7 +686,7 @@ def compile_check(only: str = "") -> int:
         for bt, split in ((16, True), (16, False), (32, False)):
             for tuner, fn, sig in ((moe_experts._gate_up, moe_experts._gate_up_kernel, dict(sg, w1_ptr=w, w3_ptr=w)),
                                    (moe_experts._down, moe_experts._down_kernel, dict(sn, w2_ptr=w))):  # fmt: skip
-                for kw, nw, ns in cfgs(tuner):
+                for kw, nw, ns in cfgs(tuner, BLOCK_T=bt):
                     c = dict(ROUTED_FP4=fp4, W_E8M0=True, SH_E8M0=True, ACT_POW2=True, DOT_F64=False, ALIGNED=True,
                              SPLIT=split, BLOCK_T=bt, **kw)  # fmt: skip
                     jobs.append((f"moe {fn.__name__} {'fp4' if fp4 else 'fp8'}", fn, dict(sig, **split_sig), c, nw, ns))

@@ -400,6 +400,20 @@ def test_triton_writes_every_output(triton_moe, ref_model, tiny_args, monkeypatc
     assert not poisoned.isnan().any() and torch.equal(poisoned, clean)
 
 
+def test_triton_down_tile_of_128_features_on_4_warps_only_for_16_row_tiles(triton_moe, monkeypatch):
+    # that config spills at 32-row token tiles when compiled for sm_90 (bench/triton_gemm.py --compile-check moe):
+    # the pruner must keep it from those launches and offer it to 16-row ones
+    monkeypatch.setattr(triton_moe.runtime, "interpreting", lambda: False)
+    configs = triton_moe._configs(256, gate_up=False)
+
+    def shapes(cs):
+        return [(c.kwargs["BLOCK_W"], c.num_warps) for c in cs]
+
+    assert shapes(triton_moe._down_prune(configs, {}, BLOCK_T=16)) == shapes(configs)
+    assert (128, 4) in shapes(configs)
+    assert shapes(triton_moe._down_prune(configs, {}, BLOCK_T=32)) == [s for s in shapes(configs) if s != (128, 4)]
+
+
 def test_triton_plan_tiles_every_routed_row_once(triton_moe):
     # the tile plan: every (token, slot) pair in exactly one tile of its own expert, tokens ascending inside an
     # expert, no tile for an empty expert, the shared expert's tiles after the routed ones

@@ -92,9 +92,11 @@ def _quick_bench(kernel_call, quantiles):
 NO_FMA = {"enable_fp_fusion": False}
 
 
-def autotune(configs, key):
-    """`triton.autotune` with short timing runs (one config when interpreting: nothing is timed there)."""
-    return triton.autotune(configs=configs, key=key, do_bench=_quick_bench)
+def autotune(configs, key, prune=None):
+    """`triton.autotune` with short timing runs (one config when interpreting: nothing is timed there); `prune(configs,
+    named_args, **kwargs)` drops the configs a launch's constexprs rule out (triton's `early_config_prune`)."""
+    by = None if prune is None else {"early_config_prune": prune}
+    return triton.autotune(configs=configs, key=key, do_bench=_quick_bench, prune_configs_by=by)
 
 
 def bucket(m: int) -> int:

@@ -357,13 +357,25 @@ def _configs(interpreter_width, gate_up: bool):
         # 7-13 experts x 64-feature slices fill the H200's 132 SMs ~1.7 times. Not for down: its 32-row tile compiles
         # to mma.sync, whose FP8 accumulation need not match wgmma's
         configs.append(triton.Config({"BLOCK_W": 32}, num_warps=4, num_stages=4))
+    else:
+        # 128 features on 4 warps (one warp group holds the [128, 16] accumulator): half the programs of 64, each
+        # streaming twice the rows. H100, whole op, graph us with the down forced to it / to 64 on 4 warps (session
+        # 31, `perf-h200/session31.md`, the split rule of then): Flash 1 token 109.4 / 109.5, 8 tokens 574.7 / 583.4,
+        # 64 tokens 1657.5 / 1710.7; Pro 1 token 205.8 / 207.0, 8 tokens 1215.2 / 1264.4. It spills (8 B) at 32-row
+        # tiles in the sm_90 compile, so `_down_prune` offers it to 16-row tiles (decode sizes) only
+        configs.append(triton.Config({"BLOCK_W": 128}, num_warps=4, num_stages=4))
     return configs
+
+
+def _down_prune(configs, named_args, **kwargs):
+    """The down configs a launch may try: the 4-warp 128-feature one only with 16-row token tiles (`_configs`)."""
+    return [c for c in configs if kwargs["BLOCK_T"] == 16 or (c.kwargs["BLOCK_W"], c.num_warps) != (128, 4)]
 
 
 _KEY = ["D", "INTER", "E", "ROUTED_FP4", "BLOCK_T", "SPLIT"]  # not T: one tuning per token-tile size class
 # interpreter: gate-up tiles hold w1 and w3 (2 x 128 rows), down tiles 256 rows: the tiny model in one slice each
 _gate_up = common.autotune(_configs(128, gate_up=True), _KEY)(_gate_up_kernel)
-_down = common.autotune(_configs(256, gate_up=False), _KEY)(_down_kernel)
+_down = common.autotune(_configs(256, gate_up=False), _KEY, prune=_down_prune)(_down_kernel)
 
 
 # ---- host side ------------------------------------------------------------------------------------------------
