@@ -77,6 +77,12 @@ def copies_for(nbytes):
     return max(1, min(64, -(-L2_ROTATE_BYTES // max(1, nbytes))))
 
 
+def _config_name(config) -> str:
+    """A triton.Config as `BLOCK_W=64 w4 s3` (its constexprs, warps, stages)."""
+    kw = " ".join(f"{k}={v}" for k, v in config.kwargs.items())
+    return f"{kw} w{config.num_warps} s{config.num_stages}"
+
+
 def graph_ms(calls, launches=64):
     """Median ms per call of `calls` (closures, one per weight copy, cycled) replayed from one CUDA graph: the GPU's
     time without Python's launch overhead, as a serving engine that captures its decode step sees it."""
@@ -327,6 +333,7 @@ class Bench:
 
     def moe_experts(self, model, cfg):
         from parity.optimized.ops.moe_experts import ExpertWeights
+        from parity.optimized.ops.triton import moe_experts as tm
         from parity.optimized.ops.triton.moe_experts import split_plan
 
         d, inter, n_exp = cfg["D"], cfg["I"], cfg["E"]
@@ -348,6 +355,10 @@ class Bench:
             args = (experts, shared, "ue8m0", torch.float8_e8m0fnu)
             tri = lambda: self.triton.moe_experts(x, weights, indices, *args)  # noqa: E731
             ms = bench_ms(tri, rep=40)
+            # the configs the autotuner chose for this call's launches (the last key each tuner ran)
+            chosen = {
+                f"{n}_config": _config_name(k.best_config) for n, k in (("gate_up", tm._gate_up), ("down", tm._down))
+            }
             # graph: 4 routings in turn (other experts each time, so their weights come from HBM)
             calls = [lambda r=r: self.triton.moe_experts(x, r[1], r[0], *args) for r in routes]
             gms = graph_ms(calls, launches=16) if t <= 64 else None
@@ -359,7 +370,7 @@ class Bench:
             touched = int(indices.unique().numel())
             wbytes = touched * per_expert + shared_bytes
             flops = 2 * 3 * d * inter * (t * 6 + t)
-            extra = {}
+            extra = dict(chosen)
             if t * 7 <= 64:  # decode sizes: the call with both launches split and with neither (graph ms)
                 # beside the op's own choice (`split_plan`), bits compared (the op promises the same)
                 extra["op_splits"] = split_plan(t * 7, d)
