@@ -346,7 +346,8 @@ def _combine_kernel(
 def _configs(interpreter_width, gate_up: bool):
     if runtime.interpreting():
         return [triton.Config({"BLOCK_W": interpreter_width}, num_warps=4)]
-    # feature slices of 64 (4 warps) or 128 (8 warps): wgmma, no spills when compiled for sm_90 (bench --compile-check)
+    # feature slices of 64 (4 warps) or 128 (8 warps): wgmma. Compiled for sm_90 (bench --compile-check moe), only the
+    # FP4 gate-up's 64 on 4 warps at 32-row tiles spills (8 B, session 32): kept, as the autotuner times it
     configs = [
         triton.Config({"BLOCK_W": 64}, num_warps=4, num_stages=3),
         triton.Config({"BLOCK_W": 128}, num_warps=8, num_stages=3),
