@@ -90,7 +90,7 @@ RAGGED_SCORES_SIG = _sig(
     "q_ptr:*bf16 pool_ptr:*bf16 rows_ptr:*i64 meta_ptr:*i64 w_ptr:*bf16 out_ptr:*fp32 L:i32 H:i32 E:i32 D:i32 "
     "ratio:i32 q_sl:i32 q_sh:i32 p_st:i32 w_sl:i32 w_sh:i32"
 )
-FP8_SIG = _sig("x_ptr:*bf16 y_ptr:*fp8e4nv s_ptr:*u8 R:i32 NG:i32 x_row_stride:i32 y_row_stride:i32")
+FP8_SIG = _sig("x_ptr:*bf16 y_ptr:*fp8e4nv s_ptr:*u8 yp_ptr:*fp8e4nv R:i32 NG:i32 x_row_stride:i32 y_row_stride:i32")
 FP4_SIG = _sig("x_ptr:*bf16 R:i32 NG:i32 row_stride:i32")
 HAD_SIG = _sig("x_ptr:*bf16 y_ptr:*bf16 R:i32 x_row_stride:i32 scale:fp32")
 FINISH_SIG = _sig(
@@ -136,10 +136,12 @@ def cases():
         sparse_attn_wgmma,
     )
 
-    quant = dict(ROUND_SCALE=True, S_E8M0=True, SCALE_SHIFT=0)
+    quant = dict(ROUND_SCALE=True, S_E8M0=True, PAIRS=False, SCALE_SHIFT=0)
     aq = act_quant._fp8_group_kernel
     yield "act_quant [T, 4096] e8m0", aq, FP8_SIG, dict(BLOCK=128, BR=1, BG=32, MODE=0, **quant), 4, 3
-    kv = {**FP8_SIG, "y_ptr": "*bf16", "s_ptr": "*bf16"}
+    pairs = dict(BLOCK=128, BR=1, BG=32, MODE=0, **{**quant, "PAIRS": True})  # moe's FP4 inputs: the pairs copy too
+    yield "act_quant [T, 4096] e8m0 pairs", aq, FP8_SIG, pairs, 4, 3
+    kv = {**FP8_SIG, "y_ptr": "*bf16", "s_ptr": "*bf16", "yp_ptr": "*bf16"}
     yield "kv_fake_quant [T, 448]", aq, kv, dict(BLOCK=64, BR=8, BG=8, MODE=1, **quant), 4, 3
     fp4 = dict(BLOCK=32, BR=32, BG=4, SCALE_SHIFT=0)
     yield "fp4_fake_quant", fp4_fake_quant._fp4_group_kernel, FP4_SIG, fp4, 4, 3

@@ -163,3 +163,21 @@ def test_planted_bug_wrong_scale_exponent_is_caught(impl):
         check(impl, bits(s.cpu()), bits(rs))
     with pytest.raises(AssertionError):
         check(impl, bits(y.cpu()), bits(ry))
+
+
+@pytest.mark.parametrize(("fmt", "sdtype"), POLICIES)
+@pytest.mark.parametrize("t", [1, 7, 129])
+def test_pairs_order_copy_from_the_same_launch(impl, fmt, sdtype, t):
+    # moe_experts' FP4 tiles read the values in the pairs order, which the triton kernel stores beside the natural
+    # ones: the same values and scales as without the copy, and the copy byte for byte `pairs_order` of them
+    if impl.backend != "triton":
+        pytest.skip("the pairs-order copy is the triton kernel's")
+    from parity.optimized.ops.triton._gemm_common import pairs_order
+    from parity.optimized.ops.triton.act_quant import quantize
+
+    x = activations(t, 384).to(device_of(impl))
+    y, s = quantize(x, 128, fmt, sdtype)
+    py, ps, pp = quantize(x, 128, fmt, sdtype, pairs=True)
+    assert torch.equal(bits(py), bits(y)) and torch.equal(bits(ps), bits(s))
+    assert torch.equal(bits(pp), bits(pairs_order(y)))
+    assert not torch.equal(bits(pp), bits(y))  # the orders differ: a copy in the natural order would not pass

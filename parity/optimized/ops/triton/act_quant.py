@@ -60,11 +60,13 @@ def fake_round(y, MODE: tl.constexpr):
 
 @triton.jit
 def _fp8_group_kernel(
-    x_ptr, y_ptr, s_ptr, R, NG, x_row_stride, y_row_stride,
+    x_ptr, y_ptr, s_ptr, yp_ptr, R, NG, x_row_stride, y_row_stride,
     BLOCK: tl.constexpr, BR: tl.constexpr, BG: tl.constexpr,
-    ROUND_SCALE: tl.constexpr, MODE: tl.constexpr, S_E8M0: tl.constexpr, SCALE_SHIFT: tl.constexpr = 0,
+    ROUND_SCALE: tl.constexpr, MODE: tl.constexpr, S_E8M0: tl.constexpr, PAIRS: tl.constexpr = False,
+    SCALE_SHIFT: tl.constexpr = 0,
 ):  # fmt: skip
-    # SCALE_SHIFT: a planted-bug hook for the tests (added to the scale exponent); always 0 in the op
+    # PAIRS: also store y in the pairs order into yp (`quantize`'s `pairs`); SCALE_SHIFT: a planted-bug hook for the
+    # tests (added to the scale exponent); always 0 in the op
     # int64 index math: no int32 overflow for large tensors (and the interpreter skips its int32 overflow checks)
     rows = tl.program_id(0).to(tl.int64) * BR + tl.arange(0, BR).to(tl.int64)
     groups = tl.program_id(1).to(tl.int64) * BG + tl.arange(0, BG).to(tl.int64)
@@ -79,6 +81,10 @@ def _fp8_group_kernel(
     if MODE == 0:
         y_offs = rows[:, None, None] * y_row_stride + within
         tl.store(y_ptr + y_offs, y.to(tl.float8e4nv), mask=mask)
+        if PAIRS:  # element 2b + h of each 32-run at position 16 h + b of the run (`_gemm_common.pairs_order`)
+            run_pos = (cols // 32) * 32 + (cols % 2) * 16 + (cols % 32) // 2
+            yp_offs = rows[:, None, None] * y_row_stride + groups[None, :, None] * BLOCK + run_pos[None, None, :]
+            tl.store(yp_ptr + yp_offs, y.to(tl.float8e4nv), mask=mask)
         s_offs = rows[:, None] * NG + groups[None, :]
         s_mask = (rows < R)[:, None] & (groups < NG)[None, :]
         if S_E8M0:
@@ -111,7 +117,7 @@ def fake_quant_fp8(x: torch.Tensor, block_size: int, scale_fmt, scale_dtype, mod
     return x
 
 
-def _launch(rows, y, s, block, round_scale, mode, e8m0, scale_shift):
+def _launch(rows, y, s, block, round_scale, mode, e8m0, scale_shift, yp=None):
     r, n = rows.shape
     if r == 0 or n == 0:
         return
@@ -119,8 +125,9 @@ def _launch(rows, y, s, block, round_scale, mode, e8m0, scale_shift):
     br, bg = group_tiles(ng, block, r)
     grid = (runtime.cdiv(r, br), runtime.cdiv(ng, bg))
     _fp8_group_kernel[grid](
-        rows, y, s, r, ng, rows.stride(0), n,
-        BLOCK=block, BR=br, BG=bg, ROUND_SCALE=round_scale, MODE=mode, S_E8M0=e8m0, SCALE_SHIFT=scale_shift,
+        rows, y, s, y if yp is None else yp, r, ng, rows.stride(0), n,
+        BLOCK=block, BR=br, BG=bg, ROUND_SCALE=round_scale, MODE=mode, S_E8M0=e8m0, PAIRS=yp is not None,
+        SCALE_SHIFT=scale_shift,
     )  # fmt: skip
 
 
@@ -136,8 +143,10 @@ def act_quant(
     return quantize(x, block_size, scale_fmt, scale_dtype, inplace)
 
 
-def quantize(x, block_size, scale_fmt, scale_dtype, inplace=False, scale_shift=0):
-    """act_quant with the tests' planted-bug hook (`scale_shift` added to every scale exponent)."""
+def quantize(x, block_size, scale_fmt, scale_dtype, inplace=False, scale_shift=0, pairs=False):
+    """act_quant with the tests' planted-bug hook (`scale_shift` added to every scale exponent). `pairs`: also the
+    e4m3 values in the pairs order the FP4 tiles read (`_gemm_common.pairs_order`, the same bytes), stored by the same
+    launch, returned third (moe_experts: no copy launch of its own)."""
     if inplace:
         return fake_quant_fp8(x, block_size, scale_fmt, scale_dtype, FAKE_E4M3, scale_shift)
     _check(x, block_size, scale_fmt, scale_dtype)
@@ -148,7 +157,11 @@ def quantize(x, block_size, scale_fmt, scale_dtype, inplace=False, scale_shift=0
     y = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     e8m0 = scale_dtype == torch.float8_e8m0fnu
     s = torch.empty(*x.shape[:-1], n // block_size, dtype=torch.uint8 if e8m0 else torch.float32, device=x.device)
-    _launch(rows, y, s, block_size, scale_fmt is not None, QUANTIZE, e8m0, scale_shift)
+    assert not pairs or block_size % 32 == 0, f"act_quant: the pairs order needs 32-runs, block_size {block_size}"
+    yp = torch.empty_like(y) if pairs else None
+    _launch(rows, y, s, block_size, scale_fmt is not None, QUANTIZE, e8m0, scale_shift, yp)
     if e8m0:
-        return y, s.view(torch.float8_e8m0fnu)
-    return y, s if scale_dtype == torch.float32 else s.to(scale_dtype)
+        s = s.view(torch.float8_e8m0fnu)
+    elif scale_dtype != torch.float32:
+        s = s.to(scale_dtype)
+    return (y, s, yp) if pairs else (y, s)

@@ -10,8 +10,8 @@ Steps (all on the device, no host sync):
    program builds it (`_plan_kernel`); above, torch ops (`_plan_torch`, ~50 launches), the same values.
 2. x quantized once per (token, 128-group) by the Triton act_quant (bit for bit the official recipe, spec §3.2:
    what `linear()` feeds the expert GEMM; quantizing in every program's K loop instead redid the same work once per
-   feature slice, 16-32 times); with FP4 routed weights a copy in the pairs order (`_gemm_common.pairs_order`),
-   the order in which the FP4 tiles decode their weights without byte shuffles.
+   feature slice, 16-32 times); with FP4 routed weights the same launch also stores a copy in the pairs order
+   (`_gemm_common.pairs_order`), the order in which the FP4 tiles decode their weights without byte shuffles.
    Gate-up kernel, one program per (tile, 64/128-feature slice of the inter dim): the tile's quantized token rows
    are gathered, then g = x W1^T and u = x W3^T with the weight format's own block
    structure (FP4 e2m1: 32-wide K blocks, C += (P * sa) * sb, spec §3.5; FP8 e4m3 with 128x128 block scales: 128-wide
@@ -19,8 +19,8 @@ Steps (all on the device, no host sync):
    output. Epilogue (spec §9.2): u clamped to +-limit, g to max=limit (limit > 0 only), h = silu(g) * u in fp32
    (silu as g / (1 + exp(-g)) with an IEEE division, like torch's kernels), routed rows times their routing weight
    (fp32, route scale already in it, before w2), h rounded to bf16.
-3. h quantized per 128-group by act_quant (the one in front of w2; the routed rows copied in the pairs order when
-   their weights are FP4), then the down kernel, one program per (tile,
+3. h quantized per 128-group by act_quant (the one in front of w2; with the pairs-order copy, read for the routed
+   rows, when their weights are FP4), then the down kernel, one program per (tile,
    feature slice of dim): the same block GEMM with W2, the expert's bf16 output stored per sorted row.
    Both GEMM kernels accumulate K in chunks (`k_chunk`: at most 8 chunks of whole 128-K trips, a function of K
    alone; each chunk from zero, the chunk sums added in order, `_gemm_common`'s K-only chunking). The launches that
@@ -577,6 +577,16 @@ def _plan_torch(indices: torch.Tensor, weights: torch.Tensor, n_experts: int, t:
     return plan.contiguous(), row_tok, row_w, pos
 
 
+def _quantize(v: torch.Tensor, scale_fmt, pairs: bool):
+    """act_quant per 128-group (e4m3 values, fp32 scales) and the values the routed tiles read: with FP4 routed weights
+    a copy in the pairs order (`_gemm_common.pairs_order`), stored by the same launch (a copy kernel of its own cost
+    one more small launch per call), else the natural values again (the FP8 tiles, and the shared expert's always)."""
+    if pairs:
+        return act_quant.quantize(v, 128, scale_fmt, torch.float32, pairs=True)
+    q, s = act_quant.quantize(v, 128, scale_fmt, torch.float32)
+    return q, s, q
+
+
 # Split K (one program per (slice, tile, chunk); the last of a tile's programs adds the chunk sums in order) only
 # where it paid: one-token launches (routed + shared rows at top-6: SPLIT_MAX_ROWS) of a model whose gate-up K has
 # more than SPLIT_MIN_TRIPS 128-K trips (V4-Pro's 7168: 56). The chunking is the same whether or not a launch splits
@@ -665,9 +675,7 @@ def moe_experts(
     with common.on_device(x), common.split_reduction(ws1, out, split, True):
         # each token's activations quantized once (what `linear()` feeds the expert GEMMs, bit for bit), not once per
         # feature slice in every program's K loop
-        xq, xs = act_quant.quantize(x, 128, scale_fmt, torch.float32)
-        # the routed FP4 tiles read a copy in the pairs order, the shared expert's FP8 tiles the natural one
-        xqp = common.pairs_order(xq) if routed_fp4 else xq
+        xq, xs, xqp = _quantize(x, scale_fmt, routed_fp4)
         _gate_up[lambda meta: (runtime.cdiv(inter, meta["BLOCK_W"]), n_plan, chunks1 if split else 1)](
             xq, xqp, xs, plan, row_tok, row_w, h,
             rw1, rw3, rs1, rs3, table1,
@@ -678,8 +686,7 @@ def moe_experts(
             **flags,
             **common.NO_FMA,
         )  # fmt: skip
-        hq, hs = act_quant.quantize(h, 128, scale_fmt, torch.float32)  # act_quant in front of w2, once
-        hqp = common.pairs_order(hq[:r]) if routed_fp4 else hq  # the routed rows, for the FP4 tiles
+        hq, hs, hqp = _quantize(h, scale_fmt, routed_fp4)  # act_quant in front of w2, once (hqp: the routed rows read)
         _down[lambda meta: (runtime.cdiv(d, meta["BLOCK_W"]), n_plan, chunks2 if split else 1)](
             hq, hqp, hs, plan, y,
             rw2, rs2, table2, sw2, ss2, ws2, cnt,
