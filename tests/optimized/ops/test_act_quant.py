@@ -7,6 +7,7 @@ bitwise; e4m3 and e8m0 tensors are compared by their bytes.
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -167,17 +168,26 @@ def test_planted_bug_wrong_scale_exponent_is_caught(impl):
 
 @pytest.mark.parametrize(("fmt", "sdtype"), POLICIES)
 @pytest.mark.parametrize("t", [1, 7, 129])
-def test_pairs_order_copy_from_the_same_launch(impl, fmt, sdtype, t):
+def test_pairs_order_copy_from_the_same_launch(impl, fmt, sdtype, t, monkeypatch):
     # moe_experts' FP4 tiles read the values in the pairs order, which the triton kernel stores beside the natural
-    # ones: the same values and scales as without the copy, and the copy byte for byte `pairs_order` of them
+    # ones: the same values and scales as without the copy, and the copy byte for byte `pairs_order` of them (its
+    # allocations start as NaN, as in test_outputs_are_fully_written: an unwritten byte shows)
     if impl.backend != "triton":
         pytest.skip("the pairs-order copy is the triton kernel's")
     from parity.optimized.ops.triton._gemm_common import pairs_order
     from parity.optimized.ops.triton.act_quant import quantize
 
+    real = torch.empty
+
+    def poisoned(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return out.view(torch.uint8).fill_(0xFF).view(out.dtype) if out.element_size() == 1 else out.fill_(math.nan)
+
     x = activations(t, 384).to(device_of(impl))
     y, s = quantize(x, 128, fmt, sdtype)
+    monkeypatch.setattr(torch, "empty", poisoned)
     py, ps, pp = quantize(x, 128, fmt, sdtype, pairs=True)
+    monkeypatch.undo()
     assert torch.equal(bits(py), bits(y)) and torch.equal(bits(ps), bits(s))
     assert torch.equal(bits(pp), bits(pairs_order(y)))
     assert not torch.equal(bits(pp), bits(y))  # the orders differ: a copy in the natural order would not pass

@@ -158,7 +158,7 @@ def quantize(x, block_size, scale_fmt, scale_dtype, inplace=False, scale_shift=0
     e8m0 = scale_dtype == torch.float8_e8m0fnu
     s = torch.empty(*x.shape[:-1], n // block_size, dtype=torch.uint8 if e8m0 else torch.float32, device=x.device)
     assert not pairs or block_size % 32 == 0, f"act_quant: the pairs order needs 32-runs, block_size {block_size}"
-    yp = torch.empty_like(y) if pairs else None
+    yp = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device) if pairs else None
     _launch(rows, y, s, block_size, scale_fmt is not None, QUANTIZE, e8m0, scale_shift, yp)
     if e8m0:
         s = s.view(torch.float8_e8m0fnu)
