@@ -7,7 +7,6 @@ bitwise; e4m3 and e8m0 tensors are compared by their bytes.
 """
 
 import itertools
-import math
 
 import pytest
 import torch
@@ -112,16 +111,22 @@ def test_empty_batch(impl):
     assert y.shape == (0, 256) and s.shape == (0, 2) and s.dtype == torch.float8_e8m0fnu
 
 
-def test_outputs_are_fully_written(impl, monkeypatch):
-    # every allocation made during the call starts as NaN (0x7f e4m3, 0xff e8m0): an unwritten element shows up
+def poison_empty(monkeypatch) -> None:
+    """Every `torch.empty` from here on (until `monkeypatch.undo()`) starts as NaN (0xff bytes for 1-byte dtypes: NaN in
+    e4m3 and e8m0), so an element a kernel leaves unwritten shows up."""
     real = torch.empty
 
     def poisoned(*args, **kwargs):
         t = real(*args, **kwargs)
         return t.view(torch.uint8).fill_(0xFF).view(t.dtype) if t.element_size() == 1 else t.fill_(float("nan"))
 
-    x = activations(129, 384)
     monkeypatch.setattr(torch, "empty", poisoned)
+
+
+def test_outputs_are_fully_written(impl, monkeypatch):
+    # every allocation made during the call starts as NaN (0x7f e4m3, 0xff e8m0): an unwritten element shows up
+    x = activations(129, 384)
+    poison_empty(monkeypatch)
     y, s = run(impl, x, 128, "ue8m0", torch.float8_e8m0fnu)
     y32, s32 = run(impl, x, 128, "ue8m0", torch.float32)
     monkeypatch.undo()
@@ -177,15 +182,9 @@ def test_pairs_order_copy_from_the_same_launch(impl, fmt, sdtype, t, monkeypatch
     from parity.optimized.ops.triton._gemm_common import pairs_order
     from parity.optimized.ops.triton.act_quant import quantize
 
-    real = torch.empty
-
-    def poisoned(*args, **kwargs):
-        out = real(*args, **kwargs)
-        return out.view(torch.uint8).fill_(0xFF).view(out.dtype) if out.element_size() == 1 else out.fill_(math.nan)
-
     x = activations(t, 384).to(device_of(impl))
     y, s = quantize(x, 128, fmt, sdtype)
-    monkeypatch.setattr(torch, "empty", poisoned)
+    poison_empty(monkeypatch)
     py, ps, pp = quantize(x, 128, fmt, sdtype, pairs=True)
     monkeypatch.undo()
     assert torch.equal(bits(py), bits(y)) and torch.equal(bits(ps), bits(s))
