@@ -124,7 +124,7 @@ def poison_empty(monkeypatch) -> None:
 
 
 def test_outputs_are_fully_written(impl, monkeypatch):
-    # every allocation made during the call starts as NaN (0x7f e4m3, 0xff e8m0): an unwritten element shows up
+    # every allocation made during the call starts as NaN (`poison_empty`): an unwritten element shows up
     x = activations(129, 384)
     poison_empty(monkeypatch)
     y, s = run(impl, x, 128, "ue8m0", torch.float8_e8m0fnu)
